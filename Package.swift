@@ -1,0 +1,74 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// Arrows point down: executables -> KMSServer/KMSClient -> KMSCore -> KMSCrypto -> C shims.
+// KMSClient depends only on KMSProtocol and its transport (SwiftNIO); the build checks it
+// (`--explicit-target-dependency-import-check error` in the Makefile).
+let package = Package(
+    name: "kmsd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "kmsd", targets: ["kmsd"]),
+        .executable(name: "kmsctl", targets: ["kmsctl"]),
+        .executable(name: "kmsbench", targets: ["kmsbench"]),
+        .library(name: "KMSClient", targets: ["KMSClient"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
+    ],
+    targets: [
+        .systemLibrary(name: "CKMSOpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
+        .systemLibrary(name: "CKMSSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
+        .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
+        .systemLibrary(name: "CKMSLinux"),
+
+        .target(
+            name: "KMSProtocol",
+            dependencies: [
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            exclude: ["Generated/README.md"]
+        ),
+        .target(name: "KMSCrypto", dependencies: ["CKMSOpenSSL", "CKMSLinux"]),
+        .target(name: "KMSCore", dependencies: ["KMSCrypto", "KMSProtocol", "CSQLite"]),
+        .target(
+            name: "KMSServer",
+            dependencies: [
+                "KMSCore", "KMSCrypto", "KMSProtocol", "CKMSSystemd", "CKMSLinux",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        .target(
+            name: "KMSClient",
+            dependencies: [
+                "KMSProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        .executableTarget(
+            name: "kmsd",
+            dependencies: ["KMSServer", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .executableTarget(
+            name: "kmsctl",
+            dependencies: ["KMSClient", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .executableTarget(
+            name: "kmsbench",
+            dependencies: ["KMSProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+
+        .testTarget(name: "KMSProtocolTests", dependencies: ["KMSProtocol"]),
+        .testTarget(name: "KMSCryptoTests", dependencies: ["KMSCrypto"]),
+        .testTarget(name: "KMSCoreTests", dependencies: ["KMSCore", "KMSCrypto", "KMSProtocol"]),
+        .testTarget(
+            name: "EndToEndTests",
+            dependencies: ["KMSClient", "KMSProtocol", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+    ]
+)

@@ -1,0 +1,805 @@
+#!/usr/bin/env python3
+"""Independent reference implementation of the kmsd wire formats; writes the test vectors.
+
+    python3 Protocol/vectors/gen_vectors.py
+
+(Re)writes, next to this script:
+
+  ciphertext.json  symmetric ciphertext format v1 (PROTOCOL.md section 9): valid vectors with
+                   every intermediate value, and invalid blobs that must not decrypt.
+  frames.json      length-prefixed protobuf frames (PROTOCOL.md sections 2 and 7) with the same
+                   message in the canonical proto3 JSON mapping.
+
+It shares no code with the Swift implementation. AES-256-GCM and HKDF-SHA256 come from the
+`cryptography` package; protobuf encoding is done by hand (varints and length-delimited fields)
+from a schema read out of ../kmsd.proto, so field numbers cannot drift from the normative file.
+No randomness: every input is fixed, so the output is byte-for-byte reproducible.
+
+Before writing anything it checks itself: every valid vector is decrypted again by a separate
+parser, every invalid one must fail, every frame is decoded again and compared with its JSON,
+and, when `protoc` is on PATH, every frame body (except the unknown-operation one) is compared
+with what `protoc --encode` produces from the same message in text format.
+"""
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import uuid
+
+try:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+except ImportError:  # pragma: no cover
+    sys.exit("gen_vectors.py needs the Python 'cryptography' package (pip install cryptography)")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROTO_DIR = os.path.normpath(os.path.join(HERE, ".."))
+PROTO_FILE = os.path.join(PROTO_DIR, "kmsd.proto")
+
+# ---------------------------------------------------------------------------------------------
+# Symmetric ciphertext format v1
+# ---------------------------------------------------------------------------------------------
+
+FORMAT_VERSION = 0x01
+ALGORITHM_SYMMETRIC_DEFAULT = 0x01
+HEADER_LEN = 66          # version 1 + algorithm 1 + key id 16 + key version 4 + salt 32 + nonce 12
+TAG_LEN = 16
+MIN_BLOB_LEN = HEADER_LEN + TAG_LEN   # 82
+MESSAGE_KEY_LABEL = b"kmsd/v1/symmetric-message-key"
+
+MAX_CONTEXT_PAIRS = 64
+MAX_CONTEXT_CANONICAL_BYTES = 8192
+MAX_PLAINTEXT = 4096
+
+
+def u32be(n):
+    return struct.pack(">I", n)
+
+
+def canonical_context(ctx):
+    """C(ctx) = u32be(count) || for each pair, ascending by the key's UTF-8 bytes:
+    u32be(len(key)) || key || u32be(len(value)) || value."""
+    pairs = sorted(((k.encode("utf-8"), v.encode("utf-8")) for k, v in ctx.items()),
+                   key=lambda kv: kv[0])          # bytes compare bytewise, never by locale
+    out = bytearray(u32be(len(pairs)))
+    for k, v in pairs:
+        out += u32be(len(k)) + k + u32be(len(v)) + v
+    return bytes(out)
+
+
+def check_context_limits(ctx):
+    assert len(ctx) <= MAX_CONTEXT_PAIRS, "too many context pairs"
+    assert all(len(k) > 0 for k in ctx), "empty context key"
+    assert len(canonical_context(ctx)) <= MAX_CONTEXT_CANONICAL_BYTES, "context too large"
+
+
+def build_header(key_id, key_version, salt, nonce):
+    assert len(salt) == 32 and len(nonce) == 12 and 1 <= key_version <= 0xFFFFFFFF
+    return (bytes([FORMAT_VERSION, ALGORITHM_SYMMETRIC_DEFAULT]) + uuid.UUID(key_id).bytes
+            + u32be(key_version) + salt + nonce)
+
+
+def hkdf_sha256(ikm, salt, info, length=32):
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def message_key(material, salt, header):
+    return hkdf_sha256(material, salt, MESSAGE_KEY_LABEL + header)
+
+
+def encrypt(key_id, key_version, material, salt, nonce, ctx, plaintext):
+    """Encrypt with explicit salt and nonce; returns every intermediate value."""
+    assert len(material) == 32
+    assert 1 <= len(plaintext) <= MAX_PLAINTEXT
+    check_context_limits(ctx)
+    header = build_header(key_id, key_version, salt, nonce)
+    assert len(header) == HEADER_LEN
+    cctx = canonical_context(ctx)
+    key = message_key(material, salt, header)
+    aad = header + cctx
+    sealed = AESGCM(key).encrypt(nonce, plaintext, aad)   # ciphertext || 16-byte tag
+    blob = header + sealed
+    assert len(blob) == MIN_BLOB_LEN + len(plaintext)
+    return {
+        "header": header, "canonical_context": cctx, "hkdf_info": MESSAGE_KEY_LABEL + header,
+        "message_key": key, "aad": aad, "blob": blob,
+    }
+
+
+class DecryptFailure(Exception):
+    def __init__(self, stage):
+        super().__init__(stage)
+        self.stage = stage   # length | format_version | algorithm | authentication
+
+
+def parse_blob(blob):
+    """The checks a server makes before any cryptography; returns the header fields."""
+    if len(blob) < MIN_BLOB_LEN:
+        raise DecryptFailure("length")
+    if blob[0] != FORMAT_VERSION:
+        raise DecryptFailure("format_version")
+    if blob[1] != ALGORITHM_SYMMETRIC_DEFAULT:
+        raise DecryptFailure("algorithm")
+    return {
+        "key_id": str(uuid.UUID(bytes=bytes(blob[2:18]))),
+        "key_version": struct.unpack(">I", blob[18:22])[0],
+        "salt": blob[22:54],
+        "nonce": blob[54:66],
+    }
+
+
+def decrypt(material, blob, ctx):
+    """Decrypt a v1 blob from the blob alone (no intermediate values from encrypt())."""
+    fields = parse_blob(blob)
+    header = blob[:HEADER_LEN]
+    key = message_key(material, fields["salt"], header)
+    try:
+        plaintext = AESGCM(key).decrypt(fields["nonce"], blob[HEADER_LEN:],
+                                        header + canonical_context(ctx))
+    except InvalidTag:
+        raise DecryptFailure("authentication")
+    return fields, plaintext
+
+
+def fixed_bytes(label, n):
+    """Deterministic stand-in for random bytes: SHA-256 in counter mode over a label."""
+    out = b""
+    counter = 0
+    while len(out) < n:
+        out += hashlib.sha256(b"kmsd test vectors/" + label.encode() + u32be(counter)).digest()
+        counter += 1
+    return out[:n]
+
+
+KEY_A = "1234abcd-12ab-34cd-56ef-1234567890ab"
+KEY_B = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+MATERIAL = {
+    (KEY_A, 1): bytes(range(32)),                       # 00 01 02 ... 1f
+    (KEY_B, 1): fixed_bytes("key material/B/1", 32),
+    (KEY_B, 258): fixed_bytes("key material/B/258", 32),
+}
+
+# (name, key id, key version, context, plaintext, salt/nonce label). Dict order is the order a
+# caller might write the context in; the canonical encoding sorts it.
+VALID_INPUTS = [
+    ("empty-context", KEY_A, 1, {}, b"Hello, kmsd!", None),
+    ("one-pair", KEY_A, 1, {"purpose": "example"}, b"attack at dawn", None),
+    ("several-pairs-sorted", KEY_A, 1,
+     {"tenant": "acme", "b": "", "aa": "prefix sorts after its prefix", "a": "shortest first",
+      "Z": "upper case (0x5a) sorts before lower case"},
+     b"context pairs are sorted by the bytes of their keys", None),
+    ("context-ab-c", KEY_A, 1, {"ab": "c"}, b"same everything but the context",
+     "context-ambiguity"),
+    ("context-a-bc", KEY_A, 1, {"a": "bc"}, b"same everything but the context",
+     "context-ambiguity"),
+    ("utf8-context", KEY_A, 1,
+     {"r\u00e9gion": "Z\u00fcrich", "\u65e5\u672c": "\u6771\u4eac", "key \U0001f511": "\u2713"},
+     "non-ASCII context: UTF-8 bytes, lengths count bytes".encode(), None),
+    # U+0065 U+0301 (e + combining acute, NFD) encodes as 65 cc 81 and so sorts before "f" (66)
+    # bytewise, while a Unicode-aware comparison of the NFC form (U+00E9) puts it after "f".
+    # Implementations must sort by UTF-8 bytes and must not normalise.
+    ("utf8-bytewise-order", KEY_A, 1, {"f": "plain f", "e\u0301": "e + combining acute (NFD)"},
+     b"keys are compared as bytes, not as Unicode strings", None),
+    ("one-byte-plaintext", KEY_B, 1, {"k": "v"}, b"\x00", None),
+    ("max-plaintext-4096", KEY_B, 1, {"size": "4096"},
+     bytes((i * 7 + 3) & 0xFF for i in range(4096)), None),
+    ("key-version-258", KEY_B, 258, {"rotation": "yes"},
+     b"encrypted under version 258 (00 00 01 02 in the header)", None),
+]
+
+
+def hexs(b):
+    return bytes(b).hex()
+
+
+def build_ciphertext_vectors():
+    valid = []
+    blobs = {}
+    for name, key_id, version, ctx, plaintext, label in VALID_INPUTS:
+        label = label or name
+        salt = fixed_bytes("salt/" + label, 32)
+        nonce = fixed_bytes("nonce/" + label, 12)
+        material = MATERIAL[(key_id, version)]
+        r = encrypt(key_id, version, material, salt, nonce, ctx, plaintext)
+        blobs[name] = (key_id, version, material, ctx, plaintext, r["blob"])
+        valid.append({
+            "name": name,
+            "key_id": key_id,
+            "key_version": version,
+            "key_material_hex": hexs(material),
+            "salt_hex": hexs(salt),
+            "nonce_hex": hexs(nonce),
+            "encryption_context": ctx,
+            "plaintext_hex": hexs(plaintext),
+            "header_hex": hexs(r["header"]),
+            "canonical_context_hex": hexs(r["canonical_context"]),
+            "hkdf_info_hex": hexs(r["hkdf_info"]),
+            "message_key_hex": hexs(r["message_key"]),
+            "aad_hex": hexs(r["aad"]),
+            "ciphertext_blob_hex": hexs(r["blob"]),
+        })
+
+    def flip(blob, offset, mask=0x01):
+        b = bytearray(blob)
+        b[offset] ^= mask
+        return bytes(b)
+
+    def setbyte(blob, offset, value):
+        b = bytearray(blob)
+        b[offset] = value
+        return bytes(b)
+
+    invalid = []
+
+    def bad(name, base, blob, ctx, fails_at, reason):
+        key_id, version, material, _, _, _ = blobs[base]
+        invalid.append({
+            "name": name,
+            "based_on": base,
+            "key_id": key_id,
+            "key_version": version,
+            "key_material_hex": hexs(material),
+            "encryption_context": ctx,
+            "ciphertext_blob_hex": hexs(blob),
+            "expected_error": "InvalidCiphertextException",
+            "fails_at": fails_at,
+            "reason": reason,
+        })
+
+    one = blobs["one-pair"][5]
+    one_ctx = blobs["one-pair"][3]
+    bad("tampered-tag", "one-pair", flip(one, len(one) - 1), one_ctx, "authentication",
+        "last byte of the GCM tag flipped")
+    bad("tampered-ciphertext", "one-pair", flip(one, HEADER_LEN), one_ctx, "authentication",
+        "first ciphertext byte flipped")
+    bad("tampered-header-salt", "one-pair", flip(one, 30), one_ctx, "authentication",
+        "header byte 30 (inside the salt) flipped: another message key and another AAD")
+    bad("tampered-header-nonce", "one-pair", flip(one, 60), one_ctx, "authentication",
+        "header byte 60 (inside the nonce) flipped")
+    bad("tampered-header-key-id", "one-pair", flip(one, 17), one_ctx, "authentication",
+        "last key id byte flipped: with the original key's material the message key and AAD "
+        "differ; a server finds no such key (also InvalidCiphertextException)")
+    bad("wrong-context-value", "one-pair", one, {"purpose": "other"}, "authentication",
+        "context value differs from the one used to encrypt")
+    bad("missing-context", "one-pair", one, {}, "authentication",
+        "blob was encrypted with a context; decrypting with none must fail")
+    bad("extra-context-pair", "one-pair", one, {"purpose": "example", "x": "y"},
+        "authentication", "one context pair more than was used to encrypt")
+    ab = blobs["context-ab-c"][5]
+    bad("context-ab-c-decrypted-with-a-bc", "context-ab-c", ab, {"a": "bc"}, "authentication",
+        "{\"ab\":\"c\"} and {\"a\":\"bc\"} have different canonical encodings")
+    short = blobs["one-byte-plaintext"][5]
+    assert len(short) == 83
+    bad("truncated-81-bytes", "one-byte-plaintext", short[:81], blobs["one-byte-plaintext"][3],
+        "length", "81 bytes, shorter than the 82-byte minimum (66-byte header + 16-byte tag)")
+    bad("format-version-2", "one-pair", setbyte(one, 0, 0x02), one_ctx, "format_version",
+        "format version byte 0x02 is unknown; rejected before any cryptography")
+    bad("format-version-0", "one-pair", setbyte(one, 0, 0x00), one_ctx, "format_version",
+        "format version byte 0x00 is unknown; rejected before any cryptography")
+    bad("algorithm-id-2", "one-pair", setbyte(one, 1, 0x02), one_ctx, "algorithm",
+        "algorithm byte 0x02 is unknown; rejected before any cryptography")
+    return valid, invalid
+
+
+def check_ciphertext_vectors(valid, invalid):
+    for v in valid:
+        blob = bytes.fromhex(v["ciphertext_blob_hex"])
+        material = bytes.fromhex(v["key_material_hex"])
+        fields, pt = decrypt(material, blob, v["encryption_context"])
+        assert pt == bytes.fromhex(v["plaintext_hex"]), v["name"]
+        assert fields["key_id"] == v["key_id"] and fields["key_version"] == v["key_version"]
+        assert blob[:HEADER_LEN].hex() == v["header_hex"]
+        assert len(blob) == MIN_BLOB_LEN + len(pt)
+        assert v["aad_hex"] == v["header_hex"] + v["canonical_context_hex"]
+    by_name = {v["name"]: v for v in valid}
+    assert by_name["context-ab-c"]["ciphertext_blob_hex"] != by_name["context-a-bc"]["ciphertext_blob_hex"]
+    assert by_name["context-ab-c"]["canonical_context_hex"] != by_name["context-a-bc"]["canonical_context_hex"]
+    for v in invalid:
+        blob = bytes.fromhex(v["ciphertext_blob_hex"])
+        try:
+            decrypt(bytes.fromhex(v["key_material_hex"]), blob, v["encryption_context"])
+        except DecryptFailure as e:
+            assert e.stage == v["fails_at"], (v["name"], e.stage)
+        else:
+            raise AssertionError("invalid vector %s decrypted" % v["name"])
+    # Known-answer check of the canonical context encoding, independent of the vectors.
+    assert canonical_context({}) == b"\x00\x00\x00\x00"
+    assert canonical_context({"ab": "c"}).hex() == "00000001" "00000002" "6162" "00000001" "63"
+    assert canonical_context({"a": "bc"}).hex() == "00000001" "00000001" "61" "00000002" "6263"
+    assert canonical_context({"f": "", "e\u0301": ""}).hex() == (
+        "00000002" "00000003" "65cc81" "00000000" "00000001" "66" "00000000")
+
+
+# ---------------------------------------------------------------------------------------------
+# Protobuf: schema from kmsd.proto, hand-written encoder/decoder, proto3 JSON mapping
+# ---------------------------------------------------------------------------------------------
+
+VARINT_TYPES = {"uint64", "uint32", "int64", "int32", "bool"}
+LEN_SCALARS = {"string", "bytes"}
+
+
+class Field:
+    def __init__(self, name, number, type_, repeated=False, map_types=None, oneof=None):
+        self.name, self.number, self.type = name, number, type_
+        self.repeated, self.map_types, self.oneof = repeated, map_types, oneof
+
+    @property
+    def json_name(self):
+        # protoc's default json_name: drop underscores, upper-case the letter after each one.
+        parts = self.name.split("_")
+        return parts[0] + "".join(p[:1].upper() + p[1:] for p in parts[1:])
+
+
+def parse_proto(path):
+    text = open(path, encoding="utf-8").read()
+    text = re.sub(r"//[^\n]*", "", text)
+    assert re.search(r"package\s+kmsd\.v1\s*;", text)
+    schema = {}
+    for m in re.finditer(r"\bmessage\s+(\w+)\s*\{", text):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        body = text[m.end():i - 1]
+        oneof_spans = [(o.start(), o.end(), o.group(1))
+                       for o in re.finditer(r"\boneof\s+(\w+)\s*\{[^}]*\}", body)]
+        fields = {}
+        for f in re.finditer(r"(repeated\s+)?(map\s*<\s*(\w+)\s*,\s*(\w+)\s*>|[\w.]+)\s+(\w+)"
+                             r"\s*=\s*(\d+)\s*;", body):
+            oneof = next((n for s, e, n in oneof_spans if s <= f.start() < e), None)
+            map_types = (f.group(3), f.group(4)) if f.group(3) else None
+            field = Field(f.group(5), int(f.group(6)), "map" if map_types else f.group(2),
+                          bool(f.group(1)), map_types, oneof)
+            assert field.number not in fields, (m.group(1), field.number)
+            fields[field.number] = field
+        schema[m.group(1)] = fields
+    return schema
+
+
+SCHEMA = parse_proto(PROTO_FILE)
+
+
+def fields_by_name(msg):
+    return {f.name: f for f in SCHEMA[msg].values()}
+
+
+def enc_varint(n):
+    if n < 0:
+        n &= (1 << 64) - 1          # int32/int64 negatives: ten-byte two's complement
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def enc_tag(number, wire_type):
+    return enc_varint((number << 3) | wire_type)
+
+
+def enc_len(number, payload):
+    return enc_tag(number, 2) + enc_varint(len(payload)) + payload
+
+
+def scalar_varint(type_, v):
+    return int(v) if type_ != "bool" else (1 if v else 0)
+
+
+def is_default(field, v):
+    if field.repeated or field.type == "map":
+        return len(v) == 0
+    if field.type in VARINT_TYPES:
+        return not v
+    if field.type in LEN_SCALARS:
+        return len(v) == 0
+    return False   # a message field that is present is always encoded, even when empty
+
+
+def encode_message(msg, value):
+    """value: dict of proto field name -> Python value (str, bytes, int, bool, dict, list).
+    Fields are written in field-number order; proto3 default values are omitted; repeated
+    numeric fields are packed; map entries are nested messages {1: key, 2: value}."""
+    by_name = fields_by_name(msg)
+    unknown = set(value) - set(by_name) - {"__unknown__"}
+    assert not unknown, (msg, unknown)
+    present_oneofs = {}
+    out = bytearray()
+    for number in sorted(SCHEMA[msg]):
+        f = SCHEMA[msg][number]
+        if f.name not in value:
+            continue
+        v = value[f.name]
+        if f.oneof:
+            assert f.oneof not in present_oneofs, "two members of oneof %s" % f.oneof
+            present_oneofs[f.oneof] = f.name
+        elif is_default(f, v):
+            continue
+        if f.type == "map":
+            for k, val in v.items():
+                out += enc_len(number, encode_map_entry(f, k, val))
+        elif f.repeated:
+            if f.type in VARINT_TYPES:
+                out += enc_len(number, b"".join(enc_varint(scalar_varint(f.type, x)) for x in v))
+            else:
+                for x in v:
+                    out += enc_single(f, x)
+        else:
+            out += enc_single(f, v)
+    for number, payload in value.get("__unknown__", []):   # raw length-delimited extras
+        out += enc_len(number, payload)
+    return bytes(out)
+
+
+def encode_map_entry(f, k, v):
+    key_type, value_type = f.map_types
+    assert key_type == "string" and value_type == "string"
+    # Both key and value are always written, as protoc and swift-protobuf do.
+    return enc_len(1, k.encode("utf-8")) + enc_len(2, v.encode("utf-8"))
+
+
+def enc_single(f, v):
+    if f.type in VARINT_TYPES:
+        return enc_tag(f.number, 0) + enc_varint(scalar_varint(f.type, v))
+    if f.type == "string":
+        return enc_len(f.number, v.encode("utf-8"))
+    if f.type == "bytes":
+        return enc_len(f.number, bytes(v))
+    return enc_len(f.number, encode_message(f.type, v))
+
+
+def dec_varint(buf, i):
+    shift = n = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("bad varint")
+        b = buf[i]
+        i += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, i
+
+
+def from_varint(type_, n):
+    if type_ == "bool":
+        return n != 0
+    if type_ == "int32":
+        n &= 0xFFFFFFFF
+        return n - (1 << 32) if n >> 31 else n
+    if type_ == "int64":
+        return n - (1 << 64) if n >> 63 else n
+    if type_ == "uint32":
+        return n & 0xFFFFFFFF
+    return n
+
+
+def decode_message(msg, buf):
+    """Returns (dict, unknown field numbers). Oneof: the last member seen wins."""
+    fields = SCHEMA[msg]
+    out, unknown, i = {}, [], 0
+    while i < len(buf):
+        key, i = dec_varint(buf, i)
+        number, wt = key >> 3, key & 7
+        if wt == 0:
+            raw, i = dec_varint(buf, i)
+        elif wt == 2:
+            n, i = dec_varint(buf, i)
+            if i + n > len(buf):
+                raise ValueError("truncated field")
+            raw, i = buf[i:i + n], i + n
+        elif wt == 1:
+            raw, i = buf[i:i + 8], i + 8
+        elif wt == 5:
+            raw, i = buf[i:i + 4], i + 4
+        else:
+            raise ValueError("unsupported wire type %d" % wt)
+        f = fields.get(number)
+        if f is None:
+            unknown.append(number)
+            continue
+        if f.oneof:
+            for other in fields.values():
+                if other.oneof == f.oneof and other is not f:
+                    out.pop(other.name, None)
+        if f.type == "map":
+            entry, _ = decode_map_entry(raw)
+            out.setdefault(f.name, {})[entry[0]] = entry[1]
+        elif f.repeated and f.type in VARINT_TYPES:
+            lst = out.setdefault(f.name, [])
+            if wt == 2:
+                j = 0
+                while j < len(raw):
+                    n, j = dec_varint(raw, j)
+                    lst.append(from_varint(f.type, n))
+            else:
+                lst.append(from_varint(f.type, raw))
+        elif f.repeated:
+            out.setdefault(f.name, []).append(dec_single(f, raw))
+        else:
+            out[f.name] = from_varint(f.type, raw) if wt == 0 else dec_single(f, raw)
+    return out, unknown
+
+
+def decode_map_entry(raw):
+    key = value = ""
+    i = 0
+    while i < len(raw):
+        k, i = dec_varint(raw, i)
+        n, i = dec_varint(raw, i)
+        s = bytes(raw[i:i + n]).decode("utf-8")
+        i += n
+        if k >> 3 == 1:
+            key = s
+        elif k >> 3 == 2:
+            value = s
+    return (key, value), i
+
+
+def dec_single(f, raw):
+    if f.type == "string":
+        return bytes(raw).decode("utf-8")
+    if f.type == "bytes":
+        return bytes(raw)
+    return decode_message(f.type, raw)[0]
+
+
+def strip_defaults(msg, value):
+    """The value as a decoder sees it: proto3 defaults (other than oneof members) removed."""
+    out = {}
+    for name, v in value.items():
+        if name == "__unknown__":
+            continue
+        f = fields_by_name(msg)[name]
+        if not f.oneof and is_default(f, v):
+            continue
+        if f.type not in VARINT_TYPES | LEN_SCALARS | {"map"}:
+            v = [strip_defaults(f.type, x) for x in v] if f.repeated else strip_defaults(f.type, v)
+        out[name] = v
+    return out
+
+
+def to_json(msg, value):
+    """Canonical proto3 JSON: lowerCamelCase names, 64-bit integers as strings, bytes as
+    standard padded base64, default values omitted, fields in field-number order."""
+    out = {}
+    for number in sorted(SCHEMA[msg]):
+        f = SCHEMA[msg][number]
+        if f.name not in value:
+            continue
+        v = value[f.name]
+        if not f.oneof and is_default(f, v):
+            continue
+        if f.type == "map":
+            out[f.json_name] = dict(v)
+        elif f.repeated:
+            out[f.json_name] = [json_scalar(f, x) for x in v]
+        else:
+            out[f.json_name] = json_scalar(f, v)
+    return out
+
+
+def json_scalar(f, v):
+    if f.type in ("uint64", "int64"):
+        return str(int(v))
+    if f.type in ("uint32", "int32"):
+        return int(v)
+    if f.type == "bool":
+        return bool(v)
+    if f.type == "string":
+        return v
+    if f.type == "bytes":
+        return base64.b64encode(bytes(v)).decode("ascii")
+    return to_json(f.type, v)
+
+
+def to_text_format(msg, value, indent=""):
+    """protobuf text format, only for the optional `protoc --encode` cross-check."""
+    lines = []
+
+    def quote(b):
+        s = ""
+        for c in b:
+            ch = chr(c)
+            if ch in "\"\\":
+                s += "\\" + ch
+            elif 0x20 <= c < 0x7F:
+                s += ch
+            else:
+                s += "\\%03o" % c
+        return '"' + s + '"'
+
+    def scalar(f, v):
+        if f.type == "bool":
+            return "true" if v else "false"
+        if f.type in VARINT_TYPES:
+            return str(int(v))
+        if f.type == "string":
+            return quote(v.encode("utf-8"))
+        return quote(bytes(v))
+
+    for number in sorted(SCHEMA[msg]):
+        f = SCHEMA[msg][number]
+        if f.name not in value:
+            continue
+        v = value[f.name]
+        if f.type == "map":
+            for k, val in v.items():
+                lines.append("%s%s { key: %s value: %s }" % (
+                    indent, f.name, quote(k.encode()), quote(val.encode())))
+            continue
+        for x in (v if f.repeated else [v]):
+            if f.type in VARINT_TYPES | LEN_SCALARS:
+                lines.append("%s%s: %s" % (indent, f.name, scalar(f, x)))
+            else:
+                lines.append("%s%s {" % (indent, f.name))
+                lines.append(to_text_format(f.type, x, indent + "  "))
+                lines.append("%s}" % indent)
+    return "\n".join(l for l in lines if l)
+
+
+def frame(body):
+    return u32be(len(body)) + body
+
+
+def build_frames(valid_ciphertexts):
+    ct = {v["name"]: v for v in valid_ciphertexts}
+    enc = ct["one-pair"]
+    blob = bytes.fromhex(enc["ciphertext_blob_hex"])
+
+    # A GenerateDataKey answer: a 32-byte data key sealed exactly like Encrypt would seal it.
+    data_key = fixed_bytes("data key/AES_256", 32)
+    dk_ctx = {"bucket": "invoices"}
+    dk = encrypt(KEY_A, 1, MATERIAL[(KEY_A, 1)], fixed_bytes("salt/generate-data-key", 32),
+                 fixed_bytes("nonce/generate-data-key", 12), dk_ctx, data_key)
+    assert decrypt(MATERIAL[(KEY_A, 1)], dk["blob"], dk_ctx)[1] == data_key
+
+    operations = ["Hello", "WhoAmI", "CreateKey", "DescribeKey", "ListKeys", "Encrypt",
+                  "Decrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
+                  "GenerateRandom"]
+    metadata = {
+        "key_id": KEY_A,
+        "arn": "kmsd:key/" + KEY_A,
+        "creation_date": 1700000000,
+        "enabled": True,
+        "description": "example key",
+        "key_usage": "ENCRYPT_DECRYPT",
+        "key_state": "Enabled",
+        "key_spec": "SYMMETRIC_DEFAULT",
+        "origin": "AWS_KMS",
+        "key_manager": "CUSTOMER",
+        "encryption_algorithms": ["SYMMETRIC_DEFAULT"],
+        "owner_uid": 0,                # created by root: 0 is the default and is not encoded
+        "current_key_version": 1,
+    }
+    R, S = "request", "response"
+    vectors = [
+        ("hello-request", R, {"id": 1, "hello": {"protocol_version": 1,
+                                                 "client_name": "example/1"}}),
+        ("hello-response", S, {"id": 1, "hello": {
+            "protocol_version": 1, "server_version": "0.1.0", "operations": operations,
+            "max_frame_bytes": 65536, "max_in_flight": 64}}),
+        ("who-am-i-request", R, {"id": 2, "who_am_i": {}}),
+        ("who-am-i-response", S, {"id": 2, "who_am_i": {
+            "uid": 1000, "gid": 1000, "pid": 4242, "user_name": "alice",
+            "groups": [1000, 27, 100], "executable": "/usr/bin/python3.11",
+            "systemd_unit": "billing.service", "is_administrator": False}}),
+        ("create-key-request", R, {"id": 3, "create_key": {
+            "description": "example key", "tags": [{"tag_key": "team", "tag_value": "payments"}]}}),
+        ("create-key-response", S, {"id": 3, "create_key": {"key_metadata": metadata}}),
+        ("list-keys-request", R, {"id": 4, "list_keys": {"limit": 2}}),
+        ("list-keys-response", S, {"id": 4, "list_keys": {
+            "keys": [{"key_id": KEY_B, "key_arn": "kmsd:key/" + KEY_B},
+                     {"key_id": KEY_A, "key_arn": "kmsd:key/" + KEY_A}],
+            "next_marker": KEY_A, "truncated": True}}),
+        ("encrypt-request", R, {"id": 5, "encrypt": {
+            "key_id": enc["key_id"], "plaintext": bytes.fromhex(enc["plaintext_hex"]),
+            "encryption_context": enc["encryption_context"]}}),
+        ("encrypt-response", S, {"id": 5, "encrypt": {
+            "ciphertext_blob": blob, "key_id": enc["key_id"],
+            "encryption_algorithm": "SYMMETRIC_DEFAULT"}}),
+        ("decrypt-request", R, {"id": 6, "decrypt": {
+            "ciphertext_blob": blob, "encryption_context": enc["encryption_context"]}}),
+        ("decrypt-response", S, {"id": 6, "decrypt": {
+            "key_id": enc["key_id"], "plaintext": bytes.fromhex(enc["plaintext_hex"]),
+            "encryption_algorithm": "SYMMETRIC_DEFAULT", "key_version": enc["key_version"]}}),
+        ("error-response", S, {"id": 7, "error": {
+            "code": "NotFoundException",
+            "message": "key 0badc0de-0000-4000-8000-000000000000 does not exist"}}),
+        ("generate-data-key-request", R, {"id": 8, "generate_data_key": {
+            "key_id": KEY_A, "key_spec": "AES_256", "encryption_context": dk_ctx}}),
+        ("generate-data-key-response", S, {"id": 8, "generate_data_key": {
+            "ciphertext_blob": dk["blob"], "plaintext": data_key, "key_id": KEY_A}}),
+        ("unknown-operation-request", R, {"id": 9, "__unknown__": [(999, b"")]}),
+        ("unknown-operation-response", S, {"id": 9, "error": {
+            "code": "UnsupportedOperationException",
+            "message": "this server does not know the requested operation"}}),
+        ("generate-random-request", R, {"id": 10, "generate_random": {"number_of_bytes": 32}}),
+        ("generate-random-response", S, {"id": 10, "generate_random": {
+            "plaintext": fixed_bytes("random/32", 32)}}),
+        ("connection-error-response", S, {"error": {
+            "code": "ValidationException",
+            "message": "frame length 16777217 is outside 1...65536"}}),
+    ]
+    out = []
+    for name, direction, value in vectors:
+        msg = "Request" if direction == R else "Response"
+        body = encode_message(msg, value)
+        v = {"name": name, "direction": direction, "frame_hex": frame(body).hex(),
+             "json": to_json(msg, value)}
+        if "__unknown__" in value:
+            v["unknown_operation"] = True
+        out.append((v, msg, value, body))
+    return out
+
+
+def check_frames(built):
+    protoc = shutil.which("protoc")
+    checked_with_protoc = 0
+    for v, msg, value, body in built:
+        raw = bytes.fromhex(v["frame_hex"])
+        n = struct.unpack(">I", raw[:4])[0]
+        assert n == len(raw) - 4 and 1 <= n <= 65536, v["name"]
+        decoded, unknown = decode_message(msg, raw[4:])
+        assert decoded == strip_defaults(msg, value), v["name"]
+        assert to_json(msg, decoded) == v["json"], v["name"]
+        if v.get("unknown_operation"):
+            assert unknown == [999] and not any(f.oneof and f.name in decoded
+                                                for f in SCHEMA[msg].values())
+            assert v["json"] == {"id": str(value["id"])}
+            continue
+        assert not unknown, v["name"]
+        if protoc:
+            text = to_text_format(msg, value)
+            r = subprocess.run([protoc, "--proto_path=" + PROTO_DIR,
+                                "--encode=kmsd.v1." + msg, "kmsd.proto"],
+                               input=text.encode(), capture_output=True, cwd=PROTO_DIR)
+            if r.returncode != 0:
+                raise AssertionError("protoc failed on %s: %s" % (v["name"], r.stderr.decode()))
+            assert r.stdout == body, "protoc disagrees on %s" % v["name"]
+            checked_with_protoc += 1
+    return checked_with_protoc if protoc else None
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="ascii") as fh:
+        json.dump(obj, fh, indent=2, ensure_ascii=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def main():
+    valid, invalid = build_ciphertext_vectors()
+    check_ciphertext_vectors(valid, invalid)
+    built = build_frames(valid)
+    protoc_checked = check_frames(built)
+
+    write_json(os.path.join(HERE, "ciphertext.json"), {
+        "format": "kmsd symmetric ciphertext v1",
+        "vectors": valid,
+        "invalid": invalid,
+    })
+    write_json(os.path.join(HERE, "frames.json"), {
+        "vectors": [v for v, _, _, _ in built],
+    })
+    print("ciphertext.json: %d valid, %d invalid vectors (all self-checked)"
+          % (len(valid), len(invalid)))
+    print("frames.json: %d frames (decoded back and compared with their JSON; protoc: %s)"
+          % (len(built), "not found, skipped" if protoc_checked is None
+             else "%d bodies identical" % protoc_checked))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+#include <sys/prctl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <string.h>
+#include <unistd.h>
+#include <signal.h>
+
+// struct ucred needs _GNU_SOURCE in the importer; this one has the same layout.
+struct kms_ucred { pid_t pid; uid_t uid; gid_t gid; };
+
+static inline int kms_get_peercred(int fd, struct kms_ucred *out) {
+    socklen_t len = sizeof(*out);
+    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, out, &len);
+}
+
+// Fills up to cap gids; returns the count, or -1 (errno ERANGE: *needed holds the count).
+static inline int kms_get_peergroups(int fd, gid_t *groups, int cap, int *needed) {
+    socklen_t len = (socklen_t)(cap * (int)sizeof(gid_t));
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) != 0) {
+        if (needed) *needed = (int)(len / sizeof(gid_t));
+        return -1;
+    }
+    return (int)(len / sizeof(gid_t));
+}
+
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+static inline int kms_get_peerpidfd(int fd) {
+    int pidfd = -1;
+    socklen_t len = sizeof(pidfd);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) != 0) return -1;
+    return pidfd;
+}
+
+// 0 if the process behind the pidfd still runs (so its pid was not reused).
+static inline int kms_pidfd_alive(int pidfd) {
+#ifdef SYS_pidfd_send_signal
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0);
+#else
+    return -1;
+#endif
+}
+
+static inline int kms_disable_core_dumps(void) {
+    struct rlimit zero = {0, 0};
+    return setrlimit(RLIMIT_CORE, &zero);
+}
+static inline int kms_set_nondumpable(void) { return prctl(PR_SET_DUMPABLE, 0, 0, 0, 0); }
+static inline int kms_get_dumpable(void) { return prctl(PR_GET_DUMPABLE, 0, 0, 0, 0); }
+
+static inline void kms_explicit_bzero(void *p, size_t n) { explicit_bzero(p, n); }
+
+#ifndef MADV_WIPEONFORK
+#define MADV_WIPEONFORK 18
+#endif
+static inline int kms_madvise_secret(void *p, size_t n) {
+    if (madvise(p, n, MADV_DONTDUMP) != 0) return -1;
+    if (madvise(p, n, MADV_WIPEONFORK) != 0) return -2;
+    return 0;
+}

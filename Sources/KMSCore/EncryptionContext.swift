@@ -1,0 +1,61 @@
+import KMSProtocol
+
+/// An encryption context: non-secret key/value pairs bound to a ciphertext as AAD.
+public struct EncryptionContext: Sendable, Equatable {
+    public let pairs: [String: String]
+
+    /// Validates the pairs against the documented limits.
+    ///
+    /// Throws ValidationException when there are too many pairs, an empty key, or the
+    /// canonical form exceeds `KMSLimits.maxCanonicalContextBytes`.
+    public init(_ pairs: [String: String]) throws(KMSError) {
+        guard pairs.count <= KMSLimits.maxContextPairs else {
+            throw KMSError(.validation, "encryption context has \(pairs.count) pairs; at most \(KMSLimits.maxContextPairs) are allowed")
+        }
+        guard !pairs.keys.contains("") else {
+            throw KMSError(.validation, "encryption context keys must not be empty")
+        }
+        self.pairs = pairs
+        guard canonicalBytes.count <= KMSLimits.maxCanonicalContextBytes else {
+            throw KMSError(.validation, "encryption context is \(canonicalBytes.count) bytes in canonical form; at most \(KMSLimits.maxCanonicalContextBytes) are allowed")
+        }
+    }
+
+    public static let empty = try! EncryptionContext([:])
+
+    /// u32be(count) ‖ for each pair by ascending key bytes: u32be(len k) ‖ k ‖ u32be(len v) ‖ v.
+    public var canonicalBytes: [UInt8] {
+        let sorted = pairs.map { (Array($0.key.utf8), Array($0.value.utf8)) }
+            .sorted { $0.0.lexicographicallyPrecedes($1.0) }
+        var out: [UInt8] = []
+        out.appendBigEndian(UInt32(sorted.count))
+        for (k, v) in sorted {
+            out.appendBigEndian(UInt32(k.count)); out += k
+            out.appendBigEndian(UInt32(v.count)); out += v
+        }
+        return out
+    }
+
+    /// The keys only, sorted and comma separated (values may be sensitive: never audited).
+    public var auditKeys: String { pairs.keys.sorted().joined(separator: ",") }
+}
+
+extension Array where Element == UInt8 {
+    mutating func appendBigEndian(_ v: UInt32) {
+        append(UInt8(v >> 24)); append(UInt8((v >> 16) & 0xff)); append(UInt8((v >> 8) & 0xff)); append(UInt8(v & 0xff))
+    }
+
+    /// u32be(count) ‖ bytes.
+    mutating func appendLengthPrefixed(_ bytes: [UInt8]) {
+        appendBigEndian(UInt32(bytes.count)); self += bytes
+    }
+}
+
+extension Collection where Element == UInt8 {
+    func readBigEndianUInt32(at offset: Index) -> UInt32 {
+        var v: UInt32 = 0
+        var i = offset
+        for _ in 0..<4 { v = v << 8 | UInt32(self[i]); i = index(after: i) }
+        return v
+    }
+}

@@ -1,0 +1,60 @@
+import Foundation
+
+/// Key states, as in AWS KMS.
+public enum KeyState: String, Codable, Sendable {
+    case enabled = "Enabled"
+    case disabled = "Disabled"
+    case pendingDeletion = "PendingDeletion"
+    case pendingImport = "PendingImport"
+}
+
+/// Key specs kmsd knows by name. Only SYMMETRIC_DEFAULT can be created in this version.
+public enum KeySpec: String, Codable, Sendable, CaseIterable {
+    case symmetricDefault = "SYMMETRIC_DEFAULT"
+    case hmac224 = "HMAC_224", hmac256 = "HMAC_256", hmac384 = "HMAC_384", hmac512 = "HMAC_512"
+    case rsa2048 = "RSA_2048", rsa3072 = "RSA_3072", rsa4096 = "RSA_4096"
+    case eccNistP256 = "ECC_NIST_P256", eccNistP384 = "ECC_NIST_P384", eccNistP521 = "ECC_NIST_P521"
+    case eccSecgP256K1 = "ECC_SECG_P256K1", eccNistEdwards25519 = "ECC_NIST_EDWARDS25519"
+
+    /// Bytes of key material for specs kmsd can generate.
+    var materialBytes: Int? { self == .symmetricDefault ? 32 : nil }
+}
+
+/// Key usages, as in AWS KMS.
+public enum KeyUsage: String, Codable, Sendable, CaseIterable {
+    case encryptDecrypt = "ENCRYPT_DECRYPT"
+    case signVerify = "SIGN_VERIFY"
+    case generateVerifyMAC = "GENERATE_VERIFY_MAC"
+    case keyAgreement = "KEY_AGREEMENT"
+}
+
+public struct Tag: Codable, Sendable, Equatable {
+    public var key: String
+    public var value: String
+    public init(key: String, value: String) { self.key = key; self.value = value }
+}
+
+/// Everything about a key except its material. Stored authenticated (see KeyRepository).
+public struct KeyRecord: Codable, Sendable, Equatable {
+    public var keyID: KeyID
+    public var createdAt: Date
+    public var description: String
+    public var keyUsage: KeyUsage
+    public var keySpec: KeySpec
+    public var state: KeyState
+    /// The uid that created the key; until the policy layer lands, it and administrators may use it.
+    public var ownerUID: UInt32
+    public var currentVersion: UInt32
+    public var tags: [Tag]
+    public var origin: String
+}
+
+/// One version of a key's material, wrapped under the root-derived wrapping key.
+public struct KeyVersionRecord: Codable, Sendable, Equatable {
+    public var keyID: KeyID
+    public var version: UInt32
+    public var keySpec: KeySpec
+    public var createdAt: Date
+    /// nonce(12) ‖ AES-256-GCM ciphertext ‖ tag(16); AAD binds key id, version and spec.
+    public var wrappedMaterial: [UInt8]
+}

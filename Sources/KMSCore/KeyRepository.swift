@@ -1,0 +1,201 @@
+import Foundation
+import KMSCrypto
+import KMSProtocol
+import Synchronization
+
+/// The keystore as the rest of kmsd sees it: authenticated records, wrapped material, and a
+/// bounded cache of unwrapped keys in locked memory.
+///
+/// Every row is stored with HMAC-SHA256 under the root-derived record key over
+/// `lp(table) ‖ lp(row key) ‖ record`, so an edited, swapped or forged row is refused.
+/// Material is wrapped with AES-256-GCM under the root-derived wrapping key with AAD binding
+/// key id, version and spec, so a blob moved to another key or version fails to unwrap.
+public final class KeyRepository: Sendable {
+    let storage: any KeyStorage
+    let root: RootKey
+    private let cache: Mutex<LRUCache>
+    static let materialLabel = Array("kmsd/v1/key-material".utf8)
+    static let rootCheckLabel = Array("kmsd/v1/root-key-check".utf8)
+
+    /// Opens the repository and checks the root key matches the keystore (a fresh keystore
+    /// records a check value).
+    ///
+    /// Throws StorageError when the keystore was created under another root key.
+    public init(storage: any KeyStorage, root: RootKey, cacheCapacity: Int = 4096) throws {
+        self.storage = storage
+        self.root = root
+        self.cache = Mutex(LRUCache(capacity: max(1, cacheCapacity)))
+        let check = try HMAC.authenticate(key: root.recordMACKey, data: Self.rootCheckLabel)
+        if let stored = try storage.meta("root_key_check") {
+            guard ConstantTime.equals(stored, check) else {
+                throw StorageError("the root key does not match this keystore: it was created under another root key. Start kmsd with the root key it was created with; do not delete the keystore, or every key in it is lost")
+            }
+        } else {
+            try storage.setMeta("root_key_check", check)
+        }
+    }
+
+    /// Stores a new key with version 1 holding `material`. Durable when it returns.
+    public func create(_ record: KeyRecord, material: SecureBytes) throws {
+        let version = KeyVersionRecord(keyID: record.keyID, version: 1, keySpec: record.keySpec,
+                                       createdAt: record.createdAt,
+                                       wrappedMaterial: try wrap(material, keyID: record.keyID, version: 1, spec: record.keySpec))
+        let keyRow = try seal(record, table: "keys", rowKey: record.keyID.description)
+        let versionRow = try seal(version, table: "key_versions", rowKey: "\(record.keyID)/1")
+        try storage.insertKey(id: record.keyID.description, key: keyRow, versionNumber: 1, version: versionRow)
+        cache.withLock { $0.put(record.keyID, CachedKey(record: record, versions: [1: material])) }
+    }
+
+    /// The key's record, or nil when there is none.
+    ///
+    /// Throws KeyUnavailableException when the stored record fails its integrity check.
+    public func record(_ id: KeyID) throws(KMSError) -> KeyRecord? {
+        if let hit = cache.withLock({ $0.get(id)?.record }) { return hit }
+        let row: StoredRow?
+        do { row = try storage.key(id: id.description) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+        guard let row else { return nil }
+        let record: KeyRecord = try open(row, table: "keys", rowKey: id.description)
+        guard record.keyID == id else { throw Self.tampered(id) }
+        cache.withLock { $0.put(id, CachedKey(record: record, versions: [:])) }
+        return record
+    }
+
+    /// The unwrapped material of one version, from the cache or the keystore.
+    ///
+    /// Throws KeyUnavailableException when the row or the wrapped material fails to verify.
+    public func material(_ id: KeyID, version: UInt32) throws(KMSError) -> SecureBytes? {
+        if let hit = cache.withLock({ $0.get(id)?.versions[version] }) { return hit }
+        let row: StoredRow?
+        do { row = try storage.version(id: id.description, number: version) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+        guard let row else { return nil }
+        let stored: KeyVersionRecord = try open(row, table: "key_versions", rowKey: "\(id)/\(version)")
+        guard stored.keyID == id, stored.version == version else { throw Self.tampered(id) }
+        let material: SecureBytes
+        do {
+            material = try unwrap(stored.wrappedMaterial, keyID: id, version: version, spec: stored.keySpec)
+        } catch {
+            throw Self.tampered(id)
+        }
+        cache.withLock { cache in
+            if var entry = cache.get(id) {
+                entry.versions[version] = material
+                cache.put(id, entry)
+            }
+        }
+        return material
+    }
+
+    /// Key ids in ascending order after `after`.
+    public func keyIDs(after: KeyID?, limit: Int) throws(KMSError) -> [KeyID] {
+        do {
+            return try storage.keyIDs(after: after?.description, limit: limit).compactMap { try? KeyID(parsing: $0) }
+        } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+    }
+
+    /// Number of keys whose unwrapped material is cached.
+    public var cachedKeys: Int { cache.withLock { $0.count } }
+
+    // MARK: - Wrapping and authentication
+
+    static func materialAAD(keyID: KeyID, version: UInt32, spec: KeySpec) -> [UInt8] {
+        var aad = materialLabel + keyID.bytes
+        aad.appendBigEndian(version)
+        aad.appendLengthPrefixed(Array(spec.rawValue.utf8))
+        return aad
+    }
+
+    func wrap(_ material: SecureBytes, keyID: KeyID, version: UInt32, spec: KeySpec) throws -> [UInt8] {
+        let nonce = try SecureRandom.bytes(AESGCM.nonceBytes)
+        let aad = Self.materialAAD(keyID: keyID, version: version, spec: spec)
+        var sealed = [UInt8](repeating: 0, count: material.count + AESGCM.tagBytes)
+        try root.wrappingKey.withUnsafeBytes { k in
+            try material.withUnsafeBytes { m in
+                try nonce.withUnsafeBytes { n in
+                    try aad.withUnsafeBytes { a in
+                        try sealed.withUnsafeMutableBytes { o in
+                            let tag = try AESGCM.seal(key: k, nonce: n, plaintext: m, aad: a,
+                                                      into: UnsafeMutableRawBufferPointer(rebasing: o[0..<material.count]))
+                            UnsafeMutableRawBufferPointer(rebasing: o[material.count...]).copyBytes(from: tag)
+                        }
+                    }
+                }
+            }
+        }
+        return nonce + sealed
+    }
+
+    func unwrap(_ wrapped: [UInt8], keyID: KeyID, version: UInt32, spec: KeySpec) throws -> SecureBytes {
+        guard wrapped.count > AESGCM.nonceBytes + AESGCM.tagBytes else { throw CryptoError.authenticationFailure }
+        return try AESGCM.open(key: root.wrappingKey, nonce: Array(wrapped[0..<AESGCM.nonceBytes]),
+                               sealed: Array(wrapped[AESGCM.nonceBytes...]),
+                               aad: Self.materialAAD(keyID: keyID, version: version, spec: spec))
+    }
+
+    func macInput(table: String, rowKey: String, record: [UInt8]) -> [UInt8] {
+        var data: [UInt8] = []
+        data.appendLengthPrefixed(Array(table.utf8))
+        data.appendLengthPrefixed(Array(rowKey.utf8))
+        return data + record
+    }
+
+    func seal<T: Encodable>(_ value: T, table: String, rowKey: String) throws -> StoredRow {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        encoder.dateEncodingStrategy = .secondsSince1970
+        let bytes = Array(try encoder.encode(value))
+        return StoredRow(record: bytes, mac: try HMAC.authenticate(key: root.recordMACKey, data: macInput(table: table, rowKey: rowKey, record: bytes)))
+    }
+
+    func open<T: Decodable>(_ row: StoredRow, table: String, rowKey: String) throws(KMSError) -> T {
+        let id = (try? KeyID(parsing: String(rowKey.prefix(36)))) ?? KeyID(bytes: [UInt8](repeating: 0, count: 16))
+        let valid = (try? HMAC.isValid(row.mac, key: root.recordMACKey, data: macInput(table: table, rowKey: rowKey, record: row.record))) ?? false
+        guard valid else { throw Self.tampered(id) }
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .secondsSince1970
+        guard let value = try? decoder.decode(T.self, from: Data(row.record)) else { throw Self.tampered(id) }
+        return value
+    }
+
+    static func tampered(_ id: KeyID) -> KMSError {
+        KMSError(.keyUnavailable, "the stored record of key \(id) failed its integrity check: the keystore was modified outside kmsd. The key is refused; restore the keystore from a backup")
+    }
+}
+
+struct CachedKey {
+    var record: KeyRecord
+    var versions: [UInt32: SecureBytes]
+}
+
+/// A small least-recently-used map. Eviction drops the entry, which zeroes its key material.
+struct LRUCache {
+    let capacity: Int
+    private var entries: [KeyID: (value: CachedKey, tick: UInt64)] = [:]
+    private var tick: UInt64 = 0
+
+    init(capacity: Int) { self.capacity = capacity }
+
+    var count: Int { entries.count }
+
+    mutating func get(_ id: KeyID) -> CachedKey? {
+        guard let e = entries[id] else { return nil }
+        tick += 1
+        entries[id] = (e.value, tick)
+        return e.value
+    }
+
+    mutating func put(_ id: KeyID, _ value: CachedKey) {
+        tick += 1
+        if entries[id] == nil, entries.count >= capacity {
+            // Evict the least recently used eighth at once, so eviction stays cheap per insert.
+            let victims = entries.sorted { $0.value.tick < $1.value.tick }.prefix(max(1, capacity / 8))
+            for v in victims { entries[v.key] = nil }
+        }
+        entries[id] = (value, tick)
+    }
+}

@@ -1,0 +1,249 @@
+import Foundation
+import KMSCrypto
+import KMSProtocol
+
+/// The operations on keys, independent of any transport. Each method checks access, does the
+/// work and returns domain values; errors are `KMSError` with stable codes.
+///
+/// Access until the policy layer lands: administrators may create keys and use every key;
+/// a key's creator (by uid) may use it; everyone else is denied.
+public final class KeyService: Sendable {
+    public let repository: KeyRepository
+    public let administrators: Administrators
+
+    public init(repository: KeyRepository, administrators: Administrators) {
+        self.repository = repository
+        self.administrators = administrators
+    }
+
+    public func isAdministrator(_ p: Principal) -> Bool { administrators.contains(p) }
+
+    // MARK: - Management
+
+    public struct CreateKeyInput: Sendable {
+        public var description = ""
+        public var keyUsage = ""
+        public var keySpec = ""
+        public var tags: [Tag] = []
+        public init() {}
+    }
+
+    /// Creates a SYMMETRIC_DEFAULT key owned by the caller. Administrators only.
+    public func createKey(_ input: CreateKeyInput, caller: Principal) throws(KMSError) -> KeyRecord {
+        guard isAdministrator(caller) else {
+            throw KMSError(.accessDenied, "uid \(caller.uid) (\(caller.userName)) may not create keys: only administrators may (configure administrators in kmsd's configuration)")
+        }
+        let spec = try Self.parse(KeySpec.self, input.keySpec, default: .symmetricDefault, field: "KeySpec")
+        let usage = try Self.parse(KeyUsage.self, input.keyUsage, default: .encryptDecrypt, field: "KeyUsage")
+        guard spec == .symmetricDefault else {
+            throw KMSError(.unsupportedOperation, "KeySpec \(spec.rawValue) is not supported yet; this version creates SYMMETRIC_DEFAULT keys")
+        }
+        guard usage == .encryptDecrypt else {
+            throw KMSError(.validation, "KeyUsage \(usage.rawValue) is not valid for KeySpec SYMMETRIC_DEFAULT; use ENCRYPT_DECRYPT")
+        }
+        guard input.description.utf8.count <= KMSLimits.maxDescriptionBytes else {
+            throw KMSError(.validation, "Description is \(input.description.utf8.count) bytes; at most \(KMSLimits.maxDescriptionBytes) are allowed")
+        }
+        try Self.validate(tags: input.tags)
+        let record = KeyRecord(keyID: .random(), createdAt: Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down)),
+                               description: input.description, keyUsage: usage, keySpec: spec, state: .enabled,
+                               ownerUID: caller.uid, currentVersion: 1, tags: input.tags, origin: "AWS_KMS")
+        do {
+            let material = try SecureBytes.random(count: 32)
+            try repository.create(record, material: material)
+        } catch let error as KMSError {
+            throw error
+        } catch {
+            throw KMSError(.internalError, "the key could not be stored (\(error)); nothing was created")
+        }
+        return record
+    }
+
+    /// The metadata of a key the caller may use.
+    public func describeKey(_ keyID: String, caller: Principal) throws(KMSError) -> KeyRecord {
+        try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
+    }
+
+    /// One page of keys visible to the caller, and the marker of the next page.
+    public func listKeys(limit: Int, marker: String, caller: Principal) throws(KMSError) -> (keys: [KeyID], nextMarker: KeyID?) {
+        let limit = limit == 0 ? KMSLimits.defaultListLimit : limit
+        guard (1...KMSLimits.maxListLimit).contains(limit) else {
+            throw KMSError(.validation, "Limit must be 1...\(KMSLimits.maxListLimit)")
+        }
+        var after: KeyID? = nil
+        if !marker.isEmpty {
+            guard let m = try? KeyID(parsing: marker) else {
+                throw KMSError(.invalidMarker, "Marker is not one this server returned; pass the NextMarker of the previous page")
+            }
+            after = m
+        }
+        let admin = isAdministrator(caller)
+        var page: [KeyID] = []
+        while page.count < limit + 1 {
+            let ids = try repository.keyIDs(after: after, limit: 256)
+            if ids.isEmpty { break }
+            for id in ids {
+                after = id
+                if admin { page.append(id) } else if let r = try? repository.record(id), r.ownerUID == caller.uid { page.append(id) }
+                if page.count == limit + 1 { break }
+            }
+        }
+        if page.count > limit {
+            page.removeLast()
+            return (page, page.last)
+        }
+        return (page, nil)
+    }
+
+    // MARK: - Cryptographic operations
+
+    public struct Sealed: Sendable {
+        public var blob: [UInt8]
+        public var keyID: KeyID
+        public var keyVersion: UInt32
+    }
+
+    public struct Opened: Sendable {
+        public var plaintext: SecureBytes
+        public var keyID: KeyID
+        public var keyVersion: UInt32
+    }
+
+    /// Encrypts up to 4096 bytes under the key's current version.
+    public func encrypt(keyID: String, plaintext: [UInt8], context: [String: String], caller: Principal) throws(KMSError) -> Sealed {
+        guard (1...KMSLimits.maxPlaintextBytes).contains(plaintext.count) else {
+            throw KMSError(.validation, "Plaintext must be 1...\(KMSLimits.maxPlaintextBytes) bytes; use envelope encryption (GenerateDataKey) for more")
+        }
+        let ctx = try EncryptionContext(context)
+        let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: true)
+        return try typed { try plaintext.withUnsafeBytes { try seal($0, record: record, context: ctx) } }
+    }
+
+    /// Decrypts a blob; `keyID`, when given, must name the blob's key.
+    public func decrypt(blob: [UInt8], context: [String: String], keyID: String, caller: Principal) throws(KMSError) -> Opened {
+        let ctx = try EncryptionContext(context)
+        let parsed = try SymmetricCiphertext(parsing: blob)
+        if !keyID.isEmpty {
+            let expected = try KeyID(parsing: keyID)
+            guard expected == parsed.keyID else {
+                throw KMSError(.incorrectKey, "the ciphertext was encrypted under another key than \(expected); omit KeyId or pass the right one")
+            }
+        }
+        guard let record = try repository.record(parsed.keyID) else { throw SymmetricCiphertext.invalid }
+        try checkUsable(record, caller: caller, needsEnabled: true)
+        guard let material = try repository.material(parsed.keyID, version: parsed.keyVersion) else {
+            throw SymmetricCiphertext.invalid
+        }
+        let plaintext = try parsed.open(versionKey: material, context: ctx)
+        return Opened(plaintext: plaintext, keyID: parsed.keyID, keyVersion: parsed.keyVersion)
+    }
+
+    /// Decrypts under the source key and encrypts under the destination; the plaintext stays
+    /// in locked memory and is never returned.
+    public func reEncrypt(blob: [UInt8], sourceContext: [String: String], sourceKeyID: String,
+                          destinationKeyID: String, destinationContext: [String: String],
+                          caller: Principal) throws(KMSError) -> (sealed: Sealed, source: Opened) {
+        let destContext = try EncryptionContext(destinationContext)
+        let destination = try usableRecord(KeyID(parsing: destinationKeyID), caller: caller, needsEnabled: true)
+        let opened = try decrypt(blob: blob, context: sourceContext, keyID: sourceKeyID, caller: caller)
+        let sealed = try opened.plaintext.withUnsafeBytes { (p) throws(KMSError) in try seal(p, record: destination, context: destContext) }
+        return (sealed, opened)
+    }
+
+    /// A fresh data key: its plaintext (locked) and its ciphertext under the key.
+    public func generateDataKey(keyID: String, keySpec: String, numberOfBytes: UInt32, context: [String: String],
+                                caller: Principal) throws(KMSError) -> (plaintext: SecureBytes, sealed: Sealed) {
+        let count: Int
+        switch (keySpec, numberOfBytes) {
+        case ("AES_256", 0): count = 32
+        case ("AES_128", 0): count = 16
+        case ("", 1...UInt32(KMSLimits.maxDataKeyBytes)): count = Int(numberOfBytes)
+        case ("", 0):
+            throw KMSError(.validation, "give KeySpec (AES_128 or AES_256) or NumberOfBytes (1...\(KMSLimits.maxDataKeyBytes))")
+        case ("", _):
+            throw KMSError(.validation, "NumberOfBytes must be 1...\(KMSLimits.maxDataKeyBytes)")
+        case (_, 0):
+            throw KMSError(.validation, "KeySpec must be AES_128 or AES_256")
+        default:
+            throw KMSError(.validation, "give KeySpec or NumberOfBytes, not both")
+        }
+        let ctx = try EncryptionContext(context)
+        let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: true)
+        let dataKey: SecureBytes
+        do { dataKey = try SecureBytes.random(count: count) } catch {
+            throw KMSError(.internalError, "could not generate random bytes inside kmsd")
+        }
+        let sealed = try dataKey.withUnsafeBytes { (p) throws(KMSError) in try seal(p, record: record, context: ctx) }
+        return (dataKey, sealed)
+    }
+
+    /// Random bytes from OpenSSL's CSPRNG. Any caller.
+    public func generateRandom(count: UInt32) throws(KMSError) -> [UInt8] {
+        guard (1...UInt32(KMSLimits.maxRandomBytes)).contains(count) else {
+            throw KMSError(.validation, "NumberOfBytes must be 1...\(KMSLimits.maxRandomBytes)")
+        }
+        do { return try SecureRandom.bytes(Int(count)) } catch {
+            throw KMSError(.internalError, "could not generate random bytes inside kmsd")
+        }
+    }
+
+    // MARK: - Helpers
+
+    /// Runs `body`, keeping KMSErrors and turning anything else into KMSInternalException.
+    func typed<R>(_ body: () throws -> R) throws(KMSError) -> R {
+        do { return try body() } catch let e as KMSError { throw e } catch {
+            throw KMSError(.internalError, "operation failed inside kmsd (\(error))")
+        }
+    }
+
+    private func seal(_ plaintext: UnsafeRawBufferPointer, record: KeyRecord, context: EncryptionContext) throws(KMSError) -> Sealed {
+        guard let material = try repository.material(record.keyID, version: record.currentVersion) else {
+            throw KeyRepository.tampered(record.keyID)
+        }
+        do {
+            let ct = try SymmetricCiphertext.seal(versionKey: material, keyID: record.keyID, keyVersion: record.currentVersion,
+                                                  plaintext: plaintext, context: context)
+            return Sealed(blob: ct.serialized, keyID: record.keyID, keyVersion: record.currentVersion)
+        } catch {
+            throw KMSError(.internalError, "encryption failed inside kmsd (\(error)); see the daemon's log")
+        }
+    }
+
+    private func usableRecord(_ id: KeyID, caller: Principal, needsEnabled: Bool) throws(KMSError) -> KeyRecord {
+        guard let record = try repository.record(id) else {
+            throw KMSError(.notFound, "key \(id) does not exist; list keys with kmsctl list-keys")
+        }
+        try checkUsable(record, caller: caller, needsEnabled: needsEnabled)
+        return record
+    }
+
+    private func checkUsable(_ record: KeyRecord, caller: Principal, needsEnabled: Bool) throws(KMSError) {
+        guard record.ownerUID == caller.uid || isAdministrator(caller) else {
+            throw KMSError(.accessDenied, "uid \(caller.uid) (\(caller.userName)) may not use key \(record.keyID): only its creator and administrators may")
+        }
+        guard needsEnabled else { return }
+        switch record.state {
+        case .enabled: return
+        case .disabled: throw KMSError(.disabled, "key \(record.keyID) is disabled; enable it first")
+        case .pendingDeletion, .pendingImport:
+            throw KMSError(.invalidState, "key \(record.keyID) is \(record.state.rawValue) and cannot be used")
+        }
+    }
+
+    static func parse<T: RawRepresentable>(_: T.Type, _ text: String, default value: T, field: String) throws(KMSError) -> T where T.RawValue == String {
+        if text.isEmpty { return value }
+        guard let v = T(rawValue: text) else { throw KMSError(.validation, "\(field) '\(text.prefix(64))' is not a known value") }
+        return v
+    }
+
+    static func validate(tags: [Tag]) throws(KMSError) {
+        guard tags.count <= KMSLimits.maxTags else { throw KMSError(.validation, "at most \(KMSLimits.maxTags) tags are allowed") }
+        var seen = Set<String>()
+        for t in tags {
+            guard (1...KMSLimits.maxTagKeyLength).contains(t.key.count), t.value.count <= KMSLimits.maxTagValueLength else {
+                throw KMSError(.validation, "tag keys must be 1...\(KMSLimits.maxTagKeyLength) characters and values at most \(KMSLimits.maxTagValueLength)")
+            }
+            guard seen.insert(t.key).inserted else { throw KMSError(.validation, "duplicate tag key '\(t.key.prefix(64))'") }
+        }
+    }
+}

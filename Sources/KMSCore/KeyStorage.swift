@@ -1,0 +1,28 @@
+/// One stored row: the record's bytes and the MAC that authenticates them.
+public struct StoredRow: Sendable, Equatable {
+    public var record: [UInt8]
+    public var mac: [UInt8]
+    public init(record: [UInt8], mac: [UInt8]) { self.record = record; self.mac = mac }
+}
+
+/// The storage backend behind the keystore: rows in, rows out, durably.
+///
+/// Backends know nothing of crypto: `KeyRepository` authenticates every row and wraps all key
+/// material before a backend sees it. Every write returns only once it is durable. SQLite is
+/// the embedded default; a shared PostgreSQL backend can implement the same protocol later.
+public protocol KeyStorage: Sendable {
+    /// Inserts a key and its first version atomically. Throws when the key id exists.
+    func insertKey(id: String, key: StoredRow, versionNumber: UInt32, version: StoredRow) throws
+    func key(id: String) throws -> StoredRow?
+    func version(id: String, number: UInt32) throws -> StoredRow?
+    /// Key ids in ascending order, strictly after `after` (nil = from the start).
+    func keyIDs(after: String?, limit: Int) throws -> [String]
+    func meta(_ name: String) throws -> [UInt8]?
+    func setMeta(_ name: String, _ value: [UInt8]) throws
+}
+
+/// A storage failure (I/O, corruption, a full disk); the message names the file and the cause.
+public struct StorageError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ d: String) { description = d }
+}

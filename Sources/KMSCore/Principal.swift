@@ -1,0 +1,38 @@
+/// The caller of a request, as the kernel vouches for it (SO_PEERCRED and friends).
+public struct Principal: Sendable, Equatable {
+    public var uid: UInt32
+    public var gid: UInt32
+    public var pid: Int32
+    public var userName: String
+    public var groups: [UInt32]
+    /// Executable path, when it could be resolved without a pid-reuse race.
+    public var executable: String?
+    /// The systemd unit the process runs in, when it runs in one.
+    public var systemdUnit: String?
+
+    public init(uid: UInt32, gid: UInt32, pid: Int32, userName: String, groups: [UInt32] = [],
+                executable: String? = nil, systemdUnit: String? = nil) {
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+        self.userName = userName
+        self.groups = groups
+        self.executable = executable
+        self.systemdUnit = systemdUnit
+    }
+}
+
+/// Who administers kmsd (may create keys and use every key). Default: root only.
+public struct Administrators: Sendable, Equatable {
+    public var uids: Set<UInt32>
+    public var gids: Set<UInt32>
+
+    public init(uids: Set<UInt32> = [0], gids: Set<UInt32> = []) {
+        self.uids = uids
+        self.gids = gids
+    }
+
+    public func contains(_ p: Principal) -> Bool {
+        uids.contains(p.uid) || gids.contains(p.gid) || !gids.isDisjoint(with: p.groups)
+    }
+}

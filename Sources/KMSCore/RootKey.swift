@@ -1,0 +1,89 @@
+import Foundation
+import Glibc
+import KMSCrypto
+
+/// The 256-bit root key, and the keys derived from it. Held only in locked memory.
+public final class RootKey: Sendable {
+    public static let byteCount = 32
+    static let wrapLabel = Array("kmsd/v1/keystore-wrap".utf8)
+    static let macLabel = Array("kmsd/v1/keystore-record-mac".utf8)
+
+    /// Wraps key material at rest.
+    public let wrappingKey: SecureBytes
+    /// Authenticates keystore records.
+    public let recordMACKey: SecureBytes
+
+    public init(material: SecureBytes) throws {
+        guard material.count == Self.byteCount else {
+            throw RootKeyError("the root key must be exactly \(Self.byteCount) bytes, found \(material.count)")
+        }
+        wrappingKey = try HKDF.deriveKey(from: material, salt: [], info: Self.wrapLabel)
+        recordMACKey = try HKDF.deriveKey(from: material, salt: [], info: Self.macLabel)
+    }
+
+    /// Where the root key came from, for the startup message.
+    public enum Source: Sendable, Equatable, CustomStringConvertible {
+        case credential(String), file(String), generated(String)
+        public var description: String {
+            switch self {
+            case .credential(let p): "systemd credential \(p)"
+            case .file(let p): "file \(p)"
+            case .generated(let p): "NEW development root key generated at \(p)"
+            }
+        }
+    }
+
+    /// Loads the root key: `$CREDENTIALS_DIRECTORY/root-key`, else `file`, else (development
+    /// mode only) a key generated at `devPath` (mode 0600).
+    ///
+    /// Throws RootKeyError saying which source failed and how to provide one.
+    public static func load(credentialsDirectory: String?, file: String?, devPath: String?) throws -> (RootKey, Source) {
+        if let dir = credentialsDirectory, !dir.isEmpty {
+            let path = dir + "/root-key"
+            if FileManager.default.fileExists(atPath: path) {
+                return (try RootKey(material: readKeyFile(path)), .credential(path))
+            }
+        }
+        if let file {
+            return (try RootKey(material: readKeyFile(file)), .file(file))
+        }
+        if let devPath {
+            if FileManager.default.fileExists(atPath: devPath) {
+                return (try RootKey(material: readKeyFile(devPath)), .file(devPath))
+            }
+            let material = try SecureBytes.random(count: byteCount)
+            try writeNewKeyFile(devPath, material)
+            return (try RootKey(material: material), .generated(devPath))
+        }
+        throw RootKeyError("no root key: set LoadCredentialEncrypted=root-key in the unit (CREDENTIALS_DIRECTORY), or root_key_file in the configuration, or run with --dev")
+    }
+
+    /// Reads exactly 32 raw bytes into locked memory without an intermediate heap copy.
+    static func readKeyFile(_ path: String) throws -> SecureBytes {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw RootKeyError("cannot open root key \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw RootKeyError("cannot stat root key \(path)") }
+        guard st.st_size == byteCount else {
+            throw RootKeyError("root key \(path) must hold exactly \(byteCount) raw bytes; it holds \(st.st_size). Create one with: head -c 32 /dev/urandom > FILE")
+        }
+        let key = try SecureBytes(zeroedCount: byteCount)
+        let n = key.withUnsafeMutableBytes { read(fd, $0.baseAddress, byteCount) }
+        guard n == byteCount else { throw RootKeyError("short read from root key \(path)") }
+        return key
+    }
+
+    static func writeNewKeyFile(_ path: String, _ key: SecureBytes) throws {
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw RootKeyError("cannot create root key \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        let n = key.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard n == byteCount, fsync(fd) == 0 else { throw RootKeyError("cannot write root key \(path)") }
+    }
+}
+
+public struct RootKeyError: Error, CustomStringConvertible {
+    public let description: String
+    init(_ d: String) { description = d }
+}

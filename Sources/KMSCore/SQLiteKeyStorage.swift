@@ -1,0 +1,157 @@
+import CSQLite
+import Foundation
+import Synchronization
+
+/// The embedded keystore backend: one SQLite file in WAL mode with synchronous=FULL, so a
+/// committed transaction survives kill -9 and power loss.
+public final class SQLiteKeyStorage: KeyStorage {
+    public let path: String
+    private let db: Mutex<Connection>
+
+    final class Connection: @unchecked Sendable {
+        let handle: OpaquePointer
+        init(_ h: OpaquePointer) { handle = h }
+        deinit { sqlite3_close_v2(handle) }
+    }
+
+    /// Opens (creating if needed) the database at `path` with mode 0600.
+    ///
+    /// Throws StorageError when the file cannot be opened or is not a kmsd keystore.
+    public init(path: String) throws {
+        self.path = path
+        let oldMask = umask(0o077)
+        defer { umask(oldMask) }
+        var handle: OpaquePointer?
+        let rc = sqlite3_open_v2(path, &handle, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nil)
+        guard rc == SQLITE_OK, let handle else {
+            let msg = handle.map { String(cString: sqlite3_errmsg($0)) } ?? "out of memory"
+            if let handle { sqlite3_close_v2(handle) }
+            throw StorageError("cannot open keystore \(path): \(msg)")
+        }
+        let conn = Connection(handle)
+        sqlite3_busy_timeout(handle, 5000)
+        for sql in [
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=FULL",
+            "PRAGMA foreign_keys=ON",
+            "PRAGMA secure_delete=ON",
+            "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, record BLOB NOT NULL, mac BLOB NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS key_versions (key_id TEXT NOT NULL REFERENCES keys(key_id), version INTEGER NOT NULL, record BLOB NOT NULL, mac BLOB NOT NULL, PRIMARY KEY (key_id, version))",
+        ] {
+            try Self.exec(conn, sql, path: path)
+        }
+        db = Mutex(conn)
+    }
+
+    public func insertKey(id: String, key: StoredRow, versionNumber: UInt32, version: StoredRow) throws {
+        try db.withLock { conn in
+            try Self.exec(conn, "BEGIN IMMEDIATE", path: path)
+            do {
+                try Self.run(conn, "INSERT INTO keys (key_id, record, mac) VALUES (?1, ?2, ?3)", [.text(id), .blob(key.record), .blob(key.mac)], path: path)
+                try Self.run(conn, "INSERT INTO key_versions (key_id, version, record, mac) VALUES (?1, ?2, ?3, ?4)",
+                             [.text(id), .int(Int64(versionNumber)), .blob(version.record), .blob(version.mac)], path: path)
+                try Self.exec(conn, "COMMIT", path: path)
+            } catch {
+                try? Self.exec(conn, "ROLLBACK", path: path)
+                throw error
+            }
+        }
+    }
+
+    public func key(id: String) throws -> StoredRow? {
+        try db.withLock { conn in
+            try Self.query(conn, "SELECT record, mac FROM keys WHERE key_id = ?1", [.text(id)], path: path) { stmt in
+                StoredRow(record: Self.blob(stmt, 0), mac: Self.blob(stmt, 1))
+            }.first
+        }
+    }
+
+    public func version(id: String, number: UInt32) throws -> StoredRow? {
+        try db.withLock { conn in
+            try Self.query(conn, "SELECT record, mac FROM key_versions WHERE key_id = ?1 AND version = ?2",
+                           [.text(id), .int(Int64(number))], path: path) { stmt in
+                StoredRow(record: Self.blob(stmt, 0), mac: Self.blob(stmt, 1))
+            }.first
+        }
+    }
+
+    public func keyIDs(after: String?, limit: Int) throws -> [String] {
+        try db.withLock { conn in
+            try Self.query(conn, "SELECT key_id FROM keys WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
+                           [.text(after ?? ""), .int(Int64(limit))], path: path) { stmt in
+                String(cString: sqlite3_column_text(stmt, 0))
+            }
+        }
+    }
+
+    public func meta(_ name: String) throws -> [UInt8]? {
+        try db.withLock { conn in
+            try Self.query(conn, "SELECT value FROM meta WHERE name = ?1", [.text(name)], path: path) { Self.blob($0, 0) }.first
+        }
+    }
+
+    public func setMeta(_ name: String, _ value: [UInt8]) throws {
+        try db.withLock { conn in
+            try Self.run(conn, "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                         [.text(name), .blob(value)], path: path)
+        }
+    }
+
+    // MARK: - SQLite plumbing
+
+    enum Value { case text(String), blob([UInt8]), int(Int64) }
+
+    private static func exec(_ conn: Connection, _ sql: String, path: String) throws {
+        var err: UnsafeMutablePointer<CChar>?
+        guard sqlite3_exec(conn.handle, sql, nil, nil, &err) == SQLITE_OK else {
+            let msg = err.map { String(cString: $0) } ?? "unknown error"
+            sqlite3_free(err)
+            throw StorageError("keystore \(path): \(msg) (in: \(sql.prefix(40)))")
+        }
+    }
+
+    private static func prepare(_ conn: Connection, _ sql: String, _ values: [Value], path: String) throws -> OpaquePointer {
+        var stmt: OpaquePointer?
+        guard sqlite3_prepare_v2(conn.handle, sql, -1, &stmt, nil) == SQLITE_OK, let stmt else {
+            throw StorageError("keystore \(path): \(String(cString: sqlite3_errmsg(conn.handle)))")
+        }
+        for (i, v) in values.enumerated() {
+            let idx = Int32(i + 1)
+            switch v {
+            case .text(let s): sqlite3_bind_text(stmt, idx, s, -1, kms_sqlite_transient())
+            case .int(let n): sqlite3_bind_int64(stmt, idx, n)
+            case .blob(let b): b.withUnsafeBytes { _ = sqlite3_bind_blob(stmt, idx, $0.baseAddress, Int32($0.count), kms_sqlite_transient()) }
+            }
+        }
+        return stmt
+    }
+
+    private static func run(_ conn: Connection, _ sql: String, _ values: [Value], path: String) throws {
+        let stmt = try prepare(conn, sql, values, path: path)
+        defer { sqlite3_finalize(stmt) }
+        let rc = sqlite3_step(stmt)
+        guard rc == SQLITE_DONE else {
+            throw StorageError("keystore \(path): \(String(cString: sqlite3_errmsg(conn.handle))) (code \(rc))")
+        }
+    }
+
+    private static func query<T>(_ conn: Connection, _ sql: String, _ values: [Value], path: String,
+                                 _ row: (OpaquePointer) -> T) throws -> [T] {
+        let stmt = try prepare(conn, sql, values, path: path)
+        defer { sqlite3_finalize(stmt) }
+        var out: [T] = []
+        while true {
+            let rc = sqlite3_step(stmt)
+            if rc == SQLITE_ROW { out.append(row(stmt)); continue }
+            if rc == SQLITE_DONE { return out }
+            throw StorageError("keystore \(path): \(String(cString: sqlite3_errmsg(conn.handle))) (code \(rc))")
+        }
+    }
+
+    private static func blob(_ stmt: OpaquePointer, _ col: Int32) -> [UInt8] {
+        let n = Int(sqlite3_column_bytes(stmt, col))
+        guard n > 0, let p = sqlite3_column_blob(stmt, col) else { return [] }
+        return Array(UnsafeRawBufferPointer(start: p, count: n))
+    }
+}

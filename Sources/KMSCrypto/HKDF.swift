@@ -1,0 +1,80 @@
+import CKMSOpenSSL
+
+/// Digests usable with HKDF and HMAC.
+public enum Digest: Sendable {
+    case sha256, sha384, sha512
+
+    var openSSLName: UnsafePointer<CChar> {
+        switch self {
+        case .sha256: kms_sha256()
+        case .sha384: kms_sha384()
+        case .sha512: kms_sha512()
+        }
+    }
+
+    public var byteCount: Int {
+        switch self {
+        case .sha256: 32
+        case .sha384: 48
+        case .sha512: 64
+        }
+    }
+}
+
+/// HKDF (RFC 5869) through OpenSSL's EVP_KDF.
+public enum HKDF {
+    /// Derives `count` bytes into `out` from `ikm`, `salt` (empty = none) and `info`.
+    ///
+    /// Throws `invalidParameter` when `count` exceeds 255 hash lengths.
+    public static func derive(digest: Digest = .sha256, ikm: UnsafeRawBufferPointer, salt: UnsafeRawBufferPointer,
+                              info: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer) throws {
+        guard out.count > 0, out.count <= 255 * digest.byteCount else {
+            throw CryptoError.invalidParameter("HKDF output length must be 1...\(255 * digest.byteCount)")
+        }
+        let ok = kms_hkdf_derive(digest.openSSLName, ikm.bytes, ikm.count, salt.bytes, salt.count,
+                                 info.bytes, info.count,
+                                 out.baseAddress!.assumingMemoryBound(to: UInt8.self), out.count)
+        guard ok == 1 else {
+            ERR_clear_error()
+            throw CryptoError.openSSL("EVP_KDF_derive(HKDF)")
+        }
+    }
+
+    /// Derives a secret key of `count` bytes from a secret input key.
+    public static func deriveKey(digest: Digest = .sha256, from ikm: SecureBytes, salt: [UInt8], info: [UInt8],
+                                 count: Int = 32) throws -> SecureBytes {
+        let out = try SecureBytes(zeroedCount: count)
+        try ikm.withUnsafeBytes { k in
+            try salt.withUnsafeBytes { s in
+                try info.withUnsafeBytes { i in
+                    try out.withUnsafeMutableBytes { o in try derive(digest: digest, ikm: k, salt: s, info: i, into: o) }
+                }
+            }
+        }
+        return out
+    }
+}
+
+/// HMAC through OpenSSL's EVP_MAC.
+public enum HMAC {
+    /// The MAC of `data` under `key`.
+    public static func authenticate(digest: Digest = .sha256, key: UnsafeRawBufferPointer, data: UnsafeRawBufferPointer) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: 64)
+        var len = 0
+        let ok = kms_hmac_compute(digest.openSSLName, key.bytes, key.count, data.bytes, data.count, &out, out.count, &len)
+        guard ok == 1 else {
+            ERR_clear_error()
+            throw CryptoError.openSSL("EVP_MAC(HMAC)")
+        }
+        return Array(out[0..<len])
+    }
+
+    public static func authenticate(digest: Digest = .sha256, key: SecureBytes, data: [UInt8]) throws -> [UInt8] {
+        try key.withUnsafeBytes { k in try data.withUnsafeBytes { d in try authenticate(digest: digest, key: k, data: d) } }
+    }
+
+    /// True when `mac` is the MAC of `data` (compared in constant time).
+    public static func isValid(_ mac: [UInt8], digest: Digest = .sha256, key: SecureBytes, data: [UInt8]) throws -> Bool {
+        ConstantTime.equals(try authenticate(digest: digest, key: key, data: data), mac)
+    }
+}

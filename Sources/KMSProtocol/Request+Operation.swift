@@ -1,0 +1,44 @@
+import SwiftProtobuf
+
+public typealias KMSRequest = Kmsd_V1_Request
+public typealias KMSResponse = Kmsd_V1_Response
+
+extension Kmsd_V1_Request.OneOf_Operation {
+    /// The AWS KMS operation name, as used in audit records, capabilities and `kms:` actions.
+    public var name: String {
+        switch self {
+        case .hello: "Hello"
+        case .whoAmI: "WhoAmI"
+        case .createKey: "CreateKey"
+        case .describeKey: "DescribeKey"
+        case .listKeys: "ListKeys"
+        case .encrypt: "Encrypt"
+        case .decrypt: "Decrypt"
+        case .reEncrypt: "ReEncrypt"
+        case .generateDataKey: "GenerateDataKey"
+        case .generateDataKeyWithoutPlaintext: "GenerateDataKeyWithoutPlaintext"
+        case .generateRandom: "GenerateRandom"
+        }
+    }
+}
+
+extension Kmsd_V1_Response {
+    /// A response carrying only an error.
+    public static func failure(id: UInt64, _ error: KMSError) -> Kmsd_V1_Response {
+        var response = Kmsd_V1_Response()
+        response.id = id
+        response.error = .with {
+            $0.code = error.code.rawValue
+            $0.message = error.message
+        }
+        return response
+    }
+
+    /// The error this response carries, if any. A code this client does not know (from a
+    /// newer server) becomes KMSInternalException with the original code kept in the message.
+    public var kmsError: KMSError? {
+        guard case .error(let e)? = result else { return nil }
+        if let code = KMSErrorCode(rawValue: e.code) { return KMSError(code, e.message) }
+        return KMSError(.internalError, "\(e.code): \(e.message)")
+    }
+}
