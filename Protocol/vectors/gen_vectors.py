@@ -7,7 +7,7 @@
 
   ciphertext.json  symmetric ciphertext format v1 (PROTOCOL.md section 9): valid vectors with
                    every intermediate value, and invalid blobs that must not decrypt.
-  frames.json      length-prefixed protobuf frames (PROTOCOL.md sections 2 and 7) with the same
+  frames.json      length-prefixed protobuf frames (PROTOCOL.md sections 3 and 7) with the same
                    message in the canonical proto3 JSON mapping.
 
 It shares no code with the Swift implementation. AES-256-GCM and HKDF-SHA256 come from the

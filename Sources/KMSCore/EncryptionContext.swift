@@ -1,3 +1,4 @@
+import Foundation
 import KMSProtocol
 
 /// An encryption context: non-secret key/value pairs bound to a ciphertext as AAD.
@@ -36,8 +37,13 @@ public struct EncryptionContext: Sendable, Equatable {
         return out
     }
 
-    /// The keys only, sorted and comma separated (values may be sensitive: never audited).
-    public var auditKeys: String { pairs.keys.sorted().joined(separator: ",") }
+    /// The keys only (values may be sensitive: never audited), in canonical (bytewise) order,
+    /// joined with `,`; a `\` or `,` inside a key is written `\\` or `\,`.
+    public static func auditKeys(_ pairs: [String: String]) -> String {
+        pairs.keys.map { Array($0.utf8) }.sorted { $0.lexicographicallyPrecedes($1) }
+            .map { String(decoding: $0, as: UTF8.self).replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: ",", with: "\\,") }
+            .joined(separator: ",")
+    }
 }
 
 extension Array where Element == UInt8 {

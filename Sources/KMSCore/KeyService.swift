@@ -121,6 +121,9 @@ public final class KeyService: Sendable {
 
     /// Decrypts a blob; `keyID`, when given, must name the blob's key.
     public func decrypt(blob: [UInt8], context: [String: String], keyID: String, caller: Principal) throws(KMSError) -> Opened {
+        guard (1...KMSLimits.maxCiphertextBlobBytes).contains(blob.count) else {
+            throw KMSError(.validation, "CiphertextBlob must be 1...\(KMSLimits.maxCiphertextBlobBytes) bytes")
+        }
         let ctx = try EncryptionContext(context)
         let parsed = try SymmetricCiphertext(parsing: blob)
         if !keyID.isEmpty {

@@ -1,1 +1,97 @@
-print("todo")
+import ArgumentParser
+import Foundation
+import KMSServer
+
+/// kmsd: the key management daemon. Wiring only: flags -> configuration -> Server.
+struct KMSD: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "kmsd",
+        abstract: "Key management daemon: holds keys in locked memory and serves kmsctl and KMSClient over a Unix socket.",
+        discussion: """
+        Production: kmsd --config /etc/kmsd/kmsd.json (normally started by systemd/kmsd.service;
+        the root key comes from the systemd credential 'root-key').
+        Development: kmsd --dev --state-dir DIR generates a root key in DIR and listens on DIR/kmsd.sock.
+        Flags override the configuration file. Clients find the socket through KMSD_SOCKET.
+        """
+    )
+
+    @Option(name: .long, help: ArgumentHelp("JSON configuration file (settings listed in README.md).", valueName: "file"))
+    var config: String?
+
+    @Flag(name: .long, help: "Development mode: generate a root key in the state directory if none exists, socket defaults to STATE_DIR/kmsd.sock, audit failures do not refuse requests.")
+    var dev = false
+
+    @Option(name: .customLong("state-dir"), help: ArgumentHelp("State directory (keystore; in --dev also the root key and socket). Default /var/lib/kmsd.", valueName: "dir"))
+    var stateDir: String?
+
+    @Option(name: .long, help: ArgumentHelp("Unix socket path. Default /run/kmsd/kmsd.sock, or STATE_DIR/kmsd.sock with --dev. Ignored when socket-activated.", valueName: "path"))
+    var socket: String?
+
+    @Option(name: .customLong("socket-mode"), help: ArgumentHelp("Octal mode of the socket file. Default 0666 (access is decided per request from peer credentials).", valueName: "mode"))
+    var socketMode: String?
+
+    @Option(name: .customLong("socket-group"), help: ArgumentHelp("Group owning the socket file.", valueName: "group"))
+    var socketGroup: String?
+
+    @Option(name: .customLong("root-key-file"), help: ArgumentHelp("File holding the 32-byte root key, used when $CREDENTIALS_DIRECTORY/root-key is absent.", valueName: "file"))
+    var rootKeyFile: String?
+
+    @Option(name: .customLong("admin-uid"), help: ArgumentHelp("A uid that administers kmsd (may create keys). Repeatable; replaces the default (0).", valueName: "uid"))
+    var adminUIDs: [UInt32] = []
+
+    @Option(name: .customLong("max-frame-bytes"), help: ArgumentHelp("Largest request frame accepted. Default 65536.", valueName: "n"))
+    var maxFrameBytes: Int?
+
+    @Option(name: .customLong("max-connections"), help: ArgumentHelp("Most open connections. Default 1024.", valueName: "n"))
+    var maxConnections: Int?
+
+    @Option(name: .customLong("max-connections-per-uid"), help: ArgumentHelp("Most open connections per uid. Default 128.", valueName: "n"))
+    var maxConnectionsPerUID: Int?
+
+    @Option(name: .customLong("max-in-flight"), help: ArgumentHelp("Most requests handled at once per connection. Default 64.", valueName: "n"))
+    var maxInFlight: Int?
+
+    @Option(name: .customLong("idle-timeout"), help: ArgumentHelp("Seconds before an idle connection is closed. Default 300.", valueName: "s"))
+    var idleTimeout: Int?
+
+    @Option(name: .customLong("worker-threads"), help: ArgumentHelp("Threads handling requests. Default 4.", valueName: "n"))
+    var workerThreads: Int?
+
+    @Flag(name: .customLong("allow-unlocked-memory"), help: "Development only: run even when key memory cannot be locked (RLIMIT_MEMLOCK too small).")
+    var allowUnlockedMemory = false
+
+    @Option(name: .customLong("audit-fail-closed"), help: ArgumentHelp("Refuse requests whose audit record journald does not take: true or false. Default true (false with --dev).", valueName: "bool"))
+    var auditFailClosed: Bool?
+
+    func run() throws {
+        var c = ServerConfiguration()
+        if let config { c = try ServerConfiguration.load(file: config) }
+        if dev { c.development = true; c.auditFailClosed = false }
+        if let stateDir { c.stateDirectory = stateDir }
+        if let socket { c.socketPath = socket }
+        if let socketMode {
+            guard let m = UInt32(socketMode, radix: 8) else { throw ValidationError("--socket-mode takes an octal mode such as 0660") }
+            c.socketMode = m
+        }
+        if let socketGroup { c.socketGroup = socketGroup }
+        if let rootKeyFile { c.rootKeyFile = rootKeyFile }
+        if !adminUIDs.isEmpty { c.administrators.uids = Set(adminUIDs) }
+        if let maxFrameBytes { c.maxFrameBytes = maxFrameBytes }
+        if let maxConnections { c.maxConnections = maxConnections }
+        if let maxConnectionsPerUID { c.maxConnectionsPerUID = maxConnectionsPerUID }
+        if let maxInFlight { c.maxInFlightPerConnection = maxInFlight }
+        if let idleTimeout { c.idleTimeoutSeconds = idleTimeout }
+        if let workerThreads { c.workerThreads = workerThreads }
+        if allowUnlockedMemory { c.allowUnlockedMemory = true }
+        if let auditFailClosed { c.auditFailClosed = auditFailClosed }
+        do {
+            let server = try Server(configuration: c)
+            try server.run()
+        } catch {
+            FileHandle.standardError.write(Data("kmsd: error: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+KMSD.main()

@@ -1,0 +1,89 @@
+import Foundation
+import KMSProtocol
+
+/// One method per operation. Each throws `KMSError` (the server's stable code) or
+/// `KMSTransportError`.
+extension KMSClient {
+    public func hello(clientName: String = "KMSClient") async throws -> Kmsd_V1_HelloResponse {
+        guard case .hello(let r) = try await send(.hello(.with { $0.protocolVersion = KMSProtocolConstants.protocolVersion; $0.clientName = clientName })) else { throw Self.mismatch }
+        return r
+    }
+
+    public func whoAmI() async throws -> Kmsd_V1_WhoAmIResponse {
+        guard case .whoAmI(let r) = try await send(.whoAmI(.init())) else { throw Self.mismatch }
+        return r
+    }
+
+    public func createKey(description: String = "", keySpec: String = "", keyUsage: String = "",
+                          tags: [String: String] = [:]) async throws -> Kmsd_V1_KeyMetadata {
+        let req = Kmsd_V1_CreateKeyRequest.with {
+            $0.description_p = description
+            $0.keySpec = keySpec
+            $0.keyUsage = keyUsage
+            $0.tags = tags.sorted { $0.key < $1.key }.map { t in .with { $0.tagKey = t.key; $0.tagValue = t.value } }
+        }
+        guard case .createKey(let r) = try await send(.createKey(req)) else { throw Self.mismatch }
+        return r.keyMetadata
+    }
+
+    public func describeKey(keyID: String) async throws -> Kmsd_V1_KeyMetadata {
+        guard case .describeKey(let r) = try await send(.describeKey(.with { $0.keyID = keyID })) else { throw Self.mismatch }
+        return r.keyMetadata
+    }
+
+    public func listKeys(limit: UInt32 = 0, marker: String = "") async throws -> Kmsd_V1_ListKeysResponse {
+        guard case .listKeys(let r) = try await send(.listKeys(.with { $0.limit = limit; $0.marker = marker })) else { throw Self.mismatch }
+        return r
+    }
+
+    public func encrypt(keyID: String, plaintext: [UInt8], context: [String: String] = [:]) async throws -> Kmsd_V1_EncryptResponse {
+        let req = Kmsd_V1_EncryptRequest.with { $0.keyID = keyID; $0.plaintext = Data(plaintext); $0.encryptionContext = context }
+        guard case .encrypt(let r) = try await send(.encrypt(req)) else { throw Self.mismatch }
+        return r
+    }
+
+    public func decrypt(ciphertextBlob: [UInt8], context: [String: String] = [:], keyID: String = "") async throws -> Kmsd_V1_DecryptResponse {
+        let req = Kmsd_V1_DecryptRequest.with { $0.ciphertextBlob = Data(ciphertextBlob); $0.encryptionContext = context; $0.keyID = keyID }
+        guard case .decrypt(let r) = try await send(.decrypt(req)) else { throw Self.mismatch }
+        return r
+    }
+
+    public func reEncrypt(ciphertextBlob: [UInt8], sourceContext: [String: String] = [:], sourceKeyID: String = "",
+                          destinationKeyID: String, destinationContext: [String: String] = [:]) async throws -> Kmsd_V1_ReEncryptResponse {
+        let req = Kmsd_V1_ReEncryptRequest.with {
+            $0.ciphertextBlob = Data(ciphertextBlob)
+            $0.sourceEncryptionContext = sourceContext
+            $0.sourceKeyID = sourceKeyID
+            $0.destinationKeyID = destinationKeyID
+            $0.destinationEncryptionContext = destinationContext
+        }
+        guard case .reEncrypt(let r) = try await send(.reEncrypt(req)) else { throw Self.mismatch }
+        return r
+    }
+
+    /// `keySpec` AES_128/AES_256, or `numberOfBytes` (exactly one).
+    public func generateDataKey(keyID: String, keySpec: String = "", numberOfBytes: UInt32 = 0,
+                                context: [String: String] = [:]) async throws -> Kmsd_V1_GenerateDataKeyResponse {
+        let req = Kmsd_V1_GenerateDataKeyRequest.with {
+            $0.keyID = keyID; $0.keySpec = keySpec; $0.numberOfBytes = numberOfBytes; $0.encryptionContext = context
+        }
+        guard case .generateDataKey(let r) = try await send(.generateDataKey(req)) else { throw Self.mismatch }
+        return r
+    }
+
+    public func generateDataKeyWithoutPlaintext(keyID: String, keySpec: String = "", numberOfBytes: UInt32 = 0,
+                                                context: [String: String] = [:]) async throws -> Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse {
+        let req = Kmsd_V1_GenerateDataKeyWithoutPlaintextRequest.with {
+            $0.keyID = keyID; $0.keySpec = keySpec; $0.numberOfBytes = numberOfBytes; $0.encryptionContext = context
+        }
+        guard case .generateDataKeyWithoutPlaintext(let r) = try await send(.generateDataKeyWithoutPlaintext(req)) else { throw Self.mismatch }
+        return r
+    }
+
+    public func generateRandom(numberOfBytes: UInt32) async throws -> [UInt8] {
+        guard case .generateRandom(let r) = try await send(.generateRandom(.with { $0.numberOfBytes = numberOfBytes })) else { throw Self.mismatch }
+        return Array(r.plaintext)
+    }
+
+    static var mismatch: KMSTransportError { KMSTransportError("the server answered with a different operation's result") }
+}

@@ -1,0 +1,104 @@
+import Foundation
+import KMSCore
+import KMSProtocol
+import Synchronization
+
+/// What a handler tells the audit log about the request, beyond who and what.
+struct AuditDetails {
+    var keyID = ""
+    var keyVersion: UInt32? = nil
+    var contextKeys = ""
+    /// ReEncrypt only: where the blob came from.
+    var sourceKeyID: String? = nil
+    var sourceKeyVersion: UInt32? = nil
+    var sourceContextKeys: String? = nil
+}
+
+/// Everything a handler may use: the caller, the key service and the server's settings.
+struct HandlerContext: Sendable {
+    let principal: Principal
+    let service: KeyService
+    let settings: ServerSettings
+}
+
+/// Settings handlers report (Hello) without depending on the whole configuration.
+struct ServerSettings: Sendable {
+    let maxFrameBytes: Int
+    let maxInFlight: Int
+}
+
+typealias Result_ = Kmsd_V1_Response.OneOf_Result
+
+/// Routes each request to its operation's handler, audits it, and builds the response.
+///
+/// The `route` switch is the one dispatch table: one line per operation.
+final class Dispatcher: Sendable {
+    let service: KeyService
+    let audit: AuditLog
+    let settings: ServerSettings
+    /// Requests being handled right now, so shutdown can drain them.
+    let inFlight = Atomic<Int>(0)
+
+    init(service: KeyService, audit: AuditLog, settings: ServerSettings) {
+        self.service = service
+        self.audit = audit
+        self.settings = settings
+    }
+
+    /// Operation names this server answers, for Hello.
+    static let operations = ["Hello", "WhoAmI", "CreateKey", "DescribeKey", "ListKeys", "Encrypt", "Decrypt",
+                             "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
+
+    static func route(_ op: KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ details: inout AuditDetails) throws(KMSError) -> Result_ {
+        switch op {
+        case .hello(let r): .hello(DaemonHandlers.hello(r, ctx))
+        case .whoAmI(let r): .whoAmI(DaemonHandlers.whoAmI(r, ctx))
+        case .createKey(let r): .createKey(try KeyHandlers.createKey(r, ctx, &details))
+        case .describeKey(let r): .describeKey(try KeyHandlers.describeKey(r, ctx, &details))
+        case .listKeys(let r): .listKeys(try KeyHandlers.listKeys(r, ctx))
+        case .encrypt(let r): .encrypt(try CryptoHandlers.encrypt(r, ctx, &details))
+        case .decrypt(let r): .decrypt(try CryptoHandlers.decrypt(r, ctx, &details))
+        case .reEncrypt(let r): .reEncrypt(try CryptoHandlers.reEncrypt(r, ctx, &details))
+        case .generateDataKey(let r): .generateDataKey(try CryptoHandlers.generateDataKey(r, ctx, &details))
+        case .generateDataKeyWithoutPlaintext(let r):
+            .generateDataKeyWithoutPlaintext(try CryptoHandlers.generateDataKeyWithoutPlaintext(r, ctx, &details))
+        case .generateRandom(let r): .generateRandom(try CryptoHandlers.generateRandom(r, ctx))
+        }
+    }
+
+    /// Handles one request end to end; the audit record is written before this returns.
+    func handle(_ request: KMSRequest, principal: Principal) -> KMSResponse {
+        inFlight.add(1, ordering: .relaxed)
+        defer { inFlight.subtract(1, ordering: .relaxed) }
+        let start = DispatchTime.now().uptimeNanoseconds
+        var details = AuditDetails()
+        let outcome: Result<Result_, KMSError>
+        let action: String
+        if let op = request.operation {
+            action = op.name
+            let ctx = HandlerContext(principal: principal, service: service, settings: settings)
+            do throws(KMSError) { outcome = .success(try Self.route(op, ctx, &details)) } catch { outcome = .failure(error) }
+        } else {
+            action = "Unknown"
+            outcome = .failure(KMSError(.unsupportedOperation,
+                "this server does not support the requested operation (protocol version \(KMSProtocolConstants.protocolVersion)); send Hello to list the operations it supports"))
+        }
+        var record = AuditRecord(action: action, requestID: request.id, principal: principal, result: .allowed,
+                                 details: details)
+        if case .failure(let e) = outcome {
+            record.result = e.code == .accessDenied ? .denied : .failed
+            record.error = e.code
+        }
+        record.durationMicros = (DispatchTime.now().uptimeNanoseconds - start) / 1000
+        let audited = audit.write(record)
+        var response = KMSResponse()
+        response.id = request.id
+        switch outcome {
+        case _ where !audited && audit.failClosed:
+            return .failure(id: request.id, KMSError(.internalError, "the audit record could not be written to journald, so the request was refused; check systemd-journald is running"))
+        case .success(let r): response.result = r
+        case .failure(let e): return .failure(id: request.id, e)
+        }
+        return response
+    }
+}

@@ -1,0 +1,105 @@
+import KMSCore
+import KMSProtocol
+
+/// Encrypt, Decrypt, ReEncrypt, GenerateDataKey(WithoutPlaintext), GenerateRandom.
+enum CryptoHandlers {
+    static let algorithm = "SYMMETRIC_DEFAULT"
+
+    static func checkAlgorithm(_ a: String) throws(KMSError) {
+        if ["RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256", "SM2PKE"].contains(a) {
+            throw KMSError(.invalidKeyUsage, "EncryptionAlgorithm \(a) needs an asymmetric key; symmetric keys use SYMMETRIC_DEFAULT")
+        }
+        guard a.isEmpty || a == algorithm else {
+            throw KMSError(.validation, "EncryptionAlgorithm '\(a.prefix(40))' is not valid for a symmetric key; use SYMMETRIC_DEFAULT")
+        }
+    }
+
+    static func encrypt(_ r: Kmsd_V1_EncryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_EncryptResponse {
+        d.keyID = r.keyID
+        d.contextKeys = EncryptionContext.auditKeys(r.encryptionContext)
+        try checkAlgorithm(r.encryptionAlgorithm)
+        let sealed = try ctx.service.encrypt(keyID: r.keyID, plaintext: Array(r.plaintext), context: r.encryptionContext, caller: ctx.principal)
+        d.keyID = sealed.keyID.description
+        d.keyVersion = sealed.keyVersion
+        return .with {
+            $0.ciphertextBlob = .init(sealed.blob)
+            $0.keyID = sealed.keyID.description
+            $0.encryptionAlgorithm = algorithm
+        }
+    }
+
+    static func decrypt(_ r: Kmsd_V1_DecryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_DecryptResponse {
+        noteBlob(Array(r.ciphertextBlob), into: &d)
+        d.contextKeys = EncryptionContext.auditKeys(r.encryptionContext)
+        try checkAlgorithm(r.encryptionAlgorithm)
+        let opened = try ctx.service.decrypt(blob: Array(r.ciphertextBlob), context: r.encryptionContext, keyID: r.keyID, caller: ctx.principal)
+        return .with {
+            $0.keyID = opened.keyID.description
+            $0.plaintext = .init(opened.plaintext.unsafeCopyToArray())
+            $0.encryptionAlgorithm = algorithm
+            $0.keyVersion = opened.keyVersion
+        }
+    }
+
+    static func reEncrypt(_ r: Kmsd_V1_ReEncryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ReEncryptResponse {
+        noteBlob(Array(r.ciphertextBlob), into: &d)
+        d.sourceKeyID = d.keyID
+        d.sourceKeyVersion = d.keyVersion
+        d.keyID = r.destinationKeyID
+        d.keyVersion = nil
+        d.contextKeys = EncryptionContext.auditKeys(r.destinationEncryptionContext)
+        d.sourceContextKeys = EncryptionContext.auditKeys(r.sourceEncryptionContext)
+        let result = try ctx.service.reEncrypt(blob: Array(r.ciphertextBlob), sourceContext: r.sourceEncryptionContext,
+                                               sourceKeyID: r.sourceKeyID, destinationKeyID: r.destinationKeyID,
+                                               destinationContext: r.destinationEncryptionContext, caller: ctx.principal)
+        d.keyID = result.sealed.keyID.description
+        d.keyVersion = result.sealed.keyVersion
+        return .with {
+            $0.ciphertextBlob = .init(result.sealed.blob)
+            $0.sourceKeyID = result.source.keyID.description
+            $0.keyID = result.sealed.keyID.description
+            $0.sourceKeyVersion = result.source.keyVersion
+        }
+    }
+
+    static func generateDataKey(_ r: Kmsd_V1_GenerateDataKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_GenerateDataKeyResponse {
+        d.keyID = r.keyID
+        d.contextKeys = EncryptionContext.auditKeys(r.encryptionContext)
+        let result = try ctx.service.generateDataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes,
+                                                     context: r.encryptionContext, caller: ctx.principal)
+        d.keyID = result.sealed.keyID.description
+        d.keyVersion = result.sealed.keyVersion
+        return .with {
+            $0.ciphertextBlob = .init(result.sealed.blob)
+            $0.plaintext = .init(result.plaintext.unsafeCopyToArray())
+            $0.keyID = result.sealed.keyID.description
+        }
+    }
+
+    static func generateDataKeyWithoutPlaintext(_ r: Kmsd_V1_GenerateDataKeyWithoutPlaintextRequest, _ ctx: HandlerContext,
+                                                _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse {
+        d.keyID = r.keyID
+        d.contextKeys = EncryptionContext.auditKeys(r.encryptionContext)
+        let result = try ctx.service.generateDataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes,
+                                                     context: r.encryptionContext, caller: ctx.principal)
+        d.keyID = result.sealed.keyID.description
+        d.keyVersion = result.sealed.keyVersion
+        return .with {
+            $0.ciphertextBlob = .init(result.sealed.blob)
+            $0.keyID = result.sealed.keyID.description
+        }
+    }
+
+    static func generateRandom(_ r: Kmsd_V1_GenerateRandomRequest, _ ctx: HandlerContext) throws(KMSError) -> Kmsd_V1_GenerateRandomResponse {
+        let bytes = try ctx.service.generateRandom(count: r.numberOfBytes)
+        return .with { $0.plaintext = .init(bytes) }
+    }
+
+    /// Records the key id and version a blob names, for the audit record, when it parses.
+    static func noteBlob(_ blob: [UInt8], into d: inout AuditDetails) {
+        if let parsed = try? SymmetricCiphertext(parsing: blob) {
+            d.keyID = parsed.keyID.description
+            d.keyVersion = parsed.keyVersion
+        }
+    }
+}

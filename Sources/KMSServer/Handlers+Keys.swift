@@ -1,0 +1,55 @@
+import KMSCore
+import KMSProtocol
+
+/// CreateKey, DescribeKey, ListKeys.
+enum KeyHandlers {
+    static func createKey(_ r: Kmsd_V1_CreateKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_CreateKeyResponse {
+        var input = KeyService.CreateKeyInput()
+        input.description = r.description_p
+        input.keySpec = r.keySpec
+        input.keyUsage = r.keyUsage
+        input.tags = r.tags.map { Tag(key: $0.tagKey, value: $0.tagValue) }
+        let record = try ctx.service.createKey(input, caller: ctx.principal)
+        d.keyID = record.keyID.description
+        d.keyVersion = record.currentVersion
+        return .with { $0.keyMetadata = metadata(record) }
+    }
+
+    static func describeKey(_ r: Kmsd_V1_DescribeKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_DescribeKeyResponse {
+        d.keyID = r.keyID
+        let record = try ctx.service.describeKey(r.keyID, caller: ctx.principal)
+        d.keyID = record.keyID.description
+        return .with { $0.keyMetadata = metadata(record) }
+    }
+
+    static func listKeys(_ r: Kmsd_V1_ListKeysRequest, _ ctx: HandlerContext) throws(KMSError) -> Kmsd_V1_ListKeysResponse {
+        // Keep the response within max_frame_bytes: an entry takes under 100 bytes.
+        let fits = max(1, (ctx.settings.maxFrameBytes - 256) / 100)
+        let requested = r.limit == 0 ? KMSLimits.defaultListLimit : Int(r.limit)
+        guard requested <= KMSLimits.maxListLimit else { throw KMSError(.validation, "Limit must be 1...\(KMSLimits.maxListLimit)") }
+        let page = try ctx.service.listKeys(limit: min(requested, fits), marker: r.marker, caller: ctx.principal)
+        return .with {
+            $0.keys = page.keys.map { id in .with { $0.keyID = id.description; $0.keyArn = id.arn } }
+            $0.nextMarker = page.nextMarker?.description ?? ""
+            $0.truncated = page.nextMarker != nil
+        }
+    }
+
+    static func metadata(_ k: KeyRecord) -> Kmsd_V1_KeyMetadata {
+        .with {
+            $0.keyID = k.keyID.description
+            $0.arn = k.keyID.arn
+            $0.creationDate = Int64(k.createdAt.timeIntervalSince1970)
+            $0.enabled = k.state == .enabled
+            $0.description_p = k.description
+            $0.keyUsage = k.keyUsage.rawValue
+            $0.keyState = k.state.rawValue
+            $0.keySpec = k.keySpec.rawValue
+            $0.origin = k.origin
+            $0.keyManager = "CUSTOMER"
+            $0.encryptionAlgorithms = ["SYMMETRIC_DEFAULT"]
+            $0.ownerUid = k.ownerUID
+            $0.currentKeyVersion = k.currentVersion
+        }
+    }
+}

@@ -1,0 +1,137 @@
+import Foundation
+import Glibc
+import KMSCore
+import KMSProtocol
+
+/// Everything kmsd needs to start, from a JSON configuration file and/or command-line flags.
+public struct ServerConfiguration: Sendable, Equatable {
+    public var stateDirectory: String = "/var/lib/kmsd"
+    public var socketPath: String? = nil
+    /// Mode of the socket file. 0666: every local user may connect; access is decided per request.
+    public var socketMode: UInt32 = 0o666
+    public var socketGroup: String? = nil
+    public var rootKeyFile: String? = nil
+    public var administrators = Administrators()
+    public var maxFrameBytes = KMSProtocolConstants.defaultMaxFrameBytes
+    public var maxConnections = 1024
+    public var maxConnectionsPerUID = 128
+    public var maxInFlightPerConnection = 64
+    public var idleTimeoutSeconds = 300
+    public var auditFailClosed = true
+    public var development = false
+    public var allowUnlockedMemory = false
+    public var workerThreads = 4
+    public var keyCacheCapacity = 4096
+    public var drainTimeoutSeconds = 10
+
+    public init() {}
+
+    /// The socket path in effect: configured, else STATE_DIR/kmsd.sock in development mode,
+    /// else /run/kmsd/kmsd.sock.
+    public var effectiveSocketPath: String {
+        socketPath ?? (development ? stateDirectory + "/kmsd.sock" : KMSProtocolConstants.defaultSocketPath)
+    }
+
+    public var keystorePath: String { stateDirectory + "/keystore.sqlite3" }
+    public var devRootKeyPath: String { stateDirectory + "/root-key" }
+
+    /// Checks the values make sense together; the message names the offending setting.
+    public func validate() throws {
+        func fail(_ m: String) -> ConfigurationError { ConfigurationError(m) }
+        guard (1024...KMSProtocolConstants.maxConfigurableFrameBytes).contains(maxFrameBytes) else {
+            throw fail("maxFrameBytes must be 1024...\(KMSProtocolConstants.maxConfigurableFrameBytes)")
+        }
+        guard maxConnections >= 1, maxConnectionsPerUID >= 1, maxInFlightPerConnection >= 1 else {
+            throw fail("maxConnections, maxConnectionsPerUid and maxInFlightPerConnection must be at least 1")
+        }
+        guard idleTimeoutSeconds >= 1, workerThreads >= 1, workerThreads <= 256, keyCacheCapacity >= 1 else {
+            throw fail("idleTimeoutSeconds, workerThreads (1...256) and keyCacheCapacity must be at least 1")
+        }
+        guard socketMode <= 0o777 else { throw fail("socketMode must be an octal mode like \"0660\"") }
+        guard !allowUnlockedMemory || development else {
+            throw fail("allowUnlockedMemory is allowed only in development mode")
+        }
+    }
+
+    /// Reads a JSON configuration file; unknown keys are refused (a typo must not silently
+    /// weaken anything).
+    public static func load(file: String) throws -> ServerConfiguration {
+        guard let data = FileManager.default.contents(atPath: file) else {
+            throw ConfigurationError("cannot read configuration file \(file)")
+        }
+        guard let obj = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
+            throw ConfigurationError("\(file) is not a JSON object")
+        }
+        var c = ServerConfiguration()
+        for (key, value) in obj {
+            func str() throws -> String {
+                guard let s = value as? String else { throw ConfigurationError("\(file): \(key) must be a string") }
+                return s
+            }
+            func int() throws -> Int {
+                guard let n = value as? Int, !(value is Bool) else { throw ConfigurationError("\(file): \(key) must be a whole number") }
+                return n
+            }
+            func bool() throws -> Bool {
+                guard let b = value as? Bool else { throw ConfigurationError("\(file): \(key) must be true or false") }
+                return b
+            }
+            switch key {
+            case "stateDirectory": c.stateDirectory = try str()
+            case "socketPath": c.socketPath = try str()
+            case "socketMode":
+                guard let m = UInt32(try str(), radix: 8) else { throw ConfigurationError("\(file): socketMode must be an octal string like \"0660\"") }
+                c.socketMode = m
+            case "socketGroup": c.socketGroup = try str()
+            case "rootKeyFile": c.rootKeyFile = try str()
+            case "administrators":
+                guard let a = value as? [String: Any] else { throw ConfigurationError("\(file): administrators must be an object with uids, users, groups") }
+                c.administrators = try parseAdministrators(a, file: file)
+            case "maxFrameBytes": c.maxFrameBytes = try int()
+            case "maxConnections": c.maxConnections = try int()
+            case "maxConnectionsPerUid": c.maxConnectionsPerUID = try int()
+            case "maxInFlightPerConnection": c.maxInFlightPerConnection = try int()
+            case "idleTimeoutSeconds": c.idleTimeoutSeconds = try int()
+            case "auditFailClosed": c.auditFailClosed = try bool()
+            case "development": c.development = try bool()
+            case "allowUnlockedMemory": c.allowUnlockedMemory = try bool()
+            case "workerThreads": c.workerThreads = try int()
+            case "keyCacheCapacity": c.keyCacheCapacity = try int()
+            case "drainTimeoutSeconds": c.drainTimeoutSeconds = try int()
+            default: throw ConfigurationError("\(file): unknown setting '\(key)'")
+            }
+        }
+        try c.validate()
+        return c
+    }
+
+    static func parseAdministrators(_ a: [String: Any], file: String) throws -> Administrators {
+        var admins = Administrators(uids: [], gids: [])
+        for (k, v) in a {
+            switch k {
+            case "uids":
+                guard let list = v as? [Int] else { throw ConfigurationError("\(file): administrators.uids must be a list of numbers") }
+                admins.uids.formUnion(list.map { UInt32($0) })
+            case "users":
+                guard let list = v as? [String] else { throw ConfigurationError("\(file): administrators.users must be a list of names") }
+                for name in list {
+                    guard let pw = getpwnam(name) else { throw ConfigurationError("\(file): administrator user '\(name)' does not exist") }
+                    admins.uids.insert(pw.pointee.pw_uid)
+                }
+            case "groups":
+                guard let list = v as? [String] else { throw ConfigurationError("\(file): administrators.groups must be a list of names") }
+                for name in list {
+                    guard let gr = getgrnam(name) else { throw ConfigurationError("\(file): administrator group '\(name)' does not exist") }
+                    admins.gids.insert(gr.pointee.gr_gid)
+                }
+            default: throw ConfigurationError("\(file): unknown setting administrators.\(k)")
+            }
+        }
+        return admins
+    }
+}
+
+public struct ConfigurationError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ d: String) { description = d }
+}
