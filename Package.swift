@@ -63,9 +63,12 @@ let package = Package(
             dependencies: ["KMSProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
-        .testTarget(name: "KMSProtocolTests", dependencies: ["KMSProtocol"]),
+        .testTarget(
+            name: "KMSProtocolTests",
+            dependencies: ["KMSProtocol", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio")]
+        ),
         .testTarget(name: "KMSCryptoTests", dependencies: ["KMSCrypto"]),
-        .testTarget(name: "KMSCoreTests", dependencies: ["KMSCore", "KMSCrypto", "KMSProtocol"]),
+        .testTarget(name: "KMSCoreTests", dependencies: ["KMSCore", "KMSCrypto", "KMSProtocol", "CSQLite"]),
         .testTarget(
             name: "EndToEndTests",
             dependencies: ["KMSClient", "KMSProtocol", .product(name: "NIOCore", package: "swift-nio")]

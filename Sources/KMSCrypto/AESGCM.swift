@@ -5,6 +5,8 @@ import CKMSOpenSSL
 public enum AESGCM {
     public static let tagBytes = 16
     public static let nonceBytes = 12
+    /// OpenSSL's GCM accepts nonces up to 128 bytes; kmsd itself uses 12.
+    public static let maxNonceBytes = 128
 
     /// Encrypts `plaintext`, writing the ciphertext into `out` (same length as the plaintext).
     ///
@@ -109,7 +111,9 @@ public enum AESGCM {
             default: nil
             }
             guard let cipher else { throw CryptoError.invalidParameter("AES-GCM key must be 16, 24 or 32 bytes") }
-            guard nonce.count >= 1 else { throw CryptoError.invalidParameter("AES-GCM nonce must not be empty") }
+            guard (1...maxNonceBytes).contains(nonce.count) else {
+                throw CryptoError.invalidParameter("AES-GCM nonce must be 1...\(maxNonceBytes) bytes")
+            }
             guard let ctx = EVP_CIPHER_CTX_new() else { throw CryptoError.openSSL("EVP_CIPHER_CTX_new") }
             let initFn = encrypt ? EVP_EncryptInit_ex : EVP_DecryptInit_ex
             guard initFn(ctx, cipher, nil, nil, nil) == 1,

@@ -7,6 +7,11 @@ import NIOCore
 public struct FrameLengthError: Error, Sendable, Equatable {
     public let announced: UInt32
     public let maximum: Int
+
+    public init(announced: UInt32, maximum: Int) {
+        self.announced = announced
+        self.maximum = maximum
+    }
 }
 
 /// Splits a byte stream into frames: a 4-byte big-endian length, then that many bytes.

@@ -20,8 +20,8 @@ enum PeerCredentials {
             var p = Principal(uid: cred.uid, gid: cred.gid, pid: cred.pid, userName: userName(cred.uid))
             guard cred.pid > 0 else { return p }
             let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(cred.pid)/exe")
-            let status = try? String(contentsOfFile: "/proc/\(cred.pid)/status", encoding: .utf8)
-            let cgroup = try? String(contentsOfFile: "/proc/\(cred.pid)/cgroup", encoding: .utf8)
+            let status = readProcFile("/proc/\(cred.pid)/status")
+            let cgroup = readProcFile("/proc/\(cred.pid)/cgroup")
             // Only trust what /proc said if the process we asked about is still the same one.
             guard pidfd >= 0, kms_pidfd_alive(pidfd) == 0 else { return p }
             p.executable = exe
@@ -29,6 +29,13 @@ enum PeerCredentials {
             p.systemdUnit = cgroup.flatMap(unit(fromCgroup:))
             return p
         }
+    }
+
+    /// /proc files report size 0, so read them to EOF (String(contentsOfFile:) stops early).
+    static func readProcFile(_ path: String) -> String? {
+        guard let handle = Foundation.FileHandle(forReadingAtPath: path) else { return nil }
+        defer { try? handle.close() }
+        return String(decoding: handle.readDataToEndOfFile(), as: UTF8.self)
     }
 
     static func userName(_ uid: uid_t) -> String {

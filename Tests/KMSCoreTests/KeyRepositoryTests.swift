@@ -1,0 +1,132 @@
+import CSQLite
+import Foundation
+@testable import KMSCore
+import KMSCrypto
+import KMSProtocol
+import Testing
+
+/// The keystore: material never on disk unwrapped, every record authenticated, rows bound to
+/// their key, and the root key checked.
+struct KeyRepositoryTests {
+    let dir: String
+    let rootMaterial: [UInt8]
+
+    init() throws {
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("kmsd-core-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        rootMaterial = try SecureRandom.bytes(32)
+    }
+
+    func repository(root: [UInt8]? = nil) throws -> KeyRepository {
+        var material = root ?? rootMaterial
+        let storage = try SQLiteKeyStorage(path: dir + "/keystore.sqlite3")
+        return try KeyRepository(storage: storage, root: RootKey(material: SecureBytes(consuming: &material)))
+    }
+
+    func record(_ id: KeyID = .random(), owner: UInt32 = 0) -> KeyRecord {
+        KeyRecord(keyID: id, createdAt: Date(timeIntervalSince1970: 1_700_000_000), description: "test", keyUsage: .encryptDecrypt,
+                  keySpec: .symmetricDefault, state: .enabled, ownerUID: owner, currentVersion: 1, tags: [], origin: "AWS_KMS")
+    }
+
+    /// Every byte of every file in the state directory, concatenated.
+    func stateBytes() throws -> [UInt8] {
+        var all: [UInt8] = []
+        for name in try FileManager.default.contentsOfDirectory(atPath: dir) {
+            all += Array(try Data(contentsOf: URL(fileURLWithPath: dir + "/" + name)))
+        }
+        return all
+    }
+
+    func sql(_ statement: String) throws {
+        var db: OpaquePointer?
+        #expect(sqlite3_open(dir + "/keystore.sqlite3", &db) == SQLITE_OK)
+        defer { sqlite3_close(db) }
+        #expect(sqlite3_exec(db, statement, nil, nil, nil) == SQLITE_OK)
+    }
+
+    @Test func knownKeyMaterialAppearsNowhereInTheStateDirectory() throws {
+        var known = [UInt8](repeating: 0, count: 32)
+        for i in known.indices { known[i] = UInt8(truncatingIfNeeded: i &* 37 &+ 11) }
+        let expected = known
+        let repo = try repository()
+        let r = record()
+        try repo.create(r, material: SecureBytes(consuming: &known))
+        let all = try stateBytes()
+        #expect(all.count > 4096)
+        // No 8-byte window of the material, nor of the root key, is anywhere on disk.
+        for secret in [expected, rootMaterial] {
+            for start in stride(from: 0, through: 24, by: 8) {
+                let window = Array(secret[start..<start + 8])
+                #expect(all.firstRange(of: window) == nil, "secret bytes found in the state directory")
+            }
+        }
+        // And it is really there, wrapped: a fresh repository unwraps it.
+        let reopened = try repository()
+        #expect(try reopened.material(r.keyID, version: 1)?.unsafeCopyToArray() == expected)
+    }
+
+    @Test func anEditedRecordIsRefused() throws {
+        let repo = try repository()
+        let r = record(owner: 1000)
+        try repo.create(r, material: SecureBytes.random(count: 32))
+        // Loosen access by hand: make uid 1001 the owner.
+        try sql("UPDATE keys SET record = replace(record, '\"ownerUID\":1000', '\"ownerUID\":1001')")
+        let reopened = try repository()
+        #expect(throws: KMSError(.keyUnavailable, "")) { try reopened.record(r.keyID) }
+    }
+
+    @Test func aVersionRowMovedToAnotherKeyIsRefused() throws {
+        let repo = try repository()
+        let a = record(), b = record()
+        try repo.create(a, material: SecureBytes.random(count: 32))
+        try repo.create(b, material: SecureBytes.random(count: 32))
+        // Give key b the wrapped material (and MAC) of key a.
+        try sql("UPDATE key_versions SET record = (SELECT record FROM key_versions WHERE key_id = '\(a.keyID)'), mac = (SELECT mac FROM key_versions WHERE key_id = '\(a.keyID)') WHERE key_id = '\(b.keyID)'")
+        let reopened = try repository()
+        #expect(throws: KMSError(.keyUnavailable, "")) { try reopened.material(b.keyID, version: 1) }
+        #expect(try reopened.material(a.keyID, version: 1) != nil)
+    }
+
+    @Test func wrappedMaterialIsBoundToKeyVersionAndSpec() throws {
+        let repo = try repository()
+        let id = KeyID.random()
+        let material = try SecureBytes.random(count: 32)
+        let wrapped = try repo.wrap(material, keyID: id, version: 1, spec: .symmetricDefault)
+        #expect(try repo.unwrap(wrapped, keyID: id, version: 1, spec: .symmetricDefault).constantTimeEquals(material))
+        #expect(throws: CryptoError.authenticationFailure) { try repo.unwrap(wrapped, keyID: .random(), version: 1, spec: .symmetricDefault) }
+        #expect(throws: CryptoError.authenticationFailure) { try repo.unwrap(wrapped, keyID: id, version: 2, spec: .symmetricDefault) }
+        #expect(throws: CryptoError.authenticationFailure) { try repo.unwrap(wrapped, keyID: id, version: 1, spec: .hmac256) }
+    }
+
+    @Test func anotherRootKeyIsRefusedAtOpen() throws {
+        _ = try repository()
+        #expect(throws: StorageError.self) { try repository(root: SecureRandom.bytes(32)) }
+    }
+
+    @Test func aDeletedRowIsNotFoundAndAForgedRowIsRefused() throws {
+        let repo = try repository()
+        let r = record()
+        try repo.create(r, material: SecureBytes.random(count: 32))
+        let forged = KeyID.random()
+        try sql("INSERT INTO keys (key_id, record, mac) SELECT '\(forged)', replace(record, '\(r.keyID)', '\(forged)'), mac FROM keys WHERE key_id = '\(r.keyID)'")
+        let reopened = try repository()
+        #expect(throws: KMSError(.keyUnavailable, "")) { try reopened.record(forged) }
+        #expect(try reopened.record(KeyID.random()) == nil)
+    }
+
+    @Test func cacheStaysBounded() throws {
+        var material = rootMaterial
+        let storage = try SQLiteKeyStorage(path: dir + "/keystore.sqlite3")
+        let repo = try KeyRepository(storage: storage, root: RootKey(material: SecureBytes(consuming: &material)), cacheCapacity: 16)
+        var ids: [KeyID] = []
+        for _ in 0..<50 {
+            let r = record()
+            try repo.create(r, material: SecureBytes.random(count: 32))
+            ids.append(r.keyID)
+        }
+        #expect(repo.cachedKeys <= 16)
+        // Evicted keys are unwrapped again on demand.
+        for id in ids { #expect(try repo.material(id, version: 1) != nil) }
+        #expect(repo.cachedKeys <= 16)
+    }
+}
