@@ -76,7 +76,7 @@ public final class KMSClient: Sendable {
         frames.reserveCapacity(numbered.count)
         for r in numbered {
             var buf = channel.allocator.buffer(capacity: 64)
-            buf.writeFrame(try r.serializedBytes())
+            buf.writeBytes(try r.serializedBytes() as [UInt8])
             frames.append(buf)
         }
         let promises = numbered.map { _ in channel.eventLoop.makePromise(of: KMSResponse.self) }

@@ -1,0 +1,35 @@
+import ArgumentParser
+import Foundation
+import KMSClient
+
+struct CreateKey: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "create-key",
+        abstract: "Create a new KMS key and print its metadata (administrators only).")
+
+    @OptionGroup var global: GlobalOptions
+
+    @Option(name: .customLong("description"), help: ArgumentHelp("A description of the key (not secret).", valueName: "text"))
+    var keyDescription: String = ""
+
+    @Option(name: .customLong("key-spec"), help: ArgumentHelp("Key spec; default SYMMETRIC_DEFAULT.", valueName: "spec"))
+    var keySpec: String = ""
+
+    @Option(name: .customLong("key-usage"), help: ArgumentHelp("Key usage; default ENCRYPT_DECRYPT.", valueName: "usage"))
+    var keyUsage: String = ""
+
+    @Option(name: .customLong("tag"), help: ArgumentHelp("A tag KEY=VALUE (split at the first '='). Repeatable.", valueName: "key=value"))
+    var tags: [String] = []
+
+    func validate() throws {
+        _ = try parseKeyValuePairs(tags, option: "--tag")
+    }
+
+    func run() async throws {
+        let tagMap = try parseKeyValuePairs(tags, option: "--tag")
+        let metadata = try await global.withClient {
+            try await $0.createKey(description: keyDescription, keySpec: keySpec, keyUsage: keyUsage, tags: tagMap)
+        }
+        try printKeyMetadata(metadata, json: global.json)
+    }
+}

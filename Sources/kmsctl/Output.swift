@@ -1,0 +1,180 @@
+import Foundation
+import KMSClient
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+// MARK: - Exit statuses
+
+enum ExitStatus {
+    static let success: Int32 = 0
+    /// The service answered with an error (KMSError), or kmsctl itself failed.
+    static let serviceError: Int32 = 1
+    /// The command line is wrong (reported by ArgumentParser).
+    static let usageError: Int32 = 2
+    /// kmsd could not be reached or the connection broke (KMSTransportError).
+    static let connectionError: Int32 = 3
+}
+
+/// Ends the process. A free function so that `exit` is never confused with
+/// `ParsableCommand.exit(withError:)` inside command types.
+func terminate(_ status: Int32) -> Never {
+    exit(status)
+}
+
+// MARK: - Raw output
+
+func writeStdout(_ data: Data) {
+    FileHandle.standardOutput.write(data)
+}
+
+func writeStdout(_ text: String) {
+    FileHandle.standardOutput.write(Data(text.utf8))
+}
+
+func writeStderr(_ text: String) {
+    FileHandle.standardError.write(Data(text.utf8))
+}
+
+/// Prints `kmsctl: <code>: <message>` to standard error. Messages never contain plaintext or keys.
+func reportError(code: String, message: String) {
+    writeStderr("kmsctl: \(code): \(message)\n")
+}
+
+// MARK: - Binary input and output
+
+/// Reads all of standard input. With `base64`, the input is base64 text (whitespace, including
+/// line breaks, is ignored) and the decoded bytes are returned.
+func readStandardInput(base64: Bool, what: String) throws -> Data {
+    let raw = FileHandle.standardInput.readDataToEndOfFile()
+    guard base64 else { return raw }
+    return try decodeBase64(raw, what: what)
+}
+
+/// Decodes base64 text. Throws ValidationException without echoing the input (it may be secret).
+func decodeBase64(_ raw: Data, what: String) throws -> Data {
+    guard let text = String(data: raw, encoding: .utf8) else {
+        throw KMSError(.validation, "the \(what) on standard input is not base64 text; drop --base64 to pass raw bytes")
+    }
+    let compact = text.filter { !$0.isWhitespace }
+    guard let decoded = Data(base64Encoded: compact) else {
+        throw KMSError(.validation, "the \(what) on standard input is not valid base64; drop --base64 to pass raw bytes")
+    }
+    return decoded
+}
+
+/// Writes raw bytes (no trailing newline), or base64 text and a newline.
+func writeBinary(_ data: Data, base64: Bool) {
+    if base64 {
+        writeStdout(data.base64EncodedString() + "\n")
+    } else {
+        writeStdout(data)
+    }
+}
+
+// MARK: - JSON
+
+/// Prints `object` as pretty-printed JSON with sorted keys and a trailing newline.
+func printJSON(_ object: [String: Any]) throws {
+    let data = try JSONSerialization.data(
+        withJSONObject: object, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
+    writeStdout(data)
+    writeStdout("\n")
+}
+
+// MARK: - Tables
+
+/// Prints one object as aligned `Field  Value` lines.
+func printFields(_ rows: [(String, String)]) {
+    let width = rows.map { $0.0.count }.max() ?? 0
+    var out = ""
+    for (field, value) in rows {
+        out += field.padding(toLength: width, withPad: " ", startingAt: 0)
+        out += "  "
+        out += value.isEmpty ? "-" : value
+        out += "\n"
+    }
+    writeStdout(out)
+}
+
+/// Prints a list as aligned columns under a header line.
+func printColumns(headers: [String], rows: [[String]]) {
+    let all = [headers] + rows
+    var widths = [Int](repeating: 0, count: headers.count)
+    for row in all {
+        for (i, cell) in row.enumerated() where i < widths.count {
+            widths[i] = max(widths[i], cell.count)
+        }
+    }
+    var out = ""
+    for row in all {
+        var line = ""
+        for (i, cell) in row.enumerated() where i < widths.count {
+            if i == widths.count - 1 {
+                line += cell
+            } else {
+                line += cell.padding(toLength: widths[i], withPad: " ", startingAt: 0) + "  "
+            }
+        }
+        out += line + "\n"
+    }
+    writeStdout(out)
+}
+
+// MARK: - Key metadata
+
+/// The `KeyMetadata` object of AWS KMS (AWS field names).
+func keyMetadataDictionary(_ m: Kmsd_V1_KeyMetadata) -> [String: Any] {
+    [
+        "KeyId": m.keyID,
+        "Arn": m.arn,
+        "CreationDate": Int(m.creationDate),
+        "Enabled": m.enabled,
+        "Description": m.description_p,
+        "KeyUsage": m.keyUsage,
+        "KeyState": m.keyState,
+        "KeySpec": m.keySpec,
+        "Origin": m.origin,
+        "KeyManager": m.keyManager,
+        "EncryptionAlgorithms": m.encryptionAlgorithms,
+    ]
+}
+
+/// Prints key metadata: `{"KeyMetadata": {...}}` with --json, else a table.
+func printKeyMetadata(_ m: Kmsd_V1_KeyMetadata, json: Bool) throws {
+    if json {
+        try printJSON(["KeyMetadata": keyMetadataDictionary(m)])
+        return
+    }
+    printFields([
+        ("KeyId", m.keyID),
+        ("Arn", m.arn),
+        ("CreationDate", formatUnixTime(m.creationDate)),
+        ("Enabled", m.enabled ? "true" : "false"),
+        ("Description", m.description_p),
+        ("KeyUsage", m.keyUsage),
+        ("KeyState", m.keyState),
+        ("KeySpec", m.keySpec),
+        ("Origin", m.origin),
+        ("KeyManager", m.keyManager),
+        ("EncryptionAlgorithms", m.encryptionAlgorithms.joined(separator: ", ")),
+    ])
+}
+
+/// `2025-01-31T12:00:00Z (1738324800)`.
+func formatUnixTime(_ seconds: Int64) -> String {
+    let formatter = ISO8601DateFormatter()
+    formatter.timeZone = TimeZone(identifier: "UTC")
+    let date = Date(timeIntervalSince1970: TimeInterval(seconds))
+    return "\(formatter.string(from: date)) (\(seconds))"
+}
+
+/// The algorithm a response names, or AWS's default when the server left it empty.
+func algorithmName(_ name: String) -> String {
+    name.isEmpty ? "SYMMETRIC_DEFAULT" : name
+}
