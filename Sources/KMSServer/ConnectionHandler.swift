@@ -135,3 +135,28 @@ final class ConnectionHandler: ChannelDuplexHandler {
         context.fireChannelInactive()
     }
 }
+
+/// Answers a connection over the limits with one error frame, then closes it.
+final class RefusingHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    let response: KMSResponse
+
+    init(response: KMSResponse) { self.response = response }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { refuse(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        refuse(context: context)
+    }
+
+    private func refuse(context: ChannelHandlerContext) {
+        var frame = context.channel.allocator.buffer(capacity: 256)
+        frame.writeFrame((try? response.serializedBytes()) ?? [])
+        context.writeAndFlush(wrapOutboundOut(frame)).whenComplete { _ in context.close(promise: nil) }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+}

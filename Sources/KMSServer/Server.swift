@@ -112,9 +112,9 @@ public final class Server: @unchecked Sendable {
         return PeerCredentials.read(channel).flatMap { principal in
             if let refusal = self.limits.acquire(uid: principal.uid) {
                 let response = KMSResponse.failure(id: KMSProtocolConstants.connectionErrorRequestID, KMSError(.limitExceeded, refusal))
-                var frame = channel.allocator.buffer(capacity: 256)
-                frame.writeFrame((try? response.serializedBytes()) ?? [])
-                return channel.writeAndFlush(frame).flatMap { channel.close() }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(RefusingHandler(response: response))
+                }
             }
             let release: @Sendable () -> Void = { self.limits.release(uid: principal.uid) }
             do {

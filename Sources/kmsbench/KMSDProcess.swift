@@ -1,0 +1,137 @@
+import Foundation
+import Glibc
+import KMSProtocol
+
+/// The kmsd child process under measurement: a development-mode daemon whose state and
+/// socket live in the work directory.
+final class KMSDProcess {
+    let executable: String
+    let socketPath: String
+    let stateDirectory: String
+    /// kmsd's stdout and stderr.
+    let logPath: String
+    let extraArguments: [String]
+    private let process = Process()
+    private var started = false
+
+    init(executable: String, workDirectory: String, extraArguments: [String] = []) {
+        self.executable = executable
+        self.socketPath = workDirectory + "/kmsd.sock"
+        self.stateDirectory = workDirectory + "/state"
+        self.logPath = workDirectory + "/kmsd.log"
+        self.extraArguments = extraArguments
+    }
+
+    var arguments: [String] {
+        ["--dev", "--state-dir", stateDirectory, "--socket", socketPath,
+         "--audit-fail-closed", "false", "--max-in-flight", "64"] + extraArguments
+    }
+
+    func start() throws {
+        guard access(executable, X_OK) == 0 else {
+            throw BenchError("no executable kmsd at \(executable); build it first (swift build -c release) or pass --kmsd PATH")
+        }
+        guard FileManager.default.createFile(atPath: logPath, contents: nil),
+              let log = FileHandle(forWritingAtPath: logPath) else {
+            throw BenchError("cannot create \(logPath)")
+        }
+        defer { try? log.close() }  // the child has its own copy
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = log
+        process.standardError = log
+        do {
+            try process.run()
+        } catch {
+            throw BenchError("cannot start \(executable): \(error)")
+        }
+        started = true
+    }
+
+    /// Returns once the socket accepts connections; fails if kmsd exits or `timeoutSeconds` pass.
+    func waitUntilListening(timeoutSeconds: Double = 30) throws {
+        let deadline = monotonicNanos() + UInt64(timeoutSeconds * 1e9)
+        var lastError = "no attempt"
+        while monotonicNanos() < deadline {
+            if !process.isRunning {
+                throw BenchError("kmsd exited with status \(process.terminationStatus) before accepting connections on \(socketPath)\n\(logExcerpt())")
+            }
+            do {
+                let fd = try UnixSocket.connect(to: socketPath)
+                close(fd)
+                return
+            } catch {
+                lastError = "\(error)"
+            }
+            usleep(50_000)
+        }
+        throw BenchError("kmsd did not accept connections on \(socketPath) within \(Int(timeoutSeconds)) s (\(lastError))\n\(logExcerpt())")
+    }
+
+    /// Creates a symmetric key (the caller must be a kmsd administrator; root is by default)
+    /// and returns its id.
+    func createKey() throws -> String {
+        let fd = try UnixSocket.connect(to: socketPath)
+        defer { close(fd) }
+        UnixSocket.setTimeouts(fd, seconds: 10)
+
+        var create = Kmsd_V1_CreateKeyRequest()
+        create.description_p = "kmsbench Encrypt benchmark"
+        var request = Kmsd_V1_Request()
+        request.id = 1
+        request.operation = .createKey(create)
+        let body: [UInt8] = try request.serializedBytes()
+        try UnixSocket.writeAll(fd, lengthPrefixed(body))
+
+        var reader = FrameReader(fd: fd)
+        let range: Range<Int>
+        do {
+            range = try reader.nextFrame()
+        } catch {
+            throw BenchError("CreateKey got no answer: \(error)")
+        }
+        let response: Kmsd_V1_Response
+        do {
+            response = try Kmsd_V1_Response(serializedBytes: Array(reader.buffer[range]))
+        } catch {
+            throw BenchError("CreateKey: the answer does not decode as kmsd.v1.Response")
+        }
+        switch response.result {
+        case .createKey(let r)? where response.id == 1 && !r.keyMetadata.keyID.isEmpty:
+            return r.keyMetadata.keyID
+        case .error(let e)?:
+            throw BenchError("CreateKey failed with \(e.code): \(e.message) (kmsbench must run as a kmsd administrator; by default root)")
+        default:
+            throw BenchError("CreateKey: unexpected answer (id \(response.id))")
+        }
+    }
+
+    /// Sends SIGTERM and waits for kmsd to exit (SIGKILL after `timeoutSeconds`).
+    /// Returns the exit status, or nil if kmsd was never started.
+    @discardableResult
+    func stop(timeoutSeconds: Double = 15) -> Int32? {
+        guard started else { return nil }
+        if process.isRunning {
+            process.terminate()  // SIGTERM
+            let deadline = monotonicNanos() + UInt64(timeoutSeconds * 1e9)
+            while process.isRunning && monotonicNanos() < deadline {
+                usleep(20_000)
+            }
+            if process.isRunning {
+                kill(process.processIdentifier, SIGKILL)
+            }
+        }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    /// The end of kmsd's output, for error messages.
+    func logExcerpt(maxBytes: Int = 4096) -> String {
+        guard let data = FileManager.default.contents(atPath: logPath), !data.isEmpty else {
+            return "(kmsd wrote nothing to \(logPath))"
+        }
+        let text = String(decoding: data.suffix(maxBytes), as: UTF8.self)
+        return "--- kmsd output (\(logPath)) ---\n" + text + (text.hasSuffix("\n") ? "" : "\n") + "---"
+    }
+}

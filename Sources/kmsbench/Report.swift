@@ -1,0 +1,123 @@
+import Foundation
+import Glibc
+
+/// One target's figures in one scenario.
+struct TargetFigures: Codable, Sendable {
+    let completed: Int
+    let opsPerSecond: Double
+    let p50Microseconds: Double
+    let p99Microseconds: Double
+
+    init(_ result: LoadResult) {
+        completed = result.completed
+        opsPerSecond = result.opsPerSecond
+        p50Microseconds = Double(result.p50Nanos) / 1000
+        p99Microseconds = Double(result.p99Nanos) / 1000
+    }
+}
+
+/// Echo and kmsd side by side; ratios are kmsd ÷ echo.
+struct ScenarioResult: Codable, Sendable {
+    let scenario: String
+    let connections: Int
+    let inFlightPerConnection: Int
+    let echo: TargetFigures
+    let kmsd: TargetFigures
+    let opsRatio: Double
+    let p50Ratio: Double
+    let p99Ratio: Double
+
+    init(scenario: Scenario, echo: LoadResult, kmsd: LoadResult) {
+        self.scenario = scenario.name
+        self.connections = scenario.connections
+        self.inFlightPerConnection = scenario.window
+        self.echo = TargetFigures(echo)
+        self.kmsd = TargetFigures(kmsd)
+        opsRatio = Self.ratio(self.kmsd.opsPerSecond, self.echo.opsPerSecond)
+        p50Ratio = Self.ratio(self.kmsd.p50Microseconds, self.echo.p50Microseconds)
+        p99Ratio = Self.ratio(self.kmsd.p99Microseconds, self.echo.p99Microseconds)
+    }
+
+    private static func ratio(_ a: Double, _ b: Double) -> Double {
+        b > 0 ? a / b : 0
+    }
+}
+
+/// Where and how the figures were taken.
+struct BenchEnvironment: Codable, Sendable {
+    let date: String
+    let kernel: String
+    let processors: Int
+    let durationSeconds: Double
+    let warmupSeconds: Double
+    let plaintextBytes: Int
+    let requestFrameBytes: Int
+
+    static func current(duration: Double, warmup: Double, plaintextBytes: Int, requestFrameBytes: Int) -> BenchEnvironment {
+        BenchEnvironment(date: ISO8601DateFormatter().string(from: Date()),
+                         kernel: kernelRelease(),
+                         processors: ProcessInfo.processInfo.activeProcessorCount,
+                         durationSeconds: duration,
+                         warmupSeconds: warmup,
+                         plaintextBytes: plaintextBytes,
+                         requestFrameBytes: requestFrameBytes)
+    }
+
+    /// What `uname -r` prints.
+    static func kernelRelease() -> String {
+        var u = utsname()
+        guard uname(&u) == 0 else { return "unknown" }
+        return withUnsafeBytes(of: u.release) { raw in
+            String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+        }
+    }
+}
+
+struct BenchReport: Codable, Sendable {
+    let environment: BenchEnvironment
+    let scenarios: [ScenarioResult]
+
+    /// A header line and a Markdown table. Contains no key material.
+    func markdown() -> String {
+        let e = environment
+        var lines: [String] = []
+        lines.append("kmsbench \(e.date) · Linux \(e.kernel) · nproc \(e.processors) · "
+            + "\(Self.number(e.durationSeconds)) s measured after \(Self.number(e.warmupSeconds)) s warm-up per run · "
+            + "Encrypt of \(e.plaintextBytes) bytes (request frame \(e.requestFrameBytes) bytes, echo frames identical)")
+        lines.append("")
+        lines.append("| scenario | echo ops/s | kmsd ops/s | kmsd/echo | echo p50 µs | kmsd p50 µs | echo p99 µs | kmsd p99 µs | p50 kmsd/echo | p99 kmsd/echo |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for s in scenarios {
+            let cells = [
+                s.scenario,
+                Self.fixed(s.echo.opsPerSecond, 0),
+                Self.fixed(s.kmsd.opsPerSecond, 0),
+                Self.fixed(s.opsRatio, 2),
+                Self.fixed(s.echo.p50Microseconds, 1),
+                Self.fixed(s.kmsd.p50Microseconds, 1),
+                Self.fixed(s.echo.p99Microseconds, 1),
+                Self.fixed(s.kmsd.p99Microseconds, 1),
+                Self.fixed(s.p50Ratio, 2),
+                Self.fixed(s.p99Ratio, 2),
+            ]
+            lines.append("| " + cells.joined(separator: " | ") + " |")
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    /// The same results as one line of JSON (sorted keys).
+    func json() throws -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        return String(decoding: try encoder.encode(self), as: UTF8.self)
+    }
+
+    private static func fixed(_ value: Double, _ decimals: Int) -> String {
+        String(format: "%.\(decimals)f", value)
+    }
+
+    /// 5 → "5", 0.5 → "0.5".
+    private static func number(_ value: Double) -> String {
+        value == value.rounded() ? String(Int(value)) : String(value)
+    }
+}

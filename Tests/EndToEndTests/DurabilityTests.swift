@@ -1,0 +1,79 @@
+import Foundation
+import KMSClient
+import Testing
+
+/// Keys survive kill -9; an edited keystore is detected and refused.
+@Suite(.serialized)
+struct DurabilityTests {
+    @Test func acknowledgedKeyAndCiphertextSurviveSIGKILL() async throws {
+        let daemon = try Daemon()
+        var pairs: [(String, [UInt8], Data)] = []
+        for i in 0..<5 {
+            let client = daemon.client()
+            let key = try await client.createKey(description: "durable \(i)")
+            let plaintext = Array("secret \(i)".utf8)
+            let blob = try await client.encrypt(keyID: key.keyID, plaintext: plaintext, context: ["i": "\(i)"]).ciphertextBlob
+            // Acknowledged: kill at once, no graceful shutdown.
+            daemon.kill9()
+            pairs.append((key.keyID, plaintext, blob))
+            try daemon.restart()
+            for (id, pt, b) in pairs {
+                let dec = try await daemon.client().decrypt(ciphertextBlob: Array(b), context: ["i": "\(pairs.firstIndex { $0.0 == id }!)"])
+                #expect(dec.keyID == id && Array(dec.plaintext) == pt)
+            }
+        }
+        daemon.stop()
+    }
+
+    @Test func aRecordEditedWithSQLiteIsRefused() async throws {
+        let daemon = try Daemon()
+        let client = daemon.client()
+        let key = try await client.createKey(description: "original")
+        let blob = try await client.encrypt(keyID: key.keyID, plaintext: [1, 2, 3]).ciphertextBlob
+        daemon.stop()
+        // Loosen the key by hand: hand it to uid 1000.
+        let db = daemon.stateDir + "/keystore.sqlite3"
+        let edit = try run("/usr/bin/sqlite3", [db, "UPDATE keys SET record = replace(record, '\"ownerUID\":0', '\"ownerUID\":1000') WHERE key_id = '\(key.keyID)'; SELECT changes();"])
+        #expect(edit.status == 0 && edit.text.trimmingCharacters(in: .whitespacesAndNewlines) == "1", "\(edit.stderr)")
+        try daemon.restart()
+        let after = daemon.client()
+        await expectKMSError(.keyUnavailable) { try await after.describeKey(keyID: key.keyID) }
+        await expectKMSError(.keyUnavailable) { try await after.decrypt(ciphertextBlob: Array(blob)) }
+        do {
+            _ = try await after.describeKey(keyID: key.keyID)
+        } catch let e as KMSError {
+            #expect(e.message.contains("integrity") && e.message.contains("modified outside kmsd"))
+        }
+        // Other keys are unaffected.
+        let other = try await after.createKey()
+        #expect(try await after.encrypt(keyID: other.keyID, plaintext: [1]).keyID == other.keyID)
+        daemon.stop()
+    }
+
+    @Test func theDaemonRefusesToStartWithAnotherRootKey() async throws {
+        let daemon = try Daemon()
+        _ = try await daemon.client().createKey()
+        daemon.stop()
+        let rootKey = daemon.stateDir + "/root-key"
+        let other = try run("/bin/sh", ["-c", "head -c 32 /dev/urandom > \(rootKey)"])
+        #expect(other.status == 0)
+        #expect(throws: DaemonError.self) { try daemon.restart() }
+        #expect(daemon.log.contains("root key does not match this keystore"))
+    }
+
+    @Test func keyMaterialIsNotInTheStateDirectory() async throws {
+        // Data keys are returned in the clear once, and stored nowhere.
+        let daemon = try Daemon()
+        let client = daemon.client()
+        let key = try await client.createKey()
+        var dataKeys: [Data] = []
+        for _ in 0..<20 { dataKeys.append(try await client.generateDataKey(keyID: key.keyID, keySpec: "AES_256").plaintext) }
+        daemon.kill9()
+        var all = Data()
+        for name in try FileManager.default.contentsOfDirectory(atPath: daemon.stateDir) where name != "kmsd.sock" {
+            all += try Data(contentsOf: URL(fileURLWithPath: daemon.stateDir + "/" + name))
+        }
+        #expect(all.count > 1000)
+        for dk in dataKeys { #expect(all.range(of: dk.prefix(16)) == nil) }
+    }
+}

@@ -1,0 +1,264 @@
+import Foundation
+import Glibc
+import KMSClient
+import Testing
+
+/// Where the built executables are: next to this test binary (`swift build --build-tests`
+/// builds them all into the same folder).
+enum Paths {
+    static let binDir: URL = {
+        if let dir = ProcessInfo.processInfo.environment["KMSD_BIN_DIR"] { return URL(fileURLWithPath: dir) }
+        return URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+    }()
+    static var kmsd: String { binDir.appendingPathComponent("kmsd").path }
+    static var kmsctl: String { binDir.appendingPathComponent("kmsctl").path }
+
+    static func tempDir(_ tag: String) throws -> String {
+        let dir = "/tmp/kmsd-e2e-\(tag)-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        chmod(dir, 0o755)
+        return dir
+    }
+}
+
+struct ProcessResult {
+    let status: Int32
+    let stdout: Data
+    let stderr: String
+    var text: String { String(decoding: stdout, as: UTF8.self) }
+}
+
+/// Runs a command to completion, feeding `stdin`; output goes through temporary files so no
+/// pipe can fill up and block.
+@discardableResult
+func run(_ executable: String, _ args: [String], stdin: Data = Data(), env: [String: String] = [:]) throws -> ProcessResult {
+    let base = "/tmp/kmsd-run-\(UUID().uuidString)"
+    FileManager.default.createFile(atPath: base + ".in", contents: stdin)
+    FileManager.default.createFile(atPath: base + ".out", contents: nil)
+    FileManager.default.createFile(atPath: base + ".err", contents: nil)
+    for suffix in [".in", ".out", ".err"] { chmod(base + suffix, 0o666) }
+    defer { for suffix in [".in", ".out", ".err"] { unlink(base + suffix) } }
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: executable)
+    p.arguments = args
+    var environment = ProcessInfo.processInfo.environment
+    for (k, v) in env { environment[k] = v }
+    p.environment = environment
+    p.standardInput = try FileHandle(forReadingFrom: URL(fileURLWithPath: base + ".in"))
+    p.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: base + ".out"))
+    p.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: base + ".err"))
+    try p.run()
+    p.waitUntilExit()
+    let out = try Data(contentsOf: URL(fileURLWithPath: base + ".out"))
+    let err = try Data(contentsOf: URL(fileURLWithPath: base + ".err"))
+    return ProcessResult(status: p.terminationStatus, stdout: out, stderr: String(decoding: err, as: UTF8.self))
+}
+
+/// Runs `argv` as another user through `setpriv` (needs root).
+func runAs(uid: UInt32, _ argv: [String], stdin: Data = Data(), env: [String: String] = [:]) throws -> ProcessResult {
+    try run("/usr/bin/setpriv", ["--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--"] + argv, stdin: stdin, env: env)
+}
+
+var isRoot: Bool { getuid() == 0 }
+
+/// A real kmsd process in development mode with its own state directory and socket.
+final class Daemon: @unchecked Sendable {
+    let stateDir: String
+    let socket: String
+    let logPath: String
+    private(set) var process: Process
+    let arguments: [String]
+
+    var pid: Int32 { process.processIdentifier }
+
+    /// Starts kmsd and waits until its socket accepts connections.
+    init(stateDir: String? = nil, arguments: [String] = [], auditFailClosed: Bool = false) throws {
+        let dir = try stateDir ?? Paths.tempDir("state")
+        self.stateDir = dir
+        socket = dir + "/kmsd.sock"
+        logPath = dir + ".log"
+        self.arguments = ["--dev", "--state-dir", dir, "--socket", dir + "/kmsd.sock",
+                          "--audit-fail-closed", auditFailClosed ? "true" : "false"] + arguments
+        process = Process()
+        try start()
+    }
+
+    private func start() throws {
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
+        log.seekToEndOfFile()
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Paths.kmsd)
+        p.arguments = arguments
+        p.standardError = log
+        p.standardOutput = log
+        try p.run()
+        process = p
+        try waitUntilReady()
+    }
+
+    func waitUntilReady() throws {
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline {
+            if !process.isRunning { throw DaemonError("kmsd exited (\(process.terminationStatus)): \(log)") }
+            if log.contains("kmsd: ready") { return }
+            usleep(20_000)
+        }
+        throw DaemonError("kmsd did not become ready in 30 s: \(log)")
+    }
+
+    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    func client() -> KMSClient { KMSClient(socketPath: socket) }
+
+    /// SIGKILL, no chance to flush anything.
+    func kill9() {
+        kill(pid, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    func stop() {
+        guard process.isRunning else { return }
+        kill(pid, SIGTERM)
+        process.waitUntilExit()
+    }
+
+    func restart() throws {
+        stop()
+        try start()
+    }
+
+    deinit { if process.isRunning { kill(pid, SIGKILL); process.waitUntilExit() } }
+}
+
+struct DaemonError: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
+}
+
+/// A real systemd-journald: the one running, or (as root) a private one started for the tests
+/// and left running (never stop a journald you did not start; this one is ours to leave).
+enum Journal {
+    static let socket = "/run/systemd/journal/socket"
+
+    static func ensureRunning() throws {
+        if FileManager.default.fileExists(atPath: socket), journaldRunning() { return }
+        guard isRoot else { throw DaemonError("no journald is running and starting one needs root") }
+        try FileManager.default.createDirectory(atPath: "/run/systemd/journal", withIntermediateDirectories: true)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/lib/systemd/systemd-journald")
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline {
+            if FileManager.default.fileExists(atPath: socket) { return }
+            usleep(20_000)
+        }
+        throw DaemonError("systemd-journald did not create \(socket)")
+    }
+
+    static func journaldRunning() -> Bool {
+        ((try? run("/usr/bin/pgrep", ["-x", "systemd-journal"]))?.status ?? 1) == 0
+    }
+
+    /// The audit records of one kmsd process, waiting until at least `count` arrived.
+    static func records(pid: Int32, atLeast count: Int, timeout: TimeInterval = 10) throws -> [[String: Any]] {
+        let deadline = Date().addingTimeInterval(timeout)
+        var records: [[String: Any]] = []
+        repeat {
+            let r = try run("/usr/bin/journalctl", ["-o", "json", "--no-pager", "_PID=\(pid)", "SYSLOG_IDENTIFIER=kmsd"])
+            records = r.text.split(separator: "\n").compactMap {
+                try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+            }
+            if records.count >= count { return records }
+            usleep(100_000)
+        } while Date() < deadline
+        return records
+    }
+}
+
+/// A raw Unix-socket connection, for sending bytes no well-behaved client would.
+final class RawConnection {
+    let fd: Int32
+
+    init(path: String) throws {
+        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: Array(path.utf8)) }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else { throw DaemonError("connect \(path): errno \(errno)") }
+        var tv = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    deinit { close(fd) }
+
+    func send(_ bytes: [UInt8]) {
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n <= 0 { return }
+            off += n
+        }
+    }
+
+    func send(_ request: KMSRequest) throws {
+        let body: [UInt8] = try request.serializedBytes()
+        send(Self.frame(body))
+    }
+
+    static func frame(_ body: [UInt8]) -> [UInt8] {
+        let n = UInt32(body.count)
+        return [UInt8(n >> 24), UInt8((n >> 16) & 0xff), UInt8((n >> 8) & 0xff), UInt8(n & 0xff)] + body
+    }
+
+    private func readExactly(_ n: Int) -> [UInt8]? {
+        var out = [UInt8](repeating: 0, count: n)
+        var got = 0
+        while got < n {
+            let r = out[got...].withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if r <= 0 { return nil }
+            got += r
+        }
+        return out
+    }
+
+    /// The next response, or nil at EOF (or after 10 s of silence).
+    func receive() throws -> KMSResponse? {
+        guard let header = readExactly(4) else { return nil }
+        let n = Int(header[0]) << 24 | Int(header[1]) << 16 | Int(header[2]) << 8 | Int(header[3])
+        guard let body = readExactly(n) else { return nil }
+        return try KMSResponse(serializedBytes: body)
+    }
+
+    /// True when the server has closed the connection (recv returns 0).
+    func isClosedByPeer() -> Bool {
+        var b: UInt8 = 0
+        return recv(fd, &b, 1, 0) == 0
+    }
+}
+
+extension KMSRequest {
+    static func with(id: UInt64, _ op: KMSRequest.OneOf_Operation) -> KMSRequest {
+        var r = KMSRequest()
+        r.id = id
+        r.operation = op
+        return r
+    }
+}
+
+/// Asserts an async call throws a KMSError with `code`.
+func expectKMSError<T>(_ code: KMSErrorCode, sourceLocation: SourceLocation = #_sourceLocation, _ body: () async throws -> T) async {
+    do {
+        _ = try await body()
+        Issue.record("expected \(code.rawValue), got success", sourceLocation: sourceLocation)
+    } catch let e as KMSError {
+        #expect(e.code == code, "got \(e.code.rawValue): \(e.message)", sourceLocation: sourceLocation)
+    } catch {
+        Issue.record("expected \(code.rawValue), got \(error)", sourceLocation: sourceLocation)
+    }
+}
