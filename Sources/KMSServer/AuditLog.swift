@@ -56,6 +56,7 @@ struct AuditRecord: Sendable {
 /// fails with KMSInternalException and its result is withheld.
 final class AuditLog: Sendable {
     static let messageID = "3f1c2a4e9b7d4c2e8a6f0d1b5e9c7a31"
+    static let journalSocket = "/run/systemd/journal/socket"
 
     let failClosed: Bool
     private let warned = Atomic<Bool>(false)
@@ -66,7 +67,9 @@ final class AuditLog: Sendable {
 
     /// Writes the record; returns false when journald refused it.
     func write(_ record: AuditRecord) -> Bool {
-        let rc = Self.send(record.fields)
+        // sd_journal_sendv reports success when the journal socket does not exist (it drops the
+        // entry silently), so check for it first; other failures it does report.
+        let rc = access(Self.journalSocket, W_OK) == 0 ? Self.send(record.fields) : -ENOENT
         if rc < 0 {
             if !warned.exchange(true, ordering: .relaxed) {
                 let why = String(cString: strerror(-rc))

@@ -9,11 +9,11 @@ struct KMSBench: ParsableCommand {
         commandName: "kmsbench",
         abstract: "Benchmark kmsd Encrypt (64-byte plaintext) against a raw Unix-socket echo server.",
         discussion: """
-        Starts its own kmsd (--dev, state and socket in the work directory), creates a key, and runs
-        three scenarios against both kmsd and an in-process echo server that sends back every
-        4-byte-length frame unchanged: 1 connection with 1 request in flight, 8 connections with 1
-        each, and 1 connection with 32 in flight. Both targets get the same client, the same
-        concurrency and frames of the same bytes. Prints ops/s, p50 and p99 latency, and each kmsd
+        Starts its own kmsd (--dev, state and socket in the work directory), creates a key, and runs \
+        three scenarios against both kmsd and an in-process echo server that sends back every \
+        4-byte-length frame unchanged: 1 connection with 1 request in flight, 8 connections with 1 \
+        each, and 1 connection with 32 in flight. Both targets get the same client, the same \
+        concurrency and frames of the same bytes. Prints ops/s, p50 and p99 latency, and each kmsd \
         figure as a ratio to its echo figure. Must run as a kmsd administrator (root by default).
         """
     )

@@ -1,0 +1,91 @@
+import Foundation
+import Glibc
+import KMSClient
+import Testing
+
+/// Until the policy layer lands: administrators create keys; a key is usable by its creator
+/// and administrators only. Tested with real other uids through setpriv (needs root).
+@Suite(.serialized, .enabled(if: isRoot, "needs root to act as other users with setpriv"))
+final class AccessTests {
+    let daemon: Daemon
+    static let alice: UInt32 = 64101   // an administrator in this daemon's configuration
+    static let mallory: UInt32 = 64102 // an ordinary local user
+
+    init() throws {
+        daemon = try Daemon(arguments: ["--admin-uid", "0", "--admin-uid", "\(Self.alice)"])
+    }
+
+    deinit { daemon.stop() }
+
+    func kmsctl(_ uid: UInt32, _ args: [String], stdin: Data = Data()) throws -> ProcessResult {
+        try runAs(uid: uid, [Paths.kmsctl] + args, stdin: stdin, env: ["KMSD_SOCKET": daemon.socket])
+    }
+
+    func json(_ r: ProcessResult) throws -> [String: Any] {
+        try #require(try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any], "\(r.stderr)")
+    }
+
+    @Test func theSocketIsOpenToEveryLocalUser() throws {
+        var st = stat()
+        #expect(stat(daemon.socket, &st) == 0)
+        #expect(st.st_mode & 0o777 == 0o666)
+    }
+
+    @Test func whoAmIReportsThePeerCredentials() throws {
+        let r = try kmsctl(Self.mallory, ["whoami", "--json"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let me = try json(r)
+        #expect(me["Uid"] as? Int == Int(Self.mallory))
+        #expect(me["Gid"] as? Int == Int(Self.mallory))
+        #expect((me["Pid"] as? Int ?? 0) > 0)
+        #expect(me["Executable"] as? String == Paths.kmsctl)
+        #expect(me["IsAdministrator"] as? Bool == false)
+        let admin = try json(try kmsctl(Self.alice, ["whoami", "--json"]))
+        #expect(admin["IsAdministrator"] as? Bool == true)
+    }
+
+    @Test func onlyAdministratorsCreateKeys() throws {
+        let denied = try kmsctl(Self.mallory, ["create-key"])
+        #expect(denied.status != 0)
+        #expect(denied.stderr.hasPrefix("kmsctl: AccessDeniedException: "), "\(denied.stderr)")
+        let created = try kmsctl(Self.alice, ["create-key", "--json"])
+        #expect(created.status == 0, "\(created.stderr)")
+    }
+
+    @Test func aKeyIsUsableByItsCreatorAndAdministratorsOnly() async throws {
+        let created = try json(try kmsctl(Self.alice, ["create-key", "--json"]))
+        let keyID = try #require((created["KeyMetadata"] as? [String: Any])?["KeyId"] as? String)
+        let secret = Data("alice's secret".utf8)
+
+        let enc = try kmsctl(Self.alice, ["encrypt", "--key-id", keyID], stdin: secret)
+        #expect(enc.status == 0, "\(enc.stderr)")
+        let blob = enc.stdout
+
+        // Another user: every use is denied, and nothing of the secret is shown.
+        for args in [["encrypt", "--key-id", keyID], ["decrypt"], ["describe-key", "--key-id", keyID],
+                     ["generate-data-key", "--key-id", keyID, "--key-spec", "AES_256"]] {
+            let r = try kmsctl(Self.mallory, args, stdin: args[0] == "decrypt" ? blob : secret)
+            #expect(r.status != 0, "\(args[0]) must be denied")
+            #expect(r.stderr.hasPrefix("kmsctl: AccessDeniedException: "), "\(args[0]): \(r.stderr)")
+            #expect(r.stdout.isEmpty)
+        }
+        // Mallory does not even see the key in a listing.
+        let listed = try json(try kmsctl(Self.mallory, ["list-keys", "--json"]))
+        #expect((listed["Keys"] as? [[String: Any]] ?? []).isEmpty)
+
+        // The creator and root (an administrator) may decrypt.
+        let own = try kmsctl(Self.alice, ["decrypt"], stdin: blob)
+        #expect(own.status == 0 && own.stdout == secret)
+        let root = try await daemon.client().decrypt(ciphertextBlob: Array(blob))
+        #expect(root.plaintext == secret)
+    }
+
+    @Test func aKeyCreatedByRootIsNotUsableByOthers() async throws {
+        let key = try await daemon.client().createKey()
+        let blob = try await daemon.client().encrypt(keyID: key.keyID, plaintext: [1, 2, 3]).ciphertextBlob
+        let r = try kmsctl(Self.mallory, ["decrypt"], stdin: blob)
+        #expect(r.stderr.hasPrefix("kmsctl: AccessDeniedException: "), "\(r.stderr)")
+        let random = try kmsctl(Self.mallory, ["generate-random", "--number-of-bytes", "16"])
+        #expect(random.status == 0 && random.stdout.count == 16, "GenerateRandom is open to every caller")
+    }
+}

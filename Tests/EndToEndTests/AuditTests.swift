@@ -1,0 +1,91 @@
+import Foundation
+import KMSClient
+import Testing
+
+/// Every request leaves one journald record, read back with `journalctl -o json`; no secret
+/// reaches it.
+@Suite(.serialized, .enabled(if: isRoot || Journal.journaldRunning(), "needs a running journald, or root to start one"))
+struct AuditTests {
+    @Test func everyRequestIsAuditedWithoutSecrets() async throws {
+        try Journal.ensureRunning()
+        let daemon = try Daemon(auditFailClosed: true)
+        defer { daemon.stop() }
+        let client = daemon.client()
+        let key = try await client.createKey(description: "audited")
+        let plaintext = Array("TOP-SECRET-PLAINTEXT-0123456789".utf8)
+        let enc = try await client.encrypt(keyID: key.keyID, plaintext: plaintext, context: ["tenant": "sensitive-value"])
+        let dec = try await client.decrypt(ciphertextBlob: Array(enc.ciphertextBlob), context: ["tenant": "sensitive-value"])
+        #expect(Array(dec.plaintext) == plaintext)
+        let dk = try await client.generateDataKey(keyID: key.keyID, keySpec: "AES_256")
+        await expectKMSError(.invalidCiphertext) { try await client.decrypt(ciphertextBlob: Array(enc.ciphertextBlob)) }
+        await expectKMSError(.notFound) { try await client.describeKey(keyID: UUID().uuidString) }
+        let expected = 6
+
+        let records = try Journal.records(pid: daemon.pid, atLeast: expected)
+        #expect(records.count == expected, "one record per request")
+        let byAction = Dictionary(grouping: records) { $0["KMS_ACTION"] as? String ?? "" }
+        #expect(byAction["CreateKey"]?.count == 1 && byAction["Encrypt"]?.count == 1 && byAction["Decrypt"]?.count == 2)
+        for r in records {
+            #expect(r["SYSLOG_IDENTIFIER"] as? String == "kmsd")
+            #expect(r["MESSAGE_ID"] as? String == "3f1c2a4e9b7d4c2e8a6f0d1b5e9c7a31")
+            #expect(r["KMS_PEER_UID"] as? String == "0")
+            #expect(r["KMS_PEER_PID"] as? String != nil && r["KMS_REQUEST_ID"] as? String != nil)
+            for field in ["KMS_RESULT", "KMS_ERROR", "KMS_KEY_ID", "KMS_DURATION_US", "MESSAGE", "PRIORITY"] {
+                #expect(r[field] != nil, "\(field) missing")
+            }
+        }
+        let encrypt = try #require(byAction["Encrypt"]?.first)
+        #expect(encrypt["KMS_RESULT"] as? String == "Allowed")
+        #expect(encrypt["KMS_KEY_ID"] as? String == key.keyID)
+        #expect(encrypt["KMS_KEY_VERSION"] as? String == "1")
+        #expect(encrypt["KMS_ENCRYPTION_CONTEXT"] as? String == "tenant")
+        let failed = try #require(byAction["Decrypt"]?.first { $0["KMS_RESULT"] as? String == "Failed" })
+        #expect(failed["KMS_ERROR"] as? String == "InvalidCiphertextException")
+        #expect(failed["PRIORITY"] as? String == "4")
+        #expect(byAction["DescribeKey"]?.first?["KMS_ERROR"] as? String == "NotFoundException")
+
+        // No plaintext, data key, context value or ciphertext in any form anywhere in the records.
+        let everything = try run("/usr/bin/journalctl", ["-o", "export", "--no-pager", "_PID=\(daemon.pid)"]).stdout
+        let secrets: [Data] = [Data(plaintext), Data(plaintext).base64EncodedData(), dk.plaintext, dk.plaintext.base64EncodedData(),
+                               Data("sensitive-value".utf8), enc.ciphertextBlob.suffix(40), enc.ciphertextBlob.base64EncodedData().prefix(40),
+                               Data(dk.plaintext.map { String(format: "%02x", $0) }.joined().utf8)]
+        for s in secrets { #expect(everything.range(of: s) == nil, "a secret reached the journal") }
+    }
+
+    @Test func deniedRequestsAreAuditedAsDenied() async throws {
+        try Journal.ensureRunning()
+        guard isRoot else { return }
+        let daemon = try Daemon(auditFailClosed: true)
+        defer { daemon.stop() }
+        let key = try await daemon.client().createKey()
+        let r = try runAs(uid: 64103, [Paths.kmsctl, "describe-key", "--key-id", key.keyID], env: ["KMSD_SOCKET": daemon.socket])
+        #expect(r.stderr.contains("AccessDeniedException"))
+        let records = try Journal.records(pid: daemon.pid, atLeast: 2)
+        let denied = try #require(records.first { $0["KMS_ACTION"] as? String == "DescribeKey" })
+        #expect(denied["KMS_RESULT"] as? String == "Denied")
+        #expect(denied["KMS_PEER_UID"] as? String == "64103")
+        #expect(denied["KMS_ERROR"] as? String == "AccessDeniedException")
+        #expect(denied["KMS_KEY_ID"] as? String == key.keyID)
+    }
+
+    @Test(.enabled(if: isRoot, "needs root for a private mount namespace"))
+    func withoutJournaldRequestsFailClosed() async throws {
+        // Hide the journal socket from one kmsd with a private mount namespace.
+        let dir = try Paths.tempDir("noaudit")
+        let script = "mkdir -p /run/systemd/journal && mount -t tmpfs tmpfs /run/systemd/journal && exec \(Paths.kmsd) --dev --state-dir \(dir)/s --audit-fail-closed true"
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
+        p.arguments = ["-m", "--propagation", "private", "/bin/sh", "-c", script]
+        let log = dir + "/log"
+        FileManager.default.createFile(atPath: log, contents: nil)
+        p.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        try p.run()
+        defer { kill(p.processIdentifier, SIGTERM); p.waitUntilExit() }
+        let deadline = Date().addingTimeInterval(20)
+        while !((try? String(contentsOfFile: log, encoding: .utf8))?.contains("kmsd: ready") ?? false), Date() < deadline, p.isRunning { usleep(20_000) }
+        let client = KMSClient(socketPath: dir + "/s/kmsd.sock")
+        await expectKMSError(.internalError) { try await client.createKey() }
+        await expectKMSError(.internalError) { try await client.generateRandom(numberOfBytes: 8) }
+        #expect((try? String(contentsOfFile: log, encoding: .utf8))?.contains("journald did not accept an audit record") == true)
+    }
+}

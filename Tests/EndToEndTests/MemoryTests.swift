@@ -1,0 +1,97 @@
+import Foundation
+import Glibc
+import KMSClient
+import Testing
+
+/// Key material lives in locked, dont-dump, wipe-on-fork memory; the process cannot dump core;
+/// without lockable memory the daemon refuses to start.
+@Suite(.serialized)
+struct MemoryTests {
+    static func procFile(_ pid: Int32, _ name: String) throws -> String {
+        let handle = try #require(FileHandle(forReadingAtPath: "/proc/\(pid)/\(name)"))
+        defer { try? handle.close() }
+        return String(decoding: handle.readDataToEndOfFile(), as: UTF8.self)
+    }
+
+    static func statusValue(_ pid: Int32, _ field: String) throws -> Int {
+        let line = try #require(try procFile(pid, "status").split(separator: "\n").first { $0.hasPrefix(field + ":") })
+        return try #require(Int(line.split(separator: " ", omittingEmptySubsequences: true)[1]))
+    }
+
+    @Test func usedKeysAreInLockedDontDumpWipeOnForkMemory() async throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        let client = daemon.client()
+        let key = try await client.createKey()
+        _ = try await client.encrypt(keyID: key.keyID, plaintext: [1, 2, 3])
+        #expect(try Self.statusValue(daemon.pid, "VmLck") > 0)
+        // Every locked mapping of the daemon is also excluded from dumps and wiped on fork.
+        var lockedRegions = 0
+        let smaps = try Self.procFile(daemon.pid, "smaps")
+        for flagsLine in smaps.split(separator: "\n") where flagsLine.hasPrefix("VmFlags:") {
+            let flags = Set(flagsLine.split(separator: " ").dropFirst().map(String.init))
+            if flags.contains("lo") {
+                lockedRegions += 1
+                #expect(flags.contains("dd"), "locked region without MADV_DONTDUMP: \(flagsLine)")
+                #expect(flags.contains("wf"), "locked region without MADV_WIPEONFORK: \(flagsLine)")
+            }
+        }
+        #expect(lockedRegions > 0)
+    }
+
+    @Test func coreDumpsAreDisabled() async throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        let limits = try Self.procFile(daemon.pid, "limits")
+        let core = try #require(limits.split(separator: "\n").first { $0.hasPrefix("Max core file size") })
+        let fields = core.split(separator: " ", omittingEmptySubsequences: true)
+        #expect(fields[4] == "0" && fields[5] == "0", "\(core)")
+    }
+
+    @Test(.enabled(if: isRoot, "needs root to run kmsd as another user"))
+    func theDaemonIsNotDumpable() async throws {
+        // A non-dumpable process's /proc entries belong to root even when it runs as another uid.
+        let dir = try Paths.tempDir("nobody")
+        chown(dir, 65534, 65534)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+        p.arguments = ["--reuid=65534", "--regid=65534", "--clear-groups", "--", Paths.kmsd, "--dev", "--state-dir", dir + "/state"]
+        let log = dir + "/log"
+        FileManager.default.createFile(atPath: log, contents: nil)
+        p.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        try p.run()
+        defer { kill(p.processIdentifier, SIGTERM); p.waitUntilExit() }
+        let deadline = Date().addingTimeInterval(20)
+        while !((try? String(contentsOfFile: log, encoding: .utf8))?.contains("kmsd: ready") ?? false), Date() < deadline, p.isRunning { usleep(20_000) }
+        #expect(p.isRunning, "\((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
+        var st = stat()
+        #expect(stat("/proc/\(p.processIdentifier)/cmdline", &st) == 0)
+        #expect(try Self.procFile(p.processIdentifier, "status").contains("Uid:\t65534"))
+        #expect(st.st_uid == 0, "a dumpable process would own its /proc entry")
+    }
+
+    @Test(.enabled(if: isRoot, "needs root to drop to an unprivileged uid"))
+    func refusesToStartWithoutLockableMemory() throws {
+        let dir = try Paths.tempDir("memlock")
+        chown(dir, 65534, 65534)
+        let refused = try runAs(uid: 65534, ["/usr/bin/prlimit", "--memlock=0:0", Paths.kmsd, "--dev", "--state-dir", dir + "/state"])
+        #expect(refused.status != 0)
+        #expect(refused.stderr.contains("RLIMIT_MEMLOCK"), "\(refused.stderr)")
+        #expect(refused.stderr.contains("LimitMEMLOCK"))
+        #expect(!FileManager.default.fileExists(atPath: dir + "/state/root-key"), "nothing is created before the check")
+    }
+
+    @Test(.enabled(if: isRoot, "needs root to drop to an unprivileged uid"))
+    func unlockedMemoryOnlyWhenExplicitlyAllowedInDevMode() throws {
+        let dir = try Paths.tempDir("unlocked")
+        chown(dir, 65534, 65534)
+        // Outside dev mode the flag is refused.
+        let notDev = try runAs(uid: 65534, ["/usr/bin/prlimit", "--memlock=0:0", Paths.kmsd, "--state-dir", dir + "/s1", "--allow-unlocked-memory"])
+        #expect(notDev.status != 0 && notDev.stderr.contains("development mode"), "\(notDev.stderr)")
+        // In dev mode it starts (and says loudly that memory is unlocked); timeout stops it.
+        let dev = try runAs(uid: 65534, ["/usr/bin/timeout", "-s", "TERM", "2", "/usr/bin/prlimit", "--memlock=0:0", Paths.kmsd, "--dev",
+                                         "--state-dir", dir + "/s2", "--allow-unlocked-memory"])
+        #expect(dev.stderr.contains("kmsd: ready"), "\(dev.stderr)")
+        #expect(dev.stderr.contains("UNLOCKED memory"))
+    }
+}
