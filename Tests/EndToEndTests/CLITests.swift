@@ -1,0 +1,147 @@
+import Foundation
+import KMSClient
+import Testing
+
+/// kmsctl as a user runs it: raw bytes on stdin/stdout, --base64, --json with AWS field names,
+/// errors on stderr as `kmsctl: <Code>: <message>` with a non-zero status.
+@Suite(.serialized)
+final class CLITests {
+    let daemon: Daemon
+
+    init() throws { daemon = try Daemon() }
+    deinit { daemon.stop() }
+
+    func kmsctl(_ args: [String], stdin: Data = Data(), socketFlag: Bool = false) throws -> ProcessResult {
+        if socketFlag { return try run(Paths.kmsctl, args + ["--socket", daemon.socket], stdin: stdin, env: ["KMSD_SOCKET": "/nonexistent"]) }
+        return try run(Paths.kmsctl, args, stdin: stdin, env: ["KMSD_SOCKET": daemon.socket])
+    }
+
+    func json(_ r: ProcessResult) throws -> [String: Any] {
+        #expect(r.status == 0, "\(r.stderr)")
+        return try #require(try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any])
+    }
+
+    func createKey() throws -> String {
+        let meta = try #require(try json(try kmsctl(["create-key", "--json", "--description", "cli", "--tag", "env=test"]))["KeyMetadata"] as? [String: Any])
+        return try #require(meta["KeyId"] as? String)
+    }
+
+    @Test func createKeyJSONUsesAWSFieldNames() throws {
+        let r = try json(try kmsctl(["create-key", "--json", "--description", "cli"]))
+        let meta = try #require(r["KeyMetadata"] as? [String: Any])
+        for field in ["KeyId", "Arn", "CreationDate", "Enabled", "Description", "KeyUsage", "KeyState", "KeySpec", "Origin", "KeyManager", "EncryptionAlgorithms"] {
+            #expect(meta[field] != nil, "\(field)")
+        }
+        #expect(meta["KeySpec"] as? String == "SYMMETRIC_DEFAULT")
+        #expect(meta["Description"] as? String == "cli")
+        let table = try kmsctl(["describe-key", "--key-id", meta["KeyId"] as! String])
+        #expect(table.status == 0 && table.text.contains("KeyState") && table.text.contains("Enabled"))
+    }
+
+    @Test func rawBytesRoundTripThroughStdinAndStdout() throws {
+        let id = try createKey()
+        var binary = Data((0...255).map { UInt8($0) })
+        binary.append(contentsOf: [0, 0, 10, 13])
+        let enc = try kmsctl(["encrypt", "--key-id", id, "--context", "app=web", "--context", "tier=db"], stdin: binary)
+        #expect(enc.status == 0, "\(enc.stderr)")
+        #expect(enc.stdout.count == binary.count + 82)
+        #expect(enc.stdout.first == 0x01)
+        let dec = try kmsctl(["decrypt", "--context", "tier=db", "--context", "app=web"], stdin: enc.stdout)
+        #expect(dec.status == 0 && dec.stdout == binary)
+        // --key-id on decrypt must match; --socket overrides KMSD_SOCKET.
+        let viaFlag = try kmsctl(["decrypt", "--key-id", id, "--context", "app=web", "--context", "tier=db"], stdin: enc.stdout, socketFlag: true)
+        #expect(viaFlag.status == 0 && viaFlag.stdout == binary, "\(viaFlag.stderr)")
+    }
+
+    @Test func base64InAndOut() throws {
+        let id = try createKey()
+        let enc = try kmsctl(["encrypt", "--key-id", id, "--base64"], stdin: Data("aGVsbG8gd29ybGQ=\n".utf8))
+        #expect(enc.status == 0, "\(enc.stderr)")
+        let text = enc.text.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(Data(base64Encoded: text) != nil)
+        let dec = try kmsctl(["decrypt", "--base64"], stdin: Data(text.utf8))
+        #expect(dec.text.trimmingCharacters(in: .whitespacesAndNewlines) == "aGVsbG8gd29ybGQ=")
+        let bad = try kmsctl(["decrypt", "--base64"], stdin: Data("not base64!!".utf8))
+        #expect(bad.status != 0 && bad.stderr.hasPrefix("kmsctl: ValidationException: "))
+    }
+
+    @Test func jsonOutputsOfDataCommands() throws {
+        let id = try createKey()
+        let enc = try json(try kmsctl(["encrypt", "--key-id", id, "--json"], stdin: Data("x".utf8)))
+        #expect(enc["KeyId"] as? String == id && enc["EncryptionAlgorithm"] as? String == "SYMMETRIC_DEFAULT")
+        let blob = try #require(Data(base64Encoded: enc["CiphertextBlob"] as? String ?? ""))
+        let dec = try json(try kmsctl(["decrypt", "--json"], stdin: blob))
+        #expect(dec["Plaintext"] as? String == Data("x".utf8).base64EncodedString())
+        let dk = try json(try kmsctl(["generate-data-key", "--key-id", id, "--key-spec", "AES_256"]))
+        #expect(Data(base64Encoded: dk["Plaintext"] as? String ?? "")?.count == 32)
+        #expect(dk["CiphertextBlob"] != nil && dk["KeyId"] as? String == id)
+        let wp = try json(try kmsctl(["generate-data-key-without-plaintext", "--key-id", id, "--number-of-bytes", "24"]))
+        #expect(wp["Plaintext"] == nil && wp["CiphertextBlob"] != nil)
+        let other = try createKey()
+        let re = try json(try kmsctl(["re-encrypt", "--destination-key-id", other, "--json"], stdin: blob))
+        #expect(re["SourceKeyId"] as? String == id && re["KeyId"] as? String == other)
+        let random = try kmsctl(["generate-random", "--number-of-bytes", "12"])
+        #expect(random.status == 0 && random.stdout.count == 12)
+        let list = try json(try kmsctl(["list-keys", "--json"]))
+        #expect((list["Keys"] as? [[String: Any]])?.contains { $0["KeyId"] as? String == id } == true)
+        let who = try json(try kmsctl(["whoami", "--json"]))
+        #expect(who["Uid"] as? Int == Int(getuid()))
+    }
+
+    @Test(arguments: [
+        (["decrypt"], "InvalidCiphertextException", Int32(1)),
+        (["describe-key", "--key-id", "00000000-0000-4000-8000-000000000000"], "NotFoundException", 1),
+        (["generate-random", "--number-of-bytes", "5000"], "ValidationException", 1),
+    ])
+    func errorsGoToStderrWithTheirCode(_ args: [String], _ code: String, _ status: Int32) throws {
+        let r = try kmsctl(args, stdin: Data([1, 2, 3]))
+        #expect(r.status == status)
+        #expect(r.stderr.hasPrefix("kmsctl: \(code): "), "\(r.stderr)")
+        #expect(r.stdout.isEmpty)
+    }
+
+    @Test func unreachableDaemonIsAConnectionError() throws {
+        let r = try run(Paths.kmsctl, ["whoami", "--socket", "/tmp/no-such-kmsd.sock"])
+        #expect(r.status == 3)
+        #expect(r.stderr.hasPrefix("kmsctl: ConnectionError: "))
+    }
+
+    @Test func usageErrorsAndHelp() throws {
+        let missing = try kmsctl(["encrypt"])
+        #expect(missing.status == 2 && missing.stderr.contains("--key-id"))
+        let badContext = try kmsctl(["encrypt", "--key-id", "x", "--context", "novalue"])
+        #expect(badContext.status == 2)
+        let help = try kmsctl(["--help"])
+        #expect(help.status == 0)
+        for sub in ["create-key", "describe-key", "list-keys", "encrypt", "decrypt", "re-encrypt", "generate-data-key",
+                    "generate-data-key-without-plaintext", "generate-random", "whoami"] {
+            #expect(help.text.contains(sub), "help lists \(sub)")
+        }
+        #expect(help.text.contains("KMSD_SOCKET"))
+    }
+
+    @Test func kmsdHelpDocumentsEveryOption() throws {
+        let r = try run(Paths.kmsd, ["--help"])
+        #expect(r.status == 0)
+        for option in ["--config", "--dev", "--state-dir", "--socket", "--socket-mode", "--socket-group", "--root-key-file",
+                       "--admin-uid", "--max-frame-bytes", "--max-connections", "--max-connections-per-uid", "--max-in-flight",
+                       "--idle-timeout", "--allow-unlocked-memory", "--audit-fail-closed"] {
+            #expect(r.text.contains(option), "kmsd --help documents \(option)")
+        }
+    }
+
+    @Test func configFileIsReadAndTyposAreRefused() throws {
+        let dir = try Paths.tempDir("config")
+        let good = dir + "/good.json"
+        try Data("""
+        {"stateDirectory": "\(dir)/state", "socketPath": "\(dir)/k.sock", "development": true, "socketMode": "0660",
+         "administrators": {"uids": [0]}, "maxInFlightPerConnection": 8, "auditFailClosed": false}
+        """.utf8).write(to: URL(fileURLWithPath: good))
+        let started = try run("/usr/bin/timeout", ["-s", "TERM", "2", Paths.kmsd, "--config", good])
+        #expect(started.stderr.contains("kmsd: ready: serving on \(dir)/k.sock"), "\(started.stderr)")
+        let typo = dir + "/typo.json"
+        try Data(#"{"stateDirectory": "/tmp/x", "adminstrators": {}}"#.utf8).write(to: URL(fileURLWithPath: typo))
+        let refused = try run(Paths.kmsd, ["--config", typo])
+        #expect(refused.status != 0 && refused.stderr.contains("unknown setting 'adminstrators'"), "\(refused.stderr)")
+    }
+}
