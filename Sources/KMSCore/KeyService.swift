@@ -147,8 +147,8 @@ public final class KeyService: Sendable {
                           destinationKeyID: String, destinationContext: [String: String],
                           caller: Principal) throws(KMSError) -> (sealed: Sealed, source: Opened) {
         let destContext = try EncryptionContext(destinationContext)
-        let destination = try usableRecord(KeyID(parsing: destinationKeyID), caller: caller, needsEnabled: true)
         let opened = try decrypt(blob: blob, context: sourceContext, keyID: sourceKeyID, caller: caller)
+        let destination = try usableRecord(KeyID(parsing: destinationKeyID), caller: caller, needsEnabled: true)
         let sealed = try opened.plaintext.withUnsafeBytes { (p) throws(KMSError) in try seal(p, record: destination, context: destContext) }
         return (sealed, opened)
     }

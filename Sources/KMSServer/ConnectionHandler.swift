@@ -52,6 +52,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             request = try KMSRequest(frameBody: frame)
         } catch {
             // The framing is intact, so answer and keep the connection.
+            dispatcher.auditRejected(action: "Unknown", principal: principal, error: error)
             write(.failure(id: KMSProtocolConstants.connectionErrorRequestID, error), context: context)
             return
         }
@@ -95,8 +96,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
         if let e = error as? FrameLengthError {
             closing = true
             let reason = e.announced == 0 ? "an empty frame" : "a frame of \(e.announced) bytes"
-            let response = KMSResponse.failure(id: KMSProtocolConstants.connectionErrorRequestID,
-                KMSError(.validation, "\(reason) is not allowed; frames are 1...\(e.maximum) bytes. The connection is closed"))
+            let failure = KMSError(.validation, "\(reason) is not allowed; frames are 1...\(e.maximum) bytes. The connection is closed")
+            dispatcher.auditRejected(action: "Unknown", principal: principal, error: failure)
+            let response = KMSResponse.failure(id: KMSProtocolConstants.connectionErrorRequestID, failure)
             if let body = try? response.frameBody(allocator: context.channel.allocator) {
                 context.writeAndFlush(wrapOutboundOut(body)).whenComplete { _ in context.close(promise: nil) }
             } else {

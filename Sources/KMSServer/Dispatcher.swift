@@ -66,6 +66,15 @@ final class Dispatcher: Sendable {
         }
     }
 
+    /// Audits something refused before it became a request: an undecodable frame ("Unknown")
+    /// or a connection over the limits ("Connect").
+    func auditRejected(action: String, principal: Principal, error: KMSError) {
+        var record = AuditRecord(action: action, requestID: KMSProtocolConstants.connectionErrorRequestID,
+                                 principal: principal, result: .failed)
+        record.error = error.code
+        _ = audit.write(record)
+    }
+
     /// Handles one request end to end; the audit record is written before this returns.
     func handle(_ request: KMSRequest, principal: Principal) -> KMSResponse {
         inFlight.add(1, ordering: .relaxed)

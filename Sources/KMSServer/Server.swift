@@ -111,7 +111,9 @@ public final class Server: @unchecked Sendable {
         let c = configuration
         return PeerCredentials.read(channel).flatMap { principal in
             if let refusal = self.limits.acquire(uid: principal.uid) {
-                let response = KMSResponse.failure(id: KMSProtocolConstants.connectionErrorRequestID, KMSError(.limitExceeded, refusal))
+                let failure = KMSError(.limitExceeded, refusal)
+                self.dispatcher.auditRejected(action: "Connect", principal: principal, error: failure)
+                let response = KMSResponse.failure(id: KMSProtocolConstants.connectionErrorRequestID, failure)
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(RefusingHandler(response: response))
                 }

@@ -38,8 +38,8 @@ public struct ServerConfiguration: Sendable, Equatable {
     /// Checks the values make sense together; the message names the offending setting.
     public func validate() throws {
         func fail(_ m: String) -> ConfigurationError { ConfigurationError(m) }
-        guard (1024...KMSProtocolConstants.maxConfigurableFrameBytes).contains(maxFrameBytes) else {
-            throw fail("maxFrameBytes must be 1024...\(KMSProtocolConstants.maxConfigurableFrameBytes)")
+        guard (32768...KMSProtocolConstants.maxConfigurableFrameBytes).contains(maxFrameBytes) else {
+            throw fail("maxFrameBytes must be 32768...\(KMSProtocolConstants.maxConfigurableFrameBytes)")
         }
         guard maxConnections >= 1, maxConnectionsPerUID >= 1, maxInFlightPerConnection >= 1 else {
             throw fail("maxConnections, maxConnectionsPerUid and maxInFlightPerConnection must be at least 1")

@@ -8,9 +8,12 @@ struct KMSD: ParsableCommand {
         commandName: "kmsd",
         abstract: "Key management daemon: holds keys in locked memory and serves kmsctl and KMSClient over a Unix socket.",
         discussion: """
-        Production: kmsd --config /etc/kmsd/kmsd.json (normally started by systemd/kmsd.service;
-        the root key comes from the systemd credential 'root-key').
+        Production: kmsd --config /etc/kmsd/kmsd.json, normally started by systemd/kmsd.service; \
+        the root key comes from the systemd credential 'root-key' ($CREDENTIALS_DIRECTORY/root-key), \
+        else from --root-key-file.
+
         Development: kmsd --dev --state-dir DIR generates a root key in DIR and listens on DIR/kmsd.sock.
+
         Flags override the configuration file. Clients find the socket through KMSD_SOCKET.
         """
     )

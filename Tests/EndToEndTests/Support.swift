@@ -84,9 +84,9 @@ final class Daemon: @unchecked Sendable {
     }
 
     private func start() throws {
-        FileManager.default.createFile(atPath: logPath, contents: nil)
+        if !FileManager.default.fileExists(atPath: logPath) { FileManager.default.createFile(atPath: logPath, contents: nil) }
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-        log.seekToEndOfFile()
+        logOffset = Int(log.seekToEndOfFile())
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Paths.kmsd)
         p.arguments = arguments
@@ -100,14 +100,18 @@ final class Daemon: @unchecked Sendable {
     func waitUntilReady() throws {
         let deadline = Date().addingTimeInterval(30)
         while Date() < deadline {
-            if !process.isRunning { throw DaemonError("kmsd exited (\(process.terminationStatus)): \(log)") }
-            if log.contains("kmsd: ready") { return }
+            if !process.isRunning { throw DaemonError("kmsd exited (\(process.terminationStatus)): \(currentLog)") }
+            if currentLog.contains("kmsd: ready") { return }
             usleep(20_000)
         }
-        throw DaemonError("kmsd did not become ready in 30 s: \(log)")
+        throw DaemonError("kmsd did not become ready in 30 s: \(currentLog)")
     }
 
+    /// Everything kmsd wrote to stderr, over all its runs.
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+    /// What the current run wrote.
+    var currentLog: String { String(log.utf8.dropFirst(logOffset)) ?? "" }
+    private var logOffset = 0
 
     func client() -> KMSClient { KMSClient(socketPath: socket) }
 
@@ -145,11 +149,9 @@ enum Journal {
         if FileManager.default.fileExists(atPath: socket), journaldRunning() { return }
         guard isRoot else { throw DaemonError("no journald is running and starting one needs root") }
         try FileManager.default.createDirectory(atPath: "/run/systemd/journal", withIntermediateDirectories: true)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/lib/systemd/systemd-journald")
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
+        // Detached through a shell: journald closes the fds it inherits, which Foundation's
+        // Process would take for an exit and then block reaping it.
+        try run("/bin/sh", ["-c", "setsid /lib/systemd/systemd-journald </dev/null >/dev/null 2>&1 &"])
         let deadline = Date().addingTimeInterval(10)
         while Date() < deadline {
             if FileManager.default.fileExists(atPath: socket) { return }
