@@ -113,19 +113,8 @@ public final class KeyRepository: Sendable {
     func wrap(_ material: SecureBytes, keyID: KeyID, version: UInt32, spec: KeySpec) throws -> [UInt8] {
         let nonce = try SecureRandom.bytes(AESGCM.nonceBytes)
         let aad = Self.materialAAD(keyID: keyID, version: version, spec: spec)
-        var sealed = [UInt8](repeating: 0, count: material.count + AESGCM.tagBytes)
-        try root.wrappingKey.withUnsafeBytes { k in
-            try material.withUnsafeBytes { m in
-                try nonce.withUnsafeBytes { n in
-                    try aad.withUnsafeBytes { a in
-                        try sealed.withUnsafeMutableBytes { o in
-                            let tag = try AESGCM.seal(key: k, nonce: n, plaintext: m, aad: a,
-                                                      into: UnsafeMutableRawBufferPointer(rebasing: o[0..<material.count]))
-                            UnsafeMutableRawBufferPointer(rebasing: o[material.count...]).copyBytes(from: tag)
-                        }
-                    }
-                }
-            }
+        let sealed = try material.withUnsafeBytes { m in
+            try AESGCM.seal(key: root.wrappingKey, nonce: nonce, plaintext: m, aad: aad)
         }
         return nonce + sealed
     }

@@ -60,19 +60,7 @@ public struct SymmetricCiphertext: Sendable, Equatable {
         let shell = SymmetricCiphertext(keyID: keyID, keyVersion: keyVersion, salt: salt, nonce: nonce, sealed: [])
         let header = shell.header
         let messageKey = try deriveMessageKey(versionKey: versionKey, salt: salt, header: header)
-        let aad = header + context.canonicalBytes
-        var sealed = [UInt8](repeating: 0, count: plaintext.count + AESGCM.tagBytes)
-        try messageKey.withUnsafeBytes { k in
-            try nonce.withUnsafeBytes { n in
-                try aad.withUnsafeBytes { a in
-                    try sealed.withUnsafeMutableBytes { o in
-                        let tag = try AESGCM.seal(key: k, nonce: n, plaintext: plaintext, aad: a,
-                                                  into: UnsafeMutableRawBufferPointer(rebasing: o[0..<plaintext.count]))
-                        UnsafeMutableRawBufferPointer(rebasing: o[plaintext.count...]).copyBytes(from: tag)
-                    }
-                }
-            }
-        }
+        let sealed = try AESGCM.seal(key: messageKey, nonce: nonce, plaintext: plaintext, aad: header + context.canonicalBytes)
         return SymmetricCiphertext(keyID: keyID, keyVersion: keyVersion, salt: salt, nonce: nonce, sealed: sealed)
     }
 

@@ -61,23 +61,25 @@ public enum AESGCM {
         }
     }
 
-    /// Convenience: returns ciphertext ‖ tag.
-    public static func seal(key: SecureBytes, nonce: [UInt8], plaintext: [UInt8], aad: [UInt8]) throws -> [UInt8] {
+    /// Encrypts into a fresh array holding ciphertext ‖ tag.
+    public static func seal(key: UnsafeRawBufferPointer, nonce: UnsafeRawBufferPointer,
+                            plaintext: UnsafeRawBufferPointer, aad: UnsafeRawBufferPointer) throws -> [UInt8] {
         var out = [UInt8](repeating: 0, count: plaintext.count + tagBytes)
-        try key.withUnsafeBytes { k in
-            try nonce.withUnsafeBytes { n in
-                try plaintext.withUnsafeBytes { p in
-                    try aad.withUnsafeBytes { a in
-                        try out.withUnsafeMutableBytes { o in
-                            let tag = try seal(key: k, nonce: n, plaintext: p, aad: a,
-                                               into: UnsafeMutableRawBufferPointer(rebasing: o[0..<plaintext.count]))
-                            UnsafeMutableRawBufferPointer(rebasing: o[plaintext.count...]).copyBytes(from: tag)
-                        }
-                    }
-                }
-            }
+        try out.withUnsafeMutableBytes { o in
+            let tag = try seal(key: key, nonce: nonce, plaintext: plaintext, aad: aad,
+                               into: UnsafeMutableRawBufferPointer(rebasing: o[0..<plaintext.count]))
+            UnsafeMutableRawBufferPointer(rebasing: o[plaintext.count...]).copyBytes(from: tag)
         }
         return out
+    }
+
+    /// Encrypts `plaintext` under a secret key; returns ciphertext ‖ tag.
+    public static func seal(key: SecureBytes, nonce: [UInt8], plaintext: UnsafeRawBufferPointer, aad: [UInt8]) throws -> [UInt8] {
+        try key.withUnsafeBytes { k in
+            try nonce.withUnsafeBytes { n in
+                try aad.withUnsafeBytes { a in try seal(key: k, nonce: n, plaintext: plaintext, aad: a) }
+            }
+        }
     }
 
     /// Convenience: opens ciphertext ‖ tag into secret memory.

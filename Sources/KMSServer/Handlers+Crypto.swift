@@ -1,4 +1,5 @@
 import KMSCore
+import KMSCrypto
 import KMSProtocol
 
 /// Encrypt, Decrypt, ReEncrypt, GenerateDataKey(WithoutPlaintext), GenerateRandom.
@@ -62,13 +63,20 @@ enum CryptoHandlers {
         }
     }
 
-    static func generateDataKey(_ r: Kmsd_V1_GenerateDataKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_GenerateDataKeyResponse {
-        d.keyID = r.keyID
-        d.contextKeys = EncryptionContext.auditKeys(r.encryptionContext)
-        let result = try ctx.service.generateDataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes,
-                                                     context: r.encryptionContext, caller: ctx.principal)
+    /// The shared half of GenerateDataKey and GenerateDataKeyWithoutPlaintext.
+    static func dataKey(keyID: String, keySpec: String, numberOfBytes: UInt32, context: [String: String],
+                        _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> (plaintext: SecureBytes, sealed: KeyService.Sealed) {
+        d.keyID = keyID
+        d.contextKeys = EncryptionContext.auditKeys(context)
+        let result = try ctx.service.generateDataKey(keyID: keyID, keySpec: keySpec, numberOfBytes: numberOfBytes,
+                                                     context: context, caller: ctx.principal)
         d.keyID = result.sealed.keyID.description
         d.keyVersion = result.sealed.keyVersion
+        return result
+    }
+
+    static func generateDataKey(_ r: Kmsd_V1_GenerateDataKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_GenerateDataKeyResponse {
+        let result = try dataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes, context: r.encryptionContext, ctx, &d)
         return .with {
             $0.ciphertextBlob = .init(result.sealed.blob)
             $0.plaintext = .init(result.plaintext.unsafeCopyToArray())
@@ -78,12 +86,7 @@ enum CryptoHandlers {
 
     static func generateDataKeyWithoutPlaintext(_ r: Kmsd_V1_GenerateDataKeyWithoutPlaintextRequest, _ ctx: HandlerContext,
                                                 _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse {
-        d.keyID = r.keyID
-        d.contextKeys = EncryptionContext.auditKeys(r.encryptionContext)
-        let result = try ctx.service.generateDataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes,
-                                                     context: r.encryptionContext, caller: ctx.principal)
-        d.keyID = result.sealed.keyID.description
-        d.keyVersion = result.sealed.keyVersion
+        let result = try dataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes, context: r.encryptionContext, ctx, &d)
         return .with {
             $0.ciphertextBlob = .init(result.sealed.blob)
             $0.keyID = result.sealed.keyID.description

@@ -73,16 +73,9 @@ struct AuditTests {
         // Hide the journal socket from one kmsd with a private mount namespace.
         let dir = try Paths.tempDir("noaudit")
         let script = "mkdir -p /run/systemd/journal && mount -t tmpfs tmpfs /run/systemd/journal && exec \(Paths.kmsd) --dev --state-dir \(dir)/s --audit-fail-closed true"
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
-        p.arguments = ["-m", "--propagation", "private", "/bin/sh", "-c", script]
         let log = dir + "/log"
-        FileManager.default.createFile(atPath: log, contents: nil)
-        p.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        try p.run()
+        let p = try launchKMSD("/usr/bin/unshare", ["-m", "--propagation", "private", "/bin/sh", "-c", script], log: log)
         defer { kill(p.processIdentifier, SIGTERM); p.waitUntilExit() }
-        let deadline = Date().addingTimeInterval(20)
-        while !((try? String(contentsOfFile: log, encoding: .utf8))?.contains("kmsd: ready") ?? false), Date() < deadline, p.isRunning { usleep(20_000) }
         let client = KMSClient(socketPath: dir + "/s/kmsd.sock")
         await expectKMSError(.internalError) { try await client.createKey() }
         await expectKMSError(.internalError) { try await client.generateRandom(numberOfBytes: 8) }

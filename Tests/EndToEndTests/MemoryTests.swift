@@ -53,17 +53,9 @@ struct MemoryTests {
         // A non-dumpable process's /proc entries belong to root even when it runs as another uid.
         let dir = try Paths.tempDir("nobody")
         chown(dir, 65534, 65534)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
-        p.arguments = ["--reuid=65534", "--regid=65534", "--clear-groups", "--", Paths.kmsd, "--dev", "--state-dir", dir + "/state"]
-        let log = dir + "/log"
-        FileManager.default.createFile(atPath: log, contents: nil)
-        p.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        try p.run()
+        let p = try launchKMSD("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                                                    Paths.kmsd, "--dev", "--state-dir", dir + "/state"], log: dir + "/log")
         defer { kill(p.processIdentifier, SIGTERM); p.waitUntilExit() }
-        let deadline = Date().addingTimeInterval(20)
-        while !((try? String(contentsOfFile: log, encoding: .utf8))?.contains("kmsd: ready") ?? false), Date() < deadline, p.isRunning { usleep(20_000) }
-        #expect(p.isRunning, "\((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
         var st = stat()
         #expect(stat("/proc/\(p.processIdentifier)/cmdline", &st) == 0)
         #expect(try Self.procFile(p.processIdentifier, "status").contains("Uid:\t65534"))

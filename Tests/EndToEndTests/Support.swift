@@ -84,34 +84,11 @@ final class Daemon: @unchecked Sendable {
     }
 
     private func start() throws {
-        if !FileManager.default.fileExists(atPath: logPath) { FileManager.default.createFile(atPath: logPath, contents: nil) }
-        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-        logOffset = Int(log.seekToEndOfFile())
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Paths.kmsd)
-        p.arguments = arguments
-        p.standardError = log
-        p.standardOutput = log
-        try p.run()
-        process = p
-        try waitUntilReady()
-    }
-
-    func waitUntilReady() throws {
-        let deadline = Date().addingTimeInterval(30)
-        while Date() < deadline {
-            if !process.isRunning { throw DaemonError("kmsd exited (\(process.terminationStatus)): \(currentLog)") }
-            if currentLog.contains("kmsd: ready") { return }
-            usleep(20_000)
-        }
-        throw DaemonError("kmsd did not become ready in 30 s: \(currentLog)")
+        process = try launchKMSD(Paths.kmsd, arguments, log: logPath)
     }
 
     /// Everything kmsd wrote to stderr, over all its runs.
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
-    /// What the current run wrote.
-    var currentLog: String { String(log.utf8.dropFirst(logOffset)) ?? "" }
-    private var logOffset = 0
 
     func client() -> KMSClient { KMSClient(socketPath: socket) }
 
@@ -133,6 +110,33 @@ final class Daemon: @unchecked Sendable {
     }
 
     deinit { if process.isRunning { kill(pid, SIGKILL); process.waitUntilExit() } }
+}
+
+/// Starts `executable` (kmsd, or a launcher such as setpriv or unshare that ends up running it)
+/// with stderr appended to `log`, and waits until kmsd reports it is ready.
+///
+/// Throws DaemonError with what kmsd said when it exits or is not ready within 30 s.
+func launchKMSD(_ executable: String, _ arguments: [String], log: String) throws -> Process {
+    if !FileManager.default.fileExists(atPath: log) { FileManager.default.createFile(atPath: log, contents: nil) }
+    let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+    let offset = Int(handle.seekToEndOfFile())
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: executable)
+    p.arguments = arguments
+    p.standardError = handle
+    p.standardOutput = handle
+    try p.run()
+    func thisRun() -> String {
+        String(decoding: ((try? Data(contentsOf: URL(fileURLWithPath: log))) ?? Data()).dropFirst(offset), as: UTF8.self)
+    }
+    let deadline = Date().addingTimeInterval(30)
+    while Date() < deadline {
+        if thisRun().contains("kmsd: ready") { return p }
+        if !p.isRunning { throw DaemonError("kmsd exited (\(p.terminationStatus)): \(thisRun())") }
+        usleep(20_000)
+    }
+    kill(p.processIdentifier, SIGKILL)
+    throw DaemonError("kmsd did not become ready in 30 s: \(thisRun())")
 }
 
 struct DaemonError: Error, CustomStringConvertible {
