@@ -6,6 +6,37 @@
 #include <openssl/err.h>
 #include <openssl/crypto.h>
 
+// Fetching an algorithm walks OpenSSL 3's provider tables under a lock; fetch each one once
+// and share it (fetched objects are reference counted and safe to use from many threads).
+#define KMS_CACHED_FETCH(TYPE, FETCH, FREE)                                              \
+    static TYPE *cached;                                                                 \
+    TYPE *p = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);                                \
+    if (p != NULL) return p;                                                             \
+    p = FETCH;                                                                           \
+    TYPE *expected = NULL;                                                               \
+    if (p != NULL && !__atomic_compare_exchange_n(&cached, &expected, p, 0,             \
+                                                  __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) { \
+        FREE(p);                                                                         \
+        p = expected;                                                                    \
+    }                                                                                    \
+    return p;
+
+static inline EVP_KDF *kms_hkdf_alg(void) { KMS_CACHED_FETCH(EVP_KDF, EVP_KDF_fetch(NULL, "HKDF", NULL), EVP_KDF_free) }
+static inline EVP_MAC *kms_hmac_alg(void) { KMS_CACHED_FETCH(EVP_MAC, EVP_MAC_fetch(NULL, "HMAC", NULL), EVP_MAC_free) }
+static inline EVP_CIPHER *kms_gcm128(void) { KMS_CACHED_FETCH(EVP_CIPHER, EVP_CIPHER_fetch(NULL, "AES-128-GCM", NULL), EVP_CIPHER_free) }
+static inline EVP_CIPHER *kms_gcm192(void) { KMS_CACHED_FETCH(EVP_CIPHER, EVP_CIPHER_fetch(NULL, "AES-192-GCM", NULL), EVP_CIPHER_free) }
+static inline EVP_CIPHER *kms_gcm256(void) { KMS_CACHED_FETCH(EVP_CIPHER, EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL), EVP_CIPHER_free) }
+
+// AES-GCM for a 16, 24 or 32-byte key; NULL for any other length.
+static inline const EVP_CIPHER *kms_aes_gcm(size_t keylen) {
+    switch (keylen) {
+    case 16: return kms_gcm128();
+    case 24: return kms_gcm192();
+    case 32: return kms_gcm256();
+    default: return NULL;
+    }
+}
+
 // OSSL_PARAM keeps the pointers it is given: these names must be static C strings, never
 // temporaries bridged from Swift Strings (see PITFALLS.md).
 static inline const char *kms_name_digest(void) { return OSSL_KDF_PARAM_DIGEST; }
@@ -36,10 +67,9 @@ static inline int kms_hkdf_derive(const char *digest,
                                   const unsigned char *salt, size_t saltlen,
                                   const unsigned char *info, size_t infolen,
                                   unsigned char *out, size_t outlen) {
-    EVP_KDF *kdf = EVP_KDF_fetch(NULL, "HKDF", NULL);
-    if (kdf == NULL) return 0;
-    EVP_KDF_CTX *ctx = EVP_KDF_CTX_new(kdf);
-    EVP_KDF_free(kdf);
+    EVP_KDF *alg = kms_hkdf_alg();
+    if (alg == NULL) return 0;
+    EVP_KDF_CTX *ctx = EVP_KDF_CTX_new(alg);
     if (ctx == NULL) return 0;
     static unsigned char empty[1] = {0};
     OSSL_PARAM params[5];
@@ -60,10 +90,9 @@ static inline int kms_hmac_compute(const char *digest,
                                    const unsigned char *key, size_t keylen,
                                    const unsigned char *data, size_t datalen,
                                    unsigned char *out, size_t outcap, size_t *outlen) {
-    EVP_MAC *mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
-    if (mac == NULL) return 0;
-    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(mac);
-    EVP_MAC_free(mac);
+    EVP_MAC *alg = kms_hmac_alg();
+    if (alg == NULL) return 0;
+    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(alg);
     if (ctx == NULL) return 0;
     static unsigned char empty[1] = {0};
     OSSL_PARAM params[2];

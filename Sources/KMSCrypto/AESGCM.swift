@@ -106,13 +106,7 @@ public enum AESGCM {
         let raw: OpaquePointer
 
         init(key: UnsafeRawBufferPointer, nonce: UnsafeRawBufferPointer, encrypt: Bool) throws {
-            let cipher: OpaquePointer? = switch key.count {
-            case 16: EVP_aes_128_gcm()
-            case 24: EVP_aes_192_gcm()
-            case 32: EVP_aes_256_gcm()
-            default: nil
-            }
-            guard let cipher else { throw CryptoError.invalidParameter("AES-GCM key must be 16, 24 or 32 bytes") }
+            guard let cipher = kms_aes_gcm(key.count) else { throw CryptoError.invalidParameter("AES-GCM key must be 16, 24 or 32 bytes") }
             guard (1...maxNonceBytes).contains(nonce.count) else {
                 throw CryptoError.invalidParameter("AES-GCM nonce must be 1...\(maxNonceBytes) bytes")
             }
