@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <signal.h>
+#include <errno.h>
 
 // struct ucred needs _GNU_SOURCE in the importer; this one has the same layout.
 struct kms_ucred { pid_t pid; uid_t uid; gid_t gid; };
@@ -36,14 +37,28 @@ static inline int kms_get_peerpidfd(int fd) {
     return pidfd;
 }
 
-// 0 if the process behind the pidfd still runs (so its pid was not reused).
-static inline int kms_pidfd_alive(int pidfd) {
-#ifdef SYS_pidfd_send_signal
-    return (int)syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0);
+// A pidfd for `pid`, for kernels without SO_PEERPIDFD (before 6.5); -1 when unavailable.
+static inline int kms_pidfd_open(pid_t pid) {
+#ifdef SYS_pidfd_open
+    return (int)syscall(SYS_pidfd_open, pid, 0);
 #else
     return -1;
 #endif
 }
+
+// 1 if the process behind the pidfd still runs (so its pid was not reused), 0 if it is gone.
+// Signal 0 checks existence only; EPERM (another user's process) still means it exists.
+static inline int kms_pidfd_alive(int pidfd) {
+#ifdef SYS_pidfd_send_signal
+    if (syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) == 0) return 1;
+    return errno == EPERM ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+// SO_PEERGROUPS into a fixed buffer. The kernel returns supplementary groups sorted ascending.
+struct kms_peer_groups { gid_t gids[256]; };
 
 static inline int kms_disable_core_dumps(void) {
     struct rlimit zero = {0, 0};

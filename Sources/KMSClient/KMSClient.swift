@@ -85,7 +85,12 @@ public final class KMSClient: Sendable {
         try await channel.eventLoop.submit {
             let handler = try channel.pipeline.syncOperations.handler(type: ResponseRouter.self)
             try handler.register(ids: ids, promises: promises)
-            for f in frameList { channel.write(f, promise: nil) }
+            for (id, f) in zip(ids, frameList) {
+                // A failed write fails that request, so no caller waits for an answer never asked.
+                let written = channel.eventLoop.makePromise(of: Void.self)
+                written.futureResult.whenFailure { handler.fail(id: id, $0) }
+                channel.write(f, promise: written)
+            }
             channel.flush()
         }.get()
         var out: [KMSResponse] = []
@@ -130,9 +135,20 @@ public final class KMSClient: Sendable {
 final class ResponseRouter: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     private var waiting: [UInt64: EventLoopPromise<KMSResponse>] = [:]
+    private var closed = false
 
+    /// Registers requests about to be written; throws when the connection is already gone.
     func register(ids: [UInt64], promises: [EventLoopPromise<KMSResponse>]) throws {
+        guard !closed else {
+            let error = KMSTransportError("the connection to kmsd was closed; retry the request")
+            for p in promises { p.fail(error) }
+            throw error
+        }
         for (id, p) in zip(ids, promises) { waiting[id] = p }
+    }
+
+    func fail(id: UInt64, _ error: Error) {
+        waiting.removeValue(forKey: id)?.fail(KMSTransportError("the request could not be sent: \(error)"))
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -150,6 +166,7 @@ final class ResponseRouter: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        closed = true
         failAll(KMSTransportError("the connection to kmsd was closed before every answer arrived"))
         context.fireChannelInactive()
     }

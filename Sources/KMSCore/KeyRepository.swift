@@ -49,7 +49,7 @@ public final class KeyRepository: Sendable {
     /// The key's record, or nil when there is none.
     ///
     /// Throws KeyUnavailableException when the stored record fails its integrity check.
-    public func record(_ id: KeyID) throws(KMSError) -> KeyRecord? {
+    public func record(_ id: KeyID, caching: Bool = true) throws(KMSError) -> KeyRecord? {
         if let hit = cache.withLock({ $0.get(id)?.record }) { return hit }
         let row: StoredRow?
         do { row = try storage.key(id: id.description) } catch {
@@ -58,7 +58,7 @@ public final class KeyRepository: Sendable {
         guard let row else { return nil }
         let record: KeyRecord = try open(row, table: "keys", rowKey: id.description)
         guard record.keyID == id else { throw Self.tampered(id) }
-        cache.withLock { $0.put(id, CachedKey(record: record, versions: [:])) }
+        if caching { cache.withLock { $0.put(id, CachedKey(record: record, versions: [:])) } }
         return record
     }
 
@@ -89,13 +89,21 @@ public final class KeyRepository: Sendable {
         return material
     }
 
-    /// Key ids in ascending order after `after`.
+    /// Key ids in ascending order after `after`. A row whose id is not a key id was not written
+    /// by kmsd: KeyUnavailableException.
     public func keyIDs(after: KeyID?, limit: Int) throws(KMSError) -> [KeyID] {
-        do {
-            return try storage.keyIDs(after: after?.description, limit: limit).compactMap { try? KeyID(parsing: $0) }
-        } catch {
+        let rows: [String]
+        do { rows = try storage.keyIDs(after: after?.description, limit: limit) } catch {
             throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
         }
+        var ids: [KeyID] = []
+        for row in rows {
+            guard let id = try? KeyID(parsing: row), id.description == row else {
+                throw KMSError(.keyUnavailable, "the keystore holds a row that kmsd did not write: it was modified outside kmsd; restore it from a backup")
+            }
+            ids.append(id)
+        }
+        return ids
     }
 
     /// Number of keys whose unwrapped material is cached.

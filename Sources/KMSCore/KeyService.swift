@@ -84,7 +84,9 @@ public final class KeyService: Sendable {
             if ids.isEmpty { break }
             for id in ids {
                 after = id
-                if admin { page.append(id) } else if let r = try? repository.record(id), r.ownerUID == caller.uid { page.append(id) }
+                // Listing reads records without caching them, so it cannot evict keys in use;
+                // a record that fails its integrity check fails the listing.
+                if admin { page.append(id) } else if let r = try repository.record(id, caching: false), r.ownerUID == caller.uid { page.append(id) }
                 if page.count == limit + 1 { break }
             }
         }
@@ -147,8 +149,9 @@ public final class KeyService: Sendable {
                           destinationKeyID: String, destinationContext: [String: String],
                           caller: Principal) throws(KMSError) -> (sealed: Sealed, source: Opened) {
         let destContext = try EncryptionContext(destinationContext)
+        let destinationID = try KeyID(parsing: destinationKeyID)
         let opened = try decrypt(blob: blob, context: sourceContext, keyID: sourceKeyID, caller: caller)
-        let destination = try usableRecord(KeyID(parsing: destinationKeyID), caller: caller, needsEnabled: true)
+        let destination = try usableRecord(destinationID, caller: caller, needsEnabled: true)
         let sealed = try opened.plaintext.withUnsafeBytes { (p) throws(KMSError) in try seal(p, record: destination, context: destContext) }
         return (sealed, opened)
     }
@@ -243,7 +246,8 @@ public final class KeyService: Sendable {
         guard tags.count <= KMSLimits.maxTags else { throw KMSError(.validation, "at most \(KMSLimits.maxTags) tags are allowed") }
         var seen = Set<String>()
         for t in tags {
-            guard (1...KMSLimits.maxTagKeyLength).contains(t.key.count), t.value.count <= KMSLimits.maxTagValueLength else {
+            guard (1...KMSLimits.maxTagKeyLength).contains(t.key.unicodeScalars.count),
+                  t.value.unicodeScalars.count <= KMSLimits.maxTagValueLength else {
                 throw KMSError(.validation, "tag keys must be 1...\(KMSLimits.maxTagKeyLength) characters and values at most \(KMSLimits.maxTagValueLength)")
             }
             guard seen.insert(t.key).inserted else { throw KMSError(.validation, "duplicate tag key '\(t.key.prefix(64))'") }

@@ -41,7 +41,7 @@ public final class RootKey: Sendable {
         if let dir = credentialsDirectory, !dir.isEmpty {
             let path = dir + "/root-key"
             if FileManager.default.fileExists(atPath: path) {
-                return (try RootKey(material: readKeyFile(path)), .credential(path))
+                return (try RootKey(material: readKeyFile(path, privateOnly: false)), .credential(path))
             }
         }
         if let file {
@@ -59,12 +59,16 @@ public final class RootKey: Sendable {
     }
 
     /// Reads exactly 32 raw bytes into locked memory without an intermediate heap copy.
-    static func readKeyFile(_ path: String) throws -> SecureBytes {
+    /// A key file others may read is refused (systemd credentials are private by construction).
+    static func readKeyFile(_ path: String, privateOnly: Bool = true) throws -> SecureBytes {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw RootKeyError("cannot open root key \(path): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw RootKeyError("cannot stat root key \(path)") }
+        guard !privateOnly || st.st_mode & 0o077 == 0 else {
+            throw RootKeyError("root key \(path) is readable by others (mode \(String(st.st_mode & 0o777, radix: 8))); run: chmod 600 \(path)")
+        }
         guard st.st_size == byteCount else {
             throw RootKeyError("root key \(path) must hold exactly \(byteCount) raw bytes; it holds \(st.st_size). Create one with: head -c 32 /dev/urandom > FILE")
         }

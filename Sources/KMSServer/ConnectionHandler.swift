@@ -2,14 +2,25 @@ import KMSCore
 import KMSProtocol
 import NIOCore
 import NIOPosix
+import Synchronization
+
+/// Requests the whole server has accepted but not yet answered, and whether it is draining.
+final class RequestTracker: Sendable {
+    /// Requests read from a socket whose response has not been written out yet.
+    let pending = Atomic<Int>(0)
+    /// Set on SIGTERM: connections stop reading new requests.
+    let draining = Atomic<Bool>(false)
+}
 
 /// One client connection: decodes requests, runs them on the worker pool with at most
 /// `maxInFlight` at once, writes responses (in completion order, matched by id), and closes on
 /// framing errors or idleness.
 ///
-/// Beyond `maxInFlight`, decoded frames wait here and no further reads are issued, so a client
-/// that pipelines faster than it is answered is slowed down, never errored or allowed to grow
-/// the daemon's memory.
+/// A request counts as in flight from the moment it is read until its response has been
+/// written to the socket. No further reads are issued while `maxInFlight` requests are in
+/// flight, while the socket is not writable (the client is not reading its answers), or while
+/// the server drains; so a client that pipelines faster than it reads is slowed down, never
+/// errored, and cannot grow the daemon's memory.
 final class ConnectionHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -19,6 +30,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private let dispatcher: Dispatcher
     private let pool: NIOThreadPool
     private let maxInFlight: Int
+    private let tracker: RequestTracker
     private let onClose: @Sendable () -> Void
 
     private var inFlight = 0
@@ -27,11 +39,13 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var closing = false
     private var inputClosed = false
 
-    init(principal: Principal, dispatcher: Dispatcher, pool: NIOThreadPool, maxInFlight: Int, onClose: @escaping @Sendable () -> Void) {
+    init(principal: Principal, dispatcher: Dispatcher, pool: NIOThreadPool, maxInFlight: Int,
+         tracker: RequestTracker, onClose: @escaping @Sendable () -> Void) {
         self.principal = principal
         self.dispatcher = dispatcher
         self.pool = pool
         self.maxInFlight = maxInFlight
+        self.tracker = tracker
         self.onClose = onClose
     }
 
@@ -47,66 +61,96 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     private func start(_ frame: ByteBuffer, context: ChannelHandlerContext) {
-        let request: KMSRequest
-        do {
-            request = try KMSRequest(frameBody: frame)
-        } catch {
-            // The framing is intact, so answer and keep the connection.
-            dispatcher.auditRejected(action: "Unknown", principal: principal, error: error)
-            write(.failure(id: KMSProtocolConstants.connectionErrorRequestID, error), context: context)
-            return
-        }
         inFlight += 1
+        tracker.pending.add(1, ordering: .relaxed)
         let dispatcher = self.dispatcher
         let principal = self.principal
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        pool.runIfActive(eventLoop: context.eventLoop) {
-            dispatcher.handle(request, principal: principal)
+        // Decoding, handling and auditing all run on the worker pool, never on the event loop.
+        pool.runIfActive(eventLoop: context.eventLoop) { () -> KMSResponse in
+            do throws(KMSError) {
+                return dispatcher.handle(try KMSRequest(frameBody: frame), principal: principal)
+            } catch {
+                // The framing is intact, so answer and keep the connection.
+                dispatcher.auditRejected(action: "Unknown", principal: principal, error: error)
+                return .failure(id: KMSProtocolConstants.connectionErrorRequestID, error)
+            }
         }.whenComplete { result in
             let (handler, context) = loopBound.value
-            handler.inFlight -= 1
             switch result {
             case .success(let response): handler.write(response, context: context)
             case .failure:
-                handler.write(.failure(id: request.id, KMSError(.throttling, "kmsd is shutting down; retry against the restarted daemon")), context: context)
-            }
-            handler.startWaiting(context: context)
-            handler.closeIfDone(context: context)
-            if handler.readPending, handler.inFlight < handler.maxInFlight, handler.waiting.isEmpty {
-                handler.readPending = false
-                context.read()
+                handler.write(.failure(id: KMSProtocolConstants.connectionErrorRequestID,
+                                       KMSError(.throttling, "kmsd is shutting down; retry against the restarted daemon")), context: context)
             }
         }
     }
 
+    /// Writes one response; the request stops being in flight once the bytes reach the socket.
     private func write(_ response: KMSResponse, context: ChannelHandlerContext) {
-        guard context.channel.isActive, let body = try? response.frameBody(allocator: context.channel.allocator) else { return }
-        context.writeAndFlush(wrapOutboundOut(body), promise: nil)
+        let done: @Sendable (Result<Void, Error>) -> Void
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        done = { _ in
+            let (handler, context) = loopBound.value
+            handler.inFlight -= 1
+            handler.tracker.pending.subtract(1, ordering: .relaxed)
+            handler.startWaiting(context: context)
+            handler.closeIfDone(context: context)
+            handler.readIfAllowed(context: context)
+        }
+        guard context.channel.isActive, let body = try? response.frameBody(allocator: context.channel.allocator) else {
+            done(.success(()))
+            return
+        }
+        context.writeAndFlush(wrapOutboundOut(body)).whenComplete(done)
     }
 
-    func read(context: ChannelHandlerContext) {
-        if inFlight >= maxInFlight || !waiting.isEmpty {
-            readPending = true
-        } else {
+    private var mayRead: Bool {
+        inFlight < maxInFlight && waiting.isEmpty && !closing && !tracker.draining.load(ordering: .relaxed)
+    }
+
+    private func readIfAllowed(context: ChannelHandlerContext) {
+        if readPending, mayRead, context.channel.isWritable {
+            readPending = false
             context.read()
         }
     }
 
+    func read(context: ChannelHandlerContext) {
+        if mayRead, context.channel.isWritable {
+            context.read()
+        } else {
+            readPending = true
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        readIfAllowed(context: context)
+        context.fireChannelWritabilityChanged()
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        if let e = error as? FrameLengthError {
-            closing = true
-            let reason = e.announced == 0 ? "an empty frame" : "a frame of \(e.announced) bytes"
-            let failure = KMSError(.validation, "\(reason) is not allowed; frames are 1...\(e.maximum) bytes. The connection is closed")
+        guard let e = error as? FrameLengthError else {
+            context.close(promise: nil)
+            return
+        }
+        closing = true
+        let reason = e.announced == 0 ? "an empty frame" : "a frame of \(e.announced) bytes"
+        let failure = KMSError(.validation, "\(reason) is not allowed; frames are 1...\(e.maximum) bytes. The connection is closed")
+        let response = KMSResponse.failure(id: KMSProtocolConstants.connectionErrorRequestID, failure)
+        let dispatcher = self.dispatcher, principal = self.principal
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        pool.runIfActive(eventLoop: context.eventLoop) {
             dispatcher.auditRejected(action: "Unknown", principal: principal, error: failure)
-            let response = KMSResponse.failure(id: KMSProtocolConstants.connectionErrorRequestID, failure)
+        }.whenComplete { _ in
+            let (handler, context) = loopBound.value
             if let body = try? response.frameBody(allocator: context.channel.allocator) {
-                context.writeAndFlush(wrapOutboundOut(body)).whenComplete { _ in context.close(promise: nil) }
+                let channel = context.channel
+                context.writeAndFlush(handler.wrapOutboundOut(body)).whenComplete { _ in channel.close(promise: nil) }
             } else {
                 context.close(promise: nil)
             }
-            return
         }
-        context.close(promise: nil)
     }
 
     /// After the client half-closed, close once every request has been answered.
@@ -123,7 +167,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
             closeIfDone(context: context)
             return
         }
-        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read, inFlight == 0 {
+        // Idle: nothing in flight and nothing read for the idle timeout. A client that stopped
+        // reading its answers also lands here, since no reads are issued while it is unwritable.
+        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read, inFlight == 0 || !context.channel.isWritable {
             context.close(promise: nil)
             return
         }
@@ -157,7 +203,8 @@ final class RefusingHandler: ChannelInboundHandler {
     private func refuse(context: ChannelHandlerContext) {
         var frame = context.channel.allocator.buffer(capacity: 256)
         frame.writeFrame((try? response.serializedBytes()) ?? [])
-        context.writeAndFlush(wrapOutboundOut(frame)).whenComplete { _ in context.close(promise: nil) }
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(frame)).whenComplete { _ in channel.close(promise: nil) }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}

@@ -1,10 +1,10 @@
 import Foundation
 import KMSCore
 import KMSProtocol
-import Synchronization
 
 /// What a handler tells the audit log about the request, beyond who and what.
 struct AuditDetails {
+    /// Only ever a parsed key id: a client's raw text never reaches the audit log.
     var keyID = ""
     var keyVersion: UInt32? = nil
     var contextKeys = ""
@@ -12,6 +12,14 @@ struct AuditDetails {
     var sourceKeyID: String? = nil
     var sourceKeyVersion: UInt32? = nil
     var sourceContextKeys: String? = nil
+}
+
+extension AuditDetails {
+    /// The key id a request named, as kmsd understood it; "invalid" for text that names no key.
+    static func keyID(requested text: String) -> String {
+        guard !text.isEmpty else { return "" }
+        return (try? KeyID(parsing: text))?.description ?? "invalid"
+    }
 }
 
 /// Everything a handler may use: the caller, the key service and the server's settings.
@@ -36,8 +44,6 @@ final class Dispatcher: Sendable {
     let service: KeyService
     let audit: AuditLog
     let settings: ServerSettings
-    /// Requests being handled right now, so shutdown can drain them.
-    let inFlight = Atomic<Int>(0)
 
     init(service: KeyService, audit: AuditLog, settings: ServerSettings) {
         self.service = service
@@ -77,8 +83,6 @@ final class Dispatcher: Sendable {
 
     /// Handles one request end to end; the audit record is written before this returns.
     func handle(_ request: KMSRequest, principal: Principal) -> KMSResponse {
-        inFlight.add(1, ordering: .relaxed)
-        defer { inFlight.subtract(1, ordering: .relaxed) }
         let start = DispatchTime.now().uptimeNanoseconds
         var details = AuditDetails()
         let outcome: Result<Result_, KMSError>

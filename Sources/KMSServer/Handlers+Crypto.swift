@@ -16,7 +16,7 @@ enum CryptoHandlers {
     }
 
     static func encrypt(_ r: Kmsd_V1_EncryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_EncryptResponse {
-        d.keyID = r.keyID
+        d.keyID = AuditDetails.keyID(requested: r.keyID)
         d.contextKeys = EncryptionContext.auditKeys(r.encryptionContext)
         try checkAlgorithm(r.encryptionAlgorithm)
         let sealed = try ctx.service.encrypt(keyID: r.keyID, plaintext: Array(r.plaintext), context: r.encryptionContext, caller: ctx.principal)
@@ -46,7 +46,7 @@ enum CryptoHandlers {
         noteBlob(Array(r.ciphertextBlob), into: &d)
         d.sourceKeyID = d.keyID
         d.sourceKeyVersion = d.keyVersion
-        d.keyID = r.destinationKeyID
+        d.keyID = AuditDetails.keyID(requested: r.destinationKeyID)
         d.keyVersion = nil
         d.contextKeys = EncryptionContext.auditKeys(r.destinationEncryptionContext)
         d.sourceContextKeys = EncryptionContext.auditKeys(r.sourceEncryptionContext)
@@ -66,7 +66,7 @@ enum CryptoHandlers {
     /// The shared half of GenerateDataKey and GenerateDataKeyWithoutPlaintext.
     static func dataKey(keyID: String, keySpec: String, numberOfBytes: UInt32, context: [String: String],
                         _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> (plaintext: SecureBytes, sealed: KeyService.Sealed) {
-        d.keyID = keyID
+        d.keyID = AuditDetails.keyID(requested: keyID)
         d.contextKeys = EncryptionContext.auditKeys(context)
         let result = try ctx.service.generateDataKey(keyID: keyID, keySpec: keySpec, numberOfBytes: numberOfBytes,
                                                      context: context, caller: ctx.principal)

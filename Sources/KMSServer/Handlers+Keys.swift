@@ -16,7 +16,7 @@ enum KeyHandlers {
     }
 
     static func describeKey(_ r: Kmsd_V1_DescribeKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_DescribeKeyResponse {
-        d.keyID = r.keyID
+        d.keyID = AuditDetails.keyID(requested: r.keyID)
         let record = try ctx.service.describeKey(r.keyID, caller: ctx.principal)
         d.keyID = record.keyID.description
         return .with { $0.keyMetadata = metadata(record) }

@@ -18,6 +18,7 @@ public final class Server: @unchecked Sendable {
     let pool: NIOThreadPool
     let dispatcher: Dispatcher
     let limits: ConnectionLimits
+    let tracker = RequestTracker()
     var channel: Channel?
     public let rootKeySource: RootKey.Source
 
@@ -97,10 +98,15 @@ public final class Server: @unchecked Sendable {
 
         terminate.wait()
         _ = sd_notify(0, "STOPPING=1\nSTATUS=draining in-flight requests")
-        FileHandle.standardErrorWrite("kmsd: stopping: no new connections; draining in-flight requests\n")
+        FileHandle.standardErrorWrite("kmsd: stopping: no new connections or requests; answering those in flight\n")
+        tracker.draining.store(true, ordering: .relaxed)
         try? listening.close().wait()
         let deadline = Date().addingTimeInterval(Double(c.drainTimeoutSeconds))
-        while dispatcher.inFlight.load(ordering: .relaxed) > 0, Date() < deadline { usleep(10_000) }
+        while tracker.pending.load(ordering: .relaxed) > 0, Date() < deadline { usleep(10_000) }
+        let unanswered = tracker.pending.load(ordering: .relaxed)
+        if unanswered > 0 {
+            FileHandle.standardErrorWrite("kmsd: drain deadline (\(c.drainTimeoutSeconds) s) passed with \(unanswered) requests unanswered\n")
+        }
         if !activated { unlink(c.effectiveSocketPath) }
         try? pool.syncShutdownGracefully()
         try? group.syncShutdownGracefully()
@@ -109,12 +115,19 @@ public final class Server: @unchecked Sendable {
 
     private func initialize(_ channel: Channel) -> EventLoopFuture<Void> {
         let c = configuration
-        return PeerCredentials.read(channel).flatMap { principal in
+        let pool = self.pool
+        // The kernel's answer is read on the event loop; resolving it (/proc, passwd) may block,
+        // so it runs on the worker pool.
+        return PeerCredentials.read(channel).flatMap { raw in
+            pool.runIfActive(eventLoop: channel.eventLoop) { PeerCredentials.resolve(raw) }
+        }.flatMap { principal in
             if let refusal = self.limits.acquire(uid: principal.uid) {
                 let failure = KMSError(.limitExceeded, refusal)
-                self.dispatcher.auditRejected(action: "Connect", principal: principal, error: failure)
                 let response = KMSResponse.failure(id: KMSProtocolConstants.connectionErrorRequestID, failure)
-                return channel.eventLoop.makeCompletedFuture {
+                let dispatcher = self.dispatcher
+                return pool.runIfActive(eventLoop: channel.eventLoop) {
+                    dispatcher.auditRejected(action: "Connect", principal: principal, error: failure)
+                }.flatMapThrowing {
                     try channel.pipeline.syncOperations.addHandler(RefusingHandler(response: response))
                 }
             }
@@ -125,7 +138,7 @@ public final class Server: @unchecked Sendable {
                     ByteToMessageHandler(FrameDecoder(maxFrameBytes: c.maxFrameBytes)),
                     MessageToByteHandler(FrameEncoder()),
                     ConnectionHandler(principal: principal, dispatcher: self.dispatcher, pool: self.pool,
-                                      maxInFlight: c.maxInFlightPerConnection, onClose: release),
+                                      maxInFlight: c.maxInFlightPerConnection, tracker: self.tracker, onClose: release),
                 ])
             } catch {
                 release()

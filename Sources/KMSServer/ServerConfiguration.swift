@@ -41,11 +41,14 @@ public struct ServerConfiguration: Sendable, Equatable {
         guard (32768...KMSProtocolConstants.maxConfigurableFrameBytes).contains(maxFrameBytes) else {
             throw fail("maxFrameBytes must be 32768...\(KMSProtocolConstants.maxConfigurableFrameBytes)")
         }
-        guard maxConnections >= 1, maxConnectionsPerUID >= 1, maxInFlightPerConnection >= 1 else {
-            throw fail("maxConnections, maxConnectionsPerUid and maxInFlightPerConnection must be at least 1")
-        }
-        guard idleTimeoutSeconds >= 1, workerThreads >= 1, workerThreads <= 256, keyCacheCapacity >= 1 else {
-            throw fail("idleTimeoutSeconds, workerThreads (1...256) and keyCacheCapacity must be at least 1")
+        for (name, value, range) in [("maxConnections", maxConnections, 1...1_000_000),
+                                     ("maxConnectionsPerUid", maxConnectionsPerUID, 1...1_000_000),
+                                     ("maxInFlightPerConnection", maxInFlightPerConnection, 1...65_536),
+                                     ("idleTimeoutSeconds", idleTimeoutSeconds, 1...604_800),
+                                     ("workerThreads", workerThreads, 1...256),
+                                     ("keyCacheCapacity", keyCacheCapacity, 1...10_000_000),
+                                     ("drainTimeoutSeconds", drainTimeoutSeconds, 0...3600)] {
+            guard range.contains(value) else { throw fail("\(name) must be \(range.lowerBound)...\(range.upperBound), not \(value)") }
         }
         guard socketMode <= 0o777 else { throw fail("socketMode must be an octal mode like \"0660\"") }
         guard !allowUnlockedMemory || development else {
@@ -110,8 +113,10 @@ public struct ServerConfiguration: Sendable, Equatable {
         for (k, v) in a {
             switch k {
             case "uids":
-                guard let list = v as? [Int] else { throw ConfigurationError("\(file): administrators.uids must be a list of numbers") }
-                admins.uids.formUnion(list.map { UInt32($0) })
+                guard let list = v as? [Int], let uids = Optional(list.compactMap { UInt32(exactly: $0) }), uids.count == list.count else {
+                    throw ConfigurationError("\(file): administrators.uids must be a list of uids (0...4294967295)")
+                }
+                admins.uids.formUnion(uids)
             case "users":
                 guard let list = v as? [String] else { throw ConfigurationError("\(file): administrators.users must be a list of names") }
                 for name in list {

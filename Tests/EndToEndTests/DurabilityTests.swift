@@ -61,8 +61,9 @@ struct DurabilityTests {
         #expect(daemon.log.contains("root key does not match this keystore"))
     }
 
-    @Test func keyMaterialIsNotInTheStateDirectory() async throws {
-        // Data keys are returned in the clear once, and stored nowhere.
+    @Test func dataKeysAreNotPersisted() async throws {
+        // Data keys are returned in the clear once and stored nowhere. (That key material is
+        // stored only wrapped is shown through the keystore API in KeyRepositoryTests.)
         let daemon = try Daemon()
         let client = daemon.client()
         let key = try await client.createKey()

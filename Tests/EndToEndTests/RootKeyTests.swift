@@ -84,3 +84,13 @@ struct RootKeyTests {
         #expect(!FileManager.default.fileExists(atPath: dir + "/state/kmsd.sock"), "kmsd bound no socket of its own")
     }
 }
+
+extension RootKeyTests {
+    @Test func aRootKeyFileOthersCanReadIsRefused() throws {
+        let dir = try Paths.tempDir("openkey")
+        try writeKey(dir + "/key")
+        chmod(dir + "/key", 0o644)
+        let r = try run(Paths.kmsd, ["--state-dir", dir + "/state", "--root-key-file", dir + "/key"], env: ["CREDENTIALS_DIRECTORY": ""])
+        #expect(r.status != 0 && r.stderr.contains("readable by others") && r.stderr.contains("chmod 600"), "\(r.stderr)")
+    }
+}
