@@ -69,6 +69,7 @@ let package = Package(
         ),
         .testTarget(name: "KMSCryptoTests", dependencies: ["KMSCrypto"]),
         .testTarget(name: "KMSCoreTests", dependencies: ["KMSCore", "KMSCrypto", "KMSProtocol", "CSQLite"]),
+        .testTarget(name: "KMSServerTests", dependencies: ["KMSServer", "KMSCore"]),
         .testTarget(
             name: "EndToEndTests",
             dependencies: ["KMSClient", "KMSProtocol", .product(name: "NIOCore", package: "swift-nio")]

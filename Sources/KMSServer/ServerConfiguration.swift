@@ -88,7 +88,7 @@ public struct ServerConfiguration: Sendable, Equatable {
             case "socketGroup": c.socketGroup = try str()
             case "rootKeyFile": c.rootKeyFile = try str()
             case "administrators":
-                guard let a = value as? [String: Any] else { throw ConfigurationError("\(file): administrators must be an object with uids, users, groups") }
+                guard let a = value as? [String: Any] else { throw ConfigurationError("\(file): administrators must be an object with uids, gids, users, groups") }
                 c.administrators = try parseAdministrators(a, file: file)
             case "maxFrameBytes": c.maxFrameBytes = try int()
             case "maxConnections": c.maxConnections = try int()
@@ -117,6 +117,11 @@ public struct ServerConfiguration: Sendable, Equatable {
                     throw ConfigurationError("\(file): administrators.uids must be a list of uids (0...4294967295)")
                 }
                 admins.uids.formUnion(uids)
+            case "gids":
+                guard let list = v as? [Int], let gids = Optional(list.compactMap { UInt32(exactly: $0) }), gids.count == list.count else {
+                    throw ConfigurationError("\(file): administrators.gids must be a list of gids (0...4294967295)")
+                }
+                admins.gids.formUnion(gids)
             case "users":
                 guard let list = v as? [String] else { throw ConfigurationError("\(file): administrators.users must be a list of names") }
                 for name in list {

@@ -42,6 +42,9 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("admin-uid"), help: ArgumentHelp("A uid that administers kmsd (may create keys). Repeatable; replaces the default (0).", valueName: "uid"))
     var adminUIDs: [UInt32] = []
 
+    @Option(name: .customLong("admin-gid"), help: ArgumentHelp("A group whose members (primary or supplementary) administer kmsd. Repeatable.", valueName: "gid"))
+    var adminGIDs: [UInt32] = []
+
     @Option(name: .customLong("max-frame-bytes"), help: ArgumentHelp("Largest request frame accepted. Default 65536.", valueName: "n"))
     var maxFrameBytes: Int?
 
@@ -79,6 +82,7 @@ struct KMSD: ParsableCommand {
         if let socketGroup { c.socketGroup = socketGroup }
         if let rootKeyFile { c.rootKeyFile = rootKeyFile }
         if !adminUIDs.isEmpty { c.administrators.uids = Set(adminUIDs) }
+        if !adminGIDs.isEmpty { c.administrators.gids = Set(adminGIDs) }
         if let maxFrameBytes { c.maxFrameBytes = maxFrameBytes }
         if let maxConnections { c.maxConnections = maxConnections }
         if let maxConnectionsPerUID { c.maxConnectionsPerUID = maxConnectionsPerUID }

@@ -44,6 +44,21 @@ final class AccessTests {
         #expect(admin["IsAdministrator"] as? Bool == true)
     }
 
+    @Test func supplementaryGroupsComeFromTheSocketAndCanMakeAnAdministrator() throws {
+        let groups = try runAs(uid: Self.mallory, [Paths.kmsctl, "whoami", "--json"], env: ["KMSD_SOCKET": daemon.socket],
+                               groups: [4242, 4343])
+        let me = try json(groups)
+        #expect(me["Groups"] as? [Int] == [4242, 4343])
+        #expect(me["IsAdministrator"] as? Bool == false)
+        // A daemon whose administrators are the members of group 4343.
+        let byGroup = try Daemon(arguments: ["--admin-uid", "0", "--admin-gid", "4343"])
+        defer { byGroup.stop() }
+        let member = try runAs(uid: Self.mallory, [Paths.kmsctl, "create-key", "--json"], env: ["KMSD_SOCKET": byGroup.socket], groups: [4343])
+        #expect(member.status == 0, "\(member.stderr)")
+        let outsider = try runAs(uid: Self.mallory, [Paths.kmsctl, "create-key"], env: ["KMSD_SOCKET": byGroup.socket], groups: [4242])
+        #expect(outsider.stderr.hasPrefix("kmsctl: AccessDeniedException: "), "\(outsider.stderr)")
+    }
+
     @Test func onlyAdministratorsCreateKeys() throws {
         let denied = try kmsctl(Self.mallory, ["create-key"])
         #expect(denied.status != 0)

@@ -54,9 +54,11 @@ func run(_ executable: String, _ args: [String], stdin: Data = Data(), env: [Str
     return ProcessResult(status: p.terminationStatus, stdout: out, stderr: String(decoding: err, as: UTF8.self))
 }
 
-/// Runs `argv` as another user through `setpriv` (needs root).
-func runAs(uid: UInt32, _ argv: [String], stdin: Data = Data(), env: [String: String] = [:]) throws -> ProcessResult {
-    try run("/usr/bin/setpriv", ["--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--"] + argv, stdin: stdin, env: env)
+/// Runs `argv` as another user (gid = uid, the given supplementary groups) through `setpriv`
+/// (needs root).
+func runAs(uid: UInt32, _ argv: [String], stdin: Data = Data(), env: [String: String] = [:], groups: [UInt32] = []) throws -> ProcessResult {
+    let groupArgs = groups.isEmpty ? ["--clear-groups"] : ["--groups=" + groups.map(String.init).joined(separator: ",")]
+    return try run("/usr/bin/setpriv", ["--reuid=\(uid)", "--regid=\(uid)"] + groupArgs + ["--"] + argv, stdin: stdin, env: env)
 }
 
 var isRoot: Bool { getuid() == 0 }

@@ -1,0 +1,84 @@
+import Foundation
+import KMSCore
+@testable import KMSServer
+import Testing
+
+/// The parts of the server that turn text into decisions: /proc parsing and configuration.
+struct PeerParsingTests {
+    @Test(arguments: [
+        ("0::/system.slice/billing.service\n", "billing.service"),
+        ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/run-u42.scope\n", "run-u42.scope"),
+        ("0::/system.slice/kmsd.service/worker\n", "kmsd.service"),
+        ("0::/\n", nil),
+        ("12:memory:/docker/abc\n", nil),
+    ] as [(String, String?)])
+    func unitFromCgroup(_ cgroup: String, _ unit: String?) {
+        #expect(PeerCredentials.unit(fromCgroup: cgroup) == unit)
+    }
+
+    @Test func groupsFromStatus() {
+        let status = "Name:\tpython3\nUid:\t1000\t1000\t1000\t1000\nGroups:\t4 24 27 1000 \nVmLck:\t0 kB\n"
+        #expect(PeerCredentials.groups(fromStatus: status) == [4, 24, 27, 1000])
+        #expect(PeerCredentials.groups(fromStatus: "Groups:\t\n").isEmpty)
+    }
+
+    @Test func administratorsByUIDAndGroup() {
+        let admins = Administrators(uids: [0], gids: [4343])
+        #expect(admins.contains(Principal(uid: 0, gid: 0, pid: 1, userName: "root")))
+        #expect(admins.contains(Principal(uid: 1000, gid: 1000, pid: 1, userName: "a", groups: [27, 4343])))
+        #expect(admins.contains(Principal(uid: 1000, gid: 4343, pid: 1, userName: "a")))
+        #expect(!admins.contains(Principal(uid: 1000, gid: 1000, pid: 1, userName: "a", groups: [27])))
+    }
+}
+
+struct ConfigurationTests {
+    func load(_ json: String) throws -> ServerConfiguration {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("kmsd-config-\(UUID().uuidString).json").path
+        try Data(json.utf8).write(to: URL(fileURLWithPath: path))
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        return try ServerConfiguration.load(file: path)
+    }
+
+    @Test func readsEverySetting() throws {
+        let c = try load("""
+        {"stateDirectory": "/s", "socketPath": "/r/k.sock", "socketMode": "0660", "rootKeyFile": "/k",
+         "administrators": {"uids": [0, 1000], "gids": [50]}, "maxFrameBytes": 131072, "maxConnections": 10,
+         "maxConnectionsPerUid": 2, "maxInFlightPerConnection": 8, "idleTimeoutSeconds": 60, "auditFailClosed": false,
+         "workerThreads": 2, "keyCacheCapacity": 100, "drainTimeoutSeconds": 5}
+        """)
+        #expect(c.stateDirectory == "/s" && c.effectiveSocketPath == "/r/k.sock" && c.socketMode == 0o660)
+        #expect(c.administrators == Administrators(uids: [0, 1000], gids: [50]))
+        #expect(c.maxFrameBytes == 131072 && c.maxConnections == 10 && c.maxConnectionsPerUID == 2)
+        #expect(c.maxInFlightPerConnection == 8 && c.idleTimeoutSeconds == 60 && !c.auditFailClosed)
+        #expect(c.workerThreads == 2 && c.keyCacheCapacity == 100 && c.drainTimeoutSeconds == 5 && c.rootKeyFile == "/k")
+    }
+
+    @Test func defaultsAreSafe() throws {
+        let c = try load("{}")
+        #expect(c.auditFailClosed && !c.development && !c.allowUnlockedMemory)
+        #expect(c.administrators == Administrators(uids: [0], gids: []))
+        #expect(c.effectiveSocketPath == "/run/kmsd/kmsd.sock")
+        #expect(c.socketMode == 0o666)
+    }
+
+    @Test(arguments: [
+        (#"{"adminstrators": {}}"#, "unknown setting 'adminstrators'"),
+        (#"{"maxInFlightPerConnection": 5000000000}"#, "maxInFlightPerConnection must be"),
+        (#"{"maxFrameBytes": 100}"#, "maxFrameBytes must be"),
+        (#"{"idleTimeoutSeconds": 0}"#, "idleTimeoutSeconds must be"),
+        (#"{"socketMode": "rw-rw-rw-"}"#, "octal"),
+        (#"{"administrators": {"uids": [-1]}}"#, "administrators.uids"),
+        (#"{"administrators": {"users": ["no-such-user-kmsd"]}}"#, "does not exist"),
+        (#"{"allowUnlockedMemory": true}"#, "only in development mode"),
+        (#"{"auditFailClosed": "yes"}"#, "true or false"),
+        (#"[1, 2]"#, "not a JSON object"),
+    ])
+    func refusesBadConfiguration(_ json: String, _ message: String) {
+        do {
+            _ = try load(json)
+            Issue.record("accepted \(json)")
+        } catch {
+            #expect("\(error)".contains(message), "\(error)")
+        }
+    }
+}
