@@ -2,13 +2,19 @@ import Foundation
 import KMSProtocol
 
 /// A key's identifier: a random UUID, written lowercase (`1234abcd-12ab-34cd-56ef-1234567890ab`).
+///
+/// Parsed and printed by hand (every request names a key, and Foundation's UUID goes through
+/// sscanf/printf); stored as its text.
 public struct KeyID: Hashable, Sendable, Comparable, CustomStringConvertible, Codable {
-    public let uuid: UUID
+    /// The 16 bytes in RFC 4122 order, as in the ciphertext header.
+    public let bytes: [UInt8]
+    /// The lowercase textual form.
+    public let description: String
 
-    public init(uuid: UUID) { self.uuid = uuid }
-
-    /// A fresh random key id.
-    public static func random() -> KeyID { KeyID(uuid: UUID()) }
+    /// A fresh random key id (version 4 UUID).
+    public static func random() -> KeyID {
+        KeyID(bytes: withUnsafeBytes(of: UUID().uuid) { Array($0) })
+    }
 
     /// Parses a key id or a key ARN (`kmsd:key/<uuid>`).
     ///
@@ -21,27 +27,68 @@ public struct KeyID: Hashable, Sendable, Comparable, CustomStringConvertible, Co
         if body.hasPrefix("alias/") {
             throw KMSError(.notFound, "aliases are not supported yet; pass the key id (a UUID)")
         }
-        guard body.count == 36, let uuid = UUID(uuidString: String(body)) else {
-            throw KMSError(.notFound, "'\(text.prefix(80))' is not a key id; key ids look like 1234abcd-12ab-34cd-56ef-1234567890ab")
+        guard let bytes = Self.parseUUID(body.utf8) else {
+            throw KMSError(.notFound, "that is not a key id; key ids look like 1234abcd-12ab-34cd-56ef-1234567890ab")
         }
-        self.uuid = uuid
+        self.init(bytes: bytes)
     }
 
-    /// The 16 bytes of the UUID in RFC 4122 order (as in the ciphertext header).
+    /// The key id whose 16 bytes (RFC 4122 order) are `bytes`.
     public init(bytes: some Collection<UInt8>) {
         precondition(bytes.count == 16)
-        let b = Array(bytes)
-        uuid = UUID(uuid: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]))
+        self.bytes = Array(bytes)
+        let hex = Array("0123456789abcdef".utf8)
+        var text: [UInt8] = []
+        text.reserveCapacity(36)
+        for (i, b) in self.bytes.enumerated() {
+            if i == 4 || i == 6 || i == 8 || i == 10 { text.append(UInt8(ascii: "-")) }
+            text.append(hex[Int(b >> 4)])
+            text.append(hex[Int(b & 0x0f)])
+        }
+        description = String(decoding: text, as: UTF8.self)
     }
 
-    public var bytes: [UInt8] {
-        withUnsafeBytes(of: uuid.uuid) { Array($0) }
+    /// 8-4-4-4-12 hex digits, either case.
+    static func parseUUID(_ utf8: Substring.UTF8View) -> [UInt8]? {
+        guard utf8.count == 36 else { return nil }
+        var out: [UInt8] = []
+        out.reserveCapacity(16)
+        var high: UInt8? = nil
+        for (i, c) in utf8.enumerated() {
+            if i == 8 || i == 13 || i == 18 || i == 23 {
+                guard c == UInt8(ascii: "-") else { return nil }
+                continue
+            }
+            let v: UInt8
+            switch c {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): v = c - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): v = c - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): v = c - UInt8(ascii: "A") + 10
+            default: return nil
+            }
+            if let h = high { out.append(h << 4 | v); high = nil } else { high = v }
+        }
+        return out.count == 16 ? out : nil
     }
 
     public static let arnPrefix = "kmsd:key/"
 
-    public var description: String { uuid.uuidString.lowercased() }
     public var arn: String { Self.arnPrefix + description }
 
-    public static func < (a: KeyID, b: KeyID) -> Bool { a.description < b.description }
+    public static func < (a: KeyID, b: KeyID) -> Bool { a.bytes.lexicographicallyPrecedes(b.bytes) }
+    public static func == (a: KeyID, b: KeyID) -> Bool { a.bytes == b.bytes }
+    public func hash(into hasher: inout Hasher) { hasher.combine(bytes) }
+
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        guard let bytes = Self.parseUUID(Substring(text).utf8) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a key id"))
+        }
+        self.init(bytes: bytes)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.singleValueContainer()
+        try c.encode(description)
+    }
 }

@@ -51,46 +51,62 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         waiting.append(unwrapInboundIn(data))
-        startWaiting(context: context)
     }
 
+    func channelReadComplete(context: ChannelHandlerContext) {
+        startWaiting(context: context)
+        context.fireChannelReadComplete()
+    }
+
+    /// Most requests handed to a worker as one task: frames that arrived together are handled
+    /// together (fewer thread hops), in batches small enough that one slow request delays few.
+    static let batchLimit = 16
+
     private func startWaiting(context: ChannelHandlerContext) {
-        while inFlight < maxInFlight, !closing, let frame = waiting.popFirst() {
-            start(frame, context: context)
+        while inFlight < maxInFlight, !closing, !waiting.isEmpty {
+            var batch: [ByteBuffer] = []
+            while batch.count < Self.batchLimit, inFlight + batch.count < maxInFlight, let frame = waiting.popFirst() {
+                batch.append(frame)
+            }
+            start(batch, context: context)
         }
     }
 
-    private func start(_ frame: ByteBuffer, context: ChannelHandlerContext) {
-        inFlight += 1
-        tracker.pending.add(1, ordering: .relaxed)
+    private func start(_ frames: [ByteBuffer], context: ChannelHandlerContext) {
+        inFlight += frames.count
+        tracker.pending.add(frames.count, ordering: .relaxed)
         let dispatcher = self.dispatcher
         let principal = self.principal
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         // Decoding, handling and auditing all run on the worker pool, never on the event loop.
-        pool.runIfActive(eventLoop: context.eventLoop) { () -> KMSResponse in
-            do throws(KMSError) {
-                return dispatcher.handle(try KMSRequest(frameBody: frame), principal: principal)
-            } catch {
-                // The framing is intact, so answer and keep the connection.
-                dispatcher.auditRejected(action: "Unknown", principal: principal, error: error)
-                return .failure(id: KMSProtocolConstants.connectionErrorRequestID, error)
+        pool.runIfActive(eventLoop: context.eventLoop) { () -> [KMSResponse] in
+            frames.map { frame in
+                do throws(KMSError) {
+                    return dispatcher.handle(try KMSRequest(frameBody: frame), principal: principal)
+                } catch {
+                    // The framing is intact, so answer and keep the connection.
+                    dispatcher.auditRejected(action: "Unknown", principal: principal, error: error)
+                    return .failure(id: KMSProtocolConstants.connectionErrorRequestID, error)
+                }
             }
         }.whenComplete { result in
             let (handler, context) = loopBound.value
             switch result {
-            case .success(let response): handler.write(response, context: context)
+            case .success(let responses):
+                for response in responses { handler.write(response, context: context) }
             case .failure:
-                handler.write(.failure(id: KMSProtocolConstants.connectionErrorRequestID,
-                                       KMSError(.throttling, "kmsd is shutting down; retry against the restarted daemon")), context: context)
+                let stopping = KMSError(.throttling, "kmsd is shutting down; retry against the restarted daemon")
+                for _ in frames { handler.write(.failure(id: KMSProtocolConstants.connectionErrorRequestID, stopping), context: context) }
             }
+            context.flush()
         }
     }
 
-    /// Writes one response; the request stops being in flight once the bytes reach the socket.
+    /// Writes one response (the caller flushes); the request stops being in flight once the
+    /// bytes reach the socket.
     private func write(_ response: KMSResponse, context: ChannelHandlerContext) {
-        let done: @Sendable (Result<Void, Error>) -> Void
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        done = { _ in
+        let done: @Sendable (Result<Void, Error>) -> Void = { _ in
             let (handler, context) = loopBound.value
             handler.inFlight -= 1
             handler.tracker.pending.subtract(1, ordering: .relaxed)
@@ -102,7 +118,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             done(.success(()))
             return
         }
-        context.writeAndFlush(wrapOutboundOut(body)).whenComplete(done)
+        context.write(wrapOutboundOut(body)).whenComplete(done)
     }
 
     private var mayRead: Bool {
@@ -164,6 +180,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let e = event as? ChannelEvent, e == .inputClosed {
             inputClosed = true
+            startWaiting(context: context)  // frames decoded at EOF come without a read-complete
             closeIfDone(context: context)
             return
         }

@@ -67,10 +67,7 @@ struct RootKeyTests {
         let dir = try Paths.tempDir("activate")
         let socket = dir + "/activated.sock"
         let log = dir + "/log"
-        // systemd-socket-activate closes the fds it inherits, which Foundation's Process would
-        // take for an exit (and then block reaping it), so it runs detached from a shell.
-        let started = try run("/bin/sh", ["-c", "setsid /usr/bin/systemd-socket-activate -l \(socket) \(Paths.kmsd) --dev --state-dir \(dir)/state </dev/null >/dev/null 2>\(log) & echo $!"])
-        let pid = try #require(Int32(started.text.trimmingCharacters(in: .whitespacesAndNewlines)))
+        let pid = try spawnDetached("/usr/bin/systemd-socket-activate", ["-l", socket, Paths.kmsd, "--dev", "--state-dir", dir + "/state"], log: log)
         defer { kill(pid, SIGTERM) }
         let deadline = Date().addingTimeInterval(10)
         while !FileManager.default.fileExists(atPath: socket), Date() < deadline { usleep(20_000) }

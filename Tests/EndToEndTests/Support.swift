@@ -114,6 +114,22 @@ final class Daemon: @unchecked Sendable {
     deinit { if process.isRunning { kill(pid, SIGKILL); process.waitUntilExit() } }
 }
 
+/// Starts a daemon in its own session, detached from this process, and returns its pid.
+///
+/// Not through Foundation's Process: daemons such as journald or systemd-socket-activate close
+/// or keep the descriptors they inherit, which Process takes for an exit (or waits on forever).
+func spawnDetached(_ executable: String, _ arguments: [String], log: String) throws -> Int32 {
+    let pidFile = "/tmp/kmsd-spawn-\(UUID().uuidString).pid"
+    defer { unlink(pidFile) }
+    let quoted = ([executable] + arguments).map { "'" + $0.replacingOccurrences(of: "'", with: "'\\''") + "'" }.joined(separator: " ")
+    let status = system("setsid \(quoted) </dev/null >/dev/null 2>>'\(log)' & echo $! > \(pidFile)")
+    guard status == 0, let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+          let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+        throw DaemonError("could not start \(executable)")
+    }
+    return pid
+}
+
 /// Starts `executable` (kmsd, or a launcher such as setpriv or unshare that ends up running it)
 /// with stderr appended to `log`, and waits until kmsd reports it is ready.
 ///
@@ -149,25 +165,32 @@ struct DaemonError: Error, CustomStringConvertible {
 /// A real systemd-journald: the one running, or (as root) a private one started for the tests
 /// and left running (never stop a journald you did not start; this one is ours to leave).
 enum Journal {
-    static let socket = "/run/systemd/journal/socket"
+    static let socketPath = "/run/systemd/journal/socket"
 
     static func ensureRunning() throws {
-        if FileManager.default.fileExists(atPath: socket), journaldRunning() { return }
+        if journaldRunning() { return }
         guard isRoot else { throw DaemonError("no journald is running and starting one needs root") }
         try FileManager.default.createDirectory(atPath: "/run/systemd/journal", withIntermediateDirectories: true)
-        // Detached through a shell: journald closes the fds it inherits, which Foundation's
-        // Process would take for an exit and then block reaping it.
-        try run("/bin/sh", ["-c", "setsid /lib/systemd/systemd-journald </dev/null >/dev/null 2>&1 &"])
+        _ = try spawnDetached("/lib/systemd/systemd-journald", [], log: "/dev/null")
         let deadline = Date().addingTimeInterval(10)
         while Date() < deadline {
-            if FileManager.default.fileExists(atPath: socket) { return }
+            if journaldRunning() { return }
             usleep(20_000)
         }
-        throw DaemonError("systemd-journald did not create \(socket)")
+        throw DaemonError("systemd-journald did not create \(socketPath)")
     }
 
+    /// True when something receives on journald's socket (a stale socket file refuses).
     static func journaldRunning() -> Bool {
-        ((try? run("/usr/bin/pgrep", ["-x", "systemd-journal"]))?.status ?? 1) == 0
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: Array(socketPath.utf8)) }
+        return withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
+        }
     }
 
     /// The audit records of one kmsd process, waiting until at least `count` arrived.
