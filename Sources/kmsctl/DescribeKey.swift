@@ -9,7 +9,7 @@ struct DescribeKey: AsyncParsableCommand {
 
     @OptionGroup var global: GlobalOptions
 
-    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key: key id, key ARN, alias name or alias ARN.", valueName: "id"))
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key: key id or key ARN (kmsd:key/ID).", valueName: "id"))
     var keyID: String
 
     func run() async throws {

@@ -9,7 +9,7 @@ struct Encrypt: AsyncParsableCommand {
 
     @OptionGroup var global: GlobalOptions
 
-    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key to encrypt under: key id, key ARN, alias name or alias ARN.", valueName: "id"))
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key to encrypt under: key id or key ARN (kmsd:key/ID).", valueName: "id"))
     var keyID: String
 
     @Option(name: .customLong("context"), help: ArgumentHelp("Encryption context pair KEY=VALUE (split at the first '='); decrypt needs the same pairs. Repeatable.", valueName: "key=value"))

@@ -49,3 +49,28 @@ func parseKeyValuePairs(_ pairs: [String], option: String) throws -> [String: St
     }
     return result
 }
+
+/// The options of generate-data-key and generate-data-key-without-plaintext.
+struct DataKeyOptions: ParsableArguments {
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key that encrypts the data key: key id or key ARN.", valueName: "id"))
+    var keyID: String
+
+    @Option(name: .customLong("key-spec"), help: ArgumentHelp("AES_256 or AES_128 (give this or --number-of-bytes).", valueName: "spec"))
+    var keySpec: String?
+
+    @Option(name: .customLong("number-of-bytes"), help: ArgumentHelp("Length of the data key in bytes, 1...1024 (give this or --key-spec).", valueName: "n"))
+    var numberOfBytes: UInt32?
+
+    @Option(name: .customLong("context"), help: ArgumentHelp("Encryption context pair KEY=VALUE (split at the first '='). Repeatable.", valueName: "key=value"))
+    var context: [String] = []
+
+    func validate() throws {
+        _ = try parseKeyValuePairs(context, option: "--context")
+        if (keySpec == nil) == (numberOfBytes == nil) {
+            throw ValidationError("give exactly one of --key-spec AES_256|AES_128 and --number-of-bytes N")
+        }
+    }
+
+    /// The --context pairs (already checked by validate()).
+    var contextMap: [String: String] { (try? parseKeyValuePairs(context, option: "--context")) ?? [:] }
+}
