@@ -31,9 +31,10 @@ struct DurabilityTests {
         let key = try await client.createKey(description: "original")
         let blob = try await client.encrypt(keyID: key.keyID, plaintext: [1, 2, 3]).ciphertextBlob
         daemon.stop()
-        // Loosen the key by hand: hand it to uid 1000.
+        // Loosen the key by hand: hand it to another uid.
         let db = daemon.stateDir + "/keystore.sqlite3"
-        let edit = try run("/usr/bin/sqlite3", [db, "UPDATE keys SET record = replace(record, '\"ownerUID\":0', '\"ownerUID\":1000') WHERE key_id = '\(key.keyID)'; SELECT changes();"])
+        let me = getuid(), newOwner = me == 1000 ? 1001 : 1000
+        let edit = try run("/usr/bin/sqlite3", [db, "UPDATE keys SET record = replace(record, '\"ownerUID\":\(me)', '\"ownerUID\":\(newOwner)') WHERE key_id = '\(key.keyID)'; SELECT changes();"])
         #expect(edit.status == 0 && edit.text.trimmingCharacters(in: .whitespacesAndNewlines) == "1", "\(edit.stderr)")
         try daemon.restart()
         let after = daemon.client()

@@ -67,7 +67,8 @@ struct RootKeyTests {
         let dir = try Paths.tempDir("activate")
         let socket = dir + "/activated.sock"
         let log = dir + "/log"
-        let pid = try spawnDetached("/usr/bin/systemd-socket-activate", ["-l", socket, Paths.kmsd, "--dev", "--state-dir", dir + "/state"], log: log)
+        let pid = try spawnDetached("/usr/bin/systemd-socket-activate", ["-l", socket, Paths.kmsd, "--dev", "--state-dir", dir + "/state",
+                                                                        "--admin-uid", "\(getuid())"], log: log)
         defer { kill(pid, SIGTERM) }
         let deadline = Date().addingTimeInterval(10)
         while !FileManager.default.fileExists(atPath: socket), Date() < deadline { usleep(20_000) }

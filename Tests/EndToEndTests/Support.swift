@@ -79,8 +79,10 @@ final class Daemon: @unchecked Sendable {
         self.stateDir = dir
         socket = dir + "/kmsd.sock"
         logPath = dir + ".log"
+        // The user running the tests administers its daemons (root does by default).
+        let admins = arguments.contains("--admin-uid") ? [] : ["--admin-uid", "0", "--admin-uid", "\(getuid())"]
         self.arguments = ["--dev", "--state-dir", dir, "--socket", dir + "/kmsd.sock",
-                          "--audit-fail-closed", auditFailClosed ? "true" : "false"] + arguments
+                          "--audit-fail-closed", auditFailClosed ? "true" : "false"] + admins + arguments
         process = Process()
         try start()
     }
