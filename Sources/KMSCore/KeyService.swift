@@ -65,15 +65,19 @@ public final class KeyService: Sendable {
     }
 
     /// One page of keys visible to the caller, and the marker of the next page.
-    public func listKeys(limit: Int, marker: String, caller: Principal) throws(KMSError) -> (keys: [KeyID], nextMarker: KeyID?) {
+    ///
+    /// Markers are opaque and authenticated (the last key id of the page and a MAC over it and
+    /// the caller's uid), so a marker kmsd did not hand this caller is InvalidMarkerException
+    /// and cannot be used to probe which key ids exist.
+    public func listKeys(limit: Int, marker: String, caller: Principal) throws(KMSError) -> (keys: [KeyID], nextMarker: String?) {
         let limit = limit == 0 ? KMSLimits.defaultListLimit : limit
         guard (1...KMSLimits.maxListLimit).contains(limit) else {
             throw KMSError(.validation, "Limit must be 1...\(KMSLimits.maxListLimit)")
         }
         var after: KeyID? = nil
         if !marker.isEmpty {
-            guard let m = try? KeyID(parsing: marker) else {
-                throw KMSError(.invalidMarker, "Marker is not one this server returned; pass the NextMarker of the previous page")
+            guard let m = parseMarker(marker, caller: caller) else {
+                throw KMSError(.invalidMarker, "Marker is not one this server returned to you; pass the NextMarker of the previous page, or start again without one")
             }
             after = m
         }
@@ -92,9 +96,34 @@ public final class KeyService: Sendable {
         }
         if page.count > limit {
             page.removeLast()
-            return (page, page.last)
+            return (page, page.last.flatMap { makeMarker(after: $0, caller: caller) })
         }
         return (page, nil)
+    }
+
+    static let markerLabel = Array("kmsd/v1/list-marker".utf8)
+
+    func markerTag(_ id: KeyID, caller: Principal) -> [UInt8]? {
+        var data = Self.markerLabel + id.bytes
+        data.appendBigEndian(caller.uid)
+        return (try? HMAC.authenticate(key: repository.root.recordMACKey, data: data)).map { Array($0.prefix(16)) }
+    }
+
+    func makeMarker(after id: KeyID, caller: Principal) -> String? {
+        markerTag(id, caller: caller).map { (id.bytes + $0).map { String(format: "%02x", $0) }.joined() }
+    }
+
+    func parseMarker(_ marker: String, caller: Principal) -> KeyID? {
+        let utf8 = Array(marker.utf8)
+        guard utf8.count == 64 else { return nil }
+        var bytes: [UInt8] = []
+        for i in stride(from: 0, to: 64, by: 2) {
+            guard let b = UInt8(String(decoding: utf8[i..<i + 2], as: UTF8.self), radix: 16) else { return nil }
+            bytes.append(b)
+        }
+        let id = KeyID(bytes: bytes[0..<16])
+        guard let tag = markerTag(id, caller: caller), ConstantTime.equals(tag, Array(bytes[16...])) else { return nil }
+        return id
     }
 
     // MARK: - Cryptographic operations

@@ -30,7 +30,7 @@ enum KeyHandlers {
         let page = try ctx.service.listKeys(limit: min(requested, fits), marker: r.marker, caller: ctx.principal)
         return .with {
             $0.keys = page.keys.map { id in .with { $0.keyID = id.description; $0.keyArn = id.arn } }
-            $0.nextMarker = page.nextMarker?.description ?? ""
+            $0.nextMarker = page.nextMarker ?? ""
             $0.truncated = page.nextMarker != nil
         }
     }

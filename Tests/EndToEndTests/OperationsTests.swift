@@ -53,6 +53,13 @@ final class OperationsTests {
         #expect(seen.count == Set(seen).count, "no key listed twice")
         #expect(seen == seen.sorted())
         await expectKMSError(.invalidMarker) { try await self.client.listKeys(marker: "garbage") }
+        // A marker is not a key id (that would let anyone probe which keys exist): only
+        // markers this server handed out are accepted.
+        let someKey = try #require(created.first)
+        await expectKMSError(.invalidMarker) { try await self.client.listKeys(marker: someKey) }
+        var forged = Array(try await client.listKeys(limit: 1).nextMarker.utf8)
+        forged[forged.count - 1] = forged[forged.count - 1] == UInt8(ascii: "0") ? UInt8(ascii: "1") : UInt8(ascii: "0")
+        await expectKMSError(.invalidMarker) { try await self.client.listKeys(marker: String(decoding: forged, as: UTF8.self)) }
     }
 
     @Test func encryptDecryptWithContext() async throws {
