@@ -89,6 +89,15 @@ public final class KeyRepository: Sendable {
         return material
     }
 
+    /// True when the key's record and the material of `version` (nil: the current version)
+    /// are in the cache, so using it touches no storage.
+    public func isCached(_ id: KeyID, version: UInt32? = nil) -> Bool {
+        cache.withLock { cache in
+            guard let entry = cache.peek(id) else { return false }
+            return entry.versions[version ?? entry.record.currentVersion] != nil
+        }
+    }
+
     /// Key ids in ascending order after `after`. A row whose id is not a key id was not written
     /// by kmsd: KeyUnavailableException.
     public func keyIDs(after: KeyID?, limit: Int) throws(KMSError) -> [KeyID] {
@@ -178,6 +187,9 @@ struct LRUCache {
     init(capacity: Int) { self.capacity = capacity }
 
     var count: Int { entries.count }
+
+    /// Looks without counting as a use.
+    func peek(_ id: KeyID) -> CachedKey? { entries[id]?.value }
 
     mutating func get(_ id: KeyID) -> CachedKey? {
         guard let e = entries[id] else { return nil }

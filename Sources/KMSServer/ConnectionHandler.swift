@@ -12,9 +12,10 @@ final class RequestTracker: Sendable {
     let draining = Atomic<Bool>(false)
 }
 
-/// One client connection: decodes requests, runs them on the worker pool with at most
-/// `maxInFlight` at once, writes responses (in completion order, matched by id), and closes on
-/// framing errors or idleness.
+/// One client connection: decodes requests, handles them with at most `maxInFlight` at once
+/// (on the event loop when every key they name is cached, else on the worker pool, which also
+/// takes anything that writes storage), writes responses (in completion order, matched by id),
+/// and closes on framing errors or idleness.
 ///
 /// A request counts as in flight from the moment it is read until its response has been
 /// written to the socket. No further reads are issued while `maxInFlight` requests are in
@@ -38,6 +39,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var readPending = false
     private var closing = false
     private var inputClosed = false
+    private var starting = false
 
     init(principal: Principal, dispatcher: Dispatcher, pool: NIOThreadPool, maxInFlight: Int,
          tracker: RequestTracker, onClose: @escaping @Sendable () -> Void) {
@@ -63,6 +65,11 @@ final class ConnectionHandler: ChannelDuplexHandler {
     static let batchLimit = 16
 
     private func startWaiting(context: ChannelHandlerContext) {
+        // Not re-entrant: a write completing inside start() calls back here; the loop below
+        // picks up whatever that callback would have started.
+        guard !starting else { return }
+        starting = true
+        defer { starting = false }
         while inFlight < maxInFlight, !closing, !waiting.isEmpty {
             var batch: [ByteBuffer] = []
             while batch.count < Self.batchLimit, inFlight + batch.count < maxInFlight, let frame = waiting.popFirst() {
@@ -77,18 +84,17 @@ final class ConnectionHandler: ChannelDuplexHandler {
         tracker.pending.add(frames.count, ordering: .relaxed)
         let dispatcher = self.dispatcher
         let principal = self.principal
+        // Requests whose keys are all cached are handled right here: a thread hop there and back
+        // costs more than the work. Anything that may touch storage goes to the worker pool.
+        let decoded = frames.map { frame in Result { () throws(KMSError) in try KMSRequest(frameBody: frame) } }
+        if decoded.allSatisfy({ (try? $0.get()).map(dispatcher.runsWithoutStorage) ?? true }) {
+            for request in decoded { write(dispatcher.handle(request, principal: principal), context: context) }
+            context.flush()
+            return
+        }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        // Decoding, handling and auditing all run on the worker pool, never on the event loop.
         pool.runIfActive(eventLoop: context.eventLoop) { () -> [KMSResponse] in
-            frames.map { frame in
-                do throws(KMSError) {
-                    return dispatcher.handle(try KMSRequest(frameBody: frame), principal: principal)
-                } catch {
-                    // The framing is intact, so answer and keep the connection.
-                    dispatcher.auditRejected(action: "Unknown", principal: principal, error: error)
-                    return .failure(id: KMSProtocolConstants.connectionErrorRequestID, error)
-                }
-            }
+            decoded.map { dispatcher.handle($0, principal: principal) }
         }.whenComplete { result in
             let (handler, context) = loopBound.value
             switch result {

@@ -72,6 +72,41 @@ final class Dispatcher: Sendable {
         }
     }
 
+    /// True when handling `request` needs no storage access (every key it names is cached), so
+    /// it may run on the event loop instead of hopping to a worker thread and back. Its audit
+    /// record is still handed to journald before the response is sent.
+    func runsWithoutStorage(_ request: KMSRequest) -> Bool {
+        let repository = service.repository
+        func cached(_ keyID: String) -> Bool {
+            guard let id = try? KeyID(parsing: keyID) else { return true }  // fails without I/O
+            return repository.isCached(id)
+        }
+        func cached(blob: Data) -> Bool {
+            guard let parsed = try? SymmetricCiphertext(parsing: Array(blob)) else { return true }
+            return repository.isCached(parsed.keyID, version: parsed.keyVersion)
+        }
+        switch request.operation {
+        case nil, .hello, .whoAmI, .generateRandom: return true
+        case .encrypt(let r): return cached(r.keyID)
+        case .generateDataKey(let r): return cached(r.keyID)
+        case .generateDataKeyWithoutPlaintext(let r): return cached(r.keyID)
+        case .decrypt(let r): return cached(blob: r.ciphertextBlob)
+        case .reEncrypt(let r): return cached(blob: r.ciphertextBlob) && cached(r.destinationKeyID)
+        case .createKey, .describeKey, .listKeys: return false
+        }
+    }
+
+    /// Handles one decoded frame; an undecodable one is audited and answered with id 0 (the
+    /// framing is intact, so the connection stays).
+    func handle(_ decoded: Result<KMSRequest, KMSError>, principal: Principal) -> KMSResponse {
+        switch decoded {
+        case .success(let request): return handle(request, principal: principal)
+        case .failure(let error):
+            auditRejected(action: "Unknown", principal: principal, error: error)
+            return .failure(id: KMSProtocolConstants.connectionErrorRequestID, error)
+        }
+    }
+
     /// Audits something refused before it became a request: an undecodable frame ("Unknown")
     /// or a connection over the limits ("Connect").
     func auditRejected(action: String, principal: Principal, error: KMSError) {

@@ -54,7 +54,7 @@ public final class Server: @unchecked Sendable {
         dispatcher = Dispatcher(service: service, audit: audit,
                                 settings: ServerSettings(maxFrameBytes: c.maxFrameBytes, maxInFlight: c.maxInFlightPerConnection))
         limits = ConnectionLimits(maxTotal: c.maxConnections, maxPerUID: c.maxConnectionsPerUID)
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         pool = NIOThreadPool(numberOfThreads: c.workerThreads)
         pool.start()
     }
