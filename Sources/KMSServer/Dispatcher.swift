@@ -35,7 +35,7 @@ struct ServerSettings: Sendable {
     let maxInFlight: Int
 }
 
-typealias Result_ = Kmsd_V1_Response.OneOf_Result
+typealias OperationResult = Kmsd_V1_Response.OneOf_Result
 
 /// Routes each request to its operation's handler, audits it, and builds the response.
 ///
@@ -55,7 +55,7 @@ final class Dispatcher: Sendable {
     static let operations = ["Hello", "WhoAmI", "CreateKey", "DescribeKey", "ListKeys", "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
-    static func route(_ op: KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ details: inout AuditDetails) throws(KMSError) -> Result_ {
+    static func route(_ op: KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ details: inout AuditDetails) throws(KMSError) -> OperationResult {
         switch op {
         case .hello(let r): .hello(DaemonHandlers.hello(r, ctx))
         case .whoAmI(let r): .whoAmI(DaemonHandlers.whoAmI(r, ctx))
@@ -120,7 +120,7 @@ final class Dispatcher: Sendable {
     func handle(_ request: KMSRequest, principal: Principal) -> KMSResponse {
         let start = DispatchTime.now().uptimeNanoseconds
         var details = AuditDetails()
-        let outcome: Result<Result_, KMSError>
+        let outcome: Result<OperationResult, KMSError>
         let action: String
         if let op = request.operation {
             action = op.name

@@ -10,8 +10,9 @@ import Synchronization
 
 /// The running daemon: keystore open, root key loaded, socket listening.
 ///
-/// `start` does everything that can fail before READY=1; `run` serves until SIGTERM/SIGINT,
-/// then stops accepting, drains in-flight requests (bounded by drainTimeoutSeconds) and exits.
+/// `init` does everything that can fail before READY=1 (locked memory, root key, keystore);
+/// `run` serves until SIGTERM/SIGINT, then stops accepting and reading, answers the requests
+/// in flight (bounded by drainTimeoutSeconds) and returns.
 public final class Server: @unchecked Sendable {
     public let configuration: ServerConfiguration
     let group: MultiThreadedEventLoopGroup
@@ -19,7 +20,6 @@ public final class Server: @unchecked Sendable {
     let dispatcher: Dispatcher
     let limits: ConnectionLimits
     let tracker = RequestTracker()
-    var channel: Channel?
     public let rootKeySource: RootKey.Source
 
     /// Opens the keystore and loads the root key. Throws a message fit for an administrator.
@@ -74,7 +74,6 @@ public final class Server: @unchecked Sendable {
         } else {
             listening = try bind(bootstrap, path: c.effectiveSocketPath)
         }
-        channel = listening
         let status = "serving on \(activated ? "socket-activated fd" : c.effectiveSocketPath); root key from \(rootKeySource)"
         _ = sd_notify(0, "READY=1\nSTATUS=\(status)")
         FileHandle.standardErrorWrite("kmsd: ready: \(status)\n")
