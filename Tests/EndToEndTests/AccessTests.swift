@@ -31,6 +31,21 @@ final class AccessTests {
         #expect(st.st_mode & 0o777 == 0o666)
     }
 
+    @Test func socketModeAndGroupAreConfigurable() throws {
+        let narrowed = try Daemon(arguments: ["--socket-mode", "0660", "--socket-group", "nogroup"])
+        defer { narrowed.stop() }
+        var st = stat()
+        #expect(stat(narrowed.socket, &st) == 0)
+        #expect(st.st_mode & 0o777 == 0o660)
+        #expect(st.st_gid == getgrnam("nogroup").pointee.gr_gid)
+        // Someone outside the group can no longer connect at all.
+        let outsider = try runAs(uid: Self.mallory, [Paths.kmsctl, "whoami"], env: ["KMSD_SOCKET": narrowed.socket])
+        #expect(outsider.status == 3 && outsider.stderr.hasPrefix("kmsctl: ConnectionError: "), "\(outsider.stderr)")
+        let member = try runAs(uid: Self.mallory, [Paths.kmsctl, "whoami"], env: ["KMSD_SOCKET": narrowed.socket],
+                               groups: [UInt32(getgrnam("nogroup").pointee.gr_gid)])
+        #expect(member.status == 0, "\(member.stderr)")
+    }
+
     @Test func whoAmIReportsThePeerCredentials() throws {
         let r = try kmsctl(Self.mallory, ["whoami", "--json"])
         #expect(r.status == 0, "\(r.stderr)")
