@@ -25,6 +25,30 @@ struct DurabilityTests {
         daemon.stop()
     }
 
+    @Test func sigtermAnswersWhatWasReadThenStops() async throws {
+        let daemon = try Daemon()
+        let key = try await daemon.client().createKey().keyID
+        let raw = try RawConnection(path: daemon.socket)
+        var frames: [UInt8] = []
+        for id in 1...300 {
+            let request = KMSRequest.with(id: UInt64(id), .encrypt(.with { $0.keyID = key; $0.plaintext = Data([1, 2, 3]) }))
+            frames += RawConnection.frame(try request.serializedBytes())
+        }
+        raw.send(frames)
+        #expect(try raw.receive() != nil, "the daemon is working on the batch")
+        kill(daemon.pid, SIGTERM)
+        var ids = Set<UInt64>()
+        while let r = try raw.receive() {
+            #expect(r.kmsError == nil, "\(r)")
+            #expect(ids.insert(r.id).inserted, "no answer twice")
+        }
+        daemon.process.waitUntilExit()
+        #expect(daemon.process.terminationStatus == 0)
+        #expect(daemon.log.contains("kmsd: stopped"))
+        #expect(!daemon.log.contains("unanswered"), "every request read before SIGTERM was answered")
+        #expect(!FileManager.default.fileExists(atPath: daemon.socket), "the socket file is removed")
+    }
+
     @Test func aRecordEditedWithSQLiteIsRefused() async throws {
         let daemon = try Daemon()
         let client = daemon.client()
