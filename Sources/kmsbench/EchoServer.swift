@@ -77,61 +77,12 @@ final class EchoServer: @unchecked Sendable {
     /// goes quiet for `idleSeconds`, or sends a bad length. Frames that arrived together are
     /// written back with one write(2), as an event-loop server flushes them together.
     static func echoFrames(fd: Int32) {
-        let maxFrameBytes = KMSProtocolConstants.maxConfigurableFrameBytes
-        var buffer = [UInt8](repeating: 0, count: 64 * 1024)
-        var start = 0
-        var end = 0
-        while true {
-            if start == end {
-                start = 0
-                end = 0
+        var reader = FrameReader(fd: fd)
+        while let frames = try? reader.completeFrames() {
+            let written = reader.buffer.withUnsafeBytes { p in
+                (try? UnixSocket.writeAll(fd, UnsafeRawBufferPointer(rebasing: p[frames]))) != nil
             }
-            if end == buffer.count {
-                if start > 0 {
-                    let from = start
-                    let count = end - start
-                    buffer.withUnsafeMutableBytes { p in
-                        let base = p.baseAddress!
-                        _ = memmove(base, base + from, count)
-                    }
-                    start = 0
-                    end = count
-                } else if buffer.count < 4 + maxFrameBytes {
-                    buffer.append(contentsOf: repeatElement(0, count: min(buffer.count, 4 + maxFrameBytes - buffer.count)))
-                } else {
-                    return
-                }
-            }
-
-            let offset = end
-            let n = buffer.withUnsafeMutableBytes { p in
-                read(fd, p.baseAddress! + offset, p.count - offset)
-            }
-            if n == 0 { return }  // client closed
-            if n < 0 {
-                if errno == EINTR { continue }
-                return  // error or idle timeout
-            }
-            end += n
-
-            // Find the end of the complete frames.
-            var scan = start
-            while end - scan >= 4 {
-                let length = Int(buffer[scan]) << 24 | Int(buffer[scan + 1]) << 16
-                    | Int(buffer[scan + 2]) << 8 | Int(buffer[scan + 3])
-                guard length >= 1, length <= maxFrameBytes else { return }
-                guard end - scan - 4 >= length else { break }
-                scan += 4 + length
-            }
-            if scan > start {
-                let from = start
-                let count = scan - start
-                let written = buffer.withUnsafeBytes { p in
-                    (try? UnixSocket.writeAll(fd, UnsafeRawBufferPointer(rebasing: p[from..<(from + count)]))) != nil
-                }
-                guard written else { return }
-                start = scan
-            }
+            guard written else { return }
         }
     }
 }

@@ -171,6 +171,29 @@ struct FrameReader {
         }
     }
 
+    /// Every complete frame buffered (length prefixes included), as a range of `buffer` valid
+    /// until the next call; reads until there is at least one. Throws as `nextFrame` does.
+    mutating func completeFrames() throws -> Range<Int> {
+        while true {
+            var scan = start
+            while end - scan >= 4 {
+                let length = Int(buffer[scan]) << 24 | Int(buffer[scan + 1]) << 16
+                    | Int(buffer[scan + 2]) << 8 | Int(buffer[scan + 3])
+                guard length >= 1, length <= maxFrameBytes else {
+                    throw BenchError("the peer sent a frame length of \(length) (allowed 1...\(maxFrameBytes))")
+                }
+                guard end - scan - 4 >= length else { break }
+                scan += 4 + length
+            }
+            if scan > start {
+                let frames = start..<scan
+                start = scan
+                return frames
+            }
+            try fill()
+        }
+    }
+
     /// Makes room if needed, then reads at least one byte.
     private mutating func fill() throws {
         if start == end {
