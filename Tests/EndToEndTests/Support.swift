@@ -124,7 +124,11 @@ func spawnDetached(_ executable: String, _ arguments: [String], log: String) thr
     let pidFile = "/tmp/kmsd-spawn-\(UUID().uuidString).pid"
     defer { unlink(pidFile) }
     let quoted = ([executable] + arguments).map { "'" + $0.replacingOccurrences(of: "'", with: "'\\''") + "'" }.joined(separator: " ")
-    let status = system("setsid \(quoted) </dev/null >/dev/null 2>>'\(log)' & echo $! > \(pidFile)")
+    // The shell closes every other descriptor it inherited before it becomes the daemon: one
+    // of them may be the end of a pipe by which Foundation learns that another child exited,
+    // and a daemon holding it would hide that exit for as long as it runs.
+    let closeInherited = #"for fd in /proc/$$/fd/*; do n=${fd##*/}; [ "$n" -gt 2 ] 2>/dev/null && eval "exec $n>&-"; done; exec "$0" "$@""#
+    let status = system("setsid /bin/bash -c '\(closeInherited)' \(quoted) </dev/null >/dev/null 2>>'\(log)' & echo $! > \(pidFile)")
     guard status == 0, let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
           let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) else {
         throw DaemonError("could not start \(executable)")
