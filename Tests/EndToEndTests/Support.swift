@@ -34,24 +34,72 @@ struct ProcessResult {
 func run(_ executable: String, _ args: [String], stdin: Data = Data(), env: [String: String] = [:]) throws -> ProcessResult {
     let base = "/tmp/kmsd-run-\(UUID().uuidString)"
     FileManager.default.createFile(atPath: base + ".in", contents: stdin)
-    FileManager.default.createFile(atPath: base + ".out", contents: nil)
-    FileManager.default.createFile(atPath: base + ".err", contents: nil)
-    for suffix in [".in", ".out", ".err"] { chmod(base + suffix, 0o666) }
+    for suffix in [".in"] { chmod(base + suffix, 0o644) }
     defer { for suffix in [".in", ".out", ".err"] { unlink(base + suffix) } }
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: executable)
-    p.arguments = args
-    var environment = ProcessInfo.processInfo.environment
-    for (k, v) in env { environment[k] = v }
-    p.environment = environment
-    p.standardInput = try FileHandle(forReadingFrom: URL(fileURLWithPath: base + ".in"))
-    p.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: base + ".out"))
-    p.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: base + ".err"))
-    try p.run()
-    p.waitUntilExit()
-    let out = try Data(contentsOf: URL(fileURLWithPath: base + ".out"))
-    let err = try Data(contentsOf: URL(fileURLWithPath: base + ".err"))
-    return ProcessResult(status: p.terminationStatus, stdout: out, stderr: String(decoding: err, as: UTF8.self))
+    let child = try ChildProcess(executable, args, env: env, stdin: base + ".in", stdout: base + ".out", stderr: base + ".err")
+    let status = child.waitUntilExit()
+    let out = (try? Data(contentsOf: URL(fileURLWithPath: base + ".out"))) ?? Data()
+    let err = (try? Data(contentsOf: URL(fileURLWithPath: base + ".err"))) ?? Data()
+    return ProcessResult(status: status, stdout: out, stderr: String(decoding: err, as: UTF8.self))
+}
+
+/// glibc 2.34+; declared here because the header hides it behind _GNU_SOURCE.
+@_silgen_name("posix_spawn_file_actions_addclosefrom_np")
+func spawnAddCloseFrom(_ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>, _ from: Int32) -> Int32
+
+/// A child process started with posix_spawn and reaped with waitpid: no helper thread, and
+/// the child inherits no descriptor but 0, 1 and 2. (Foundation's Process watches children
+/// through inherited descriptors, and a daemon that keeps one hides another child's exit.)
+final class ChildProcess: @unchecked Sendable {
+    let processIdentifier: pid_t
+    private var status: Int32?
+
+    /// Starts `executable`; stdin from a file (or /dev/null), stdout and stderr appended to
+    /// files (created 0666 when missing; /dev/null when nil).
+    init(_ executable: String, _ arguments: [String], env: [String: String] = [:],
+         stdin: String? = nil, stdout: String? = nil, stderr: String? = nil) throws {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, stdin ?? "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, stdout ?? "/dev/null", O_WRONLY | O_CREAT | O_APPEND, 0o666)
+        posix_spawn_file_actions_addopen(&actions, 2, stderr ?? "/dev/null", O_WRONLY | O_CREAT | O_APPEND, 0o666)
+        guard spawnAddCloseFrom(&actions, 3) == 0 else { throw DaemonError("posix_spawn_file_actions_addclosefrom_np failed") }
+        var environment = ProcessInfo.processInfo.environment
+        for (k, v) in env { environment[k] = v }
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { for p in argv + envp { free(p) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, executable, &actions, nil, argv, envp)
+        guard rc == 0 else { throw DaemonError("cannot start \(executable): \(String(cString: strerror(rc)))") }
+        processIdentifier = pid
+    }
+
+    /// Whether it still runs (reaps it when it has exited).
+    var isRunning: Bool {
+        if status != nil { return false }
+        var raw: Int32 = 0
+        if waitpid(processIdentifier, &raw, WNOHANG) == processIdentifier { status = Self.decode(raw); return false }
+        return true
+    }
+
+    /// Waits for it to exit; its exit code, or the number of the signal that ended it.
+    @discardableResult
+    func waitUntilExit() -> Int32 {
+        if let status { return status }
+        var raw: Int32 = 0
+        while waitpid(processIdentifier, &raw, 0) < 0 && errno == EINTR {}
+        let decoded = Self.decode(raw)
+        status = decoded
+        return decoded
+    }
+
+    var terminationStatus: Int32 { status ?? -1 }
+
+    static func decode(_ raw: Int32) -> Int32 {
+        raw & 0x7f == 0 ? (raw >> 8) & 0xff : raw & 0x7f
+    }
 }
 
 /// Runs `argv` as another user (gid = uid, the given supplementary groups) through `setpriv`
@@ -68,7 +116,7 @@ final class Daemon: @unchecked Sendable {
     let stateDir: String
     let socket: String
     let logPath: String
-    private(set) var process: Process
+    private(set) var process: ChildProcess
     let arguments: [String]
 
     var pid: Int32 { process.processIdentifier }
@@ -83,8 +131,7 @@ final class Daemon: @unchecked Sendable {
         let admins = arguments.contains("--admin-uid") ? [] : ["--admin-uid", "0", "--admin-uid", "\(getuid())"]
         self.arguments = ["--dev", "--state-dir", dir, "--socket", dir + "/kmsd.sock",
                           "--audit-fail-closed", auditFailClosed ? "true" : "false"] + admins + arguments
-        process = Process()
-        try start()
+        process = try launchKMSD(Paths.kmsd, self.arguments, log: logPath)
     }
 
     private func start() throws {
@@ -116,17 +163,14 @@ final class Daemon: @unchecked Sendable {
     deinit { if process.isRunning { kill(pid, SIGKILL); process.waitUntilExit() } }
 }
 
-/// Starts a daemon in its own session, detached from this process, and returns its pid.
-///
-/// Not through Foundation's Process: daemons such as journald or systemd-socket-activate close
-/// or keep the descriptors they inherit, which Process takes for an exit (or waits on forever).
+/// Starts a daemon in its own session, detached from this process (never reaped by it), and
+/// returns its pid. For journald and systemd-socket-activate, which outlive a test.
 func spawnDetached(_ executable: String, _ arguments: [String], log: String) throws -> Int32 {
     let pidFile = "/tmp/kmsd-spawn-\(UUID().uuidString).pid"
     defer { unlink(pidFile) }
     let quoted = ([executable] + arguments).map { "'" + $0.replacingOccurrences(of: "'", with: "'\\''") + "'" }.joined(separator: " ")
-    // The shell closes every other descriptor it inherited before it becomes the daemon: one
-    // of them may be the end of a pipe by which Foundation learns that another child exited,
-    // and a daemon holding it would hide that exit for as long as it runs.
+    // The shell closes every other descriptor it inherited before it becomes the daemon, so a
+    // long-lived daemon holds none of this process's sockets or pipes open.
     let closeInherited = #"for fd in /proc/$$/fd/*; do n=${fd##*/}; [ "$n" -gt 2 ] 2>/dev/null && eval "exec $n>&-"; done; exec "$0" "$@""#
     let status = system("setsid /bin/bash -c '\(closeInherited)' \(quoted) </dev/null >/dev/null 2>>'\(log)' & echo $! > \(pidFile)")
     guard status == 0, let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
@@ -140,16 +184,10 @@ func spawnDetached(_ executable: String, _ arguments: [String], log: String) thr
 /// with stderr appended to `log`, and waits until kmsd reports it is ready.
 ///
 /// Throws DaemonError with what kmsd said when it exits or is not ready within 30 s.
-func launchKMSD(_ executable: String, _ arguments: [String], log: String) throws -> Process {
+func launchKMSD(_ executable: String, _ arguments: [String], log: String) throws -> ChildProcess {
     if !FileManager.default.fileExists(atPath: log) { FileManager.default.createFile(atPath: log, contents: nil) }
-    let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-    let offset = Int(handle.seekToEndOfFile())
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: executable)
-    p.arguments = arguments
-    p.standardError = handle
-    p.standardOutput = handle
-    try p.run()
+    let offset = (try? FileManager.default.attributesOfItem(atPath: log)[.size] as? Int) ?? 0
+    let p = try ChildProcess(executable, arguments, stdout: log, stderr: log)
     func thisRun() -> String {
         String(decoding: ((try? Data(contentsOf: URL(fileURLWithPath: log))) ?? Data()).dropFirst(offset), as: UTF8.self)
     }
@@ -160,6 +198,7 @@ func launchKMSD(_ executable: String, _ arguments: [String], log: String) throws
         usleep(20_000)
     }
     kill(p.processIdentifier, SIGKILL)
+    p.waitUntilExit()
     throw DaemonError("kmsd did not become ready in 30 s: \(thisRun())")
 }
 
