@@ -23,7 +23,7 @@ struct AuditTests {
         await expectKMSError(.notFound) { try await client.describeKey(keyID: "pasted-password-hunter2") }
         let expected = 7
 
-        let records = try Journal.records(pid: daemon.pid, atLeast: expected)
+        let records = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: expected)
         #expect(records.count == expected, "one record per request")
         let byAction = Dictionary(grouping: records) { $0["KMS_ACTION"] as? String ?? "" }
         #expect(byAction["CreateKey"]?.count == 1 && byAction["Encrypt"]?.count == 1 && byAction["Decrypt"]?.count == 2)
@@ -48,7 +48,8 @@ struct AuditTests {
         #expect(byAction["DescribeKey"]?.contains { $0["KMS_KEY_ID"] as? String == "invalid" } == true)
 
         // No plaintext, data key, context value or ciphertext in any form anywhere in the records.
-        let everything = try run("/usr/bin/journalctl", ["-o", "export", "--no-pager", "_PID=\(daemon.pid)"]).stdout
+        let everything = try run("/usr/bin/journalctl", ["-o", "export", "--no-pager", "_PID=\(daemon.pid)",
+                                                         "--since", "@\(Int(daemon.startedAt.timeIntervalSince1970))"]).stdout
         let secrets: [Data] = [Data(plaintext), Data(plaintext).base64EncodedData(), dk.plaintext, dk.plaintext.base64EncodedData(),
                                Data("sensitive-value".utf8), enc.ciphertextBlob.suffix(40), enc.ciphertextBlob.base64EncodedData().prefix(40),
                                Data(dk.plaintext.map { String(format: "%02x", $0) }.joined().utf8), Data("hunter2".utf8)]
@@ -63,7 +64,7 @@ struct AuditTests {
         let key = try await daemon.client().createKey()
         let r = try runAs(uid: 64103, [Paths.kmsctl, "describe-key", "--key-id", key.keyID], env: ["KMSD_SOCKET": daemon.socket])
         #expect(r.stderr.contains("AccessDeniedException"))
-        let records = try Journal.records(pid: daemon.pid, atLeast: 2)
+        let records = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: 2)
         let denied = try #require(records.first { $0["KMS_ACTION"] as? String == "DescribeKey" })
         #expect(denied["KMS_RESULT"] as? String == "Denied")
         #expect(denied["KMS_PEER_UID"] as? String == "64103")

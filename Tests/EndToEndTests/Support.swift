@@ -118,6 +118,8 @@ final class Daemon: @unchecked Sendable {
     let logPath: String
     private(set) var process: ChildProcess
     let arguments: [String]
+    /// When the current kmsd process was started.
+    private(set) var startedAt = Date()
 
     var pid: Int32 { process.processIdentifier }
 
@@ -131,10 +133,12 @@ final class Daemon: @unchecked Sendable {
         let admins = arguments.contains("--admin-uid") ? [] : ["--admin-uid", "0", "--admin-uid", "\(getuid())"]
         self.arguments = ["--dev", "--state-dir", dir, "--socket", dir + "/kmsd.sock",
                           "--audit-fail-closed", auditFailClosed ? "true" : "false"] + admins + arguments
+        startedAt = Date()
         process = try launchKMSD(Paths.kmsd, self.arguments, log: logPath)
     }
 
     private func start() throws {
+        startedAt = Date()
         process = try launchKMSD(Paths.kmsd, arguments, log: logPath)
     }
 
@@ -238,15 +242,17 @@ enum Journal {
         }
     }
 
-    /// The audit records of one kmsd process, waiting until at least `count` arrived.
-    static func records(pid: Int32, atLeast count: Int, timeout: TimeInterval = 10) throws -> [[String: Any]] {
+    /// The audit records of one kmsd process (by pid, and written since it started, as pids are
+    /// reused and the journal outlives test runs), waiting until at least `count` arrived.
+    static func records(pid: Int32, since: Date, atLeast count: Int, timeout: TimeInterval = 10) throws -> [[String: Any]] {
+        let sinceMicros = UInt64(since.timeIntervalSince1970 * 1_000_000)
         let deadline = Date().addingTimeInterval(timeout)
         var records: [[String: Any]] = []
         repeat {
             let r = try run("/usr/bin/journalctl", ["-o", "json", "--no-pager", "_PID=\(pid)", "SYSLOG_IDENTIFIER=kmsd"])
             records = r.text.split(separator: "\n").compactMap {
                 try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
-            }
+            }.filter { (($0["__REALTIME_TIMESTAMP"] as? String).flatMap(UInt64.init) ?? 0) >= sinceMicros }
             if records.count >= count { return records }
             usleep(100_000)
         } while Date() < deadline
