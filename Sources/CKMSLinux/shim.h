@@ -12,30 +12,8 @@
 // struct ucred needs _GNU_SOURCE in the importer; this one has the same layout.
 struct kms_ucred { pid_t pid; uid_t uid; gid_t gid; };
 
-static inline int kms_get_peercred(int fd, struct kms_ucred *out) {
-    socklen_t len = sizeof(*out);
-    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, out, &len);
-}
-
-// Fills up to cap gids; returns the count, or -1 (errno ERANGE: *needed holds the count).
-static inline int kms_get_peergroups(int fd, gid_t *groups, int cap, int *needed) {
-    socklen_t len = (socklen_t)(cap * (int)sizeof(gid_t));
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) != 0) {
-        if (needed) *needed = (int)(len / sizeof(gid_t));
-        return -1;
-    }
-    return (int)(len / sizeof(gid_t));
-}
-
-#ifndef SO_PEERPIDFD
-#define SO_PEERPIDFD 77
-#endif
-static inline int kms_get_peerpidfd(int fd) {
-    int pidfd = -1;
-    socklen_t len = sizeof(pidfd);
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) != 0) return -1;
-    return pidfd;
-}
+// SO_PEERPIDFD (Linux 6.5) is newer than Debian 12's headers.
+static inline int kms_so_peerpidfd(void) { return 77; }
 
 // A pidfd for `pid`, for kernels without SO_PEERPIDFD (before 6.5); -1 when unavailable.
 static inline int kms_pidfd_open(pid_t pid) {
@@ -65,7 +43,6 @@ static inline int kms_disable_core_dumps(void) {
     return setrlimit(RLIMIT_CORE, &zero);
 }
 static inline int kms_set_nondumpable(void) { return prctl(PR_SET_DUMPABLE, 0, 0, 0, 0); }
-static inline int kms_get_dumpable(void) { return prctl(PR_GET_DUMPABLE, 0, 0, 0, 0); }
 
 static inline void kms_explicit_bzero(void *p, size_t n) { explicit_bzero(p, n); }
 

@@ -4,6 +4,9 @@ import KMSProtocol
 /// An encryption context: non-secret key/value pairs bound to a ciphertext as AAD.
 public struct EncryptionContext: Sendable, Equatable {
     public let pairs: [String: String]
+    /// u32be(count) ‖ for each pair by ascending key bytes: u32be(len k) ‖ k ‖ u32be(len v) ‖ v.
+    /// Computed once: it is the AAD suffix of every seal and open.
+    public let canonicalBytes: [UInt8]
 
     /// Validates the pairs against the documented limits.
     ///
@@ -16,16 +19,17 @@ public struct EncryptionContext: Sendable, Equatable {
         guard !pairs.keys.contains("") else {
             throw KMSError(.validation, "encryption context keys must not be empty")
         }
-        self.pairs = pairs
-        guard canonicalBytes.count <= KMSLimits.maxCanonicalContextBytes else {
-            throw KMSError(.validation, "encryption context is \(canonicalBytes.count) bytes in canonical form; at most \(KMSLimits.maxCanonicalContextBytes) are allowed")
+        let canonical = Self.canonicalize(pairs)
+        guard canonical.count <= KMSLimits.maxCanonicalContextBytes else {
+            throw KMSError(.validation, "encryption context is \(canonical.count) bytes in canonical form; at most \(KMSLimits.maxCanonicalContextBytes) are allowed")
         }
+        self.pairs = pairs
+        self.canonicalBytes = canonical
     }
 
     public static let empty = try! EncryptionContext([:])
 
-    /// u32be(count) ‖ for each pair by ascending key bytes: u32be(len k) ‖ k ‖ u32be(len v) ‖ v.
-    public var canonicalBytes: [UInt8] {
+    static func canonicalize(_ pairs: [String: String]) -> [UInt8] {
         let sorted = pairs.map { (Array($0.key.utf8), Array($0.value.utf8)) }
             .sorted { $0.0.lexicographicallyPrecedes($1.0) }
         var out: [UInt8] = []

@@ -13,7 +13,4 @@ public enum ProcessHardening {
             throw CryptoError.invalidParameter("prctl(PR_SET_DUMPABLE, 0) failed (errno \(errno))")
         }
     }
-
-    /// Whether the process is currently dumpable (for tests and Status).
-    public static var isDumpable: Bool { kms_get_dumpable() != 0 }
 }

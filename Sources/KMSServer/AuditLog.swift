@@ -73,7 +73,7 @@ final class AuditLog: Sendable {
         if rc < 0 {
             if !warned.exchange(true, ordering: .relaxed) {
                 let why = String(cString: strerror(-rc))
-                FileHandle.standardErrorWrite("kmsd: WARNING: journald did not accept an audit record (\(why)); \(failClosed ? "requests are refused while audit fails (auditFailClosed)" : "continuing without audit (development mode)")\n")
+                StandardError.write("kmsd: WARNING: journald did not accept an audit record (\(why)); \(failClosed ? "requests are refused while audit fails (auditFailClosed)" : "continuing without audit (development mode)")\n")
             }
             return false
         }
@@ -95,8 +95,9 @@ final class AuditLog: Sendable {
     }
 }
 
-enum FileHandle {
-    static func standardErrorWrite(_ s: String) {
+/// kmsd's own messages to stderr (journald's stdout/stderr capture under systemd).
+enum StandardError {
+    static func write(_ s: String) {
         var bytes = Array(s.utf8)
         _ = Glibc.write(2, &bytes, bytes.count)
     }

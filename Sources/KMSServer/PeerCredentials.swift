@@ -23,7 +23,7 @@ enum PeerCredentials {
         let cred: EventLoopFuture<kms_ucred> = provider.unsafeGetSocketOption(level: .socket, name: NIOBSDSocket.Option(rawValue: SO_PEERCRED))
         let groups: EventLoopFuture<kms_peer_groups?> = provider.unsafeGetSocketOption(level: .socket, name: NIOBSDSocket.Option(rawValue: SO_PEERGROUPS))
             .map { Optional($0) }.recover { _ in nil }
-        let pidfd: EventLoopFuture<Int32> = provider.unsafeGetSocketOption(level: .socket, name: NIOBSDSocket.Option(rawValue: 77))
+        let pidfd: EventLoopFuture<Int32> = provider.unsafeGetSocketOption(level: .socket, name: NIOBSDSocket.Option(rawValue: kms_so_peerpidfd()))
             .recover { _ in -1 }
         return pidfd.flatMap { pidfd in
             cred.and(groups).map { cred, groups in
@@ -66,7 +66,7 @@ enum PeerCredentials {
 
     /// /proc files report size 0, so read them to EOF (String(contentsOfFile:) stops early).
     static func readProcFile(_ path: String) -> String? {
-        guard let handle = Foundation.FileHandle(forReadingAtPath: path) else { return nil }
+        guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
         defer { try? handle.close() }
         return String(decoding: handle.readDataToEndOfFile(), as: UTF8.self)
     }

@@ -30,7 +30,7 @@ public final class Server: @unchecked Sendable {
         SecureArena.shared.allowUnlockedMemory(c.development && c.allowUnlockedMemory)
         try SecureArena.shared.warmUp()
         if SecureArena.shared.unlockedBytes > 0 {
-            FileHandle.standardErrorWrite("kmsd: WARNING: key material is in UNLOCKED memory (--allow-unlocked-memory); it may be swapped to disk. Development only.\n")
+            StandardError.write("kmsd: WARNING: key material is in UNLOCKED memory (--allow-unlocked-memory); it may be swapped to disk. Development only.\n")
         }
         try Self.makeStateDirectory(c.stateDirectory)
         let credentials = ProcessInfo.processInfo.environment["CREDENTIALS_DIRECTORY"]
@@ -38,7 +38,7 @@ public final class Server: @unchecked Sendable {
                                               devPath: c.development ? c.devRootKeyPath : nil)
         rootKeySource = source
         if case .generated(let path) = source {
-            FileHandle.standardErrorWrite("""
+            StandardError.write("""
             kmsd: ************************************************************************
             kmsd: WARNING: DEVELOPMENT MODE generated a NEW root key at \(path)
             kmsd: Every key in this state directory is wrapped under it. It is a plain file:
@@ -76,7 +76,7 @@ public final class Server: @unchecked Sendable {
         }
         let status = "serving on \(activated ? "socket-activated fd" : c.effectiveSocketPath); root key from \(rootKeySource)"
         _ = sd_notify(0, "READY=1\nSTATUS=\(status)")
-        FileHandle.standardErrorWrite("kmsd: ready: \(status)\n")
+        StandardError.write("kmsd: ready: \(status)\n")
         startWatchdog()
 
         let terminate = DispatchSemaphore(value: 0)
@@ -91,25 +91,25 @@ public final class Server: @unchecked Sendable {
         signal(SIGHUP, SIG_IGN)
         signal(SIGPIPE, SIG_IGN)
         let hup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global())
-        hup.setEventHandler { FileHandle.standardErrorWrite("kmsd: SIGHUP: configuration reload is not implemented yet; restart to apply changes\n") }
+        hup.setEventHandler { StandardError.write("kmsd: SIGHUP: configuration reload is not implemented yet; restart to apply changes\n") }
         hup.resume()
         sources.append(hup)
 
         terminate.wait()
         _ = sd_notify(0, "STOPPING=1\nSTATUS=draining in-flight requests")
-        FileHandle.standardErrorWrite("kmsd: stopping: no new connections or requests; answering those in flight\n")
+        StandardError.write("kmsd: stopping: no new connections or requests; answering those in flight\n")
         tracker.draining.store(true, ordering: .relaxed)
         try? listening.close().wait()
         let deadline = Date().addingTimeInterval(Double(c.drainTimeoutSeconds))
         while tracker.pending.load(ordering: .relaxed) > 0, Date() < deadline { usleep(10_000) }
         let unanswered = tracker.pending.load(ordering: .relaxed)
         if unanswered > 0 {
-            FileHandle.standardErrorWrite("kmsd: drain deadline (\(c.drainTimeoutSeconds) s) passed with \(unanswered) requests unanswered\n")
+            StandardError.write("kmsd: drain deadline (\(c.drainTimeoutSeconds) s) passed with \(unanswered) requests unanswered\n")
         }
         if !activated { unlink(c.effectiveSocketPath) }
         try? pool.syncShutdownGracefully()
         try? group.syncShutdownGracefully()
-        FileHandle.standardErrorWrite("kmsd: stopped\n")
+        StandardError.write("kmsd: stopped\n")
     }
 
     private func initialize(_ channel: Channel) -> EventLoopFuture<Void> {
