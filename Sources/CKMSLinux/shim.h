@@ -36,7 +36,13 @@ static inline int kms_pidfd_alive(int pidfd) {
 }
 
 // SO_PEERGROUPS into a fixed buffer. The kernel returns supplementary groups sorted ascending.
+// The small buffer serves almost every caller; when the kernel answers ERANGE (more groups),
+// the read is retried into one that holds NGROUPS_MAX (65536), so groups never come from /proc.
 struct kms_peer_groups { gid_t gids[256]; };
+struct kms_peer_groups_max { gid_t gids[65536]; };
+
+// Clock ticks per second, the unit of a process's start time in /proc/PID/stat.
+static inline long kms_clock_ticks_per_second(void) { return sysconf(_SC_CLK_TCK); }
 
 static inline int kms_disable_core_dumps(void) {
     struct rlimit zero = {0, 0};

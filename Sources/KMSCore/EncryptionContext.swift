@@ -42,11 +42,26 @@ public struct EncryptionContext: Sendable, Equatable {
     }
 
     /// The keys only (values may be sensitive: never audited), in canonical (bytewise) order,
-    /// joined with `,`; a `\` or `,` inside a key is written `\\` or `\,`.
+    /// joined with `,`. Escaped so the text maps back to exactly one list of keys: `\` is
+    /// written `\\`, `,` is `\,`, and a control character (U+0000...U+001F, U+007F) is `\xHH`.
     public static func auditKeys(_ pairs: [String: String]) -> String {
         pairs.keys.map { Array($0.utf8) }.sorted { $0.lexicographicallyPrecedes($1) }
-            .map { String(decoding: $0, as: UTF8.self).replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: ",", with: "\\,") }
+            .map { escape(String(decoding: $0, as: UTF8.self)) }
             .joined(separator: ",")
+    }
+
+    static func escape(_ key: String) -> String {
+        var out = ""
+        let hex = Array("0123456789abcdef")
+        for scalar in key.unicodeScalars {
+            switch scalar.value {
+            case 0x5c: out += "\\\\"
+            case 0x2c: out += "\\,"
+            case 0..<0x20, 0x7f: out += "\\x" + String(hex[Int(scalar.value >> 4)]) + String(hex[Int(scalar.value & 15)])
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out
     }
 }
 

@@ -13,12 +13,17 @@ import Synchronization
 public final class KeyRepository: Sendable {
     let storage: any KeyStorage
     let root: RootKey
+    /// Random per keystore, bound into every row's MAC: a row copied in from another keystore
+    /// under the same root key does not verify here.
+    let keystoreID: [UInt8]
     private let cache: Mutex<LRUCache>
     static let materialLabel = Array("kmsd/v1/key-material".utf8)
     static let rootCheckLabel = Array("kmsd/v1/root-key-check".utf8)
 
     /// Opens the repository and checks the root key matches the keystore (a fresh keystore
-    /// records a check value).
+    /// records a check value). A keystore from before per-keystore ids and the owner index is
+    /// migrated in one transaction (every row verified first; a row that fails keeps its old
+    /// MAC and so stays refused).
     ///
     /// Throws StorageError when the keystore was created under another root key.
     public init(storage: any KeyStorage, root: RootKey, cacheCapacity: Int = 4096) throws {
@@ -33,6 +38,37 @@ public final class KeyRepository: Sendable {
         } else {
             try storage.setMeta("root_key_check", check)
         }
+        if let id = try storage.meta("keystore_id") {
+            keystoreID = id
+        } else {
+            keystoreID = try SecureRandom.bytes(16)
+            try Self.migrate(storage, root: root, keystoreID: keystoreID)
+        }
+    }
+
+    /// Re-MACs every verified row under the keystore id and fills the owner index, then records
+    /// the id: all in one transaction, so a crash leaves the old keystore intact.
+    static func migrate(_ storage: any KeyStorage, root: RootKey, keystoreID: [UInt8]) throws {
+        let rows = try storage.allRows()
+        func mac(_ table: String, _ rowKey: String, _ record: [UInt8], _ id: [UInt8]?) throws -> [UInt8] {
+            try HMAC.authenticate(key: root.recordMACKey, data: macInput(keystoreID: id, table: table, rowKey: rowKey, record: record))
+        }
+        func verified(_ table: String, _ rowKey: String, _ row: StoredRow) -> Bool {
+            guard let expected = try? mac(table, rowKey, row.record, nil) else { return false }
+            return ConstantTime.equals(expected, row.mac)
+        }
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .secondsSince1970
+        var keys: [(id: String, mac: [UInt8], owner: UInt32)] = []
+        for k in rows.keys where verified("keys", k.id, k.row) {
+            guard let record = try? decoder.decode(KeyRecord.self, from: Data(k.row.record)) else { continue }
+            keys.append((k.id, try mac("keys", k.id, k.row.record, keystoreID), record.ownerUID))
+        }
+        var versions: [(id: String, number: UInt32, mac: [UInt8])] = []
+        for v in rows.versions where verified("key_versions", "\(v.id)/\(v.number)", v.row) {
+            versions.append((v.id, v.number, try mac("key_versions", "\(v.id)/\(v.number)", v.row.record, keystoreID)))
+        }
+        try storage.migrate(keys: keys, versions: versions, meta: [("keystore_id", keystoreID)])
     }
 
     /// Stores a new key with version 1 holding `material`. Durable when it returns.
@@ -42,8 +78,15 @@ public final class KeyRepository: Sendable {
                                        wrappedMaterial: try wrap(material, keyID: record.keyID, version: 1, spec: record.keySpec))
         let keyRow = try seal(record, table: "keys", rowKey: record.keyID.description)
         let versionRow = try seal(version, table: "key_versions", rowKey: "\(record.keyID)/1")
-        try storage.insertKey(id: record.keyID.description, key: keyRow, versionNumber: 1, version: versionRow)
+        try storage.insertKey(id: record.keyID.description, owner: record.ownerUID, key: keyRow, versionNumber: 1, version: versionRow)
         cache.withLock { $0.put(record.keyID, CachedKey(record: record, versions: [1: material])) }
+    }
+
+    /// Removes a key and every version, from storage and the cache (whose material is zeroed).
+    /// Used to undo a CreateKey whose audit record could not be written.
+    public func delete(_ id: KeyID) throws {
+        cache.withLock { $0.remove(id) }
+        try storage.deleteKey(id: id.description)
     }
 
     /// The key's record, or nil when there is none.
@@ -98,11 +141,11 @@ public final class KeyRepository: Sendable {
         }
     }
 
-    /// Key ids in ascending order after `after`. A row whose id is not a key id was not written
-    /// by kmsd: KeyUnavailableException.
-    public func keyIDs(after: KeyID?, limit: Int) throws(KMSError) -> [KeyID] {
+    /// Key ids in ascending order after `after`: all of them, or those indexed under `owner`.
+    /// A row whose id is not a key id was not written by kmsd: KeyUnavailableException.
+    public func keyIDs(owner: UInt32? = nil, after: KeyID?, limit: Int) throws(KMSError) -> [KeyID] {
         let rows: [String]
-        do { rows = try storage.keyIDs(after: after?.description, limit: limit) } catch {
+        do { rows = try storage.keyIDs(owner: owner, after: after?.description, limit: limit) } catch {
             throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
         }
         var ids: [KeyID] = []
@@ -144,7 +187,14 @@ public final class KeyRepository: Sendable {
     }
 
     func macInput(table: String, rowKey: String, record: [UInt8]) -> [UInt8] {
+        Self.macInput(keystoreID: keystoreID, table: table, rowKey: rowKey, record: record)
+    }
+
+    /// `lp(keystore id) ‖ lp(table) ‖ lp(row key) ‖ record`; keystores from before per-keystore
+    /// ids (nil) had no first part.
+    static func macInput(keystoreID: [UInt8]?, table: String, rowKey: String, record: [UInt8]) -> [UInt8] {
         var data: [UInt8] = []
+        if let keystoreID { data.appendLengthPrefixed(keystoreID) }
         data.appendLengthPrefixed(Array(table.utf8))
         data.appendLengthPrefixed(Array(rowKey.utf8))
         return data + record
@@ -197,6 +247,8 @@ struct LRUCache {
         entries[id] = (e.value, tick)
         return e.value
     }
+
+    mutating func remove(_ id: KeyID) { entries[id] = nil }
 
     mutating func put(_ id: KeyID, _ value: CachedKey) {
         tick += 1

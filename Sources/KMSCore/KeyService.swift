@@ -64,12 +64,15 @@ public final class KeyService: Sendable {
         try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
     }
 
-    /// One page of keys visible to the caller, and the marker of the next page.
+    /// One page of keys visible to the caller, the marker of the next page, and the keys left
+    /// out because their stored record failed its integrity check (for the audit record).
     ///
-    /// Markers are opaque and authenticated (the last key id of the page and a MAC over it and
-    /// the caller's uid), so a marker kmsd did not hand this caller is InvalidMarkerException
-    /// and cannot be used to probe which key ids exist.
-    public func listKeys(limit: Int, marker: String, caller: Principal) throws(KMSError) -> (keys: [KeyID], nextMarker: String?) {
+    /// Administrators see every key id; anyone else the keys indexed under their uid, each
+    /// confirmed against its authenticated record, so the cost follows the page, not the
+    /// keystore. Markers are opaque and authenticated (the last key id of the page and a MAC
+    /// over it and the caller's uid), so a marker kmsd did not hand this caller is
+    /// InvalidMarkerException and cannot be used to probe which key ids exist.
+    public func listKeys(limit: Int, marker: String, caller: Principal) throws(KMSError) -> (keys: [KeyID], nextMarker: String?, skipped: [KeyID]) {
         let limit = limit == 0 ? KMSLimits.defaultListLimit : limit
         guard (1...KMSLimits.maxListLimit).contains(limit) else {
             throw KMSError(.validation, "Limit must be 1...\(KMSLimits.maxListLimit)")
@@ -81,24 +84,30 @@ public final class KeyService: Sendable {
             }
             after = m
         }
-        let admin = isAdministrator(caller)
+        let owner: UInt32? = isAdministrator(caller) ? nil : caller.uid
         var page: [KeyID] = []
-        while page.count < limit + 1 {
-            let ids = try repository.keyIDs(after: after, limit: 256)
+        var skipped: [KeyID] = []
+        // The index only narrows the search; each non-administrator entry is confirmed against
+        // its authenticated record (an index entry edited to point at someone else's key does
+        // not list it). A record that fails its check is left out and reported, not fatal.
+        while page.count < limit + 1, skipped.count < KMSLimits.maxListLimit {
+            let ids = try repository.keyIDs(owner: owner, after: after, limit: limit + 1 - page.count)
             if ids.isEmpty { break }
             for id in ids {
                 after = id
-                // Listing reads records without caching them, so it cannot evict keys in use;
-                // a record that fails its integrity check fails the listing.
-                if admin { page.append(id) } else if let r = try repository.record(id, caching: false), r.ownerUID == caller.uid { page.append(id) }
-                if page.count == limit + 1 { break }
+                if owner == nil { page.append(id); continue }
+                do {
+                    if let r = try repository.record(id, caching: false), r.ownerUID == caller.uid { page.append(id) }
+                } catch let e where e.code == .keyUnavailable {
+                    skipped.append(id)
+                }
             }
         }
         if page.count > limit {
             page.removeLast()
-            return (page, page.last.flatMap { makeMarker(after: $0, caller: caller) })
+            return (page, page.last.flatMap { makeMarker(after: $0, caller: caller) }, skipped)
         }
-        return (page, nil)
+        return (page, nil, skipped)
     }
 
     static let markerLabel = Array("kmsd/v1/list-marker".utf8)

@@ -12,13 +12,24 @@ public struct StoredRow: Sendable, Equatable {
 /// the embedded default; a shared PostgreSQL backend can implement the same protocol later.
 public protocol KeyStorage: Sendable {
     /// Inserts a key and its first version atomically. Throws when the key id exists.
-    func insertKey(id: String, key: StoredRow, versionNumber: UInt32, version: StoredRow) throws
+    /// `owner` feeds the owner index (ListKeys); the record itself stays the authority.
+    func insertKey(id: String, owner: UInt32, key: StoredRow, versionNumber: UInt32, version: StoredRow) throws
+    /// Removes a key and all its versions atomically (undo of a CreateKey whose audit record
+    /// could not be written).
+    func deleteKey(id: String) throws
     func key(id: String) throws -> StoredRow?
     func version(id: String, number: UInt32) throws -> StoredRow?
-    /// Key ids in ascending order, strictly after `after` (nil = from the start).
-    func keyIDs(after: String?, limit: Int) throws -> [String]
+    /// Key ids in ascending order, strictly after `after` (nil = from the start); only those
+    /// indexed under `owner` when it is given. Costs what the page costs, not the keystore.
+    func keyIDs(owner: UInt32?, after: String?, limit: Int) throws -> [String]
     func meta(_ name: String) throws -> [UInt8]?
     func setMeta(_ name: String, _ value: [UInt8]) throws
+
+    /// Every row, for a one-time migration.
+    func allRows() throws -> (keys: [(id: String, row: StoredRow)], versions: [(id: String, number: UInt32, row: StoredRow)])
+    /// Replaces MACs and owner index entries and sets meta values, all in one transaction.
+    func migrate(keys: [(id: String, mac: [UInt8], owner: UInt32)], versions: [(id: String, number: UInt32, mac: [UInt8])],
+                 meta: [(String, [UInt8])]) throws
 }
 
 /// A storage failure (I/O, corruption, a full disk); the message names the file and the cause.

@@ -9,6 +9,12 @@ public struct Principal: Sendable, Equatable {
     public var executable: String?
     /// The systemd unit the process runs in, when it runs in one.
     public var systemdUnit: String?
+    /// False when the supplementary groups could not be read from the kernel: the caller then
+    /// has no rights through supplementary groups (fail safe).
+    public var groupsKnown = true
+    /// What kmsd could not establish safely about the caller, and why (audited); nil when
+    /// everything was resolved.
+    public var unresolved: String? = nil
 
     public init(uid: UInt32, gid: UInt32, pid: Int32, userName: String, groups: [UInt32] = [],
                 executable: String? = nil, systemdUnit: String? = nil) {

@@ -66,6 +66,12 @@ public final class RootKey: Sendable {
         defer { close(fd) }
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw RootKeyError("cannot stat root key \(path)") }
+        guard st.st_uid == geteuid() || st.st_uid == 0 else {
+            throw RootKeyError("root key \(path) belongs to uid \(st.st_uid), not to kmsd's uid \(geteuid()) or root: whoever owns it may have planted a key they know. Fix: create the key as root or as kmsd's user")
+        }
+        guard st.st_mode & 0o022 == 0 else {
+            throw RootKeyError("root key \(path) is writable by group or others (mode \(String(st.st_mode & 0o777, radix: 8))); run: chmod 600 \(path)")
+        }
         guard !privateOnly || st.st_mode & 0o077 == 0 else {
             throw RootKeyError("root key \(path) is readable by others (mode \(String(st.st_mode & 0o777, radix: 8))); run: chmod 600 \(path)")
         }

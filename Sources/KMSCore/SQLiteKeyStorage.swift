@@ -4,9 +4,13 @@ import Synchronization
 
 /// The embedded keystore backend: one SQLite file in WAL mode with synchronous=FULL, so a
 /// committed transaction survives kill -9 and power loss.
+///
+/// Writes go through one connection; reads through a small pool of their own (WAL lets readers
+/// run beside the writer), so one caller's slow reads do not queue everyone else's.
 public final class SQLiteKeyStorage: KeyStorage {
     public let path: String
     private let db: Mutex<Connection>
+    private let readers: ConnectionPool
 
     final class Connection: @unchecked Sendable {
         let handle: OpaquePointer
@@ -17,40 +21,60 @@ public final class SQLiteKeyStorage: KeyStorage {
     /// Opens (creating if needed) the database at `path` with mode 0600.
     ///
     /// Throws StorageError when the file cannot be opened or is not a kmsd keystore.
-    public init(path: String) throws {
+    public init(path: String, readConnections: Int = 4) throws {
         self.path = path
         let oldMask = umask(0o077)
         defer { umask(oldMask) }
-        var handle: OpaquePointer?
-        let rc = sqlite3_open_v2(path, &handle, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nil)
-        guard rc == SQLITE_OK, let handle else {
-            let msg = handle.map { String(cString: sqlite3_errmsg($0)) } ?? "out of memory"
-            if let handle { sqlite3_close_v2(handle) }
-            throw StorageError("cannot open keystore \(path): \(msg)")
-        }
-        let conn = Connection(handle)
-        sqlite3_busy_timeout(handle, 5000)
+        let conn = try Self.open(path, flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)
         for sql in [
             "PRAGMA journal_mode=WAL",
             "PRAGMA synchronous=FULL",
             "PRAGMA foreign_keys=ON",
             "PRAGMA secure_delete=ON",
             "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
-            "CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, record BLOB NOT NULL, mac BLOB NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, record BLOB NOT NULL, mac BLOB NOT NULL, owner_uid INTEGER)",
             "CREATE TABLE IF NOT EXISTS key_versions (key_id TEXT NOT NULL REFERENCES keys(key_id), version INTEGER NOT NULL, record BLOB NOT NULL, mac BLOB NOT NULL, PRIMARY KEY (key_id, version))",
         ] {
             try Self.exec(conn, sql, path: path)
         }
+        // Keystores written before the owner index: add the column (filled by KeyRepository's
+        // migration from the authenticated records).
+        let columns = try Self.query(conn, "PRAGMA table_info(keys)", [], path: path) { String(cString: sqlite3_column_text($0, 1)) }
+        if !columns.contains("owner_uid") {
+            try Self.exec(conn, "ALTER TABLE keys ADD COLUMN owner_uid INTEGER", path: path)
+        }
+        try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_owner ON keys (owner_uid, key_id)", path: path)
         db = Mutex(conn)
+        var pool: [Connection] = []
+        for _ in 0..<max(1, readConnections) {
+            let reader = try Self.open(path, flags: SQLITE_OPEN_READONLY)
+            try Self.exec(reader, "PRAGMA foreign_keys=ON", path: path)
+            pool.append(reader)
+        }
+        readers = ConnectionPool(pool)
     }
 
-    public func insertKey(id: String, key: StoredRow, versionNumber: UInt32, version: StoredRow) throws {
-        try db.withLock { conn in
+    private static func open(_ path: String, flags: Int32) throws -> Connection {
+        var handle: OpaquePointer?
+        let rc = sqlite3_open_v2(path, &handle, flags | SQLITE_OPEN_FULLMUTEX, nil)
+        guard rc == SQLITE_OK, let handle else {
+            let msg = handle.map { String(cString: sqlite3_errmsg($0)) } ?? "out of memory"
+            if let handle { sqlite3_close_v2(handle) }
+            throw StorageError("cannot open keystore \(path): \(msg)")
+        }
+        sqlite3_busy_timeout(handle, 5000)
+        return Connection(handle)
+    }
+
+    private func write<T>(_ body: (Connection) throws -> T) throws -> T {
+        try db.withLock { conn in try body(conn) }
+    }
+
+    private func transaction(_ body: (Connection) throws -> Void) throws {
+        try write { conn in
             try Self.exec(conn, "BEGIN IMMEDIATE", path: path)
             do {
-                try Self.run(conn, "INSERT INTO keys (key_id, record, mac) VALUES (?1, ?2, ?3)", [.text(id), .blob(key.record), .blob(key.mac)], path: path)
-                try Self.run(conn, "INSERT INTO key_versions (key_id, version, record, mac) VALUES (?1, ?2, ?3, ?4)",
-                             [.text(id), .int(Int64(versionNumber)), .blob(version.record), .blob(version.mac)], path: path)
+                try body(conn)
                 try Self.exec(conn, "COMMIT", path: path)
             } catch {
                 try? Self.exec(conn, "ROLLBACK", path: path)
@@ -59,8 +83,24 @@ public final class SQLiteKeyStorage: KeyStorage {
         }
     }
 
+    public func insertKey(id: String, owner: UInt32, key: StoredRow, versionNumber: UInt32, version: StoredRow) throws {
+        try transaction { conn in
+            try Self.run(conn, "INSERT INTO keys (key_id, record, mac, owner_uid) VALUES (?1, ?2, ?3, ?4)",
+                         [.text(id), .blob(key.record), .blob(key.mac), .int(Int64(owner))], path: path)
+            try Self.run(conn, "INSERT INTO key_versions (key_id, version, record, mac) VALUES (?1, ?2, ?3, ?4)",
+                         [.text(id), .int(Int64(versionNumber)), .blob(version.record), .blob(version.mac)], path: path)
+        }
+    }
+
+    public func deleteKey(id: String) throws {
+        try transaction { conn in
+            try Self.run(conn, "DELETE FROM key_versions WHERE key_id = ?1", [.text(id)], path: path)
+            try Self.run(conn, "DELETE FROM keys WHERE key_id = ?1", [.text(id)], path: path)
+        }
+    }
+
     public func key(id: String) throws -> StoredRow? {
-        try db.withLock { conn in
+        try readers.with { conn in
             try Self.query(conn, "SELECT record, mac FROM keys WHERE key_id = ?1", [.text(id)], path: path) { stmt in
                 StoredRow(record: Self.blob(stmt, 0), mac: Self.blob(stmt, 1))
             }.first
@@ -68,7 +108,7 @@ public final class SQLiteKeyStorage: KeyStorage {
     }
 
     public func version(id: String, number: UInt32) throws -> StoredRow? {
-        try db.withLock { conn in
+        try readers.with { conn in
             try Self.query(conn, "SELECT record, mac FROM key_versions WHERE key_id = ?1 AND version = ?2",
                            [.text(id), .int(Int64(number))], path: path) { stmt in
                 StoredRow(record: Self.blob(stmt, 0), mac: Self.blob(stmt, 1))
@@ -76,25 +116,62 @@ public final class SQLiteKeyStorage: KeyStorage {
         }
     }
 
-    public func keyIDs(after: String?, limit: Int) throws -> [String] {
-        try db.withLock { conn in
-            try Self.query(conn, "SELECT key_id FROM keys WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
-                           [.text(after ?? ""), .int(Int64(limit))], path: path) { stmt in
+    public func keyIDs(owner: UInt32?, after: String?, limit: Int) throws -> [String] {
+        try readers.with { conn in
+            if let owner {
+                return try Self.query(conn, "SELECT key_id FROM keys WHERE owner_uid = ?1 AND key_id > ?2 ORDER BY key_id LIMIT ?3",
+                                      [.int(Int64(owner)), .text(after ?? ""), .int(Int64(limit))], path: path) { stmt in
+                    String(cString: sqlite3_column_text(stmt, 0))
+                }
+            }
+            return try Self.query(conn, "SELECT key_id FROM keys WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
+                                  [.text(after ?? ""), .int(Int64(limit))], path: path) { stmt in
                 String(cString: sqlite3_column_text(stmt, 0))
             }
         }
     }
 
     public func meta(_ name: String) throws -> [UInt8]? {
-        try db.withLock { conn in
+        try write { conn in
             try Self.query(conn, "SELECT value FROM meta WHERE name = ?1", [.text(name)], path: path) { Self.blob($0, 0) }.first
         }
     }
 
     public func setMeta(_ name: String, _ value: [UInt8]) throws {
-        try db.withLock { conn in
+        try write { conn in
             try Self.run(conn, "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                          [.text(name), .blob(value)], path: path)
+        }
+    }
+
+    public func allRows() throws -> (keys: [(id: String, row: StoredRow)], versions: [(id: String, number: UInt32, row: StoredRow)]) {
+        try write { conn in
+            let keys = try Self.query(conn, "SELECT key_id, record, mac FROM keys ORDER BY key_id", [], path: path) { stmt in
+                (id: String(cString: sqlite3_column_text(stmt, 0)), row: StoredRow(record: Self.blob(stmt, 1), mac: Self.blob(stmt, 2)))
+            }
+            let versions = try Self.query(conn, "SELECT key_id, version, record, mac FROM key_versions ORDER BY key_id, version", [], path: path) { stmt in
+                (id: String(cString: sqlite3_column_text(stmt, 0)), number: UInt32(truncatingIfNeeded: sqlite3_column_int64(stmt, 1)),
+                 row: StoredRow(record: Self.blob(stmt, 2), mac: Self.blob(stmt, 3)))
+            }
+            return (keys, versions)
+        }
+    }
+
+    public func migrate(keys: [(id: String, mac: [UInt8], owner: UInt32)], versions: [(id: String, number: UInt32, mac: [UInt8])],
+                        meta: [(String, [UInt8])]) throws {
+        try transaction { conn in
+            for k in keys {
+                try Self.run(conn, "UPDATE keys SET mac = ?2, owner_uid = ?3 WHERE key_id = ?1",
+                             [.text(k.id), .blob(k.mac), .int(Int64(k.owner))], path: path)
+            }
+            for v in versions {
+                try Self.run(conn, "UPDATE key_versions SET mac = ?3 WHERE key_id = ?1 AND version = ?2",
+                             [.text(v.id), .int(Int64(v.number)), .blob(v.mac)], path: path)
+            }
+            for (name, value) in meta {
+                try Self.run(conn, "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                             [.text(name), .blob(value)], path: path)
+            }
         }
     }
 
@@ -153,5 +230,27 @@ public final class SQLiteKeyStorage: KeyStorage {
         let n = Int(sqlite3_column_bytes(stmt, col))
         guard n > 0, let p = sqlite3_column_blob(stmt, col) else { return [] }
         return Array(UnsafeRawBufferPointer(start: p, count: n))
+    }
+}
+
+/// Read-only connections handed out one caller at a time; a caller waits only when every
+/// connection is busy.
+final class ConnectionPool: Sendable {
+    private let free: Mutex<[SQLiteKeyStorage.Connection]>
+    private let available: DispatchSemaphore
+
+    init(_ connections: [SQLiteKeyStorage.Connection]) {
+        free = Mutex(connections)
+        available = DispatchSemaphore(value: connections.count)
+    }
+
+    func with<T>(_ body: (SQLiteKeyStorage.Connection) throws -> T) throws -> T {
+        available.wait()
+        let conn = free.withLock { $0.removeLast() }
+        defer {
+            free.withLock { $0.append(conn) }
+            available.signal()
+        }
+        return try body(conn)
     }
 }

@@ -4,6 +4,7 @@
 public enum KMSErrorCode: String, Sendable, CaseIterable, Codable {
     case accessDenied = "AccessDeniedException"
     case alreadyExists = "AlreadyExistsException"
+    case auditUnavailable = "AuditUnavailableException"
     case disabled = "DisabledException"
     case incorrectKey = "IncorrectKeyException"
     case invalidCiphertext = "InvalidCiphertextException"

@@ -1,6 +1,7 @@
 import CKMSSystemd
 import Glibc
 import KMSCore
+import KMSCrypto
 import KMSProtocol
 import Synchronization
 
@@ -38,9 +39,13 @@ struct AuditRecord: Sendable {
             "KMS_PEER_USER=\(principal.userName)",
             "KMS_PEER_EXE=\(principal.executable ?? "")",
             "KMS_PEER_UNIT=\(principal.systemdUnit ?? "")",
+            "KMS_PEER_UNRESOLVED=\(principal.unresolved ?? "")",
             "KMS_ENCRYPTION_CONTEXT=\(details.contextKeys)",
             "KMS_DURATION_US=\(durationMicros)",
         ]
+        if !details.integrityFailures.isEmpty {
+            fields.append("KMS_INTEGRITY_FAILURES=\(details.integrityFailures.joined(separator: ","))")
+        }
         if let source = details.sourceKeyID {
             fields.append("KMS_SOURCE_KEY_ID=\(source)")
             fields.append("KMS_SOURCE_KEY_VERSION=\(details.sourceKeyVersion.map(String.init) ?? "")")
@@ -50,41 +55,88 @@ struct AuditRecord: Sendable {
     }
 }
 
-/// Hands one record per request to journald (sd_journal_sendv) before the response is sent.
+/// Hands one record per request to journald before the response is sent.
+///
+/// Records go over journald's native protocol on a non-blocking datagram socket, so a journald
+/// that stops reading (SIGSTOP, overload) costs a request at most `timeout`, never a hung event
+/// loop; once a hand-over has timed out, later records get one non-blocking attempt each until
+/// journald takes one again. Every record carries `KMS_RUN_ID` (random per daemon start) and
+/// `KMS_SEQ` (1, 2, 3, ... per run, consumed only by records journald took), so a record that
+/// journald dropped after accepting it (its rate limit) leaves a visible gap.
 ///
 /// Fail closed (the production default): when journald does not take the record, the request
-/// fails with KMSInternalException and its result is withheld.
+/// fails with AuditUnavailableException and its result is withheld.
 final class AuditLog: Sendable {
     static let messageID = "3f1c2a4e9b7d4c2e8a6f0d1b5e9c7a31"
     static let journalSocket = "/run/systemd/journal/socket"
 
     let failClosed: Bool
-    private let warned = Atomic<Bool>(false)
+    let runID: String
+    let timeoutMilliseconds: Int32
+    private let state: Mutex<JournalSocket>
 
-    init(failClosed: Bool) {
+    init(failClosed: Bool, timeoutMilliseconds: Int = 1000, socketPath: String = AuditLog.journalSocket) {
         self.failClosed = failClosed
+        self.timeoutMilliseconds = Int32(clamping: timeoutMilliseconds)
+        let id = (try? SecureRandom.bytes(16)) ?? []
+        let hex = Array("0123456789abcdef".utf8)
+        runID = String(decoding: id.flatMap { [hex[Int($0 >> 4)], hex[Int($0 & 15)]] }, as: UTF8.self)
+        state = Mutex(JournalSocket(path: socketPath))
     }
 
-    /// Writes the record; returns false when journald refused it.
+    /// The last sequence number journald took (0 before the first record).
+    var lastSequence: UInt64 { state.withLock { $0.sequence } }
+
+    /// Writes the record; returns false when journald did not take it in time.
     func write(_ record: AuditRecord) -> Bool {
-        // sd_journal_sendv reports success when the journal socket does not exist (it drops the
-        // entry silently), so check for it first; other failures it does report.
-        let rc = access(Self.journalSocket, W_OK) == 0 ? Self.send(record.fields) : -ENOENT
-        if rc < 0 {
-            if !warned.exchange(true, ordering: .relaxed) {
-                let why = String(cString: strerror(-rc))
-                StandardError.write("kmsd: WARNING: journald did not accept an audit record (\(why)); \(failClosed ? "requests are refused while audit fails (auditFailClosed)" : "continuing without audit (development mode)")\n")
+        var head = [UInt8]()
+        head.reserveCapacity(1024)
+        for field in record.fields { Self.append(field, to: &head) }
+        Self.append("KMS_RUN_ID=\(runID)", to: &head)
+        let timeout = timeoutMilliseconds, failClosed = self.failClosed
+        return state.withLock { journal in
+            var datagram = head
+            Self.append("KMS_SEQ=\(journal.sequence + 1)", to: &datagram)
+            if let error = journal.send(datagram, timeoutMilliseconds: timeout) {
+                if !journal.warned {
+                    journal.warned = true
+                    StandardError.write("kmsd: WARNING: journald did not take an audit record (\(error)); \(failClosed ? "requests are refused while audit fails (auditFailClosed)" : "continuing without audit (development mode)")\n")
+                }
+                return false
             }
-            return false
+            if journal.warned {
+                journal.warned = false
+                StandardError.write("kmsd: journald takes audit records again\n")
+            }
+            journal.sequence += 1
+            return true
         }
-        return true
     }
 
-    /// Sends FIELD=value strings as one journal entry; returns sd_journal_sendv's result.
+    /// One field in journald's native protocol: `NAME=value\n`, or, when the value holds a
+    /// newline or NUL, `NAME\n` + 64-bit little-endian length + value + `\n`.
+    static func append(_ field: String, to out: inout [UInt8]) {
+        var utf8 = Array(field.utf8)
+        guard let eq = utf8.firstIndex(of: UInt8(ascii: "=")) else { return }
+        if utf8.contains(10) || utf8.contains(0) {
+            let value = utf8[(eq + 1)...]
+            out += utf8[..<eq]
+            out.append(10)
+            var n = UInt64(value.count).littleEndian
+            withUnsafeBytes(of: &n) { out += $0 }
+            out += value
+            out.append(10)
+        } else {
+            utf8.append(10)
+            out += utf8
+        }
+    }
+
+    /// Sends FIELD=value strings as one journal entry through libsystemd (used for kmsd's own
+    /// messages that are not request records); returns sd_journal_sendv's result.
     static func send(_ fields: [String]) -> Int32 {
         let buffers = fields.map { field -> (UnsafeMutableRawBufferPointer, Int) in
-            // NUL ends a field early in the journal's native protocol; never let a value do that.
-            let bytes = field.utf8.map { $0 == 0 ? UInt8(ascii: "?") : $0 }
+            let bytes = Array(field.utf8)
             let p = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes.count, 1), alignment: 1)
             p.copyBytes(from: bytes)
             return (p, bytes.count)
@@ -92,6 +144,77 @@ final class AuditLog: Sendable {
         defer { for (p, _) in buffers { p.deallocate() } }
         var iov = buffers.map { iovec(iov_base: $0.0.baseAddress, iov_len: $0.1) }
         return sd_journal_sendv(&iov, Int32(iov.count))
+    }
+}
+
+/// A datagram socket connected to journald's native socket, reconnected when journald
+/// restarts. Non-blocking: a full journald queue is waited for at most the given time, and
+/// not at all while journald is known to be stalled.
+struct JournalSocket: ~Copyable {
+    let path: String
+    var fd: Int32 = -1
+    var sequence: UInt64 = 0
+    var warned = false
+    /// True after a hand-over timed out, until journald takes a record again.
+    var stalled = false
+
+    init(path: String) { self.path = path }
+
+    deinit { if fd >= 0 { close(fd) } }
+
+    /// Sends one datagram; nil on success, else why it failed.
+    mutating func send(_ datagram: [UInt8], timeoutMilliseconds: Int32) -> String? {
+        for attempt in 0..<2 {
+            if fd < 0, let error = connectSocket() { return error }
+            let sent = datagram.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+            if sent == datagram.count {
+                stalled = false
+                return nil
+            }
+            let err = errno
+            switch err {
+            case EAGAIN, EWOULDBLOCK:
+                if stalled { return "journald is not reading its socket" }
+                var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                if poll(&pfd, 1, timeoutMilliseconds) == 1, pfd.revents & Int16(POLLOUT) != 0 {
+                    let again = datagram.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+                    if again == datagram.count { return nil }
+                }
+                stalled = true
+                return "journald did not take the record within \(timeoutMilliseconds) ms"
+            case ECONNREFUSED, ENOTCONN, ENOENT, EPIPE, ECONNRESET:
+                // journald restarted (new socket) or is gone: reconnect once.
+                close(fd)
+                fd = -1
+                if attempt == 1 { return String(cString: strerror(err)) }
+            default:
+                return String(cString: strerror(err))
+            }
+        }
+        return "journald is unreachable"
+    }
+
+    private mutating func connectSocket() -> String? {
+        let s = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+        guard s >= 0 else { return String(cString: strerror(errno)) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { close(s); return "journal socket path too long" }
+        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else {
+            let why = String(cString: strerror(errno))
+            close(s)
+            return "cannot reach journald at \(path): \(why)"
+        }
+        // Room for large records; the kernel caps it at wmem_max.
+        var size: Int32 = 8 * 1024 * 1024
+        setsockopt(s, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        fd = s
+        return nil
     }
 }
 

@@ -56,6 +56,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        // A read is a new event-loop turn for this connection (unless a continuation is due).
+        if !turnEndScheduled { startedThisTurn = 0 }
         startWaiting(context: context)
         context.fireChannelReadComplete()
     }
@@ -64,6 +66,14 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// together (fewer thread hops), in batches small enough that one slow request delays few.
     static let batchLimit = 16
 
+    /// Most requests one connection starts per event-loop turn. The rest wait for a task
+    /// scheduled just past this turn: the loop serves every other channel's I/O before it
+    /// runs, so one pipelining client cannot hold a loop that other clients share.
+    static let turnBudget = 32
+
+    private var startedThisTurn = 0
+    private var turnEndScheduled = false
+
     private func startWaiting(context: ChannelHandlerContext) {
         // Not re-entrant: a write completing inside start() calls back here; the loop below
         // picks up whatever that callback would have started.
@@ -71,11 +81,32 @@ final class ConnectionHandler: ChannelDuplexHandler {
         starting = true
         defer { starting = false }
         while inFlight < maxInFlight, !closing, !waiting.isEmpty {
+            guard startedThisTurn < Self.turnBudget else {
+                scheduleNextTurn(context: context)
+                return
+            }
             var batch: [ByteBuffer] = []
             while batch.count < Self.batchLimit, inFlight + batch.count < maxInFlight, let frame = waiting.popFirst() {
                 batch.append(frame)
             }
+            startedThisTurn += batch.count
             start(batch, context: context)
+        }
+    }
+
+    /// Continues after this turn. A task with a deadline in the future makes the loop poll for
+    /// I/O before running it (tasks due now would run in this same turn).
+    private func scheduleNextTurn(context: ChannelHandlerContext) {
+        guard !turnEndScheduled else { return }
+        turnEndScheduled = true
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        context.eventLoop.scheduleTask(in: .microseconds(20)) {
+            let (handler, context) = loopBound.value
+            handler.turnEndScheduled = false
+            handler.startedThisTurn = 0
+            handler.startWaiting(context: context)
+            handler.closeIfDone(context: context)
+            handler.readIfAllowed(context: context)
         }
     }
 
@@ -101,8 +132,15 @@ final class ConnectionHandler: ChannelDuplexHandler {
             case .success(let responses):
                 for response in responses { handler.write(response, context: context) }
             case .failure:
+                // The worker pool has stopped: kmsd is shutting down. Each request is answered
+                // with its own id (0 only for a frame that did not decode) and audited.
                 let stopping = KMSError(.throttling, "kmsd is shutting down; retry against the restarted daemon")
-                for _ in frames { handler.write(.failure(id: KMSProtocolConstants.connectionErrorRequestID, stopping), context: context) }
+                for request in decoded {
+                    let id = (try? request.get())?.id ?? KMSProtocolConstants.connectionErrorRequestID
+                    let action = (try? request.get())?.operation?.name ?? "Unknown"
+                    dispatcher.auditRejected(action: action, principal: principal, error: stopping, requestID: id)
+                    handler.write(.failure(id: id, stopping), context: context)
+                }
             }
             context.flush()
         }

@@ -1,20 +1,28 @@
+import Glibc
 import Synchronization
 
 /// Counts open connections in total and per uid, refusing those over the configured limits.
+/// The last `reservedForAdministrators` connections go only to administrators, so other users
+/// filling the daemon cannot lock out the people who must fix it.
 final class ConnectionLimits: Sendable {
     let maxTotal: Int
     let maxPerUID: Int
+    let reservedForAdministrators: Int
     private let counts = Mutex<(total: Int, perUID: [UInt32: Int])>((0, [:]))
 
-    init(maxTotal: Int, maxPerUID: Int) {
+    init(maxTotal: Int, maxPerUID: Int, reservedForAdministrators: Int = 0) {
         self.maxTotal = maxTotal
         self.maxPerUID = maxPerUID
+        self.reservedForAdministrators = reservedForAdministrators
     }
 
     /// Takes a slot for `uid`, or returns why not.
-    func acquire(uid: UInt32) -> String? {
+    func acquire(uid: UInt32, isAdministrator: Bool = false) -> String? {
         counts.withLock { c in
             if c.total >= maxTotal { return "kmsd has \(c.total) connections, its maximum (maxConnections); retry later" }
+            if !isAdministrator, c.total >= maxTotal - reservedForAdministrators {
+                return "kmsd has \(c.total) connections; the remaining \(maxTotal - c.total) are reserved for administrators (adminReservedConnections); retry later"
+            }
             if c.perUID[uid, default: 0] >= maxPerUID {
                 return "uid \(uid) has \(maxPerUID) connections open, the per-uid maximum (maxConnectionsPerUid); reuse a connection"
             }
@@ -33,4 +41,46 @@ final class ConnectionLimits: Sendable {
     }
 
     var total: Int { counts.withLock { $0.total } }
+}
+
+/// A token bucket per uid: `rate` requests per second on average, `burst` at once. Buckets
+/// that have refilled are forgotten, so memory follows the uids active in the last seconds.
+final class RequestRateLimiter: Sendable {
+    let rate: Double
+    let burst: Double
+    private struct Bucket { var tokens: Double; var updated: UInt64 }
+    private let buckets = Mutex<[UInt32: Bucket]>([:])
+
+    /// `rate` 0 disables the limit; `burst` 0 means one second's worth.
+    init(rate: Int, burst: Int) {
+        self.rate = Double(rate)
+        self.burst = Double(burst > 0 ? burst : rate)
+    }
+
+    var enabled: Bool { rate > 0 }
+
+    /// Takes one token for `uid`; false when its bucket is empty.
+    func allow(uid: UInt32) -> Bool {
+        guard enabled else { return true }
+        let now = Self.nowNanoseconds()
+        return buckets.withLock { b in
+            var bucket = b[uid] ?? Bucket(tokens: burst, updated: now)
+            let elapsed = Double(now &- bucket.updated) / 1e9
+            bucket.tokens = min(burst, bucket.tokens + elapsed * rate)
+            bucket.updated = now
+            let allowed = bucket.tokens >= 1
+            if allowed { bucket.tokens -= 1 }
+            b[uid] = bucket
+            if b.count > 4096 {
+                b = b.filter { Double(now &- $0.value.updated) / 1e9 * rate + $0.value.tokens < burst }
+            }
+            return allowed
+        }
+    }
+
+    static func nowNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
 }

@@ -12,6 +12,11 @@ struct AuditDetails {
     var sourceKeyID: String? = nil
     var sourceKeyVersion: UInt32? = nil
     var sourceContextKeys: String? = nil
+    /// Keys left out of the answer because their stored record failed its integrity check.
+    var integrityFailures: [String] = []
+    /// Reverses the request's lasting effect; run when its audit record cannot be written, so
+    /// a refused request changes nothing.
+    var undo: (@Sendable () throws -> Void)? = nil
 }
 
 extension AuditDetails {
@@ -44,11 +49,14 @@ final class Dispatcher: Sendable {
     let service: KeyService
     let audit: AuditLog
     let settings: ServerSettings
+    let rateLimiter: RequestRateLimiter
 
-    init(service: KeyService, audit: AuditLog, settings: ServerSettings) {
+    init(service: KeyService, audit: AuditLog, settings: ServerSettings,
+         rateLimiter: RequestRateLimiter = RequestRateLimiter(rate: 0, burst: 0)) {
         self.service = service
         self.audit = audit
         self.settings = settings
+        self.rateLimiter = rateLimiter
     }
 
     /// Operation names this server answers, for Hello.
@@ -61,7 +69,7 @@ final class Dispatcher: Sendable {
         case .whoAmI(let r): .whoAmI(DaemonHandlers.whoAmI(r, ctx))
         case .createKey(let r): .createKey(try KeyHandlers.createKey(r, ctx, &details))
         case .describeKey(let r): .describeKey(try KeyHandlers.describeKey(r, ctx, &details))
-        case .listKeys(let r): .listKeys(try KeyHandlers.listKeys(r, ctx))
+        case .listKeys(let r): .listKeys(try KeyHandlers.listKeys(r, ctx, &details))
         case .encrypt(let r): .encrypt(try CryptoHandlers.encrypt(r, ctx, &details))
         case .decrypt(let r): .decrypt(try CryptoHandlers.decrypt(r, ctx, &details))
         case .reEncrypt(let r): .reEncrypt(try CryptoHandlers.reEncrypt(r, ctx, &details))
@@ -109,9 +117,9 @@ final class Dispatcher: Sendable {
 
     /// Audits something refused before it became a request: an undecodable frame ("Unknown")
     /// or a connection over the limits ("Connect").
-    func auditRejected(action: String, principal: Principal, error: KMSError) {
-        var record = AuditRecord(action: action, requestID: KMSProtocolConstants.connectionErrorRequestID,
-                                 principal: principal, result: .failed)
+    func auditRejected(action: String, principal: Principal, error: KMSError,
+                       requestID: UInt64 = KMSProtocolConstants.connectionErrorRequestID) {
+        var record = AuditRecord(action: action, requestID: requestID, principal: principal, result: .failed)
         record.error = error.code
         _ = audit.write(record)
     }
@@ -124,8 +132,12 @@ final class Dispatcher: Sendable {
         let action: String
         if let op = request.operation {
             action = op.name
-            let ctx = HandlerContext(principal: principal, service: service, settings: settings)
-            do throws(KMSError) { outcome = .success(try Self.route(op, ctx, &details)) } catch { outcome = .failure(error) }
+            if !rateLimiter.allow(uid: principal.uid) {
+                outcome = .failure(KMSError(.throttling, "uid \(principal.uid) is over its request rate (maxRequestsPerSecondPerUid \(Int(rateLimiter.rate))); retry with exponential backoff"))
+            } else {
+                let ctx = HandlerContext(principal: principal, service: service, settings: settings)
+                do throws(KMSError) { outcome = .success(try Self.route(op, ctx, &details)) } catch { outcome = .failure(error) }
+            }
         } else {
             action = "Unknown"
             outcome = .failure(KMSError(.unsupportedOperation,
@@ -143,7 +155,14 @@ final class Dispatcher: Sendable {
         response.id = request.id
         switch outcome {
         case _ where !audited && audit.failClosed:
-            return .failure(id: request.id, KMSError(.internalError, "the audit record could not be written to journald, so the request was refused; check systemd-journald is running"))
+            var message = "the audit record could not be handed to journald, so the request was refused"
+            if case .success = outcome, let undo = details.undo {
+                do { try undo(); message += " and nothing was changed" } catch {
+                    message += "; undoing its effect failed too (\(error)), so it may have taken effect"
+                    StandardError.write("kmsd: ERROR: \(action) could not be audited nor undone: \(error)\n")
+                }
+            }
+            return .failure(id: request.id, KMSError(.auditUnavailable, message + "; check that systemd-journald is running and keeping up"))
         case .success(let r): response.result = r
         case .failure(let e): return .failure(id: request.id, e)
         }

@@ -3,11 +3,14 @@ import KMSProtocol
 
 /// Hello and WhoAmI: about the daemon and the caller, open to every caller.
 enum DaemonHandlers {
-    static let serverVersion = "kmsd 0.1.0"
+    /// MAJOR.MINOR.PATCH of kmsd (PROTOCOL.md §5); for diagnostics, never for feature checks.
+    static let serverVersion = "0.1.0"
 
     static func hello(_ r: Kmsd_V1_HelloRequest, _ ctx: HandlerContext) -> Kmsd_V1_HelloResponse {
         .with {
-            $0.protocolVersion = KMSProtocolConstants.protocolVersion
+            // A client states the highest version it speaks (0: unspecified, read as 1); the
+            // answer is the highest both speak. A client that does not speak the answer closes.
+            $0.protocolVersion = min(max(r.protocolVersion, 1), KMSProtocolConstants.protocolVersion)
             $0.serverVersion = serverVersion
             $0.operations = Dispatcher.operations
             $0.maxFrameBytes = UInt32(ctx.settings.maxFrameBytes)

@@ -12,6 +12,9 @@ enum KeyHandlers {
         let record = try ctx.service.createKey(input, caller: ctx.principal)
         d.keyID = record.keyID.description
         d.keyVersion = record.currentVersion
+        // A key nobody was told about must not stay behind if its audit record is refused.
+        let repository = ctx.service.repository, id = record.keyID
+        d.undo = { try repository.delete(id) }
         return .with { $0.keyMetadata = metadata(record) }
     }
 
@@ -22,12 +25,13 @@ enum KeyHandlers {
         return .with { $0.keyMetadata = metadata(record) }
     }
 
-    static func listKeys(_ r: Kmsd_V1_ListKeysRequest, _ ctx: HandlerContext) throws(KMSError) -> Kmsd_V1_ListKeysResponse {
+    static func listKeys(_ r: Kmsd_V1_ListKeysRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ListKeysResponse {
         // Keep the response within max_frame_bytes: an entry takes under 100 bytes.
         let fits = max(1, (ctx.settings.maxFrameBytes - 256) / 100)
         let requested = r.limit == 0 ? KMSLimits.defaultListLimit : Int(r.limit)
         guard requested <= KMSLimits.maxListLimit else { throw KMSError(.validation, "Limit must be 1...\(KMSLimits.maxListLimit)") }
         let page = try ctx.service.listKeys(limit: min(requested, fits), marker: r.marker, caller: ctx.principal)
+        d.integrityFailures = page.skipped.map(\.description)
         return .with {
             $0.keys = page.keys.map { id in .with { $0.keyID = id.description; $0.keyArn = id.arn } }
             $0.nextMarker = page.nextMarker ?? ""

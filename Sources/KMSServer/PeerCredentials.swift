@@ -9,10 +9,18 @@ enum PeerCredentials {
     /// What the kernel says about the peer at accept: SO_PEERCRED, SO_PEERGROUPS, a pidfd.
     struct Raw: Sendable {
         let cred: kms_ucred
-        /// nil when SO_PEERGROUPS failed (more than 256 groups, or an old kernel).
+        /// The supplementary groups the peer had when it connected; nil when the kernel would
+        /// not say (the caller then gets no rights through supplementary groups).
         let groups: [UInt32]?
-        /// SO_PEERPIDFD (Linux 6.5+), else pidfd_open(pid) right away; -1 when neither works.
+        /// A pidfd for the peer, -1 when none could be had.
         let pidfd: Int32
+        /// True when the pidfd came from SO_PEERPIDFD (it refers to the process that
+        /// connected); false when it came from pidfd_open(pid) after the fact, which may name a
+        /// newer process that reused the pid.
+        let pidfdFromSocket: Bool
+        /// CLOCK_BOOTTIME in clock ticks when the connection was accepted: a process that
+        /// started later cannot be the one that connected.
+        let acceptedAtTicks: UInt64
     }
 
     /// Reads the socket options on the event loop (cheap getsockopt calls, nothing blocks).
@@ -20,15 +28,30 @@ enum PeerCredentials {
         guard let provider = channel as? SocketOptionProvider else {
             return channel.eventLoop.makeFailedFuture(ConfigurationError("channel has no socket options"))
         }
+        let acceptedAt = boottimeTicks()
+        let groupsOption = NIOBSDSocket.Option(rawValue: SO_PEERGROUPS)
         let cred: EventLoopFuture<kms_ucred> = provider.unsafeGetSocketOption(level: .socket, name: NIOBSDSocket.Option(rawValue: SO_PEERCRED))
-        let groups: EventLoopFuture<kms_peer_groups?> = provider.unsafeGetSocketOption(level: .socket, name: NIOBSDSocket.Option(rawValue: SO_PEERGROUPS))
-            .map { Optional($0) }.recover { _ in nil }
+        // ERANGE from the small buffer means more than 256 groups: ask again with room for
+        // NGROUPS_MAX. Any other failure leaves the groups unknown.
+        let groups: EventLoopFuture<[UInt32]?> = provider.unsafeGetSocketOption(level: .socket, name: groupsOption)
+            .map { (b: kms_peer_groups) -> [UInt32]? in Self.groups(from: b) }
+            .flatMapError { _ in
+                provider.unsafeGetSocketOption(level: .socket, name: groupsOption)
+                    .map { (b: kms_peer_groups_max) -> [UInt32]? in Self.groups(from: b) }
+            }
+            .recover { _ in nil }
+        // -1: this kernel has no SO_PEERPIDFD (before 6.5); -2: it has, and the peer is gone.
         let pidfd: EventLoopFuture<Int32> = provider.unsafeGetSocketOption(level: .socket, name: NIOBSDSocket.Option(rawValue: kms_so_peerpidfd()))
-            .recover { _ in -1 }
+            .recover { error in (error as? IOError)?.errnoCode == ENOPROTOOPT ? -1 : -2 }
         return pidfd.flatMap { pidfd in
             cred.and(groups).map { cred, groups in
-                let fd = pidfd >= 0 ? pidfd : (cred.pid > 0 ? kms_pidfd_open(cred.pid) : -1)
-                return Raw(cred: cred, groups: groups.map(Self.groups(from:)), pidfd: fd)
+                // Only a kernel without SO_PEERPIDFD falls back to pidfd_open(pid); resolve()
+                // then checks the process is not younger than the connection before trusting
+                // anything /proc says about it. A peer the kernel reports gone stays unknown:
+                // its pid may already belong to someone else.
+                let fromSocket = pidfd >= 0
+                let fd = fromSocket ? pidfd : (pidfd == -1 && cred.pid > 0 ? kms_pidfd_open(cred.pid) : -1)
+                return Raw(cred: cred, groups: groups, pidfd: fd, pidfdFromSocket: fromSocket, acceptedAtTicks: acceptedAt)
             }.flatMapErrorThrowing { error in
                 // SO_PEERCRED failed: close the pidfd we got, then give up on this peer.
                 if pidfd >= 0 { close(pidfd) }
@@ -39,27 +62,88 @@ enum PeerCredentials {
 
     /// Turns the kernel's answer into a Principal: user name, executable and systemd unit.
     /// May block (passwd lookups can go to NSS), so it runs on the worker pool. Closes the pidfd.
+    ///
+    /// Groups come only from SO_PEERGROUPS (the credentials of the connecting process, kept by
+    /// the kernel with the socket); /proc is read only for the executable and unit, and only
+    /// trusted when a pidfd proves the process read is the one that connected.
     static func resolve(_ raw: Raw) -> Principal {
         defer { if raw.pidfd >= 0 { close(raw.pidfd) } }
         let cred = raw.cred
         var p = Principal(uid: cred.uid, gid: cred.gid, pid: cred.pid, userName: userName(cred.uid))
-        let status = cred.pid > 0 ? readProcFile("/proc/\(cred.pid)/status") : nil
-        p.groups = raw.groups ?? status.map(groups(fromStatus:)) ?? []
-        guard cred.pid > 0 else { return p }
-        let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(cred.pid)/exe")
-        let cgroup = readProcFile("/proc/\(cred.pid)/cgroup")
-        // Only trust what /proc said if the process we asked about is still the same one.
-        guard raw.pidfd >= 0, kms_pidfd_alive(raw.pidfd) == 1 else { return p }
-        p.executable = exe
-        p.systemdUnit = cgroup.flatMap(unit(fromCgroup:))
+        var unresolved: [String] = []
+        if let groups = raw.groups {
+            p.groups = groups
+        } else {
+            p.groupsKnown = false
+            unresolved.append("supplementary groups unknown (SO_PEERGROUPS failed): no rights through them")
+        }
+        if cred.pid > 0 {
+            let identity = processIdentity(raw)
+            switch identity {
+            case .success(let (exe, unit)):
+                p.executable = exe
+                p.systemdUnit = unit
+            case .failure(let why):
+                unresolved.append("executable and unit unknown: \(why.description)")
+            }
+        }
+        p.unresolved = unresolved.isEmpty ? nil : unresolved.joined(separator: "; ")
         return p
+    }
+
+    struct Unverified: Error, CustomStringConvertible { let description: String }
+
+    /// The executable and systemd unit of the connecting process, read from /proc only when the
+    /// pidfd proves /proc/PID still is that process.
+    static func processIdentity(_ raw: Raw) -> Result<(String?, String?), Unverified> {
+        let pid = raw.cred.pid
+        guard raw.pidfd >= 0 else { return .failure(Unverified(description: "no pidfd for pid \(pid) (the process has exited)")) }
+        guard kms_pidfd_alive(raw.pidfd) == 1 else { return .failure(Unverified(description: "pid \(pid) exited before it could be identified")) }
+        if !raw.pidfdFromSocket {
+            // pidfd_open(pid) may have found a newer process that reused the pid: it must have
+            // started no later than the connection was accepted.
+            guard let started = startTicks(pid: pid), started <= raw.acceptedAtTicks else {
+                return .failure(Unverified(description: "pid \(pid) now belongs to a process started after the connection (pid reused)"))
+            }
+        }
+        let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")
+        let cgroup = readProcFile("/proc/\(pid)/cgroup")
+        // A pid is not reused while its process lives (a zombie still holds it): what /proc said
+        // belongs to the pidfd's process if that process is still there now.
+        guard kms_pidfd_alive(raw.pidfd) == 1 else { return .failure(Unverified(description: "pid \(pid) exited while it was being identified")) }
+        return .success((exe, cgroup.flatMap(unit(fromCgroup:))))
+    }
+
+    /// Now on CLOCK_BOOTTIME, in clock ticks (the unit of /proc/PID/stat's start time).
+    static func boottimeTicks() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_BOOTTIME, &ts)
+        let hz = UInt64(max(1, kms_clock_ticks_per_second()))
+        return UInt64(ts.tv_sec) * hz + UInt64(ts.tv_nsec) * hz / 1_000_000_000
+    }
+
+    /// Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.
+    static func startTicks(pid: Int32) -> UInt64? {
+        guard let stat = readProcFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return nil }
+        // Fields after the command name (which may hold spaces and parentheses) start at field 3.
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        return fields.count > 19 ? UInt64(fields[19]) : nil
     }
 
     /// NIO drops the returned length and zero-fills the buffer; the kernel sorts the groups
     /// ascending, so trailing zeros are padding. (A lone supplementary group 0 reads as none;
     /// the primary gid still counts for administrator groups.)
     static func groups(from buffer: kms_peer_groups) -> [UInt32] {
-        var gids = withUnsafeBytes(of: buffer.gids) { Array($0.bindMemory(to: gid_t.self)) }
+        trimmed(withUnsafeBytes(of: buffer.gids) { Array($0.bindMemory(to: gid_t.self)) })
+    }
+
+    static func groups(from buffer: kms_peer_groups_max) -> [UInt32] {
+        // Too large for Swift to import the array as a tuple: read the struct's bytes.
+        trimmed(withUnsafeBytes(of: buffer) { Array($0.bindMemory(to: gid_t.self)) })
+    }
+
+    static func trimmed(_ gids: [UInt32]) -> [UInt32] {
+        var gids = gids
         while let last = gids.last, last == 0 { gids.removeLast() }
         return gids
     }
@@ -77,13 +161,6 @@ enum PeerCredentials {
         var buf = [CChar](repeating: 0, count: 4096)
         guard getpwuid_r(uid, &pwd, &buf, buf.count, &result) == 0, result != nil else { return "uid:\(uid)" }
         return String(cString: pwd.pw_name)
-    }
-
-    static func groups(fromStatus status: String) -> [UInt32] {
-        for line in status.split(separator: "\n") where line.hasPrefix("Groups:") {
-            return line.dropFirst(7).split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { UInt32($0) }
-        }
-        return []
     }
 
     /// The deepest `.service` or `.scope` in the process's cgroup v2 path.

@@ -21,6 +21,8 @@ public final class Server: @unchecked Sendable {
     let limits: ConnectionLimits
     let tracker = RequestTracker()
     public let rootKeySource: RootKey.Source
+    /// Holds the state directory's lock (flock) for the life of the process.
+    let lockFD: Int32
 
     /// Opens the keystore and loads the root key. Throws a message fit for an administrator.
     public init(configuration c: ServerConfiguration) throws {
@@ -32,7 +34,11 @@ public final class Server: @unchecked Sendable {
         if SecureArena.shared.unlockedBytes > 0 {
             StandardError.write("kmsd: WARNING: key material is in UNLOCKED memory (--allow-unlocked-memory); it may be swapped to disk. Development only.\n")
         }
-        try Self.makeStateDirectory(c.stateDirectory)
+        try StateDirectory.make(c.stateDirectory)
+        try StateDirectory.checkContents(c.stateDirectory)
+        if let file = c.rootKeyFile { try StateDirectory.checkTrusted(file, what: "root key file") }
+        lockFD = try StateDirectory.lock(c.stateDirectory)
+        try Self.raiseFileLimit(for: c.maxConnections)
         let credentials = ProcessInfo.processInfo.environment["CREDENTIALS_DIRECTORY"]
         let (root, source) = try RootKey.load(credentialsDirectory: credentials, file: c.rootKeyFile,
                                               devPath: c.development ? c.devRootKeyPath : nil)
@@ -50,10 +56,12 @@ public final class Server: @unchecked Sendable {
         let storage = try SQLiteKeyStorage(path: c.keystorePath)
         let repository = try KeyRepository(storage: storage, root: root, cacheCapacity: c.keyCacheCapacity)
         let service = KeyService(repository: repository, administrators: c.administrators)
-        let audit = AuditLog(failClosed: c.auditFailClosed)
+        let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds)
         dispatcher = Dispatcher(service: service, audit: audit,
-                                settings: ServerSettings(maxFrameBytes: c.maxFrameBytes, maxInFlight: c.maxInFlightPerConnection))
-        limits = ConnectionLimits(maxTotal: c.maxConnections, maxPerUID: c.maxConnectionsPerUID)
+                                settings: ServerSettings(maxFrameBytes: c.maxFrameBytes, maxInFlight: c.maxInFlightPerConnection),
+                                rateLimiter: RequestRateLimiter(rate: c.maxRequestsPerSecondPerUID, burst: c.requestBurstPerUID))
+        limits = ConnectionLimits(maxTotal: c.maxConnections, maxPerUID: c.maxConnectionsPerUID,
+                                  reservedForAdministrators: c.effectiveAdminReservedConnections)
         group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         pool = NIOThreadPool(numberOfThreads: c.workerThreads)
         pool.start()
@@ -120,7 +128,7 @@ public final class Server: @unchecked Sendable {
         return PeerCredentials.read(channel).flatMap { raw in
             pool.runIfActive(eventLoop: channel.eventLoop) { PeerCredentials.resolve(raw) }
         }.flatMap { principal in
-            if let refusal = self.limits.acquire(uid: principal.uid) {
+            if let refusal = self.limits.acquire(uid: principal.uid, isAdministrator: self.dispatcher.service.isAdministrator(principal)) {
                 let failure = KMSError(.limitExceeded, refusal)
                 let response = KMSResponse.failure(id: KMSProtocolConstants.connectionErrorRequestID, failure)
                 let dispatcher = self.dispatcher
@@ -132,8 +140,17 @@ public final class Server: @unchecked Sendable {
             }
             let release: @Sendable () -> Void = { self.limits.release(uid: principal.uid) }
             do {
+                let dispatcher = self.dispatcher
                 try channel.pipeline.syncOperations.addHandlers([
                     IdleStateHandler(readTimeout: .seconds(Int64(c.idleTimeoutSeconds))),
+                    FrameTimeoutHandler(timeout: .seconds(Int64(c.frameTimeoutSeconds))) { context in
+                        // A frame started and not finished in time: audit, then close.
+                        let failure = KMSError(.validation, "a frame was not completed within \(c.frameTimeoutSeconds) s (frameTimeoutSeconds); the connection is closed")
+                        let channel = context.channel
+                        pool.runIfActive(eventLoop: context.eventLoop) {
+                            dispatcher.auditRejected(action: "Unknown", principal: principal, error: failure)
+                        }.whenComplete { _ in channel.close(promise: nil) }
+                    },
                     ByteToMessageHandler(FrameDecoder(maxFrameBytes: c.maxFrameBytes)),
                     MessageToByteHandler(FrameEncoder()),
                     ConnectionHandler(principal: principal, dispatcher: self.dispatcher, pool: self.pool,
@@ -147,22 +164,70 @@ public final class Server: @unchecked Sendable {
         }.flatMapError { _ in channel.close() }
     }
 
+    /// Binds the socket at `path` without ever following a link there: an existing socket no
+    /// one serves is replaced, anything else (a symlink, a file) is refused. The socket is bound
+    /// in a fresh private directory, given its mode and group there, and renamed into place,
+    /// so a writable socket directory cannot redirect a chmod or chown to another file.
     private func bind(_ bootstrap: ServerBootstrap, path: String) throws -> Channel {
-        if Self.someoneListens(at: path) {
-            throw ConfigurationError("another process is already serving \(path); stop it or choose another --socket")
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            switch st.st_mode & S_IFMT {
+            case S_IFLNK:
+                throw ConfigurationError("\(path) is a symbolic link; kmsd does not follow links at its socket path. Remove it or choose another --socket")
+            case S_IFSOCK:
+                if Self.someoneListens(at: path) {
+                    throw ConfigurationError("another process is already serving \(path); stop it or choose another --socket")
+                }
+            default:
+                throw ConfigurationError("\(path) exists and is not a socket; kmsd will not replace it. Remove it or choose another --socket")
+            }
         }
         let dir = (path as NSString).deletingLastPathComponent
-        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        // Create the socket file private, then open it up to the configured mode and group.
+        if lstat(dir, &st) != 0 {
+            guard mkdir(dir, 0o755) == 0 || errno == EEXIST, chmod(dir, 0o755) == 0 else {
+                throw ConfigurationError("cannot create socket directory \(dir): \(String(cString: strerror(errno)))")
+            }
+        }
+        var template = Array((dir + "/.kmsd-XXXXXX").utf8CString)
+        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+            throw ConfigurationError("cannot create a private directory in \(dir) to bind the socket: \(String(cString: strerror(errno)))")
+        }
+        let privateDir = String(cString: made)
+        let staging = privateDir + "/s"
+        defer { unlink(staging); rmdir(privateDir) }
         let old = umask(0o177)
         defer { umask(old) }
-        let ch = try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait()
-        if let group = configuration.socketGroup {
-            guard let gr = getgrnam(group) else { throw ConfigurationError("socket group '\(group)' does not exist") }
-            guard chown(path, uid_t.max, gr.pointee.gr_gid) == 0 else { throw ConfigurationError("cannot chown \(path) to group \(group)") }
+        let ch = try bootstrap.bind(unixDomainSocketPath: staging, cleanupExistingSocketFile: false).wait()
+        do {
+            if let group = configuration.socketGroup {
+                guard let gr = getgrnam(group) else { throw ConfigurationError("socket group '\(group)' does not exist") }
+                guard chown(staging, uid_t.max, gr.pointee.gr_gid) == 0 else { throw ConfigurationError("cannot chown \(path) to group \(group)") }
+            }
+            guard chmod(staging, mode_t(configuration.socketMode)) == 0 else { throw ConfigurationError("cannot chmod \(path)") }
+            guard rename(staging, path) == 0 else {
+                throw ConfigurationError("cannot move the socket to \(path): \(String(cString: strerror(errno)))")
+            }
+        } catch {
+            try? ch.close().wait()
+            throw error
         }
-        guard chmod(path, mode_t(configuration.socketMode)) == 0 else { throw ConfigurationError("cannot chmod \(path)") }
         return ch
+    }
+
+    /// Raises the soft RLIMIT_NOFILE to the hard limit, and refuses a maxConnections the
+    /// process could not serve (each connection is a descriptor; kmsd needs some of its own).
+    static func raiseFileLimit(for maxConnections: Int) throws {
+        var limit = rlimit()
+        guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return }
+        if limit.rlim_cur < limit.rlim_max {
+            var raised = limit
+            raised.rlim_cur = limit.rlim_max
+            if setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &raised) == 0 { limit = raised }
+        }
+        let needed = rlim_t(maxConnections + 64)
+        guard limit.rlim_cur == rlim_t.max || limit.rlim_cur >= needed else {
+            throw ConfigurationError("maxConnections \(maxConnections) needs about \(needed) file descriptors, but RLIMIT_NOFILE allows \(limit.rlim_cur); raise LimitNOFILE= in kmsd.service (or ulimit -n) or lower maxConnections")
+        }
     }
 
     static func someoneListens(at path: String) -> Bool {
@@ -176,16 +241,6 @@ public final class Server: @unchecked Sendable {
         withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
         return withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
-        }
-    }
-
-    static func makeStateDirectory(_ path: String) throws {
-        var isDir: ObjCBool = false
-        if !FileManager.default.fileExists(atPath: path, isDirectory: &isDir) {
-            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true,
-                                                    attributes: [.posixPermissions: 0o700])
-        } else if !isDir.boolValue {
-            throw ConfigurationError("state directory \(path) is not a directory")
         }
     }
 

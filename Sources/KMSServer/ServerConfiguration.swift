@@ -23,6 +23,18 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var workerThreads = 4
     public var keyCacheCapacity = 4096
     public var drainTimeoutSeconds = 10
+    /// Requests per second each uid may make (token bucket); 0 = unlimited.
+    public var maxRequestsPerSecondPerUID = 10_000
+    /// How many requests a uid may make at once above its rate; 0 = one second's worth.
+    public var requestBurstPerUID = 20_000
+    /// Connections only administrators may take, so a flood of other users cannot lock them
+    /// out. Default: a quarter of maxConnections, at most 16.
+    public var adminReservedConnections: Int? = nil
+    public var effectiveAdminReservedConnections: Int { adminReservedConnections ?? min(16, maxConnections / 4) }
+    /// Seconds a connection may take to complete a frame once its first byte arrived.
+    public var frameTimeoutSeconds = 10
+    /// Milliseconds a request waits for journald to take its audit record before it fails.
+    public var auditTimeoutMilliseconds = 1000
 
     public init() {}
 
@@ -47,7 +59,12 @@ public struct ServerConfiguration: Sendable, Equatable {
                                      ("idleTimeoutSeconds", idleTimeoutSeconds, 1...604_800),
                                      ("workerThreads", workerThreads, 1...256),
                                      ("keyCacheCapacity", keyCacheCapacity, 1...10_000_000),
-                                     ("drainTimeoutSeconds", drainTimeoutSeconds, 0...3600)] {
+                                     ("drainTimeoutSeconds", drainTimeoutSeconds, 0...3600),
+                                     ("maxRequestsPerSecondPerUid", maxRequestsPerSecondPerUID, 0...10_000_000),
+                                     ("requestBurstPerUid", requestBurstPerUID, 0...10_000_000),
+                                     ("adminReservedConnections", effectiveAdminReservedConnections, 0...max(0, maxConnections - 1)),
+                                     ("frameTimeoutSeconds", frameTimeoutSeconds, 1...3600),
+                                     ("auditTimeoutMilliseconds", auditTimeoutMilliseconds, 1...60_000)] {
             guard range.contains(value) else { throw fail("\(name) must be \(range.lowerBound)...\(range.upperBound), not \(value)") }
         }
         guard socketMode <= 0o777 else { throw fail("socketMode must be an octal mode like \"0660\"") }
@@ -101,6 +118,11 @@ public struct ServerConfiguration: Sendable, Equatable {
             case "workerThreads": c.workerThreads = try int()
             case "keyCacheCapacity": c.keyCacheCapacity = try int()
             case "drainTimeoutSeconds": c.drainTimeoutSeconds = try int()
+            case "maxRequestsPerSecondPerUid": c.maxRequestsPerSecondPerUID = try int()
+            case "requestBurstPerUid": c.requestBurstPerUID = try int()
+            case "adminReservedConnections": c.adminReservedConnections = try int()
+            case "frameTimeoutSeconds": c.frameTimeoutSeconds = try int()
+            case "auditTimeoutMilliseconds": c.auditTimeoutMilliseconds = try int()
             default: throw ConfigurationError("\(file): unknown setting '\(key)'")
             }
         }

@@ -63,6 +63,21 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("worker-threads"), help: ArgumentHelp("Threads handling requests. Default 4.", valueName: "n"))
     var workerThreads: Int?
 
+    @Option(name: .customLong("max-requests-per-second-per-uid"), help: ArgumentHelp("Requests per second each uid may make; over it, ThrottlingException. 0 = unlimited. Default 10000.", valueName: "n"))
+    var maxRequestsPerSecondPerUID: Int?
+
+    @Option(name: .customLong("request-burst-per-uid"), help: ArgumentHelp("Requests a uid may make at once above its rate. 0 = one second's worth. Default 20000.", valueName: "n"))
+    var requestBurstPerUID: Int?
+
+    @Option(name: .customLong("admin-reserved-connections"), help: ArgumentHelp("Connections only administrators may take. Default 16.", valueName: "n"))
+    var adminReservedConnections: Int?
+
+    @Option(name: .customLong("frame-timeout"), help: ArgumentHelp("Seconds a client may take to send a whole frame once it started one. Default 10.", valueName: "s"))
+    var frameTimeout: Int?
+
+    @Option(name: .customLong("audit-timeout-ms"), help: ArgumentHelp("Milliseconds to wait for journald to take an audit record before the request fails. Default 1000.", valueName: "ms"))
+    var auditTimeoutMilliseconds: Int?
+
     @Flag(name: .customLong("allow-unlocked-memory"), help: "Development only: run even when key memory cannot be locked (RLIMIT_MEMLOCK too small).")
     var allowUnlockedMemory = false
 
@@ -89,6 +104,11 @@ struct KMSD: ParsableCommand {
         if let maxInFlight { c.maxInFlightPerConnection = maxInFlight }
         if let idleTimeout { c.idleTimeoutSeconds = idleTimeout }
         if let workerThreads { c.workerThreads = workerThreads }
+        if let maxRequestsPerSecondPerUID { c.maxRequestsPerSecondPerUID = maxRequestsPerSecondPerUID }
+        if let requestBurstPerUID { c.requestBurstPerUID = requestBurstPerUID }
+        if let adminReservedConnections { c.adminReservedConnections = adminReservedConnections }
+        if let frameTimeout { c.frameTimeoutSeconds = frameTimeout }
+        if let auditTimeoutMilliseconds { c.auditTimeoutMilliseconds = auditTimeoutMilliseconds }
         if allowUnlockedMemory { c.allowUnlockedMemory = true }
         if let auditFailClosed { c.auditFailClosed = auditFailClosed }
         do {

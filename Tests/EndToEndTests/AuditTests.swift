@@ -73,16 +73,24 @@ struct AuditTests {
     }
 
     @Test(.enabled(if: isRoot, "needs root for a private mount namespace"))
-    func withoutJournaldRequestsFailClosed() async throws {
+    func withoutJournaldRequestsFailClosedAndChangeNothing() async throws {
         // Hide the journal socket from one kmsd with a private mount namespace.
         let dir = try Paths.tempDir("noaudit")
         let script = "mkdir -p /run/systemd/journal && mount -t tmpfs tmpfs /run/systemd/journal && exec \(Paths.kmsd) --dev --state-dir \(dir)/s --audit-fail-closed true"
         let log = dir + "/log"
         let p = try launchKMSD("/usr/bin/unshare", ["-m", "--propagation", "private", "/bin/sh", "-c", script], log: log)
-        defer { kill(p.processIdentifier, SIGTERM); p.waitUntilExit() }
         let client = KMSClient(socketPath: dir + "/s/kmsd.sock")
-        await expectKMSError(.internalError) { try await client.createKey() }
-        await expectKMSError(.internalError) { try await client.generateRandom(numberOfBytes: 8) }
-        #expect((try? String(contentsOfFile: log, encoding: .utf8))?.contains("journald did not accept an audit record") == true)
+        await expectKMSError(.auditUnavailable) { try await client.createKey() }
+        await expectKMSError(.auditUnavailable) { try await client.createKey(description: "second") }
+        await expectKMSError(.auditUnavailable) { try await client.generateRandom(numberOfBytes: 8) }
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        #expect((try? String(contentsOfFile: log, encoding: .utf8))?.contains("journald did not take an audit record") == true)
+        // The refused CreateKeys left nothing behind: the same keystore, audited, holds no key.
+        try Journal.ensureRunning()
+        let daemon = try Daemon(stateDir: dir + "/s")
+        defer { daemon.stop() }
+        let keys = try await daemon.client().listKeys(limit: 100)
+        #expect(keys.keys.isEmpty, "a CreateKey refused for want of audit must not leave a key")
     }
 }

@@ -6,9 +6,27 @@ import Testing
 /// Where the built executables are: next to this test binary (`swift build --build-tests`
 /// builds them all into the same folder).
 enum Paths {
-    static let binDir: URL = {
+    static let buildDir: URL = {
         if let dir = ProcessInfo.processInfo.environment["KMSD_BIN_DIR"] { return URL(fileURLWithPath: dir) }
         return URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+    }()
+
+    /// A world-readable copy of the executables: tests run them as other uids (setpriv), and
+    /// the checkout may sit where those uids cannot enter (`/root/...`, a `mktemp -d`).
+    static let binDir: URL = {
+        let dir = "/tmp/kmsd-bin-\(UUID().uuidString.prefix(8))"
+        let old = umask(0o022)
+        defer { umask(old) }
+        mkdir(dir, 0o755)
+        chmod(dir, 0o755)
+        for name in ["kmsd", "kmsctl"] {
+            let from = buildDir.appendingPathComponent(name).path, to = dir + "/" + name
+            guard (try? FileManager.default.copyItem(atPath: from, toPath: to)) != nil else {
+                fatalError("cannot copy \(from) to \(to); build first with swift build --build-tests")
+            }
+            chmod(to, 0o755)
+        }
+        return URL(fileURLWithPath: dir)
     }()
     static var kmsd: String { binDir.appendingPathComponent("kmsd").path }
     static var kmsctl: String { binDir.appendingPathComponent("kmsctl").path }

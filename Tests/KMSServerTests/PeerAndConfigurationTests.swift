@@ -16,10 +16,17 @@ struct PeerParsingTests {
         #expect(PeerCredentials.unit(fromCgroup: cgroup) == unit)
     }
 
-    @Test func groupsFromStatus() {
-        let status = "Name:\tpython3\nUid:\t1000\t1000\t1000\t1000\nGroups:\t4 24 27 1000 \nVmLck:\t0 kB\n"
-        #expect(PeerCredentials.groups(fromStatus: status) == [4, 24, 27, 1000])
-        #expect(PeerCredentials.groups(fromStatus: "Groups:\t\n").isEmpty)
+    @Test func startTimeFromStat() {
+        // The command name may hold spaces and parentheses; the start time is field 22.
+        let me = PeerCredentials.startTicks(pid: getpid())
+        #expect(me != nil)
+        #expect(me! <= PeerCredentials.boottimeTicks(), "a running process started before now")
+        #expect(PeerCredentials.startTicks(pid: 0) == nil)
+    }
+
+    @Test func paddingIsNotAGroup() {
+        #expect(PeerCredentials.trimmed([4, 24, 27, 0, 0]) == [4, 24, 27])
+        #expect(PeerCredentials.trimmed([0, 0]) == [])
     }
 
     @Test func administratorsByUIDAndGroup() {
