@@ -90,9 +90,10 @@ public final class KeyService: Sendable {
         // The index only narrows the search; each non-administrator entry is confirmed against
         // its authenticated record (an index entry edited to point at someone else's key does
         // not list it). A record that fails its check is left out and reported, not fatal.
+        var exhausted = false
         while page.count < limit + 1, skipped.count < KMSLimits.maxListLimit {
             let ids = try repository.keyIDs(owner: owner, after: after, limit: limit + 1 - page.count)
-            if ids.isEmpty { break }
+            if ids.isEmpty { exhausted = true; break }
             for id in ids {
                 after = id
                 if owner == nil { page.append(id); continue }
@@ -106,6 +107,11 @@ public final class KeyService: Sendable {
         if page.count > limit {
             page.removeLast()
             return (page, page.last.flatMap { makeMarker(after: $0, caller: caller) }, skipped)
+        }
+        if !exhausted, page.count <= limit, let last = after {
+            // Stopped early on many records that failed their check: the listing goes on after
+            // the last key looked at, so no key goes unlisted.
+            return (page, makeMarker(after: last, caller: caller), skipped)
         }
         return (page, nil, skipped)
     }

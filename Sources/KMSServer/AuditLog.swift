@@ -157,6 +157,9 @@ struct JournalSocket: ~Copyable {
     var warned = false
     /// True after a hand-over timed out, until journald takes a record again.
     var stalled = false
+    /// After journald could not be reached, when (monotonic ns) to try connecting again: a
+    /// daemon without journald then costs nothing per record but the refusal.
+    var retryConnectAt: UInt64 = 0
 
     init(path: String) { self.path = path }
 
@@ -195,6 +198,9 @@ struct JournalSocket: ~Copyable {
     }
 
     private mutating func connectSocket() -> String? {
+        let now = RequestRateLimiter.nowNanoseconds()
+        guard now >= retryConnectAt else { return "journald was unreachable moments ago (\(path))" }
+        retryConnectAt = now + 100_000_000
         let s = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
         guard s >= 0 else { return String(cString: strerror(errno)) }
         var addr = sockaddr_un()
@@ -214,6 +220,7 @@ struct JournalSocket: ~Copyable {
         var size: Int32 = 8 * 1024 * 1024
         setsockopt(s, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
         fd = s
+        retryConnectAt = 0
         return nil
     }
 }

@@ -33,6 +33,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private let maxInFlight: Int
     private let tracker: RequestTracker
     private let onClose: @Sendable () -> Void
+    private let turns: TurnScheduler
 
     private var inFlight = 0
     private var waiting: CircularBuffer<ByteBuffer> = []
@@ -42,7 +43,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var starting = false
 
     init(principal: Principal, dispatcher: Dispatcher, pool: NIOThreadPool, maxInFlight: Int,
-         tracker: RequestTracker, onClose: @escaping @Sendable () -> Void) {
+         tracker: RequestTracker, turns: TurnScheduler, onClose: @escaping @Sendable () -> Void) {
+        self.turns = turns
         self.principal = principal
         self.dispatcher = dispatcher
         self.pool = pool
@@ -56,23 +58,29 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        // A read is a new event-loop turn for this connection (unless a continuation is due).
-        if !turnEndScheduled { startedThisTurn = 0 }
+        // A read is a new turn for this connection (unless it is waiting for the next round).
+        if !waitingForRound { beginTurn() }
         startWaiting(context: context)
         context.fireChannelReadComplete()
     }
 
     /// Most requests handed to a worker as one task: frames that arrived together are handled
     /// together (fewer thread hops), in batches small enough that one slow request delays few.
-    static let batchLimit = 16
+    static let batchLimit = 8
 
-    /// Most requests one connection starts per event-loop turn. The rest wait for a task
-    /// scheduled just past this turn: the loop serves every other channel's I/O before it
-    /// runs, so one pipelining client cannot hold a loop that other clients share.
-    static let turnBudget = 32
+    /// How long one connection may keep its event loop per turn. Past it, the rest waits for
+    /// the loop's next round (see `TurnScheduler`), which runs only after the loop has polled
+    /// for I/O again, so one pipelining client cannot hold a loop that other clients share.
+    static let turnBudgetNanoseconds: UInt64 = 200_000
 
+    private var turnStartedAt: UInt64 = 0
     private var startedThisTurn = 0
-    private var turnEndScheduled = false
+    private var waitingForRound = false
+
+    private func beginTurn() {
+        startedThisTurn = 0
+        turnStartedAt = RequestRateLimiter.nowNanoseconds()
+    }
 
     private func startWaiting(context: ChannelHandlerContext) {
         // Not re-entrant: a write completing inside start() calls back here; the loop below
@@ -81,8 +89,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
         starting = true
         defer { starting = false }
         while inFlight < maxInFlight, !closing, !waiting.isEmpty {
-            guard startedThisTurn < Self.turnBudget else {
-                scheduleNextTurn(context: context)
+            // Every turn starts at least one batch; after that, only within the time budget.
+            guard startedThisTurn == 0 || RequestRateLimiter.nowNanoseconds() &- turnStartedAt < Self.turnBudgetNanoseconds else {
+                waitForNextRound(context: context)
                 return
             }
             var batch: [ByteBuffer] = []
@@ -94,16 +103,14 @@ final class ConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Continues after this turn. A task with a deadline in the future makes the loop poll for
-    /// I/O before running it (tasks due now would run in this same turn).
-    private func scheduleNextTurn(context: ChannelHandlerContext) {
-        guard !turnEndScheduled else { return }
-        turnEndScheduled = true
+    private func waitForNextRound(context: ChannelHandlerContext) {
+        guard !waitingForRound else { return }
+        waitingForRound = true
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        context.eventLoop.scheduleTask(in: .microseconds(20)) {
+        turns.next {
             let (handler, context) = loopBound.value
-            handler.turnEndScheduled = false
-            handler.startedThisTurn = 0
+            handler.waitingForRound = false
+            handler.beginTurn()
             handler.startWaiting(context: context)
             handler.closeIfDone(context: context)
             handler.readIfAllowed(context: context)
@@ -119,7 +126,19 @@ final class ConnectionHandler: ChannelDuplexHandler {
         // costs more than the work. Anything that may touch storage goes to the worker pool.
         let decoded = frames.map { frame in Result { () throws(KMSError) in try KMSRequest(frameBody: frame) } }
         if decoded.allSatisfy({ (try? $0.get()).map(dispatcher.runsWithoutStorage) ?? true }) {
-            for request in decoded { write(dispatcher.handle(request, principal: principal), context: context) }
+            // One at a time within the turn's time budget; what is left goes back to the front
+            // of the queue for the next round.
+            for (i, request) in decoded.enumerated() {
+                if i > 0, RequestRateLimiter.nowNanoseconds() &- turnStartedAt >= Self.turnBudgetNanoseconds {
+                    let left = frames.count - i
+                    for frame in frames[i...].reversed() { waiting.prepend(frame) }
+                    inFlight -= left
+                    startedThisTurn -= left
+                    tracker.pending.subtract(left, ordering: .relaxed)
+                    break
+                }
+                write(dispatcher.handle(request, principal: principal), context: context)
+            }
             context.flush()
             return
         }
@@ -269,4 +288,43 @@ final class RefusingHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+}
+
+/// Rounds of deferred work for the connections of one event loop, so that a connection over
+/// its turn budget continues only after the loop has served everyone else's I/O.
+///
+/// SwiftNIO runs every task that is due before it polls again, including tasks that fell due
+/// while earlier ones ran; so each connection scheduling its own continuation could keep the
+/// loop in its task phase indefinitely. Here one task per loop runs one round (each waiting
+/// connection gets one more turn) and schedules the next round from the moment the round
+/// ended: it is never due yet when the loop checks, so the loop polls for I/O in between.
+final class TurnScheduler: @unchecked Sendable {
+    let loop: EventLoop
+    private var pending: [() -> Void] = []
+    private var scheduled = false
+
+    init(loop: EventLoop) { self.loop = loop }
+
+    /// Runs `body` in the next round. Only on `loop`.
+    func next(_ body: @escaping () -> Void) {
+        loop.preconditionInEventLoop()
+        pending.append(body)
+        scheduleIfNeeded()
+    }
+
+    private func scheduleIfNeeded() {
+        guard !scheduled, !pending.isEmpty else { return }
+        scheduled = true
+        loop.scheduleTask(in: .microseconds(50)) { self.round() }
+    }
+
+    private func round() {
+        // `scheduled` stays set while the round runs: what the round defers goes to the next
+        // round, scheduled only once this one has ended.
+        let now = pending
+        pending = []
+        for body in now { body() }
+        scheduled = false
+        scheduleIfNeeded()
+    }
 }

@@ -6,10 +6,13 @@ import NIOCore
 /// that), never halfway through one.
 ///
 /// Sits before the frame decoder and follows frame boundaries itself (4-byte big-endian length,
-/// then the body), so it never buffers anything.
-final class FrameTimeoutHandler: ChannelInboundHandler {
+/// then the body), so it never buffers anything. Time kmsd itself spends not reading (its
+/// in-flight limit, or a client that does not read its answers) is not held against the
+/// client: when the deadline passes while no read is outstanding, it starts over.
+final class FrameTimeoutHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
 
     let timeout: TimeAmount
     let onTimeout: (ChannelHandlerContext) -> Void
@@ -19,6 +22,8 @@ final class FrameTimeoutHandler: ChannelInboundHandler {
     /// Body bytes still to come for the current frame.
     private var remaining = 0
     private var deadline: Scheduled<Void>?
+    /// True while a read kmsd asked for has not been satisfied yet.
+    private var reading = false
 
     init(timeout: TimeAmount, onTimeout: @escaping (ChannelHandlerContext) -> Void) {
         self.timeout = timeout
@@ -52,15 +57,27 @@ final class FrameTimeoutHandler: ChannelInboundHandler {
             d.cancel()
             deadline = nil
         }
-        if midFrame, deadline == nil {
-            let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-            deadline = context.eventLoop.scheduleTask(in: timeout) {
-                let (handler, context) = loopBound.value
-                handler.deadline = nil
-                handler.onTimeout(context)
-            }
-        }
+        if midFrame, deadline == nil { arm(context: context) }
         context.fireChannelRead(data)
+    }
+
+    private func arm(context: ChannelHandlerContext) {
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        deadline = context.eventLoop.scheduleTask(in: timeout) {
+            let (handler, context) = loopBound.value
+            handler.deadline = nil
+            if handler.reading { handler.onTimeout(context) } else { handler.arm(context: context) }
+        }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        reading = true
+        context.read()
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        reading = false
+        context.fireChannelReadComplete()
     }
 
     func channelInactive(context: ChannelHandlerContext) {

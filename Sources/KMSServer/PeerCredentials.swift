@@ -111,6 +111,11 @@ enum PeerCredentials {
         // A pid is not reused while its process lives (a zombie still holds it): what /proc said
         // belongs to the pidfd's process if that process is still there now.
         guard kms_pidfd_alive(raw.pidfd) == 1 else { return .failure(Unverified(description: "pid \(pid) exited while it was being identified")) }
+        guard exe != nil || cgroup != nil else {
+            // kmsd as an unprivileged user may not read another user's /proc/PID/exe, and
+            // ProtectProc=invisible hides other users' processes altogether.
+            return .failure(Unverified(description: "/proc/\(pid) is not readable by kmsd (uid \(geteuid()))"))
+        }
         return .success((exe, cgroup.flatMap(unit(fromCgroup:))))
     }
 

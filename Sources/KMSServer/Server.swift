@@ -21,6 +21,8 @@ public final class Server: @unchecked Sendable {
     let limits: ConnectionLimits
     let tracker = RequestTracker()
     public let rootKeySource: RootKey.Source
+    /// One TurnScheduler per event loop, keyed by the loop's identity.
+    let turns: [ObjectIdentifier: TurnScheduler]
     /// Holds the state directory's lock (flock) for the life of the process.
     let lockFD: Int32
 
@@ -62,7 +64,10 @@ public final class Server: @unchecked Sendable {
                                 rateLimiter: RequestRateLimiter(rate: c.maxRequestsPerSecondPerUID, burst: c.requestBurstPerUID))
         limits = ConnectionLimits(maxTotal: c.maxConnections, maxPerUID: c.maxConnectionsPerUID,
                                   reservedForAdministrators: c.effectiveAdminReservedConnections)
-        group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        group = MultiThreadedEventLoopGroup(numberOfThreads: c.eventLoops > 0 ? c.eventLoops : System.coreCount)
+        var turns: [ObjectIdentifier: TurnScheduler] = [:]
+        for loop in group.makeIterator() { turns[ObjectIdentifier(loop)] = TurnScheduler(loop: loop) }
+        self.turns = turns
         pool = NIOThreadPool(numberOfThreads: c.workerThreads)
         pool.start()
     }
@@ -154,7 +159,8 @@ public final class Server: @unchecked Sendable {
                     ByteToMessageHandler(FrameDecoder(maxFrameBytes: c.maxFrameBytes)),
                     MessageToByteHandler(FrameEncoder()),
                     ConnectionHandler(principal: principal, dispatcher: self.dispatcher, pool: self.pool,
-                                      maxInFlight: c.maxInFlightPerConnection, tracker: self.tracker, onClose: release),
+                                      maxInFlight: c.maxInFlightPerConnection, tracker: self.tracker,
+                                      turns: self.turns[ObjectIdentifier(channel.eventLoop)] ?? TurnScheduler(loop: channel.eventLoop), onClose: release),
                 ])
             } catch {
                 release()

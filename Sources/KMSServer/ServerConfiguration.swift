@@ -21,6 +21,8 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var development = false
     public var allowUnlockedMemory = false
     public var workerThreads = 4
+    /// Event-loop threads serving connections; 0 = one per core.
+    public var eventLoops = 0
     public var keyCacheCapacity = 4096
     public var drainTimeoutSeconds = 10
     /// Requests per second each uid may make (token bucket); 0 = unlimited.
@@ -58,6 +60,7 @@ public struct ServerConfiguration: Sendable, Equatable {
                                      ("maxInFlightPerConnection", maxInFlightPerConnection, 1...65_536),
                                      ("idleTimeoutSeconds", idleTimeoutSeconds, 1...604_800),
                                      ("workerThreads", workerThreads, 1...256),
+                                     ("eventLoops", eventLoops, 0...256),
                                      ("keyCacheCapacity", keyCacheCapacity, 1...10_000_000),
                                      ("drainTimeoutSeconds", drainTimeoutSeconds, 0...3600),
                                      ("maxRequestsPerSecondPerUid", maxRequestsPerSecondPerUID, 0...10_000_000),
@@ -116,6 +119,7 @@ public struct ServerConfiguration: Sendable, Equatable {
             case "development": c.development = try bool()
             case "allowUnlockedMemory": c.allowUnlockedMemory = try bool()
             case "workerThreads": c.workerThreads = try int()
+            case "eventLoops": c.eventLoops = try int()
             case "keyCacheCapacity": c.keyCacheCapacity = try int()
             case "drainTimeoutSeconds": c.drainTimeoutSeconds = try int()
             case "maxRequestsPerSecondPerUid": c.maxRequestsPerSecondPerUID = try int()

@@ -29,8 +29,8 @@ enum StateDirectory {
     }
 
     /// Refuses to go on unless `path` belongs to kmsd's uid or root and nobody else can write
-    /// it; for a directory, also every ancestor (others may write one only with the sticky bit,
-    /// as /tmp has).
+    /// it, nor any directory above it (others may write one only with the sticky bit, as /tmp
+    /// has).
     static func checkTrusted(_ path: String, what: String) throws {
         let me = geteuid()
         func check(_ p: String, isTarget: Bool) throws {
@@ -47,8 +47,7 @@ enum StateDirectory {
             }
         }
         try check(path, isTarget: true)
-        var st = stat()
-        guard stat(path, &st) == 0, st.st_mode & S_IFMT == S_IFDIR else { return }
+        // Every directory above it too: whoever can write one of them can swap what is below.
         var ancestor = path
         while let slash = ancestor.lastIndex(of: "/"), ancestor != "/" {
             ancestor = slash == ancestor.startIndex ? "/" : String(ancestor[..<slash])

@@ -78,6 +78,9 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("audit-timeout-ms"), help: ArgumentHelp("Milliseconds to wait for journald to take an audit record before the request fails. Default 1000.", valueName: "ms"))
     var auditTimeoutMilliseconds: Int?
 
+    @Option(name: .customLong("event-loops"), help: ArgumentHelp("Event-loop threads serving connections. Default: one per core.", valueName: "n"))
+    var eventLoops: Int?
+
     @Flag(name: .customLong("allow-unlocked-memory"), help: "Development only: run even when key memory cannot be locked (RLIMIT_MEMLOCK too small).")
     var allowUnlockedMemory = false
 
@@ -104,6 +107,7 @@ struct KMSD: ParsableCommand {
         if let maxInFlight { c.maxInFlightPerConnection = maxInFlight }
         if let idleTimeout { c.idleTimeoutSeconds = idleTimeout }
         if let workerThreads { c.workerThreads = workerThreads }
+        if let eventLoops { c.eventLoops = eventLoops }
         if let maxRequestsPerSecondPerUID { c.maxRequestsPerSecondPerUID = maxRequestsPerSecondPerUID }
         if let requestBurstPerUID { c.requestBurstPerUID = requestBurstPerUID }
         if let adminReservedConnections { c.adminReservedConnections = adminReservedConnections }

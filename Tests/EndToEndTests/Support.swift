@@ -260,6 +260,23 @@ enum Journal {
         }
     }
 
+    /// Audit records matching journalctl `matches` (FIELD=value) written since `since`, waiting
+    /// until at least `count` arrived.
+    static func query(_ matches: [String], since: Date, atLeast count: Int, timeout: TimeInterval = 10) throws -> [[String: Any]] {
+        let sinceMicros = UInt64(since.timeIntervalSince1970 * 1_000_000)
+        let deadline = Date().addingTimeInterval(timeout)
+        var records: [[String: Any]] = []
+        repeat {
+            let r = try run("/usr/bin/journalctl", ["-o", "json", "--no-pager", "SYSLOG_IDENTIFIER=kmsd"] + matches)
+            records = r.text.split(separator: "\n").compactMap {
+                try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+            }.filter { (($0["__REALTIME_TIMESTAMP"] as? String).flatMap(UInt64.init) ?? 0) >= sinceMicros }
+            if records.count >= count { return records }
+            usleep(100_000)
+        } while Date() < deadline
+        return records
+    }
+
     /// The audit records of one kmsd process (by pid, and written since it started, as pids are
     /// reused and the journal outlives test runs), waiting until at least `count` arrived.
     static func records(pid: Int32, since: Date, atLeast count: Int, timeout: TimeInterval = 10) throws -> [[String: Any]] {
@@ -279,7 +296,7 @@ enum Journal {
 }
 
 /// A raw Unix-socket connection, for sending bytes no well-behaved client would.
-final class RawConnection {
+final class RawConnection: @unchecked Sendable {
     let fd: Int32
 
     init(path: String, receiveTimeoutSeconds: Int = 10) throws {

@@ -129,4 +129,68 @@ struct KeyRepositoryTests {
         for id in ids { #expect(try repo.material(id, version: 1) != nil) }
         #expect(repo.cachedKeys <= 16)
     }
+
+    @Test func aRowCopiedFromAnotherKeystoreUnderTheSameRootKeyIsRefused() throws {
+        let repo = try repository()
+        let r = record()
+        try repo.create(r, material: SecureBytes.random(count: 32))
+        // A second keystore, same root key, with its own key.
+        let otherDir = dir + "-other"
+        try FileManager.default.createDirectory(atPath: otherDir, withIntermediateDirectories: true)
+        var material = rootMaterial
+        let other = try KeyRepository(storage: SQLiteKeyStorage(path: otherDir + "/keystore.sqlite3"),
+                                      root: RootKey(material: SecureBytes(consuming: &material)))
+        let foreign = record()
+        try other.create(foreign, material: SecureBytes.random(count: 32))
+        try sql("ATTACH '\(otherDir)/keystore.sqlite3' AS o; INSERT INTO keys SELECT * FROM o.keys; INSERT INTO key_versions SELECT * FROM o.key_versions")
+        let reopened = try repository()
+        #expect(throws: KMSError(.keyUnavailable, "")) { try reopened.record(foreign.keyID) }
+        #expect(try reopened.record(r.keyID) == r)
+    }
+
+    @Test func aKeystoreFromBeforePerKeystoreIDsIsMigratedWithoutLosingAKey() throws {
+        let repo = try repository()
+        let r = record(owner: 1000)
+        var known = try SecureRandom.bytes(32)
+        let expected = known
+        try repo.create(r, material: SecureBytes(consuming: &known))
+        // Rewrite it as the previous format: row MACs without the keystore id, no owner index.
+        for (table, rowKey) in [("keys", r.keyID.description), ("key_versions", "\(r.keyID)/1")] {
+            let row = try #require(table == "keys" ? repo.storage.key(id: r.keyID.description) : repo.storage.version(id: r.keyID.description, number: 1))
+            let legacy = try HMAC.authenticate(key: repo.root.recordMACKey,
+                                               data: KeyRepository.macInput(keystoreID: nil, table: table, rowKey: rowKey, record: row.record))
+            let hex = legacy.map { String(format: "%02x", $0) }.joined()
+            let whereClause = table == "keys" ? "key_id = '\(r.keyID)'" : "key_id = '\(r.keyID)' AND version = 1"
+            try sql("UPDATE \(table) SET mac = X'\(hex)' WHERE \(whereClause)")
+        }
+        try sql("UPDATE keys SET owner_uid = NULL; DELETE FROM meta WHERE name = 'keystore_id'")
+        let migrated = try repository()
+        #expect(try migrated.record(r.keyID) == r)
+        let material = try #require(try migrated.material(r.keyID, version: 1))
+        #expect(material.withUnsafeBytes { Array($0) } == expected)
+        #expect(try migrated.keyIDs(owner: 1000, after: nil, limit: 10) == [r.keyID], "the owner index was filled")
+    }
+
+    @Test func aCorruptRowIsLeftOutOfAnOwnersListingAndReported() throws {
+        let repo = try repository()
+        let owner = Principal(uid: 1000, gid: 1000, pid: 1, userName: "alice")
+        var mine: [KeyID] = []
+        for _ in 0..<5 {
+            let r = record(owner: 1000)
+            try repo.create(r, material: SecureBytes.random(count: 32))
+            mine.append(r.keyID)
+        }
+        try repo.create(record(owner: 2000), material: SecureBytes.random(count: 32))
+        let broken = mine.sorted { $0.description < $1.description }[2]
+        try sql("UPDATE keys SET record = replace(record, 'test', 'tset') WHERE key_id = '\(broken)'")
+        // A restarted daemon: nothing cached, every record read from the keystore.
+        let service = KeyService(repository: try repository(), administrators: Administrators(uids: [0]))
+        let page = try service.listKeys(limit: 10, marker: "", caller: owner)
+        #expect(Set(page.keys) == Set(mine).subtracting([broken]))
+        #expect(page.skipped == [broken])
+        // An index entry pointing at someone else's key does not list it.
+        let theirs = try repo.keyIDs(owner: 2000, after: nil, limit: 10)
+        try sql("UPDATE keys SET owner_uid = 1000 WHERE key_id = '\(theirs[0])'")
+        #expect(!(try service.listKeys(limit: 10, marker: "", caller: owner).keys.contains(theirs[0])))
+    }
 }
