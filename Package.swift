@@ -69,7 +69,10 @@ let package = Package(
         ),
         .testTarget(name: "KMSCryptoTests", dependencies: ["KMSCrypto"]),
         .testTarget(name: "KMSCoreTests", dependencies: ["KMSCore", "KMSCrypto", "KMSProtocol", "CSQLite"]),
-        .testTarget(name: "KMSServerTests", dependencies: ["KMSServer", "KMSCore"]),
+        .testTarget(
+            name: "KMSServerTests",
+            dependencies: ["KMSServer", "KMSCore", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")]
+        ),
         .testTarget(
             name: "EndToEndTests",
             dependencies: ["KMSClient", "KMSProtocol", .product(name: "NIOCore", package: "swift-nio")]

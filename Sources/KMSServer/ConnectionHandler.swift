@@ -29,7 +29,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     private let principal: Principal
     private let dispatcher: Dispatcher
-    private let pool: NIOThreadPool
+    private let pool: FairWorkerPool
     private let maxInFlight: Int
     private let tracker: RequestTracker
     private let onClose: @Sendable () -> Void
@@ -42,7 +42,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var inputClosed = false
     private var starting = false
 
-    init(principal: Principal, dispatcher: Dispatcher, pool: NIOThreadPool, maxInFlight: Int,
+    init(principal: Principal, dispatcher: Dispatcher, pool: FairWorkerPool, maxInFlight: Int,
          tracker: RequestTracker, turns: TurnScheduler, onClose: @escaping @Sendable () -> Void) {
         self.turns = turns
         self.principal = principal
@@ -143,7 +143,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             return
         }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        pool.runIfActive(eventLoop: context.eventLoop) { () -> [KMSResponse] in
+        pool.run(uid: principal.uid, eventLoop: context.eventLoop) { () -> [KMSResponse] in
             decoded.map { dispatcher.handle($0, principal: principal) }
         }.whenComplete { result in
             let (handler, context) = loopBound.value
@@ -219,7 +219,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
         let response = KMSResponse.failure(id: KMSProtocolConstants.connectionErrorRequestID, failure)
         let dispatcher = self.dispatcher, principal = self.principal
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        pool.runIfActive(eventLoop: context.eventLoop) {
+        pool.run(uid: principal.uid, eventLoop: context.eventLoop) {
             dispatcher.auditRejected(action: "Unknown", principal: principal, error: failure)
         }.whenComplete { _ in
             let (handler, context) = loopBound.value

@@ -16,7 +16,7 @@ import Synchronization
 public final class Server: @unchecked Sendable {
     public let configuration: ServerConfiguration
     let group: MultiThreadedEventLoopGroup
-    let pool: NIOThreadPool
+    let pool: FairWorkerPool
     let dispatcher: Dispatcher
     let limits: ConnectionLimits
     let tracker = RequestTracker()
@@ -68,8 +68,7 @@ public final class Server: @unchecked Sendable {
         var turns: [ObjectIdentifier: TurnScheduler] = [:]
         for loop in group.makeIterator() { turns[ObjectIdentifier(loop)] = TurnScheduler(loop: loop) }
         self.turns = turns
-        pool = NIOThreadPool(numberOfThreads: c.workerThreads)
-        pool.start()
+        pool = FairWorkerPool(threads: c.workerThreads)
     }
 
     /// Binds (or adopts the socket-activated fd), reports READY=1, and serves until a
@@ -120,7 +119,7 @@ public final class Server: @unchecked Sendable {
             StandardError.write("kmsd: drain deadline (\(c.drainTimeoutSeconds) s) passed with \(unanswered) requests unanswered\n")
         }
         if !activated { unlink(c.effectiveSocketPath) }
-        try? pool.syncShutdownGracefully()
+        pool.shutdown()
         try? group.syncShutdownGracefully()
         StandardError.write("kmsd: stopped\n")
     }
@@ -131,13 +130,13 @@ public final class Server: @unchecked Sendable {
         // The kernel's answer is read on the event loop; resolving it (/proc, passwd) may block,
         // so it runs on the worker pool.
         return PeerCredentials.read(channel).flatMap { raw in
-            pool.runIfActive(eventLoop: channel.eventLoop) { PeerCredentials.resolve(raw) }
+            pool.run(uid: raw.cred.uid, eventLoop: channel.eventLoop) { PeerCredentials.resolve(raw) }
         }.flatMap { principal in
             if let refusal = self.limits.acquire(uid: principal.uid, isAdministrator: self.dispatcher.service.isAdministrator(principal)) {
                 let failure = KMSError(.limitExceeded, refusal)
                 let response = KMSResponse.failure(id: KMSProtocolConstants.connectionErrorRequestID, failure)
                 let dispatcher = self.dispatcher
-                return pool.runIfActive(eventLoop: channel.eventLoop) {
+                return pool.run(uid: principal.uid, eventLoop: channel.eventLoop) {
                     dispatcher.auditRejected(action: "Connect", principal: principal, error: failure)
                 }.flatMapThrowing {
                     try channel.pipeline.syncOperations.addHandler(RefusingHandler(response: response))
@@ -152,7 +151,7 @@ public final class Server: @unchecked Sendable {
                         // A frame started and not finished in time: audit, then close.
                         let failure = KMSError(.validation, "a frame was not completed within \(c.frameTimeoutSeconds) s (frameTimeoutSeconds); the connection is closed")
                         let channel = context.channel
-                        pool.runIfActive(eventLoop: context.eventLoop) {
+                        pool.run(uid: principal.uid, eventLoop: context.eventLoop) {
                             dispatcher.auditRejected(action: "Unknown", principal: principal, error: failure)
                         }.whenComplete { _ in channel.close(promise: nil) }
                     },
