@@ -6,6 +6,11 @@ import KMSProtocol
 extension KMSClient {
     public func hello(clientName: String = "KMSClient") async throws -> Kmsd_V1_HelloResponse {
         guard case .hello(let r) = try await send(.hello(.with { $0.protocolVersion = KMSProtocolConstants.protocolVersion; $0.clientName = clientName })) else { throw Self.mismatch }
+        // PROTOCOL.md §5: a client that does not speak the version the server chose closes.
+        guard r.protocolVersion == KMSProtocolConstants.protocolVersion else {
+            await close()
+            throw KMSTransportError("kmsd answered protocol version \(r.protocolVersion); this client speaks \(KMSProtocolConstants.protocolVersion). Use a client and server that share a version")
+        }
         return r
     }
 

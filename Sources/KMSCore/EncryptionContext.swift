@@ -2,43 +2,62 @@ import Foundation
 import KMSProtocol
 
 /// An encryption context: non-secret key/value pairs bound to a ciphertext as AAD.
+///
+/// Keys are compared by their UTF-8 bytes, as the canonical form orders them: text that is
+/// canonically equivalent but spelled differently (NFC and NFD) makes two distinct keys, and a
+/// key given twice with the same bytes is refused rather than silently collapsed.
 public struct EncryptionContext: Sendable, Equatable {
-    public let pairs: [String: String]
+    /// The pairs in canonical order (ascending key bytes); keys are distinct.
+    public let pairs: [WirePair]
     /// u32be(count) ‖ for each pair by ascending key bytes: u32be(len k) ‖ k ‖ u32be(len v) ‖ v.
     /// Computed once: it is the AAD suffix of every seal and open.
     public let canonicalBytes: [UInt8]
 
+    /// From a Swift dictionary (whose keys are already distinct as Strings).
+    public init(_ pairs: [String: String]) throws(KMSError) {
+        try self.init(pairs: pairs.map { WirePair(key: Array($0.key.utf8), value: Array($0.value.utf8)) })
+    }
+
     /// Validates the pairs against the documented limits.
     ///
-    /// Throws ValidationException when there are too many pairs, an empty key, or the
-    /// canonical form exceeds `KMSLimits.maxCanonicalContextBytes`.
-    public init(_ pairs: [String: String]) throws(KMSError) {
+    /// Throws ValidationException when there are too many pairs, an empty key, a key given
+    /// twice (same bytes), or the canonical form exceeds `KMSLimits.maxCanonicalContextBytes`.
+    public init(pairs: [WirePair]) throws(KMSError) {
         guard pairs.count <= KMSLimits.maxContextPairs else {
             throw KMSError(.validation, "encryption context has \(pairs.count) pairs; at most \(KMSLimits.maxContextPairs) are allowed")
         }
-        guard !pairs.keys.contains("") else {
+        let sorted = pairs.sorted { $0.key.lexicographicallyPrecedes($1.key) }
+        for (a, b) in zip(sorted, sorted.dropFirst()) where a.key == b.key {
+            throw KMSError(.validation, "encryption context key '\(Self.escape(String(decoding: a.key, as: UTF8.self)).prefix(64))' is given twice; each key may appear once")
+        }
+        guard !sorted.contains(where: { $0.key.isEmpty }) else {
             throw KMSError(.validation, "encryption context keys must not be empty")
         }
-        let canonical = Self.canonicalize(pairs)
+        var canonical: [UInt8] = []
+        canonical.appendBigEndian(UInt32(sorted.count))
+        for p in sorted {
+            canonical.appendBigEndian(UInt32(p.key.count)); canonical += p.key
+            canonical.appendBigEndian(UInt32(p.value.count)); canonical += p.value
+        }
         guard canonical.count <= KMSLimits.maxCanonicalContextBytes else {
             throw KMSError(.validation, "encryption context is \(canonical.count) bytes in canonical form; at most \(KMSLimits.maxCanonicalContextBytes) are allowed")
         }
-        self.pairs = pairs
+        self.pairs = sorted
         self.canonicalBytes = canonical
     }
 
     public static let empty = try! EncryptionContext([:])
 
-    static func canonicalize(_ pairs: [String: String]) -> [UInt8] {
-        let sorted = pairs.map { (Array($0.key.utf8), Array($0.value.utf8)) }
-            .sorted { $0.0.lexicographicallyPrecedes($1.0) }
-        var out: [UInt8] = []
-        out.appendBigEndian(UInt32(sorted.count))
-        for (k, v) in sorted {
-            out.appendBigEndian(UInt32(k.count)); out += k
-            out.appendBigEndian(UInt32(v.count)); out += v
-        }
-        return out
+    /// The keys only, for the audit record (see `auditKeys(_:)`).
+    public var auditKeys: String {
+        pairs.map { Self.escape(String(decoding: $0.key, as: UTF8.self)) }.joined(separator: ",")
+    }
+
+    /// The keys of pairs as they arrived (duplicates included), for the audit record of a
+    /// request whose context may not even be valid; same format as `auditKeys(_:)`.
+    public static func auditKeys(pairs: [WirePair]) -> String {
+        pairs.map(\.key).sorted { $0.lexicographicallyPrecedes($1) }
+            .map { escape(String(decoding: $0, as: UTF8.self)) }.joined(separator: ",")
     }
 
     /// The keys only (values may be sensitive: never audited), in canonical (bytewise) order,

@@ -156,21 +156,19 @@ public final class KeyService: Sendable {
     }
 
     /// Encrypts up to 4096 bytes under the key's current version.
-    public func encrypt(keyID: String, plaintext: [UInt8], context: [String: String], caller: Principal) throws(KMSError) -> Sealed {
+    public func encrypt(keyID: String, plaintext: [UInt8], context ctx: EncryptionContext, caller: Principal) throws(KMSError) -> Sealed {
         guard (1...KMSLimits.maxPlaintextBytes).contains(plaintext.count) else {
             throw KMSError(.validation, "Plaintext must be 1...\(KMSLimits.maxPlaintextBytes) bytes; use envelope encryption (GenerateDataKey) for more")
         }
-        let ctx = try EncryptionContext(context)
         let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: true)
         return try typed { try plaintext.withUnsafeBytes { try seal($0, record: record, context: ctx) } }
     }
 
     /// Decrypts a blob; `keyID`, when given, must name the blob's key.
-    public func decrypt(blob: [UInt8], context: [String: String], keyID: String, caller: Principal) throws(KMSError) -> Opened {
+    public func decrypt(blob: [UInt8], context ctx: EncryptionContext, keyID: String, caller: Principal) throws(KMSError) -> Opened {
         guard (1...KMSLimits.maxCiphertextBlobBytes).contains(blob.count) else {
             throw KMSError(.validation, "CiphertextBlob must be 1...\(KMSLimits.maxCiphertextBlobBytes) bytes")
         }
-        let ctx = try EncryptionContext(context)
         let parsed = try SymmetricCiphertext(parsing: blob)
         if !keyID.isEmpty {
             let expected = try KeyID(parsing: keyID)
@@ -189,10 +187,9 @@ public final class KeyService: Sendable {
 
     /// Decrypts under the source key and encrypts under the destination; the plaintext stays
     /// in locked memory and is never returned.
-    public func reEncrypt(blob: [UInt8], sourceContext: [String: String], sourceKeyID: String,
-                          destinationKeyID: String, destinationContext: [String: String],
+    public func reEncrypt(blob: [UInt8], sourceContext: EncryptionContext, sourceKeyID: String,
+                          destinationKeyID: String, destinationContext destContext: EncryptionContext,
                           caller: Principal) throws(KMSError) -> (sealed: Sealed, source: Opened) {
-        let destContext = try EncryptionContext(destinationContext)
         let destinationID = try KeyID(parsing: destinationKeyID)
         let opened = try decrypt(blob: blob, context: sourceContext, keyID: sourceKeyID, caller: caller)
         let destination = try usableRecord(destinationID, caller: caller, needsEnabled: true)
@@ -201,7 +198,7 @@ public final class KeyService: Sendable {
     }
 
     /// A fresh data key: its plaintext (locked) and its ciphertext under the key.
-    public func generateDataKey(keyID: String, keySpec: String, numberOfBytes: UInt32, context: [String: String],
+    public func generateDataKey(keyID: String, keySpec: String, numberOfBytes: UInt32, context ctx: EncryptionContext,
                                 caller: Principal) throws(KMSError) -> (plaintext: SecureBytes, sealed: Sealed) {
         let count: Int
         switch (keySpec, numberOfBytes) {
@@ -217,7 +214,6 @@ public final class KeyService: Sendable {
         default:
             throw KMSError(.validation, "give KeySpec or NumberOfBytes, not both")
         }
-        let ctx = try EncryptionContext(context)
         let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: true)
         let dataKey: SecureBytes
         do { dataKey = try SecureBytes.random(count: count) } catch {
@@ -288,13 +284,13 @@ public final class KeyService: Sendable {
 
     static func validate(tags: [Tag]) throws(KMSError) {
         guard tags.count <= KMSLimits.maxTags else { throw KMSError(.validation, "at most \(KMSLimits.maxTags) tags are allowed") }
-        var seen = Set<String>()
+        var seen = Set<[UInt8]>()
         for t in tags {
             guard (1...KMSLimits.maxTagKeyLength).contains(t.key.unicodeScalars.count),
                   t.value.unicodeScalars.count <= KMSLimits.maxTagValueLength else {
                 throw KMSError(.validation, "tag keys must be 1...\(KMSLimits.maxTagKeyLength) characters and values at most \(KMSLimits.maxTagValueLength)")
             }
-            guard seen.insert(t.key).inserted else { throw KMSError(.validation, "duplicate tag key '\(t.key.prefix(64))'") }
+            guard seen.insert(Array(t.key.utf8)).inserted else { throw KMSError(.validation, "duplicate tag key '\(t.key.prefix(64))'") }
         }
     }
 }

@@ -1,3 +1,4 @@
+import Glibc
 import NIOCore
 import SwiftProtobuf
 
@@ -18,4 +19,34 @@ extension SwiftProtobuf.Message {
         buffer.writeBytes(bytes)
         return buffer
     }
+}
+
+/// A decoded request and its encryption contexts exactly as they were on the wire.
+public struct IncomingRequest: Sendable {
+    public let message: KMSRequest
+    public let contexts: WireContexts
+
+    public init(_ message: KMSRequest, contexts: WireContexts = WireContexts()) {
+        self.message = message
+        self.contexts = contexts
+    }
+
+    /// Decodes a frame body; throws ValidationException when it is not a Request. The
+    /// temporary copy of the body (which may hold a plaintext) is zeroed before returning.
+    public init(frameBody: ByteBuffer) throws(KMSError) {
+        var bytes = Array(frameBody.readableBytesView)
+        defer { bytes.withUnsafeMutableBytes { zeroize($0) } }
+        do {
+            message = try KMSRequest(serializedBytes: bytes)
+        } catch {
+            throw KMSError(.validation, "the frame body is not a valid kmsd.v1 message (\(frameBody.readableBytes) bytes); check the client encodes kmsd.proto")
+        }
+        contexts = bytes.withUnsafeBytes { WireContexts(scanning: $0) }
+    }
+}
+
+/// Overwrites memory with zeros in a way the optimizer cannot drop (explicit_bzero).
+public func zeroize(_ buffer: UnsafeMutableRawBufferPointer) {
+    guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+    explicit_bzero(base, buffer.count)
 }

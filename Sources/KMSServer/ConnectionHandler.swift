@@ -124,8 +124,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
         let principal = self.principal
         // Requests whose keys are all cached are handled right here: a thread hop there and back
         // costs more than the work. Anything that may touch storage goes to the worker pool.
-        let decoded = frames.map { frame in Result { () throws(KMSError) in try KMSRequest(frameBody: frame) } }
-        if decoded.allSatisfy({ (try? $0.get()).map(dispatcher.runsWithoutStorage) ?? true }) {
+        let decoded = frames.map { frame in Result { () throws(KMSError) in try IncomingRequest(frameBody: frame) } }
+        if decoded.allSatisfy({ (try? $0.get()).map { dispatcher.runsWithoutStorage($0.message) } ?? true }) {
             // One at a time within the turn's time budget; what is left goes back to the front
             // of the queue for the next round.
             for (i, request) in decoded.enumerated() {
@@ -155,8 +155,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 // with its own id (0 only for a frame that did not decode) and audited.
                 let stopping = KMSError(.throttling, "kmsd is shutting down; retry against the restarted daemon")
                 for request in decoded {
-                    let id = (try? request.get())?.id ?? KMSProtocolConstants.connectionErrorRequestID
-                    let action = (try? request.get())?.operation?.name ?? "Unknown"
+                    let id = (try? request.get())?.message.id ?? KMSProtocolConstants.connectionErrorRequestID
+                    let action = (try? request.get())?.message.operation?.name ?? "Unknown"
                     dispatcher.auditRejected(action: action, principal: principal, error: stopping, requestID: id)
                     handler.write(.failure(id: id, stopping), context: context)
                 }

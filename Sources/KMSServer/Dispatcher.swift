@@ -27,11 +27,20 @@ extension AuditDetails {
     }
 }
 
-/// Everything a handler may use: the caller, the key service and the server's settings.
+/// Everything a handler may use: the caller, the key service, the server's settings, and the
+/// request's encryption contexts as they were on the wire.
 struct HandlerContext: Sendable {
     let principal: Principal
     let service: KeyService
     let settings: ServerSettings
+    var contexts: WireContexts? = nil
+
+    /// The pairs of one context field as sent (duplicates and byte-distinct spellings kept);
+    /// from the decoded map when the request did not come off the wire.
+    func context(operation: Int, field: Int, decoded: [String: String]) -> [WirePair] {
+        if let contexts { return contexts.context(operation: operation, field: field) }
+        return decoded.map { WirePair(key: Array($0.key.utf8), value: Array($0.value.utf8)) }
+    }
 }
 
 /// Settings handlers report (Hello) without depending on the whole configuration.
@@ -106,9 +115,9 @@ final class Dispatcher: Sendable {
 
     /// Handles one decoded frame; an undecodable one is audited and answered with id 0 (the
     /// framing is intact, so the connection stays).
-    func handle(_ decoded: Result<KMSRequest, KMSError>, principal: Principal) -> KMSResponse {
+    func handle(_ decoded: Result<IncomingRequest, KMSError>, principal: Principal) -> KMSResponse {
         switch decoded {
-        case .success(let request): return handle(request, principal: principal)
+        case .success(let request): return handle(request.message, contexts: request.contexts, principal: principal)
         case .failure(let error):
             auditRejected(action: "Unknown", principal: principal, error: error)
             return .failure(id: KMSProtocolConstants.connectionErrorRequestID, error)
@@ -125,7 +134,7 @@ final class Dispatcher: Sendable {
     }
 
     /// Handles one request end to end; the audit record is written before this returns.
-    func handle(_ request: KMSRequest, principal: Principal) -> KMSResponse {
+    func handle(_ request: KMSRequest, contexts: WireContexts? = nil, principal: Principal) -> KMSResponse {
         let start = DispatchTime.now().uptimeNanoseconds
         var details = AuditDetails()
         let outcome: Result<OperationResult, KMSError>
@@ -135,7 +144,7 @@ final class Dispatcher: Sendable {
             if !rateLimiter.allow(uid: principal.uid) {
                 outcome = .failure(KMSError(.throttling, "uid \(principal.uid) is over its request rate (maxRequestsPerSecondPerUid \(Int(rateLimiter.rate))); retry with exponential backoff"))
             } else {
-                let ctx = HandlerContext(principal: principal, service: service, settings: settings)
+                let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts)
                 do throws(KMSError) { outcome = .success(try Self.route(op, ctx, &details)) } catch { outcome = .failure(error) }
             }
         } else {

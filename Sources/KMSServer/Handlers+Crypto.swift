@@ -17,9 +17,10 @@ enum CryptoHandlers {
 
     static func encrypt(_ r: Kmsd_V1_EncryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_EncryptResponse {
         d.keyID = AuditDetails.keyID(requested: r.keyID)
-        d.contextKeys = EncryptionContext.auditKeys(r.encryptionContext)
+        let pairs = ctx.context(operation: 30, field: 3, decoded: r.encryptionContext)
+        d.contextKeys = EncryptionContext.auditKeys(pairs: pairs)
         try checkAlgorithm(r.encryptionAlgorithm)
-        let sealed = try ctx.service.encrypt(keyID: r.keyID, plaintext: Array(r.plaintext), context: r.encryptionContext, caller: ctx.principal)
+        let sealed = try ctx.service.encrypt(keyID: r.keyID, plaintext: Array(r.plaintext), context: EncryptionContext(pairs: pairs), caller: ctx.principal)
         d.keyID = sealed.keyID.description
         d.keyVersion = sealed.keyVersion
         return .with {
@@ -31,9 +32,10 @@ enum CryptoHandlers {
 
     static func decrypt(_ r: Kmsd_V1_DecryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_DecryptResponse {
         noteBlob(Array(r.ciphertextBlob), into: &d)
-        d.contextKeys = EncryptionContext.auditKeys(r.encryptionContext)
+        let pairs = ctx.context(operation: 31, field: 2, decoded: r.encryptionContext)
+        d.contextKeys = EncryptionContext.auditKeys(pairs: pairs)
         try checkAlgorithm(r.encryptionAlgorithm)
-        let opened = try ctx.service.decrypt(blob: Array(r.ciphertextBlob), context: r.encryptionContext, keyID: r.keyID, caller: ctx.principal)
+        let opened = try ctx.service.decrypt(blob: Array(r.ciphertextBlob), context: EncryptionContext(pairs: pairs), keyID: r.keyID, caller: ctx.principal)
         return .with {
             $0.keyID = opened.keyID.description
             $0.plaintext = .init(opened.plaintext.unsafeCopyToArray())
@@ -48,11 +50,13 @@ enum CryptoHandlers {
         d.sourceKeyVersion = d.keyVersion
         d.keyID = AuditDetails.keyID(requested: r.destinationKeyID)
         d.keyVersion = nil
-        d.contextKeys = EncryptionContext.auditKeys(r.destinationEncryptionContext)
-        d.sourceContextKeys = EncryptionContext.auditKeys(r.sourceEncryptionContext)
-        let result = try ctx.service.reEncrypt(blob: Array(r.ciphertextBlob), sourceContext: r.sourceEncryptionContext,
+        let source = ctx.context(operation: 32, field: 2, decoded: r.sourceEncryptionContext)
+        let destination = ctx.context(operation: 32, field: 5, decoded: r.destinationEncryptionContext)
+        d.contextKeys = EncryptionContext.auditKeys(pairs: destination)
+        d.sourceContextKeys = EncryptionContext.auditKeys(pairs: source)
+        let result = try ctx.service.reEncrypt(blob: Array(r.ciphertextBlob), sourceContext: EncryptionContext(pairs: source),
                                                sourceKeyID: r.sourceKeyID, destinationKeyID: r.destinationKeyID,
-                                               destinationContext: r.destinationEncryptionContext, caller: ctx.principal)
+                                               destinationContext: EncryptionContext(pairs: destination), caller: ctx.principal)
         d.keyID = result.sealed.keyID.description
         d.keyVersion = result.sealed.keyVersion
         return .with {
@@ -64,19 +68,20 @@ enum CryptoHandlers {
     }
 
     /// The shared half of GenerateDataKey and GenerateDataKeyWithoutPlaintext.
-    static func dataKey(keyID: String, keySpec: String, numberOfBytes: UInt32, context: [String: String],
+    static func dataKey(keyID: String, keySpec: String, numberOfBytes: UInt32, context pairs: [WirePair],
                         _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> (plaintext: SecureBytes, sealed: KeyService.Sealed) {
         d.keyID = AuditDetails.keyID(requested: keyID)
-        d.contextKeys = EncryptionContext.auditKeys(context)
+        d.contextKeys = EncryptionContext.auditKeys(pairs: pairs)
         let result = try ctx.service.generateDataKey(keyID: keyID, keySpec: keySpec, numberOfBytes: numberOfBytes,
-                                                     context: context, caller: ctx.principal)
+                                                     context: EncryptionContext(pairs: pairs), caller: ctx.principal)
         d.keyID = result.sealed.keyID.description
         d.keyVersion = result.sealed.keyVersion
         return result
     }
 
     static func generateDataKey(_ r: Kmsd_V1_GenerateDataKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_GenerateDataKeyResponse {
-        let result = try dataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes, context: r.encryptionContext, ctx, &d)
+        let result = try dataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes,
+                                 context: ctx.context(operation: 33, field: 4, decoded: r.encryptionContext), ctx, &d)
         return .with {
             $0.ciphertextBlob = .init(result.sealed.blob)
             $0.plaintext = .init(result.plaintext.unsafeCopyToArray())
@@ -86,7 +91,8 @@ enum CryptoHandlers {
 
     static func generateDataKeyWithoutPlaintext(_ r: Kmsd_V1_GenerateDataKeyWithoutPlaintextRequest, _ ctx: HandlerContext,
                                                 _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse {
-        let result = try dataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes, context: r.encryptionContext, ctx, &d)
+        let result = try dataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes,
+                                 context: ctx.context(operation: 34, field: 4, decoded: r.encryptionContext), ctx, &d)
         return .with {
             $0.ciphertextBlob = .init(result.sealed.blob)
             $0.keyID = result.sealed.keyID.description

@@ -1,0 +1,116 @@
+/// One encryption-context pair exactly as it travelled: the UTF-8 bytes of key and value.
+public struct WirePair: Sendable, Equatable {
+    public let key: [UInt8]
+    public let value: [UInt8]
+    public init(key: [UInt8], value: [UInt8]) { self.key = key; self.value = value }
+}
+
+/// The encryption contexts of a request as they are on the wire, before protobuf's map
+/// decoding can collapse them: a key sent twice, or two keys that Swift's String considers
+/// equal (NFC and NFD forms of the same text) but whose bytes differ, all stay visible here.
+///
+/// Follows protobuf's rules for everything else: of the `operation` oneof fields the last one
+/// on the wire is the request's operation, and several occurrences of that same field are
+/// merged (their context entries add up); inside one map entry a repeated key or value field
+/// keeps the last.
+public struct WireContexts: Sendable {
+    /// (operation field, context field) → pairs in wire order.
+    private var pairs: [Int: [WirePair]] = [:]
+
+    /// Context fields per operation field of `Request` (see kmsd.proto).
+    static let contextFields: [Int: [Int]] = [30: [3], 31: [2], 32: [2, 5], 33: [4], 34: [4]]
+    /// Every field number of `Request.operation`, context-bearing or not.
+    static let operationFields: Set<Int> = [10, 11, 20, 21, 22, 30, 31, 32, 33, 34, 35]
+
+    public init() {}
+
+    /// Scans a frame body that already decoded as a Request (so its structure is valid).
+    public init(scanning body: UnsafeRawBufferPointer) {
+        var reader = WireReader(body)
+        var operation = 0
+        var occurrences: [UnsafeRawBufferPointer] = []
+        while let (field, wireType) = reader.tag() {
+            guard wireType == 2, Self.operationFields.contains(field), let message = reader.lengthDelimited() else {
+                if !reader.skip(wireType) { return }
+                continue
+            }
+            if field != operation { occurrences = [] }
+            operation = field
+            occurrences.append(message)
+        }
+        guard let fields = Self.contextFields[operation] else { return }
+        for message in occurrences {
+            var inner = WireReader(message)
+            while let (field, wireType) = inner.tag() {
+                guard wireType == 2, fields.contains(field), let entry = inner.lengthDelimited() else {
+                    if !inner.skip(wireType) { break }
+                    continue
+                }
+                pairs[operation * 100 + field, default: []].append(Self.entry(entry))
+            }
+        }
+    }
+
+    /// The pairs of one context field of one operation, in wire order (duplicates included).
+    public func context(operation: Int, field: Int) -> [WirePair] {
+        pairs[operation * 100 + field] ?? []
+    }
+
+    static func entry(_ bytes: UnsafeRawBufferPointer) -> WirePair {
+        var reader = WireReader(bytes)
+        var key: [UInt8] = [], value: [UInt8] = []
+        while let (field, wireType) = reader.tag() {
+            if wireType == 2, field == 1 || field == 2, let b = reader.lengthDelimited() {
+                if field == 1 { key = Array(b) } else { value = Array(b) }
+            } else if !reader.skip(wireType) {
+                break
+            }
+        }
+        return WirePair(key: key, value: value)
+    }
+}
+
+/// Just enough of the protobuf wire format to walk fields.
+struct WireReader {
+    let bytes: UnsafeRawBufferPointer
+    var offset = 0
+
+    init(_ bytes: UnsafeRawBufferPointer) { self.bytes = bytes }
+
+    mutating func varint() -> UInt64? {
+        var result: UInt64 = 0
+        var shift: UInt64 = 0
+        while offset < bytes.count, shift < 64 {
+            let b = bytes[offset]
+            offset += 1
+            result |= UInt64(b & 0x7f) << shift
+            if b & 0x80 == 0 { return result }
+            shift += 7
+        }
+        return nil
+    }
+
+    /// The next field's number and wire type; nil at the end (or on a malformed tag).
+    mutating func tag() -> (Int, Int)? {
+        guard offset < bytes.count, let t = varint(), t >> 3 > 0, t >> 3 < 1 << 29 else { return nil }
+        return (Int(t >> 3), Int(t & 7))
+    }
+
+    mutating func lengthDelimited() -> UnsafeRawBufferPointer? {
+        guard let n = varint(), n <= UInt64(bytes.count - offset) else { return nil }
+        let slice = UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + Int(n)])
+        offset += Int(n)
+        return slice
+    }
+
+    /// Skips a field's value; false when it cannot (malformed or an unsupported group).
+    mutating func skip(_ wireType: Int) -> Bool {
+        switch wireType {
+        case 0: return varint() != nil
+        case 1: guard bytes.count - offset >= 8 else { return false }; offset += 8; return true
+        case 2: return lengthDelimited() != nil
+        case 5: guard bytes.count - offset >= 4 else { return false }; offset += 4; return true
+        default: return false
+        }
+    }
+}
