@@ -156,12 +156,12 @@ public final class KeyService: Sendable {
     }
 
     /// Encrypts up to 4096 bytes under the key's current version.
-    public func encrypt(keyID: String, plaintext: [UInt8], context ctx: EncryptionContext, caller: Principal) throws(KMSError) -> Sealed {
+    public func encrypt(keyID: String, plaintext: UnsafeRawBufferPointer, context ctx: EncryptionContext, caller: Principal) throws(KMSError) -> Sealed {
         guard (1...KMSLimits.maxPlaintextBytes).contains(plaintext.count) else {
             throw KMSError(.validation, "Plaintext must be 1...\(KMSLimits.maxPlaintextBytes) bytes; use envelope encryption (GenerateDataKey) for more")
         }
         let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: true)
-        return try typed { try plaintext.withUnsafeBytes { try seal($0, record: record, context: ctx) } }
+        return try seal(plaintext, record: record, context: ctx)
     }
 
     /// Decrypts a blob; `keyID`, when given, must name the blob's key.

@@ -36,7 +36,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private let turns: TurnScheduler
 
     private var inFlight = 0
-    private var waiting: CircularBuffer<ByteBuffer> = []
+    /// Requests read and decoded, not started yet (an undecodable frame is kept as its error).
+    private var waiting: CircularBuffer<Result<IncomingRequest, KMSError>> = []
     private var readPending = false
     private var closing = false
     private var inputClosed = false
@@ -54,7 +55,11 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        waiting.append(unwrapInboundIn(data))
+        let frame = unwrapInboundIn(data)
+        waiting.append(Result { () throws(KMSError) in try IncomingRequest(frameBody: frame) })
+        // The frame's bytes (an Encrypt plaintext, say) sit in the receive buffer, which has
+        // consumed them: zero them where they are (a mutating accessor would zero a copy).
+        frame.withUnsafeReadableBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -94,9 +99,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 waitForNextRound(context: context)
                 return
             }
-            var batch: [ByteBuffer] = []
-            while batch.count < Self.batchLimit, inFlight + batch.count < maxInFlight, let frame = waiting.popFirst() {
-                batch.append(frame)
+            var batch: [Result<IncomingRequest, KMSError>] = []
+            while batch.count < Self.batchLimit, inFlight + batch.count < maxInFlight, let request = waiting.popFirst() {
+                batch.append(request)
             }
             startedThisTurn += batch.count
             start(batch, context: context)
@@ -117,21 +122,20 @@ final class ConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    private func start(_ frames: [ByteBuffer], context: ChannelHandlerContext) {
-        inFlight += frames.count
-        tracker.pending.add(frames.count, ordering: .relaxed)
+    private func start(_ decoded: [Result<IncomingRequest, KMSError>], context: ChannelHandlerContext) {
+        inFlight += decoded.count
+        tracker.pending.add(decoded.count, ordering: .relaxed)
         let dispatcher = self.dispatcher
         let principal = self.principal
         // Requests whose keys are all cached are handled right here: a thread hop there and back
         // costs more than the work. Anything that may touch storage goes to the worker pool.
-        let decoded = frames.map { frame in Result { () throws(KMSError) in try IncomingRequest(frameBody: frame) } }
         if decoded.allSatisfy({ (try? $0.get()).map { dispatcher.runsWithoutStorage($0.message) } ?? true }) {
             // One at a time within the turn's time budget; what is left goes back to the front
             // of the queue for the next round.
             for (i, request) in decoded.enumerated() {
                 if i > 0, RequestRateLimiter.nowNanoseconds() &- turnStartedAt >= Self.turnBudgetNanoseconds {
-                    let left = frames.count - i
-                    for frame in frames[i...].reversed() { waiting.prepend(frame) }
+                    let left = decoded.count - i
+                    for r in decoded[i...].reversed() { waiting.prepend(r) }
                     inFlight -= left
                     startedThisTurn -= left
                     tracker.pending.subtract(left, ordering: .relaxed)
@@ -143,7 +147,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             return
         }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        pool.run(uid: principal.uid, eventLoop: context.eventLoop) { () -> [KMSResponse] in
+        pool.run(uid: principal.uid, eventLoop: context.eventLoop) { () -> [Outgoing] in
             decoded.map { dispatcher.handle($0, principal: principal) }
         }.whenComplete { result in
             let (handler, context) = loopBound.value
@@ -158,16 +162,16 @@ final class ConnectionHandler: ChannelDuplexHandler {
                     let id = (try? request.get())?.message.id ?? KMSProtocolConstants.connectionErrorRequestID
                     let action = (try? request.get())?.message.operation?.name ?? "Unknown"
                     dispatcher.auditRejected(action: action, principal: principal, error: stopping, requestID: id)
-                    handler.write(.failure(id: id, stopping), context: context)
+                    handler.write(Outgoing(response: .failure(id: id, stopping)), context: context)
                 }
             }
             context.flush()
         }
     }
 
-    /// Writes one response (the caller flushes); the request stops being in flight once the
-    /// bytes reach the socket.
-    private func write(_ response: KMSResponse, context: ChannelHandlerContext) {
+    /// Writes one response frame (the caller flushes); the request stops being in flight once
+    /// the bytes reach the socket. A frame that carried a secret is zeroed once written.
+    private func write(_ outgoing: Outgoing, context: ChannelHandlerContext) {
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         let done: @Sendable (Result<Void, Error>) -> Void = { _ in
             let (handler, context) = loopBound.value
@@ -177,11 +181,57 @@ final class ConnectionHandler: ChannelDuplexHandler {
             handler.closeIfDone(context: context)
             handler.readIfAllowed(context: context)
         }
-        guard context.channel.isActive, let body = try? response.frameBody(allocator: context.channel.allocator) else {
+        guard context.channel.isActive, let frame = try? Self.frame(outgoing, allocator: context.channel.allocator) else {
             done(.success(()))
             return
         }
-        context.write(wrapOutboundOut(body)).whenComplete(done)
+        guard outgoing.secret != nil else {
+            context.write(wrapOutboundOut(frame)).whenComplete(done)
+            return
+        }
+        let box = NIOLoopBound(frame, eventLoop: context.eventLoop)
+        context.write(wrapOutboundOut(frame)).whenComplete { result in
+            // Written (or failed): zero the storage itself, in place. A mutating accessor would
+            // copy the storage first if NIO still held a reference, and zero only the copy.
+            box.value.withUnsafeReadableBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) }
+            done(result)
+        }
+    }
+
+    /// The whole frame: length prefix, the serialized response, and (when there is one) the
+    /// secret as one more occurrence of the operation field, copied from locked memory.
+    static func frame(_ outgoing: Outgoing, allocator: ByteBufferAllocator) throws -> ByteBuffer {
+        let body: [UInt8] = try outgoing.response.serializedBytes()
+        guard let secret = outgoing.secret else {
+            var frame = allocator.buffer(capacity: 4 + body.count)
+            frame.writeInteger(UInt32(body.count), endianness: .big)
+            frame.writeBytes(body)
+            return frame
+        }
+        let n = secret.bytes.count
+        let inner = 1 + varintSize(n) + n
+        let outer = varintSize(secret.operationField << 3 | 2) + varintSize(inner) + inner
+        var frame = allocator.buffer(capacity: 4 + body.count + outer)
+        frame.writeInteger(UInt32(body.count + outer), endianness: .big)
+        frame.writeBytes(body)
+        writeVarint(secret.operationField << 3 | 2, to: &frame)
+        writeVarint(inner, to: &frame)
+        frame.writeInteger(UInt8(secret.field << 3 | 2))
+        writeVarint(n, to: &frame)
+        secret.bytes.withUnsafeBytes { _ = frame.writeBytes($0) }
+        return frame
+    }
+
+    static func varintSize(_ v: Int) -> Int {
+        var v = UInt64(v), n = 1
+        while v >= 0x80 { v >>= 7; n += 1 }
+        return n
+    }
+
+    static func writeVarint(_ v: Int, to buffer: inout ByteBuffer) {
+        var v = UInt64(v)
+        while v >= 0x80 { buffer.writeInteger(UInt8(v & 0x7f | 0x80)); v >>= 7 }
+        buffer.writeInteger(UInt8(v))
     }
 
     private var mayRead: Bool {
@@ -223,9 +273,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
             dispatcher.auditRejected(action: "Unknown", principal: principal, error: failure)
         }.whenComplete { _ in
             let (handler, context) = loopBound.value
-            if let body = try? response.frameBody(allocator: context.channel.allocator) {
+            if let frame = try? Self.frame(Outgoing(response: response), allocator: context.channel.allocator) {
                 let channel = context.channel
-                context.writeAndFlush(handler.wrapOutboundOut(body)).whenComplete { _ in channel.close(promise: nil) }
+                context.writeAndFlush(handler.wrapOutboundOut(frame)).whenComplete { _ in channel.close(promise: nil) }
             } else {
                 context.close(promise: nil)
             }

@@ -1,5 +1,6 @@
 import Foundation
 import KMSCore
+import KMSCrypto
 import KMSProtocol
 
 /// What a handler tells the audit log about the request, beyond who and what.
@@ -51,6 +52,25 @@ struct ServerSettings: Sendable {
 
 typealias OperationResult = Kmsd_V1_Response.OneOf_Result
 
+/// A secret a response carries (a plaintext, a data key), kept out of the protobuf message:
+/// the frame writer appends it as one more occurrence of the response's operation field
+/// holding only this bytes field (protobuf merges repeated occurrences of a message field),
+/// copying it straight from locked memory into the outgoing buffer, which is zeroed once
+/// written. So no ordinary Data or Array ever holds it.
+struct ResponseSecret {
+    /// The field number of the operation in `Response` (31 Decrypt, 33 GenerateDataKey).
+    let operationField: Int
+    /// The bytes field inside the operation's response message.
+    let field: Int
+    let bytes: SecureBytes
+}
+
+/// What goes back to the client: the response, and the secret to splice into its frame.
+struct Outgoing {
+    var response: KMSResponse
+    var secret: ResponseSecret? = nil
+}
+
 /// Routes each request to its operation's handler, audits it, and builds the response.
 ///
 /// The `route` switch is the one dispatch table: one line per operation.
@@ -72,7 +92,8 @@ final class Dispatcher: Sendable {
     static let operations = ["Hello", "WhoAmI", "CreateKey", "DescribeKey", "ListKeys", "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
-    static func route(_ op: KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ details: inout AuditDetails) throws(KMSError) -> OperationResult {
+    static func route(_ op: KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ details: inout AuditDetails,
+                      _ secret: inout ResponseSecret?) throws(KMSError) -> OperationResult {
         switch op {
         case .hello(let r): .hello(DaemonHandlers.hello(r, ctx))
         case .whoAmI(let r): .whoAmI(DaemonHandlers.whoAmI(r, ctx))
@@ -80,9 +101,9 @@ final class Dispatcher: Sendable {
         case .describeKey(let r): .describeKey(try KeyHandlers.describeKey(r, ctx, &details))
         case .listKeys(let r): .listKeys(try KeyHandlers.listKeys(r, ctx, &details))
         case .encrypt(let r): .encrypt(try CryptoHandlers.encrypt(r, ctx, &details))
-        case .decrypt(let r): .decrypt(try CryptoHandlers.decrypt(r, ctx, &details))
+        case .decrypt(let r): .decrypt(try CryptoHandlers.decrypt(r, ctx, &details, &secret))
         case .reEncrypt(let r): .reEncrypt(try CryptoHandlers.reEncrypt(r, ctx, &details))
-        case .generateDataKey(let r): .generateDataKey(try CryptoHandlers.generateDataKey(r, ctx, &details))
+        case .generateDataKey(let r): .generateDataKey(try CryptoHandlers.generateDataKey(r, ctx, &details, &secret))
         case .generateDataKeyWithoutPlaintext(let r):
             .generateDataKeyWithoutPlaintext(try CryptoHandlers.generateDataKeyWithoutPlaintext(r, ctx, &details))
         case .generateRandom(let r): .generateRandom(try CryptoHandlers.generateRandom(r, ctx))
@@ -115,12 +136,12 @@ final class Dispatcher: Sendable {
 
     /// Handles one decoded frame; an undecodable one is audited and answered with id 0 (the
     /// framing is intact, so the connection stays).
-    func handle(_ decoded: Result<IncomingRequest, KMSError>, principal: Principal) -> KMSResponse {
+    func handle(_ decoded: Result<IncomingRequest, KMSError>, principal: Principal) -> Outgoing {
         switch decoded {
         case .success(let request): return handle(request.message, contexts: request.contexts, principal: principal)
         case .failure(let error):
             auditRejected(action: "Unknown", principal: principal, error: error)
-            return .failure(id: KMSProtocolConstants.connectionErrorRequestID, error)
+            return Outgoing(response: .failure(id: KMSProtocolConstants.connectionErrorRequestID, error))
         }
     }
 
@@ -134,9 +155,10 @@ final class Dispatcher: Sendable {
     }
 
     /// Handles one request end to end; the audit record is written before this returns.
-    func handle(_ request: KMSRequest, contexts: WireContexts? = nil, principal: Principal) -> KMSResponse {
+    func handle(_ request: KMSRequest, contexts: WireContexts? = nil, principal: Principal) -> Outgoing {
         let start = DispatchTime.now().uptimeNanoseconds
         var details = AuditDetails()
+        var secret: ResponseSecret? = nil
         let outcome: Result<OperationResult, KMSError>
         let action: String
         if let op = request.operation {
@@ -145,7 +167,7 @@ final class Dispatcher: Sendable {
                 outcome = .failure(KMSError(.throttling, "uid \(principal.uid) is over its request rate (maxRequestsPerSecondPerUid \(Int(rateLimiter.rate))); retry with exponential backoff"))
             } else {
                 let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts)
-                do throws(KMSError) { outcome = .success(try Self.route(op, ctx, &details)) } catch { outcome = .failure(error) }
+                do throws(KMSError) { outcome = .success(try Self.route(op, ctx, &details, &secret)) } catch { outcome = .failure(error) }
             }
         } else {
             action = "Unknown"
@@ -171,10 +193,10 @@ final class Dispatcher: Sendable {
                     StandardError.write("kmsd: ERROR: \(action) could not be audited nor undone: \(error)\n")
                 }
             }
-            return .failure(id: request.id, KMSError(.auditUnavailable, message + "; check that systemd-journald is running and keeping up"))
+            return Outgoing(response: .failure(id: request.id, KMSError(.auditUnavailable, message + "; check that systemd-journald is running and keeping up")))
         case .success(let r): response.result = r
-        case .failure(let e): return .failure(id: request.id, e)
+        case .failure(let e): return Outgoing(response: .failure(id: request.id, e))
         }
-        return response
+        return Outgoing(response: response, secret: secret)
     }
 }

@@ -22,7 +22,8 @@ final class FairWorkerPool: @unchecked Sendable {
 
     init(threads count: Int) {
         for i in 0..<max(1, count) {
-            let t = Thread { [unowned self] in self.work() }
+            // Workers keep the pool alive until shutdown() lets them finish.
+            let t = Thread { self.work() }
             t.name = "kmsd-worker-\(i)"
             threads.append(t)
             t.start()

@@ -20,7 +20,15 @@ enum CryptoHandlers {
         let pairs = ctx.context(operation: 30, field: 3, decoded: r.encryptionContext)
         d.contextKeys = EncryptionContext.auditKeys(pairs: pairs)
         try checkAlgorithm(r.encryptionAlgorithm)
-        let sealed = try ctx.service.encrypt(keyID: r.keyID, plaintext: Array(r.plaintext), context: EncryptionContext(pairs: pairs), caller: ctx.principal)
+        // The request's plaintext is used where SwiftProtobuf put it and zeroed after.
+        defer { r.plaintext.withUnsafeBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) } }
+        let context = try EncryptionContext(pairs: pairs)
+        let sealed: KeyService.Sealed
+        do {
+            sealed = try r.plaintext.withUnsafeBytes { p in
+                try ctx.service.encrypt(keyID: r.keyID, plaintext: p, context: context, caller: ctx.principal)
+            }
+        } catch let error as KMSError { throw error } catch { throw KMSError(.internalError, "encryption failed inside kmsd") }
         d.keyID = sealed.keyID.description
         d.keyVersion = sealed.keyVersion
         return .with {
@@ -30,15 +38,17 @@ enum CryptoHandlers {
         }
     }
 
-    static func decrypt(_ r: Kmsd_V1_DecryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_DecryptResponse {
+    static func decrypt(_ r: Kmsd_V1_DecryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails,
+                        _ secret: inout ResponseSecret?) throws(KMSError) -> Kmsd_V1_DecryptResponse {
         noteBlob(Array(r.ciphertextBlob), into: &d)
         let pairs = ctx.context(operation: 31, field: 2, decoded: r.encryptionContext)
         d.contextKeys = EncryptionContext.auditKeys(pairs: pairs)
         try checkAlgorithm(r.encryptionAlgorithm)
         let opened = try ctx.service.decrypt(blob: Array(r.ciphertextBlob), context: EncryptionContext(pairs: pairs), keyID: r.keyID, caller: ctx.principal)
+        // The plaintext travels from locked memory straight into the frame (ResponseSecret).
+        secret = ResponseSecret(operationField: 31, field: 2, bytes: opened.plaintext)
         return .with {
             $0.keyID = opened.keyID.description
-            $0.plaintext = .init(opened.plaintext.unsafeCopyToArray())
             $0.encryptionAlgorithm = algorithm
             $0.keyVersion = opened.keyVersion
         }
@@ -79,12 +89,13 @@ enum CryptoHandlers {
         return result
     }
 
-    static func generateDataKey(_ r: Kmsd_V1_GenerateDataKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_GenerateDataKeyResponse {
+    static func generateDataKey(_ r: Kmsd_V1_GenerateDataKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails,
+                                _ secret: inout ResponseSecret?) throws(KMSError) -> Kmsd_V1_GenerateDataKeyResponse {
         let result = try dataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes,
                                  context: ctx.context(operation: 33, field: 4, decoded: r.encryptionContext), ctx, &d)
+        secret = ResponseSecret(operationField: 33, field: 2, bytes: result.plaintext)
         return .with {
             $0.ciphertextBlob = .init(result.sealed.blob)
-            $0.plaintext = .init(result.plaintext.unsafeCopyToArray())
             $0.keyID = result.sealed.keyID.description
         }
     }

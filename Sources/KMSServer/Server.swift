@@ -156,7 +156,6 @@ public final class Server: @unchecked Sendable {
                         }.whenComplete { _ in channel.close(promise: nil) }
                     },
                     ByteToMessageHandler(FrameDecoder(maxFrameBytes: c.maxFrameBytes)),
-                    MessageToByteHandler(FrameEncoder()),
                     ConnectionHandler(principal: principal, dispatcher: self.dispatcher, pool: self.pool,
                                       maxInFlight: c.maxInFlightPerConnection, tracker: self.tracker,
                                       turns: self.turns[ObjectIdentifier(channel.eventLoop)] ?? TurnScheduler(loop: channel.eventLoop), onClose: release),

@@ -87,4 +87,70 @@ struct MemoryTests {
         #expect(dev.stderr.contains("kmsd: ready"), "\(dev.stderr)")
         #expect(dev.stderr.contains("UNLOCKED memory"))
     }
+
+    /// Every readable mapping of a process, as root reads it through /proc/PID/mem.
+    static func countCopies(of needles: [[UInt8]], inProcess pid: Int32) throws -> [Int] {
+        let maps = try procFile(pid, "maps")
+        let mem = open("/proc/\(pid)/mem", O_RDONLY)
+        guard mem >= 0 else { throw DaemonError("cannot open /proc/\(pid)/mem: errno \(errno)") }
+        defer { close(mem) }
+        var counts = [Int](repeating: 0, count: needles.count)
+        for line in maps.split(separator: "\n") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard fields.count >= 2, fields[1].hasPrefix("r") else { continue }
+            if fields.count >= 6, ["[vvar]", "[vsyscall]", "[vvar_vclock]"].contains(String(fields[5])) { continue }
+            let range = fields[0].split(separator: "-").compactMap { UInt64($0, radix: 16) }
+            guard range.count == 2 else { continue }
+            var region = [UInt8](repeating: 0, count: Int(range[1] - range[0]))
+            let n = region.withUnsafeMutableBytes { pread(mem, $0.baseAddress, $0.count, off_t(Int64(bitPattern: range[0]))) }
+            guard n > 0 else { continue }
+            region.withUnsafeBytes { all in
+                let base = all.baseAddress!
+                for (i, needle) in needles.enumerated() where !needle.isEmpty {
+                    // memchr for the first byte, memcmp for the rest: fast even in a debug build.
+                    var offset = 0
+                    while offset + needle.count <= n, let hit = memchr(base + offset, Int32(needle[0]), n - offset - needle.count + 1) {
+                        let at = base.distance(to: UnsafeRawPointer(hit))
+                        if needle.withUnsafeBytes({ memcmp(base + at, $0.baseAddress!, needle.count) }) == 0 { counts[i] += 1 }
+                        offset = at + 1
+                    }
+                }
+            }
+        }
+        return counts
+    }
+
+    @Test(.enabled(if: isRoot, "reading another process's memory needs root"))
+    func noCopyOfAPlaintextOrDataKeyStaysInTheDaemonsMemory() async throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        let client = daemon.client()
+        let probe = "memory-probe-\(UUID().uuidString)"
+        let key = try await client.createKey(description: probe)
+        let plaintext = try [UInt8](SecureRandomBytes(48))
+        let blob = try await client.encrypt(keyID: key.keyID, plaintext: plaintext, context: ["app": "memory"])
+        let opened = try await client.decrypt(ciphertextBlob: Array(blob.ciphertextBlob), context: ["app": "memory"])
+        #expect(Array(opened.plaintext) == plaintext)
+        let dataKey = try await client.generateDataKey(keyID: key.keyID, keySpec: "AES_256")
+        // 100 further requests of every kind, on the same connection and on new ones.
+        for i in 0..<100 {
+            let other = try [UInt8](SecureRandomBytes(48))
+            let c = i % 10 == 0 ? daemon.client() : client
+            let b = try await c.encrypt(keyID: key.keyID, plaintext: other)
+            _ = try await c.decrypt(ciphertextBlob: Array(b.ciphertextBlob))
+            _ = try await c.generateRandom(numberOfBytes: 32)
+        }
+        let counts = try Self.countCopies(of: [plaintext, Array(dataKey.plaintext)], inProcess: daemon.pid)
+        #expect(counts[0] == 0, "\(counts[0]) copies of a decrypted plaintext remain in kmsd's memory")
+        #expect(counts[1] == 0, "\(counts[1]) copies of a returned data key remain in kmsd's memory")
+        // The search works: the key's description, which kmsd keeps in its cache, is found.
+        #expect(try Self.countCopies(of: [Array(probe.utf8)], inProcess: daemon.pid)[0] > 0)
+    }
+}
+
+/// Random bytes from the kernel, for test data that appears nowhere else.
+func SecureRandomBytes(_ n: Int) throws -> [UInt8] {
+    guard let h = FileHandle(forReadingAtPath: "/dev/urandom") else { throw DaemonError("no /dev/urandom") }
+    defer { try? h.close() }
+    return [UInt8](h.readData(ofLength: n))
 }
