@@ -91,6 +91,10 @@ struct CiphertextVectorTests {
 
     @Test func auditKeysAreBytewiseOrderedAndEscaped() {
         #expect(EncryptionContext.auditKeys(["b": "1", "a,b": "2", "Z": "3"]) == "Z,a\\,b,b")
+        // Control characters are escaped unambiguously: a NUL is not a `?`, and an escaped
+        // backslash cannot be mistaken for the start of an escape.
+        #expect(EncryptionContext.auditKeys(["a\u{0}b": "1", "a?b": "2"]) == "a\\x00b,a?b")
+        #expect(EncryptionContext.auditKeys(["\\x00": "1", "\n": "2"]) == "\\x0a,\\\\x00")
     }
 
     @Test func aWrongContextAndAWrongKeyGiveTheSameError() throws {

@@ -193,4 +193,42 @@ struct KeyRepositoryTests {
         try sql("UPDATE keys SET owner_uid = 1000 WHERE key_id = '\(theirs[0])'")
         #expect(!(try service.listKeys(limit: 10, marker: "", caller: owner).keys.contains(theirs[0])))
     }
+
+    /// Forwards to SQLite and counts record reads.
+    final class CountingStorage: KeyStorage, @unchecked Sendable {
+        let inner: SQLiteKeyStorage
+        private let lock = NSLock()
+        private var reads = 0
+        init(_ inner: SQLiteKeyStorage) { self.inner = inner }
+        var recordReads: Int { lock.withLock { reads } }
+        func insertKey(id: String, owner: UInt32, key: StoredRow, versionNumber: UInt32, version: StoredRow) throws {
+            try inner.insertKey(id: id, owner: owner, key: key, versionNumber: versionNumber, version: version)
+        }
+        func deleteKey(id: String) throws { try inner.deleteKey(id: id) }
+        func key(id: String) throws -> StoredRow? { lock.withLock { reads += 1 }; return try inner.key(id: id) }
+        func version(id: String, number: UInt32) throws -> StoredRow? { try inner.version(id: id, number: number) }
+        func keyIDs(owner: UInt32?, after: String?, limit: Int) throws -> [String] { try inner.keyIDs(owner: owner, after: after, limit: limit) }
+        func meta(_ name: String) throws -> [UInt8]? { try inner.meta(name) }
+        func setMeta(_ name: String, _ value: [UInt8]) throws { try inner.setMeta(name, value) }
+        func allRows() throws -> (keys: [(id: String, row: StoredRow)], versions: [(id: String, number: UInt32, row: StoredRow)]) { try inner.allRows() }
+        func migrate(keys: [(id: String, mac: [UInt8], owner: UInt32)], versions: [(id: String, number: UInt32, mac: [UInt8])],
+                     meta: [(String, [UInt8])]) throws { try inner.migrate(keys: keys, versions: versions, meta: meta) }
+    }
+
+    @Test func aUsersListingReadsItsPageNotTheKeystore() throws {
+        let repo = try repository()
+        var mine: Set<KeyID> = []
+        for i in 0..<300 {
+            let r = record(owner: i % 100 == 0 ? 1000 : 2000)
+            try repo.create(r, material: SecureBytes.random(count: 32))
+            if r.ownerUID == 1000 { mine.insert(r.keyID) }
+        }
+        var material = rootMaterial
+        let storage = CountingStorage(try SQLiteKeyStorage(path: dir + "/keystore.sqlite3"))
+        let service = KeyService(repository: try KeyRepository(storage: storage, root: RootKey(material: SecureBytes(consuming: &material))),
+                                 administrators: Administrators(uids: [0]))
+        let page = try service.listKeys(limit: 10, marker: "", caller: Principal(uid: 1000, gid: 1000, pid: 1, userName: "alice"))
+        #expect(Set(page.keys) == mine)
+        #expect(storage.recordReads == mine.count, "read \(storage.recordReads) records for a page of \(mine.count) among 300 keys")
+    }
 }
