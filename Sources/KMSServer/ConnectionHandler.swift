@@ -36,8 +36,27 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private let turns: TurnScheduler
 
     private var inFlight = 0
-    /// Requests read and decoded, not started yet (an undecodable frame is kept as its error).
-    private var waiting: CircularBuffer<Result<IncomingRequest, KMSError>> = []
+    /// A request read but not started: its frame, or (when it was put back at the end of a
+    /// turn) what decoding it gave.
+    enum Waiting {
+        case frame(ByteBuffer)
+        case decoded(Result<IncomingRequest, KMSError>)
+
+        /// Decodes a frame, then zeroes its bytes where they are in the receive buffer (an
+        /// Encrypt plaintext, say); the buffer has consumed them, and a mutating accessor
+        /// would zero a copy.
+        var request: Result<IncomingRequest, KMSError> {
+            switch self {
+            case .decoded(let r): return r
+            case .frame(let frame):
+                defer { frame.withUnsafeReadableBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) } }
+                return Result { () throws(KMSError) in try IncomingRequest(frameBody: frame) }
+            }
+        }
+    }
+
+    /// Requests read, not started yet. Decoding waits for the request's turn: it is work too.
+    private var waiting: CircularBuffer<Waiting> = []
     private var readPending = false
     private var closing = false
     private var inputClosed = false
@@ -55,11 +74,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let frame = unwrapInboundIn(data)
-        waiting.append(Result { () throws(KMSError) in try IncomingRequest(frameBody: frame) })
-        // The frame's bytes (an Encrypt plaintext, say) sit in the receive buffer, which has
-        // consumed them: zero them where they are (a mutating accessor would zero a copy).
-        frame.withUnsafeReadableBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) }
+        waiting.append(.frame(unwrapInboundIn(data)))
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -76,7 +91,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// How long one connection may keep its event loop per turn. Past it, the rest waits for
     /// the loop's next round (see `TurnScheduler`), which runs only after the loop has polled
     /// for I/O again, so one pipelining client cannot hold a loop that other clients share.
-    static let turnBudgetNanoseconds: UInt64 = 200_000
+    static let turnBudgetNanoseconds: UInt64 = 300_000
 
     private var turnStartedAt: UInt64 = 0
     private var startedThisTurn = 0
@@ -100,8 +115,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 return
             }
             var batch: [Result<IncomingRequest, KMSError>] = []
-            while batch.count < Self.batchLimit, inFlight + batch.count < maxInFlight, let request = waiting.popFirst() {
-                batch.append(request)
+            while batch.count < Self.batchLimit, inFlight + batch.count < maxInFlight, let next = waiting.popFirst() {
+                batch.append(next.request)
+                // Stop early when decoding alone used up the turn; what is left waits.
+                if RequestRateLimiter.nowNanoseconds() &- turnStartedAt >= Self.turnBudgetNanoseconds { break }
             }
             startedThisTurn += batch.count
             start(batch, context: context)
@@ -135,7 +152,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             for (i, request) in decoded.enumerated() {
                 if i > 0, RequestRateLimiter.nowNanoseconds() &- turnStartedAt >= Self.turnBudgetNanoseconds {
                     let left = decoded.count - i
-                    for r in decoded[i...].reversed() { waiting.prepend(r) }
+                    for r in decoded[i...].reversed() { waiting.prepend(.decoded(r)) }
                     inFlight -= left
                     startedThisTurn -= left
                     tracker.pending.subtract(left, ordering: .relaxed)
@@ -365,7 +382,7 @@ final class TurnScheduler: @unchecked Sendable {
     private func scheduleIfNeeded() {
         guard !scheduled, !pending.isEmpty else { return }
         scheduled = true
-        loop.scheduleTask(in: .microseconds(50)) { self.round() }
+        loop.scheduleTask(in: .microseconds(20)) { self.round() }
     }
 
     private func round() {

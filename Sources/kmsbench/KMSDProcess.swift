@@ -23,9 +23,13 @@ final class KMSDProcess {
     }
 
     var arguments: [String] {
+        // The per-uid request rate limit would measure the limit, not kmsd: it is off here.
         ["--dev", "--state-dir", stateDirectory, "--socket", socketPath,
-         "--audit-fail-closed", "false", "--max-in-flight", "64"] + extraArguments
+         "--audit-fail-closed", "false", "--max-in-flight", "64", "--max-requests-per-second-per-uid", "0"] + extraArguments
     }
+
+    /// The daemon's pid, once started.
+    var pid: Int32 { process.processIdentifier }
 
     func start() throws {
         guard access(executable, X_OK) == 0 else {

@@ -144,6 +144,16 @@ struct LoadResult: Sendable {
     let opsPerSecond: Double
     let p50Nanos: UInt64
     let p99Nanos: UInt64
+    /// CPU time the target process used over the measured window, when it can be read.
+    var cpuNanos: UInt64? = nil
+}
+
+/// The CPU time measured by the sampling thread; read after it has finished.
+final class CPUSample: @unchecked Sendable {
+    private let lock = NSLock()
+    private var nanos: UInt64?
+    func set(_ v: UInt64) { lock.withLock { nanos = v } }
+    var value: UInt64? { lock.withLock { nanos } }
 }
 
 /// Written by one client thread; read by the driver only after that thread has finished.
@@ -236,7 +246,8 @@ enum LoadDriver {
 
     /// Runs `scenario` against `target`: warm-up, then the measured window.
     static func run<Target: BenchTarget>(target: Target, scenario: Scenario,
-                                         warmup: Double, duration: Double) throws -> LoadResult {
+                                         warmup: Double, duration: Double,
+                                         cpuNanos: (@Sendable () -> UInt64?)? = nil) throws -> LoadResult {
         var fds: [Int32] = []
         defer { for fd in fds { close(fd) } }
         for _ in 0..<scenario.connections {
@@ -265,6 +276,19 @@ enum LoadDriver {
             thread.start()
         }
 
+        // The target's CPU time is sampled at the edges of the measured window.
+        let cpu = CPUSample()
+        if let cpuNanos {
+            latch.enter()
+            Thread {
+                sleepUntil(measureFrom)
+                let before = cpuNanos()
+                sleepUntil(measureUntil)
+                if let before, let after = cpuNanos() { cpu.set(after &- before) }
+                latch.leave()
+            }.start()
+        }
+
         // Each thread ends by itself: it stops sending at measureUntil and every read is bounded.
         let limit = warmup + duration + Double(4 * ioTimeoutSeconds)
         guard latch.wait(seconds: limit) else {
@@ -287,7 +311,24 @@ enum LoadDriver {
         return LoadResult(completed: all.count,
                           opsPerSecond: Double(all.count) / duration,
                           p50Nanos: percentile(all, 0.50),
-                          p99Nanos: percentile(all, 0.99))
+                          p99Nanos: percentile(all, 0.99),
+                          cpuNanos: cpu.value)
+    }
+
+    static func sleepUntil(_ deadline: UInt64) {
+        let now = monotonicNanos()
+        if deadline > now { usleep(useconds_t((deadline - now) / 1000)) }
+    }
+
+    /// utime + stime of a process from /proc/PID/stat, in nanoseconds.
+    static func processCPUNanos(pid: Int32) -> UInt64? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = text.lastIndex(of: ")") else { return nil }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        // Fields after the name start at field 3; utime and stime are fields 14 and 15.
+        guard fields.count > 13, let user = UInt64(fields[11]), let system = UInt64(fields[12]) else { return nil }
+        let hz = UInt64(max(1, sysconf(Int32(_SC_CLK_TCK))))
+        return (user + system) * 1_000_000_000 / hz
     }
 
     /// Nearest-rank percentile of ascending `sorted` (not empty).

@@ -88,7 +88,8 @@ struct KMSBench: ParsableCommand {
             let echoResult = try measure(echoTarget, scenario)
             let kmsdResult: LoadResult
             do {
-                kmsdResult = try measure(kmsdTarget, scenario)
+                let pid = daemon.pid
+                kmsdResult = try measure(kmsdTarget, scenario) { LoadDriver.processCPUNanos(pid: pid) }
             } catch {
                 throw BenchError("\(error)\n\(daemon.logExcerpt())")
             }
@@ -106,9 +107,10 @@ struct KMSBench: ParsableCommand {
         }
     }
 
-    private func measure<Target: BenchTarget>(_ target: Target, _ scenario: Scenario) throws -> LoadResult {
+    private func measure<Target: BenchTarget>(_ target: Target, _ scenario: Scenario,
+                                              cpuNanos: (@Sendable () -> UInt64?)? = nil) throws -> LoadResult {
         progress("\(target.name): \(scenario.name) (\(Self.seconds(warmup)) s warm-up + \(Self.seconds(duration)) s)")
-        let r = try LoadDriver.run(target: target, scenario: scenario, warmup: warmup, duration: duration)
+        let r = try LoadDriver.run(target: target, scenario: scenario, warmup: warmup, duration: duration, cpuNanos: cpuNanos)
         progress(String(format: "  %.0f ops/s, p50 %.1f µs, p99 %.1f µs",
                         r.opsPerSecond, Double(r.p50Nanos) / 1000, Double(r.p99Nanos) / 1000))
         return r

@@ -95,7 +95,7 @@ struct LimitsTests {
             }
             while !stop.load() {
                 for c in conns { guard c.trySend(batch) else { return } }
-                for c in conns { for _ in 0..<64 { guard (try? c.receive()) != nil else { return } } }
+                for c in conns { guard c.skipFrames(64) else { return } }
                 flooded.add(64 * conns.count)
             }
         }
@@ -116,6 +116,7 @@ struct LimitsTests {
         stop.store(true)
         latencies.sort()
         let p99 = latencies[latencies.count * 99 / 100]
+        print("fairness: victim Hello p50 \(latencies[latencies.count / 2]) ms, p99 \(p99) ms, during \(during) flood requests")
         #expect(during > 2_000, "the flood ran (\(during) requests while the victim was measured)")
         #expect(p99 <= 10, "victim p99 \(p99) ms, median \(latencies[latencies.count / 2]) ms, during \(during) flood requests")
     }

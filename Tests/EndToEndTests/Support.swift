@@ -360,6 +360,17 @@ final class RawConnection: @unchecked Sendable {
         return try KMSResponse(serializedBytes: body)
     }
 
+    /// Reads `count` whole frames without decoding them (cheap: for load generators); false at
+    /// EOF or after a receive timeout.
+    func skipFrames(_ count: Int) -> Bool {
+        for _ in 0..<count {
+            guard let header = readExactly(4) else { return false }
+            let n = Int(header[0]) << 24 | Int(header[1]) << 16 | Int(header[2]) << 8 | Int(header[3])
+            guard readExactly(n) != nil else { return false }
+        }
+        return true
+    }
+
     /// True when the server has closed the connection (recv returns 0).
     func isClosedByPeer() -> Bool {
         var b: UInt8 = 0
