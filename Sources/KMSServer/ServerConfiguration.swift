@@ -91,12 +91,15 @@ public struct ServerConfiguration: Sendable, Equatable {
                 guard let s = value as? String else { throw ConfigurationError("\(file): \(key) must be a string") }
                 return s
             }
+            // Foundation on Linux bridges the numbers 0 and 1 to Bool, so tell JSON booleans
+            // from numbers by their storage type ("c" is how a JSON true/false is stored).
+            let isBoolean = (value as? NSNumber).map { String(cString: $0.objCType) == "c" } ?? false
             func int() throws -> Int {
-                guard let n = value as? Int, !(value is Bool) else { throw ConfigurationError("\(file): \(key) must be a whole number") }
+                guard !isBoolean, let n = value as? Int else { throw ConfigurationError("\(file): \(key) must be a whole number") }
                 return n
             }
             func bool() throws -> Bool {
-                guard let b = value as? Bool else { throw ConfigurationError("\(file): \(key) must be true or false") }
+                guard isBoolean, let b = value as? Bool else { throw ConfigurationError("\(file): \(key) must be true or false") }
                 return b
             }
             switch key {

@@ -280,18 +280,7 @@ enum Journal {
     /// The audit records of one kmsd process (by pid, and written since it started, as pids are
     /// reused and the journal outlives test runs), waiting until at least `count` arrived.
     static func records(pid: Int32, since: Date, atLeast count: Int, timeout: TimeInterval = 10) throws -> [[String: Any]] {
-        let sinceMicros = UInt64(since.timeIntervalSince1970 * 1_000_000)
-        let deadline = Date().addingTimeInterval(timeout)
-        var records: [[String: Any]] = []
-        repeat {
-            let r = try run("/usr/bin/journalctl", ["-o", "json", "--no-pager", "_PID=\(pid)", "SYSLOG_IDENTIFIER=kmsd"])
-            records = r.text.split(separator: "\n").compactMap {
-                try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
-            }.filter { (($0["__REALTIME_TIMESTAMP"] as? String).flatMap(UInt64.init) ?? 0) >= sinceMicros }
-            if records.count >= count { return records }
-            usleep(100_000)
-        } while Date() < deadline
-        return records
+        try query(["_PID=\(pid)"], since: since, atLeast: count, timeout: timeout)
     }
 }
 

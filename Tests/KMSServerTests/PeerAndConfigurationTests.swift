@@ -51,8 +51,12 @@ struct ConfigurationTests {
         {"stateDirectory": "/s", "socketPath": "/r/k.sock", "socketMode": "0660", "rootKeyFile": "/k",
          "administrators": {"uids": [0, 1000], "gids": [50]}, "maxFrameBytes": 131072, "maxConnections": 10,
          "maxConnectionsPerUid": 2, "maxInFlightPerConnection": 8, "idleTimeoutSeconds": 60, "auditFailClosed": false,
-         "workerThreads": 2, "keyCacheCapacity": 100, "drainTimeoutSeconds": 5}
+         "workerThreads": 2, "keyCacheCapacity": 100, "drainTimeoutSeconds": 5, "maxRequestsPerSecondPerUid": 50,
+         "requestBurstPerUid": 70, "adminReservedConnections": 3, "frameTimeoutSeconds": 4, "auditTimeoutMilliseconds": 250,
+         "eventLoops": 1}
         """)
+        #expect(c.maxRequestsPerSecondPerUID == 50 && c.requestBurstPerUID == 70 && c.effectiveAdminReservedConnections == 3)
+        #expect(c.frameTimeoutSeconds == 4 && c.auditTimeoutMilliseconds == 250 && c.eventLoops == 1)
         #expect(c.stateDirectory == "/s" && c.effectiveSocketPath == "/r/k.sock" && c.socketMode == 0o660)
         #expect(c.administrators == Administrators(uids: [0, 1000], gids: [50]))
         #expect(c.maxFrameBytes == 131072 && c.maxConnections == 10 && c.maxConnectionsPerUID == 2)
@@ -66,6 +70,8 @@ struct ConfigurationTests {
         #expect(c.administrators == Administrators(uids: [0], gids: []))
         #expect(c.effectiveSocketPath == "/run/kmsd/kmsd.sock")
         #expect(c.socketMode == 0o666)
+        #expect(c.maxRequestsPerSecondPerUID == 10_000 && c.requestBurstPerUID == 20_000)
+        #expect(c.effectiveAdminReservedConnections == 16 && c.frameTimeoutSeconds == 10 && c.auditTimeoutMilliseconds == 1000)
     }
 
     @Test(arguments: [
@@ -79,6 +85,12 @@ struct ConfigurationTests {
         (#"{"allowUnlockedMemory": true}"#, "only in development mode"),
         (#"{"auditFailClosed": "yes"}"#, "true or false"),
         (#"[1, 2]"#, "not a JSON object"),
+        (#"{"maxConnections": 8, "adminReservedConnections": 8}"#, "adminReservedConnections must be 0...7"),
+        (#"{"maxRequestsPerSecondPerUid": -1}"#, "maxRequestsPerSecondPerUid must be"),
+        (#"{"frameTimeoutSeconds": 0}"#, "frameTimeoutSeconds must be"),
+        (#"{"auditTimeoutMilliseconds": 0}"#, "auditTimeoutMilliseconds must be"),
+        (#"{"auditFailClosed": 1}"#, "true or false"),
+        (#"{"workerThreads": true}"#, "whole number"),
     ])
     func refusesBadConfiguration(_ json: String, _ message: String) {
         do {
