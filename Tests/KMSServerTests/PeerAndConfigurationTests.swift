@@ -1,3 +1,4 @@
+import CKMSLinux
 import Foundation
 import KMSCore
 @testable import KMSServer
@@ -22,6 +23,37 @@ struct PeerParsingTests {
         #expect(me != nil)
         #expect(me! <= PeerCredentials.boottimeTicks(), "a running process started before now")
         #expect(PeerCredentials.startTicks(pid: 0) == nil)
+    }
+
+    /// Without SO_PEERPIDFD, kmsd falls back to pidfd_open(pid): a process that started after
+    /// the connection was accepted is not the one that connected, and lends no identity.
+    @Test func aProcessYoungerThanTheConnectionIsNotTheCaller() throws {
+        let before = PeerCredentials.boottimeTicks()
+        usleep(30_000)  // more than one clock tick
+        let child = Process()
+        child.executableURL = URL(fileURLWithPath: "/bin/sleep")
+        child.arguments = ["1"]
+        try child.run()
+        defer { child.terminate(); child.waitUntilExit() }
+        usleep(30_000)
+        let after = PeerCredentials.boottimeTicks()
+        func identity(acceptedAt: UInt64) -> Result<(String?, String?), PeerCredentials.Unverified> {
+            let fd = kms_pidfd_open(child.processIdentifier)
+            let raw = PeerCredentials.Raw(cred: kms_ucred(pid: child.processIdentifier, uid: getuid(), gid: getgid()), groups: [],
+                                          pidfd: fd, pidfdFromSocket: false, acceptedAtTicks: acceptedAt)
+            defer { close(fd) }
+            return PeerCredentials.processIdentity(raw)
+        }
+        guard case .failure(let why) = identity(acceptedAt: before) else {
+            Issue.record("a process started after the connection was taken for the caller")
+            return
+        }
+        #expect(why.description.contains("started after the connection"))
+        guard case .success(let (exe, _)) = identity(acceptedAt: after) else {
+            Issue.record("the connecting process itself was not identified")
+            return
+        }
+        #expect(exe?.hasSuffix("sleep") == true, "\(exe ?? "nil")")
     }
 
     @Test func paddingIsNotAGroup() {
