@@ -71,7 +71,8 @@ let package = Package(
         .testTarget(name: "KMSCoreTests", dependencies: ["KMSCore", "KMSCrypto", "KMSProtocol", "CSQLite"]),
         .testTarget(
             name: "KMSServerTests",
-            dependencies: ["KMSServer", "KMSCore", "CKMSLinux", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")]
+            dependencies: ["KMSServer", "KMSCore", "CKMSLinux", .product(name: "NIOCore", package: "swift-nio"),
+                           .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio")]
         ),
         .testTarget(
             name: "EndToEndTests",

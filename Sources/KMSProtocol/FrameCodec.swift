@@ -35,7 +35,15 @@ public struct FrameDecoder: ByteToMessageDecoder {
             return .needMoreData
         }
         buffer.moveReaderIndex(forwardBy: KMSProtocolConstants.lengthPrefixBytes)
-        context.fireChannelRead(Self.wrapInboundOut(buffer.readSlice(length: Int(length))!))
+        // The frame goes on in a buffer of its own, and its bytes in the receive buffer are
+        // zeroed at once: a frame may carry a plaintext, and the receive buffer's storage may
+        // be copied (as more bytes are appended) or freed without anyone zeroing it later.
+        let body = buffer.readSlice(length: Int(length))!
+        var frame = context.channel.allocator.buffer(capacity: body.readableBytes)
+        frame.writeImmutableBuffer(body)
+        // Through a read-only view on purpose: a mutating one would copy first, and zero a copy.
+        body.withUnsafeReadableBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) }
+        context.fireChannelRead(Self.wrapInboundOut(frame))
         return .continue
     }
 

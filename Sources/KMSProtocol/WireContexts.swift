@@ -16,6 +16,8 @@ public struct WirePair: Sendable, Equatable {
 public struct WireContexts: Sendable {
     /// (operation field, context field) → pairs in wire order.
     private var pairs: [Int: [WirePair]] = [:]
+    /// False when the scan met bytes it could not walk; the pairs are then not to be trusted.
+    public private(set) var complete = true
 
     /// Context fields per operation field of `Request` (see kmsd.proto).
     static let contextFields: [Int: [Int]] = [30: [3], 31: [2], 32: [2, 5], 33: [4], 34: [4]]
@@ -29,9 +31,10 @@ public struct WireContexts: Sendable {
         var reader = WireReader(body)
         var operation = 0
         var occurrences: [UnsafeRawBufferPointer] = []
-        while let (field, wireType) = reader.tag() {
+        while reader.offset < reader.bytes.count {
+            guard let (field, wireType) = reader.tag() else { complete = false; return }
             guard wireType == 2, Self.operationFields.contains(field), let message = reader.lengthDelimited() else {
-                if !reader.skip(wireType) { return }
+                if !reader.skip(wireType, field: field) { complete = false; return }
                 continue
             }
             if field != operation { occurrences = [] }
@@ -41,12 +44,14 @@ public struct WireContexts: Sendable {
         guard let fields = Self.contextFields[operation] else { return }
         for message in occurrences {
             var inner = WireReader(message)
-            while let (field, wireType) = inner.tag() {
+            while inner.offset < inner.bytes.count {
+                guard let (field, wireType) = inner.tag() else { complete = false; return }
                 guard wireType == 2, fields.contains(field), let entry = inner.lengthDelimited() else {
-                    if !inner.skip(wireType) { break }
+                    if !inner.skip(wireType, field: field) { complete = false; return }
                     continue
                 }
-                pairs[operation * 100 + field, default: []].append(Self.entry(entry))
+                guard let pair = Self.entry(entry) else { complete = false; return }
+                pairs[operation * 100 + field, default: []].append(pair)
             }
         }
     }
@@ -56,14 +61,17 @@ public struct WireContexts: Sendable {
         pairs[operation * 100 + field] ?? []
     }
 
-    static func entry(_ bytes: UnsafeRawBufferPointer) -> WirePair {
+    /// A map entry `{1: key, 2: value}`; nil when it is not one a protobuf parser reads the same.
+    static func entry(_ bytes: UnsafeRawBufferPointer) -> WirePair? {
         var reader = WireReader(bytes)
         var key: [UInt8] = [], value: [UInt8] = []
-        while let (field, wireType) = reader.tag() {
-            if wireType == 2, field == 1 || field == 2, let b = reader.lengthDelimited() {
+        while reader.offset < reader.bytes.count {
+            guard let (field, wireType) = reader.tag() else { return nil }
+            if field == 1 || field == 2 {
+                guard wireType == 2, let b = reader.lengthDelimited() else { return nil }
                 if field == 1 { key = Array(b) } else { value = Array(b) }
-            } else if !reader.skip(wireType) {
-                break
+            } else if !reader.skip(wireType, field: field) {
+                return nil
             }
         }
         return WirePair(key: key, value: value)
@@ -103,12 +111,21 @@ struct WireReader {
         return slice
     }
 
-    /// Skips a field's value; false when it cannot (malformed or an unsupported group).
-    mutating func skip(_ wireType: Int) -> Bool {
+    /// Skips a field's value, groups included (as protobuf parsers skip unknown fields);
+    /// false when the bytes are malformed.
+    mutating func skip(_ wireType: Int, field: Int = 0, depth: Int = 0) -> Bool {
         switch wireType {
         case 0: return varint() != nil
         case 1: guard bytes.count - offset >= 8 else { return false }; offset += 8; return true
         case 2: return lengthDelimited() != nil
+        case 3:
+            // A group: fields up to the end-group tag of the same number.
+            guard depth < 64 else { return false }
+            while let (inner, innerType) = tag() {
+                if innerType == 4 { return inner == field }
+                if !skip(innerType, field: inner, depth: depth + 1) { return false }
+            }
+            return false
         case 5: guard bytes.count - offset >= 4 else { return false }; offset += 4; return true
         default: return false
         }

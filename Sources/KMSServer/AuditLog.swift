@@ -16,6 +16,8 @@ struct AuditRecord: Sendable {
     var error: KMSErrorCode?
     var details = AuditDetails()
     var durationMicros: UInt64 = 0
+    /// A ThrottledRequests summary: how many requests it stands for.
+    var throttledCount: Int? = nil
 
     var fields: [String] {
         let verb = result == .allowed ? "allowed" : (result == .denied ? "denied" : "failed")
@@ -43,6 +45,10 @@ struct AuditRecord: Sendable {
             "KMS_ENCRYPTION_CONTEXT=\(details.contextKeys)",
             "KMS_DURATION_US=\(durationMicros)",
         ]
+        if let throttledCount {
+            fields[0] = "MESSAGE=\(throttledCount) further requests by uid \(principal.uid) (\(principal.userName)) were throttled within one second (counted here, not recorded one by one)"
+            fields.append("KMS_THROTTLED_COUNT=\(throttledCount)")
+        }
         if !details.integrityFailures.isEmpty {
             fields.append("KMS_INTEGRITY_FAILURES=\(details.integrityFailures.joined(separator: ","))")
         }
@@ -75,7 +81,7 @@ final class AuditLog: Sendable {
     let timeoutMilliseconds: Int32
     private let state: Mutex<JournalSocket>
 
-    init(failClosed: Bool, timeoutMilliseconds: Int = 1000, socketPath: String = AuditLog.journalSocket) {
+    init(failClosed: Bool, timeoutMilliseconds: Int = 250, socketPath: String = AuditLog.journalSocket) {
         self.failClosed = failClosed
         self.timeoutMilliseconds = Int32(clamping: timeoutMilliseconds)
         let id = (try? SecureRandom.bytes(16)) ?? []

@@ -325,6 +325,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         closing = true
+        for case .frame(let frame) in waiting {
+            frame.withUnsafeReadableBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) }
+        }
         waiting.removeAll()
         onClose()
         context.fireChannelInactive()
@@ -385,12 +388,23 @@ final class TurnScheduler: @unchecked Sendable {
         loop.scheduleTask(in: .microseconds(20)) { self.round() }
     }
 
+    /// Most time one round may take; connections it did not reach go first next round. So
+    /// however many connections flood a loop, it polls for I/O at least this often.
+    static let roundBudgetNanoseconds: UInt64 = 2_000_000
+
     private func round() {
         // `scheduled` stays set while the round runs: what the round defers goes to the next
         // round, scheduled only once this one has ended.
-        let now = pending
+        let due = pending
         pending = []
-        for body in now { body() }
+        let start = RequestRateLimiter.nowNanoseconds()
+        var ran = 0
+        for body in due {
+            body()
+            ran += 1
+            if RequestRateLimiter.nowNanoseconds() &- start >= Self.roundBudgetNanoseconds { break }
+        }
+        if ran < due.count { pending = Array(due[ran...]) + pending }
         scheduled = false
         scheduleIfNeeded()
     }

@@ -1,4 +1,5 @@
 import Glibc
+import KMSCore
 import Synchronization
 
 /// Counts open connections in total and per uid, refusing those over the configured limits.
@@ -82,5 +83,52 @@ final class RequestRateLimiter: Sendable {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+}
+
+/// Per uid, which throttled requests get a record of their own (the first in each second) and
+/// how many more there were, for one summary record per uid per second.
+final class ThrottleLog: Sendable {
+    struct Summary: Sendable {
+        let principal: Principal
+        let count: Int
+    }
+
+    private struct Window {
+        var second: UInt64
+        var principal: Principal
+        var suppressed: Int
+    }
+
+    private let windows = Mutex<[UInt32: Window]>([:])
+
+    /// Notes a throttled request: whether to record it individually, and any summaries of
+    /// earlier seconds of this uid that are now complete.
+    func note(uid: UInt32, principal: Principal) -> (recordThis: Bool, summaries: [Summary]) {
+        let second = RequestRateLimiter.nowNanoseconds() / 1_000_000_000
+        return windows.withLock { w in
+            if var window = w[uid], window.second == second {
+                window.suppressed += 1
+                window.principal = principal
+                w[uid] = window
+                return (false, [])
+            }
+            let ended = w[uid].flatMap { $0.suppressed > 0 ? Summary(principal: $0.principal, count: $0.suppressed) : nil }
+            w[uid] = Window(second: second, principal: principal, suppressed: 0)
+            return (true, ended.map { [$0] } ?? [])
+        }
+    }
+
+    /// Summaries of every second that has ended, forgetting those windows.
+    func flush() -> [Summary] {
+        let second = RequestRateLimiter.nowNanoseconds() / 1_000_000_000
+        return windows.withLock { w in
+            var out: [Summary] = []
+            for (uid, window) in w where window.second < second {
+                if window.suppressed > 0 { out.append(Summary(principal: window.principal, count: window.suppressed)) }
+                w[uid] = nil
+            }
+            return out
+        }
     }
 }

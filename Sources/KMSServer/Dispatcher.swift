@@ -38,9 +38,22 @@ struct HandlerContext: Sendable {
 
     /// The pairs of one context field as sent (duplicates and byte-distinct spellings kept);
     /// from the decoded map when the request did not come off the wire.
-    func context(operation: Int, field: Int, decoded: [String: String]) -> [WirePair] {
-        if let contexts { return contexts.context(operation: operation, field: field) }
-        return decoded.map { WirePair(key: Array($0.key.utf8), value: Array($0.value.utf8)) }
+    ///
+    /// Throws ValidationException when the wire scan and the protobuf decoder disagree (a
+    /// structure one of them reads differently): a context is never bound half-read.
+    func context(operation: Int, field: Int, decoded: [String: String]) throws(KMSError) -> [WirePair] {
+        guard let contexts else { return decoded.map { WirePair(key: Array($0.key.utf8), value: Array($0.value.utf8)) } }
+        let pairs = contexts.context(operation: operation, field: field)
+        // Every decoded pair must be among the scanned ones, which the decoder can only have
+        // collapsed (repeated or canonically equal keys), never added to or changed.
+        var last: [String: [UInt8]] = [:]
+        for p in pairs { last[String(decoding: p.key, as: UTF8.self)] = p.value }
+        let consistent = contexts.complete && last.count == decoded.count
+            && decoded.allSatisfy { last[$0.key] == Array($0.value.utf8) }
+        guard consistent else {
+            throw KMSError(.validation, "the encryption context could not be read unambiguously (malformed or unusual protobuf encoding); send each pair as a map entry {1: key, 2: value}")
+        }
+        return pairs
     }
 }
 
@@ -79,6 +92,7 @@ final class Dispatcher: Sendable {
     let audit: AuditLog
     let settings: ServerSettings
     let rateLimiter: RequestRateLimiter
+    let throttleLog = ThrottleLog()
 
     init(service: KeyService, audit: AuditLog, settings: ServerSettings,
          rateLimiter: RequestRateLimiter = RequestRateLimiter(rate: 0, burst: 0)) {
@@ -140,8 +154,54 @@ final class Dispatcher: Sendable {
         switch decoded {
         case .success(let request): return handle(request.message, contexts: request.contexts, principal: principal)
         case .failure(let error):
+            guard rateLimiter.allow(uid: principal.uid) else {
+                return throttled(id: KMSProtocolConstants.connectionErrorRequestID, action: "Unknown", principal: principal)
+            }
             auditRejected(action: "Unknown", principal: principal, error: error)
             return Outgoing(response: .failure(id: KMSProtocolConstants.connectionErrorRequestID, error))
+        }
+    }
+
+    /// Answers a request over its uid's rate. The first such request of a uid in each second is
+    /// audited on its own; the rest of that second are counted into one summary record (so a
+    /// flood cannot turn into a flood of audit records), written when the uid's next throttled
+    /// request comes in a later second or by `flushThrottleSummaries` once a second.
+    func throttled(id: UInt64, action: String, principal: Principal) -> Outgoing {
+        let failure = KMSError(.throttling, "uid \(principal.uid) is over its request rate (maxRequestsPerSecondPerUid \(Int(rateLimiter.rate))); retry with exponential backoff")
+        let (recordThis, summaries) = throttleLog.note(uid: principal.uid, principal: principal)
+        for summary in summaries { writeThrottleSummary(summary) }
+        if recordThis {
+            var record = AuditRecord(action: action, requestID: id, principal: principal, result: .failed)
+            record.error = .throttling
+            if !audit.write(record), audit.failClosed {
+                return Outgoing(response: .failure(id: id, KMSError(.auditUnavailable, "the audit record could not be handed to journald, so the request was refused; check that systemd-journald is running and keeping up")))
+            }
+        }
+        return Outgoing(response: .failure(id: id, failure))
+    }
+
+    /// Writes the summaries of seconds that have ended; called once a second.
+    func flushThrottleSummaries() {
+        for summary in throttleLog.flush() { writeThrottleSummary(summary) }
+    }
+
+    private func writeThrottleSummary(_ s: ThrottleLog.Summary) {
+        var record = AuditRecord(action: "ThrottledRequests", requestID: KMSProtocolConstants.connectionErrorRequestID,
+                                 principal: s.principal, result: .failed)
+        record.error = .throttling
+        record.throttledCount = s.count
+        if !audit.write(record) {
+            StandardError.write("kmsd: WARNING: the summary of \(s.count) throttled requests of uid \(s.principal.uid) could not be audited\n")
+        }
+    }
+
+    /// Zeroes the secret a request carried (an Encrypt plaintext) where SwiftProtobuf put it,
+    /// whatever became of the request. Through a read-only view on purpose: a mutating one
+    /// would copy the shared storage and zero only the copy. (Swift keeps payloads of 14 bytes
+    /// or less inside the Data value itself; those copies are beyond reach here.)
+    static func zeroSecrets(of request: KMSRequest) {
+        if case .encrypt(let r)? = request.operation {
+            r.plaintext.withUnsafeBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) }
         }
     }
 
@@ -156,21 +216,22 @@ final class Dispatcher: Sendable {
 
     /// Handles one request end to end; the audit record is written before this returns.
     func handle(_ request: KMSRequest, contexts: WireContexts? = nil, principal: Principal) -> Outgoing {
+        defer { Self.zeroSecrets(of: request) }
         let start = DispatchTime.now().uptimeNanoseconds
         var details = AuditDetails()
         var secret: ResponseSecret? = nil
         let outcome: Result<OperationResult, KMSError>
-        let action: String
+        let action = request.operation?.name ?? "Unknown"
+        // Every request takes a token, whatever it asks; a throttled one does nothing else.
+        guard rateLimiter.allow(uid: principal.uid) else {
+            return throttled(id: request.id, action: action, principal: principal)
+        }
         if let op = request.operation {
-            action = op.name
-            if !rateLimiter.allow(uid: principal.uid) {
-                outcome = .failure(KMSError(.throttling, "uid \(principal.uid) is over its request rate (maxRequestsPerSecondPerUid \(Int(rateLimiter.rate))); retry with exponential backoff"))
-            } else {
+            do {
                 let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts)
                 do throws(KMSError) { outcome = .success(try Self.route(op, ctx, &details, &secret)) } catch { outcome = .failure(error) }
             }
         } else {
-            action = "Unknown"
             outcome = .failure(KMSError(.unsupportedOperation,
                 "this server does not support the requested operation (protocol version \(KMSProtocolConstants.protocolVersion)); send Hello to list the operations it supports"))
         }

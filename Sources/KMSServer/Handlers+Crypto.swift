@@ -17,11 +17,10 @@ enum CryptoHandlers {
 
     static func encrypt(_ r: Kmsd_V1_EncryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_EncryptResponse {
         d.keyID = AuditDetails.keyID(requested: r.keyID)
-        let pairs = ctx.context(operation: 30, field: 3, decoded: r.encryptionContext)
+        let pairs = try ctx.context(operation: 30, field: 3, decoded: r.encryptionContext)
         d.contextKeys = EncryptionContext.auditKeys(pairs: pairs)
         try checkAlgorithm(r.encryptionAlgorithm)
-        // The request's plaintext is used where SwiftProtobuf put it and zeroed after.
-        defer { r.plaintext.withUnsafeBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) } }
+        // The request's plaintext is used where SwiftProtobuf put it (Dispatcher zeroes it).
         let context = try EncryptionContext(pairs: pairs)
         let sealed: KeyService.Sealed
         do {
@@ -41,7 +40,7 @@ enum CryptoHandlers {
     static func decrypt(_ r: Kmsd_V1_DecryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails,
                         _ secret: inout ResponseSecret?) throws(KMSError) -> Kmsd_V1_DecryptResponse {
         noteBlob(Array(r.ciphertextBlob), into: &d)
-        let pairs = ctx.context(operation: 31, field: 2, decoded: r.encryptionContext)
+        let pairs = try ctx.context(operation: 31, field: 2, decoded: r.encryptionContext)
         d.contextKeys = EncryptionContext.auditKeys(pairs: pairs)
         try checkAlgorithm(r.encryptionAlgorithm)
         let opened = try ctx.service.decrypt(blob: Array(r.ciphertextBlob), context: EncryptionContext(pairs: pairs), keyID: r.keyID, caller: ctx.principal)
@@ -60,8 +59,8 @@ enum CryptoHandlers {
         d.sourceKeyVersion = d.keyVersion
         d.keyID = AuditDetails.keyID(requested: r.destinationKeyID)
         d.keyVersion = nil
-        let source = ctx.context(operation: 32, field: 2, decoded: r.sourceEncryptionContext)
-        let destination = ctx.context(operation: 32, field: 5, decoded: r.destinationEncryptionContext)
+        let source = try ctx.context(operation: 32, field: 2, decoded: r.sourceEncryptionContext)
+        let destination = try ctx.context(operation: 32, field: 5, decoded: r.destinationEncryptionContext)
         d.contextKeys = EncryptionContext.auditKeys(pairs: destination)
         d.sourceContextKeys = EncryptionContext.auditKeys(pairs: source)
         let result = try ctx.service.reEncrypt(blob: Array(r.ciphertextBlob), sourceContext: EncryptionContext(pairs: source),
@@ -92,7 +91,7 @@ enum CryptoHandlers {
     static func generateDataKey(_ r: Kmsd_V1_GenerateDataKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails,
                                 _ secret: inout ResponseSecret?) throws(KMSError) -> Kmsd_V1_GenerateDataKeyResponse {
         let result = try dataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes,
-                                 context: ctx.context(operation: 33, field: 4, decoded: r.encryptionContext), ctx, &d)
+                                 context: try ctx.context(operation: 33, field: 4, decoded: r.encryptionContext), ctx, &d)
         secret = ResponseSecret(operationField: 33, field: 2, bytes: result.plaintext)
         return .with {
             $0.ciphertextBlob = .init(result.sealed.blob)
@@ -103,7 +102,7 @@ enum CryptoHandlers {
     static func generateDataKeyWithoutPlaintext(_ r: Kmsd_V1_GenerateDataKeyWithoutPlaintextRequest, _ ctx: HandlerContext,
                                                 _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse {
         let result = try dataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes,
-                                 context: ctx.context(operation: 34, field: 4, decoded: r.encryptionContext), ctx, &d)
+                                 context: try ctx.context(operation: 34, field: 4, decoded: r.encryptionContext), ctx, &d)
         return .with {
             $0.ciphertextBlob = .init(result.sealed.blob)
             $0.keyID = result.sealed.keyID.description

@@ -102,7 +102,8 @@ enum PeerCredentials {
         if !raw.pidfdFromSocket {
             // pidfd_open(pid) may have found a newer process that reused the pid: it must have
             // started no later than the connection was accepted.
-            guard let started = startTicks(pid: pid), started <= raw.acceptedAtTicks else {
+            // Strictly earlier: start times have clock-tick (10 ms) resolution; a tie is not proof.
+            guard let started = startTicks(pid: pid), started < raw.acceptedAtTicks else {
                 return .failure(Unverified(description: "pid \(pid) now belongs to a process started after the connection (pid reused)"))
             }
         }

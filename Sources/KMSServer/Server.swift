@@ -90,6 +90,10 @@ public final class Server: @unchecked Sendable {
         _ = sd_notify(0, "READY=1\nSTATUS=\(status)")
         StandardError.write("kmsd: ready: \(status)\n")
         startWatchdog()
+        let dispatcher = self.dispatcher
+        group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
+            dispatcher.flushThrottleSummaries()
+        }
 
         let terminate = DispatchSemaphore(value: 0)
         var sources: [DispatchSourceSignal] = []
@@ -155,7 +159,7 @@ public final class Server: @unchecked Sendable {
                             dispatcher.auditRejected(action: "Unknown", principal: principal, error: failure)
                         }.whenComplete { _ in channel.close(promise: nil) }
                     },
-                    ByteToMessageHandler(FrameDecoder(maxFrameBytes: c.maxFrameBytes)),
+                    FrameReader(maxFrameBytes: c.maxFrameBytes),
                     ConnectionHandler(principal: principal, dispatcher: self.dispatcher, pool: self.pool,
                                       maxInFlight: c.maxInFlightPerConnection, tracker: self.tracker,
                                       turns: self.turns[ObjectIdentifier(channel.eventLoop)] ?? TurnScheduler(loop: channel.eventLoop), onClose: release),
@@ -187,11 +191,10 @@ public final class Server: @unchecked Sendable {
             }
         }
         let dir = (path as NSString).deletingLastPathComponent
-        if lstat(dir, &st) != 0 {
-            guard mkdir(dir, 0o755) == 0 || errno == EEXIST, chmod(dir, 0o755) == 0 else {
-                throw ConfigurationError("cannot create socket directory \(dir): \(String(cString: strerror(errno)))")
-            }
-        }
+        if lstat(dir, &st) != 0 { try StateDirectory.make(dir, finalMode: 0o755) }
+        // Nobody else may write the socket's directory (unless it is sticky, like /tmp): whoever
+        // could would be able to swap the private directory below for one of their own.
+        try StateDirectory.checkTrusted(dir, what: "socket directory", stickyWritableOK: true)
         var template = Array((dir + "/.kmsd-XXXXXX").utf8CString)
         guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
             throw ConfigurationError("cannot create a private directory in \(dir) to bind the socket: \(String(cString: strerror(errno)))")

@@ -36,7 +36,7 @@ public struct ServerConfiguration: Sendable, Equatable {
     /// Seconds a connection may take to complete a frame once its first byte arrived.
     public var frameTimeoutSeconds = 10
     /// Milliseconds a request waits for journald to take its audit record before it fails.
-    public var auditTimeoutMilliseconds = 1000
+    public var auditTimeoutMilliseconds = 250
 
     public init() {}
 

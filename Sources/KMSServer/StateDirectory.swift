@@ -5,7 +5,9 @@ import Glibc
 /// one daemon at a time uses them.
 enum StateDirectory {
     /// Creates `path` (mode 0700) and any missing parent (mode 0755), independent of the umask.
-    static func make(_ path: String) throws {
+    /// The mode is set through a descriptor opened without following links, so a directory
+    /// swapped for a symlink between mkdir and chmod cannot redirect the chmod.
+    static func make(_ path: String, finalMode: mode_t = 0o700) throws {
         var components: [String] = []
         var prefix = path.hasPrefix("/") ? "" : "."
         for part in path.split(separator: "/") {
@@ -13,14 +15,17 @@ enum StateDirectory {
             components.append(prefix)
         }
         for (i, dir) in components.enumerated() {
-            let mode: mode_t = i == components.count - 1 ? 0o700 : 0o755
+            let mode: mode_t = i == components.count - 1 ? finalMode : 0o755
             var st = stat()
             if lstat(dir, &st) == 0 { continue }
-            guard mkdir(dir, mode) == 0 || errno == EEXIST else {
+            guard mkdir(dir, mode) == 0 else {
                 throw ConfigurationError("cannot create directory \(dir): \(String(cString: strerror(errno)))")
             }
-            // mkdir applies the umask; set the mode we mean.
-            guard chmod(dir, mode) == 0 else { throw ConfigurationError("cannot set the mode of \(dir)") }
+            // mkdir applies the umask; set the mode we mean, on what we just made.
+            let fd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+            guard fd >= 0 else { throw ConfigurationError("\(dir) changed while kmsd created it: \(String(cString: strerror(errno)))") }
+            defer { close(fd) }
+            guard fchmod(fd, mode) == 0 else { throw ConfigurationError("cannot set the mode of \(dir)") }
         }
         var st = stat()
         guard lstat(path, &st) == 0, st.st_mode & S_IFMT == S_IFDIR else {
@@ -31,7 +36,7 @@ enum StateDirectory {
     /// Refuses to go on unless `path` belongs to kmsd's uid or root and nobody else can write
     /// it, nor any directory above it (others may write one only with the sticky bit, as /tmp
     /// has).
-    static func checkTrusted(_ path: String, what: String) throws {
+    static func checkTrusted(_ path: String, what: String, stickyWritableOK: Bool = false) throws {
         let me = geteuid()
         func check(_ p: String, isTarget: Bool) throws {
             var st = stat()
@@ -42,7 +47,7 @@ enum StateDirectory {
             }
             let writableByOthers = mode & 0o022 != 0
             let sticky = mode & 0o1000 != 0 && st.st_mode & S_IFMT == S_IFDIR
-            if writableByOthers && (isTarget || !sticky) {
+            if writableByOthers && ((isTarget && !stickyWritableOK) || !sticky) {
                 throw ConfigurationError("\(what) \(p) is writable by group or others (mode \(String(mode, radix: 8))): anyone who can write it could plant or replace kmsd's files. Fix: chmod go-w \(p)")
             }
         }

@@ -75,7 +75,7 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("frame-timeout"), help: ArgumentHelp("Seconds a client may take to send a whole frame once it started one. Default 10.", valueName: "s"))
     var frameTimeout: Int?
 
-    @Option(name: .customLong("audit-timeout-ms"), help: ArgumentHelp("Milliseconds to wait for journald to take an audit record before the request fails. Default 1000.", valueName: "ms"))
+    @Option(name: .customLong("audit-timeout-ms"), help: ArgumentHelp("Milliseconds to wait for journald to take an audit record before the request fails. Default 250.", valueName: "ms"))
     var auditTimeoutMilliseconds: Int?
 
     @Option(name: .customLong("event-loops"), help: ArgumentHelp("Event-loop threads serving connections. Default: one per core.", valueName: "n"))

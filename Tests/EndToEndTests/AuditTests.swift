@@ -93,4 +93,27 @@ struct AuditTests {
         let keys = try await daemon.client().listKeys(limit: 100)
         #expect(keys.keys.isEmpty, "a CreateKey refused for want of audit must not leave a key")
     }
+
+    /// A flood over the rate limit: each throttled request is answered, the first of each second
+    /// is recorded on its own and the rest are counted in one summary, and the counts add up.
+    @Test func throttledRequestsAreSummarisedNotRecordedOneByOne() throws {
+        try Journal.ensureRunning()
+        let daemon = try Daemon(arguments: ["--max-requests-per-second-per-uid", "10", "--request-burst-per-uid", "10"])
+        defer { daemon.stop() }
+        let raw = try RawConnection(path: daemon.socket)
+        let total = 200
+        for id in 1...total { try raw.send(.with(id: UInt64(id), .generateRandom(.with { $0.numberOfBytes = 4 }))) }
+        var throttled = 0
+        for _ in 1...total where try raw.receive()?.kmsError?.code == .throttling { throttled += 1 }
+        #expect(throttled >= total - 30, "most of the flood is over the rate (\(throttled) throttled)")
+        sleep(3)  // the summary timer runs once a second
+        let records = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: 2)
+        let individual = records.filter { $0["KMS_ACTION"] as? String == "GenerateRandom" && $0["KMS_ERROR"] as? String == "ThrottlingException" }
+        let summaries = records.filter { $0["KMS_ACTION"] as? String == "ThrottledRequests" }
+        let summarised = summaries.compactMap { ($0["KMS_THROTTLED_COUNT"] as? String).flatMap(Int.init) }.reduce(0, +)
+        #expect(!summaries.isEmpty)
+        #expect(individual.count <= 3, "one record on its own per uid per second, not \(individual.count)")
+        #expect(individual.count + summarised == throttled, "every throttled request is accounted for")
+        #expect(summaries.allSatisfy { $0["KMS_PEER_UID"] as? String == "\(getuid())" && $0["KMS_ERROR"] as? String == "ThrottlingException" })
+    }
 }

@@ -140,9 +140,28 @@ struct MemoryTests {
             _ = try await c.decrypt(ciphertextBlob: Array(b.ciphertextBlob))
             _ = try await c.generateRandom(numberOfBytes: 32)
         }
-        let counts = try Self.countCopies(of: [plaintext, Array(dataKey.plaintext)], inProcess: daemon.pid)
+        // Pipelined Encrypts whose frames are split across reads (the receive buffer then holds
+        // several frames, and parts of frames, at once).
+        let raw = try RawConnection(path: daemon.socket)
+        var pipelined: [[UInt8]] = []
+        var stream: [UInt8] = []
+        for id in 1...20 {
+            let p = try [UInt8](SecureRandomBytes(48))
+            pipelined.append(p)
+            stream += RawConnection.frame(try KMSRequest.with(id: UInt64(id), .encrypt(.with {
+                $0.keyID = key.keyID; $0.plaintext = Data(p)
+            })).serializedBytes())
+        }
+        for chunk in stride(from: 0, to: stream.count, by: 333) {
+            raw.send(Array(stream[chunk..<min(chunk + 333, stream.count)]))
+            usleep(2_000)
+        }
+        for _ in 1...20 { #expect(try raw.receive()?.kmsError == nil) }
+        for i in 0..<100 { _ = try await (i % 2 == 0 ? client : daemon.client()).generateRandom(numberOfBytes: 32) }
+        let counts = try Self.countCopies(of: [plaintext, Array(dataKey.plaintext)] + pipelined, inProcess: daemon.pid)
         #expect(counts[0] == 0, "\(counts[0]) copies of a decrypted plaintext remain in kmsd's memory")
         #expect(counts[1] == 0, "\(counts[1]) copies of a returned data key remain in kmsd's memory")
+        #expect(counts[2...].allSatisfy { $0 == 0 }, "copies of pipelined plaintexts remain: \(Array(counts[2...]))")
         // The search works: the key's description, which kmsd keeps in its cache, is found.
         #expect(try Self.countCopies(of: [Array(probe.utf8)], inProcess: daemon.pid)[0] > 0)
     }

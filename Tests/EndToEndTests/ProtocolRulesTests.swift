@@ -100,4 +100,30 @@ final class ProtocolRulesTests {
         let back = try await daemon.client().decrypt(ciphertextBlob: Array(e.ciphertextBlob), context: ["a": "1", "b": "2"])
         #expect(Array(back.plaintext) == Array("secret".utf8))
     }
+
+    /// An unknown group field (wire types 3/4, which protobuf parsers skip) must not make the
+    /// context scan give up: the context is bound, not silently dropped.
+    @Test func anUnknownGroupDoesNotLoseTheContext() async throws {
+        let key = try await daemon.client().createKey()
+        let raw = try RawConnection(path: daemon.socket)
+        let group = Self.varint(99 << 3 | 3) + [0x08, 0x01] + Self.varint(99 << 3 | 4)
+        let body = Self.field(1, key.keyID) + Self.field(2, "secret") + Self.field(3, Self.entry("tenant", "a"))
+        raw.send(RawConnection.frame([0x08, 0x07] + group + Self.field(30, body)))
+        let r = try #require(try raw.receive())
+        guard case .encrypt(let e)? = r.result else { Issue.record("\(r)"); return }
+        let client = daemon.client()
+        await expectKMSError(.invalidCiphertext) { try await client.decrypt(ciphertextBlob: Array(e.ciphertextBlob)) }
+        let back = try await client.decrypt(ciphertextBlob: Array(e.ciphertextBlob), context: ["tenant": "a"])
+        #expect(Array(back.plaintext) == Array("secret".utf8))
+    }
+
+    /// A map entry whose key is not length-delimited is read differently by parsers: refused.
+    @Test func aContextEntryParsersCouldReadDifferentlyIsRefused() async throws {
+        let key = try await daemon.client().createKey()
+        let raw = try RawConnection(path: daemon.socket)
+        let oddEntry: [UInt8] = [0x08, 0x05] + Self.field(2, "v")  // key as a varint
+        raw.send(Self.request(id: 8, operation: 30, Self.field(1, key.keyID) + Self.field(2, "secret") + Self.field(3, oddEntry)))
+        let r = try #require(try raw.receive())
+        #expect(r.kmsError?.code == .validation, "\(r)")
+    }
 }

@@ -108,6 +108,17 @@ struct StartupTests {
         #expect(file.status == 1 && file.stderr.contains("exists and is not a socket"), "\(file.stderr)")
     }
 
+    @Test func aSocketDirectoryOthersCanWriteIsRefused() throws {
+        let dir = try Paths.tempDir("opensock")
+        mkdir(dir + "/run", 0o777)
+        chmod(dir + "/run", 0o777)
+        let r = try start(["--dev", "--state-dir", dir + "/state", "--socket", dir + "/run/k.sock"])
+        #expect(r.status == 1 && r.stderr.contains("socket directory \(dir)/run is writable by group or others"), "\(r.stderr)")
+        chmod(dir + "/run", 0o1777)
+        let sticky = try start(["--dev", "--state-dir", dir + "/state2", "--socket", dir + "/run/k.sock"])
+        #expect(sticky.stderr.contains("kmsd: ready"), "\(sticky.stderr)")
+    }
+
     @Test func maxConnectionsMustFitTheFileLimit() throws {
         let dir = try Paths.tempDir("nofile")
         let r = try run("/usr/bin/prlimit", ["--nofile=256:256", Paths.kmsd, "--dev", "--state-dir", dir + "/state", "--max-connections", "1024"])

@@ -103,7 +103,7 @@ struct ConfigurationTests {
         #expect(c.effectiveSocketPath == "/run/kmsd/kmsd.sock")
         #expect(c.socketMode == 0o666)
         #expect(c.maxRequestsPerSecondPerUID == 10_000 && c.requestBurstPerUID == 20_000)
-        #expect(c.effectiveAdminReservedConnections == 16 && c.frameTimeoutSeconds == 10 && c.auditTimeoutMilliseconds == 1000)
+        #expect(c.effectiveAdminReservedConnections == 16 && c.frameTimeoutSeconds == 10 && c.auditTimeoutMilliseconds == 250)
     }
 
     @Test(arguments: [
