@@ -42,9 +42,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
         case frame(ByteBuffer)
         case decoded(Result<IncomingRequest, KMSError>)
 
-        /// Decodes a frame, then zeroes its bytes where they are in the receive buffer (an
-        /// Encrypt plaintext, say); the buffer has consumed them, and a mutating accessor
-        /// would zero a copy.
+        /// Decodes a frame, then zeroes it (it may hold an Encrypt plaintext). The frame is
+        /// FrameReader's own buffer; zeroed through a read-only view, as a mutating one would
+        /// zero a copy if the storage were shared.
         var request: Result<IncomingRequest, KMSError> {
             switch self {
             case .decoded(let r): return r
