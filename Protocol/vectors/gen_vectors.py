@@ -665,9 +665,10 @@ def build_frames(valid_ciphertexts):
                  fixed_bytes("nonce/generate-data-key", 12), dk_ctx, data_key)
     assert decrypt(MATERIAL[(KEY_A, 1)], dk["blob"], dk_ctx)[1] == data_key
 
-    operations = ["Hello", "WhoAmI", "CreateKey", "DescribeKey", "ListKeys", "Encrypt",
-                  "Decrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
-                  "GenerateRandom"]
+    operations = ["Hello", "WhoAmI", "CreateKey", "DescribeKey", "ListKeys", "EnableKey",
+                  "DisableKey", "ScheduleKeyDeletion", "CancelKeyDeletion",
+                  "UpdateKeyDescription", "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
+                  "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
     metadata = {
         "key_id": KEY_A,
         "arn": "kmsd:key/" + KEY_A,
@@ -683,6 +684,11 @@ def build_frames(valid_ciphertexts):
         "owner_uid": 0,                # created by root: 0 is the default and is not encoded
         "current_key_version": 1,
     }
+    # The same key after ScheduleKeyDeletion with a 7-day window, as DescribeKey shows it:
+    # `enabled` false (so not encoded), deletion date and window set (fields 14 and 15).
+    deletion_date = metadata["creation_date"] + 7 * 86400
+    pending_metadata = dict(metadata, enabled=False, key_state="PendingDeletion",
+                            deletion_date=deletion_date, pending_deletion_window_in_days=7)
     R, S = "request", "response"
     vectors = [
         ("hello-request", R, {"id": 1, "hello": {"protocol_version": 1,
@@ -731,6 +737,28 @@ def build_frames(valid_ciphertexts):
         ("connection-error-response", S, {"error": {
             "code": "ValidationException",
             "message": "frame length 16777217 is outside 1...65536"}}),
+        ("enable-key-request", R, {"id": 11, "enable_key": {"key_id": KEY_A}}),
+        ("enable-key-response", S, {"id": 11, "enable_key": {}}),
+        ("disable-key-request", R, {"id": 12, "disable_key": {"key_id": KEY_A}}),
+        ("disable-key-response", S, {"id": 12, "disable_key": {}}),
+        ("schedule-key-deletion-request", R, {"id": 13, "schedule_key_deletion": {
+            "key_id": KEY_A, "pending_window_in_days": 7}}),
+        ("schedule-key-deletion-response", S, {"id": 13, "schedule_key_deletion": {
+            "key_id": KEY_A, "deletion_date": deletion_date, "key_state": "PendingDeletion",
+            "pending_window_in_days": 7}}),
+        ("describe-key-request", R, {"id": 14, "describe_key": {"key_id": "kmsd:key/" + KEY_A}}),
+        ("describe-key-response-pending-deletion", S, {"id": 14, "describe_key": {
+            "key_metadata": pending_metadata}}),
+        ("cancel-key-deletion-request", R, {"id": 15, "cancel_key_deletion": {"key_id": KEY_A}}),
+        ("cancel-key-deletion-response", S, {"id": 15, "cancel_key_deletion": {"key_id": KEY_A}}),
+        ("update-key-description-request", R, {"id": 16, "update_key_description": {
+            "key_id": KEY_A, "description": "orders, retired 2023-11"}}),
+        ("update-key-description-response", S, {"id": 16, "update_key_description": {}}),
+        ("key-deleted-error-response", S, {"id": 17, "error": {
+            "code": "NotFoundException",
+            "message": "key 1234abcd-12ab-34cd-56ef-1234567890ab was deleted on "
+                       "2023-11-21T22:13:20Z; its material is gone and nothing encrypted under "
+                       "it can be decrypted"}}),
     ]
     out = []
     for name, direction, value in vectors:

@@ -31,6 +31,35 @@ extension KMSClient {
         return r.keyMetadata
     }
 
+    public func enableKey(keyID: String) async throws {
+        guard case .enableKey = try await send(.enableKey(.with { $0.keyID = keyID })) else { throw Self.mismatch }
+    }
+
+    public func disableKey(keyID: String) async throws {
+        guard case .disableKey = try await send(.disableKey(.with { $0.keyID = keyID })) else { throw Self.mismatch }
+    }
+
+    /// Schedules the key's deletion after `pendingWindowInDays` (7...30; 0 = 30).
+    public func scheduleKeyDeletion(keyID: String, pendingWindowInDays: UInt32 = 0) async throws -> Kmsd_V1_ScheduleKeyDeletionResponse {
+        guard case .scheduleKeyDeletion(let r) = try await send(.scheduleKeyDeletion(.with {
+            $0.keyID = keyID
+            $0.pendingWindowInDays = pendingWindowInDays
+        })) else { throw Self.mismatch }
+        return r
+    }
+
+    public func cancelKeyDeletion(keyID: String) async throws -> Kmsd_V1_CancelKeyDeletionResponse {
+        guard case .cancelKeyDeletion(let r) = try await send(.cancelKeyDeletion(.with { $0.keyID = keyID })) else { throw Self.mismatch }
+        return r
+    }
+
+    public func updateKeyDescription(keyID: String, description: String) async throws {
+        guard case .updateKeyDescription = try await send(.updateKeyDescription(.with {
+            $0.keyID = keyID
+            $0.description_p = description
+        })) else { throw Self.mismatch }
+    }
+
     public func describeKey(keyID: String) async throws -> Kmsd_V1_KeyMetadata {
         guard case .describeKey(let r) = try await send(.describeKey(.with { $0.keyID = keyID })) else { throw Self.mismatch }
         return r.keyMetadata

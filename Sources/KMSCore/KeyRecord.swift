@@ -47,6 +47,16 @@ public struct KeyRecord: Codable, Sendable, Equatable {
     public var currentVersion: UInt32
     public var tags: [Tag]
     public var origin: String
+    /// PendingDeletion only: when kmsd deletes the key, and the window that was asked for.
+    public var deletionDate: Date? = nil
+    public var pendingWindowInDays: UInt32? = nil
+}
+
+/// What remains of a deleted key: its id and when it was deleted, so a request naming it is
+/// told the key was deleted (NotFoundException) rather than that its blob is invalid.
+public struct KeyTombstone: Codable, Sendable, Equatable {
+    public var keyID: KeyID
+    public var deletedAt: Date
 }
 
 /// One version of a key's material, wrapped under the root-derived wrapping key.

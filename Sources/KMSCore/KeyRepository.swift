@@ -82,6 +82,49 @@ public final class KeyRepository: Sendable {
         cache.withLock { $0.put(record.keyID, CachedKey(record: record, versions: [1: material])) }
     }
 
+    /// Replaces a key's record (state, description, deletion date), durably, in one
+    /// transaction; the cache follows.
+    public func update(_ record: KeyRecord) throws {
+        let row = try seal(record, table: "keys", rowKey: record.keyID.description)
+        let due = record.state == .pendingDeletion ? record.deletionDate.map { Int64($0.timeIntervalSince1970.rounded(.up)) } : nil
+        try storage.updateKey(id: record.keyID.description, key: row, deletionDue: due)
+        cache.withLock { cache in
+            if var entry = cache.peek(record.keyID) {
+                entry.record = record
+                cache.put(record.keyID, entry)
+            }
+        }
+    }
+
+    /// Deletes a key for good: its record and every version's wrapped material go, in one
+    /// transaction with its tombstone; its cached material is zeroed.
+    /// Returns false (and changes nothing) when the key is no longer due at `time`.
+    public func destroy(_ id: KeyID, at time: Date) throws -> Bool {
+        let tombstone = try seal(KeyTombstone(keyID: id, deletedAt: time), table: "deleted_keys", rowKey: id.description)
+        guard try storage.destroyKey(id: id.description, dueBy: Int64(time.timeIntervalSince1970), tombstone: tombstone) else {
+            return false
+        }
+        cache.withLock { $0.remove(id) }
+        return true
+    }
+
+    /// The tombstone of a deleted key, or nil when the key was never deleted here.
+    public func tombstone(_ id: KeyID) throws(KMSError) -> KeyTombstone? {
+        let row: StoredRow?
+        do { row = try storage.tombstone(id: id.description) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+        guard let row else { return nil }
+        let tombstone: KeyTombstone = try open(row, table: "deleted_keys", rowKey: id.description)
+        guard tombstone.keyID == id else { throw Self.tampered(id) }
+        return tombstone
+    }
+
+    /// Keys pending deletion whose deletion time has come.
+    public func dueForDeletion(at time: Date) throws -> [KeyID] {
+        try storage.keysDueForDeletion(at: Int64(time.timeIntervalSince1970)).compactMap { try? KeyID(parsing: $0) }
+    }
+
     /// Removes a key and every version, from storage and the cache (whose material is zeroed).
     /// Used to undo a CreateKey whose audit record could not be written.
     public func delete(_ id: KeyID) throws {

@@ -11,9 +11,17 @@ public final class KeyService: Sendable {
     public let repository: KeyRepository
     public let administrators: Administrators
 
-    public init(repository: KeyRepository, administrators: Administrators) {
+    /// The time kmsd goes by (injectable, so tests can move it).
+    public let clock: @Sendable () -> Date
+    /// Seconds in a "day" of a deletion window: 86400, shorter only in development mode.
+    public let daySeconds: Int
+
+    public init(repository: KeyRepository, administrators: Administrators,
+                clock: @escaping @Sendable () -> Date = { Date() }, daySeconds: Int = 86_400) {
         self.repository = repository
         self.administrators = administrators
+        self.clock = clock
+        self.daySeconds = daySeconds
     }
 
     public func isAdministrator(_ p: Principal) -> Bool { administrators.contains(p) }
@@ -141,6 +149,112 @@ public final class KeyService: Sendable {
         return id
     }
 
+    // MARK: - Lifecycle
+
+    /// The outcome of a state change: the record before (to undo it) and after.
+    public struct Change: Sendable {
+        public let before: KeyRecord
+        public let after: KeyRecord
+    }
+
+    /// Enabled or Disabled → Enabled. KMSInvalidStateException when PendingDeletion or
+    /// PendingImport.
+    public func enableKey(_ keyID: String, caller: Principal) throws(KMSError) -> Change {
+        try change(keyID, caller: caller, action: "enable") { (r) throws(KMSError) in
+            guard r.state == .enabled || r.state == .disabled else { throw Self.invalidState(r, "enabled") }
+            r.state = .enabled
+        }
+    }
+
+    /// Enabled or Disabled → Disabled. KMSInvalidStateException when PendingDeletion or
+    /// PendingImport.
+    public func disableKey(_ keyID: String, caller: Principal) throws(KMSError) -> Change {
+        try change(keyID, caller: caller, action: "disable") { (r) throws(KMSError) in
+            guard r.state == .enabled || r.state == .disabled else { throw Self.invalidState(r, "disabled") }
+            r.state = .disabled
+        }
+    }
+
+    /// Any state but PendingDeletion → PendingDeletion, deleted by kmsd after `windowDays`
+    /// (7...30; 0 means 30) days.
+    public func scheduleKeyDeletion(_ keyID: String, windowDays: UInt32, caller: Principal) throws(KMSError) -> Change {
+        let days = windowDays == 0 ? KMSLimits.defaultPendingWindowDays : windowDays
+        guard KMSLimits.pendingWindowDays.contains(days) else {
+            throw KMSError(.validation, "PendingWindowInDays must be \(KMSLimits.pendingWindowDays.lowerBound)...\(KMSLimits.pendingWindowDays.upperBound)")
+        }
+        let now = clock()
+        return try change(keyID, caller: caller, action: "schedule for deletion") { (r) throws(KMSError) in
+            guard r.state != .pendingDeletion else {
+                throw KMSError(.invalidState, "key \(r.keyID) is already pending deletion (on \(Self.date(r.deletionDate))); cancel it first to change the window")
+            }
+            r.state = .pendingDeletion
+            r.pendingWindowInDays = days
+            r.deletionDate = Date(timeIntervalSince1970: (now.timeIntervalSince1970 + Double(Int(days) * daySeconds)).rounded(.up))
+        }
+    }
+
+    /// PendingDeletion → Disabled, as AWS KMS does.
+    public func cancelKeyDeletion(_ keyID: String, caller: Principal) throws(KMSError) -> Change {
+        try change(keyID, caller: caller, action: "cancel the deletion of") { (r) throws(KMSError) in
+            guard r.state == .pendingDeletion else {
+                throw KMSError(.invalidState, "key \(r.keyID) is \(r.state.rawValue), not pending deletion; there is nothing to cancel")
+            }
+            r.state = .disabled
+            r.deletionDate = nil
+            r.pendingWindowInDays = nil
+        }
+    }
+
+    /// A new description; not while PendingDeletion.
+    public func updateKeyDescription(_ keyID: String, description: String, caller: Principal) throws(KMSError) -> Change {
+        guard description.utf8.count <= KMSLimits.maxDescriptionBytes else {
+            throw KMSError(.validation, "Description is \(description.utf8.count) bytes; at most \(KMSLimits.maxDescriptionBytes) are allowed")
+        }
+        return try change(keyID, caller: caller, action: "describe") { (r) throws(KMSError) in
+            guard r.state != .pendingDeletion else { throw Self.invalidState(r, "described anew") }
+            r.description = description
+        }
+    }
+
+    /// Puts a record back as it was (undo of a change whose audit record was refused).
+    public func restore(_ record: KeyRecord) throws {
+        try repository.update(record)
+    }
+
+    /// Deletes every key whose deletion time has come; returns their ids.
+    public func deleteDueKeys() throws -> [KeyID] {
+        let now = clock()
+        var deleted: [KeyID] = []
+        for id in try repository.dueForDeletion(at: now) {
+            // Read the record again: a CancelKeyDeletion may have come in between.
+            guard let r = try? repository.record(id, caching: false), r.state == .pendingDeletion,
+                  let due = r.deletionDate, due <= now else { continue }
+            if try repository.destroy(id, at: now) { deleted.append(id) }
+        }
+        return deleted
+    }
+
+    private func change(_ keyID: String, caller: Principal, action: String,
+                        _ body: (inout KeyRecord) throws(KMSError) -> Void) throws(KMSError) -> Change {
+        let before = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
+        var after = before
+        try body(&after)
+        guard after != before else { return Change(before: before, after: after) }
+        do { try repository.update(after) } catch {
+            throw KMSError(.internalError, "the key could not be updated (\(error)); nothing was changed")
+        }
+        return Change(before: before, after: after)
+    }
+
+    static func invalidState(_ r: KeyRecord, _ wanted: String) -> KMSError {
+        KMSError(.invalidState, "key \(r.keyID) is \(r.state.rawValue) and cannot be \(wanted)\(r.state == .pendingDeletion ? "; cancel its deletion first" : "")")
+    }
+
+    static func date(_ d: Date?) -> String {
+        guard let d else { return "an unknown date" }
+        return ISO8601DateFormatter().string(from: d)
+    }
+
     // MARK: - Cryptographic operations
 
     public struct Sealed: Sendable {
@@ -176,7 +290,11 @@ public final class KeyService: Sendable {
                 throw KMSError(.incorrectKey, "the ciphertext was encrypted under another key than \(expected); omit KeyId or pass the right one")
             }
         }
-        guard let record = try repository.record(parsed.keyID) else { throw SymmetricCiphertext.invalid }
+        guard let record = try repository.record(parsed.keyID) else {
+            // A deleted key is named as such; a key id that never existed means a forged blob.
+            if let gone = try repository.tombstone(parsed.keyID) { throw Self.deleted(gone) }
+            throw SymmetricCiphertext.invalid
+        }
         try checkUsable(record, caller: caller, needsEnabled: true)
         guard let material = try repository.material(parsed.keyID, version: parsed.keyVersion) else {
             throw SymmetricCiphertext.invalid
@@ -255,8 +373,13 @@ public final class KeyService: Sendable {
         }
     }
 
+    static func deleted(_ t: KeyTombstone) -> KMSError {
+        KMSError(.notFound, "key \(t.keyID) was deleted on \(date(t.deletedAt)); its material is gone and nothing encrypted under it can be decrypted")
+    }
+
     private func usableRecord(_ id: KeyID, caller: Principal, needsEnabled: Bool) throws(KMSError) -> KeyRecord {
         guard let record = try repository.record(id) else {
+            if let gone = try repository.tombstone(id) { throw Self.deleted(gone) }
             throw KMSError(.notFound, "key \(id) does not exist; list keys with kmsctl list-keys")
         }
         try checkUsable(record, caller: caller, needsEnabled: needsEnabled)

@@ -17,6 +17,15 @@ public protocol KeyStorage: Sendable {
     /// Removes a key and all its versions atomically (undo of a CreateKey whose audit record
     /// could not be written).
     func deleteKey(id: String) throws
+    /// Replaces a key's record; `deletionDue` (Unix seconds) indexes keys pending deletion.
+    func updateKey(id: String, key: StoredRow, deletionDue: Int64?) throws
+    /// Deletes a key and every version and leaves its tombstone, in one transaction, if the
+    /// key is still due for deletion at `time` (Unix seconds); false when it is not (say, its
+    /// deletion was cancelled meanwhile).
+    func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow) throws -> Bool
+    func tombstone(id: String) throws -> StoredRow?
+    /// Ids of keys pending deletion whose deletion time is at or before `time` (Unix seconds).
+    func keysDueForDeletion(at time: Int64) throws -> [String]
     func key(id: String) throws -> StoredRow?
     func version(id: String, number: UInt32) throws -> StoredRow?
     /// Key ids in ascending order, strictly after `after` (nil = from the start); only those

@@ -34,6 +34,7 @@ public final class SQLiteKeyStorage: KeyStorage {
             "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
             "CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, record BLOB NOT NULL, mac BLOB NOT NULL, owner_uid INTEGER)",
             "CREATE TABLE IF NOT EXISTS key_versions (key_id TEXT NOT NULL REFERENCES keys(key_id), version INTEGER NOT NULL, record BLOB NOT NULL, mac BLOB NOT NULL, PRIMARY KEY (key_id, version))",
+            "CREATE TABLE IF NOT EXISTS deleted_keys (key_id TEXT PRIMARY KEY, record BLOB NOT NULL, mac BLOB NOT NULL)",
         ] {
             try Self.exec(conn, sql, path: path)
         }
@@ -43,7 +44,11 @@ public final class SQLiteKeyStorage: KeyStorage {
         if !columns.contains("owner_uid") {
             try Self.exec(conn, "ALTER TABLE keys ADD COLUMN owner_uid INTEGER", path: path)
         }
+        if !columns.contains("deletion_due") {
+            try Self.exec(conn, "ALTER TABLE keys ADD COLUMN deletion_due INTEGER", path: path)
+        }
         try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_owner ON keys (owner_uid, key_id)", path: path)
+        try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_deletion ON keys (deletion_due) WHERE deletion_due IS NOT NULL", path: path)
         db = Mutex(conn)
         var pool: [Connection] = []
         for _ in 0..<max(1, readConnections) {
@@ -96,6 +101,45 @@ public final class SQLiteKeyStorage: KeyStorage {
         try transaction { conn in
             try Self.run(conn, "DELETE FROM key_versions WHERE key_id = ?1", [.text(id)], path: path)
             try Self.run(conn, "DELETE FROM keys WHERE key_id = ?1", [.text(id)], path: path)
+        }
+    }
+
+    public func updateKey(id: String, key: StoredRow, deletionDue: Int64?) throws {
+        try transaction { conn in
+            try Self.run(conn, "UPDATE keys SET record = ?2, mac = ?3, deletion_due = ?4 WHERE key_id = ?1",
+                         [.text(id), .blob(key.record), .blob(key.mac), deletionDue.map { .int($0) } ?? .null], path: path)
+            guard sqlite3_changes(conn.handle) == 1 else { throw StorageError("keystore \(path): key \(id) is not there to update") }
+        }
+    }
+
+    public func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow) throws -> Bool {
+        var destroyed = false
+        try transaction { conn in
+            // Checked inside the write transaction: no cancellation can slip in between.
+            let due = try Self.query(conn, "SELECT 1 FROM keys WHERE key_id = ?1 AND deletion_due IS NOT NULL AND deletion_due <= ?2",
+                                     [.text(id), .int(time)], path: path) { _ in true }
+            guard !due.isEmpty else { return }
+            try Self.run(conn, "DELETE FROM key_versions WHERE key_id = ?1", [.text(id)], path: path)
+            try Self.run(conn, "DELETE FROM keys WHERE key_id = ?1", [.text(id)], path: path)
+            try Self.run(conn, "INSERT OR REPLACE INTO deleted_keys (key_id, record, mac) VALUES (?1, ?2, ?3)",
+                         [.text(id), .blob(tombstone.record), .blob(tombstone.mac)], path: path)
+            destroyed = true
+        }
+        return destroyed
+    }
+
+    public func tombstone(id: String) throws -> StoredRow? {
+        try readers.with { conn in
+            try Self.query(conn, "SELECT record, mac FROM deleted_keys WHERE key_id = ?1", [.text(id)], path: path) { stmt in
+                StoredRow(record: Self.blob(stmt, 0), mac: Self.blob(stmt, 1))
+            }.first
+        }
+    }
+
+    public func keysDueForDeletion(at time: Int64) throws -> [String] {
+        try readers.with { conn in
+            try Self.query(conn, "SELECT key_id FROM keys WHERE deletion_due IS NOT NULL AND deletion_due <= ?1 ORDER BY deletion_due LIMIT 1000",
+                           [.int(time)], path: path) { stmt in String(cString: sqlite3_column_text(stmt, 0)) }
         }
     }
 
@@ -177,7 +221,7 @@ public final class SQLiteKeyStorage: KeyStorage {
 
     // MARK: - SQLite plumbing
 
-    enum Value { case text(String), blob([UInt8]), int(Int64) }
+    enum Value { case text(String), blob([UInt8]), int(Int64), null }
 
     private static func exec(_ conn: Connection, _ sql: String, path: String) throws {
         var err: UnsafeMutablePointer<CChar>?
@@ -199,6 +243,7 @@ public final class SQLiteKeyStorage: KeyStorage {
             case .text(let s): sqlite3_bind_text(stmt, idx, s, -1, kms_sqlite_transient())
             case .int(let n): sqlite3_bind_int64(stmt, idx, n)
             case .blob(let b): b.withUnsafeBytes { _ = sqlite3_bind_blob(stmt, idx, $0.baseAddress, Int32($0.count), kms_sqlite_transient()) }
+            case .null: sqlite3_bind_null(stmt, idx)
             }
         }
         return stmt

@@ -30,4 +30,7 @@ public enum KMSLimits {
     public static let maxTagValueLength = 256
     public static let defaultListLimit = 100
     public static let maxListLimit = 1000
+    /// ScheduleKeyDeletion's waiting period, in days (as AWS KMS).
+    public static let pendingWindowDays: ClosedRange<UInt32> = 7...30
+    public static let defaultPendingWindowDays: UInt32 = 30
 }

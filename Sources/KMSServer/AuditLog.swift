@@ -18,6 +18,8 @@ struct AuditRecord: Sendable {
     var durationMicros: UInt64 = 0
     /// A ThrottledRequests summary: how many requests it stands for.
     var throttledCount: Int? = nil
+    /// Set for events kmsd caused itself: their MESSAGE (and MESSAGE_ID is the event one).
+    var eventMessage: String? = nil
 
     var fields: [String] {
         let verb = result == .allowed ? "allowed" : (result == .denied ? "denied" : "failed")
@@ -45,6 +47,10 @@ struct AuditRecord: Sendable {
             "KMS_ENCRYPTION_CONTEXT=\(details.contextKeys)",
             "KMS_DURATION_US=\(durationMicros)",
         ]
+        if let eventMessage {
+            fields[0] = "MESSAGE=\(eventMessage)"
+            fields[1] = "MESSAGE_ID=\(AuditLog.eventMessageID)"
+        }
         if let throttledCount {
             fields[0] = "MESSAGE=\(throttledCount) further requests by uid \(principal.uid) (\(principal.userName)) were throttled within one second (counted here, not recorded one by one)"
             fields.append("KMS_THROTTLED_COUNT=\(throttledCount)")
@@ -74,6 +80,8 @@ struct AuditRecord: Sendable {
 /// fails with AuditUnavailableException and its result is withheld.
 final class AuditLog: Sendable {
     static let messageID = "3f1c2a4e9b7d4c2e8a6f0d1b5e9c7a31"
+    /// Records of what kmsd did on its own, not for a request (a scheduled key deletion).
+    static let eventMessageID = "c1b7e0f4a2d94e8b9f3a6d5c2e1b0a97"
     static let journalSocket = "/run/systemd/journal/socket"
 
     let failClosed: Bool
@@ -117,6 +125,16 @@ final class AuditLog: Sendable {
             journal.sequence += 1
             return true
         }
+    }
+
+    /// A record of something kmsd did by itself (no caller): `action` on `keyID`.
+    @discardableResult
+    func writeEvent(action: String, keyID: String, message: String) -> Bool {
+        let me = Principal(uid: geteuid(), gid: getegid(), pid: getpid(), userName: PeerCredentials.userName(geteuid()))
+        var record = AuditRecord(action: action, requestID: 0, principal: me, result: .allowed)
+        record.details.keyID = keyID
+        record.eventMessage = message
+        return write(record)
     }
 
     /// One field in journald's native protocol: `NAME=value\n`, or, when the value holds a

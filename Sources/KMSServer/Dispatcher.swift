@@ -103,7 +103,8 @@ final class Dispatcher: Sendable {
     }
 
     /// Operation names this server answers, for Hello.
-    static let operations = ["Hello", "WhoAmI", "CreateKey", "DescribeKey", "ListKeys", "Encrypt", "Decrypt",
+    static let operations = ["Hello", "WhoAmI", "CreateKey", "DescribeKey", "ListKeys", "EnableKey", "DisableKey",
+                             "ScheduleKeyDeletion", "CancelKeyDeletion", "UpdateKeyDescription", "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
     static func route(_ op: KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ details: inout AuditDetails,
@@ -114,6 +115,11 @@ final class Dispatcher: Sendable {
         case .createKey(let r): .createKey(try KeyHandlers.createKey(r, ctx, &details))
         case .describeKey(let r): .describeKey(try KeyHandlers.describeKey(r, ctx, &details))
         case .listKeys(let r): .listKeys(try KeyHandlers.listKeys(r, ctx, &details))
+        case .enableKey(let r): .enableKey(try KeyHandlers.enableKey(r, ctx, &details))
+        case .disableKey(let r): .disableKey(try KeyHandlers.disableKey(r, ctx, &details))
+        case .scheduleKeyDeletion(let r): .scheduleKeyDeletion(try KeyHandlers.scheduleKeyDeletion(r, ctx, &details))
+        case .cancelKeyDeletion(let r): .cancelKeyDeletion(try KeyHandlers.cancelKeyDeletion(r, ctx, &details))
+        case .updateKeyDescription(let r): .updateKeyDescription(try KeyHandlers.updateKeyDescription(r, ctx, &details))
         case .encrypt(let r): .encrypt(try CryptoHandlers.encrypt(r, ctx, &details))
         case .decrypt(let r): .decrypt(try CryptoHandlers.decrypt(r, ctx, &details, &secret))
         case .reEncrypt(let r): .reEncrypt(try CryptoHandlers.reEncrypt(r, ctx, &details))
@@ -144,7 +150,8 @@ final class Dispatcher: Sendable {
         case .generateDataKeyWithoutPlaintext(let r): return cached(r.keyID)
         case .decrypt(let r): return cached(blob: r.ciphertextBlob)
         case .reEncrypt(let r): return cached(blob: r.ciphertextBlob) && cached(r.destinationKeyID)
-        case .createKey, .describeKey, .listKeys: return false
+        case .createKey, .describeKey, .listKeys, .enableKey, .disableKey, .scheduleKeyDeletion, .cancelKeyDeletion,
+             .updateKeyDescription: return false
         }
     }
 

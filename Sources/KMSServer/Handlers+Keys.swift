@@ -1,7 +1,8 @@
 import KMSCore
 import KMSProtocol
 
-/// CreateKey, DescribeKey, ListKeys.
+/// CreateKey, DescribeKey, ListKeys, and the lifecycle: EnableKey, DisableKey,
+/// ScheduleKeyDeletion, CancelKeyDeletion, UpdateKeyDescription.
 enum KeyHandlers {
     static func createKey(_ r: Kmsd_V1_CreateKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_CreateKeyResponse {
         var input = KeyService.CreateKeyInput()
@@ -39,6 +40,56 @@ enum KeyHandlers {
         }
     }
 
+    // MARK: - Lifecycle
+
+    /// Audits the key and arranges for the change to be undone if its record is refused.
+    static func note(_ change: KeyService.Change, _ ctx: HandlerContext, _ d: inout AuditDetails) {
+        d.keyID = change.after.keyID.description
+        guard change.before != change.after else { return }
+        let service = ctx.service, before = change.before
+        d.undo = { try service.restore(before) }
+    }
+
+    static func enableKey(_ r: Kmsd_V1_EnableKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_EnableKeyResponse {
+        d.keyID = AuditDetails.keyID(requested: r.keyID)
+        note(try ctx.service.enableKey(r.keyID, caller: ctx.principal), ctx, &d)
+        return .init()
+    }
+
+    static func disableKey(_ r: Kmsd_V1_DisableKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_DisableKeyResponse {
+        d.keyID = AuditDetails.keyID(requested: r.keyID)
+        note(try ctx.service.disableKey(r.keyID, caller: ctx.principal), ctx, &d)
+        return .init()
+    }
+
+    static func scheduleKeyDeletion(_ r: Kmsd_V1_ScheduleKeyDeletionRequest, _ ctx: HandlerContext,
+                                    _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ScheduleKeyDeletionResponse {
+        d.keyID = AuditDetails.keyID(requested: r.keyID)
+        let change = try ctx.service.scheduleKeyDeletion(r.keyID, windowDays: r.pendingWindowInDays, caller: ctx.principal)
+        note(change, ctx, &d)
+        return .with {
+            $0.keyID = change.after.keyID.description
+            $0.deletionDate = Int64(change.after.deletionDate?.timeIntervalSince1970 ?? 0)
+            $0.keyState = change.after.state.rawValue
+            $0.pendingWindowInDays = change.after.pendingWindowInDays ?? 0
+        }
+    }
+
+    static func cancelKeyDeletion(_ r: Kmsd_V1_CancelKeyDeletionRequest, _ ctx: HandlerContext,
+                                  _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_CancelKeyDeletionResponse {
+        d.keyID = AuditDetails.keyID(requested: r.keyID)
+        let change = try ctx.service.cancelKeyDeletion(r.keyID, caller: ctx.principal)
+        note(change, ctx, &d)
+        return .with { $0.keyID = change.after.keyID.description }
+    }
+
+    static func updateKeyDescription(_ r: Kmsd_V1_UpdateKeyDescriptionRequest, _ ctx: HandlerContext,
+                                     _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_UpdateKeyDescriptionResponse {
+        d.keyID = AuditDetails.keyID(requested: r.keyID)
+        note(try ctx.service.updateKeyDescription(r.keyID, description: r.description_p, caller: ctx.principal), ctx, &d)
+        return .init()
+    }
+
     static func metadata(_ k: KeyRecord) -> Kmsd_V1_KeyMetadata {
         .with {
             $0.keyID = k.keyID.description
@@ -54,6 +105,10 @@ enum KeyHandlers {
             $0.encryptionAlgorithms = ["SYMMETRIC_DEFAULT"]
             $0.ownerUid = k.ownerUID
             $0.currentKeyVersion = k.currentVersion
+            if k.state == .pendingDeletion {
+                $0.deletionDate = Int64(k.deletionDate?.timeIntervalSince1970 ?? 0)
+                $0.pendingDeletionWindowInDays = k.pendingWindowInDays ?? 0
+            }
         }
     }
 }

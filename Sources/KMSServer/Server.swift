@@ -57,8 +57,11 @@ public final class Server: @unchecked Sendable {
         }
         let storage = try SQLiteKeyStorage(path: c.keystorePath)
         let repository = try KeyRepository(storage: storage, root: root, cacheCapacity: c.keyCacheCapacity)
-        let service = KeyService(repository: repository, administrators: c.administrators)
+        let service = KeyService(repository: repository, administrators: c.administrators,
+                                 daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400)
         let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds)
+        // Deletions that came due while kmsd was down happen before it serves anyone.
+        Self.deleteDueKeys(service, audit)
         dispatcher = Dispatcher(service: service, audit: audit,
                                 settings: ServerSettings(maxFrameBytes: c.maxFrameBytes, maxInFlight: c.maxInFlightPerConnection),
                                 rateLimiter: RequestRateLimiter(rate: c.maxRequestsPerSecondPerUID, burst: c.requestBurstPerUID))
@@ -90,9 +93,13 @@ public final class Server: @unchecked Sendable {
         _ = sd_notify(0, "READY=1\nSTATUS=\(status)")
         StandardError.write("kmsd: ready: \(status)\n")
         startWatchdog()
-        let dispatcher = self.dispatcher
-        group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
+        let dispatcher = self.dispatcher, pool = self.pool, housekeeping = group.next()
+        housekeeping.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
             dispatcher.flushThrottleSummaries()
+            // Scheduled deletions, off the event loop (they write storage).
+            _ = pool.run(uid: geteuid(), eventLoop: housekeeping) {
+                Self.deleteDueKeys(dispatcher.service, dispatcher.audit)
+            }
         }
 
         let terminate = DispatchSemaphore(value: 0)
@@ -248,6 +255,24 @@ public final class Server: @unchecked Sendable {
         withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
         return withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
+        }
+    }
+
+    /// True while a deletion sweep runs: a slow one is not joined by the next second's.
+    static let sweeping = Atomic<Bool>(false)
+
+    /// Deletes the keys whose deletion time has come, each with an audit record.
+    static func deleteDueKeys(_ service: KeyService, _ audit: AuditLog) {
+        guard !sweeping.exchange(true, ordering: .acquiring) else { return }
+        defer { sweeping.store(false, ordering: .releasing) }
+        do {
+            for id in try service.deleteDueKeys() {
+                audit.writeEvent(action: "KeyDeleted", keyID: id.description,
+                                 message: "key \(id) was deleted: its pending-deletion window ended")
+                StandardError.write("kmsd: key \(id) deleted (its pending-deletion window ended)\n")
+            }
+        } catch {
+            StandardError.write("kmsd: ERROR: scheduled key deletion failed: \(error); retrying in a second\n")
         }
     }
 

@@ -23,6 +23,9 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var workerThreads = 4
     /// Event-loop threads serving connections; 0 = one per core.
     public var eventLoops = 0
+    /// Development only: seconds in a "day" of a key deletion window, so tests can watch a
+    /// deletion happen. nil = 86400.
+    public var developmentDaySeconds: Int? = nil
     public var keyCacheCapacity = 4096
     public var drainTimeoutSeconds = 10
     /// Requests per second each uid may make (token bucket); 0 = unlimited.
@@ -71,6 +74,10 @@ public struct ServerConfiguration: Sendable, Equatable {
             guard range.contains(value) else { throw fail("\(name) must be \(range.lowerBound)...\(range.upperBound), not \(value)") }
         }
         guard socketMode <= 0o777 else { throw fail("socketMode must be an octal mode like \"0660\"") }
+        if let day = developmentDaySeconds {
+            guard development else { throw fail("developmentDaySeconds is allowed only in development mode") }
+            guard (1...86_400).contains(day) else { throw fail("developmentDaySeconds must be 1...86400, not \(day)") }
+        }
         guard !allowUnlockedMemory || development else {
             throw fail("allowUnlockedMemory is allowed only in development mode")
         }
@@ -123,6 +130,7 @@ public struct ServerConfiguration: Sendable, Equatable {
             case "allowUnlockedMemory": c.allowUnlockedMemory = try bool()
             case "workerThreads": c.workerThreads = try int()
             case "eventLoops": c.eventLoops = try int()
+            case "developmentDaySeconds": c.developmentDaySeconds = try int()
             case "keyCacheCapacity": c.keyCacheCapacity = try int()
             case "drainTimeoutSeconds": c.drainTimeoutSeconds = try int()
             case "maxRequestsPerSecondPerUid": c.maxRequestsPerSecondPerUID = try int()

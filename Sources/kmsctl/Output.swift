@@ -130,6 +130,15 @@ func printColumns(headers: [String], rows: [[String]]) {
 
 /// The `KeyMetadata` object of AWS KMS (AWS field names).
 func keyMetadataDictionary(_ m: Kmsd_V1_KeyMetadata) -> [String: Any] {
+    var d = keyMetadataFields(m)
+    if m.deletionDate != 0 {
+        d["DeletionDate"] = Int(m.deletionDate)
+        d["PendingDeletionWindowInDays"] = Int(m.pendingDeletionWindowInDays)
+    }
+    return d
+}
+
+private func keyMetadataFields(_ m: Kmsd_V1_KeyMetadata) -> [String: Any] {
     [
         "KeyId": m.keyID,
         "Arn": m.arn,
@@ -163,7 +172,8 @@ func printKeyMetadata(_ m: Kmsd_V1_KeyMetadata, json: Bool) throws {
         ("Origin", m.origin),
         ("KeyManager", m.keyManager),
         ("EncryptionAlgorithms", m.encryptionAlgorithms.joined(separator: ", ")),
-    ])
+    ] + (m.deletionDate != 0 ? [("DeletionDate", formatUnixTime(m.deletionDate)),
+                                ("PendingDeletionWindowInDays", String(m.pendingDeletionWindowInDays))] : []))
 }
 
 /// `2025-01-31T12:00:00Z (1738324800)`.

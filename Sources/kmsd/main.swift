@@ -78,6 +78,9 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("audit-timeout-ms"), help: ArgumentHelp("Milliseconds to wait for journald to take an audit record before the request fails. Default 250.", valueName: "ms"))
     var auditTimeoutMilliseconds: Int?
 
+    @Option(name: .customLong("dev-day-seconds"), help: ArgumentHelp("Development only: seconds in a day of a key deletion window (so a 7-day window can pass in 7 s). Default 86400.", valueName: "s"))
+    var devDaySeconds: Int?
+
     @Option(name: .customLong("event-loops"), help: ArgumentHelp("Event-loop threads serving connections. Default: one per core.", valueName: "n"))
     var eventLoops: Int?
 
@@ -108,6 +111,7 @@ struct KMSD: ParsableCommand {
         if let idleTimeout { c.idleTimeoutSeconds = idleTimeout }
         if let workerThreads { c.workerThreads = workerThreads }
         if let eventLoops { c.eventLoops = eventLoops }
+        if let devDaySeconds { c.developmentDaySeconds = devDaySeconds }
         if let maxRequestsPerSecondPerUID { c.maxRequestsPerSecondPerUID = maxRequestsPerSecondPerUID }
         if let requestBurstPerUID { c.requestBurstPerUID = requestBurstPerUID }
         if let adminReservedConnections { c.adminReservedConnections = adminReservedConnections }

@@ -116,4 +116,42 @@ struct AuditTests {
         #expect(individual.count + summarised == throttled, "every throttled request is accounted for")
         #expect(summaries.allSatisfy { $0["KMS_PEER_UID"] as? String == "\(getuid())" && $0["KMS_ERROR"] as? String == "ThrottlingException" })
     }
+
+    /// A lifecycle change whose record journald does not take is undone: the key is as it was.
+    @Test(.enabled(if: isRoot, "needs root for a private mount namespace"))
+    func lifecycleChangesRefusedForWantOfAuditChangeNothing() async throws {
+        try Journal.ensureRunning()
+        let dir = try Paths.tempDir("noaudit-lifecycle")
+        let first = try Daemon(stateDir: dir + "/s")
+        let key = try await first.client().createKey(description: "before").keyID
+        first.stop()
+        let script = "mkdir -p /run/systemd/journal && mount -t tmpfs tmpfs /run/systemd/journal && exec \(Paths.kmsd) --dev --state-dir \(dir)/s --audit-fail-closed true"
+        let p = try launchKMSD("/usr/bin/unshare", ["-m", "--propagation", "private", "/bin/sh", "-c", script], log: dir + "/log")
+        let blind = KMSClient(socketPath: dir + "/s/kmsd.sock")
+        await expectKMSError(.auditUnavailable) { try await blind.disableKey(keyID: key) }
+        await expectKMSError(.auditUnavailable) { try await blind.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 7) }
+        await expectKMSError(.auditUnavailable) { try await blind.updateKeyDescription(keyID: key, description: "after") }
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        let again = try Daemon(stateDir: dir + "/s")
+        defer { again.stop() }
+        let m = try await again.client().describeKey(keyID: key)
+        #expect(m.keyState == "Enabled" && m.description_p == "before", "\(m)")
+    }
+
+    /// A scheduled deletion leaves a record of its own, with the events MESSAGE_ID.
+    @Test func aScheduledDeletionIsAudited() async throws {
+        try Journal.ensureRunning()
+        let daemon = try Daemon(arguments: ["--dev-day-seconds", "1"], auditFailClosed: true)
+        defer { daemon.stop() }
+        let client = daemon.client()
+        let key = try await client.createKey().keyID
+        _ = try await client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 7)
+        let records = try Journal.query(["_PID=\(daemon.pid)", "KMS_ACTION=KeyDeleted"], since: daemon.startedAt, atLeast: 1, timeout: 20)
+        let event = try #require(records.first)
+        #expect(event["KMS_KEY_ID"] as? String == key)
+        #expect(event["MESSAGE_ID"] as? String == "c1b7e0f4a2d94e8b9f3a6d5c2e1b0a97")
+        let scheduled = try Journal.query(["_PID=\(daemon.pid)", "KMS_ACTION=ScheduleKeyDeletion"], since: daemon.startedAt, atLeast: 1)
+        #expect(scheduled.first?["KMS_KEY_ID"] as? String == key && scheduled.first?["KMS_RESULT"] as? String == "Allowed")
+    }
 }

@@ -205,6 +205,10 @@ struct KeyRepositoryTests {
             try inner.insertKey(id: id, owner: owner, key: key, versionNumber: versionNumber, version: version)
         }
         func deleteKey(id: String) throws { try inner.deleteKey(id: id) }
+        func updateKey(id: String, key: StoredRow, deletionDue: Int64?) throws { try inner.updateKey(id: id, key: key, deletionDue: deletionDue) }
+        func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow) throws -> Bool { try inner.destroyKey(id: id, dueBy: time, tombstone: tombstone) }
+        func tombstone(id: String) throws -> StoredRow? { try inner.tombstone(id: id) }
+        func keysDueForDeletion(at time: Int64) throws -> [String] { try inner.keysDueForDeletion(at: time) }
         func key(id: String) throws -> StoredRow? { lock.withLock { reads += 1 }; return try inner.key(id: id) }
         func version(id: String, number: UInt32) throws -> StoredRow? { try inner.version(id: id, number: number) }
         func keyIDs(owner: UInt32?, after: String?, limit: Int) throws -> [String] { try inner.keyIDs(owner: owner, after: after, limit: limit) }

@@ -122,6 +122,8 @@ struct ConfigurationTests {
         (#"{"frameTimeoutSeconds": 0}"#, "frameTimeoutSeconds must be"),
         (#"{"auditTimeoutMilliseconds": 0}"#, "auditTimeoutMilliseconds must be"),
         (#"{"auditFailClosed": 1}"#, "true or false"),
+        (#"{"developmentDaySeconds": 1}"#, "only in development mode"),
+        (#"{"development": true, "developmentDaySeconds": 0}"#, "developmentDaySeconds must be 1...86400"),
         (#"{"workerThreads": true}"#, "whole number"),
     ])
     func refusesBadConfiguration(_ json: String, _ message: String) {

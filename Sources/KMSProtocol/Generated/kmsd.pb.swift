@@ -83,6 +83,46 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     set {operation = .listKeys(newValue)}
   }
 
+  public var enableKey: Kmsd_V1_EnableKeyRequest {
+    get {
+      if case .enableKey(let v)? = operation {return v}
+      return Kmsd_V1_EnableKeyRequest()
+    }
+    set {operation = .enableKey(newValue)}
+  }
+
+  public var disableKey: Kmsd_V1_DisableKeyRequest {
+    get {
+      if case .disableKey(let v)? = operation {return v}
+      return Kmsd_V1_DisableKeyRequest()
+    }
+    set {operation = .disableKey(newValue)}
+  }
+
+  public var scheduleKeyDeletion: Kmsd_V1_ScheduleKeyDeletionRequest {
+    get {
+      if case .scheduleKeyDeletion(let v)? = operation {return v}
+      return Kmsd_V1_ScheduleKeyDeletionRequest()
+    }
+    set {operation = .scheduleKeyDeletion(newValue)}
+  }
+
+  public var cancelKeyDeletion: Kmsd_V1_CancelKeyDeletionRequest {
+    get {
+      if case .cancelKeyDeletion(let v)? = operation {return v}
+      return Kmsd_V1_CancelKeyDeletionRequest()
+    }
+    set {operation = .cancelKeyDeletion(newValue)}
+  }
+
+  public var updateKeyDescription: Kmsd_V1_UpdateKeyDescriptionRequest {
+    get {
+      if case .updateKeyDescription(let v)? = operation {return v}
+      return Kmsd_V1_UpdateKeyDescriptionRequest()
+    }
+    set {operation = .updateKeyDescription(newValue)}
+  }
+
   public var encrypt: Kmsd_V1_EncryptRequest {
     get {
       if case .encrypt(let v)? = operation {return v}
@@ -139,6 +179,11 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     case createKey(Kmsd_V1_CreateKeyRequest)
     case describeKey(Kmsd_V1_DescribeKeyRequest)
     case listKeys(Kmsd_V1_ListKeysRequest)
+    case enableKey(Kmsd_V1_EnableKeyRequest)
+    case disableKey(Kmsd_V1_DisableKeyRequest)
+    case scheduleKeyDeletion(Kmsd_V1_ScheduleKeyDeletionRequest)
+    case cancelKeyDeletion(Kmsd_V1_CancelKeyDeletionRequest)
+    case updateKeyDescription(Kmsd_V1_UpdateKeyDescriptionRequest)
     case encrypt(Kmsd_V1_EncryptRequest)
     case decrypt(Kmsd_V1_DecryptRequest)
     case reEncrypt(Kmsd_V1_ReEncryptRequest)
@@ -209,6 +254,46 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     set {result = .listKeys(newValue)}
   }
 
+  public var enableKey: Kmsd_V1_EnableKeyResponse {
+    get {
+      if case .enableKey(let v)? = result {return v}
+      return Kmsd_V1_EnableKeyResponse()
+    }
+    set {result = .enableKey(newValue)}
+  }
+
+  public var disableKey: Kmsd_V1_DisableKeyResponse {
+    get {
+      if case .disableKey(let v)? = result {return v}
+      return Kmsd_V1_DisableKeyResponse()
+    }
+    set {result = .disableKey(newValue)}
+  }
+
+  public var scheduleKeyDeletion: Kmsd_V1_ScheduleKeyDeletionResponse {
+    get {
+      if case .scheduleKeyDeletion(let v)? = result {return v}
+      return Kmsd_V1_ScheduleKeyDeletionResponse()
+    }
+    set {result = .scheduleKeyDeletion(newValue)}
+  }
+
+  public var cancelKeyDeletion: Kmsd_V1_CancelKeyDeletionResponse {
+    get {
+      if case .cancelKeyDeletion(let v)? = result {return v}
+      return Kmsd_V1_CancelKeyDeletionResponse()
+    }
+    set {result = .cancelKeyDeletion(newValue)}
+  }
+
+  public var updateKeyDescription: Kmsd_V1_UpdateKeyDescriptionResponse {
+    get {
+      if case .updateKeyDescription(let v)? = result {return v}
+      return Kmsd_V1_UpdateKeyDescriptionResponse()
+    }
+    set {result = .updateKeyDescription(newValue)}
+  }
+
   public var encrypt: Kmsd_V1_EncryptResponse {
     get {
       if case .encrypt(let v)? = result {return v}
@@ -266,6 +351,11 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     case createKey(Kmsd_V1_CreateKeyResponse)
     case describeKey(Kmsd_V1_DescribeKeyResponse)
     case listKeys(Kmsd_V1_ListKeysResponse)
+    case enableKey(Kmsd_V1_EnableKeyResponse)
+    case disableKey(Kmsd_V1_DisableKeyResponse)
+    case scheduleKeyDeletion(Kmsd_V1_ScheduleKeyDeletionResponse)
+    case cancelKeyDeletion(Kmsd_V1_CancelKeyDeletionResponse)
+    case updateKeyDescription(Kmsd_V1_UpdateKeyDescriptionResponse)
     case encrypt(Kmsd_V1_EncryptResponse)
     case decrypt(Kmsd_V1_DecryptResponse)
     case reEncrypt(Kmsd_V1_ReEncryptResponse)
@@ -423,6 +513,12 @@ public nonisolated struct Kmsd_V1_KeyMetadata: Sendable {
 
   public var currentKeyVersion: UInt32 = 0
 
+  /// PendingDeletion only: when kmsd deletes the key (Unix time, seconds)
+  public var deletionDate: Int64 = 0
+
+  /// PendingDeletion only
+  public var pendingDeletionWindowInDays: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -542,6 +638,133 @@ public nonisolated struct Kmsd_V1_ListKeysResponse: Sendable {
   public var nextMarker: String = String()
 
   public var truncated: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_EnableKeyRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_EnableKeyResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_DisableKeyRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_DisableKeyResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ScheduleKeyDeletionRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  /// 7..30; 0 = 30
+  public var pendingWindowInDays: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ScheduleKeyDeletionResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  /// Unix time, seconds
+  public var deletionDate: Int64 = 0
+
+  /// PendingDeletion
+  public var keyState: String = String()
+
+  public var pendingWindowInDays: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_CancelKeyDeletionRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_CancelKeyDeletionResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_UpdateKeyDescriptionRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  public var description_p: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_UpdateKeyDescriptionResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -759,7 +982,7 @@ fileprivate nonisolated let _protobuf_package = "kmsd.v1"
 
 nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Request"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{2}\u{8}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -831,6 +1054,71 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
         if let v = v {
           if hadOneofValue {try decoder.handleConflictingOneOf()}
           self.operation = .listKeys(v)
+        }
+      }()
+      case 23: try {
+        var v: Kmsd_V1_EnableKeyRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .enableKey(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .enableKey(v)
+        }
+      }()
+      case 24: try {
+        var v: Kmsd_V1_DisableKeyRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .disableKey(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .disableKey(v)
+        }
+      }()
+      case 25: try {
+        var v: Kmsd_V1_ScheduleKeyDeletionRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .scheduleKeyDeletion(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .scheduleKeyDeletion(v)
+        }
+      }()
+      case 26: try {
+        var v: Kmsd_V1_CancelKeyDeletionRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .cancelKeyDeletion(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .cancelKeyDeletion(v)
+        }
+      }()
+      case 27: try {
+        var v: Kmsd_V1_UpdateKeyDescriptionRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .updateKeyDescription(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .updateKeyDescription(v)
         }
       }()
       case 30: try {
@@ -945,6 +1233,26 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
       guard case .listKeys(let v)? = self.operation else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
     }()
+    case .enableKey?: try {
+      guard case .enableKey(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
+    }()
+    case .disableKey?: try {
+      guard case .disableKey(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
+    }()
+    case .scheduleKeyDeletion?: try {
+      guard case .scheduleKeyDeletion(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
+    }()
+    case .cancelKeyDeletion?: try {
+      guard case .cancelKeyDeletion(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 26)
+    }()
+    case .updateKeyDescription?: try {
+      guard case .updateKeyDescription(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 27)
+    }()
     case .encrypt?: try {
       guard case .encrypt(let v)? = self.operation else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 30)
@@ -984,7 +1292,7 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
 
 nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Response"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{2}\u{8}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1069,6 +1377,71 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
         if let v = v {
           if hadOneofValue {try decoder.handleConflictingOneOf()}
           self.result = .listKeys(v)
+        }
+      }()
+      case 23: try {
+        var v: Kmsd_V1_EnableKeyResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .enableKey(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .enableKey(v)
+        }
+      }()
+      case 24: try {
+        var v: Kmsd_V1_DisableKeyResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .disableKey(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .disableKey(v)
+        }
+      }()
+      case 25: try {
+        var v: Kmsd_V1_ScheduleKeyDeletionResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .scheduleKeyDeletion(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .scheduleKeyDeletion(v)
+        }
+      }()
+      case 26: try {
+        var v: Kmsd_V1_CancelKeyDeletionResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .cancelKeyDeletion(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .cancelKeyDeletion(v)
+        }
+      }()
+      case 27: try {
+        var v: Kmsd_V1_UpdateKeyDescriptionResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .updateKeyDescription(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .updateKeyDescription(v)
         }
       }()
       case 30: try {
@@ -1186,6 +1559,26 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
     case .listKeys?: try {
       guard case .listKeys(let v)? = self.result else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
+    }()
+    case .enableKey?: try {
+      guard case .enableKey(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
+    }()
+    case .disableKey?: try {
+      guard case .disableKey(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
+    }()
+    case .scheduleKeyDeletion?: try {
+      guard case .scheduleKeyDeletion(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
+    }()
+    case .cancelKeyDeletion?: try {
+      guard case .cancelKeyDeletion(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 26)
+    }()
+    case .updateKeyDescription?: try {
+      guard case .updateKeyDescription(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 27)
     }()
     case .encrypt?: try {
       guard case .encrypt(let v)? = self.result else { preconditionFailure() }
@@ -1465,7 +1858,7 @@ nonisolated extension Kmsd_V1_Tag: SwiftProtobuf.Message, SwiftProtobuf._Message
 
 nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".KeyMetadata"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}arn\0\u{3}creation_date\0\u{1}enabled\0\u{1}description\0\u{3}key_usage\0\u{3}key_state\0\u{3}key_spec\0\u{1}origin\0\u{3}key_manager\0\u{3}encryption_algorithms\0\u{3}owner_uid\0\u{3}current_key_version\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}arn\0\u{3}creation_date\0\u{1}enabled\0\u{1}description\0\u{3}key_usage\0\u{3}key_state\0\u{3}key_spec\0\u{1}origin\0\u{3}key_manager\0\u{3}encryption_algorithms\0\u{3}owner_uid\0\u{3}current_key_version\0\u{3}deletion_date\0\u{3}pending_deletion_window_in_days\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1486,6 +1879,8 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
       case 11: try { try decoder.decodeRepeatedStringField(value: &self.encryptionAlgorithms) }()
       case 12: try { try decoder.decodeSingularUInt32Field(value: &self.ownerUid) }()
       case 13: try { try decoder.decodeSingularUInt32Field(value: &self.currentKeyVersion) }()
+      case 14: try { try decoder.decodeSingularInt64Field(value: &self.deletionDate) }()
+      case 15: try { try decoder.decodeSingularUInt32Field(value: &self.pendingDeletionWindowInDays) }()
       default: break
       }
     }
@@ -1531,6 +1926,12 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
     if self.currentKeyVersion != 0 {
       try visitor.visitSingularUInt32Field(value: self.currentKeyVersion, fieldNumber: 13)
     }
+    if self.deletionDate != 0 {
+      try visitor.visitSingularInt64Field(value: self.deletionDate, fieldNumber: 14)
+    }
+    if self.pendingDeletionWindowInDays != 0 {
+      try visitor.visitSingularUInt32Field(value: self.pendingDeletionWindowInDays, fieldNumber: 15)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1548,6 +1949,8 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
     if lhs.encryptionAlgorithms != rhs.encryptionAlgorithms {return false}
     if lhs.ownerUid != rhs.ownerUid {return false}
     if lhs.currentKeyVersion != rhs.currentKeyVersion {return false}
+    if lhs.deletionDate != rhs.deletionDate {return false}
+    if lhs.pendingDeletionWindowInDays != rhs.pendingDeletionWindowInDays {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1801,6 +2204,298 @@ nonisolated extension Kmsd_V1_ListKeysResponse: SwiftProtobuf.Message, SwiftProt
     if lhs.keys != rhs.keys {return false}
     if lhs.nextMarker != rhs.nextMarker {return false}
     if lhs.truncated != rhs.truncated {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_EnableKeyRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EnableKeyRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_EnableKeyRequest, rhs: Kmsd_V1_EnableKeyRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_EnableKeyResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EnableKeyResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_EnableKeyResponse, rhs: Kmsd_V1_EnableKeyResponse) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_DisableKeyRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DisableKeyRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_DisableKeyRequest, rhs: Kmsd_V1_DisableKeyRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_DisableKeyResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DisableKeyResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_DisableKeyResponse, rhs: Kmsd_V1_DisableKeyResponse) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ScheduleKeyDeletionRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ScheduleKeyDeletionRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}pending_window_in_days\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.pendingWindowInDays) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if self.pendingWindowInDays != 0 {
+      try visitor.visitSingularUInt32Field(value: self.pendingWindowInDays, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ScheduleKeyDeletionRequest, rhs: Kmsd_V1_ScheduleKeyDeletionRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.pendingWindowInDays != rhs.pendingWindowInDays {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ScheduleKeyDeletionResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ScheduleKeyDeletionResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}deletion_date\0\u{3}key_state\0\u{3}pending_window_in_days\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularInt64Field(value: &self.deletionDate) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.keyState) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.pendingWindowInDays) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if self.deletionDate != 0 {
+      try visitor.visitSingularInt64Field(value: self.deletionDate, fieldNumber: 2)
+    }
+    if !self.keyState.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyState, fieldNumber: 3)
+    }
+    if self.pendingWindowInDays != 0 {
+      try visitor.visitSingularUInt32Field(value: self.pendingWindowInDays, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ScheduleKeyDeletionResponse, rhs: Kmsd_V1_ScheduleKeyDeletionResponse) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.deletionDate != rhs.deletionDate {return false}
+    if lhs.keyState != rhs.keyState {return false}
+    if lhs.pendingWindowInDays != rhs.pendingWindowInDays {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_CancelKeyDeletionRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CancelKeyDeletionRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_CancelKeyDeletionRequest, rhs: Kmsd_V1_CancelKeyDeletionRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_CancelKeyDeletionResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CancelKeyDeletionResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_CancelKeyDeletionResponse, rhs: Kmsd_V1_CancelKeyDeletionResponse) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_UpdateKeyDescriptionRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".UpdateKeyDescriptionRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}description\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.description_p) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if !self.description_p.isEmpty {
+      try visitor.visitSingularStringField(value: self.description_p, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_UpdateKeyDescriptionRequest, rhs: Kmsd_V1_UpdateKeyDescriptionRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.description_p != rhs.description_p {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_UpdateKeyDescriptionResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".UpdateKeyDescriptionResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_UpdateKeyDescriptionResponse, rhs: Kmsd_V1_UpdateKeyDescriptionResponse) -> Bool {
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,17 @@
+import ArgumentParser
+import KMSClient
+
+struct EnableKey: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "enable-key",
+        abstract: "Enable a disabled KMS key (its owner or an administrator). Prints nothing.")
+
+    @OptionGroup var global: GlobalOptions
+
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key: key id or key ARN (kmsd:key/ID).", valueName: "id"))
+    var keyID: String
+
+    func run() async throws {
+        try await global.withClient { try await $0.enableKey(keyID: keyID) }
+    }
+}

@@ -1,0 +1,162 @@
+import Foundation
+import KMSClient
+import Testing
+
+/// Key states as AWS KMS has them: what each operation answers in each state, and a deletion
+/// that really happens when its window ends (a "day" is one second here, --dev-day-seconds 1).
+@Suite(.serialized)
+final class LifecycleTests {
+    let daemon: Daemon
+    let client: KMSClient
+
+    init() throws {
+        daemon = try Daemon(arguments: ["--dev-day-seconds", "1"])
+        client = daemon.client()
+    }
+
+    deinit { daemon.stop() }
+
+    enum State: String, CaseIterable { case enabled = "Enabled", disabled = "Disabled", pendingDeletion = "PendingDeletion" }
+
+    enum Op: String, CaseIterable {
+        case encrypt, decrypt, reEncrypt, generateDataKey, generateDataKeyWithoutPlaintext
+        case describeKey, enableKey, disableKey, scheduleKeyDeletion, cancelKeyDeletion, updateKeyDescription
+    }
+
+    /// nil: succeeds. As AWS KMS: cryptographic operations need Enabled (Disabled gives
+    /// DisabledException, PendingDeletion KMSInvalidStateException); a key pending deletion can
+    /// only be described or have its deletion cancelled.
+    static func expected(_ op: Op, _ state: State) -> KMSErrorCode? {
+        switch (op, state) {
+        case (.describeKey, _): nil
+        case (.encrypt, .disabled), (.decrypt, .disabled), (.reEncrypt, .disabled), (.generateDataKey, .disabled),
+             (.generateDataKeyWithoutPlaintext, .disabled): .disabled
+        case (_, .pendingDeletion): op == .cancelKeyDeletion ? nil : .invalidState
+        case (.cancelKeyDeletion, _): .invalidState
+        default: nil
+        }
+    }
+
+    /// The state the key is in after `op` succeeded in `state`.
+    static func after(_ op: Op, _ state: State) -> State {
+        switch op {
+        case .enableKey: .enabled
+        case .disableKey: .disabled
+        case .scheduleKeyDeletion: .pendingDeletion
+        case .cancelKeyDeletion: .disabled
+        default: state
+        }
+    }
+
+    func perform(_ op: Op, key: String, blob: [UInt8]) async throws {
+        switch op {
+        case .encrypt: _ = try await client.encrypt(keyID: key, plaintext: [1, 2, 3])
+        case .decrypt: _ = try await client.decrypt(ciphertextBlob: blob)
+        case .reEncrypt: _ = try await client.reEncrypt(ciphertextBlob: blob, destinationKeyID: key)
+        case .generateDataKey: _ = try await client.generateDataKey(keyID: key, keySpec: "AES_256")
+        case .generateDataKeyWithoutPlaintext: _ = try await client.generateDataKeyWithoutPlaintext(keyID: key, keySpec: "AES_256")
+        case .describeKey: _ = try await client.describeKey(keyID: key)
+        case .enableKey: try await client.enableKey(keyID: key)
+        case .disableKey: try await client.disableKey(keyID: key)
+        case .scheduleKeyDeletion: _ = try await client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 30)
+        case .cancelKeyDeletion: _ = try await client.cancelKeyDeletion(keyID: key)
+        case .updateKeyDescription: try await client.updateKeyDescription(keyID: key, description: "renamed")
+        }
+    }
+
+    @Test(arguments: State.allCases, Op.allCases)
+    func everyOperationInEveryState(_ state: State, _ op: Op) async throws {
+        let key = try await client.createKey(description: "state table").keyID
+        let blob = Array(try await client.encrypt(keyID: key, plaintext: [9, 9]).ciphertextBlob)
+        switch state {
+        case .enabled: break
+        case .disabled: try await client.disableKey(keyID: key)
+        case .pendingDeletion: _ = try await client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 30)
+        }
+        #expect(try await client.describeKey(keyID: key).keyState == state.rawValue)
+        if let code = Self.expected(op, state) {
+            await expectKMSError(code) { try await self.perform(op, key: key, blob: blob) }
+            #expect(try await client.describeKey(keyID: key).keyState == state.rawValue, "a refused \(op) changed nothing")
+        } else {
+            try await perform(op, key: key, blob: blob)
+            #expect(try await client.describeKey(keyID: key).keyState == Self.after(op, state).rawValue)
+        }
+    }
+
+    @Test func pendingWindowIsSevenToThirtyDaysAndDescribeShowsTheDate() async throws {
+        let key = try await client.createKey().keyID
+        await expectKMSError(.validation) { try await self.client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 6) }
+        await expectKMSError(.validation) { try await self.client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 31) }
+        let before = Int64(Date().timeIntervalSince1970)
+        let r = try await client.scheduleKeyDeletion(keyID: key)  // 0 = 30 days
+        #expect(r.keyState == "PendingDeletion" && r.pendingWindowInDays == 30 && r.keyID == key)
+        #expect((before + 30...before + 32).contains(r.deletionDate), "30 one-second days: \(r.deletionDate - before)")
+        let m = try await client.describeKey(keyID: key)
+        #expect(m.deletionDate == r.deletionDate && m.pendingDeletionWindowInDays == 30 && !m.enabled)
+        _ = try await client.cancelKeyDeletion(keyID: key)
+        let back = try await client.describeKey(keyID: key)
+        #expect(back.keyState == "Disabled" && back.deletionDate == 0)
+        try await client.updateKeyDescription(keyID: key, description: "kept")
+        #expect(try await client.describeKey(keyID: key).description_p == "kept")
+    }
+
+    /// When the window ends, kmsd destroys the key: its blobs then answer NotFoundException,
+    /// and nothing of it is left in the keystore but its tombstone.
+    @Test func deletionHappensWhenTheWindowEnds() async throws {
+        let key = try await client.createKey().keyID
+        let keep = try await client.createKey().keyID
+        let blob = Array(try await client.encrypt(keyID: key, plaintext: Array("gone".utf8)).ciphertextBlob)
+        let kept = Array(try await client.encrypt(keyID: keep, plaintext: Array("kept".utf8)).ciphertextBlob)
+        _ = try await client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 7)
+        #expect(Array(try await client.decrypt(ciphertextBlob: kept).plaintext) == Array("kept".utf8))
+        var deleted = false
+        for _ in 0..<40 where !deleted {
+            try await Task.sleep(nanoseconds: 500_000_000)
+            do { _ = try await client.describeKey(keyID: key) } catch let e as KMSError where e.code == .notFound { deleted = true }
+        }
+        #expect(deleted, "the key was still there after its 7 s window")
+        await expectKMSError(.notFound) { try await self.client.decrypt(ciphertextBlob: blob) }
+        await expectKMSError(.notFound) { try await self.client.encrypt(keyID: key, plaintext: [1]) }
+        #expect(!(try await client.listKeys(limit: 1000).keys.map(\.keyID).contains(key)))
+        #expect(Array(try await client.decrypt(ciphertextBlob: kept).plaintext) == Array("kept".utf8), "other keys are untouched")
+        let rows = try run("/usr/bin/sqlite3", [daemon.stateDir + "/keystore.sqlite3",
+                                               "SELECT (SELECT count(*) FROM keys WHERE key_id = '\(key)') + (SELECT count(*) FROM key_versions WHERE key_id = '\(key)')"])
+        #expect(rows.text.trimmingCharacters(in: .whitespacesAndNewlines) == "0", "rows of the deleted key remain: \(rows.text) \(rows.stderr)")
+        #expect(daemon.log.contains("key \(key) deleted"))
+    }
+
+    /// A deletion that came due while kmsd was down happens at the next start, before it serves.
+    @Test func aDeletionDueWhileStoppedHappensAtStart() async throws {
+        let key = try await client.createKey().keyID
+        let blob = Array(try await client.encrypt(keyID: key, plaintext: [7]).ciphertextBlob)
+        _ = try await client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 7)
+        daemon.stop()
+        try await Task.sleep(nanoseconds: 8_000_000_000)
+        try daemon.restart()
+        let fresh = daemon.client()
+        await expectKMSError(.notFound) { try await fresh.decrypt(ciphertextBlob: blob) }
+        await expectKMSError(.notFound) { try await fresh.describeKey(keyID: key) }
+    }
+
+    @Test func kmsctlRunsTheLifecycle() throws {
+        func kmsctl(_ args: [String]) throws -> ProcessResult {
+            try EndToEndTests.run(Paths.kmsctl, args, env: ["KMSD_SOCKET": daemon.socket])
+        }
+        let created = try kmsctl(["create-key", "--json"])
+        let key = try #require(((try JSONSerialization.jsonObject(with: created.stdout) as? [String: Any])?["KeyMetadata"] as? [String: Any])?["KeyId"] as? String)
+        #expect(try kmsctl(["disable-key", "--key-id", key]).status == 0)
+        #expect(try kmsctl(["enable-key", "--key-id", key]).status == 0)
+        #expect(try kmsctl(["update-key-description", "--key-id", key, "--description", "from kmsctl"]).status == 0)
+        let scheduled = try kmsctl(["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--json"])
+        let s = try #require(try JSONSerialization.jsonObject(with: scheduled.stdout) as? [String: Any], "\(scheduled.stderr)")
+        #expect(s["KeyId"] as? String == key && s["KeyState"] as? String == "PendingDeletion" && s["PendingWindowInDays"] as? Int == 7)
+        #expect((s["DeletionDate"] as? Int ?? 0) > 0)
+        let refused = try kmsctl(["enable-key", "--key-id", key])
+        #expect(refused.status == 1 && refused.stderr.hasPrefix("kmsctl: KMSInvalidStateException: "), "\(refused.stderr)")
+        let cancelled = try kmsctl(["cancel-key-deletion", "--key-id", key, "--json"])
+        #expect((try JSONSerialization.jsonObject(with: cancelled.stdout) as? [String: Any])?["KeyId"] as? String == key)
+        let described = try kmsctl(["describe-key", "--key-id", key])
+        #expect(described.text.contains("Disabled") && described.text.contains("from kmsctl"), "\(described.text)")
+        #expect(try kmsctl(["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "3"]).status == 2)
+    }
+}
