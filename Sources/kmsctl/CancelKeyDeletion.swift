@@ -8,11 +8,10 @@ struct CancelKeyDeletion: AsyncParsableCommand {
 
     @OptionGroup var global: GlobalOptions
 
-    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key: key id or key ARN (kmsd:key/ID).", valueName: "id"))
-    var keyID: String
+    @OptionGroup var key: KeyOption
 
     func run() async throws {
-        let r = try await global.withClient { try await $0.cancelKeyDeletion(keyID: keyID) }
+        let r = try await global.withClient { try await $0.cancelKeyDeletion(keyID: key.keyID) }
         if global.json { try printJSON(["KeyId": r.keyID]) } else { printFields([("KeyId", r.keyID)]) }
     }
 }

@@ -9,11 +9,10 @@ struct DescribeKey: AsyncParsableCommand {
 
     @OptionGroup var global: GlobalOptions
 
-    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key: key id or key ARN (kmsd:key/ID).", valueName: "id"))
-    var keyID: String
+    @OptionGroup var key: KeyOption
 
     func run() async throws {
-        let metadata = try await global.withClient { try await $0.describeKey(keyID: keyID) }
+        let metadata = try await global.withClient { try await $0.describeKey(keyID: key.keyID) }
         try printKeyMetadata(metadata, json: global.json)
     }
 }

@@ -8,10 +8,9 @@ struct DisableKey: AsyncParsableCommand {
 
     @OptionGroup var global: GlobalOptions
 
-    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key: key id or key ARN (kmsd:key/ID).", valueName: "id"))
-    var keyID: String
+    @OptionGroup var key: KeyOption
 
     func run() async throws {
-        try await global.withClient { try await $0.disableKey(keyID: keyID) }
+        try await global.withClient { try await $0.disableKey(keyID: key.keyID) }
     }
 }

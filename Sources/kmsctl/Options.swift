@@ -28,6 +28,12 @@ struct GlobalOptions: ParsableArguments {
     }
 }
 
+/// `--key-id`, for subcommands that act on one key.
+struct KeyOption: ParsableArguments {
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key: key id or key ARN (kmsd:key/ID).", valueName: "id"))
+    var keyID: String
+}
+
 /// Parses repeatable `KEY=VALUE` options (`--context`, `--tag`, ...), splitting at the first
 /// '='. Throws ValidationError (a usage error) for a value without '=', an empty key, or a key
 /// given twice.

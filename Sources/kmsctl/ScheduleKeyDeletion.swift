@@ -9,8 +9,7 @@ struct ScheduleKeyDeletion: AsyncParsableCommand {
 
     @OptionGroup var global: GlobalOptions
 
-    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key: key id or key ARN (kmsd:key/ID).", valueName: "id"))
-    var keyID: String
+    @OptionGroup var key: KeyOption
 
     @Option(name: .customLong("pending-window-in-days"), help: ArgumentHelp("Days before the deletion, 7...30. Default 30.", valueName: "days"))
     var pendingWindowInDays: UInt32 = 30
@@ -20,7 +19,7 @@ struct ScheduleKeyDeletion: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let r = try await global.withClient { try await $0.scheduleKeyDeletion(keyID: keyID, pendingWindowInDays: pendingWindowInDays) }
+        let r = try await global.withClient { try await $0.scheduleKeyDeletion(keyID: key.keyID, pendingWindowInDays: pendingWindowInDays) }
         if global.json {
             try printJSON(["KeyId": r.keyID, "DeletionDate": Int(r.deletionDate), "KeyState": r.keyState,
                            "PendingWindowInDays": Int(r.pendingWindowInDays)])

@@ -8,13 +8,12 @@ struct UpdateKeyDescription: AsyncParsableCommand {
 
     @OptionGroup var global: GlobalOptions
 
-    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key: key id or key ARN (kmsd:key/ID).", valueName: "id"))
-    var keyID: String
+    @OptionGroup var key: KeyOption
 
     @Option(name: .customLong("description"), help: ArgumentHelp("The new description (not secret).", valueName: "text"))
     var keyDescription: String
 
     func run() async throws {
-        try await global.withClient { try await $0.updateKeyDescription(keyID: keyID, description: keyDescription) }
+        try await global.withClient { try await $0.updateKeyDescription(keyID: key.keyID, description: keyDescription) }
     }
 }
