@@ -60,6 +60,40 @@ extension KMSClient {
         })) else { throw Self.mismatch }
     }
 
+    public func createAlias(aliasName: String, targetKeyID: String) async throws {
+        guard case .createAlias = try await send(.createAlias(.with { $0.aliasName = aliasName; $0.targetKeyID = targetKeyID })) else { throw Self.mismatch }
+    }
+
+    public func updateAlias(aliasName: String, targetKeyID: String) async throws {
+        guard case .updateAlias = try await send(.updateAlias(.with { $0.aliasName = aliasName; $0.targetKeyID = targetKeyID })) else { throw Self.mismatch }
+    }
+
+    public func deleteAlias(aliasName: String) async throws {
+        guard case .deleteAlias = try await send(.deleteAlias(.with { $0.aliasName = aliasName })) else { throw Self.mismatch }
+    }
+
+    public func listAliases(keyID: String = "", limit: UInt32 = 0, marker: String = "") async throws -> Kmsd_V1_ListAliasesResponse {
+        guard case .listAliases(let r) = try await send(.listAliases(.with { $0.keyID = keyID; $0.limit = limit; $0.marker = marker })) else { throw Self.mismatch }
+        return r
+    }
+
+    /// Adds tags (a key already present gets the new value).
+    public func tagResource(keyID: String, tags: [(key: String, value: String)]) async throws {
+        guard case .tagResource = try await send(.tagResource(.with {
+            $0.keyID = keyID
+            $0.tags = tags.map { t in .with { $0.tagKey = t.key; $0.tagValue = t.value } }
+        })) else { throw Self.mismatch }
+    }
+
+    public func untagResource(keyID: String, tagKeys: [String]) async throws {
+        guard case .untagResource = try await send(.untagResource(.with { $0.keyID = keyID; $0.tagKeys = tagKeys })) else { throw Self.mismatch }
+    }
+
+    public func listResourceTags(keyID: String, limit: UInt32 = 0, marker: String = "") async throws -> Kmsd_V1_ListResourceTagsResponse {
+        guard case .listResourceTags(let r) = try await send(.listResourceTags(.with { $0.keyID = keyID; $0.limit = limit; $0.marker = marker })) else { throw Self.mismatch }
+        return r
+    }
+
     public func describeKey(keyID: String) async throws -> Kmsd_V1_KeyMetadata {
         guard case .describeKey(let r) = try await send(.describeKey(.with { $0.keyID = keyID })) else { throw Self.mismatch }
         return r.keyMetadata

@@ -25,7 +25,7 @@ public struct KeyID: Hashable, Sendable, Comparable, CustomStringConvertible, Co
         var body = Substring(text)
         if body.hasPrefix(Self.arnPrefix) { body = body.dropFirst(Self.arnPrefix.count) }
         if body.hasPrefix("alias/") {
-            throw KMSError(.notFound, "aliases are not supported yet; pass the key id (a UUID)")
+            throw KMSError(.notFound, "an alias names no key here; this operation takes a key id or key ARN")
         }
         guard let bytes = Self.parseUUID(body.utf8) else {
             throw KMSError(.notFound, "that is not a key id; key ids look like 1234abcd-12ab-34cd-56ef-1234567890ab")

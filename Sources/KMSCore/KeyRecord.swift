@@ -68,3 +68,18 @@ public struct KeyVersionRecord: Codable, Sendable, Equatable {
     /// nonce(12) ‖ AES-256-GCM ciphertext ‖ tag(16); AAD binds key id, version and spec.
     public var wrappedMaterial: [UInt8]
 }
+
+/// An alias: a friendly name for a key (`alias/NAME`). Stored authenticated, like keys.
+public struct AliasRecord: Codable, Sendable, Equatable {
+    public var aliasName: String
+    public var keyID: KeyID
+    public var createdAt: Date
+    public var updatedAt: Date
+
+    public init(aliasName: String, keyID: KeyID, createdAt: Date, updatedAt: Date) {
+        self.aliasName = aliasName
+        self.keyID = keyID
+        self.createdAt = createdAt
+        self.updatedAt = updatedAt
+    }
+}

@@ -120,6 +120,61 @@ public final class KeyRepository: Sendable {
         return tombstone
     }
 
+    // MARK: - Aliases
+
+    /// Stores a new alias; AlreadyExistsException when the name is taken.
+    public func createAlias(_ alias: AliasRecord) throws(KMSError) {
+        let row: StoredRow
+        do { row = try seal(alias, table: "aliases", rowKey: alias.aliasName) } catch {
+            throw KMSError(.internalError, "the alias could not be sealed (\(error))")
+        }
+        do {
+            try storage.insertAlias(name: alias.aliasName, keyID: alias.keyID.description, row: row)
+        } catch {
+            if (try? storage.alias(name: alias.aliasName)) != nil {
+                throw KMSError(.alreadyExists, "alias \(alias.aliasName) already exists; choose another name or update-alias it")
+            }
+            throw KMSError(.internalError, "the alias could not be stored (\(error)); nothing was created")
+        }
+    }
+
+    public func updateAlias(_ alias: AliasRecord) throws {
+        try storage.updateAlias(name: alias.aliasName, keyID: alias.keyID.description,
+                                row: try seal(alias, table: "aliases", rowKey: alias.aliasName))
+    }
+
+    public func deleteAlias(_ name: String) throws {
+        try storage.deleteAlias(name: name)
+    }
+
+    /// The alias, or nil; KeyUnavailableException when its row fails its integrity check.
+    public func alias(_ name: String) throws(KMSError) -> AliasRecord? {
+        let row: StoredRow?
+        do { row = try storage.alias(name: name) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+        guard let row else { return nil }
+        let valid = (try? HMAC.isValid(row.mac, key: root.recordMACKey, data: macInput(table: "aliases", rowKey: name, record: row.record))) ?? false
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .secondsSince1970
+        guard valid, let alias = try? decoder.decode(AliasRecord.self, from: Data(row.record)), alias.aliasName == name else {
+            throw KMSError(.keyUnavailable, "the stored alias \(name) failed its integrity check: the keystore was modified outside kmsd. Restore it from a backup")
+        }
+        return alias
+    }
+
+    public func aliasNames(keyID: KeyID?, after: String?, limit: Int) throws(KMSError) -> [String] {
+        do { return try storage.aliasNames(keyID: keyID?.description, after: after, limit: limit) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+    }
+
+    public func aliasCount(_ keyID: KeyID) throws(KMSError) -> Int {
+        do { return try storage.aliasCount(keyID: keyID.description) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+    }
+
     /// Keys pending deletion whose deletion time has come.
     public func dueForDeletion(at time: Date) throws -> [KeyID] {
         try storage.keysDueForDeletion(at: Int64(time.timeIntervalSince1970)).compactMap { try? KeyID(parsing: $0) }

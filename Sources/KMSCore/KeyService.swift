@@ -69,7 +69,7 @@ public final class KeyService: Sendable {
 
     /// The metadata of a key the caller may use.
     public func describeKey(_ keyID: String, caller: Principal) throws(KMSError) -> KeyRecord {
-        try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
+        try usableRecord(resolve(keyID), caller: caller, needsEnabled: false)
     }
 
     /// One page of keys visible to the caller, the marker of the next page, and the keys left
@@ -255,6 +255,183 @@ public final class KeyService: Sendable {
         return ISO8601DateFormatter().string(from: d)
     }
 
+    // MARK: - Aliases
+
+    /// A key identifier where AWS KMS accepts aliases too: key id, key ARN, `alias/NAME` or
+    /// `kmsd:alias/NAME`. NotFoundException when the alias does not exist.
+    public func resolve(_ text: String) throws(KMSError) -> KeyID {
+        guard let name = Self.aliasName(text) else { return try KeyID(parsing: text) }
+        try Self.validateAlias(name)
+        guard let alias = try repository.alias(name) else {
+            throw KMSError(.notFound, "alias \(name) does not exist; list aliases with kmsctl list-aliases")
+        }
+        return alias.keyID
+    }
+
+    /// `alias/NAME` from `alias/NAME` or its ARN `kmsd:alias/NAME`; nil for anything else.
+    public static func aliasName(_ text: String) -> String? {
+        if text.hasPrefix("alias/") { return text }
+        if text.hasPrefix(KMSLimits.aliasARNPrefix) { return String(text.dropFirst(KMSLimits.aliasARNPrefix.count - "alias/".count)) }
+        return nil
+    }
+
+    /// AWS's rule: `alias/` then letters, digits, `/ _ - :`; 1...256 characters in all; not
+    /// `alias/aws/...`, which AWS reserves.
+    public static func checkAliasName(_ name: String) throws(KMSError) { try validateAlias(name) }
+
+    static func validateAlias(_ name: String) throws(KMSError) {
+        let allowed = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/_-:".utf8)
+        let rest = name.utf8.dropFirst("alias/".count)
+        guard name.hasPrefix("alias/"), !rest.isEmpty, name.utf8.count <= 256, rest.allSatisfy(allowed.contains) else {
+            throw KMSError(.validation, "alias name '\(name.prefix(80))' is not valid: alias/ followed by letters, digits, / _ - or :, 256 characters at most")
+        }
+        guard !name.hasPrefix("alias/aws/") else {
+            throw KMSError(.validation, "alias names beginning alias/aws/ are reserved (as in AWS KMS); choose another")
+        }
+    }
+
+    /// A key that an alias may point to: the caller may use it, and it is not pending deletion.
+    private func aliasTarget(_ text: String, caller: Principal) throws(KMSError) -> KeyRecord {
+        guard Self.aliasName(text) == nil else {
+            throw KMSError(.validation, "TargetKeyId must be a key id or key ARN, not an alias")
+        }
+        let record = try usableRecord(KeyID(parsing: text), caller: caller, needsEnabled: false)
+        guard record.state != .pendingDeletion else { throw Self.invalidState(record, "given an alias") }
+        guard try repository.aliasCount(record.keyID) < KMSLimits.maxAliasesPerKey else {
+            throw KMSError(.limitExceeded, "key \(record.keyID) already has \(KMSLimits.maxAliasesPerKey) aliases, the most a key may have")
+        }
+        return record
+    }
+
+    public func createAlias(_ name: String, targetKeyID: String, caller: Principal) throws(KMSError) -> AliasRecord {
+        try Self.validateAlias(name)
+        let target = try aliasTarget(targetKeyID, caller: caller)
+        let now = Date(timeIntervalSince1970: clock().timeIntervalSince1970.rounded(.down))
+        let alias = AliasRecord(aliasName: name, keyID: target.keyID, createdAt: now, updatedAt: now)
+        try repository.createAlias(alias)
+        return alias
+    }
+
+    /// Points an existing alias at another key; returns the alias before and after.
+    public func updateAlias(_ name: String, targetKeyID: String, caller: Principal) throws(KMSError) -> (before: AliasRecord, after: AliasRecord) {
+        try Self.validateAlias(name)
+        guard let before = try repository.alias(name) else { throw KMSError(.notFound, "alias \(name) does not exist") }
+        _ = try usableRecord(before.keyID, caller: caller, needsEnabled: false)
+        let target = try aliasTarget(targetKeyID, caller: caller)
+        var after = before
+        after.keyID = target.keyID
+        after.updatedAt = Date(timeIntervalSince1970: clock().timeIntervalSince1970.rounded(.down))
+        do { try repository.updateAlias(after) } catch {
+            throw KMSError(.internalError, "the alias could not be updated (\(error)); nothing was changed")
+        }
+        return (before, after)
+    }
+
+    public func deleteAlias(_ name: String, caller: Principal) throws(KMSError) -> AliasRecord {
+        try Self.validateAlias(name)
+        guard let alias = try repository.alias(name) else { throw KMSError(.notFound, "alias \(name) does not exist") }
+        _ = try usableRecord(alias.keyID, caller: caller, needsEnabled: false)
+        do { try repository.deleteAlias(name) } catch {
+            throw KMSError(.internalError, "the alias could not be deleted (\(error)); nothing was changed")
+        }
+        return alias
+    }
+
+    /// Puts an alias back as it was, or removes it (undo).
+    public func restoreAlias(_ alias: AliasRecord?, name: String) throws {
+        guard let alias else { try repository.deleteAlias(name); return }
+        if (try? repository.alias(name)) == nil { try repository.createAlias(alias) } else { try repository.updateAlias(alias) }
+    }
+
+    /// One page of aliases the caller may see: all for administrators, else those of keys the
+    /// caller may use; only `keyID`'s when given.
+    public func listAliases(keyID: String, limit: Int, marker: String, caller: Principal) throws(KMSError) -> (aliases: [AliasRecord], nextMarker: String?) {
+        let limit = limit == 0 ? KMSLimits.defaultListLimit : limit
+        guard (1...KMSLimits.maxListLimit).contains(limit) else { throw KMSError(.validation, "Limit must be 1...\(KMSLimits.maxListLimit)") }
+        var key: KeyID? = nil
+        if !keyID.isEmpty { key = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false).keyID }
+        var after = try Self.textMarker(marker, label: "aliases", caller: caller, repository: repository)
+        let admin = isAdministrator(caller)
+        var page: [AliasRecord] = []
+        var scanned = 0
+        while page.count <= limit, scanned < 10 * KMSLimits.maxListLimit {
+            let names = try repository.aliasNames(keyID: key, after: after, limit: 256)
+            if names.isEmpty { break }
+            for name in names where page.count <= limit {
+                after = name
+                scanned += 1
+                guard let alias = try? repository.alias(name) else { continue }
+                if admin || key != nil || (try? repository.record(alias.keyID, caching: false))??.ownerUID == caller.uid { page.append(alias) }
+            }
+        }
+        if page.count > limit {
+            page.removeLast()
+            return (page, Self.makeTextMarker(page.last!.aliasName, label: "aliases", caller: caller, repository: repository))
+        }
+        return (page, nil)
+    }
+
+    // MARK: - Tags
+
+    public func tagResource(_ keyID: String, tags: [Tag], caller: Principal) throws(KMSError) -> Change {
+        try Self.validate(tags: tags)
+        return try change(keyID, caller: caller, action: "tag") { (r) throws(KMSError) in
+            guard r.state != .pendingDeletion else { throw Self.invalidState(r, "tagged") }
+            for t in tags {
+                if let i = r.tags.firstIndex(where: { Array($0.key.utf8) == Array(t.key.utf8) }) { r.tags[i].value = t.value } else { r.tags.append(t) }
+            }
+            guard r.tags.count <= KMSLimits.maxTags else {
+                throw KMSError(.limitExceeded, "a key may have at most \(KMSLimits.maxTags) tags; this would make \(r.tags.count)")
+            }
+        }
+    }
+
+    public func untagResource(_ keyID: String, tagKeys: [String], caller: Principal) throws(KMSError) -> Change {
+        try change(keyID, caller: caller, action: "untag") { (r) throws(KMSError) in
+            guard r.state != .pendingDeletion else { throw Self.invalidState(r, "untagged") }
+            let gone = Set(tagKeys.map { Array($0.utf8) })
+            r.tags.removeAll { gone.contains(Array($0.key.utf8)) }
+        }
+    }
+
+    /// The key's tags sorted by key bytes, one page.
+    public func listResourceTags(_ keyID: String, limit: Int, marker: String, caller: Principal) throws(KMSError) -> (tags: [Tag], nextMarker: String?) {
+        let limit = limit == 0 ? KMSLimits.maxTags : limit
+        guard (1...KMSLimits.maxTags).contains(limit) else { throw KMSError(.validation, "Limit must be 1...\(KMSLimits.maxTags)") }
+        let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
+        let after = try Self.textMarker(marker, label: "tags/\(record.keyID)", caller: caller, repository: repository)
+        let sorted = record.tags.sorted { Array($0.key.utf8).lexicographicallyPrecedes(Array($1.key.utf8)) }
+        let rest = after.map { a in sorted.filter { Array(a.utf8).lexicographicallyPrecedes(Array($0.key.utf8)) } } ?? sorted
+        guard rest.count > limit else { return (rest, nil) }
+        let page = Array(rest.prefix(limit))
+        return (page, Self.makeTextMarker(page.last!.key, label: "tags/\(record.keyID)", caller: caller, repository: repository))
+    }
+
+    /// Markers over text (alias names, tag keys): the text and a MAC binding it to the listing
+    /// and the caller, hex-encoded; anything else is InvalidMarkerException.
+    static func makeTextMarker(_ text: String, label: String, caller: Principal, repository: KeyRepository) -> String? {
+        var data = Array("kmsd/v1/marker/\(label)".utf8)
+        data.appendLengthPrefixed(Array(text.utf8))
+        data.appendBigEndian(caller.uid)
+        guard let tag = try? HMAC.authenticate(key: repository.root.recordMACKey, data: data) else { return nil }
+        return (Array(tag.prefix(16)) + Array(text.utf8)).map { String(format: "%02x", $0) }.joined()
+    }
+
+    static func textMarker(_ marker: String, label: String, caller: Principal, repository: KeyRepository) throws(KMSError) -> String? {
+        guard !marker.isEmpty else { return nil }
+        let invalid = KMSError(.invalidMarker, "Marker is not one this server returned to you; pass the NextMarker of the previous page, or start again without one")
+        let utf8 = Array(marker.utf8)
+        guard utf8.count >= 34, utf8.count % 2 == 0 else { throw invalid }
+        var bytes: [UInt8] = []
+        for i in stride(from: 0, to: utf8.count, by: 2) {
+            guard let b = UInt8(String(decoding: utf8[i..<i + 2], as: UTF8.self), radix: 16) else { throw invalid }
+            bytes.append(b)
+        }
+        let text = String(decoding: bytes[16...], as: UTF8.self)
+        guard let expected = makeTextMarker(text, label: label, caller: caller, repository: repository), expected == marker else { throw invalid }
+        return text
+    }
+
     // MARK: - Cryptographic operations
 
     public struct Sealed: Sendable {
@@ -274,7 +451,7 @@ public final class KeyService: Sendable {
         guard (1...KMSLimits.maxPlaintextBytes).contains(plaintext.count) else {
             throw KMSError(.validation, "Plaintext must be 1...\(KMSLimits.maxPlaintextBytes) bytes; use envelope encryption (GenerateDataKey) for more")
         }
-        let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: true)
+        let record = try usableRecord(resolve(keyID), caller: caller, needsEnabled: true)
         return try seal(plaintext, record: record, context: ctx)
     }
 
@@ -285,7 +462,7 @@ public final class KeyService: Sendable {
         }
         let parsed = try SymmetricCiphertext(parsing: blob)
         if !keyID.isEmpty {
-            let expected = try KeyID(parsing: keyID)
+            let expected = try resolve(keyID)
             guard expected == parsed.keyID else {
                 throw KMSError(.incorrectKey, "the ciphertext was encrypted under another key than \(expected); omit KeyId or pass the right one")
             }
@@ -308,7 +485,7 @@ public final class KeyService: Sendable {
     public func reEncrypt(blob: [UInt8], sourceContext: EncryptionContext, sourceKeyID: String,
                           destinationKeyID: String, destinationContext destContext: EncryptionContext,
                           caller: Principal) throws(KMSError) -> (sealed: Sealed, source: Opened) {
-        let destinationID = try KeyID(parsing: destinationKeyID)
+        let destinationID = try resolve(destinationKeyID)
         let opened = try decrypt(blob: blob, context: sourceContext, keyID: sourceKeyID, caller: caller)
         let destination = try usableRecord(destinationID, caller: caller, needsEnabled: true)
         let sealed = try opened.plaintext.withUnsafeBytes { (p) throws(KMSError) in try seal(p, record: destination, context: destContext) }
@@ -332,7 +509,7 @@ public final class KeyService: Sendable {
         default:
             throw KMSError(.validation, "give KeySpec or NumberOfBytes, not both")
         }
-        let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: true)
+        let record = try usableRecord(resolve(keyID), caller: caller, needsEnabled: true)
         let dataKey: SecureBytes
         do { dataKey = try SecureBytes.random(count: count) } catch {
             throw KMSError(.internalError, "could not generate random bytes inside kmsd")
@@ -407,6 +584,9 @@ public final class KeyService: Sendable {
 
     static func validate(tags: [Tag]) throws(KMSError) {
         guard tags.count <= KMSLimits.maxTags else { throw KMSError(.validation, "at most \(KMSLimits.maxTags) tags are allowed") }
+        for t in tags where t.key.hasPrefix("aws:") {
+            throw KMSError(.validation, "tag key '\(t.key.prefix(64))' begins with aws:, which AWS reserves")
+        }
         var seen = Set<[UInt8]>()
         for t in tags {
             guard (1...KMSLimits.maxTagKeyLength).contains(t.key.unicodeScalars.count),

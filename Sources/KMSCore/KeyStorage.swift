@@ -26,6 +26,15 @@ public protocol KeyStorage: Sendable {
     func tombstone(id: String) throws -> StoredRow?
     /// Ids of keys pending deletion whose deletion time is at or before `time` (Unix seconds).
     func keysDueForDeletion(at time: Int64) throws -> [String]
+    /// Inserts an alias row; throws when the name exists.
+    func insertAlias(name: String, keyID: String, row: StoredRow) throws
+    /// Replaces an alias row (its target may change).
+    func updateAlias(name: String, keyID: String, row: StoredRow) throws
+    func deleteAlias(name: String) throws
+    func alias(name: String) throws -> StoredRow?
+    /// Alias names in ascending order after `after`, all or those of one key.
+    func aliasNames(keyID: String?, after: String?, limit: Int) throws -> [String]
+    func aliasCount(keyID: String) throws -> Int
     func key(id: String) throws -> StoredRow?
     func version(id: String, number: UInt32) throws -> StoredRow?
     /// Key ids in ascending order, strictly after `after` (nil = from the start); only those

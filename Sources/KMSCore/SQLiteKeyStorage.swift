@@ -35,6 +35,8 @@ public final class SQLiteKeyStorage: KeyStorage {
             "CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, record BLOB NOT NULL, mac BLOB NOT NULL, owner_uid INTEGER)",
             "CREATE TABLE IF NOT EXISTS key_versions (key_id TEXT NOT NULL REFERENCES keys(key_id), version INTEGER NOT NULL, record BLOB NOT NULL, mac BLOB NOT NULL, PRIMARY KEY (key_id, version))",
             "CREATE TABLE IF NOT EXISTS deleted_keys (key_id TEXT PRIMARY KEY, record BLOB NOT NULL, mac BLOB NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS aliases (alias_name TEXT PRIMARY KEY, key_id TEXT NOT NULL, record BLOB NOT NULL, mac BLOB NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases (key_id, alias_name)",
         ] {
             try Self.exec(conn, sql, path: path)
         }
@@ -119,6 +121,7 @@ public final class SQLiteKeyStorage: KeyStorage {
             let due = try Self.query(conn, "SELECT 1 FROM keys WHERE key_id = ?1 AND deletion_due IS NOT NULL AND deletion_due <= ?2",
                                      [.text(id), .int(time)], path: path) { _ in true }
             guard !due.isEmpty else { return }
+            try Self.run(conn, "DELETE FROM aliases WHERE key_id = ?1", [.text(id)], path: path)
             try Self.run(conn, "DELETE FROM key_versions WHERE key_id = ?1", [.text(id)], path: path)
             try Self.run(conn, "DELETE FROM keys WHERE key_id = ?1", [.text(id)], path: path)
             try Self.run(conn, "INSERT OR REPLACE INTO deleted_keys (key_id, record, mac) VALUES (?1, ?2, ?3)",
@@ -126,6 +129,52 @@ public final class SQLiteKeyStorage: KeyStorage {
             destroyed = true
         }
         return destroyed
+    }
+
+    public func insertAlias(name: String, keyID: String, row: StoredRow) throws {
+        try write { conn in
+            try Self.run(conn, "INSERT INTO aliases (alias_name, key_id, record, mac) VALUES (?1, ?2, ?3, ?4)",
+                         [.text(name), .text(keyID), .blob(row.record), .blob(row.mac)], path: path)
+        }
+    }
+
+    public func updateAlias(name: String, keyID: String, row: StoredRow) throws {
+        try write { conn in
+            try Self.run(conn, "UPDATE aliases SET key_id = ?2, record = ?3, mac = ?4 WHERE alias_name = ?1",
+                         [.text(name), .text(keyID), .blob(row.record), .blob(row.mac)], path: path)
+            guard sqlite3_changes(conn.handle) == 1 else { throw StorageError("keystore \(path): alias \(name) is not there to update") }
+        }
+    }
+
+    public func deleteAlias(name: String) throws {
+        try write { conn in
+            try Self.run(conn, "DELETE FROM aliases WHERE alias_name = ?1", [.text(name)], path: path)
+        }
+    }
+
+    public func alias(name: String) throws -> StoredRow? {
+        try readers.with { conn in
+            try Self.query(conn, "SELECT record, mac FROM aliases WHERE alias_name = ?1", [.text(name)], path: path) { stmt in
+                StoredRow(record: Self.blob(stmt, 0), mac: Self.blob(stmt, 1))
+            }.first
+        }
+    }
+
+    public func aliasNames(keyID: String?, after: String?, limit: Int) throws -> [String] {
+        try readers.with { conn in
+            if let keyID {
+                return try Self.query(conn, "SELECT alias_name FROM aliases WHERE key_id = ?1 AND alias_name > ?2 ORDER BY alias_name LIMIT ?3",
+                                      [.text(keyID), .text(after ?? ""), .int(Int64(limit))], path: path) { String(cString: sqlite3_column_text($0, 0)) }
+            }
+            return try Self.query(conn, "SELECT alias_name FROM aliases WHERE alias_name > ?1 ORDER BY alias_name LIMIT ?2",
+                                  [.text(after ?? ""), .int(Int64(limit))], path: path) { String(cString: sqlite3_column_text($0, 0)) }
+        }
+    }
+
+    public func aliasCount(keyID: String) throws -> Int {
+        try readers.with { conn in
+            try Self.query(conn, "SELECT count(*) FROM aliases WHERE key_id = ?1", [.text(keyID)], path: path) { Int(sqlite3_column_int64($0, 0)) }.first ?? 0
+        }
     }
 
     public func tombstone(id: String) throws -> StoredRow? {

@@ -33,4 +33,6 @@ public enum KMSLimits {
     /// ScheduleKeyDeletion's waiting period, in days (as AWS KMS).
     public static let pendingWindowDays: ClosedRange<UInt32> = 7...30
     public static let defaultPendingWindowDays: UInt32 = 30
+    public static let maxAliasesPerKey = 50
+    public static let aliasARNPrefix = "kmsd:alias/"
 }

@@ -23,6 +23,13 @@ extension Kmsd_V1_Request.OneOf_Operation {
         case .generateDataKey: "GenerateDataKey"
         case .generateDataKeyWithoutPlaintext: "GenerateDataKeyWithoutPlaintext"
         case .generateRandom: "GenerateRandom"
+        case .createAlias: "CreateAlias"
+        case .updateAlias: "UpdateAlias"
+        case .deleteAlias: "DeleteAlias"
+        case .listAliases: "ListAliases"
+        case .tagResource: "TagResource"
+        case .untagResource: "UntagResource"
+        case .listResourceTags: "ListResourceTags"
         }
     }
 }

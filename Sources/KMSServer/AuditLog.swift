@@ -36,6 +36,7 @@ struct AuditRecord: Sendable {
             "KMS_ERROR=\(error?.rawValue ?? "")",
             "KMS_KEY_ID=\(details.keyID)",
             "KMS_KEY_VERSION=\(details.keyVersion.map(String.init) ?? "")",
+            "KMS_ALIAS=\(details.alias)",
             "KMS_REQUEST_ID=\(requestID)",
             "KMS_PEER_UID=\(principal.uid)",
             "KMS_PEER_GID=\(principal.gid)",

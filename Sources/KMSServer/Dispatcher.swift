@@ -13,6 +13,8 @@ struct AuditDetails {
     var sourceKeyID: String? = nil
     var sourceKeyVersion: UInt32? = nil
     var sourceContextKeys: String? = nil
+    /// The alias the request named or acted on (a valid alias name only).
+    var alias = ""
     /// Keys left out of the answer because their stored record failed its integrity check.
     var integrityFailures: [String] = []
     /// Reverses the request's lasting effect; run when its audit record cannot be written, so
@@ -21,9 +23,21 @@ struct AuditDetails {
 }
 
 extension AuditDetails {
+    /// The alias a key identifier names, when it is a valid alias name; else "".
+    static func alias(requested text: String) -> String {
+        guard let name = KeyService.aliasName(text), (try? KeyService.checkAliasName(name)) != nil else { return "" }
+        return name
+    }
+
+    /// Notes what a request's key identifier names: a key id, or an alias.
+    mutating func noteKey(requested text: String) {
+        keyID = Self.keyID(requested: text)
+        alias = Self.alias(requested: text)
+    }
+
     /// The key id a request named, as kmsd understood it; "invalid" for text that names no key.
     static func keyID(requested text: String) -> String {
-        guard !text.isEmpty else { return "" }
+        guard !text.isEmpty, KeyService.aliasName(text) == nil else { return "" }
         return (try? KeyID(parsing: text))?.description ?? "invalid"
     }
 }
@@ -104,7 +118,9 @@ final class Dispatcher: Sendable {
 
     /// Operation names this server answers, for Hello.
     static let operations = ["Hello", "WhoAmI", "CreateKey", "DescribeKey", "ListKeys", "EnableKey", "DisableKey",
-                             "ScheduleKeyDeletion", "CancelKeyDeletion", "UpdateKeyDescription", "Encrypt", "Decrypt",
+                             "ScheduleKeyDeletion", "CancelKeyDeletion", "UpdateKeyDescription",
+                             "CreateAlias", "UpdateAlias", "DeleteAlias", "ListAliases",
+                             "TagResource", "UntagResource", "ListResourceTags", "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
     static func route(_ op: KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ details: inout AuditDetails,
@@ -127,6 +143,13 @@ final class Dispatcher: Sendable {
         case .generateDataKeyWithoutPlaintext(let r):
             .generateDataKeyWithoutPlaintext(try CryptoHandlers.generateDataKeyWithoutPlaintext(r, ctx, &details))
         case .generateRandom(let r): .generateRandom(try CryptoHandlers.generateRandom(r, ctx))
+        case .createAlias(let r): .createAlias(try AliasHandlers.createAlias(r, ctx, &details))
+        case .updateAlias(let r): .updateAlias(try AliasHandlers.updateAlias(r, ctx, &details))
+        case .deleteAlias(let r): .deleteAlias(try AliasHandlers.deleteAlias(r, ctx, &details))
+        case .listAliases(let r): .listAliases(try AliasHandlers.listAliases(r, ctx, &details))
+        case .tagResource(let r): .tagResource(try AliasHandlers.tagResource(r, ctx, &details))
+        case .untagResource(let r): .untagResource(try AliasHandlers.untagResource(r, ctx, &details))
+        case .listResourceTags(let r): .listResourceTags(try AliasHandlers.listResourceTags(r, ctx, &details))
         }
     }
 
@@ -136,6 +159,7 @@ final class Dispatcher: Sendable {
     func runsWithoutStorage(_ request: KMSRequest) -> Bool {
         let repository = service.repository
         func cached(_ keyID: String) -> Bool {
+            if KeyService.aliasName(keyID) != nil { return false }  // resolving an alias reads storage
             guard let id = try? KeyID(parsing: keyID) else { return true }  // fails without I/O
             return repository.isCached(id)
         }
@@ -151,7 +175,8 @@ final class Dispatcher: Sendable {
         case .decrypt(let r): return cached(blob: r.ciphertextBlob)
         case .reEncrypt(let r): return cached(blob: r.ciphertextBlob) && cached(r.destinationKeyID)
         case .createKey, .describeKey, .listKeys, .enableKey, .disableKey, .scheduleKeyDeletion, .cancelKeyDeletion,
-             .updateKeyDescription: return false
+             .updateKeyDescription, .createAlias, .updateAlias, .deleteAlias, .listAliases, .tagResource, .untagResource,
+             .listResourceTags: return false
         }
     }
 

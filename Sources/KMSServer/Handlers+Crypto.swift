@@ -16,7 +16,7 @@ enum CryptoHandlers {
     }
 
     static func encrypt(_ r: Kmsd_V1_EncryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_EncryptResponse {
-        d.keyID = AuditDetails.keyID(requested: r.keyID)
+        d.noteKey(requested: r.keyID)
         let pairs = try ctx.context(operation: 30, field: 3, decoded: r.encryptionContext)
         d.contextKeys = EncryptionContext.auditKeys(pairs: pairs)
         try checkAlgorithm(r.encryptionAlgorithm)
@@ -57,7 +57,7 @@ enum CryptoHandlers {
         noteBlob(Array(r.ciphertextBlob), into: &d)
         d.sourceKeyID = d.keyID
         d.sourceKeyVersion = d.keyVersion
-        d.keyID = AuditDetails.keyID(requested: r.destinationKeyID)
+        d.noteKey(requested: r.destinationKeyID)
         d.keyVersion = nil
         let source = try ctx.context(operation: 32, field: 2, decoded: r.sourceEncryptionContext)
         let destination = try ctx.context(operation: 32, field: 5, decoded: r.destinationEncryptionContext)
@@ -79,7 +79,7 @@ enum CryptoHandlers {
     /// The shared half of GenerateDataKey and GenerateDataKeyWithoutPlaintext.
     static func dataKey(keyID: String, keySpec: String, numberOfBytes: UInt32, context pairs: [WirePair],
                         _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> (plaintext: SecureBytes, sealed: KeyService.Sealed) {
-        d.keyID = AuditDetails.keyID(requested: keyID)
+        d.noteKey(requested: keyID)
         d.contextKeys = EncryptionContext.auditKeys(pairs: pairs)
         let result = try ctx.service.generateDataKey(keyID: keyID, keySpec: keySpec, numberOfBytes: numberOfBytes,
                                                      context: EncryptionContext(pairs: pairs), caller: ctx.principal)

@@ -20,7 +20,7 @@ enum KeyHandlers {
     }
 
     static func describeKey(_ r: Kmsd_V1_DescribeKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_DescribeKeyResponse {
-        d.keyID = AuditDetails.keyID(requested: r.keyID)
+        d.noteKey(requested: r.keyID)
         let record = try ctx.service.describeKey(r.keyID, caller: ctx.principal)
         d.keyID = record.keyID.description
         return .with { $0.keyMetadata = metadata(record) }
@@ -51,20 +51,20 @@ enum KeyHandlers {
     }
 
     static func enableKey(_ r: Kmsd_V1_EnableKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_EnableKeyResponse {
-        d.keyID = AuditDetails.keyID(requested: r.keyID)
+        d.noteKey(requested: r.keyID)
         note(try ctx.service.enableKey(r.keyID, caller: ctx.principal), ctx, &d)
         return .init()
     }
 
     static func disableKey(_ r: Kmsd_V1_DisableKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_DisableKeyResponse {
-        d.keyID = AuditDetails.keyID(requested: r.keyID)
+        d.noteKey(requested: r.keyID)
         note(try ctx.service.disableKey(r.keyID, caller: ctx.principal), ctx, &d)
         return .init()
     }
 
     static func scheduleKeyDeletion(_ r: Kmsd_V1_ScheduleKeyDeletionRequest, _ ctx: HandlerContext,
                                     _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ScheduleKeyDeletionResponse {
-        d.keyID = AuditDetails.keyID(requested: r.keyID)
+        d.noteKey(requested: r.keyID)
         let change = try ctx.service.scheduleKeyDeletion(r.keyID, windowDays: r.pendingWindowInDays, caller: ctx.principal)
         note(change, ctx, &d)
         return .with {
@@ -77,7 +77,7 @@ enum KeyHandlers {
 
     static func cancelKeyDeletion(_ r: Kmsd_V1_CancelKeyDeletionRequest, _ ctx: HandlerContext,
                                   _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_CancelKeyDeletionResponse {
-        d.keyID = AuditDetails.keyID(requested: r.keyID)
+        d.noteKey(requested: r.keyID)
         let change = try ctx.service.cancelKeyDeletion(r.keyID, caller: ctx.principal)
         note(change, ctx, &d)
         return .with { $0.keyID = change.after.keyID.description }
@@ -85,7 +85,7 @@ enum KeyHandlers {
 
     static func updateKeyDescription(_ r: Kmsd_V1_UpdateKeyDescriptionRequest, _ ctx: HandlerContext,
                                      _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_UpdateKeyDescriptionResponse {
-        d.keyID = AuditDetails.keyID(requested: r.keyID)
+        d.noteKey(requested: r.keyID)
         note(try ctx.service.updateKeyDescription(r.keyID, description: r.description_p, caller: ctx.principal), ctx, &d)
         return .init()
     }

@@ -21,12 +21,25 @@ struct CreateKey: AsyncParsableCommand {
     @Option(name: .customLong("tag"), help: ArgumentHelp("A tag KEY=VALUE (split at the first '='). Repeatable.", valueName: "key=value"))
     var tags: [String] = []
 
+    @Option(name: .customLong("tags"), parsing: .upToNextOption,
+            help: ArgumentHelp("Tags in the aws CLI's shorthand: TagKey=KEY,TagValue=VALUE ...", valueName: "TagKey=k,TagValue=v"))
+    var tagsShorthand: [String] = []
+
     func validate() throws {
-        _ = try parseKeyValuePairs(tags, option: "--tag")
+        _ = try allTags()
+    }
+
+    /// --tag k=v and --tags TagKey=k,TagValue=v together; a key given twice is a usage error.
+    func allTags() throws -> [String: String] {
+        var tagMap = try parseKeyValuePairs(tags, option: "--tag")
+        for (k, v) in try parseTagShorthand(tagsShorthand) {
+            guard tagMap.updateValue(v, forKey: k) == nil else { throw ValidationError("tag key '\(k)' is given twice") }
+        }
+        return tagMap
     }
 
     func run() async throws {
-        let tagMap = try parseKeyValuePairs(tags, option: "--tag")
+        let tagMap = try allTags()
         let metadata = try await global.withClient {
             try await $0.createKey(description: keyDescription, keySpec: keySpec, keyUsage: keyUsage, tags: tagMap)
         }

@@ -34,6 +34,23 @@ struct KeyOption: ParsableArguments {
     var keyID: String
 }
 
+/// `--alias-name`, for the alias subcommands.
+struct AliasOption: ParsableArguments {
+    @Option(name: .customLong("alias-name"), help: ArgumentHelp("The alias: alias/NAME.", valueName: "alias/name"))
+    var aliasName: String
+}
+
+/// Parses the aws CLI's shorthand for tags: `TagKey=k,TagValue=v` per tag (a value may hold
+/// commas after `TagValue=`; TagValue may be omitted for an empty value).
+func parseTagShorthand(_ items: [String]) throws -> [(key: String, value: String)] {
+    try items.map { item in
+        guard item.hasPrefix("TagKey=") else { throw ValidationError("--tags takes TagKey=KEY,TagValue=VALUE, not '\(item)'") }
+        let rest = item.dropFirst("TagKey=".count)
+        guard let comma = rest.range(of: ",TagValue=") else { return (String(rest), "") }
+        return (String(rest[..<comma.lowerBound]), String(rest[comma.upperBound...]))
+    }
+}
+
 /// Parses repeatable `KEY=VALUE` options (`--context`, `--tag`, ...), splitting at the first
 /// '='. Throws ValidationError (a usage error) for a value without '=', an empty key, or a key
 /// given twice.

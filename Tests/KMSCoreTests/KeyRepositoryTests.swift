@@ -208,6 +208,12 @@ struct KeyRepositoryTests {
         func updateKey(id: String, key: StoredRow, deletionDue: Int64?) throws { try inner.updateKey(id: id, key: key, deletionDue: deletionDue) }
         func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow) throws -> Bool { try inner.destroyKey(id: id, dueBy: time, tombstone: tombstone) }
         func tombstone(id: String) throws -> StoredRow? { try inner.tombstone(id: id) }
+        func insertAlias(name: String, keyID: String, row: StoredRow) throws { try inner.insertAlias(name: name, keyID: keyID, row: row) }
+        func updateAlias(name: String, keyID: String, row: StoredRow) throws { try inner.updateAlias(name: name, keyID: keyID, row: row) }
+        func deleteAlias(name: String) throws { try inner.deleteAlias(name: name) }
+        func alias(name: String) throws -> StoredRow? { try inner.alias(name: name) }
+        func aliasNames(keyID: String?, after: String?, limit: Int) throws -> [String] { try inner.aliasNames(keyID: keyID, after: after, limit: limit) }
+        func aliasCount(keyID: String) throws -> Int { try inner.aliasCount(keyID: keyID) }
         func keysDueForDeletion(at time: Int64) throws -> [String] { try inner.keysDueForDeletion(at: time) }
         func key(id: String) throws -> StoredRow? { lock.withLock { reads += 1 }; return try inner.key(id: id) }
         func version(id: String, number: UInt32) throws -> StoredRow? { try inner.version(id: id, number: number) }

@@ -1,0 +1,38 @@
+import ArgumentParser
+import KMSClient
+
+struct ListAliases: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "list-aliases",
+        abstract: "List aliases: all you may see, or one key's.")
+
+    @OptionGroup var global: GlobalOptions
+
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("Only this key's aliases (key id or key ARN).", valueName: "id"))
+    var keyID: String = ""
+
+    @Option(name: .customLong("limit"), help: ArgumentHelp("At most this many per page (1...1000).", valueName: "n"))
+    var limit: UInt32 = 0
+
+    @Option(name: .customLong("marker"), help: ArgumentHelp("The NextMarker of the previous page.", valueName: "marker"))
+    var marker: String = ""
+
+    func run() async throws {
+        let r = try await global.withClient { try await $0.listAliases(keyID: keyID, limit: limit, marker: marker) }
+        if global.json {
+            var out: [String: Any] = [
+                "Aliases": r.aliases.map { a in
+                    ["AliasName": a.aliasName, "AliasArn": a.aliasArn, "TargetKeyId": a.targetKeyID,
+                     "CreationDate": Int(a.creationDate), "LastUpdatedDate": Int(a.lastUpdatedDate)] as [String: Any]
+                },
+                "Truncated": r.truncated,
+            ]
+            if r.truncated { out["NextMarker"] = r.nextMarker }
+            try printJSON(out)
+        } else {
+            printColumns(headers: ["AliasName", "TargetKeyId", "LastUpdatedDate"], rows:
+                       r.aliases.map { [$0.aliasName, $0.targetKeyID, formatUnixTime($0.lastUpdatedDate)] })
+            if r.truncated { writeStdout("NextMarker: \(r.nextMarker)\n") }
+        }
+    }
+}
