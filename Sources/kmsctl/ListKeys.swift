@@ -22,8 +22,9 @@ struct ListKeys: AsyncParsableCommand {
         let pageLimit = limit ?? 0
         let firstMarker = marker ?? ""
         let followPages = all
-        let (keys, nextMarker, truncated) = try await global.withClient {
-            (client: KMSClient) async throws -> ([Kmsd_V1_KeyListEntry], String, Bool) in
+        let wantDetails = !global.json
+        let (keys, nextMarker, truncated, details) = try await global.withClient {
+            (client: KMSClient) async throws -> ([Kmsd_V1_KeyListEntry], String, Bool, [String: KeyDetails]) in
             var current = firstMarker
             var page = try await client.listKeys(limit: pageLimit, marker: current)
             var collected = page.keys
@@ -32,7 +33,23 @@ struct ListKeys: AsyncParsableCommand {
                 page = try await client.listKeys(limit: pageLimit, marker: current)
                 collected.append(contentsOf: page.keys)
             }
-            return (collected, page.nextMarker, page.truncated)
+            // For people: each key's state, description and aliases (one request per key,
+            // pipelined on the one connection).
+            var details: [String: KeyDetails] = [:]
+            if wantDetails {
+                for key in collected {
+                    if let m = try? await client.describeKey(keyID: key.keyID) {
+                        details[key.keyID] = KeyDetails(state: m.keyState, description: m.description_p, aliases: [])
+                    }
+                }
+                var marker = ""
+                repeat {
+                    guard let aliases = try? await client.listAliases(limit: 1000, marker: marker) else { break }
+                    for a in aliases.aliases { details[a.targetKeyID]?.aliases.append(a.aliasName) }
+                    marker = aliases.truncated ? aliases.nextMarker : ""
+                } while !marker.isEmpty
+            }
+            return (collected, page.nextMarker, page.truncated, details)
         }
 
         if global.json {
@@ -43,10 +60,21 @@ struct ListKeys: AsyncParsableCommand {
             if truncated && !nextMarker.isEmpty { object["NextMarker"] = nextMarker }
             try printJSON(object)
         } else {
-            printColumns(headers: ["KeyId", "Arn"], rows: keys.map { [$0.keyID, $0.keyArn] })
+            printColumns(headers: ["KeyId", "Alias", "State", "Description"], rows: keys.map { key in
+                let d = details[key.keyID]
+                return [key.keyID, d.map { $0.aliases.joined(separator: ",") }.flatMap { $0.isEmpty ? nil : $0 } ?? "-",
+                        d?.state ?? "?", d.map { $0.description.isEmpty ? "-" : String($0.description.prefix(40)) } ?? "?"]
+            })
             if truncated && !nextMarker.isEmpty {
                 writeStderr("kmsctl: more keys follow; run again with --marker \(nextMarker), or use --all\n")
             }
         }
     }
+}
+
+/// What the table shows beside a key's id.
+struct KeyDetails {
+    var state: String
+    var description: String
+    var aliases: [String]
 }

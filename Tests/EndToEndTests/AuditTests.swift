@@ -154,4 +154,23 @@ struct AuditTests {
         let scheduled = try Journal.query(["_PID=\(daemon.pid)", "KMS_ACTION=ScheduleKeyDeletion"], since: daemon.startedAt, atLeast: 1)
         #expect(scheduled.first?["KMS_KEY_ID"] as? String == key && scheduled.first?["KMS_RESULT"] as? String == "Allowed")
     }
+
+    /// A request that names a key by alias is audited with both: the alias and the key it meant.
+    @Test func requestsByAliasRecordTheAliasAndTheKey() async throws {
+        try Journal.ensureRunning()
+        let daemon = try Daemon(auditFailClosed: true)
+        defer { daemon.stop() }
+        let client = daemon.client()
+        let key = try await client.createKey().keyID
+        try await client.createAlias(aliasName: "alias/audited", targetKeyID: key)
+        _ = try await client.encrypt(keyID: "alias/audited", plaintext: [1])
+        await expectKMSError(.notFound) { try await client.encrypt(keyID: "alias/missing", plaintext: [1]) }
+        let records = try Journal.query(["_PID=\(daemon.pid)", "KMS_ACTION=Encrypt"], since: daemon.startedAt, atLeast: 2)
+        let ok = try #require(records.first { $0["KMS_RESULT"] as? String == "Allowed" })
+        #expect(ok["KMS_ALIAS"] as? String == "alias/audited" && ok["KMS_KEY_ID"] as? String == key)
+        let missing = try #require(records.first { $0["KMS_ERROR"] as? String == "NotFoundException" })
+        #expect(missing["KMS_ALIAS"] as? String == "alias/missing" && missing["KMS_KEY_ID"] as? String == "")
+        let created = try Journal.query(["_PID=\(daemon.pid)", "KMS_ACTION=CreateAlias"], since: daemon.startedAt, atLeast: 1)
+        #expect(created.first?["KMS_ALIAS"] as? String == "alias/audited" && created.first?["KMS_KEY_ID"] as? String == key)
+    }
 }

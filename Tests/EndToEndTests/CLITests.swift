@@ -84,6 +84,14 @@ final class CLITests {
         #expect(random.status == 0 && random.stdout.count == 12)
         let list = try json(try kmsctl(["list-keys", "--json"]))
         #expect((list["Keys"] as? [[String: Any]])?.contains { $0["KeyId"] as? String == id } == true)
+        // The table for people shows each key's alias, state and description.
+        #expect(try kmsctl(["create-alias", "--alias-name", "alias/cli-table", "--target-key-id", id]).status == 0)
+        #expect(try kmsctl(["disable-key", "--key-id", other]).status == 0)
+        let table = try kmsctl(["list-keys"]).text.split(separator: "\n")
+        #expect(table.first?.split(separator: " ", omittingEmptySubsequences: true) == ["KeyId", "Alias", "State", "Description"])
+        let row = try #require(table.first { $0.hasPrefix(id) }), otherRow = try #require(table.first { $0.hasPrefix(other) })
+        #expect(row.contains("alias/cli-table") && row.contains("Enabled"), "\(row)")
+        #expect(otherRow.contains("Disabled"), "\(otherRow)")
         let who = try json(try kmsctl(["whoami", "--json"]))
         #expect(who["Uid"] as? Int == Int(getuid()))
     }
