@@ -668,7 +668,10 @@ def build_frames(valid_ciphertexts):
     operations = ["Hello", "WhoAmI", "CreateKey", "DescribeKey", "ListKeys", "EnableKey",
                   "DisableKey", "ScheduleKeyDeletion", "CancelKeyDeletion",
                   "UpdateKeyDescription", "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
-                  "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
+                  "GenerateDataKeyWithoutPlaintext", "GenerateRandom", "CreateAlias",
+                  "UpdateAlias", "DeleteAlias", "ListAliases", "TagResource", "UntagResource",
+                  "ListResourceTags"]
+    assert len(operations) == 23
     metadata = {
         "key_id": KEY_A,
         "arn": "kmsd:key/" + KEY_A,
@@ -759,6 +762,60 @@ def build_frames(valid_ciphertexts):
             "message": "key 1234abcd-12ab-34cd-56ef-1234567890ab was deleted on "
                        "2023-11-21T22:13:20Z; its material is gone and nothing encrypted under "
                        "it can be decrypted"}}),
+        # Aliases (PROTOCOL.md section 7.18-7.21). Alias `alias/orders` is created for key A at
+        # 1700000000 and later moved to key B; list pages carry placeholder markers (real ones
+        # are opaque and MAC'd, so they differ per server and caller).
+        ("create-alias-request", R, {"id": 18, "create_alias": {
+            "alias_name": "alias/orders", "target_key_id": KEY_A}}),
+        ("create-alias-response", S, {"id": 18, "create_alias": {}}),
+        ("encrypt-by-alias-request", R, {"id": 19, "encrypt": {
+            "key_id": "kmsd:alias/orders", "plaintext": bytes.fromhex(enc["plaintext_hex"]),
+            "encryption_context": enc["encryption_context"]}}),
+        ("alias-exists-error-response", S, {"id": 20, "error": {
+            "code": "AlreadyExistsException",
+            "message": "alias alias/orders already exists; choose another name or update-alias it"}}),
+        ("list-aliases-request", R, {"id": 21, "list_aliases": {"limit": 2}}),
+        ("list-aliases-response", S, {"id": 21, "list_aliases": {
+            "aliases": [
+                {"alias_name": "alias/orders", "alias_arn": "kmsd:alias/orders",
+                 "target_key_id": KEY_A, "creation_date": 1700000000,
+                 "last_updated_date": 1700000000},
+                {"alias_name": "alias/reports/2023", "alias_arn": "kmsd:alias/reports/2023",
+                 "target_key_id": KEY_B, "creation_date": 1700000100,
+                 "last_updated_date": 1700003600}],
+            "next_marker": "placeholder-marker-aliases", "truncated": True}}),
+        ("update-alias-request", R, {"id": 22, "update_alias": {
+            "alias_name": "alias/orders", "target_key_id": "kmsd:key/" + KEY_B}}),
+        ("update-alias-response", S, {"id": 22, "update_alias": {}}),
+        ("list-aliases-for-key-request", R, {"id": 23, "list_aliases": {"key_id": KEY_B}}),
+        ("list-aliases-for-key-response", S, {"id": 23, "list_aliases": {
+            "aliases": [
+                {"alias_name": "alias/orders", "alias_arn": "kmsd:alias/orders",
+                 "target_key_id": KEY_B, "creation_date": 1700000000,
+                 "last_updated_date": 1700086400},
+                {"alias_name": "alias/reports/2023", "alias_arn": "kmsd:alias/reports/2023",
+                 "target_key_id": KEY_B, "creation_date": 1700000100,
+                 "last_updated_date": 1700003600}]}}),
+        ("delete-alias-request", R, {"id": 24, "delete_alias": {"alias_name": "alias/orders"}}),
+        ("delete-alias-response", S, {"id": 24, "delete_alias": {}}),
+        # Tags (sections 7.22-7.24) on key A, which CreateKey gave `team=payments`. An empty
+        # tag value is the proto3 default and is not encoded.
+        ("tag-resource-request", R, {"id": 25, "tag_resource": {
+            "key_id": KEY_A, "tags": [{"tag_key": "Project", "tag_value": "atlas"},
+                                      {"tag_key": "cost-center", "tag_value": ""}]}}),
+        ("tag-resource-response", S, {"id": 25, "tag_resource": {}}),
+        ("list-resource-tags-request", R, {"id": 26, "list_resource_tags": {
+            "key_id": KEY_A, "limit": 2}}),
+        ("list-resource-tags-response", S, {"id": 26, "list_resource_tags": {
+            "tags": [{"tag_key": "Project", "tag_value": "atlas"},
+                     {"tag_key": "cost-center", "tag_value": ""}],
+            "next_marker": "placeholder-marker-tags", "truncated": True}}),
+        ("untag-resource-request", R, {"id": 27, "untag_resource": {
+            "key_id": KEY_A, "tag_keys": ["cost-center", "no-such-tag"]}}),
+        ("untag-resource-response", S, {"id": 27, "untag_resource": {}}),
+        ("tag-limit-error-response", S, {"id": 28, "error": {
+            "code": "LimitExceededException",
+            "message": "a key may have at most 50 tags; this would make 51"}}),
     ]
     out = []
     for name, direction, value in vectors:

@@ -291,16 +291,22 @@ public final class KeyService: Sendable {
     }
 
     /// A key that an alias may point to: the caller may use it, and it is not pending deletion.
-    private func aliasTarget(_ text: String, caller: Principal) throws(KMSError) -> KeyRecord {
-        guard Self.aliasName(text) == nil else {
-            throw KMSError(.validation, "TargetKeyId must be a key id or key ARN, not an alias")
-        }
+    private func aliasTarget(_ text: String, caller: Principal, current: KeyID? = nil) throws(KMSError) -> KeyRecord {
+        try Self.checkTargetIsKey(text)
         let record = try usableRecord(KeyID(parsing: text), caller: caller, needsEnabled: false)
         guard record.state != .pendingDeletion else { throw Self.invalidState(record, "given an alias") }
-        guard try repository.aliasCount(record.keyID) < KMSLimits.maxAliasesPerKey else {
+        // An alias already pointing at this key does not add to its count.
+        let count = record.keyID == current ? 0 : try repository.aliasCount(record.keyID)
+        guard count < KMSLimits.maxAliasesPerKey else {
             throw KMSError(.limitExceeded, "key \(record.keyID) already has \(KMSLimits.maxAliasesPerKey) aliases, the most a key may have")
         }
         return record
+    }
+
+    static func checkTargetIsKey(_ text: String) throws(KMSError) {
+        guard aliasName(text) == nil else {
+            throw KMSError(.validation, "TargetKeyId must be a key id or key ARN, not an alias")
+        }
     }
 
     public func createAlias(_ name: String, targetKeyID: String, caller: Principal) throws(KMSError) -> AliasRecord {
@@ -315,9 +321,10 @@ public final class KeyService: Sendable {
     /// Points an existing alias at another key; returns the alias before and after.
     public func updateAlias(_ name: String, targetKeyID: String, caller: Principal) throws(KMSError) -> (before: AliasRecord, after: AliasRecord) {
         try Self.validateAlias(name)
+        try Self.checkTargetIsKey(targetKeyID)
         guard let before = try repository.alias(name) else { throw KMSError(.notFound, "alias \(name) does not exist") }
         _ = try usableRecord(before.keyID, caller: caller, needsEnabled: false)
-        let target = try aliasTarget(targetKeyID, caller: caller)
+        let target = try aliasTarget(targetKeyID, caller: caller, current: before.keyID)
         var after = before
         after.keyID = target.keyID
         after.updatedAt = Date(timeIntervalSince1970: clock().timeIntervalSince1970.rounded(.down))
@@ -354,19 +361,26 @@ public final class KeyService: Sendable {
         let admin = isAdministrator(caller)
         var page: [AliasRecord] = []
         var scanned = 0
+        var exhausted = false
         while page.count <= limit, scanned < 10 * KMSLimits.maxListLimit {
             let names = try repository.aliasNames(keyID: key, after: after, limit: 256)
-            if names.isEmpty { break }
+            if names.isEmpty { exhausted = true; break }
             for name in names where page.count <= limit {
                 after = name
                 scanned += 1
+                // The authenticated row decides, not the index column it was found by.
                 guard let alias = try? repository.alias(name) else { continue }
-                if admin || key != nil || (try? repository.record(alias.keyID, caching: false))??.ownerUID == caller.uid { page.append(alias) }
+                if let key { if alias.keyID == key { page.append(alias) }; continue }
+                if admin || (try? repository.record(alias.keyID, caching: false))??.ownerUID == caller.uid { page.append(alias) }
             }
         }
         if page.count > limit {
             page.removeLast()
             return (page, Self.makeTextMarker(page.last!.aliasName, label: "aliases", caller: caller, repository: repository))
+        }
+        if !exhausted, let last = after {
+            // Stopped after scanning many aliases this caller may not see: go on from there.
+            return (page, Self.makeTextMarker(last, label: "aliases", caller: caller, repository: repository))
         }
         return (page, nil)
     }
@@ -395,15 +409,25 @@ public final class KeyService: Sendable {
     }
 
     /// The key's tags sorted by key bytes, one page.
-    public func listResourceTags(_ keyID: String, limit: Int, marker: String, caller: Principal) throws(KMSError) -> (tags: [Tag], nextMarker: String?) {
+    /// `maxBytes` bounds the page's encoded size (tags of up to 384 characters each can
+    /// otherwise outgrow a frame): the page stops early, with a marker, when the next tag
+    /// would not fit.
+    public func listResourceTags(_ keyID: String, limit: Int, marker: String, maxBytes: Int = .max, caller: Principal) throws(KMSError) -> (tags: [Tag], nextMarker: String?) {
         let limit = limit == 0 ? KMSLimits.maxTags : limit
         guard (1...KMSLimits.maxTags).contains(limit) else { throw KMSError(.validation, "Limit must be 1...\(KMSLimits.maxTags)") }
         let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
         let after = try Self.textMarker(marker, label: "tags/\(record.keyID)", caller: caller, repository: repository)
         let sorted = record.tags.sorted { Array($0.key.utf8).lexicographicallyPrecedes(Array($1.key.utf8)) }
         let rest = after.map { a in sorted.filter { Array(a.utf8).lexicographicallyPrecedes(Array($0.key.utf8)) } } ?? sorted
-        guard rest.count > limit else { return (rest, nil) }
-        let page = Array(rest.prefix(limit))
+        var page: [Tag] = []
+        var bytes = 0
+        for t in rest {
+            let size = t.key.utf8.count + t.value.utf8.count + 12  // field tags and lengths
+            guard page.count < limit, bytes + size <= maxBytes || page.isEmpty else { break }
+            page.append(t)
+            bytes += size
+        }
+        guard page.count < rest.count else { return (page, nil) }
         return (page, Self.makeTextMarker(page.last!.key, label: "tags/\(record.keyID)", caller: caller, repository: repository))
     }
 

@@ -63,6 +63,7 @@ struct AuditRecord: Sendable {
             fields.append("KMS_SOURCE_KEY_ID=\(source)")
             fields.append("KMS_SOURCE_KEY_VERSION=\(details.sourceKeyVersion.map(String.init) ?? "")")
             fields.append("KMS_SOURCE_ENCRYPTION_CONTEXT=\(details.sourceContextKeys ?? "")")
+            fields.append("KMS_SOURCE_ALIAS=\(details.sourceAlias)")
         }
         return fields
     }

@@ -13,6 +13,7 @@ struct AuditDetails {
     var sourceKeyID: String? = nil
     var sourceKeyVersion: UInt32? = nil
     var sourceContextKeys: String? = nil
+    var sourceAlias = ""
     /// The alias the request named or acted on (a valid alias name only).
     var alias = ""
     /// Keys left out of the answer because their stored record failed its integrity check.

@@ -71,7 +71,9 @@ enum AliasHandlers {
 
     static func listResourceTags(_ r: Kmsd_V1_ListResourceTagsRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ListResourceTagsResponse {
         d.keyID = AuditDetails.keyID(requested: r.keyID)
-        let page = try ctx.service.listResourceTags(r.keyID, limit: Int(r.limit), marker: r.marker, caller: ctx.principal)
+        // The page stops early rather than outgrow max_frame_bytes (room left for the rest).
+        let page = try ctx.service.listResourceTags(r.keyID, limit: Int(r.limit), marker: r.marker,
+                                                    maxBytes: ctx.settings.maxFrameBytes - 512, caller: ctx.principal)
         return .with {
             $0.tags = page.tags.map { t in .with { $0.tagKey = t.key; $0.tagValue = t.value } }
             $0.nextMarker = page.nextMarker ?? ""

@@ -40,6 +40,7 @@ enum CryptoHandlers {
     static func decrypt(_ r: Kmsd_V1_DecryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails,
                         _ secret: inout ResponseSecret?) throws(KMSError) -> Kmsd_V1_DecryptResponse {
         noteBlob(Array(r.ciphertextBlob), into: &d)
+        d.alias = AuditDetails.alias(requested: r.keyID)
         let pairs = try ctx.context(operation: 31, field: 2, decoded: r.encryptionContext)
         d.contextKeys = EncryptionContext.auditKeys(pairs: pairs)
         try checkAlgorithm(r.encryptionAlgorithm)
@@ -57,6 +58,7 @@ enum CryptoHandlers {
         noteBlob(Array(r.ciphertextBlob), into: &d)
         d.sourceKeyID = d.keyID
         d.sourceKeyVersion = d.keyVersion
+        d.sourceAlias = AuditDetails.alias(requested: r.sourceKeyID)
         d.noteKey(requested: r.destinationKeyID)
         d.keyVersion = nil
         let source = try ctx.context(operation: 32, field: 2, decoded: r.sourceEncryptionContext)

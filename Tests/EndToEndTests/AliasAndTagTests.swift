@@ -127,7 +127,33 @@ final class AliasAndTagTests {
         _ = try await client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 30)
         await expectKMSError(.invalidState) { try await self.client.tagResource(keyID: key, tags: [("k1", "x")]) }
         await expectKMSError(.invalidState) { try await self.client.untagResource(keyID: key, tagKeys: ["k1"]) }
-        #expect(try await client.listResourceTags(keyID: key).tags.count == 50)
+        // 50 tags, in pages that fit a frame.
+        var count = 0, marker = ""
+        repeat {
+            let page = try await client.listResourceTags(keyID: key, marker: marker)
+            count += page.tags.count
+            marker = page.truncated ? page.nextMarker : ""
+        } while !marker.isEmpty
+        #expect(count == 50)
+    }
+
+    /// 50 tags of the longest kind (4-byte characters) outgrow one frame: the listing pages.
+    @Test func theLongestTagsListInPagesThatFitAFrame() async throws {
+        let key = try await client.createKey().keyID
+        let clef = "\u{1D11E}"
+        func tag(_ i: Int) -> (key: String, value: String) {
+            (String(format: "k%02d", i) + String(repeating: clef, count: 125), String(repeating: clef, count: 256))
+        }
+        try await client.tagResource(keyID: key, tags: (0..<25).map(tag))
+        try await client.tagResource(keyID: key, tags: (25..<50).map(tag))
+        var keys: [String] = [], pages = 0, marker = ""
+        repeat {
+            let page = try await client.listResourceTags(keyID: key, marker: marker)
+            keys += page.tags.map(\.tagKey)
+            pages += 1
+            marker = page.truncated ? page.nextMarker : ""
+        } while !marker.isEmpty
+        #expect(keys == (0..<50).map { tag($0).key } && pages == 2, "\(pages) pages, \(keys.count) tags")
     }
 
     @Test func kmsctlSpeaksTheAWSCLIFlags() throws {
