@@ -94,6 +94,38 @@ extension KMSClient {
         return r
     }
 
+    /// Turns on automatic rotation every `rotationPeriodInDays` (90...2560; 0 = 365).
+    public func enableKeyRotation(keyID: String, rotationPeriodInDays: UInt32 = 0) async throws {
+        guard case .enableKeyRotation = try await send(.enableKeyRotation(.with { $0.keyID = keyID; $0.rotationPeriodInDays = rotationPeriodInDays })) else { throw Self.mismatch }
+    }
+
+    public func disableKeyRotation(keyID: String) async throws {
+        guard case .disableKeyRotation = try await send(.disableKeyRotation(.with { $0.keyID = keyID })) else { throw Self.mismatch }
+    }
+
+    public func getKeyRotationStatus(keyID: String) async throws -> Kmsd_V1_GetKeyRotationStatusResponse {
+        guard case .getKeyRotationStatus(let r) = try await send(.getKeyRotationStatus(.with { $0.keyID = keyID })) else { throw Self.mismatch }
+        return r
+    }
+
+    public func rotateKeyOnDemand(keyID: String) async throws -> Kmsd_V1_RotateKeyOnDemandResponse {
+        guard case .rotateKeyOnDemand(let r) = try await send(.rotateKeyOnDemand(.with { $0.keyID = keyID })) else { throw Self.mismatch }
+        return r
+    }
+
+    public func listKeyRotations(keyID: String, limit: UInt32 = 0, marker: String = "") async throws -> Kmsd_V1_ListKeyRotationsResponse {
+        guard case .listKeyRotations(let r) = try await send(.listKeyRotations(.with { $0.keyID = keyID; $0.limit = limit; $0.marker = marker })) else { throw Self.mismatch }
+        return r
+    }
+
+    /// Beyond AWS: blobs of versions below `version` refuse to decrypt.
+    public func setMinimumDecryptionVersion(keyID: String, version: UInt32) async throws {
+        guard case .setMinimumDecryptionVersion = try await send(.setMinimumDecryptionVersion(.with {
+            $0.keyID = keyID
+            $0.minimumDecryptionVersion = version
+        })) else { throw Self.mismatch }
+    }
+
     public func describeKey(keyID: String) async throws -> Kmsd_V1_KeyMetadata {
         guard case .describeKey(let r) = try await send(.describeKey(.with { $0.keyID = keyID })) else { throw Self.mismatch }
         return r.keyMetadata

@@ -50,6 +50,13 @@ public struct KeyRecord: Codable, Sendable, Equatable {
     /// PendingDeletion only: when kmsd deletes the key, and the window that was asked for.
     public var deletionDate: Date? = nil
     public var pendingWindowInDays: UInt32? = nil
+    /// Automatic rotation: the period (nil = off) and when the next rotation is due.
+    public var rotationPeriodDays: UInt32? = nil
+    public var nextRotationDate: Date? = nil
+    /// Beyond AWS: versions below this refuse to decrypt (nil or 1: none refused).
+    public var minimumDecryptionVersion: UInt32? = nil
+    /// On-demand rotations so far (AWS allows 10 per key).
+    public var onDemandRotations: UInt32? = nil
 }
 
 /// What remains of a deleted key: its id and when it was deleted, so a request naming it is
@@ -67,6 +74,8 @@ public struct KeyVersionRecord: Codable, Sendable, Equatable {
     public var createdAt: Date
     /// nonce(12) ‖ AES-256-GCM ciphertext ‖ tag(16); AAD binds key id, version and spec.
     public var wrappedMaterial: [UInt8]
+    /// Versions after the first: AUTOMATIC or ON_DEMAND, the rotation that made it.
+    public var rotationType: String? = nil
 }
 
 /// An alias: a friendly name for a key (`alias/NAME`). Stored authenticated, like keys.

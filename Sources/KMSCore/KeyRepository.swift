@@ -87,13 +87,58 @@ public final class KeyRepository: Sendable {
     public func update(_ record: KeyRecord) throws {
         let row = try seal(record, table: "keys", rowKey: record.keyID.description)
         let due = record.state == .pendingDeletion ? record.deletionDate.map { Int64($0.timeIntervalSince1970.rounded(.up)) } : nil
-        try storage.updateKey(id: record.keyID.description, key: row, deletionDue: due)
+        try storage.updateKey(id: record.keyID.description, key: row, deletionDue: due, rotationDue: Self.rotationDue(record))
         cache.withLock { cache in
             if var entry = cache.peek(record.keyID) {
                 entry.record = record
                 cache.put(record.keyID, entry)
             }
         }
+    }
+
+    /// Automatic rotation is indexed only for keys that can rotate (Enabled, rotation on).
+    static func rotationDue(_ r: KeyRecord) -> Int64? {
+        guard r.state == .enabled, r.rotationPeriodDays != nil, let next = r.nextRotationDate else { return nil }
+        return Int64(next.timeIntervalSince1970.rounded(.up))
+    }
+
+    /// Adds version `record.currentVersion` holding `material` and stores `record`, in one
+    /// transaction; the cache then encrypts under the new version.
+    public func rotate(_ record: KeyRecord, material: SecureBytes, rotationType: String, at time: Date) throws {
+        let number = record.currentVersion
+        let version = KeyVersionRecord(keyID: record.keyID, version: number, keySpec: record.keySpec, createdAt: time,
+                                       wrappedMaterial: try wrap(material, keyID: record.keyID, version: number, spec: record.keySpec),
+                                       rotationType: rotationType)
+        try storage.addVersion(id: record.keyID.description, key: try seal(record, table: "keys", rowKey: record.keyID.description),
+                               rotationDue: Self.rotationDue(record), versionNumber: number,
+                               version: try seal(version, table: "key_versions", rowKey: "\(record.keyID)/\(number)"))
+        cache.withLock { cache in
+            if var entry = cache.peek(record.keyID) {
+                entry.record = record
+                entry.versions[number] = material
+                cache.put(record.keyID, entry)
+            }
+        }
+    }
+
+    /// Every version's record (no material), ascending; KeyUnavailableException for a row that
+    /// fails its integrity check.
+    public func versions(_ id: KeyID) throws(KMSError) -> [KeyVersionRecord] {
+        let rows: [(number: UInt32, row: StoredRow)]
+        do { rows = try storage.versions(id: id.description) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+        var out: [KeyVersionRecord] = []
+        for r in rows {
+            let v: KeyVersionRecord = try open(r.row, table: "key_versions", rowKey: "\(id)/\(r.number)")
+            guard v.keyID == id, v.version == r.number else { throw Self.tampered(id) }
+            out.append(v)
+        }
+        return out
+    }
+
+    public func dueForRotation(at time: Date) throws -> [KeyID] {
+        try storage.keysDueForRotation(at: Int64(time.timeIntervalSince1970)).compactMap { try? KeyID(parsing: $0) }
     }
 
     /// Deletes a key for good: its record and every version's wrapped material go, in one

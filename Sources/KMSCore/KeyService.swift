@@ -255,6 +255,111 @@ public final class KeyService: Sendable {
         return ISO8601DateFormatter().string(from: d)
     }
 
+    // MARK: - Rotation
+
+    /// Turns on automatic rotation every `periodDays` (90...2560; 0 means 365), the first one
+    /// that long from now. Enabled keys only (DisabledException, KMSInvalidStateException).
+    public func enableKeyRotation(_ keyID: String, periodDays: UInt32, caller: Principal) throws(KMSError) -> Change {
+        let days = periodDays == 0 ? KMSLimits.defaultRotationPeriodDays : periodDays
+        guard KMSLimits.rotationPeriodDays.contains(days) else {
+            throw KMSError(.validation, "RotationPeriodInDays must be \(KMSLimits.rotationPeriodDays.lowerBound)...\(KMSLimits.rotationPeriodDays.upperBound)")
+        }
+        let now = clock()
+        return try change(keyID, caller: caller, action: "rotate") { (r) throws(KMSError) in
+            try Self.requireEnabled(r)
+            r.rotationPeriodDays = days
+            r.nextRotationDate = Date(timeIntervalSince1970: (now.timeIntervalSince1970 + Double(Int(days) * daySeconds)).rounded(.up))
+        }
+    }
+
+    public func disableKeyRotation(_ keyID: String, caller: Principal) throws(KMSError) -> Change {
+        try change(keyID, caller: caller, action: "stop rotating") { (r) throws(KMSError) in
+            try Self.requireEnabled(r)
+            r.rotationPeriodDays = nil
+            r.nextRotationDate = nil
+        }
+    }
+
+    public func keyRotationStatus(_ keyID: String, caller: Principal) throws(KMSError) -> KeyRecord {
+        try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
+    }
+
+    /// A new version now; new ciphertexts use it, older versions keep decrypting. At most
+    /// `KMSLimits.maxOnDemandRotations` per key, as AWS KMS.
+    public func rotateKeyOnDemand(_ keyID: String, caller: Principal) throws(KMSError) -> KeyRecord {
+        let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
+        try Self.requireEnabled(record)
+        guard (record.onDemandRotations ?? 0) < KMSLimits.maxOnDemandRotations else {
+            throw KMSError(.limitExceeded, "key \(record.keyID) has had \(KMSLimits.maxOnDemandRotations) on-demand rotations, the most a key may have; automatic rotation still runs")
+        }
+        var next = record
+        next.onDemandRotations = (record.onDemandRotations ?? 0) + 1
+        return try rotate(next, type: "ON_DEMAND")
+    }
+
+    /// Rotates every key whose automatic rotation is due; returns the new records.
+    public func rotateDueKeys() throws -> [KeyRecord] {
+        let now = clock()
+        var rotated: [KeyRecord] = []
+        for id in try repository.dueForRotation(at: now) {
+            guard let r = try? repository.record(id, caching: false), r.state == .enabled,
+                  let period = r.rotationPeriodDays, let due = r.nextRotationDate, due <= now else { continue }
+            var next = r
+            // The next one a whole period after this one was due (not after it ran late).
+            var following = due.timeIntervalSince1970 + Double(Int(period) * daySeconds)
+            while following <= now.timeIntervalSince1970 { following += Double(Int(period) * daySeconds) }
+            next.nextRotationDate = Date(timeIntervalSince1970: following)
+            rotated.append(try rotate(next, type: "AUTOMATIC"))
+        }
+        return rotated
+    }
+
+    private func rotate(_ record: KeyRecord, type: String) throws(KMSError) -> KeyRecord {
+        var next = record
+        next.currentVersion = record.currentVersion + 1
+        do {
+            let material = try SecureBytes.random(count: 32)
+            try repository.rotate(next, material: material, rotationType: type, at: clock())
+        } catch let error as KMSError {
+            throw error
+        } catch {
+            throw KMSError(.internalError, "the new key version could not be stored (\(error)); nothing was changed")
+        }
+        return next
+    }
+
+    /// The rotations of a key (versions 2 and later), oldest first, one page.
+    public func listKeyRotations(_ keyID: String, limit: Int, marker: String, caller: Principal) throws(KMSError) -> (rotations: [KeyVersionRecord], nextMarker: String?) {
+        let limit = limit == 0 ? KMSLimits.defaultListLimit : limit
+        guard (1...KMSLimits.maxListLimit).contains(limit) else { throw KMSError(.validation, "Limit must be 1...\(KMSLimits.maxListLimit)") }
+        let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
+        let after = try Self.textMarker(marker, label: "rotations/\(record.keyID)", caller: caller, repository: repository).flatMap { UInt32($0) } ?? 1
+        let rest = try repository.versions(record.keyID).filter { $0.version > after }
+        guard rest.count > limit else { return (rest, nil) }
+        let page = Array(rest.prefix(limit))
+        return (page, Self.makeTextMarker(String(page.last!.version), label: "rotations/\(record.keyID)", caller: caller, repository: repository))
+    }
+
+    /// Beyond AWS: blobs of versions below `version` refuse to decrypt from now on (after the
+    /// data was re-encrypted, say). 1...current version; not while PendingDeletion.
+    public func setMinimumDecryptionVersion(_ keyID: String, version: UInt32, caller: Principal) throws(KMSError) -> Change {
+        try change(keyID, caller: caller, action: "restrict") { (r) throws(KMSError) in
+            guard r.state != .pendingDeletion else { throw Self.invalidState(r, "changed") }
+            guard (1...r.currentVersion).contains(version) else {
+                throw KMSError(.validation, "MinimumDecryptionVersion must be 1...\(r.currentVersion), the key's current version")
+            }
+            r.minimumDecryptionVersion = version
+        }
+    }
+
+    static func requireEnabled(_ r: KeyRecord) throws(KMSError) {
+        switch r.state {
+        case .enabled: return
+        case .disabled: throw KMSError(.disabled, "key \(r.keyID) is disabled; enable it first")
+        case .pendingDeletion, .pendingImport: throw invalidState(r, "rotated")
+        }
+    }
+
     // MARK: - Aliases
 
     /// A key identifier where AWS KMS accepts aliases too: key id, key ARN, `alias/NAME` or
@@ -497,6 +602,9 @@ public final class KeyService: Sendable {
             throw SymmetricCiphertext.invalid
         }
         try checkUsable(record, caller: caller, needsEnabled: true)
+        if let minimum = record.minimumDecryptionVersion, parsed.keyVersion < minimum {
+            throw KMSError(.invalidState, "version \(parsed.keyVersion) of key \(record.keyID) is retired: its minimum decryption version is \(minimum)")
+        }
         guard let material = try repository.material(parsed.keyID, version: parsed.keyVersion) else {
             throw SymmetricCiphertext.invalid
         }

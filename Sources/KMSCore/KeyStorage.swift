@@ -17,8 +17,15 @@ public protocol KeyStorage: Sendable {
     /// Removes a key and all its versions atomically (undo of a CreateKey whose audit record
     /// could not be written).
     func deleteKey(id: String) throws
-    /// Replaces a key's record; `deletionDue` (Unix seconds) indexes keys pending deletion.
-    func updateKey(id: String, key: StoredRow, deletionDue: Int64?) throws
+    /// Replaces a key's record; `deletionDue` and `rotationDue` (Unix seconds) index keys
+    /// pending deletion and keys with automatic rotation.
+    func updateKey(id: String, key: StoredRow, deletionDue: Int64?, rotationDue: Int64?) throws
+    /// Adds a version and replaces the key's record, in one transaction.
+    func addVersion(id: String, key: StoredRow, rotationDue: Int64?, versionNumber: UInt32, version: StoredRow) throws
+    /// Every version row of a key, ascending.
+    func versions(id: String) throws -> [(number: UInt32, row: StoredRow)]
+    /// Ids of keys whose automatic rotation is due at or before `time` (Unix seconds).
+    func keysDueForRotation(at time: Int64) throws -> [String]
     /// Deletes a key and every version and leaves its tombstone, in one transaction, if the
     /// key is still due for deletion at `time` (Unix seconds); false when it is not (say, its
     /// deletion was cancelled meanwhile).

@@ -49,6 +49,10 @@ public final class SQLiteKeyStorage: KeyStorage {
         if !columns.contains("deletion_due") {
             try Self.exec(conn, "ALTER TABLE keys ADD COLUMN deletion_due INTEGER", path: path)
         }
+        if !columns.contains("rotation_due") {
+            try Self.exec(conn, "ALTER TABLE keys ADD COLUMN rotation_due INTEGER", path: path)
+        }
+        try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_rotation ON keys (rotation_due) WHERE rotation_due IS NOT NULL", path: path)
         try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_owner ON keys (owner_uid, key_id)", path: path)
         try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_deletion ON keys (deletion_due) WHERE deletion_due IS NOT NULL", path: path)
         db = Mutex(conn)
@@ -106,11 +110,37 @@ public final class SQLiteKeyStorage: KeyStorage {
         }
     }
 
-    public func updateKey(id: String, key: StoredRow, deletionDue: Int64?) throws {
+    public func updateKey(id: String, key: StoredRow, deletionDue: Int64?, rotationDue: Int64?) throws {
         try transaction { conn in
-            try Self.run(conn, "UPDATE keys SET record = ?2, mac = ?3, deletion_due = ?4 WHERE key_id = ?1",
-                         [.text(id), .blob(key.record), .blob(key.mac), deletionDue.map { .int($0) } ?? .null], path: path)
+            try Self.run(conn, "UPDATE keys SET record = ?2, mac = ?3, deletion_due = ?4, rotation_due = ?5 WHERE key_id = ?1",
+                         [.text(id), .blob(key.record), .blob(key.mac), deletionDue.map { .int($0) } ?? .null,
+                          rotationDue.map { .int($0) } ?? .null], path: path)
             guard sqlite3_changes(conn.handle) == 1 else { throw StorageError("keystore \(path): key \(id) is not there to update") }
+        }
+    }
+
+    public func addVersion(id: String, key: StoredRow, rotationDue: Int64?, versionNumber: UInt32, version: StoredRow) throws {
+        try transaction { conn in
+            try Self.run(conn, "INSERT INTO key_versions (key_id, version, record, mac) VALUES (?1, ?2, ?3, ?4)",
+                         [.text(id), .int(Int64(versionNumber)), .blob(version.record), .blob(version.mac)], path: path)
+            try Self.run(conn, "UPDATE keys SET record = ?2, mac = ?3, rotation_due = ?4 WHERE key_id = ?1",
+                         [.text(id), .blob(key.record), .blob(key.mac), rotationDue.map { .int($0) } ?? .null], path: path)
+            guard sqlite3_changes(conn.handle) == 1 else { throw StorageError("keystore \(path): key \(id) is not there to rotate") }
+        }
+    }
+
+    public func versions(id: String) throws -> [(number: UInt32, row: StoredRow)] {
+        try readers.with { conn in
+            try Self.query(conn, "SELECT version, record, mac FROM key_versions WHERE key_id = ?1 ORDER BY version", [.text(id)], path: path) { stmt in
+                (number: UInt32(truncatingIfNeeded: sqlite3_column_int64(stmt, 0)), row: StoredRow(record: Self.blob(stmt, 1), mac: Self.blob(stmt, 2)))
+            }
+        }
+    }
+
+    public func keysDueForRotation(at time: Int64) throws -> [String] {
+        try readers.with { conn in
+            try Self.query(conn, "SELECT key_id FROM keys WHERE rotation_due IS NOT NULL AND rotation_due <= ?1 ORDER BY rotation_due LIMIT 1000",
+                           [.int(time)], path: path) { stmt in String(cString: sqlite3_column_text(stmt, 0)) }
         }
     }
 

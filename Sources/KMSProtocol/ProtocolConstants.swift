@@ -34,5 +34,9 @@ public enum KMSLimits {
     public static let pendingWindowDays: ClosedRange<UInt32> = 7...30
     public static let defaultPendingWindowDays: UInt32 = 30
     public static let maxAliasesPerKey = 50
+    /// EnableKeyRotation's period, in days (as AWS KMS), and the on-demand rotations a key may have.
+    public static let rotationPeriodDays: ClosedRange<UInt32> = 90...2560
+    public static let defaultRotationPeriodDays: UInt32 = 365
+    public static let maxOnDemandRotations: UInt32 = 10
     public static let aliasARNPrefix = "kmsd:alias/"
 }

@@ -30,6 +30,12 @@ extension Kmsd_V1_Request.OneOf_Operation {
         case .tagResource: "TagResource"
         case .untagResource: "UntagResource"
         case .listResourceTags: "ListResourceTags"
+        case .enableKeyRotation: "EnableKeyRotation"
+        case .disableKeyRotation: "DisableKeyRotation"
+        case .getKeyRotationStatus: "GetKeyRotationStatus"
+        case .rotateKeyOnDemand: "RotateKeyOnDemand"
+        case .listKeyRotations: "ListKeyRotations"
+        case .setMinimumDecryptionVersion: "SetMinimumDecryptionVersion"
         }
     }
 }

@@ -121,7 +121,9 @@ final class Dispatcher: Sendable {
     static let operations = ["Hello", "WhoAmI", "CreateKey", "DescribeKey", "ListKeys", "EnableKey", "DisableKey",
                              "ScheduleKeyDeletion", "CancelKeyDeletion", "UpdateKeyDescription",
                              "CreateAlias", "UpdateAlias", "DeleteAlias", "ListAliases",
-                             "TagResource", "UntagResource", "ListResourceTags", "Encrypt", "Decrypt",
+                             "TagResource", "UntagResource", "ListResourceTags",
+                             "EnableKeyRotation", "DisableKeyRotation", "GetKeyRotationStatus", "RotateKeyOnDemand",
+                             "ListKeyRotations", "SetMinimumDecryptionVersion", "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
     static func route(_ op: KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ details: inout AuditDetails,
@@ -151,6 +153,13 @@ final class Dispatcher: Sendable {
         case .tagResource(let r): .tagResource(try AliasHandlers.tagResource(r, ctx, &details))
         case .untagResource(let r): .untagResource(try AliasHandlers.untagResource(r, ctx, &details))
         case .listResourceTags(let r): .listResourceTags(try AliasHandlers.listResourceTags(r, ctx, &details))
+        case .enableKeyRotation(let r): .enableKeyRotation(try RotationHandlers.enableKeyRotation(r, ctx, &details))
+        case .disableKeyRotation(let r): .disableKeyRotation(try RotationHandlers.disableKeyRotation(r, ctx, &details))
+        case .getKeyRotationStatus(let r): .getKeyRotationStatus(try RotationHandlers.getKeyRotationStatus(r, ctx, &details))
+        case .rotateKeyOnDemand(let r): .rotateKeyOnDemand(try RotationHandlers.rotateKeyOnDemand(r, ctx, &details))
+        case .listKeyRotations(let r): .listKeyRotations(try RotationHandlers.listKeyRotations(r, ctx, &details))
+        case .setMinimumDecryptionVersion(let r):
+            .setMinimumDecryptionVersion(try RotationHandlers.setMinimumDecryptionVersion(r, ctx, &details))
         }
     }
 
@@ -177,7 +186,8 @@ final class Dispatcher: Sendable {
         case .reEncrypt(let r): return cached(blob: r.ciphertextBlob) && cached(r.destinationKeyID)
         case .createKey, .describeKey, .listKeys, .enableKey, .disableKey, .scheduleKeyDeletion, .cancelKeyDeletion,
              .updateKeyDescription, .createAlias, .updateAlias, .deleteAlias, .listAliases, .tagResource, .untagResource,
-             .listResourceTags: return false
+             .listResourceTags, .enableKeyRotation, .disableKeyRotation, .getKeyRotationStatus, .rotateKeyOnDemand,
+             .listKeyRotations, .setMinimumDecryptionVersion: return false
         }
     }
 

@@ -105,6 +105,7 @@ enum KeyHandlers {
             $0.encryptionAlgorithms = ["SYMMETRIC_DEFAULT"]
             $0.ownerUid = k.ownerUID
             $0.currentKeyVersion = k.currentVersion
+            $0.minimumDecryptionVersion = k.minimumDecryptionVersion ?? 1
             if k.state == .pendingDeletion {
                 $0.deletionDate = Int64(k.deletionDate?.timeIntervalSince1970 ?? 0)
                 $0.pendingDeletionWindowInDays = k.pendingWindowInDays ?? 0

@@ -57,7 +57,9 @@ public final class Server: @unchecked Sendable {
         }
         let storage = try SQLiteKeyStorage(path: c.keystorePath)
         let repository = try KeyRepository(storage: storage, root: root, cacheCapacity: c.keyCacheCapacity)
-        let service = KeyService(repository: repository, administrators: c.administrators,
+        var clock: @Sendable () -> Date = { Date() }
+        if c.development, let file = c.developmentClockFile { clock = Self.offsetClock(file) }
+        let service = KeyService(repository: repository, administrators: c.administrators, clock: clock,
                                  daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400)
         let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds)
         // Deletions that came due while kmsd was down happen before it serves anyone.
@@ -258,13 +260,31 @@ public final class Server: @unchecked Sendable {
         }
     }
 
+    /// Development only: the time plus the number of seconds in `file` (0 when unreadable).
+    static func offsetClock(_ file: String) -> @Sendable () -> Date {
+        {
+            let text = (try? String(contentsOfFile: file, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+            return Date().addingTimeInterval(text.flatMap(Double.init) ?? 0)
+        }
+    }
+
     /// True while a deletion sweep runs: a slow one is not joined by the next second's.
     static let sweeping = Atomic<Bool>(false)
 
-    /// Deletes the keys whose deletion time has come, each with an audit record.
+    /// Rotates the keys whose automatic rotation is due and deletes those whose deletion time
+    /// has come, each with an audit record.
     static func deleteDueKeys(_ service: KeyService, _ audit: AuditLog) {
         guard !sweeping.exchange(true, ordering: .acquiring) else { return }
         defer { sweeping.store(false, ordering: .releasing) }
+        do {
+            for k in try service.rotateDueKeys() {
+                audit.writeEvent(action: "KeyRotated", keyID: k.keyID.description,
+                                 message: "key \(k.keyID) was rotated automatically to version \(k.currentVersion)")
+                StandardError.write("kmsd: key \(k.keyID) rotated to version \(k.currentVersion)\n")
+            }
+        } catch {
+            StandardError.write("kmsd: ERROR: scheduled key rotation failed: \(error); retrying in a second\n")
+        }
         do {
             for id in try service.deleteDueKeys() {
                 audit.writeEvent(action: "KeyDeleted", keyID: id.description,

@@ -26,6 +26,9 @@ public struct ServerConfiguration: Sendable, Equatable {
     /// Development only: seconds in a "day" of a key deletion window, so tests can watch a
     /// deletion happen. nil = 86400.
     public var developmentDaySeconds: Int? = nil
+    /// Development only: a file holding a number of seconds kmsd adds to the time it goes by
+    /// (for rotations and deletions), so tests can move time forward.
+    public var developmentClockFile: String? = nil
     public var keyCacheCapacity = 4096
     public var drainTimeoutSeconds = 10
     /// Requests per second each uid may make (token bucket); 0 = unlimited.
@@ -78,6 +81,7 @@ public struct ServerConfiguration: Sendable, Equatable {
             guard development else { throw fail("developmentDaySeconds is allowed only in development mode") }
             guard (1...86_400).contains(day) else { throw fail("developmentDaySeconds must be 1...86400, not \(day)") }
         }
+        guard developmentClockFile == nil || development else { throw fail("developmentClockFile is allowed only in development mode") }
         guard !allowUnlockedMemory || development else {
             throw fail("allowUnlockedMemory is allowed only in development mode")
         }
@@ -131,6 +135,7 @@ public struct ServerConfiguration: Sendable, Equatable {
             case "workerThreads": c.workerThreads = try int()
             case "eventLoops": c.eventLoops = try int()
             case "developmentDaySeconds": c.developmentDaySeconds = try int()
+            case "developmentClockFile": c.developmentClockFile = try str()
             case "keyCacheCapacity": c.keyCacheCapacity = try int()
             case "drainTimeoutSeconds": c.drainTimeoutSeconds = try int()
             case "maxRequestsPerSecondPerUid": c.maxRequestsPerSecondPerUID = try int()

@@ -134,7 +134,7 @@ final class CLITests {
         for option in ["--config", "--dev", "--state-dir", "--socket", "--socket-mode", "--socket-group", "--root-key-file",
                        "--admin-uid", "--max-frame-bytes", "--max-connections", "--max-connections-per-uid", "--max-in-flight",
                        "--idle-timeout", "--allow-unlocked-memory", "--audit-fail-closed", "--max-requests-per-second-per-uid",
-                       "--request-burst-per-uid", "--admin-reserved-connections", "--frame-timeout", "--audit-timeout-ms", "--event-loops", "--dev-day-seconds"] {
+                       "--request-burst-per-uid", "--admin-reserved-connections", "--frame-timeout", "--audit-timeout-ms", "--event-loops", "--dev-day-seconds", "--dev-clock-file"] {
             #expect(r.text.contains(option), "kmsd --help documents \(option)")
         }
     }

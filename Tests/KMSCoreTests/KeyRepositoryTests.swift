@@ -205,7 +205,14 @@ struct KeyRepositoryTests {
             try inner.insertKey(id: id, owner: owner, key: key, versionNumber: versionNumber, version: version)
         }
         func deleteKey(id: String) throws { try inner.deleteKey(id: id) }
-        func updateKey(id: String, key: StoredRow, deletionDue: Int64?) throws { try inner.updateKey(id: id, key: key, deletionDue: deletionDue) }
+        func updateKey(id: String, key: StoredRow, deletionDue: Int64?, rotationDue: Int64?) throws {
+            try inner.updateKey(id: id, key: key, deletionDue: deletionDue, rotationDue: rotationDue)
+        }
+        func addVersion(id: String, key: StoredRow, rotationDue: Int64?, versionNumber: UInt32, version: StoredRow) throws {
+            try inner.addVersion(id: id, key: key, rotationDue: rotationDue, versionNumber: versionNumber, version: version)
+        }
+        func versions(id: String) throws -> [(number: UInt32, row: StoredRow)] { try inner.versions(id: id) }
+        func keysDueForRotation(at time: Int64) throws -> [String] { try inner.keysDueForRotation(at: time) }
         func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow) throws -> Bool { try inner.destroyKey(id: id, dueBy: time, tombstone: tombstone) }
         func tombstone(id: String) throws -> StoredRow? { try inner.tombstone(id: id) }
         func insertAlias(name: String, keyID: String, row: StoredRow) throws { try inner.insertAlias(name: name, keyID: keyID, row: row) }

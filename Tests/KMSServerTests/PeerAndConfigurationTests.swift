@@ -123,6 +123,7 @@ struct ConfigurationTests {
         (#"{"auditTimeoutMilliseconds": 0}"#, "auditTimeoutMilliseconds must be"),
         (#"{"auditFailClosed": 1}"#, "true or false"),
         (#"{"developmentDaySeconds": 1}"#, "only in development mode"),
+        (#"{"developmentClockFile": "/tmp/clock"}"#, "only in development mode"),
         (#"{"development": true, "developmentDaySeconds": 0}"#, "developmentDaySeconds must be 1...86400"),
         (#"{"workerThreads": true}"#, "whole number"),
     ])

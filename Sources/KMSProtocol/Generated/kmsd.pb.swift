@@ -227,6 +227,54 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     set {operation = .listResourceTags(newValue)}
   }
 
+  public var enableKeyRotation: Kmsd_V1_EnableKeyRotationRequest {
+    get {
+      if case .enableKeyRotation(let v)? = operation {return v}
+      return Kmsd_V1_EnableKeyRotationRequest()
+    }
+    set {operation = .enableKeyRotation(newValue)}
+  }
+
+  public var disableKeyRotation: Kmsd_V1_DisableKeyRotationRequest {
+    get {
+      if case .disableKeyRotation(let v)? = operation {return v}
+      return Kmsd_V1_DisableKeyRotationRequest()
+    }
+    set {operation = .disableKeyRotation(newValue)}
+  }
+
+  public var getKeyRotationStatus: Kmsd_V1_GetKeyRotationStatusRequest {
+    get {
+      if case .getKeyRotationStatus(let v)? = operation {return v}
+      return Kmsd_V1_GetKeyRotationStatusRequest()
+    }
+    set {operation = .getKeyRotationStatus(newValue)}
+  }
+
+  public var rotateKeyOnDemand: Kmsd_V1_RotateKeyOnDemandRequest {
+    get {
+      if case .rotateKeyOnDemand(let v)? = operation {return v}
+      return Kmsd_V1_RotateKeyOnDemandRequest()
+    }
+    set {operation = .rotateKeyOnDemand(newValue)}
+  }
+
+  public var listKeyRotations: Kmsd_V1_ListKeyRotationsRequest {
+    get {
+      if case .listKeyRotations(let v)? = operation {return v}
+      return Kmsd_V1_ListKeyRotationsRequest()
+    }
+    set {operation = .listKeyRotations(newValue)}
+  }
+
+  public var setMinimumDecryptionVersion: Kmsd_V1_SetMinimumDecryptionVersionRequest {
+    get {
+      if case .setMinimumDecryptionVersion(let v)? = operation {return v}
+      return Kmsd_V1_SetMinimumDecryptionVersionRequest()
+    }
+    set {operation = .setMinimumDecryptionVersion(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Operation: Equatable, Sendable {
@@ -253,6 +301,12 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     case tagResource(Kmsd_V1_TagResourceRequest)
     case untagResource(Kmsd_V1_UntagResourceRequest)
     case listResourceTags(Kmsd_V1_ListResourceTagsRequest)
+    case enableKeyRotation(Kmsd_V1_EnableKeyRotationRequest)
+    case disableKeyRotation(Kmsd_V1_DisableKeyRotationRequest)
+    case getKeyRotationStatus(Kmsd_V1_GetKeyRotationStatusRequest)
+    case rotateKeyOnDemand(Kmsd_V1_RotateKeyOnDemandRequest)
+    case listKeyRotations(Kmsd_V1_ListKeyRotationsRequest)
+    case setMinimumDecryptionVersion(Kmsd_V1_SetMinimumDecryptionVersionRequest)
 
   }
 
@@ -260,205 +314,259 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
 }
 
 /// One response: `error` or the result of the request's operation (same field number).
-public nonisolated struct Kmsd_V1_Response: Sendable {
+public nonisolated struct Kmsd_V1_Response: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var id: UInt64 = 0
+  public var id: UInt64 {
+    get {_storage._id}
+    set {_uniqueStorage()._id = newValue}
+  }
 
-  public var result: Kmsd_V1_Response.OneOf_Result? = nil
+  public var result: OneOf_Result? {
+    get {return _storage._result}
+    set {_uniqueStorage()._result = newValue}
+  }
 
   public var error: Kmsd_V1_Error {
     get {
-      if case .error(let v)? = result {return v}
+      if case .error(let v)? = _storage._result {return v}
       return Kmsd_V1_Error()
     }
-    set {result = .error(newValue)}
+    set {_uniqueStorage()._result = .error(newValue)}
   }
 
   public var hello: Kmsd_V1_HelloResponse {
     get {
-      if case .hello(let v)? = result {return v}
+      if case .hello(let v)? = _storage._result {return v}
       return Kmsd_V1_HelloResponse()
     }
-    set {result = .hello(newValue)}
+    set {_uniqueStorage()._result = .hello(newValue)}
   }
 
   public var whoAmI: Kmsd_V1_WhoAmIResponse {
     get {
-      if case .whoAmI(let v)? = result {return v}
+      if case .whoAmI(let v)? = _storage._result {return v}
       return Kmsd_V1_WhoAmIResponse()
     }
-    set {result = .whoAmI(newValue)}
+    set {_uniqueStorage()._result = .whoAmI(newValue)}
   }
 
   public var createKey: Kmsd_V1_CreateKeyResponse {
     get {
-      if case .createKey(let v)? = result {return v}
+      if case .createKey(let v)? = _storage._result {return v}
       return Kmsd_V1_CreateKeyResponse()
     }
-    set {result = .createKey(newValue)}
+    set {_uniqueStorage()._result = .createKey(newValue)}
   }
 
   public var describeKey: Kmsd_V1_DescribeKeyResponse {
     get {
-      if case .describeKey(let v)? = result {return v}
+      if case .describeKey(let v)? = _storage._result {return v}
       return Kmsd_V1_DescribeKeyResponse()
     }
-    set {result = .describeKey(newValue)}
+    set {_uniqueStorage()._result = .describeKey(newValue)}
   }
 
   public var listKeys: Kmsd_V1_ListKeysResponse {
     get {
-      if case .listKeys(let v)? = result {return v}
+      if case .listKeys(let v)? = _storage._result {return v}
       return Kmsd_V1_ListKeysResponse()
     }
-    set {result = .listKeys(newValue)}
+    set {_uniqueStorage()._result = .listKeys(newValue)}
   }
 
   public var enableKey: Kmsd_V1_EnableKeyResponse {
     get {
-      if case .enableKey(let v)? = result {return v}
+      if case .enableKey(let v)? = _storage._result {return v}
       return Kmsd_V1_EnableKeyResponse()
     }
-    set {result = .enableKey(newValue)}
+    set {_uniqueStorage()._result = .enableKey(newValue)}
   }
 
   public var disableKey: Kmsd_V1_DisableKeyResponse {
     get {
-      if case .disableKey(let v)? = result {return v}
+      if case .disableKey(let v)? = _storage._result {return v}
       return Kmsd_V1_DisableKeyResponse()
     }
-    set {result = .disableKey(newValue)}
+    set {_uniqueStorage()._result = .disableKey(newValue)}
   }
 
   public var scheduleKeyDeletion: Kmsd_V1_ScheduleKeyDeletionResponse {
     get {
-      if case .scheduleKeyDeletion(let v)? = result {return v}
+      if case .scheduleKeyDeletion(let v)? = _storage._result {return v}
       return Kmsd_V1_ScheduleKeyDeletionResponse()
     }
-    set {result = .scheduleKeyDeletion(newValue)}
+    set {_uniqueStorage()._result = .scheduleKeyDeletion(newValue)}
   }
 
   public var cancelKeyDeletion: Kmsd_V1_CancelKeyDeletionResponse {
     get {
-      if case .cancelKeyDeletion(let v)? = result {return v}
+      if case .cancelKeyDeletion(let v)? = _storage._result {return v}
       return Kmsd_V1_CancelKeyDeletionResponse()
     }
-    set {result = .cancelKeyDeletion(newValue)}
+    set {_uniqueStorage()._result = .cancelKeyDeletion(newValue)}
   }
 
   public var updateKeyDescription: Kmsd_V1_UpdateKeyDescriptionResponse {
     get {
-      if case .updateKeyDescription(let v)? = result {return v}
+      if case .updateKeyDescription(let v)? = _storage._result {return v}
       return Kmsd_V1_UpdateKeyDescriptionResponse()
     }
-    set {result = .updateKeyDescription(newValue)}
+    set {_uniqueStorage()._result = .updateKeyDescription(newValue)}
   }
 
   public var encrypt: Kmsd_V1_EncryptResponse {
     get {
-      if case .encrypt(let v)? = result {return v}
+      if case .encrypt(let v)? = _storage._result {return v}
       return Kmsd_V1_EncryptResponse()
     }
-    set {result = .encrypt(newValue)}
+    set {_uniqueStorage()._result = .encrypt(newValue)}
   }
 
   public var decrypt: Kmsd_V1_DecryptResponse {
     get {
-      if case .decrypt(let v)? = result {return v}
+      if case .decrypt(let v)? = _storage._result {return v}
       return Kmsd_V1_DecryptResponse()
     }
-    set {result = .decrypt(newValue)}
+    set {_uniqueStorage()._result = .decrypt(newValue)}
   }
 
   public var reEncrypt: Kmsd_V1_ReEncryptResponse {
     get {
-      if case .reEncrypt(let v)? = result {return v}
+      if case .reEncrypt(let v)? = _storage._result {return v}
       return Kmsd_V1_ReEncryptResponse()
     }
-    set {result = .reEncrypt(newValue)}
+    set {_uniqueStorage()._result = .reEncrypt(newValue)}
   }
 
   public var generateDataKey: Kmsd_V1_GenerateDataKeyResponse {
     get {
-      if case .generateDataKey(let v)? = result {return v}
+      if case .generateDataKey(let v)? = _storage._result {return v}
       return Kmsd_V1_GenerateDataKeyResponse()
     }
-    set {result = .generateDataKey(newValue)}
+    set {_uniqueStorage()._result = .generateDataKey(newValue)}
   }
 
   public var generateDataKeyWithoutPlaintext: Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse {
     get {
-      if case .generateDataKeyWithoutPlaintext(let v)? = result {return v}
+      if case .generateDataKeyWithoutPlaintext(let v)? = _storage._result {return v}
       return Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse()
     }
-    set {result = .generateDataKeyWithoutPlaintext(newValue)}
+    set {_uniqueStorage()._result = .generateDataKeyWithoutPlaintext(newValue)}
   }
 
   public var generateRandom: Kmsd_V1_GenerateRandomResponse {
     get {
-      if case .generateRandom(let v)? = result {return v}
+      if case .generateRandom(let v)? = _storage._result {return v}
       return Kmsd_V1_GenerateRandomResponse()
     }
-    set {result = .generateRandom(newValue)}
+    set {_uniqueStorage()._result = .generateRandom(newValue)}
   }
 
   public var createAlias: Kmsd_V1_CreateAliasResponse {
     get {
-      if case .createAlias(let v)? = result {return v}
+      if case .createAlias(let v)? = _storage._result {return v}
       return Kmsd_V1_CreateAliasResponse()
     }
-    set {result = .createAlias(newValue)}
+    set {_uniqueStorage()._result = .createAlias(newValue)}
   }
 
   public var updateAlias: Kmsd_V1_UpdateAliasResponse {
     get {
-      if case .updateAlias(let v)? = result {return v}
+      if case .updateAlias(let v)? = _storage._result {return v}
       return Kmsd_V1_UpdateAliasResponse()
     }
-    set {result = .updateAlias(newValue)}
+    set {_uniqueStorage()._result = .updateAlias(newValue)}
   }
 
   public var deleteAlias: Kmsd_V1_DeleteAliasResponse {
     get {
-      if case .deleteAlias(let v)? = result {return v}
+      if case .deleteAlias(let v)? = _storage._result {return v}
       return Kmsd_V1_DeleteAliasResponse()
     }
-    set {result = .deleteAlias(newValue)}
+    set {_uniqueStorage()._result = .deleteAlias(newValue)}
   }
 
   public var listAliases: Kmsd_V1_ListAliasesResponse {
     get {
-      if case .listAliases(let v)? = result {return v}
+      if case .listAliases(let v)? = _storage._result {return v}
       return Kmsd_V1_ListAliasesResponse()
     }
-    set {result = .listAliases(newValue)}
+    set {_uniqueStorage()._result = .listAliases(newValue)}
   }
 
   public var tagResource: Kmsd_V1_TagResourceResponse {
     get {
-      if case .tagResource(let v)? = result {return v}
+      if case .tagResource(let v)? = _storage._result {return v}
       return Kmsd_V1_TagResourceResponse()
     }
-    set {result = .tagResource(newValue)}
+    set {_uniqueStorage()._result = .tagResource(newValue)}
   }
 
   public var untagResource: Kmsd_V1_UntagResourceResponse {
     get {
-      if case .untagResource(let v)? = result {return v}
+      if case .untagResource(let v)? = _storage._result {return v}
       return Kmsd_V1_UntagResourceResponse()
     }
-    set {result = .untagResource(newValue)}
+    set {_uniqueStorage()._result = .untagResource(newValue)}
   }
 
   public var listResourceTags: Kmsd_V1_ListResourceTagsResponse {
     get {
-      if case .listResourceTags(let v)? = result {return v}
+      if case .listResourceTags(let v)? = _storage._result {return v}
       return Kmsd_V1_ListResourceTagsResponse()
     }
-    set {result = .listResourceTags(newValue)}
+    set {_uniqueStorage()._result = .listResourceTags(newValue)}
+  }
+
+  public var enableKeyRotation: Kmsd_V1_EnableKeyRotationResponse {
+    get {
+      if case .enableKeyRotation(let v)? = _storage._result {return v}
+      return Kmsd_V1_EnableKeyRotationResponse()
+    }
+    set {_uniqueStorage()._result = .enableKeyRotation(newValue)}
+  }
+
+  public var disableKeyRotation: Kmsd_V1_DisableKeyRotationResponse {
+    get {
+      if case .disableKeyRotation(let v)? = _storage._result {return v}
+      return Kmsd_V1_DisableKeyRotationResponse()
+    }
+    set {_uniqueStorage()._result = .disableKeyRotation(newValue)}
+  }
+
+  public var getKeyRotationStatus: Kmsd_V1_GetKeyRotationStatusResponse {
+    get {
+      if case .getKeyRotationStatus(let v)? = _storage._result {return v}
+      return Kmsd_V1_GetKeyRotationStatusResponse()
+    }
+    set {_uniqueStorage()._result = .getKeyRotationStatus(newValue)}
+  }
+
+  public var rotateKeyOnDemand: Kmsd_V1_RotateKeyOnDemandResponse {
+    get {
+      if case .rotateKeyOnDemand(let v)? = _storage._result {return v}
+      return Kmsd_V1_RotateKeyOnDemandResponse()
+    }
+    set {_uniqueStorage()._result = .rotateKeyOnDemand(newValue)}
+  }
+
+  public var listKeyRotations: Kmsd_V1_ListKeyRotationsResponse {
+    get {
+      if case .listKeyRotations(let v)? = _storage._result {return v}
+      return Kmsd_V1_ListKeyRotationsResponse()
+    }
+    set {_uniqueStorage()._result = .listKeyRotations(newValue)}
+  }
+
+  public var setMinimumDecryptionVersion: Kmsd_V1_SetMinimumDecryptionVersionResponse {
+    get {
+      if case .setMinimumDecryptionVersion(let v)? = _storage._result {return v}
+      return Kmsd_V1_SetMinimumDecryptionVersionResponse()
+    }
+    set {_uniqueStorage()._result = .setMinimumDecryptionVersion(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -488,10 +596,18 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     case tagResource(Kmsd_V1_TagResourceResponse)
     case untagResource(Kmsd_V1_UntagResourceResponse)
     case listResourceTags(Kmsd_V1_ListResourceTagsResponse)
+    case enableKeyRotation(Kmsd_V1_EnableKeyRotationResponse)
+    case disableKeyRotation(Kmsd_V1_DisableKeyRotationResponse)
+    case getKeyRotationStatus(Kmsd_V1_GetKeyRotationStatusResponse)
+    case rotateKeyOnDemand(Kmsd_V1_RotateKeyOnDemandResponse)
+    case listKeyRotations(Kmsd_V1_ListKeyRotationsResponse)
+    case setMinimumDecryptionVersion(Kmsd_V1_SetMinimumDecryptionVersionResponse)
 
   }
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// A failed request. `code` is stable (an AWS KMS exception name, listed in PROTOCOL.md);
@@ -644,6 +760,9 @@ public nonisolated struct Kmsd_V1_KeyMetadata: Sendable {
 
   /// PendingDeletion only
   public var pendingDeletionWindowInDays: UInt32 = 0
+
+  /// beyond AWS: older versions refuse to decrypt (0 or 1: none refused)
+  public var minimumDecryptionVersion: UInt32 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1312,13 +1431,202 @@ public nonisolated struct Kmsd_V1_ListResourceTagsResponse: Sendable {
   public init() {}
 }
 
+public nonisolated struct Kmsd_V1_EnableKeyRotationRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  /// 90..2560; 0 = 365
+  public var rotationPeriodInDays: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_EnableKeyRotationResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_DisableKeyRotationRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_DisableKeyRotationResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_GetKeyRotationStatusRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_GetKeyRotationStatusResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyRotationEnabled: Bool = false
+
+  public var keyID: String = String()
+
+  /// when enabled
+  public var rotationPeriodInDays: UInt32 = 0
+
+  /// when enabled: Unix time, seconds
+  public var nextRotationDate: Int64 = 0
+
+  public var currentKeyVersion: UInt32 = 0
+
+  public var minimumDecryptionVersion: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_RotateKeyOnDemandRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_RotateKeyOnDemandResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  /// the new current version
+  public var keyVersion: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ListKeyRotationsRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  /// 0 = 100; 1..1000
+  public var limit: UInt32 = 0
+
+  public var marker: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_KeyRotation: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  /// Unix time, seconds
+  public var rotationDate: Int64 = 0
+
+  /// AUTOMATIC | ON_DEMAND
+  public var rotationType: String = String()
+
+  /// the version the rotation made
+  public var keyVersion: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ListKeyRotationsResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var rotations: [Kmsd_V1_KeyRotation] = []
+
+  public var nextMarker: String = String()
+
+  public var truncated: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_SetMinimumDecryptionVersionRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  /// 1..current version; versions below it refuse to decrypt
+  public var minimumDecryptionVersion: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_SetMinimumDecryptionVersionResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "kmsd.v1"
 
 nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Request"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1626,6 +1934,84 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
           self.operation = .listResourceTags(v)
         }
       }()
+      case 50: try {
+        var v: Kmsd_V1_EnableKeyRotationRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .enableKeyRotation(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .enableKeyRotation(v)
+        }
+      }()
+      case 51: try {
+        var v: Kmsd_V1_DisableKeyRotationRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .disableKeyRotation(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .disableKeyRotation(v)
+        }
+      }()
+      case 52: try {
+        var v: Kmsd_V1_GetKeyRotationStatusRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .getKeyRotationStatus(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .getKeyRotationStatus(v)
+        }
+      }()
+      case 53: try {
+        var v: Kmsd_V1_RotateKeyOnDemandRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .rotateKeyOnDemand(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .rotateKeyOnDemand(v)
+        }
+      }()
+      case 54: try {
+        var v: Kmsd_V1_ListKeyRotationsRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .listKeyRotations(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .listKeyRotations(v)
+        }
+      }()
+      case 55: try {
+        var v: Kmsd_V1_SetMinimumDecryptionVersionRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .setMinimumDecryptionVersion(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .setMinimumDecryptionVersion(v)
+        }
+      }()
       default: break
       }
     }
@@ -1732,6 +2118,30 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
       guard case .listResourceTags(let v)? = self.operation else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 46)
     }()
+    case .enableKeyRotation?: try {
+      guard case .enableKeyRotation(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 50)
+    }()
+    case .disableKeyRotation?: try {
+      guard case .disableKeyRotation(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 51)
+    }()
+    case .getKeyRotationStatus?: try {
+      guard case .getKeyRotationStatus(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 52)
+    }()
+    case .rotateKeyOnDemand?: try {
+      guard case .rotateKeyOnDemand(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 53)
+    }()
+    case .listKeyRotations?: try {
+      guard case .listKeyRotations(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 54)
+    }()
+    case .setMinimumDecryptionVersion?: try {
+      guard case .setMinimumDecryptionVersion(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 55)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -1747,445 +2157,585 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
 
 nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Response"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0")
+
+  fileprivate class _StorageClass {
+    var _id: UInt64 = 0
+    var _result: Kmsd_V1_Response.OneOf_Result?
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _id = source._id
+      _result = source._result
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.id) }()
-      case 2: try {
-        var v: Kmsd_V1_Error?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .error(let m) = current {v = m}
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularUInt64Field(value: &_storage._id) }()
+        case 2: try {
+          var v: Kmsd_V1_Error?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .error(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .error(v)
+          }
+        }()
+        case 10: try {
+          var v: Kmsd_V1_HelloResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .hello(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .hello(v)
+          }
+        }()
+        case 11: try {
+          var v: Kmsd_V1_WhoAmIResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .whoAmI(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .whoAmI(v)
+          }
+        }()
+        case 20: try {
+          var v: Kmsd_V1_CreateKeyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .createKey(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .createKey(v)
+          }
+        }()
+        case 21: try {
+          var v: Kmsd_V1_DescribeKeyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .describeKey(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .describeKey(v)
+          }
+        }()
+        case 22: try {
+          var v: Kmsd_V1_ListKeysResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .listKeys(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .listKeys(v)
+          }
+        }()
+        case 23: try {
+          var v: Kmsd_V1_EnableKeyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .enableKey(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .enableKey(v)
+          }
+        }()
+        case 24: try {
+          var v: Kmsd_V1_DisableKeyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .disableKey(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .disableKey(v)
+          }
+        }()
+        case 25: try {
+          var v: Kmsd_V1_ScheduleKeyDeletionResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .scheduleKeyDeletion(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .scheduleKeyDeletion(v)
+          }
+        }()
+        case 26: try {
+          var v: Kmsd_V1_CancelKeyDeletionResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .cancelKeyDeletion(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .cancelKeyDeletion(v)
+          }
+        }()
+        case 27: try {
+          var v: Kmsd_V1_UpdateKeyDescriptionResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .updateKeyDescription(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .updateKeyDescription(v)
+          }
+        }()
+        case 30: try {
+          var v: Kmsd_V1_EncryptResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .encrypt(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .encrypt(v)
+          }
+        }()
+        case 31: try {
+          var v: Kmsd_V1_DecryptResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .decrypt(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .decrypt(v)
+          }
+        }()
+        case 32: try {
+          var v: Kmsd_V1_ReEncryptResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .reEncrypt(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .reEncrypt(v)
+          }
+        }()
+        case 33: try {
+          var v: Kmsd_V1_GenerateDataKeyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .generateDataKey(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .generateDataKey(v)
+          }
+        }()
+        case 34: try {
+          var v: Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .generateDataKeyWithoutPlaintext(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .generateDataKeyWithoutPlaintext(v)
+          }
+        }()
+        case 35: try {
+          var v: Kmsd_V1_GenerateRandomResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .generateRandom(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .generateRandom(v)
+          }
+        }()
+        case 40: try {
+          var v: Kmsd_V1_CreateAliasResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .createAlias(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .createAlias(v)
+          }
+        }()
+        case 41: try {
+          var v: Kmsd_V1_UpdateAliasResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .updateAlias(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .updateAlias(v)
+          }
+        }()
+        case 42: try {
+          var v: Kmsd_V1_DeleteAliasResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .deleteAlias(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .deleteAlias(v)
+          }
+        }()
+        case 43: try {
+          var v: Kmsd_V1_ListAliasesResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .listAliases(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .listAliases(v)
+          }
+        }()
+        case 44: try {
+          var v: Kmsd_V1_TagResourceResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .tagResource(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .tagResource(v)
+          }
+        }()
+        case 45: try {
+          var v: Kmsd_V1_UntagResourceResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .untagResource(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .untagResource(v)
+          }
+        }()
+        case 46: try {
+          var v: Kmsd_V1_ListResourceTagsResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .listResourceTags(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .listResourceTags(v)
+          }
+        }()
+        case 50: try {
+          var v: Kmsd_V1_EnableKeyRotationResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .enableKeyRotation(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .enableKeyRotation(v)
+          }
+        }()
+        case 51: try {
+          var v: Kmsd_V1_DisableKeyRotationResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .disableKeyRotation(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .disableKeyRotation(v)
+          }
+        }()
+        case 52: try {
+          var v: Kmsd_V1_GetKeyRotationStatusResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .getKeyRotationStatus(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .getKeyRotationStatus(v)
+          }
+        }()
+        case 53: try {
+          var v: Kmsd_V1_RotateKeyOnDemandResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .rotateKeyOnDemand(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .rotateKeyOnDemand(v)
+          }
+        }()
+        case 54: try {
+          var v: Kmsd_V1_ListKeyRotationsResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .listKeyRotations(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .listKeyRotations(v)
+          }
+        }()
+        case 55: try {
+          var v: Kmsd_V1_SetMinimumDecryptionVersionResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .setMinimumDecryptionVersion(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .setMinimumDecryptionVersion(v)
+          }
+        }()
+        default: break
         }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .error(v)
-        }
-      }()
-      case 10: try {
-        var v: Kmsd_V1_HelloResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .hello(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .hello(v)
-        }
-      }()
-      case 11: try {
-        var v: Kmsd_V1_WhoAmIResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .whoAmI(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .whoAmI(v)
-        }
-      }()
-      case 20: try {
-        var v: Kmsd_V1_CreateKeyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .createKey(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .createKey(v)
-        }
-      }()
-      case 21: try {
-        var v: Kmsd_V1_DescribeKeyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .describeKey(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .describeKey(v)
-        }
-      }()
-      case 22: try {
-        var v: Kmsd_V1_ListKeysResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .listKeys(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .listKeys(v)
-        }
-      }()
-      case 23: try {
-        var v: Kmsd_V1_EnableKeyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .enableKey(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .enableKey(v)
-        }
-      }()
-      case 24: try {
-        var v: Kmsd_V1_DisableKeyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .disableKey(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .disableKey(v)
-        }
-      }()
-      case 25: try {
-        var v: Kmsd_V1_ScheduleKeyDeletionResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .scheduleKeyDeletion(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .scheduleKeyDeletion(v)
-        }
-      }()
-      case 26: try {
-        var v: Kmsd_V1_CancelKeyDeletionResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .cancelKeyDeletion(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .cancelKeyDeletion(v)
-        }
-      }()
-      case 27: try {
-        var v: Kmsd_V1_UpdateKeyDescriptionResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .updateKeyDescription(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .updateKeyDescription(v)
-        }
-      }()
-      case 30: try {
-        var v: Kmsd_V1_EncryptResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .encrypt(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .encrypt(v)
-        }
-      }()
-      case 31: try {
-        var v: Kmsd_V1_DecryptResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .decrypt(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .decrypt(v)
-        }
-      }()
-      case 32: try {
-        var v: Kmsd_V1_ReEncryptResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .reEncrypt(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .reEncrypt(v)
-        }
-      }()
-      case 33: try {
-        var v: Kmsd_V1_GenerateDataKeyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .generateDataKey(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .generateDataKey(v)
-        }
-      }()
-      case 34: try {
-        var v: Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .generateDataKeyWithoutPlaintext(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .generateDataKeyWithoutPlaintext(v)
-        }
-      }()
-      case 35: try {
-        var v: Kmsd_V1_GenerateRandomResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .generateRandom(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .generateRandom(v)
-        }
-      }()
-      case 40: try {
-        var v: Kmsd_V1_CreateAliasResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .createAlias(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .createAlias(v)
-        }
-      }()
-      case 41: try {
-        var v: Kmsd_V1_UpdateAliasResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .updateAlias(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .updateAlias(v)
-        }
-      }()
-      case 42: try {
-        var v: Kmsd_V1_DeleteAliasResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .deleteAlias(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .deleteAlias(v)
-        }
-      }()
-      case 43: try {
-        var v: Kmsd_V1_ListAliasesResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .listAliases(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .listAliases(v)
-        }
-      }()
-      case 44: try {
-        var v: Kmsd_V1_TagResourceResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .tagResource(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .tagResource(v)
-        }
-      }()
-      case 45: try {
-        var v: Kmsd_V1_UntagResourceResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .untagResource(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .untagResource(v)
-        }
-      }()
-      case 46: try {
-        var v: Kmsd_V1_ListResourceTagsResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .listResourceTags(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .listResourceTags(v)
-        }
-      }()
-      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    if self.id != 0 {
-      try visitor.visitSingularUInt64Field(value: self.id, fieldNumber: 1)
-    }
-    switch self.result {
-    case .error?: try {
-      guard case .error(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
-    }()
-    case .hello?: try {
-      guard case .hello(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-    }()
-    case .whoAmI?: try {
-      guard case .whoAmI(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-    }()
-    case .createKey?: try {
-      guard case .createKey(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
-    }()
-    case .describeKey?: try {
-      guard case .describeKey(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
-    }()
-    case .listKeys?: try {
-      guard case .listKeys(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
-    }()
-    case .enableKey?: try {
-      guard case .enableKey(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
-    }()
-    case .disableKey?: try {
-      guard case .disableKey(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
-    }()
-    case .scheduleKeyDeletion?: try {
-      guard case .scheduleKeyDeletion(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
-    }()
-    case .cancelKeyDeletion?: try {
-      guard case .cancelKeyDeletion(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 26)
-    }()
-    case .updateKeyDescription?: try {
-      guard case .updateKeyDescription(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 27)
-    }()
-    case .encrypt?: try {
-      guard case .encrypt(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 30)
-    }()
-    case .decrypt?: try {
-      guard case .decrypt(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 31)
-    }()
-    case .reEncrypt?: try {
-      guard case .reEncrypt(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 32)
-    }()
-    case .generateDataKey?: try {
-      guard case .generateDataKey(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 33)
-    }()
-    case .generateDataKeyWithoutPlaintext?: try {
-      guard case .generateDataKeyWithoutPlaintext(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 34)
-    }()
-    case .generateRandom?: try {
-      guard case .generateRandom(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 35)
-    }()
-    case .createAlias?: try {
-      guard case .createAlias(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 40)
-    }()
-    case .updateAlias?: try {
-      guard case .updateAlias(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 41)
-    }()
-    case .deleteAlias?: try {
-      guard case .deleteAlias(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 42)
-    }()
-    case .listAliases?: try {
-      guard case .listAliases(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 43)
-    }()
-    case .tagResource?: try {
-      guard case .tagResource(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 44)
-    }()
-    case .untagResource?: try {
-      guard case .untagResource(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 45)
-    }()
-    case .listResourceTags?: try {
-      guard case .listResourceTags(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 46)
-    }()
-    case nil: break
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if _storage._id != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._id, fieldNumber: 1)
+      }
+      switch _storage._result {
+      case .error?: try {
+        guard case .error(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+      }()
+      case .hello?: try {
+        guard case .hello(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+      }()
+      case .whoAmI?: try {
+        guard case .whoAmI(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+      }()
+      case .createKey?: try {
+        guard case .createKey(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+      }()
+      case .describeKey?: try {
+        guard case .describeKey(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+      }()
+      case .listKeys?: try {
+        guard case .listKeys(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
+      }()
+      case .enableKey?: try {
+        guard case .enableKey(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
+      }()
+      case .disableKey?: try {
+        guard case .disableKey(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
+      }()
+      case .scheduleKeyDeletion?: try {
+        guard case .scheduleKeyDeletion(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
+      }()
+      case .cancelKeyDeletion?: try {
+        guard case .cancelKeyDeletion(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 26)
+      }()
+      case .updateKeyDescription?: try {
+        guard case .updateKeyDescription(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 27)
+      }()
+      case .encrypt?: try {
+        guard case .encrypt(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 30)
+      }()
+      case .decrypt?: try {
+        guard case .decrypt(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 31)
+      }()
+      case .reEncrypt?: try {
+        guard case .reEncrypt(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 32)
+      }()
+      case .generateDataKey?: try {
+        guard case .generateDataKey(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 33)
+      }()
+      case .generateDataKeyWithoutPlaintext?: try {
+        guard case .generateDataKeyWithoutPlaintext(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 34)
+      }()
+      case .generateRandom?: try {
+        guard case .generateRandom(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 35)
+      }()
+      case .createAlias?: try {
+        guard case .createAlias(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 40)
+      }()
+      case .updateAlias?: try {
+        guard case .updateAlias(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 41)
+      }()
+      case .deleteAlias?: try {
+        guard case .deleteAlias(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 42)
+      }()
+      case .listAliases?: try {
+        guard case .listAliases(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 43)
+      }()
+      case .tagResource?: try {
+        guard case .tagResource(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 44)
+      }()
+      case .untagResource?: try {
+        guard case .untagResource(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 45)
+      }()
+      case .listResourceTags?: try {
+        guard case .listResourceTags(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 46)
+      }()
+      case .enableKeyRotation?: try {
+        guard case .enableKeyRotation(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 50)
+      }()
+      case .disableKeyRotation?: try {
+        guard case .disableKeyRotation(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 51)
+      }()
+      case .getKeyRotationStatus?: try {
+        guard case .getKeyRotationStatus(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 52)
+      }()
+      case .rotateKeyOnDemand?: try {
+        guard case .rotateKeyOnDemand(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 53)
+      }()
+      case .listKeyRotations?: try {
+        guard case .listKeyRotations(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 54)
+      }()
+      case .setMinimumDecryptionVersion?: try {
+        guard case .setMinimumDecryptionVersion(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 55)
+      }()
+      case nil: break
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Kmsd_V1_Response, rhs: Kmsd_V1_Response) -> Bool {
-    if lhs.id != rhs.id {return false}
-    if lhs.result != rhs.result {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._id != rhs_storage._id {return false}
+        if _storage._result != rhs_storage._result {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2432,7 +2982,7 @@ nonisolated extension Kmsd_V1_Tag: SwiftProtobuf.Message, SwiftProtobuf._Message
 
 nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".KeyMetadata"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}arn\0\u{3}creation_date\0\u{1}enabled\0\u{1}description\0\u{3}key_usage\0\u{3}key_state\0\u{3}key_spec\0\u{1}origin\0\u{3}key_manager\0\u{3}encryption_algorithms\0\u{3}owner_uid\0\u{3}current_key_version\0\u{3}deletion_date\0\u{3}pending_deletion_window_in_days\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}arn\0\u{3}creation_date\0\u{1}enabled\0\u{1}description\0\u{3}key_usage\0\u{3}key_state\0\u{3}key_spec\0\u{1}origin\0\u{3}key_manager\0\u{3}encryption_algorithms\0\u{3}owner_uid\0\u{3}current_key_version\0\u{3}deletion_date\0\u{3}pending_deletion_window_in_days\0\u{3}minimum_decryption_version\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2455,6 +3005,7 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
       case 13: try { try decoder.decodeSingularUInt32Field(value: &self.currentKeyVersion) }()
       case 14: try { try decoder.decodeSingularInt64Field(value: &self.deletionDate) }()
       case 15: try { try decoder.decodeSingularUInt32Field(value: &self.pendingDeletionWindowInDays) }()
+      case 16: try { try decoder.decodeSingularUInt32Field(value: &self.minimumDecryptionVersion) }()
       default: break
       }
     }
@@ -2506,6 +3057,9 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
     if self.pendingDeletionWindowInDays != 0 {
       try visitor.visitSingularUInt32Field(value: self.pendingDeletionWindowInDays, fieldNumber: 15)
     }
+    if self.minimumDecryptionVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.minimumDecryptionVersion, fieldNumber: 16)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2525,6 +3079,7 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
     if lhs.currentKeyVersion != rhs.currentKeyVersion {return false}
     if lhs.deletionDate != rhs.deletionDate {return false}
     if lhs.pendingDeletionWindowInDays != rhs.pendingDeletionWindowInDays {return false}
+    if lhs.minimumDecryptionVersion != rhs.minimumDecryptionVersion {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -4040,6 +4595,438 @@ nonisolated extension Kmsd_V1_ListResourceTagsResponse: SwiftProtobuf.Message, S
     if lhs.tags != rhs.tags {return false}
     if lhs.nextMarker != rhs.nextMarker {return false}
     if lhs.truncated != rhs.truncated {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_EnableKeyRotationRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EnableKeyRotationRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}rotation_period_in_days\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.rotationPeriodInDays) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if self.rotationPeriodInDays != 0 {
+      try visitor.visitSingularUInt32Field(value: self.rotationPeriodInDays, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_EnableKeyRotationRequest, rhs: Kmsd_V1_EnableKeyRotationRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.rotationPeriodInDays != rhs.rotationPeriodInDays {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_EnableKeyRotationResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EnableKeyRotationResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_EnableKeyRotationResponse, rhs: Kmsd_V1_EnableKeyRotationResponse) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_DisableKeyRotationRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DisableKeyRotationRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_DisableKeyRotationRequest, rhs: Kmsd_V1_DisableKeyRotationRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_DisableKeyRotationResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DisableKeyRotationResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_DisableKeyRotationResponse, rhs: Kmsd_V1_DisableKeyRotationResponse) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_GetKeyRotationStatusRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GetKeyRotationStatusRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_GetKeyRotationStatusRequest, rhs: Kmsd_V1_GetKeyRotationStatusRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_GetKeyRotationStatusResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GetKeyRotationStatusResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_rotation_enabled\0\u{3}key_id\0\u{3}rotation_period_in_days\0\u{3}next_rotation_date\0\u{3}current_key_version\0\u{3}minimum_decryption_version\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBoolField(value: &self.keyRotationEnabled) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.rotationPeriodInDays) }()
+      case 4: try { try decoder.decodeSingularInt64Field(value: &self.nextRotationDate) }()
+      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.currentKeyVersion) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.minimumDecryptionVersion) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.keyRotationEnabled != false {
+      try visitor.visitSingularBoolField(value: self.keyRotationEnabled, fieldNumber: 1)
+    }
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 2)
+    }
+    if self.rotationPeriodInDays != 0 {
+      try visitor.visitSingularUInt32Field(value: self.rotationPeriodInDays, fieldNumber: 3)
+    }
+    if self.nextRotationDate != 0 {
+      try visitor.visitSingularInt64Field(value: self.nextRotationDate, fieldNumber: 4)
+    }
+    if self.currentKeyVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.currentKeyVersion, fieldNumber: 5)
+    }
+    if self.minimumDecryptionVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.minimumDecryptionVersion, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_GetKeyRotationStatusResponse, rhs: Kmsd_V1_GetKeyRotationStatusResponse) -> Bool {
+    if lhs.keyRotationEnabled != rhs.keyRotationEnabled {return false}
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.rotationPeriodInDays != rhs.rotationPeriodInDays {return false}
+    if lhs.nextRotationDate != rhs.nextRotationDate {return false}
+    if lhs.currentKeyVersion != rhs.currentKeyVersion {return false}
+    if lhs.minimumDecryptionVersion != rhs.minimumDecryptionVersion {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_RotateKeyOnDemandRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RotateKeyOnDemandRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_RotateKeyOnDemandRequest, rhs: Kmsd_V1_RotateKeyOnDemandRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_RotateKeyOnDemandResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RotateKeyOnDemandResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}key_version\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.keyVersion) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if self.keyVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.keyVersion, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_RotateKeyOnDemandResponse, rhs: Kmsd_V1_RotateKeyOnDemandResponse) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.keyVersion != rhs.keyVersion {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ListKeyRotationsRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ListKeyRotationsRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}limit\0\u{1}marker\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.limit) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.marker) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if self.limit != 0 {
+      try visitor.visitSingularUInt32Field(value: self.limit, fieldNumber: 2)
+    }
+    if !self.marker.isEmpty {
+      try visitor.visitSingularStringField(value: self.marker, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ListKeyRotationsRequest, rhs: Kmsd_V1_ListKeyRotationsRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.limit != rhs.limit {return false}
+    if lhs.marker != rhs.marker {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_KeyRotation: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".KeyRotation"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}rotation_date\0\u{3}rotation_type\0\u{3}key_version\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularInt64Field(value: &self.rotationDate) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.rotationType) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.keyVersion) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if self.rotationDate != 0 {
+      try visitor.visitSingularInt64Field(value: self.rotationDate, fieldNumber: 2)
+    }
+    if !self.rotationType.isEmpty {
+      try visitor.visitSingularStringField(value: self.rotationType, fieldNumber: 3)
+    }
+    if self.keyVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.keyVersion, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_KeyRotation, rhs: Kmsd_V1_KeyRotation) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.rotationDate != rhs.rotationDate {return false}
+    if lhs.rotationType != rhs.rotationType {return false}
+    if lhs.keyVersion != rhs.keyVersion {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ListKeyRotationsResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ListKeyRotationsResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}rotations\0\u{3}next_marker\0\u{1}truncated\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedMessageField(value: &self.rotations) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.nextMarker) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.truncated) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.rotations.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.rotations, fieldNumber: 1)
+    }
+    if !self.nextMarker.isEmpty {
+      try visitor.visitSingularStringField(value: self.nextMarker, fieldNumber: 2)
+    }
+    if self.truncated != false {
+      try visitor.visitSingularBoolField(value: self.truncated, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ListKeyRotationsResponse, rhs: Kmsd_V1_ListKeyRotationsResponse) -> Bool {
+    if lhs.rotations != rhs.rotations {return false}
+    if lhs.nextMarker != rhs.nextMarker {return false}
+    if lhs.truncated != rhs.truncated {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_SetMinimumDecryptionVersionRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SetMinimumDecryptionVersionRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}minimum_decryption_version\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.minimumDecryptionVersion) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if self.minimumDecryptionVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.minimumDecryptionVersion, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_SetMinimumDecryptionVersionRequest, rhs: Kmsd_V1_SetMinimumDecryptionVersionRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.minimumDecryptionVersion != rhs.minimumDecryptionVersion {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_SetMinimumDecryptionVersionResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SetMinimumDecryptionVersionResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_SetMinimumDecryptionVersionResponse, rhs: Kmsd_V1_SetMinimumDecryptionVersionResponse) -> Bool {
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
