@@ -82,17 +82,33 @@ public final class KMSClient: Sendable {
         let promises = numbered.map { _ in channel.eventLoop.makePromise(of: KMSResponse.self) }
         let ids = numbered.map(\.id)
         let frameList = frames
-        try await channel.eventLoop.submit {
-            let handler = try channel.pipeline.syncOperations.handler(type: ResponseRouter.self)
-            try handler.register(ids: ids, promises: promises)
-            for (id, f) in zip(ids, frameList) {
-                // A failed write fails that request, so no caller waits for an answer never asked.
-                let written = channel.eventLoop.makePromise(of: Void.self)
-                written.futureResult.whenFailure { handler.fail(id: id, $0) }
-                channel.write(f, promise: written)
-            }
-            channel.flush()
-        }.get()
+        do {
+            try await channel.eventLoop.submit {
+                let handler: ResponseRouter
+                do {
+                    handler = try channel.pipeline.syncOperations.handler(type: ResponseRouter.self)
+                    try handler.register(ids: ids, promises: promises)
+                } catch {
+                    // The connection went away first: nobody will answer these.
+                    for p in promises { p.fail(error) }
+                    throw error
+                }
+                for (id, f) in zip(ids, frameList) {
+                    // A failed write fails that request, so no caller waits for an answer never asked.
+                    let written = channel.eventLoop.makePromise(of: Void.self)
+                    written.futureResult.whenFailure { handler.fail(id: id, $0) }
+                    channel.write(f, promise: written)
+                }
+                channel.flush()
+            }.get()
+        } catch let error as EventLoopError {
+            // The event loop would not run the submission at all.
+            for p in promises { p.fail(error) }
+            throw KMSTransportError("the connection to kmsd is closed: \(error)")
+        } catch {
+            state.withLock { if case .connected(let ch) = $0, ch === channel { $0 = .idle } }
+            throw KMSTransportError("the connection to kmsd is closed: \(error)")
+        }
         var out: [KMSResponse] = []
         out.reserveCapacity(promises.count)
         for p in promises { out.append(try await p.futureResult.get()) }
