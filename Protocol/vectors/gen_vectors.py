@@ -670,8 +670,10 @@ def build_frames(valid_ciphertexts):
                   "UpdateKeyDescription", "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
                   "GenerateDataKeyWithoutPlaintext", "GenerateRandom", "CreateAlias",
                   "UpdateAlias", "DeleteAlias", "ListAliases", "TagResource", "UntagResource",
-                  "ListResourceTags"]
-    assert len(operations) == 23
+                  "ListResourceTags", "EnableKeyRotation", "DisableKeyRotation",
+                  "GetKeyRotationStatus", "RotateKeyOnDemand", "ListKeyRotations",
+                  "SetMinimumDecryptionVersion"]
+    assert len(operations) == 29
     metadata = {
         "key_id": KEY_A,
         "arn": "kmsd:key/" + KEY_A,
@@ -686,12 +688,21 @@ def build_frames(valid_ciphertexts):
         "encryption_algorithms": ["SYMMETRIC_DEFAULT"],
         "owner_uid": 0,                # created by root: 0 is the default and is not encoded
         "current_key_version": 1,
+        "minimum_decryption_version": 1,   # field 16: kmsd always sends it, 1 = none retired
     }
     # The same key after ScheduleKeyDeletion with a 7-day window, as DescribeKey shows it:
     # `enabled` false (so not encoded), deletion date and window set (fields 14 and 15).
     deletion_date = metadata["creation_date"] + 7 * 86400
     pending_metadata = dict(metadata, enabled=False, key_state="PendingDeletion",
                             deletion_date=deletion_date, pending_deletion_window_in_days=7)
+    # Rotation (sections 7.25-7.30) of key A: automatic rotation every 180 days turned on at
+    # 1700000000, an on-demand rotation at 1700003600 (version 2), the automatic one when it
+    # came due (version 3), then versions below 2 retired.
+    rotation_period = 180
+    next_rotation = metadata["creation_date"] + rotation_period * 86400
+    rotated_metadata = dict(metadata, current_key_version=3, minimum_decryption_version=2)
+    retired_version = ct["one-pair"]["key_version"]
+    assert retired_version == 1 and enc["key_id"] == KEY_A
     R, S = "request", "response"
     vectors = [
         ("hello-request", R, {"id": 1, "hello": {"protocol_version": 1,
@@ -816,6 +827,45 @@ def build_frames(valid_ciphertexts):
         ("tag-limit-error-response", S, {"id": 28, "error": {
             "code": "LimitExceededException",
             "message": "a key may have at most 50 tags; this would make 51"}}),
+        ("enable-key-rotation-request", R, {"id": 29, "enable_key_rotation": {
+            "key_id": KEY_A, "rotation_period_in_days": rotation_period}}),
+        ("enable-key-rotation-response", S, {"id": 29, "enable_key_rotation": {}}),
+        ("get-key-rotation-status-request", R, {"id": 30, "get_key_rotation_status": {
+            "key_id": KEY_A}}),
+        ("get-key-rotation-status-response", S, {"id": 30, "get_key_rotation_status": {
+            "key_rotation_enabled": True, "key_id": KEY_A,
+            "rotation_period_in_days": rotation_period, "next_rotation_date": next_rotation,
+            "current_key_version": 1, "minimum_decryption_version": 1}}),
+        ("rotate-key-on-demand-request", R, {"id": 31, "rotate_key_on_demand": {
+            "key_id": KEY_A}}),
+        ("rotate-key-on-demand-response", S, {"id": 31, "rotate_key_on_demand": {
+            "key_id": KEY_A, "key_version": 2}}),
+        ("list-key-rotations-request", R, {"id": 32, "list_key_rotations": {"key_id": KEY_A}}),
+        ("list-key-rotations-response", S, {"id": 32, "list_key_rotations": {
+            "rotations": [
+                {"key_id": KEY_A, "rotation_date": 1700003600, "rotation_type": "ON_DEMAND",
+                 "key_version": 2},
+                {"key_id": KEY_A, "rotation_date": next_rotation, "rotation_type": "AUTOMATIC",
+                 "key_version": 3}]}}),
+        ("set-minimum-decryption-version-request", R, {"id": 33,
+            "set_minimum_decryption_version": {"key_id": KEY_A, "minimum_decryption_version": 2}}),
+        ("set-minimum-decryption-version-response", S, {"id": 33,
+                                                         "set_minimum_decryption_version": {}}),
+        ("describe-key-rotated-request", R, {"id": 34, "describe_key": {"key_id": KEY_A}}),
+        ("describe-key-rotated-response", S, {"id": 34, "describe_key": {
+            "key_metadata": rotated_metadata}}),
+        # Decrypt of `decrypt-request`'s blob (vector one-pair, key version 1) after that.
+        ("retired-version-error-response", S, {"id": 35, "error": {
+            "code": "KMSInvalidStateException",
+            "message": "version %d of key %s is retired: its minimum decryption version is 2"
+                       % (retired_version, KEY_A)}}),
+        ("disable-key-rotation-request", R, {"id": 36, "disable_key_rotation": {
+            "key_id": KEY_A}}),
+        ("disable-key-rotation-response", S, {"id": 36, "disable_key_rotation": {}}),
+        ("rotation-limit-error-response", S, {"id": 37, "error": {
+            "code": "LimitExceededException",
+            "message": "key %s has had 10 on-demand rotations, the most a key may have; "
+                       "automatic rotation still runs" % KEY_A}}),
     ]
     out = []
     for name, direction, value in vectors:

@@ -216,9 +216,32 @@ public final class KeyService: Sendable {
         }
     }
 
-    /// Puts a record back as it was (undo of a change whose audit record was refused).
-    public func restore(_ record: KeyRecord) throws {
-        try repository.update(record)
+    /// Puts a record back as it was (undo of a change whose audit record was refused), unless
+    /// another change has come since: that one is not reverted.
+    public func restore(_ before: KeyRecord, ifCurrentIs after: KeyRecord) throws {
+        try withKeyLock(before.keyID) {
+            guard try repository.record(before.keyID) == after else { return }
+            try repository.update(before)
+        }
+    }
+
+    /// Changes to one key happen one at a time (read, change, write), so two concurrent
+    /// changes cannot both start from the same record and one silently revert the other.
+    private let keyLocks: [NSLock] = (0..<64).map { _ in NSLock() }
+
+    func withKeyLock<T>(_ id: KeyID, _ body: () throws -> T) rethrows -> T {
+        let lock = keyLocks[Int(id.bytes[15]) % keyLocks.count]
+        lock.lock()
+        defer { lock.unlock() }
+        return try body()
+    }
+
+    /// The typed-throws form of `withKeyLock`, for the operations.
+    func locked<T>(_ id: KeyID, _ body: () throws(KMSError) -> T) throws(KMSError) -> T {
+        let lock = keyLocks[Int(id.bytes[15]) % keyLocks.count]
+        lock.lock()
+        defer { lock.unlock() }
+        return try body()
     }
 
     /// Deletes every key whose deletion time has come; returns their ids.
@@ -227,23 +250,28 @@ public final class KeyService: Sendable {
         var deleted: [KeyID] = []
         for id in try repository.dueForDeletion(at: now) {
             // Read the record again: a CancelKeyDeletion may have come in between.
-            guard let r = try? repository.record(id, caching: false), r.state == .pendingDeletion,
-                  let due = r.deletionDate, due <= now else { continue }
-            if try repository.destroy(id, at: now) { deleted.append(id) }
+            try withKeyLock(id) {
+                guard let r = try? repository.record(id, caching: false), r.state == .pendingDeletion,
+                      let due = r.deletionDate, due <= now else { return }
+                if try repository.destroy(id, at: now) { deleted.append(id) }
+            }
         }
         return deleted
     }
 
     private func change(_ keyID: String, caller: Principal, action: String,
                         _ body: (inout KeyRecord) throws(KMSError) -> Void) throws(KMSError) -> Change {
-        let before = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
-        var after = before
-        try body(&after)
-        guard after != before else { return Change(before: before, after: after) }
-        do { try repository.update(after) } catch {
-            throw KMSError(.internalError, "the key could not be updated (\(error)); nothing was changed")
+        let id = try KeyID(parsing: keyID)
+        return try locked(id) { () throws(KMSError) -> Change in
+            let before = try usableRecord(id, caller: caller, needsEnabled: false)
+            var after = before
+            try body(&after)
+            guard after != before else { return Change(before: before, after: after) }
+            do { try repository.update(after) } catch {
+                throw KMSError(.internalError, "the key could not be updated (\(error)); nothing was changed")
+            }
+            return Change(before: before, after: after)
         }
-        return Change(before: before, after: after)
     }
 
     static func invalidState(_ r: KeyRecord, _ wanted: String) -> KMSError {
@@ -287,14 +315,17 @@ public final class KeyService: Sendable {
     /// A new version now; new ciphertexts use it, older versions keep decrypting. At most
     /// `KMSLimits.maxOnDemandRotations` per key, as AWS KMS.
     public func rotateKeyOnDemand(_ keyID: String, caller: Principal) throws(KMSError) -> KeyRecord {
-        let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
-        try Self.requireEnabled(record)
-        guard (record.onDemandRotations ?? 0) < KMSLimits.maxOnDemandRotations else {
-            throw KMSError(.limitExceeded, "key \(record.keyID) has had \(KMSLimits.maxOnDemandRotations) on-demand rotations, the most a key may have; automatic rotation still runs")
+        let id = try KeyID(parsing: keyID)
+        return try locked(id) { () throws(KMSError) -> KeyRecord in
+            let record = try usableRecord(id, caller: caller, needsEnabled: false)
+            try Self.requireEnabled(record)
+            guard (record.onDemandRotations ?? 0) < KMSLimits.maxOnDemandRotations else {
+                throw KMSError(.limitExceeded, "key \(record.keyID) has had \(KMSLimits.maxOnDemandRotations) on-demand rotations, the most a key may have; automatic rotation still runs")
+            }
+            var next = record
+            next.onDemandRotations = (record.onDemandRotations ?? 0) + 1
+            return try rotate(next, type: "ON_DEMAND")
         }
-        var next = record
-        next.onDemandRotations = (record.onDemandRotations ?? 0) + 1
-        return try rotate(next, type: "ON_DEMAND")
     }
 
     /// Rotates every key whose automatic rotation is due; returns the new records.
@@ -302,14 +333,21 @@ public final class KeyService: Sendable {
         let now = clock()
         var rotated: [KeyRecord] = []
         for id in try repository.dueForRotation(at: now) {
-            guard let r = try? repository.record(id, caching: false), r.state == .enabled,
-                  let period = r.rotationPeriodDays, let due = r.nextRotationDate, due <= now else { continue }
-            var next = r
-            // The next one a whole period after this one was due (not after it ran late).
-            var following = due.timeIntervalSince1970 + Double(Int(period) * daySeconds)
-            while following <= now.timeIntervalSince1970 { following += Double(Int(period) * daySeconds) }
-            next.nextRotationDate = Date(timeIntervalSince1970: following)
-            rotated.append(try rotate(next, type: "AUTOMATIC"))
+            // One key failing to rotate does not hold up the others.
+            do {
+                try locked(id) { () throws(KMSError) in
+                    guard let r = try? repository.record(id, caching: false), r.state == .enabled,
+                          let period = r.rotationPeriodDays, let due = r.nextRotationDate, due <= now else { return }
+                    var next = r
+                    // The next one a whole period after this one was due (not after it ran late).
+                    var following = due.timeIntervalSince1970 + Double(Int(period) * daySeconds)
+                    while following <= now.timeIntervalSince1970 { following += Double(Int(period) * daySeconds) }
+                    next.nextRotationDate = Date(timeIntervalSince1970: following)
+                    rotated.append(try rotate(next, type: "AUTOMATIC"))
+                }
+            } catch {
+                continue
+            }
         }
         return rotated
     }

@@ -131,10 +131,11 @@ final class AuditLog: Sendable {
 
     /// A record of something kmsd did by itself (no caller): `action` on `keyID`.
     @discardableResult
-    func writeEvent(action: String, keyID: String, message: String) -> Bool {
+    func writeEvent(action: String, keyID: String, version: UInt32? = nil, message: String) -> Bool {
         let me = Principal(uid: geteuid(), gid: getegid(), pid: getpid(), userName: PeerCredentials.userName(geteuid()))
         var record = AuditRecord(action: action, requestID: 0, principal: me, result: .allowed)
         record.details.keyID = keyID
+        record.details.keyVersion = version
         record.eventMessage = message
         return write(record)
     }

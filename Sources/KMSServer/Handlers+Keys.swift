@@ -46,8 +46,8 @@ enum KeyHandlers {
     static func note(_ change: KeyService.Change, _ ctx: HandlerContext, _ d: inout AuditDetails) {
         d.keyID = change.after.keyID.description
         guard change.before != change.after else { return }
-        let service = ctx.service, before = change.before
-        d.undo = { try service.restore(before) }
+        let service = ctx.service, before = change.before, after = change.after
+        d.undo = { try service.restore(before, ifCurrentIs: after) }
     }
 
     static func enableKey(_ r: Kmsd_V1_EnableKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_EnableKeyResponse {

@@ -278,7 +278,7 @@ public final class Server: @unchecked Sendable {
         defer { sweeping.store(false, ordering: .releasing) }
         do {
             for k in try service.rotateDueKeys() {
-                audit.writeEvent(action: "KeyRotated", keyID: k.keyID.description,
+                audit.writeEvent(action: "KeyRotated", keyID: k.keyID.description, version: k.currentVersion,
                                  message: "key \(k.keyID) was rotated automatically to version \(k.currentVersion)")
                 StandardError.write("kmsd: key \(k.keyID) rotated to version \(k.currentVersion)\n")
             }

@@ -131,6 +131,8 @@ func printColumns(headers: [String], rows: [[String]]) {
 /// The `KeyMetadata` object of AWS KMS (AWS field names).
 func keyMetadataDictionary(_ m: Kmsd_V1_KeyMetadata) -> [String: Any] {
     var d = keyMetadataFields(m)
+    d["CurrentKeyVersion"] = Int(m.currentKeyVersion)
+    d["MinimumDecryptionVersion"] = Int(max(1, m.minimumDecryptionVersion))
     if m.deletionDate != 0 {
         d["DeletionDate"] = Int(m.deletionDate)
         d["PendingDeletionWindowInDays"] = Int(m.pendingDeletionWindowInDays)
@@ -172,6 +174,8 @@ func printKeyMetadata(_ m: Kmsd_V1_KeyMetadata, json: Bool) throws {
         ("Origin", m.origin),
         ("KeyManager", m.keyManager),
         ("EncryptionAlgorithms", m.encryptionAlgorithms.joined(separator: ", ")),
+        ("CurrentKeyVersion", String(m.currentKeyVersion)),
+        ("MinimumDecryptionVersion", String(max(1, m.minimumDecryptionVersion))),
     ] + (m.deletionDate != 0 ? [("DeletionDate", formatUnixTime(m.deletionDate)),
                                 ("PendingDeletionWindowInDays", String(m.pendingDeletionWindowInDays))] : []))
 }

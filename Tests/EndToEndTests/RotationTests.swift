@@ -113,4 +113,37 @@ final class RotationTests {
         #expect(Self.version(of: try await client.encrypt(keyID: key, plaintext: [8]).ciphertextBlob) == 2)
         #expect(daemon.log.contains("key \(key) rotated to version 2"))
     }
+
+    /// Concurrent changes to one key never undo each other: every acknowledged rotation is
+    /// counted in the key's version, whatever else changed the key at the same time.
+    @Test func concurrentChangesToOneKeyAreNotLost() async throws {
+        let key = try await client.createKey().keyID
+        let socket = daemon.socket
+        let rotations = try await withThrowingTaskGroup(of: Int.self) { group in
+            for worker in 0..<6 {
+                group.addTask {
+                    let c = KMSClient(socketPath: socket)
+                    var rotated = 0
+                    for i in 0..<8 {
+                        switch (worker + i) % 3 {
+                        case 0: if (try? await c.rotateKeyOnDemand(keyID: key)) != nil { rotated += 1 }
+                        case 1: try await c.updateKeyDescription(keyID: key, description: "w\(worker)-\(i)")
+                        default: try? await c.disableKey(keyID: key); try await c.enableKey(keyID: key)
+                        }
+                    }
+                    await c.close()
+                    return rotated
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+        // Some attempts meet the key disabled by another worker; never more than 10 succeed.
+        #expect((1...10).contains(rotations), "\(rotations) on-demand rotations")
+        let m = try await client.describeKey(keyID: key)
+        #expect(m.currentKeyVersion == UInt32(rotations + 1), "version \(m.currentKeyVersion) after \(rotations) rotations")
+        #expect(try await client.listKeyRotations(keyID: key).rotations.count == rotations)
+        // And the key still rotates automatically (no version left half-written).
+        try await client.enableKeyRotation(keyID: key, rotationPeriodInDays: 90)
+        #expect(try await client.getKeyRotationStatus(keyID: key).currentKeyVersion == UInt32(rotations + 1))
+    }
 }
