@@ -39,7 +39,9 @@ struct ListKeys: AsyncParsableCommand {
             if wantDetails {
                 for key in collected {
                     if let m = try? await client.describeKey(keyID: key.keyID) {
-                        details[key.keyID] = KeyDetails(state: m.keyState, description: m.description_p, aliases: [])
+                        let rotation = try? await client.getKeyRotationStatus(keyID: key.keyID)
+                        details[key.keyID] = KeyDetails(state: m.keyState, description: m.description_p, aliases: [],
+                                                        rotation: rotation.map { $0.keyRotationEnabled ? "every \($0.rotationPeriodInDays)d" : "off" } ?? "?")
                     }
                 }
                 var marker = ""
@@ -60,10 +62,10 @@ struct ListKeys: AsyncParsableCommand {
             if truncated && !nextMarker.isEmpty { object["NextMarker"] = nextMarker }
             try printJSON(object)
         } else {
-            printColumns(headers: ["KeyId", "Alias", "State", "Description"], rows: keys.map { key in
+            printColumns(headers: ["KeyId", "Alias", "State", "Rotation", "Description"], rows: keys.map { key in
                 let d = details[key.keyID]
                 return [key.keyID, d.map { $0.aliases.joined(separator: ",") }.flatMap { $0.isEmpty ? nil : $0 } ?? "-",
-                        d?.state ?? "?", d.map { $0.description.isEmpty ? "-" : String($0.description.prefix(40)) } ?? "?"]
+                        d?.state ?? "?", d?.rotation ?? "?", d.map { $0.description.isEmpty ? "-" : String($0.description.prefix(40)) } ?? "?"]
             })
             if truncated && !nextMarker.isEmpty {
                 writeStderr("kmsctl: more keys follow; run again with --marker \(nextMarker), or use --all\n")
@@ -77,4 +79,5 @@ struct KeyDetails {
     var state: String
     var description: String
     var aliases: [String]
+    var rotation: String
 }
