@@ -244,6 +244,11 @@ public final class KeyRepository: Sendable {
         guard let row else { return nil }
         let record: KeyRecord = try open(row, table: "keys", rowKey: id.description)
         guard record.keyID == id else { throw Self.tampered(id) }
+        // A key kmsd deleted keeps a tombstone; its rows back beside it were restored from an
+        // older copy of the keystore (authentic, but rolled back): refused.
+        if (try? storage.tombstone(id: id.description)) != nil {
+            throw KMSError(.keyUnavailable, "key \(id) was deleted, yet its record is back in the keystore: an older copy was restored over it. The key is refused; restore the keystore from its latest backup")
+        }
         if caching { cache.withLock { $0.put(id, CachedKey(record: record, versions: [:])) } }
         return record
     }

@@ -159,4 +159,32 @@ final class LifecycleTests {
         #expect(described.text.contains("Disabled") && described.text.contains("from kmsctl"), "\(described.text)")
         #expect(try kmsctl(["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "3"]).status == 2)
     }
+
+    /// A deleted key's rows copied back from an older snapshot of the keystore (every row still
+    /// authentic) are refused, not resurrected.
+    @Test func aDeletedKeyRestoredFromASnapshotIsRefused() async throws {
+        let key = try await client.createKey().keyID
+        let blob = Array(try await client.encrypt(keyID: key, plaintext: [5]).ciphertextBlob)
+        let db = daemon.stateDir + "/keystore.sqlite3", snapshot = daemon.stateDir + ".snapshot.sqlite3"
+        let copy = try run("/usr/bin/sqlite3", [db, "VACUUM INTO '\(snapshot)'"])
+        #expect(copy.status == 0, "\(copy.stderr)")
+        _ = try await client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 7)
+        var deleted = false
+        for _ in 0..<40 where !deleted {
+            try await Task.sleep(nanoseconds: 500_000_000)
+            do { _ = try await client.describeKey(keyID: key) } catch let e as KMSError where e.code == .notFound { deleted = true }
+        }
+        try #require(deleted)
+        daemon.stop()
+        let restore = try run("/usr/bin/sqlite3", [db, """
+            ATTACH '\(snapshot)' AS old;
+            INSERT INTO keys SELECT * FROM old.keys WHERE key_id = '\(key)';
+            INSERT INTO key_versions SELECT * FROM old.key_versions WHERE key_id = '\(key)';
+            """])
+        #expect(restore.status == 0, "\(restore.stderr)")
+        try daemon.restart()
+        let fresh = daemon.client()
+        await expectKMSError(.keyUnavailable) { try await fresh.describeKey(keyID: key) }
+        await expectKMSError(.keyUnavailable) { try await fresh.decrypt(ciphertextBlob: blob) }
+    }
 }
