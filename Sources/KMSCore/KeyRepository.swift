@@ -17,6 +17,8 @@ public final class KeyRepository: Sendable {
     /// under the same root key does not verify here.
     let keystoreID: [UInt8]
     private let cache: Mutex<LRUCache>
+    /// Encrypts list markers (alias names, tag keys) so they show nothing.
+    let markerKey: SecureBytes?
     static let materialLabel = Array("kmsd/v1/key-material".utf8)
     static let rootCheckLabel = Array("kmsd/v1/root-key-check".utf8)
 
@@ -30,6 +32,7 @@ public final class KeyRepository: Sendable {
         self.storage = storage
         self.root = root
         self.cache = Mutex(LRUCache(capacity: max(1, cacheCapacity)))
+        self.markerKey = try? HKDF.deriveKey(from: root.recordMACKey, salt: [], info: Array("kmsd/v1/list-marker-key".utf8))
         let check = try HMAC.authenticate(key: root.recordMACKey, data: Self.rootCheckLabel)
         if let stored = try storage.meta("root_key_check") {
             guard ConstantTime.equals(stored, check) else {
@@ -89,6 +92,7 @@ public final class KeyRepository: Sendable {
         let due = record.state == .pendingDeletion ? record.deletionDate.map { Int64($0.timeIntervalSince1970.rounded(.up)) } : nil
         try storage.updateKey(id: record.keyID.description, key: row, deletionDue: due, rotationDue: Self.rotationDue(record))
         cache.withLock { cache in
+            cache.mutations &+= 1
             if var entry = cache.peek(record.keyID) {
                 entry.record = record
                 cache.put(record.keyID, entry)
@@ -113,6 +117,7 @@ public final class KeyRepository: Sendable {
                                rotationDue: Self.rotationDue(record), versionNumber: number,
                                version: try seal(version, table: "key_versions", rowKey: "\(record.keyID)/\(number)"))
         cache.withLock { cache in
+            cache.mutations &+= 1
             if var entry = cache.peek(record.keyID) {
                 entry.record = record
                 entry.versions[number] = material
@@ -137,8 +142,8 @@ public final class KeyRepository: Sendable {
         return out
     }
 
-    public func dueForRotation(at time: Date) throws -> [KeyID] {
-        try storage.keysDueForRotation(at: Int64(time.timeIntervalSince1970)).compactMap { try? KeyID(parsing: $0) }
+    public func dueForRotation(at time: Date, limit: Int = 1000) throws -> [KeyID] {
+        try storage.keysDueForRotation(at: Int64(time.timeIntervalSince1970), limit: limit).compactMap { try? KeyID(parsing: $0) }
     }
 
     /// Deletes a key for good: its record and every version's wrapped material go, in one
@@ -149,7 +154,7 @@ public final class KeyRepository: Sendable {
         guard try storage.destroyKey(id: id.description, dueBy: Int64(time.timeIntervalSince1970), tombstone: tombstone) else {
             return false
         }
-        cache.withLock { $0.remove(id) }
+        cache.withLock { $0.remove(id); $0.mutations &+= 1 }
         return true
     }
 
@@ -221,14 +226,14 @@ public final class KeyRepository: Sendable {
     }
 
     /// Keys pending deletion whose deletion time has come.
-    public func dueForDeletion(at time: Date) throws -> [KeyID] {
-        try storage.keysDueForDeletion(at: Int64(time.timeIntervalSince1970)).compactMap { try? KeyID(parsing: $0) }
+    public func dueForDeletion(at time: Date, limit: Int = 1000) throws -> [KeyID] {
+        try storage.keysDueForDeletion(at: Int64(time.timeIntervalSince1970), limit: limit).compactMap { try? KeyID(parsing: $0) }
     }
 
     /// Removes a key and every version, from storage and the cache (whose material is zeroed).
     /// Used to undo a CreateKey whose audit record could not be written.
     public func delete(_ id: KeyID) throws {
-        cache.withLock { $0.remove(id) }
+        cache.withLock { $0.remove(id); $0.mutations &+= 1 }
         try storage.deleteKey(id: id.description)
     }
 
@@ -236,7 +241,8 @@ public final class KeyRepository: Sendable {
     ///
     /// Throws KeyUnavailableException when the stored record fails its integrity check.
     public func record(_ id: KeyID, caching: Bool = true) throws(KMSError) -> KeyRecord? {
-        if let hit = cache.withLock({ $0.get(id)?.record }) { return hit }
+        let (hit, seen) = cache.withLock { ($0.get(id)?.record, $0.mutations) }
+        if let hit { return hit }
         let row: StoredRow?
         do { row = try storage.key(id: id.description) } catch {
             throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
@@ -246,10 +252,18 @@ public final class KeyRepository: Sendable {
         guard record.keyID == id else { throw Self.tampered(id) }
         // A key kmsd deleted keeps a tombstone; its rows back beside it were restored from an
         // older copy of the keystore (authentic, but rolled back): refused.
-        if (try? storage.tombstone(id: id.description)) != nil {
+        let tombstone: StoredRow?
+        do { tombstone = try storage.tombstone(id: id.description) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+        if tombstone != nil {
             throw KMSError(.keyUnavailable, "key \(id) was deleted, yet its record is back in the keystore: an older copy was restored over it. The key is refused; restore the keystore from its latest backup")
         }
-        if caching { cache.withLock { $0.put(id, CachedKey(record: record, versions: [:])) } }
+        if caching {
+            cache.withLock { cache in
+                if cache.mutations == seen, cache.peek(id) == nil { cache.put(id, CachedKey(record: record, versions: [:])) }
+            }
+        }
         return record
     }
 
@@ -381,6 +395,10 @@ struct LRUCache {
     let capacity: Int
     private var entries: [KeyID: (value: CachedKey, tick: UInt64)] = [:]
     private var tick: UInt64 = 0
+    /// Counts changes to stored keys (update, rotate, destroy, delete). A record read from
+    /// storage is cached only if none happened since the read began, so a slow reader cannot
+    /// put back a record that a change has already replaced.
+    var mutations: UInt64 = 0
 
     init(capacity: Int) { self.capacity = capacity }
 

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import KMSCrypto
 import KMSProtocol
 
@@ -69,7 +70,7 @@ public final class KeyService: Sendable {
 
     /// The metadata of a key the caller may use.
     public func describeKey(_ keyID: String, caller: Principal) throws(KMSError) -> KeyRecord {
-        try usableRecord(resolve(keyID), caller: caller, needsEnabled: false)
+        try usableRecord(resolve(keyID, caller: caller), caller: caller, needsEnabled: false)
     }
 
     /// One page of keys visible to the caller, the marker of the next page, and the keys left
@@ -228,6 +229,9 @@ public final class KeyService: Sendable {
     /// Changes to one key happen one at a time (read, change, write), so two concurrent
     /// changes cannot both start from the same record and one silently revert the other.
     private let keyLocks: [NSLock] = (0..<64).map { _ in NSLock() }
+    /// Keys a sweep could not read or rotate (tampered, rolled back): passed over by later
+    /// sweeps, so they cannot fill the head of the due-index query for good.
+    private let stuck = Mutex<Set<KeyID>>([])
 
     func withKeyLock<T>(_ id: KeyID, _ body: () throws -> T) rethrows -> T {
         let lock = keyLocks[Int(id.bytes[15]) % keyLocks.count]
@@ -248,11 +252,12 @@ public final class KeyService: Sendable {
     public func deleteDueKeys() throws -> [KeyID] {
         let now = clock()
         var deleted: [KeyID] = []
-        for id in try repository.dueForDeletion(at: now) {
+        let skip = stuck.withLock { $0 }
+        for id in try repository.dueForDeletion(at: now, limit: 1000 + skip.count) where !skip.contains(id) {
             // Read the record again: a CancelKeyDeletion may have come in between.
             try withKeyLock(id) {
-                guard let r = try? repository.record(id, caching: false), r.state == .pendingDeletion,
-                      let due = r.deletionDate, due <= now else { return }
+                guard let r = try? repository.record(id, caching: false) else { stuck.withLock { _ = $0.insert(id) }; return }
+                guard r.state == .pendingDeletion, let due = r.deletionDate, due <= now else { return }
                 if try repository.destroy(id, at: now) { deleted.append(id) }
             }
         }
@@ -332,8 +337,9 @@ public final class KeyService: Sendable {
     public func rotateDueKeys() throws -> [KeyRecord] {
         let now = clock()
         var rotated: [KeyRecord] = []
-        for id in try repository.dueForRotation(at: now) {
-            // One key failing to rotate does not hold up the others.
+        let skip = stuck.withLock { $0 }
+        for id in try repository.dueForRotation(at: now, limit: 1000 + skip.count) where !skip.contains(id) {
+            // One key failing to rotate does not hold up the others, now or in later sweeps.
             do {
                 try locked(id) { () throws(KMSError) in
                     guard let r = try? repository.record(id, caching: false), r.state == .enabled,
@@ -346,6 +352,7 @@ public final class KeyService: Sendable {
                     rotated.append(try rotate(next, type: "AUTOMATIC"))
                 }
             } catch {
+                stuck.withLock { _ = $0.insert(id) }
                 continue
             }
         }
@@ -402,11 +409,16 @@ public final class KeyService: Sendable {
 
     /// A key identifier where AWS KMS accepts aliases too: key id, key ARN, `alias/NAME` or
     /// `kmsd:alias/NAME`. NotFoundException when the alias does not exist.
-    public func resolve(_ text: String) throws(KMSError) -> KeyID {
+    ///
+    /// An alias whose key the caller may not use answers exactly as a missing one: aliases
+    /// reveal neither which key they name nor that they exist to anyone who may not use it.
+    public func resolve(_ text: String, caller: Principal) throws(KMSError) -> KeyID {
         guard let name = Self.aliasName(text) else { return try KeyID(parsing: text) }
         try Self.validateAlias(name)
-        guard let alias = try repository.alias(name) else {
-            throw KMSError(.notFound, "alias \(name) does not exist; list aliases with kmsctl list-aliases")
+        let missing = KMSError(.notFound, "alias \(name) does not exist; list aliases with kmsctl list-aliases")
+        guard let alias = try repository.alias(name) else { throw missing }
+        if !isAdministrator(caller) {
+            guard let record = try? repository.record(alias.keyID), record.ownerUID == caller.uid else { throw missing }
         }
         return alias.keyID
     }
@@ -487,10 +499,12 @@ public final class KeyService: Sendable {
         return alias
     }
 
-    /// Puts an alias back as it was, or removes it (undo).
-    public func restoreAlias(_ alias: AliasRecord?, name: String) throws {
-        guard let alias else { try repository.deleteAlias(name); return }
-        if (try? repository.alias(name)) == nil { try repository.createAlias(alias) } else { try repository.updateAlias(alias) }
+    /// Puts an alias back as it was (`before`; nil: it did not exist), unless it has changed
+    /// again since the change being undone left it as `after` (nil: deleted).
+    public func restoreAlias(_ before: AliasRecord?, ifCurrentIs after: AliasRecord?, name: String) throws {
+        guard try repository.alias(name) == after else { return }
+        guard let before else { try repository.deleteAlias(name); return }
+        if after == nil { try repository.createAlias(before) } else { try repository.updateAlias(before) }
     }
 
     /// One page of aliases the caller may see: all for administrators, else those of keys the
@@ -576,27 +590,36 @@ public final class KeyService: Sendable {
 
     /// Markers over text (alias names, tag keys): the text and a MAC binding it to the listing
     /// and the caller, hex-encoded; anything else is InvalidMarkerException.
+    /// The text (an alias name, a tag key, a version) encrypted and authenticated with
+    /// AES-256-GCM under a root-derived key, bound to the listing and the caller: a marker shows
+    /// nothing (it may point past entries the caller may not see) and cannot be forged.
     static func makeTextMarker(_ text: String, label: String, caller: Principal, repository: KeyRepository) -> String? {
-        var data = Array("kmsd/v1/marker/\(label)".utf8)
-        data.appendLengthPrefixed(Array(text.utf8))
-        data.appendBigEndian(caller.uid)
-        guard let tag = try? HMAC.authenticate(key: repository.root.recordMACKey, data: data) else { return nil }
-        return (Array(tag.prefix(16)) + Array(text.utf8)).map { String(format: "%02x", $0) }.joined()
+        guard let key = repository.markerKey, let nonce = try? SecureRandom.bytes(AESGCM.nonceBytes) else { return nil }
+        let sealed = try? Array(text.utf8).withUnsafeBytes { p in
+            try AESGCM.seal(key: key, nonce: nonce, plaintext: p, aad: markerAAD(label, caller))
+        }
+        return sealed.map { (nonce + $0).map { String(format: "%02x", $0) }.joined() }
+    }
+
+    static func markerAAD(_ label: String, _ caller: Principal) -> [UInt8] {
+        var aad = Array("kmsd/v1/marker/\(label)".utf8)
+        aad.appendBigEndian(caller.uid)
+        return aad
     }
 
     static func textMarker(_ marker: String, label: String, caller: Principal, repository: KeyRepository) throws(KMSError) -> String? {
         guard !marker.isEmpty else { return nil }
         let invalid = KMSError(.invalidMarker, "Marker is not one this server returned to you; pass the NextMarker of the previous page, or start again without one")
         let utf8 = Array(marker.utf8)
-        guard utf8.count >= 34, utf8.count % 2 == 0 else { throw invalid }
+        guard utf8.count > 2 * (AESGCM.nonceBytes + AESGCM.tagBytes), utf8.count % 2 == 0, let key = repository.markerKey else { throw invalid }
         var bytes: [UInt8] = []
         for i in stride(from: 0, to: utf8.count, by: 2) {
             guard let b = UInt8(String(decoding: utf8[i..<i + 2], as: UTF8.self), radix: 16) else { throw invalid }
             bytes.append(b)
         }
-        let text = String(decoding: bytes[16...], as: UTF8.self)
-        guard let expected = makeTextMarker(text, label: label, caller: caller, repository: repository), expected == marker else { throw invalid }
-        return text
+        guard let text = try? AESGCM.open(key: key, nonce: Array(bytes[..<AESGCM.nonceBytes]), sealed: Array(bytes[AESGCM.nonceBytes...]),
+                                          aad: markerAAD(label, caller)) else { throw invalid }
+        return String(decoding: text.unsafeCopyToArray(), as: UTF8.self)
     }
 
     // MARK: - Cryptographic operations
@@ -618,7 +641,7 @@ public final class KeyService: Sendable {
         guard (1...KMSLimits.maxPlaintextBytes).contains(plaintext.count) else {
             throw KMSError(.validation, "Plaintext must be 1...\(KMSLimits.maxPlaintextBytes) bytes; use envelope encryption (GenerateDataKey) for more")
         }
-        let record = try usableRecord(resolve(keyID), caller: caller, needsEnabled: true)
+        let record = try usableRecord(resolve(keyID, caller: caller), caller: caller, needsEnabled: true)
         return try seal(plaintext, record: record, context: ctx)
     }
 
@@ -629,7 +652,7 @@ public final class KeyService: Sendable {
         }
         let parsed = try SymmetricCiphertext(parsing: blob)
         if !keyID.isEmpty {
-            let expected = try resolve(keyID)
+            let expected = try resolve(keyID, caller: caller)
             guard expected == parsed.keyID else {
                 throw KMSError(.incorrectKey, "the ciphertext was encrypted under another key than \(expected); omit KeyId or pass the right one")
             }
@@ -655,7 +678,7 @@ public final class KeyService: Sendable {
     public func reEncrypt(blob: [UInt8], sourceContext: EncryptionContext, sourceKeyID: String,
                           destinationKeyID: String, destinationContext destContext: EncryptionContext,
                           caller: Principal) throws(KMSError) -> (sealed: Sealed, source: Opened) {
-        let destinationID = try resolve(destinationKeyID)
+        let destinationID = try resolve(destinationKeyID, caller: caller)
         let opened = try decrypt(blob: blob, context: sourceContext, keyID: sourceKeyID, caller: caller)
         let destination = try usableRecord(destinationID, caller: caller, needsEnabled: true)
         let sealed = try opened.plaintext.withUnsafeBytes { (p) throws(KMSError) in try seal(p, record: destination, context: destContext) }
@@ -679,7 +702,7 @@ public final class KeyService: Sendable {
         default:
             throw KMSError(.validation, "give KeySpec or NumberOfBytes, not both")
         }
-        let record = try usableRecord(resolve(keyID), caller: caller, needsEnabled: true)
+        let record = try usableRecord(resolve(keyID, caller: caller), caller: caller, needsEnabled: true)
         let dataKey: SecureBytes
         do { dataKey = try SecureBytes.random(count: count) } catch {
             throw KMSError(.internalError, "could not generate random bytes inside kmsd")

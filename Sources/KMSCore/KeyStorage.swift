@@ -25,14 +25,14 @@ public protocol KeyStorage: Sendable {
     /// Every version row of a key, ascending.
     func versions(id: String) throws -> [(number: UInt32, row: StoredRow)]
     /// Ids of keys whose automatic rotation is due at or before `time` (Unix seconds).
-    func keysDueForRotation(at time: Int64) throws -> [String]
+    func keysDueForRotation(at time: Int64, limit: Int) throws -> [String]
     /// Deletes a key and every version and leaves its tombstone, in one transaction, if the
     /// key is still due for deletion at `time` (Unix seconds); false when it is not (say, its
     /// deletion was cancelled meanwhile).
     func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow) throws -> Bool
     func tombstone(id: String) throws -> StoredRow?
     /// Ids of keys pending deletion whose deletion time is at or before `time` (Unix seconds).
-    func keysDueForDeletion(at time: Int64) throws -> [String]
+    func keysDueForDeletion(at time: Int64, limit: Int) throws -> [String]
     /// Inserts an alias row; throws when the name exists.
     func insertAlias(name: String, keyID: String, row: StoredRow) throws
     /// Replaces an alias row (its target may change).

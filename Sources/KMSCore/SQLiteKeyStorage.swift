@@ -137,10 +137,10 @@ public final class SQLiteKeyStorage: KeyStorage {
         }
     }
 
-    public func keysDueForRotation(at time: Int64) throws -> [String] {
+    public func keysDueForRotation(at time: Int64, limit: Int) throws -> [String] {
         try readers.with { conn in
-            try Self.query(conn, "SELECT key_id FROM keys WHERE rotation_due IS NOT NULL AND rotation_due <= ?1 ORDER BY rotation_due LIMIT 1000",
-                           [.int(time)], path: path) { stmt in String(cString: sqlite3_column_text(stmt, 0)) }
+            try Self.query(conn, "SELECT key_id FROM keys WHERE rotation_due IS NOT NULL AND rotation_due <= ?1 ORDER BY rotation_due LIMIT ?2",
+                           [.int(time), .int(Int64(limit))], path: path) { stmt in String(cString: sqlite3_column_text(stmt, 0)) }
         }
     }
 
@@ -215,10 +215,10 @@ public final class SQLiteKeyStorage: KeyStorage {
         }
     }
 
-    public func keysDueForDeletion(at time: Int64) throws -> [String] {
+    public func keysDueForDeletion(at time: Int64, limit: Int) throws -> [String] {
         try readers.with { conn in
-            try Self.query(conn, "SELECT key_id FROM keys WHERE deletion_due IS NOT NULL AND deletion_due <= ?1 ORDER BY deletion_due LIMIT 1000",
-                           [.int(time)], path: path) { stmt in String(cString: sqlite3_column_text(stmt, 0)) }
+            try Self.query(conn, "SELECT key_id FROM keys WHERE deletion_due IS NOT NULL AND deletion_due <= ?1 ORDER BY deletion_due LIMIT ?2",
+                           [.int(time), .int(Int64(limit))], path: path) { stmt in String(cString: sqlite3_column_text(stmt, 0)) }
         }
     }
 

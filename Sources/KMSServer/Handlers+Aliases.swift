@@ -11,7 +11,7 @@ enum AliasHandlers {
         let alias = try ctx.service.createAlias(r.aliasName, targetKeyID: r.targetKeyID, caller: ctx.principal)
         d.keyID = alias.keyID.description
         let service = ctx.service, name = alias.aliasName
-        d.undo = { try service.restoreAlias(nil, name: name) }
+        d.undo = { try service.restoreAlias(nil, ifCurrentIs: alias, name: name) }
         return .init()
     }
 
@@ -20,8 +20,8 @@ enum AliasHandlers {
         d.keyID = AuditDetails.keyID(requested: r.targetKeyID)
         let change = try ctx.service.updateAlias(r.aliasName, targetKeyID: r.targetKeyID, caller: ctx.principal)
         d.keyID = change.after.keyID.description
-        let service = ctx.service, before = change.before
-        d.undo = { try service.restoreAlias(before, name: before.aliasName) }
+        let service = ctx.service, before = change.before, after = change.after
+        d.undo = { try service.restoreAlias(before, ifCurrentIs: after, name: before.aliasName) }
         return .init()
     }
 
@@ -30,7 +30,7 @@ enum AliasHandlers {
         let alias = try ctx.service.deleteAlias(r.aliasName, caller: ctx.principal)
         d.keyID = alias.keyID.description
         let service = ctx.service
-        d.undo = { try service.restoreAlias(alias, name: alias.aliasName) }
+        d.undo = { try service.restoreAlias(alias, ifCurrentIs: nil, name: alias.aliasName) }
         return .init()
     }
 

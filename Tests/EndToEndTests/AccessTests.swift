@@ -74,6 +74,19 @@ final class AccessTests {
         #expect(outsider.stderr.hasPrefix("kmsctl: AccessDeniedException: "), "\(outsider.stderr)")
     }
 
+    /// An alias of a key someone may not use looks to them like no alias at all: it reveals
+    /// neither its key nor that it exists.
+    @Test func anAliasOfSomeoneElsesKeyIsNotFound() throws {
+        let created = try json(try kmsctl(Self.alice, ["create-key", "--json"]))
+        let key = try #require((created["KeyMetadata"] as? [String: Any])?["KeyId"] as? String)
+        #expect(try kmsctl(Self.alice, ["create-alias", "--alias-name", "alias/alice-only", "--target-key-id", key]).status == 0)
+        let probe = try kmsctl(Self.mallory, ["encrypt", "--key-id", "alias/alice-only"], stdin: Data("x".utf8))
+        #expect(probe.stderr.hasPrefix("kmsctl: NotFoundException: ") && !probe.stderr.contains(key), "\(probe.stderr)")
+        let missing = try kmsctl(Self.mallory, ["encrypt", "--key-id", "alias/never-made"], stdin: Data("x".utf8))
+        #expect(missing.stderr.replacingOccurrences(of: "never-made", with: "alice-only") == probe.stderr, "the same answer as for no alias")
+        #expect(try kmsctl(Self.alice, ["encrypt", "--key-id", "alias/alice-only"], stdin: Data("x".utf8)).status == 0)
+    }
+
     @Test func onlyAdministratorsCreateKeys() throws {
         let denied = try kmsctl(Self.mallory, ["create-key"])
         #expect(denied.status != 0)

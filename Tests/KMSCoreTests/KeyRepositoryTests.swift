@@ -212,7 +212,7 @@ struct KeyRepositoryTests {
             try inner.addVersion(id: id, key: key, rotationDue: rotationDue, versionNumber: versionNumber, version: version)
         }
         func versions(id: String) throws -> [(number: UInt32, row: StoredRow)] { try inner.versions(id: id) }
-        func keysDueForRotation(at time: Int64) throws -> [String] { try inner.keysDueForRotation(at: time) }
+        func keysDueForRotation(at time: Int64, limit: Int) throws -> [String] { try inner.keysDueForRotation(at: time, limit: limit) }
         func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow) throws -> Bool { try inner.destroyKey(id: id, dueBy: time, tombstone: tombstone) }
         func tombstone(id: String) throws -> StoredRow? { try inner.tombstone(id: id) }
         func insertAlias(name: String, keyID: String, row: StoredRow) throws { try inner.insertAlias(name: name, keyID: keyID, row: row) }
@@ -221,7 +221,7 @@ struct KeyRepositoryTests {
         func alias(name: String) throws -> StoredRow? { try inner.alias(name: name) }
         func aliasNames(keyID: String?, after: String?, limit: Int) throws -> [String] { try inner.aliasNames(keyID: keyID, after: after, limit: limit) }
         func aliasCount(keyID: String) throws -> Int { try inner.aliasCount(keyID: keyID) }
-        func keysDueForDeletion(at time: Int64) throws -> [String] { try inner.keysDueForDeletion(at: time) }
+        func keysDueForDeletion(at time: Int64, limit: Int) throws -> [String] { try inner.keysDueForDeletion(at: time, limit: limit) }
         func key(id: String) throws -> StoredRow? { lock.withLock { reads += 1 }; return try inner.key(id: id) }
         func version(id: String, number: UInt32) throws -> StoredRow? { try inner.version(id: id, number: number) }
         func keyIDs(owner: UInt32?, after: String?, limit: Int) throws -> [String] { try inner.keyIDs(owner: owner, after: after, limit: limit) }
