@@ -204,12 +204,9 @@ public final class KeyRepository: Sendable {
             throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
         }
         guard let row else { return nil }
-        let valid = (try? HMAC.isValid(row.mac, key: root.recordMACKey, data: macInput(table: "aliases", rowKey: name, record: row.record))) ?? false
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .secondsSince1970
-        guard valid, let alias = try? decoder.decode(AliasRecord.self, from: Data(row.record)), alias.aliasName == name else {
-            throw KMSError(.keyUnavailable, "the stored alias \(name) failed its integrity check: the keystore was modified outside kmsd. Restore it from a backup")
-        }
+        let failed = KMSError(.keyUnavailable, "the stored alias \(name) failed its integrity check: the keystore was modified outside kmsd. Restore it from a backup")
+        let alias: AliasRecord = try open(row, table: "aliases", rowKey: name, orElse: failed)
+        guard alias.aliasName == name else { throw failed }
         return alias
     }
 
@@ -370,13 +367,15 @@ public final class KeyRepository: Sendable {
         return StoredRow(record: bytes, mac: try HMAC.authenticate(key: root.recordMACKey, data: macInput(table: table, rowKey: rowKey, record: bytes)))
     }
 
-    func open<T: Decodable>(_ row: StoredRow, table: String, rowKey: String) throws(KMSError) -> T {
-        let id = (try? KeyID(parsing: String(rowKey.prefix(36)))) ?? KeyID(bytes: [UInt8](repeating: 0, count: 16))
+    /// The record of an authenticated row; `failure` (default: the key named by the row key is
+    /// tampered) when its MAC or its contents do not check out.
+    func open<T: Decodable>(_ row: StoredRow, table: String, rowKey: String, orElse failure: KMSError? = nil) throws(KMSError) -> T {
+        let failed = failure ?? Self.tampered((try? KeyID(parsing: String(rowKey.prefix(36)))) ?? KeyID(bytes: [UInt8](repeating: 0, count: 16)))
         let valid = (try? HMAC.isValid(row.mac, key: root.recordMACKey, data: macInput(table: table, rowKey: rowKey, record: row.record))) ?? false
-        guard valid else { throw Self.tampered(id) }
+        guard valid else { throw failed }
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .secondsSince1970
-        guard let value = try? decoder.decode(T.self, from: Data(row.record)) else { throw Self.tampered(id) }
+        guard let value = try? decoder.decode(T.self, from: Data(row.record)) else { throw failed }
         return value
     }
 

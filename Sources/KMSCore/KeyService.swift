@@ -78,20 +78,17 @@ public final class KeyService: Sendable {
     ///
     /// Administrators see every key id; anyone else the keys indexed under their uid, each
     /// confirmed against its authenticated record, so the cost follows the page, not the
-    /// keystore. Markers are opaque and authenticated (the last key id of the page and a MAC
-    /// over it and the caller's uid), so a marker kmsd did not hand this caller is
-    /// InvalidMarkerException and cannot be used to probe which key ids exist.
+    /// keystore. Markers are opaque, encrypted and bound to the caller (`makeTextMarker`), so a
+    /// marker kmsd did not hand this caller is InvalidMarkerException and cannot be used to
+    /// probe which key ids exist.
     public func listKeys(limit: Int, marker: String, caller: Principal) throws(KMSError) -> (keys: [KeyID], nextMarker: String?, skipped: [KeyID]) {
         let limit = limit == 0 ? KMSLimits.defaultListLimit : limit
         guard (1...KMSLimits.maxListLimit).contains(limit) else {
             throw KMSError(.validation, "Limit must be 1...\(KMSLimits.maxListLimit)")
         }
         var after: KeyID? = nil
-        if !marker.isEmpty {
-            guard let m = parseMarker(marker, caller: caller) else {
-                throw KMSError(.invalidMarker, "Marker is not one this server returned to you; pass the NextMarker of the previous page, or start again without one")
-            }
-            after = m
+        if let text = try Self.textMarker(marker, label: "keys", caller: caller, repository: repository) {
+            after = try? KeyID(parsing: text)
         }
         let owner: UInt32? = isAdministrator(caller) ? nil : caller.uid
         var page: [KeyID] = []
@@ -115,39 +112,14 @@ public final class KeyService: Sendable {
         }
         if page.count > limit {
             page.removeLast()
-            return (page, page.last.flatMap { makeMarker(after: $0, caller: caller) }, skipped)
+            return (page, page.last.flatMap { Self.makeTextMarker($0.description, label: "keys", caller: caller, repository: repository) }, skipped)
         }
         if !exhausted, page.count <= limit, let last = after {
             // Stopped early on many records that failed their check: the listing goes on after
             // the last key looked at, so no key goes unlisted.
-            return (page, makeMarker(after: last, caller: caller), skipped)
+            return (page, Self.makeTextMarker(last.description, label: "keys", caller: caller, repository: repository), skipped)
         }
         return (page, nil, skipped)
-    }
-
-    static let markerLabel = Array("kmsd/v1/list-marker".utf8)
-
-    func markerTag(_ id: KeyID, caller: Principal) -> [UInt8]? {
-        var data = Self.markerLabel + id.bytes
-        data.appendBigEndian(caller.uid)
-        return (try? HMAC.authenticate(key: repository.root.recordMACKey, data: data)).map { Array($0.prefix(16)) }
-    }
-
-    func makeMarker(after id: KeyID, caller: Principal) -> String? {
-        markerTag(id, caller: caller).map { (id.bytes + $0).map { String(format: "%02x", $0) }.joined() }
-    }
-
-    func parseMarker(_ marker: String, caller: Principal) -> KeyID? {
-        let utf8 = Array(marker.utf8)
-        guard utf8.count == 64 else { return nil }
-        var bytes: [UInt8] = []
-        for i in stride(from: 0, to: 64, by: 2) {
-            guard let b = UInt8(String(decoding: utf8[i..<i + 2], as: UTF8.self), radix: 16) else { return nil }
-            bytes.append(b)
-        }
-        let id = KeyID(bytes: bytes[0..<16])
-        guard let tag = markerTag(id, caller: caller), ConstantTime.equals(tag, Array(bytes[16...])) else { return nil }
-        return id
     }
 
     // MARK: - Lifecycle
@@ -179,10 +151,7 @@ public final class KeyService: Sendable {
     /// Any state but PendingDeletion → PendingDeletion, deleted by kmsd after `windowDays`
     /// (7...30; 0 means 30) days.
     public func scheduleKeyDeletion(_ keyID: String, windowDays: UInt32, caller: Principal) throws(KMSError) -> Change {
-        let days = windowDays == 0 ? KMSLimits.defaultPendingWindowDays : windowDays
-        guard KMSLimits.pendingWindowDays.contains(days) else {
-            throw KMSError(.validation, "PendingWindowInDays must be \(KMSLimits.pendingWindowDays.lowerBound)...\(KMSLimits.pendingWindowDays.upperBound)")
-        }
+        let days = try Self.days(windowDays, default: KMSLimits.defaultPendingWindowDays, in: KMSLimits.pendingWindowDays, field: "PendingWindowInDays")
         let now = clock()
         return try change(keyID, caller: caller, action: "schedule for deletion") { (r) throws(KMSError) in
             guard r.state != .pendingDeletion else {
@@ -190,7 +159,7 @@ public final class KeyService: Sendable {
             }
             r.state = .pendingDeletion
             r.pendingWindowInDays = days
-            r.deletionDate = Date(timeIntervalSince1970: (now.timeIntervalSince1970 + Double(Int(days) * daySeconds)).rounded(.up))
+            r.deletionDate = date(days, after: now)
         }
     }
 
@@ -220,7 +189,7 @@ public final class KeyService: Sendable {
     /// Puts a record back as it was (undo of a change whose audit record was refused), unless
     /// another change has come since: that one is not reverted.
     public func restore(_ before: KeyRecord, ifCurrentIs after: KeyRecord) throws {
-        try withKeyLock(before.keyID) {
+        try locked(before.keyID) {
             guard try repository.record(before.keyID) == after else { return }
             try repository.update(before)
         }
@@ -233,15 +202,7 @@ public final class KeyService: Sendable {
     /// sweeps, so they cannot fill the head of the due-index query for good.
     private let stuck = Mutex<Set<KeyID>>([])
 
-    func withKeyLock<T>(_ id: KeyID, _ body: () throws -> T) rethrows -> T {
-        let lock = keyLocks[Int(id.bytes[15]) % keyLocks.count]
-        lock.lock()
-        defer { lock.unlock() }
-        return try body()
-    }
-
-    /// The typed-throws form of `withKeyLock`, for the operations.
-    func locked<T>(_ id: KeyID, _ body: () throws(KMSError) -> T) throws(KMSError) -> T {
+    func locked<T, E: Error>(_ id: KeyID, _ body: () throws(E) -> T) throws(E) -> T {
         let lock = keyLocks[Int(id.bytes[15]) % keyLocks.count]
         lock.lock()
         defer { lock.unlock() }
@@ -255,7 +216,7 @@ public final class KeyService: Sendable {
         let skip = stuck.withLock { $0 }
         for id in try repository.dueForDeletion(at: now, limit: 1000 + skip.count) where !skip.contains(id) {
             // Read the record again: a CancelKeyDeletion may have come in between.
-            try withKeyLock(id) {
+            try locked(id) {
                 guard let r = try? repository.record(id, caching: false) else { stuck.withLock { _ = $0.insert(id) }; return }
                 guard r.state == .pendingDeletion, let due = r.deletionDate, due <= now else { return }
                 if try repository.destroy(id, at: now) { deleted.append(id) }
@@ -279,6 +240,18 @@ public final class KeyService: Sendable {
         }
     }
 
+    /// A number of days from a request: 0 means `value`'s default; outside `range`, ValidationException.
+    static func days(_ value: UInt32, default fallback: UInt32, in range: ClosedRange<UInt32>, field: String) throws(KMSError) -> UInt32 {
+        let days = value == 0 ? fallback : value
+        guard range.contains(days) else { throw KMSError(.validation, "\(field) must be \(range.lowerBound)...\(range.upperBound)") }
+        return days
+    }
+
+    /// The moment `days` (of `daySeconds`) after `start`, rounded up to a whole second.
+    func date(_ days: UInt32, after start: Date) -> Date {
+        Date(timeIntervalSince1970: (start.timeIntervalSince1970 + Double(Int(days) * daySeconds)).rounded(.up))
+    }
+
     static func invalidState(_ r: KeyRecord, _ wanted: String) -> KMSError {
         KMSError(.invalidState, "key \(r.keyID) is \(r.state.rawValue) and cannot be \(wanted)\(r.state == .pendingDeletion ? "; cancel its deletion first" : "")")
     }
@@ -293,15 +266,12 @@ public final class KeyService: Sendable {
     /// Turns on automatic rotation every `periodDays` (90...2560; 0 means 365), the first one
     /// that long from now. Enabled keys only (DisabledException, KMSInvalidStateException).
     public func enableKeyRotation(_ keyID: String, periodDays: UInt32, caller: Principal) throws(KMSError) -> Change {
-        let days = periodDays == 0 ? KMSLimits.defaultRotationPeriodDays : periodDays
-        guard KMSLimits.rotationPeriodDays.contains(days) else {
-            throw KMSError(.validation, "RotationPeriodInDays must be \(KMSLimits.rotationPeriodDays.lowerBound)...\(KMSLimits.rotationPeriodDays.upperBound)")
-        }
+        let days = try Self.days(periodDays, default: KMSLimits.defaultRotationPeriodDays, in: KMSLimits.rotationPeriodDays, field: "RotationPeriodInDays")
         let now = clock()
         return try change(keyID, caller: caller, action: "rotate") { (r) throws(KMSError) in
             try Self.requireEnabled(r)
             r.rotationPeriodDays = days
-            r.nextRotationDate = Date(timeIntervalSince1970: (now.timeIntervalSince1970 + Double(Int(days) * daySeconds)).rounded(.up))
+            r.nextRotationDate = date(days, after: now)
         }
     }
 
@@ -588,9 +558,7 @@ public final class KeyService: Sendable {
         return (page, Self.makeTextMarker(page.last!.key, label: "tags/\(record.keyID)", caller: caller, repository: repository))
     }
 
-    /// Markers over text (alias names, tag keys): the text and a MAC binding it to the listing
-    /// and the caller, hex-encoded; anything else is InvalidMarkerException.
-    /// The text (an alias name, a tag key, a version) encrypted and authenticated with
+    /// List markers: the text (a key id, an alias name, a tag key, a version) encrypted and authenticated with
     /// AES-256-GCM under a root-derived key, bound to the listing and the caller: a marker shows
     /// nothing (it may point past entries the caller may not see) and cannot be forged.
     static func makeTextMarker(_ text: String, label: String, caller: Principal, repository: KeyRepository) -> String? {

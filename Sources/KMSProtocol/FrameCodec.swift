@@ -41,8 +41,7 @@ public struct FrameDecoder: ByteToMessageDecoder {
         let body = buffer.readSlice(length: Int(length))!
         var frame = context.channel.allocator.buffer(capacity: body.readableBytes)
         frame.writeImmutableBuffer(body)
-        // Through a read-only view on purpose: a mutating one would copy first, and zero a copy.
-        body.withUnsafeReadableBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) }
+        body.zeroInPlace()
         context.fireChannelRead(Self.wrapInboundOut(frame))
         return .continue
     }

@@ -50,3 +50,17 @@ public func zeroize(_ buffer: UnsafeMutableRawBufferPointer) {
     guard let base = buffer.baseAddress, buffer.count > 0 else { return }
     explicit_bzero(base, buffer.count)
 }
+
+/// Zeroes shared storage where it is, through a read-only view on purpose: a mutating view
+/// would first copy storage that is shared and zero only the copy. For bytes nobody reads
+/// again (a consumed frame, a written response).
+public func zeroizeInPlace(_ bytes: UnsafeRawBufferPointer) {
+    zeroize(UnsafeMutableRawBufferPointer(mutating: bytes))
+}
+
+extension ByteBuffer {
+    /// Zeroes the readable bytes in the buffer's storage itself (`zeroizeInPlace`).
+    public func zeroInPlace() {
+        withUnsafeReadableBytes { zeroizeInPlace($0) }
+    }
+}

@@ -1,4 +1,3 @@
-import CKMSSystemd
 import Glibc
 import KMSCore
 import KMSCrypto
@@ -157,20 +156,6 @@ final class AuditLog: Sendable {
             utf8.append(10)
             out += utf8
         }
-    }
-
-    /// Sends FIELD=value strings as one journal entry through libsystemd (used for kmsd's own
-    /// messages that are not request records); returns sd_journal_sendv's result.
-    static func send(_ fields: [String]) -> Int32 {
-        let buffers = fields.map { field -> (UnsafeMutableRawBufferPointer, Int) in
-            let bytes = Array(field.utf8)
-            let p = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes.count, 1), alignment: 1)
-            p.copyBytes(from: bytes)
-            return (p, bytes.count)
-        }
-        defer { for (p, _) in buffers { p.deallocate() } }
-        var iov = buffers.map { iovec(iov_base: $0.0.baseAddress, iov_len: $0.1) }
-        return sd_journal_sendv(&iov, Int32(iov.count))
     }
 }
 

@@ -42,14 +42,12 @@ final class ConnectionHandler: ChannelDuplexHandler {
         case frame(ByteBuffer)
         case decoded(Result<IncomingRequest, KMSError>)
 
-        /// Decodes a frame, then zeroes it (it may hold an Encrypt plaintext). The frame is
-        /// FrameReader's own buffer; zeroed through a read-only view, as a mutating one would
-        /// zero a copy if the storage were shared.
+        /// Decodes a frame, then zeroes it (it may hold an Encrypt plaintext).
         var request: Result<IncomingRequest, KMSError> {
             switch self {
             case .decoded(let r): return r
             case .frame(let frame):
-                defer { frame.withUnsafeReadableBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) } }
+                defer { frame.zeroInPlace() }
                 return Result { () throws(KMSError) in try IncomingRequest(frameBody: frame) }
             }
         }
@@ -208,9 +206,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
         }
         let box = NIOLoopBound(frame, eventLoop: context.eventLoop)
         context.write(wrapOutboundOut(frame)).whenComplete { result in
-            // Written (or failed): zero the storage itself, in place. A mutating accessor would
-            // copy the storage first if NIO still held a reference, and zero only the copy.
-            box.value.withUnsafeReadableBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) }
+            // Written (or failed): zero it where it is.
+            box.value.zeroInPlace()
             done(result)
         }
     }
@@ -325,9 +322,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         closing = true
-        for case .frame(let frame) in waiting {
-            frame.withUnsafeReadableBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) }
-        }
+        for case .frame(let frame) in waiting { frame.zeroInPlace() }
         waiting.removeAll()
         onClose()
         context.fireChannelInactive()

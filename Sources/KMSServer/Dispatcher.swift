@@ -244,7 +244,7 @@ final class Dispatcher: Sendable {
     /// or less inside the Data value itself; those copies are beyond reach here.)
     static func zeroSecrets(of request: KMSRequest) {
         if case .encrypt(let r)? = request.operation {
-            r.plaintext.withUnsafeBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) }
+            r.plaintext.withUnsafeBytes { zeroizeInPlace($0) }
         }
     }
 

@@ -9,17 +9,31 @@ import NIOCore
 ///
 /// The length is checked as soon as its 4 bytes are in, before any of the body is kept; a
 /// length of 0 or above `maxFrameBytes` fires `FrameLengthError` and nothing more is read.
-final class FrameReader: ChannelInboundHandler {
+///
+/// With a `frameTimeout`, a frame that was started and not finished in time (however slowly
+/// its bytes trickle in) calls `onTimeout`: a client may be idle between frames (the idle
+/// timeout covers that), never halfway through one. Time kmsd spends not reading (its
+/// in-flight limit, or a client that does not read its answers) is not held against the
+/// client: when the deadline passes while no read is outstanding, it starts over.
+final class FrameReader: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
 
     let maxFrameBytes: Int
+    let frameTimeout: TimeAmount?
+    let onTimeout: (ChannelHandlerContext) -> Void
     /// The start of a frame not complete yet; ours alone.
     private var partial: ByteBuffer?
     private var failed = false
+    private var deadline: Scheduled<Void>?
+    /// True while a read kmsd asked for has not been satisfied yet.
+    private var reading = false
 
-    init(maxFrameBytes: Int) {
+    init(maxFrameBytes: Int, frameTimeout: TimeAmount? = nil, onTimeout: @escaping (ChannelHandlerContext) -> Void = { _ in }) {
         self.maxFrameBytes = maxFrameBytes
+        self.frameTimeout = frameTimeout
+        self.onTimeout = onTimeout
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -36,6 +50,7 @@ final class FrameReader: ChannelInboundHandler {
         } else {
             bytes = incoming
         }
+        var completed = false
         while let length = bytes.getInteger(at: bytes.readerIndex, endianness: .big, as: UInt32.self) {
             guard length >= 1, Int(length) <= maxFrameBytes else {
                 failed = true
@@ -48,6 +63,7 @@ final class FrameReader: ChannelInboundHandler {
             let body = bytes.readSlice(length: Int(length))!
             var frame = context.channel.allocator.buffer(capacity: body.readableBytes)
             frame.writeImmutableBuffer(body)
+            completed = true
             context.fireChannelRead(wrapInboundOut(frame))
             if failed { return }
         }
@@ -57,9 +73,37 @@ final class FrameReader: ChannelInboundHandler {
             partial = held
         }
         Self.wipe(bytes)  // everything in it has been copied out
+        // Each frame gets the whole timeout from its first byte.
+        if completed || partial == nil, let d = deadline {
+            d.cancel()
+            deadline = nil
+        }
+        if partial != nil, deadline == nil { arm(context: context) }
+    }
+
+    private func arm(context: ChannelHandlerContext) {
+        guard let frameTimeout else { return }
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        deadline = context.eventLoop.scheduleTask(in: frameTimeout) {
+            let (handler, context) = loopBound.value
+            handler.deadline = nil
+            if handler.reading { handler.onTimeout(context) } else { handler.arm(context: context) }
+        }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        reading = true
+        context.read()
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        reading = false
+        context.fireChannelReadComplete()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
         // A frame cut off by the peer going away is dropped, and its bytes with it.
         if let held = partial { Self.wipe(held) }
         partial = nil
@@ -74,11 +118,10 @@ final class FrameReader: ChannelInboundHandler {
         context.fireUserInboundEventTriggered(event)
     }
 
-    /// Zeroes a buffer's storage where it is: through a read-only view on purpose, since a
-    /// mutating one would copy a shared storage and zero only the copy.
+    /// Zeroes a buffer's storage where it is, from its start (`zeroInPlace`).
     static func wipe(_ buffer: ByteBuffer) {
         var whole = buffer
         whole.moveReaderIndex(to: 0)
-        whole.withUnsafeReadableBytes { zeroize(UnsafeMutableRawBufferPointer(mutating: $0)) }
+        whole.zeroInPlace()
     }
 }

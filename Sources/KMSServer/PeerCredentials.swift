@@ -139,12 +139,8 @@ enum PeerCredentials {
     /// NIO drops the returned length and zero-fills the buffer; the kernel sorts the groups
     /// ascending, so trailing zeros are padding. (A lone supplementary group 0 reads as none;
     /// the primary gid still counts for administrator groups.)
-    static func groups(from buffer: kms_peer_groups) -> [UInt32] {
-        trimmed(withUnsafeBytes(of: buffer.gids) { Array($0.bindMemory(to: gid_t.self)) })
-    }
-
-    static func groups(from buffer: kms_peer_groups_max) -> [UInt32] {
-        // Too large for Swift to import the array as a tuple: read the struct's bytes.
+    static func groups<Buffer>(from buffer: Buffer) -> [UInt32] {
+        // Read the struct's bytes (the large buffer is too big for Swift to import as a tuple).
         trimmed(withUnsafeBytes(of: buffer) { Array($0.bindMemory(to: gid_t.self)) })
     }
 

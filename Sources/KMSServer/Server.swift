@@ -63,7 +63,7 @@ public final class Server: @unchecked Sendable {
                                  daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400)
         let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds)
         // Deletions that came due while kmsd was down happen before it serves anyone.
-        Self.deleteDueKeys(service, audit)
+        Self.housekeeping(service, audit)
         dispatcher = Dispatcher(service: service, audit: audit,
                                 settings: ServerSettings(maxFrameBytes: c.maxFrameBytes, maxInFlight: c.maxInFlightPerConnection),
                                 rateLimiter: RequestRateLimiter(rate: c.maxRequestsPerSecondPerUID, burst: c.requestBurstPerUID))
@@ -95,12 +95,12 @@ public final class Server: @unchecked Sendable {
         _ = sd_notify(0, "READY=1\nSTATUS=\(status)")
         StandardError.write("kmsd: ready: \(status)\n")
         startWatchdog()
-        let dispatcher = self.dispatcher, pool = self.pool, housekeeping = group.next()
-        housekeeping.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
+        let dispatcher = self.dispatcher, pool = self.pool, loop = group.next()
+        loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
             dispatcher.flushThrottleSummaries()
             // Scheduled deletions, off the event loop (they write storage).
-            _ = pool.run(uid: geteuid(), eventLoop: housekeeping) {
-                Self.deleteDueKeys(dispatcher.service, dispatcher.audit)
+            _ = pool.run(uid: geteuid(), eventLoop: loop) {
+                Self.housekeeping(dispatcher.service, dispatcher.audit)
             }
         }
 
@@ -160,7 +160,7 @@ public final class Server: @unchecked Sendable {
                 let dispatcher = self.dispatcher
                 try channel.pipeline.syncOperations.addHandlers([
                     IdleStateHandler(readTimeout: .seconds(Int64(c.idleTimeoutSeconds))),
-                    FrameTimeoutHandler(timeout: .seconds(Int64(c.frameTimeoutSeconds))) { context in
+                    FrameReader(maxFrameBytes: c.maxFrameBytes, frameTimeout: .seconds(Int64(c.frameTimeoutSeconds))) { context in
                         // A frame started and not finished in time: audit, then close.
                         let failure = KMSError(.validation, "a frame was not completed within \(c.frameTimeoutSeconds) s (frameTimeoutSeconds); the connection is closed")
                         let channel = context.channel
@@ -168,7 +168,6 @@ public final class Server: @unchecked Sendable {
                             dispatcher.auditRejected(action: "Unknown", principal: principal, error: failure)
                         }.whenComplete { _ in channel.close(promise: nil) }
                     },
-                    FrameReader(maxFrameBytes: c.maxFrameBytes),
                     ConnectionHandler(principal: principal, dispatcher: self.dispatcher, pool: self.pool,
                                       maxInFlight: c.maxInFlightPerConnection, tracker: self.tracker,
                                       turns: self.turns[ObjectIdentifier(channel.eventLoop)] ?? TurnScheduler(loop: channel.eventLoop), onClose: release),
@@ -273,7 +272,7 @@ public final class Server: @unchecked Sendable {
 
     /// Rotates the keys whose automatic rotation is due and deletes those whose deletion time
     /// has come, each with an audit record.
-    static func deleteDueKeys(_ service: KeyService, _ audit: AuditLog) {
+    static func housekeeping(_ service: KeyService, _ audit: AuditLog) {
         guard !sweeping.exchange(true, ordering: .acquiring) else { return }
         defer { sweeping.store(false, ordering: .releasing) }
         do {

@@ -11,14 +11,10 @@ struct ListAliases: AsyncParsableCommand {
     @Option(name: .customLong("key-id"), help: ArgumentHelp("Only this key's aliases (key id or key ARN).", valueName: "id"))
     var keyID: String = ""
 
-    @Option(name: .customLong("limit"), help: ArgumentHelp("At most this many per page (1...1000).", valueName: "n"))
-    var limit: UInt32 = 0
-
-    @Option(name: .customLong("marker"), help: ArgumentHelp("The NextMarker of the previous page.", valueName: "marker"))
-    var marker: String = ""
+    @OptionGroup var page: PageOptions
 
     func run() async throws {
-        let r = try await global.withClient { try await $0.listAliases(keyID: keyID, limit: limit, marker: marker) }
+        let r = try await global.withClient { try await $0.listAliases(keyID: keyID, limit: page.limit, marker: page.marker) }
         if global.json {
             var out: [String: Any] = [
                 "Aliases": r.aliases.map { a in

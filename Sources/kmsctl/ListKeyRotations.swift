@@ -9,14 +9,10 @@ struct ListKeyRotations: AsyncParsableCommand {
     @OptionGroup var global: GlobalOptions
     @OptionGroup var key: KeyOption
 
-    @Option(name: .customLong("limit"), help: ArgumentHelp("At most this many per page (1...1000).", valueName: "n"))
-    var limit: UInt32 = 0
-
-    @Option(name: .customLong("marker"), help: ArgumentHelp("The NextMarker of the previous page.", valueName: "marker"))
-    var marker: String = ""
+    @OptionGroup var page: PageOptions
 
     func run() async throws {
-        let r = try await global.withClient { try await $0.listKeyRotations(keyID: key.keyID, limit: limit, marker: marker) }
+        let r = try await global.withClient { try await $0.listKeyRotations(keyID: key.keyID, limit: page.limit, marker: page.marker) }
         if global.json {
             var out: [String: Any] = [
                 "Rotations": r.rotations.map { ["KeyId": $0.keyID, "RotationDate": Int($0.rotationDate), "RotationType": $0.rotationType,

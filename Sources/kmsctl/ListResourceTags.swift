@@ -9,14 +9,10 @@ struct ListResourceTags: AsyncParsableCommand {
     @OptionGroup var global: GlobalOptions
     @OptionGroup var key: KeyOption
 
-    @Option(name: .customLong("limit"), help: ArgumentHelp("At most this many per page (1...50).", valueName: "n"))
-    var limit: UInt32 = 0
-
-    @Option(name: .customLong("marker"), help: ArgumentHelp("The NextMarker of the previous page.", valueName: "marker"))
-    var marker: String = ""
+    @OptionGroup var page: PageOptions
 
     func run() async throws {
-        let r = try await global.withClient { try await $0.listResourceTags(keyID: key.keyID, limit: limit, marker: marker) }
+        let r = try await global.withClient { try await $0.listResourceTags(keyID: key.keyID, limit: page.limit, marker: page.marker) }
         if global.json {
             var out: [String: Any] = ["Tags": r.tags.map { ["TagKey": $0.tagKey, "TagValue": $0.tagValue] }, "Truncated": r.truncated]
             if r.truncated { out["NextMarker"] = r.nextMarker }

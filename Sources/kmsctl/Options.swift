@@ -34,6 +34,15 @@ struct KeyOption: ParsableArguments {
     var keyID: String
 }
 
+/// `--limit` and `--marker`, for the subcommands that list in pages.
+struct PageOptions: ParsableArguments {
+    @Option(name: .customLong("limit"), help: ArgumentHelp("At most this many per page (the server's default when omitted).", valueName: "n"))
+    var limit: UInt32 = 0
+
+    @Option(name: .customLong("marker"), help: ArgumentHelp("The NextMarker of the previous page.", valueName: "marker"))
+    var marker: String = ""
+}
+
 /// `--alias-name`, for the alias subcommands.
 struct AliasOption: ParsableArguments {
     @Option(name: .customLong("alias-name"), help: ArgumentHelp("The alias: alias/NAME.", valueName: "alias/name"))
