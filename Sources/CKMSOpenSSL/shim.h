@@ -5,6 +5,8 @@
 #include <openssl/rand.h>
 #include <openssl/err.h>
 #include <openssl/crypto.h>
+#include <openssl/rsa.h>
+#include <openssl/x509.h>
 
 // Fetching an algorithm walks OpenSSL 3's provider tables under a lock; fetch each one once
 // and share it (fetched objects are reference counted and safe to use from many threads).
@@ -103,4 +105,82 @@ static inline int kms_hmac_compute(const char *digest,
           && EVP_MAC_final(ctx, out, outlen, outcap);
     EVP_MAC_CTX_free(ctx);
     return ok;
+}
+
+// RSA key pairs for wrapping imported key material (GetParametersForImport). The private parts
+// live in OpenSSL's secure heap when kmsd has initialised it (kms_secure_heap_init): locked and
+// zeroed on release.
+static inline int kms_secure_heap_init(size_t size) {
+    return CRYPTO_secure_malloc_initialized() ? 1 : CRYPTO_secure_malloc_init(size, 32);
+}
+static inline size_t kms_secure_heap_used(void) { return CRYPTO_secure_used(); }
+
+static inline EVP_PKEY *kms_rsa_generate(int bits) {
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_name(NULL, "RSA", NULL);
+    if (ctx == NULL) return NULL;
+    EVP_PKEY *pkey = NULL;
+    if (EVP_PKEY_keygen_init(ctx) <= 0 || EVP_PKEY_CTX_set_rsa_keygen_bits(ctx, bits) <= 0
+        || EVP_PKEY_generate(ctx, &pkey) <= 0) {
+        pkey = NULL;
+    }
+    EVP_PKEY_CTX_free(ctx);
+    return pkey;
+}
+
+// DER SubjectPublicKeyInfo into a buffer the caller frees with kms_openssl_free; its length, or <= 0.
+static inline int kms_public_key_der(EVP_PKEY *pkey, unsigned char **out) {
+    *out = NULL;
+    return i2d_PUBKEY(pkey, out);
+}
+static inline void kms_openssl_free(void *p) { OPENSSL_free(p); }
+static inline EVP_PKEY *kms_private_key_from_der(const unsigned char *der, long len) {
+    const unsigned char *p = der;
+    return d2i_AutoPrivateKey(NULL, &p, len);
+}
+static inline EVP_PKEY *kms_public_key_from_der(const unsigned char *der, long len) {
+    const unsigned char *p = der;
+    EVP_PKEY *k = d2i_PUBKEY(NULL, &p, len);
+    if (k != NULL && p != der + len) { EVP_PKEY_free(k); return NULL; }  // trailing bytes
+    return k;
+}
+static inline int kms_pkey_is_rsa(EVP_PKEY *pkey) { return EVP_PKEY_is_a(pkey, "RSA"); }
+
+// RSAES-OAEP with MGF1 over the same digest ("SHA1" or "SHA256") and an empty label.
+// `out` must hold EVP_PKEY_get_size(pkey) bytes; *outlen is its capacity in, the length out.
+static inline int kms_rsa_oaep(int encrypt, EVP_PKEY *pkey, const char *md,
+                               const unsigned char *in, size_t inlen, unsigned char *out, size_t *outlen) {
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_pkey(NULL, pkey, NULL);
+    if (ctx == NULL) return 0;
+    int ok = (encrypt ? EVP_PKEY_encrypt_init(ctx) : EVP_PKEY_decrypt_init(ctx)) > 0
+          && EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_OAEP_PADDING) > 0
+          && EVP_PKEY_CTX_set_rsa_oaep_md_name(ctx, md, NULL) > 0
+          && EVP_PKEY_CTX_set_rsa_mgf1_md_name(ctx, md, NULL) > 0
+          && (encrypt ? EVP_PKEY_encrypt(ctx, out, outlen, in, inlen)
+                      : EVP_PKEY_decrypt(ctx, out, outlen, in, inlen)) > 0;
+    EVP_PKEY_CTX_free(ctx);
+    return ok;
+}
+static inline const char *kms_md_sha1(void) { return "SHA1"; }
+static inline const char *kms_md_sha256(void) { return "SHA256"; }
+
+// AES key wrap with padding (RFC 5649) under a 16, 24 or 32-byte key. Wrapping needs
+// inlen + 16 bytes of room; unwrapping inlen.
+static inline int kms_aes_wrap_pad(int encrypt, const unsigned char *key, size_t keylen,
+                                   const unsigned char *in, size_t inlen,
+                                   unsigned char *out, size_t outcap, size_t *outlen) {
+    const EVP_CIPHER *c = keylen == 16 ? EVP_aes_128_wrap_pad()
+                        : keylen == 24 ? EVP_aes_192_wrap_pad()
+                        : keylen == 32 ? EVP_aes_256_wrap_pad() : NULL;
+    if (c == NULL || inlen > 0x7fffffff || outcap < (encrypt ? inlen + 16 : inlen)) return 0;
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (ctx == NULL) return 0;
+    EVP_CIPHER_CTX_set_flags(ctx, EVP_CIPHER_CTX_FLAG_WRAP_ALLOW);
+    int len = 0, fin = 0;
+    int ok = EVP_CipherInit_ex(ctx, c, NULL, key, NULL, encrypt) == 1
+          && EVP_CipherUpdate(ctx, out, &len, in, (int)inlen) == 1 && len >= 0
+          && EVP_CipherFinal_ex(ctx, out + len, &fin) == 1;
+    EVP_CIPHER_CTX_free(ctx);
+    if (!ok) return 0;
+    *outlen = (size_t)len + (size_t)fin;
+    return 1;
 }

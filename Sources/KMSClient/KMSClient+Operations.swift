@@ -20,8 +20,9 @@ extension KMSClient {
     }
 
     public func createKey(description: String = "", keySpec: String = "", keyUsage: String = "",
-                          tags: [String: String] = [:]) async throws -> Kmsd_V1_KeyMetadata {
+                          tags: [String: String] = [:], origin: String = "") async throws -> Kmsd_V1_KeyMetadata {
         let req = Kmsd_V1_CreateKeyRequest.with {
+            $0.origin = origin
             $0.description_p = description
             $0.keySpec = keySpec
             $0.keyUsage = keyUsage
@@ -186,4 +187,37 @@ extension KMSClient {
     }
 
     static var mismatch: KMSTransportError { KMSTransportError("the server answered with a different operation's result") }
+
+    // MARK: - Bring your own key
+
+    /// A public key to wrap material for `keyID` (an EXTERNAL key) and the import token to
+    /// send with it.
+    public func getParametersForImport(keyID: String, wrappingAlgorithm: String,
+                                       wrappingKeySpec: String) async throws -> Kmsd_V1_GetParametersForImportResponse {
+        guard case .getParametersForImport(let r) = try await send(.getParametersForImport(.with {
+            $0.keyID = keyID
+            $0.wrappingAlgorithm = wrappingAlgorithm
+            $0.wrappingKeySpec = wrappingKeySpec
+        })) else { throw Self.mismatch }
+        return r
+    }
+
+    /// Imports wrapped material; `validTo` (Unix seconds) with KEY_MATERIAL_EXPIRES (the
+    /// default), 0 with KEY_MATERIAL_DOES_NOT_EXPIRE.
+    public func importKeyMaterial(keyID: String, importToken: [UInt8], encryptedKeyMaterial: [UInt8],
+                                  expirationModel: String = "", validTo: Int64 = 0) async throws {
+        guard case .importKeyMaterial = try await send(.importKeyMaterial(.with {
+            $0.keyID = keyID
+            $0.importToken = Data(importToken)
+            $0.encryptedKeyMaterial = Data(encryptedKeyMaterial)
+            $0.expirationModel = expirationModel
+            $0.validTo = validTo
+        })) else { throw Self.mismatch }
+    }
+
+    public func deleteImportedKeyMaterial(keyID: String) async throws {
+        guard case .deleteImportedKeyMaterial = try await send(.deleteImportedKeyMaterial(.with { $0.keyID = keyID })) else {
+            throw Self.mismatch
+        }
+    }
 }

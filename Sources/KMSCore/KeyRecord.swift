@@ -57,6 +57,19 @@ public struct KeyRecord: Codable, Sendable, Equatable {
     public var minimumDecryptionVersion: UInt32? = nil
     /// On-demand rotations so far (AWS allows 10 per key).
     public var onDemandRotations: UInt32? = nil
+    /// EXTERNAL keys holding imported material: KEY_MATERIAL_EXPIRES or
+    /// KEY_MATERIAL_DOES_NOT_EXPIRE (nil: no material now), and when it expires.
+    public var expirationModel: String? = nil
+    public var validTo: Date? = nil
+    /// EXTERNAL keys: a keyed one-way check value of the first material imported, so a later
+    /// import must bring the same material (never the material itself).
+    public var importedMaterialCheck: Data? = nil
+
+    /// An EXTERNAL key whose material is not there (never imported, expired or deleted).
+    public var awaitsMaterial: Bool { origin == KeyRecord.externalOrigin && expirationModel == nil }
+
+    public static let externalOrigin = "EXTERNAL"
+    public static let kmsOrigin = "AWS_KMS"
 }
 
 /// What remains of a deleted key: its id and when it was deleted, so a request naming it is

@@ -74,23 +74,25 @@ public final class KeyRepository: Sendable {
         try storage.migrate(keys: keys, versions: versions, meta: [("keystore_id", keystoreID)])
     }
 
-    /// Stores a new key with version 1 holding `material`. Durable when it returns.
-    public func create(_ record: KeyRecord, material: SecureBytes) throws {
-        let version = KeyVersionRecord(keyID: record.keyID, version: 1, keySpec: record.keySpec,
-                                       createdAt: record.createdAt,
-                                       wrappedMaterial: try wrap(material, keyID: record.keyID, version: 1, spec: record.keySpec))
+    /// Stores a new key with version 1 holding `material` (none: an EXTERNAL key awaiting
+    /// imported material). Durable when it returns.
+    public func create(_ record: KeyRecord, material: SecureBytes?) throws {
+        var version: (number: UInt32, row: StoredRow)? = nil
+        if let material {
+            let v = KeyVersionRecord(keyID: record.keyID, version: 1, keySpec: record.keySpec, createdAt: record.createdAt,
+                                     wrappedMaterial: try wrap(material, keyID: record.keyID, version: 1, spec: record.keySpec))
+            version = (1, try seal(v, table: "key_versions", rowKey: "\(record.keyID)/1"))
+        }
         let keyRow = try seal(record, table: "keys", rowKey: record.keyID.description)
-        let versionRow = try seal(version, table: "key_versions", rowKey: "\(record.keyID)/1")
-        try storage.insertKey(id: record.keyID.description, owner: record.ownerUID, key: keyRow, versionNumber: 1, version: versionRow)
-        cache.withLock { $0.put(record.keyID, CachedKey(record: record, versions: [1: material])) }
+        try storage.insertKey(id: record.keyID.description, owner: record.ownerUID, key: keyRow, version: version)
+        cache.withLock { $0.put(record.keyID, CachedKey(record: record, versions: material.map { [1: $0] } ?? [:])) }
     }
 
     /// Replaces a key's record (state, description, deletion date), durably, in one
     /// transaction; the cache follows.
     public func update(_ record: KeyRecord) throws {
         let row = try seal(record, table: "keys", rowKey: record.keyID.description)
-        let due = record.state == .pendingDeletion ? record.deletionDate.map { Int64($0.timeIntervalSince1970.rounded(.up)) } : nil
-        try storage.updateKey(id: record.keyID.description, key: row, deletionDue: due, rotationDue: Self.rotationDue(record))
+        try storage.updateKey(id: record.keyID.description, key: row, due: Self.due(record))
         cache.withLock { cache in
             cache.mutations &+= 1
             if var entry = cache.peek(record.keyID) {
@@ -100,21 +102,25 @@ public final class KeyRepository: Sendable {
         }
     }
 
-    /// Automatic rotation is indexed only for keys that can rotate (Enabled, rotation on).
-    static func rotationDue(_ r: KeyRecord) -> Int64? {
-        guard r.state == .enabled, r.rotationPeriodDays != nil, let next = r.nextRotationDate else { return nil }
-        return Int64(next.timeIntervalSince1970.rounded(.up))
+    /// The scheduled work a record calls for, for the sweeps' indexes: deletion of a key
+    /// pending deletion; automatic rotation only of keys that can rotate (Enabled, rotation
+    /// on); expiry of imported material that has a ValidTo.
+    static func due(_ r: KeyRecord) -> KeyDue {
+        func seconds(_ d: Date?) -> Int64? { d.map { Int64($0.timeIntervalSince1970.rounded(.up)) } }
+        return KeyDue(deletion: r.state == .pendingDeletion ? seconds(r.deletionDate) : nil,
+                      rotation: r.state == .enabled && r.rotationPeriodDays != nil ? seconds(r.nextRotationDate) : nil,
+                      expiry: r.expirationModel != nil ? seconds(r.validTo) : nil)
     }
 
     /// Adds version `record.currentVersion` holding `material` and stores `record`, in one
     /// transaction; the cache then encrypts under the new version.
-    public func rotate(_ record: KeyRecord, material: SecureBytes, rotationType: String, at time: Date) throws {
+    public func rotate(_ record: KeyRecord, material: SecureBytes, rotationType: String?, at time: Date) throws {
         let number = record.currentVersion
         let version = KeyVersionRecord(keyID: record.keyID, version: number, keySpec: record.keySpec, createdAt: time,
                                        wrappedMaterial: try wrap(material, keyID: record.keyID, version: number, spec: record.keySpec),
                                        rotationType: rotationType)
         try storage.addVersion(id: record.keyID.description, key: try seal(record, table: "keys", rowKey: record.keyID.description),
-                               rotationDue: Self.rotationDue(record), versionNumber: number,
+                               due: Self.due(record), versionNumber: number,
                                version: try seal(version, table: "key_versions", rowKey: "\(record.keyID)/\(number)"))
         cache.withLock { cache in
             cache.mutations &+= 1
@@ -124,6 +130,39 @@ public final class KeyRepository: Sendable {
                 cache.put(record.keyID, entry)
             }
         }
+    }
+
+    /// Stores imported material as version `record.currentVersion` with `record`, in one
+    /// transaction.
+    public func importMaterial(_ record: KeyRecord, material: SecureBytes, at time: Date) throws {
+        try rotate(record, material: material, rotationType: nil, at: time)
+    }
+
+    /// Removes every version's material (imported material deleted or expired) and stores
+    /// `record`, in one transaction; cached material is zeroed.
+    public func removeMaterial(_ record: KeyRecord) throws {
+        try storage.removeVersions(id: record.keyID.description, key: try seal(record, table: "keys", rowKey: record.keyID.description),
+                                   due: Self.due(record))
+        cache.withLock { $0.remove(record.keyID); $0.mutations &+= 1 }
+    }
+
+    public func dueForExpiry(at time: Date, limit: Int = 1000) throws -> [KeyID] {
+        try storage.keysDueForExpiry(at: Int64(time.timeIntervalSince1970), limit: limit).compactMap { try? KeyID(parsing: $0) }
+    }
+
+    /// A keyed one-way check value of imported material (HKDF with a root-derived salt):
+    /// equal for equal material of the same key, and shows nothing of it.
+    public func materialCheck(_ material: SecureBytes, keyID: KeyID) throws -> Data {
+        var out = [UInt8](repeating: 0, count: 32)
+        let info = Array("kmsd/v1/imported-material-check".utf8) + keyID.bytes
+        try material.withUnsafeBytes { m in
+            try root.recordMACKey.withUnsafeBytes { salt in
+                try info.withUnsafeBytes { i in
+                    try out.withUnsafeMutableBytes { try HKDF.derive(ikm: m, salt: salt, info: i, into: $0) }
+                }
+            }
+        }
+        return Data(out)
     }
 
     /// Every version's record (no material), ascending; KeyUnavailableException for a row that

@@ -16,6 +16,8 @@ public final class KeyService: Sendable {
     public let clock: @Sendable () -> Date
     /// Seconds in a "day" of a deletion window: 86400, shorter only in development mode.
     public let daySeconds: Int
+    /// Outstanding GetParametersForImport answers (memory only).
+    let importTokens = ImportTokens()
 
     public init(repository: KeyRepository, administrators: Administrators,
                 clock: @escaping @Sendable () -> Date = { Date() }, daySeconds: Int = 86_400) {
@@ -34,6 +36,8 @@ public final class KeyService: Sendable {
         public var keyUsage = ""
         public var keySpec = ""
         public var tags: [Tag] = []
+        /// Empty or AWS_KMS: kmsd generates the material; EXTERNAL: imported later.
+        public var origin = ""
         public init() {}
     }
 
@@ -54,11 +58,22 @@ public final class KeyService: Sendable {
             throw KMSError(.validation, "Description is \(input.description.utf8.count) bytes; at most \(KMSLimits.maxDescriptionBytes) are allowed")
         }
         try Self.validate(tags: input.tags)
+        let external: Bool
+        switch input.origin {
+        case "", KeyRecord.kmsOrigin: external = false
+        case KeyRecord.externalOrigin: external = true
+        case "AWS_CLOUDHSM", "EXTERNAL_KEY_STORE":
+            throw KMSError(.unsupportedOperation, "Origin \(input.origin) is not supported by kmsd; use AWS_KMS or EXTERNAL")
+        default:
+            throw KMSError(.validation, "Origin '\(input.origin.prefix(64))' is not a known value; use AWS_KMS or EXTERNAL")
+        }
         let record = KeyRecord(keyID: .random(), createdAt: Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down)),
-                               description: input.description, keyUsage: usage, keySpec: spec, state: .enabled,
-                               ownerUID: caller.uid, currentVersion: 1, tags: input.tags, origin: "AWS_KMS")
+                               description: input.description, keyUsage: usage, keySpec: spec,
+                               state: external ? .pendingImport : .enabled,
+                               ownerUID: caller.uid, currentVersion: 1, tags: input.tags,
+                               origin: external ? KeyRecord.externalOrigin : KeyRecord.kmsOrigin)
         do {
-            let material = try SecureBytes.random(count: 32)
+            let material = external ? nil : try SecureBytes.random(count: 32)
             try repository.create(record, material: material)
         } catch let error as KMSError {
             throw error
@@ -163,13 +178,15 @@ public final class KeyService: Sendable {
         }
     }
 
-    /// PendingDeletion → Disabled, as AWS KMS does.
+    /// PendingDeletion → Disabled (PendingImport for an EXTERNAL key without material), as
+    /// AWS KMS does.
     public func cancelKeyDeletion(_ keyID: String, caller: Principal) throws(KMSError) -> Change {
         try change(keyID, caller: caller, action: "cancel the deletion of") { (r) throws(KMSError) in
             guard r.state == .pendingDeletion else {
                 throw KMSError(.invalidState, "key \(r.keyID) is \(r.state.rawValue), not pending deletion; there is nothing to cancel")
             }
-            r.state = .disabled
+            // As AWS KMS: Disabled, or PendingImport for an EXTERNAL key without material.
+            r.state = r.awaitsMaterial ? .pendingImport : .disabled
             r.deletionDate = nil
             r.pendingWindowInDays = nil
         }
@@ -200,7 +217,7 @@ public final class KeyService: Sendable {
     private let keyLocks: [NSLock] = (0..<64).map { _ in NSLock() }
     /// Keys a sweep could not read or rotate (tampered, rolled back): passed over by later
     /// sweeps, so they cannot fill the head of the due-index query for good.
-    private let stuck = Mutex<Set<KeyID>>([])
+    let stuck = Mutex<Set<KeyID>>([])
 
     func locked<T, E: Error>(_ id: KeyID, _ body: () throws(E) -> T) throws(E) -> T {
         let lock = keyLocks[Int(id.bytes[15]) % keyLocks.count]
@@ -225,7 +242,7 @@ public final class KeyService: Sendable {
         return deleted
     }
 
-    private func change(_ keyID: String, caller: Principal, action: String,
+    func change(_ keyID: String, caller: Principal, action: String,
                         _ body: (inout KeyRecord) throws(KMSError) -> Void) throws(KMSError) -> Change {
         let id = try KeyID(parsing: keyID)
         return try locked(id) { () throws(KMSError) -> Change in
@@ -269,7 +286,7 @@ public final class KeyService: Sendable {
         let days = try Self.days(periodDays, default: KMSLimits.defaultRotationPeriodDays, in: KMSLimits.rotationPeriodDays, field: "RotationPeriodInDays")
         let now = clock()
         return try change(keyID, caller: caller, action: "rotate") { (r) throws(KMSError) in
-            try Self.requireEnabled(r)
+            try Self.requireRotatable(r)
             r.rotationPeriodDays = days
             r.nextRotationDate = date(days, after: now)
         }
@@ -277,7 +294,7 @@ public final class KeyService: Sendable {
 
     public func disableKeyRotation(_ keyID: String, caller: Principal) throws(KMSError) -> Change {
         try change(keyID, caller: caller, action: "stop rotating") { (r) throws(KMSError) in
-            try Self.requireEnabled(r)
+            try Self.requireRotatable(r)
             r.rotationPeriodDays = nil
             r.nextRotationDate = nil
         }
@@ -293,7 +310,7 @@ public final class KeyService: Sendable {
         let id = try KeyID(parsing: keyID)
         return try locked(id) { () throws(KMSError) -> KeyRecord in
             let record = try usableRecord(id, caller: caller, needsEnabled: false)
-            try Self.requireEnabled(record)
+            try Self.requireRotatable(record)
             guard (record.onDemandRotations ?? 0) < KMSLimits.maxOnDemandRotations else {
                 throw KMSError(.limitExceeded, "key \(record.keyID) has had \(KMSLimits.maxOnDemandRotations) on-demand rotations, the most a key may have; automatic rotation still runs")
             }
@@ -365,6 +382,14 @@ public final class KeyService: Sendable {
             }
             r.minimumDecryptionVersion = version
         }
+    }
+
+    /// Rotation needs kmsd-made material: imported keys do not rotate (as in AWS KMS).
+    static func requireRotatable(_ r: KeyRecord) throws(KMSError) {
+        guard r.origin != KeyRecord.externalOrigin else {
+            throw KMSError(.unsupportedOperation, "key \(r.keyID) holds imported material (Origin EXTERNAL); kmsd cannot rotate it. Create a new key and re-encrypt instead")
+        }
+        try requireEnabled(r)
     }
 
     static func requireEnabled(_ r: KeyRecord) throws(KMSError) {
@@ -715,7 +740,7 @@ public final class KeyService: Sendable {
         KMSError(.notFound, "key \(t.keyID) was deleted on \(date(t.deletedAt)); its material is gone and nothing encrypted under it can be decrypted")
     }
 
-    private func usableRecord(_ id: KeyID, caller: Principal, needsEnabled: Bool) throws(KMSError) -> KeyRecord {
+    func usableRecord(_ id: KeyID, caller: Principal, needsEnabled: Bool) throws(KMSError) -> KeyRecord {
         guard let record = try repository.record(id) else {
             if let gone = try repository.tombstone(id) { throw Self.deleted(gone) }
             throw KMSError(.notFound, "key \(id) does not exist; list keys with kmsctl list-keys")

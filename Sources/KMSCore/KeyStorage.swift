@@ -1,3 +1,13 @@
+/// When a key's scheduled work comes due (Unix seconds), for the sweeps' indexes; nil: none.
+public struct KeyDue: Sendable, Equatable {
+    public var deletion: Int64?
+    public var rotation: Int64?
+    public var expiry: Int64?
+    public init(deletion: Int64? = nil, rotation: Int64? = nil, expiry: Int64? = nil) {
+        self.deletion = deletion; self.rotation = rotation; self.expiry = expiry
+    }
+}
+
 /// One stored row: the record's bytes and the MAC that authenticates them.
 public struct StoredRow: Sendable, Equatable {
     public var record: [UInt8]
@@ -11,17 +21,22 @@ public struct StoredRow: Sendable, Equatable {
 /// material before a backend sees it. Every write returns only once it is durable. SQLite is
 /// the embedded default; a shared PostgreSQL backend can implement the same protocol later.
 public protocol KeyStorage: Sendable {
-    /// Inserts a key and its first version atomically. Throws when the key id exists.
+    /// Inserts a key and its first version (none for a key awaiting imported material)
+    /// atomically. Throws when the key id exists.
     /// `owner` feeds the owner index (ListKeys); the record itself stays the authority.
-    func insertKey(id: String, owner: UInt32, key: StoredRow, versionNumber: UInt32, version: StoredRow) throws
+    func insertKey(id: String, owner: UInt32, key: StoredRow, version: (number: UInt32, row: StoredRow)?) throws
     /// Removes a key and all its versions atomically (undo of a CreateKey whose audit record
     /// could not be written).
     func deleteKey(id: String) throws
-    /// Replaces a key's record; `deletionDue` and `rotationDue` (Unix seconds) index keys
-    /// pending deletion and keys with automatic rotation.
-    func updateKey(id: String, key: StoredRow, deletionDue: Int64?, rotationDue: Int64?) throws
+    /// Replaces a key's record; `due` indexes its scheduled work.
+    func updateKey(id: String, key: StoredRow, due: KeyDue) throws
     /// Adds a version and replaces the key's record, in one transaction.
-    func addVersion(id: String, key: StoredRow, rotationDue: Int64?, versionNumber: UInt32, version: StoredRow) throws
+    func addVersion(id: String, key: StoredRow, due: KeyDue, versionNumber: UInt32, version: StoredRow) throws
+    /// Deletes every version of a key (its imported material) and replaces its record, in one
+    /// transaction.
+    func removeVersions(id: String, key: StoredRow, due: KeyDue) throws
+    /// Ids of keys whose imported material expires at or before `time` (Unix seconds).
+    func keysDueForExpiry(at time: Int64, limit: Int) throws -> [String]
     /// Every version row of a key, ascending.
     func versions(id: String) throws -> [(number: UInt32, row: StoredRow)]
     /// Ids of keys whose automatic rotation is due at or before `time` (Unix seconds).

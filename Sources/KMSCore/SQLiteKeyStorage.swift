@@ -52,6 +52,10 @@ public final class SQLiteKeyStorage: KeyStorage {
         if !columns.contains("rotation_due") {
             try Self.exec(conn, "ALTER TABLE keys ADD COLUMN rotation_due INTEGER", path: path)
         }
+        if !columns.contains("expiry_due") {
+            try Self.exec(conn, "ALTER TABLE keys ADD COLUMN expiry_due INTEGER", path: path)
+        }
+        try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_expiry ON keys (expiry_due) WHERE expiry_due IS NOT NULL", path: path)
         try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_rotation ON keys (rotation_due) WHERE rotation_due IS NOT NULL", path: path)
         try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_owner ON keys (owner_uid, key_id)", path: path)
         try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_deletion ON keys (deletion_due) WHERE deletion_due IS NOT NULL", path: path)
@@ -94,12 +98,14 @@ public final class SQLiteKeyStorage: KeyStorage {
         }
     }
 
-    public func insertKey(id: String, owner: UInt32, key: StoredRow, versionNumber: UInt32, version: StoredRow) throws {
+    public func insertKey(id: String, owner: UInt32, key: StoredRow, version: (number: UInt32, row: StoredRow)?) throws {
         try transaction { conn in
             try Self.run(conn, "INSERT INTO keys (key_id, record, mac, owner_uid) VALUES (?1, ?2, ?3, ?4)",
                          [.text(id), .blob(key.record), .blob(key.mac), .int(Int64(owner))], path: path)
-            try Self.run(conn, "INSERT INTO key_versions (key_id, version, record, mac) VALUES (?1, ?2, ?3, ?4)",
-                         [.text(id), .int(Int64(versionNumber)), .blob(version.record), .blob(version.mac)], path: path)
+            if let version {
+                try Self.run(conn, "INSERT INTO key_versions (key_id, version, record, mac) VALUES (?1, ?2, ?3, ?4)",
+                             [.text(id), .int(Int64(version.number)), .blob(version.row.record), .blob(version.row.mac)], path: path)
+            }
         }
     }
 
@@ -110,22 +116,37 @@ public final class SQLiteKeyStorage: KeyStorage {
         }
     }
 
-    public func updateKey(id: String, key: StoredRow, deletionDue: Int64?, rotationDue: Int64?) throws {
-        try transaction { conn in
-            try Self.run(conn, "UPDATE keys SET record = ?2, mac = ?3, deletion_due = ?4, rotation_due = ?5 WHERE key_id = ?1",
-                         [.text(id), .blob(key.record), .blob(key.mac), deletionDue.map { .int($0) } ?? .null,
-                          rotationDue.map { .int($0) } ?? .null], path: path)
-            guard sqlite3_changes(conn.handle) == 1 else { throw StorageError("keystore \(path): key \(id) is not there to update") }
-        }
+    public func updateKey(id: String, key: StoredRow, due: KeyDue) throws {
+        try transaction { conn in try setKey(conn, id: id, key: key, due: due) }
     }
 
-    public func addVersion(id: String, key: StoredRow, rotationDue: Int64?, versionNumber: UInt32, version: StoredRow) throws {
+    /// Replaces a key's record and its due-work columns; inside a transaction.
+    private func setKey(_ conn: Connection, id: String, key: StoredRow, due: KeyDue) throws {
+        func value(_ v: Int64?) -> Value { v.map { .int($0) } ?? .null }
+        try Self.run(conn, "UPDATE keys SET record = ?2, mac = ?3, deletion_due = ?4, rotation_due = ?5, expiry_due = ?6 WHERE key_id = ?1",
+                     [.text(id), .blob(key.record), .blob(key.mac), value(due.deletion), value(due.rotation), value(due.expiry)], path: path)
+        guard sqlite3_changes(conn.handle) == 1 else { throw StorageError("keystore \(path): key \(id) is not there to update") }
+    }
+
+    public func addVersion(id: String, key: StoredRow, due: KeyDue, versionNumber: UInt32, version: StoredRow) throws {
         try transaction { conn in
             try Self.run(conn, "INSERT INTO key_versions (key_id, version, record, mac) VALUES (?1, ?2, ?3, ?4)",
                          [.text(id), .int(Int64(versionNumber)), .blob(version.record), .blob(version.mac)], path: path)
-            try Self.run(conn, "UPDATE keys SET record = ?2, mac = ?3, rotation_due = ?4 WHERE key_id = ?1",
-                         [.text(id), .blob(key.record), .blob(key.mac), rotationDue.map { .int($0) } ?? .null], path: path)
-            guard sqlite3_changes(conn.handle) == 1 else { throw StorageError("keystore \(path): key \(id) is not there to rotate") }
+            try setKey(conn, id: id, key: key, due: due)
+        }
+    }
+
+    public func removeVersions(id: String, key: StoredRow, due: KeyDue) throws {
+        try transaction { conn in
+            try Self.run(conn, "DELETE FROM key_versions WHERE key_id = ?1", [.text(id)], path: path)
+            try setKey(conn, id: id, key: key, due: due)
+        }
+    }
+
+    public func keysDueForExpiry(at time: Int64, limit: Int) throws -> [String] {
+        try readers.with { conn in
+            try Self.query(conn, "SELECT key_id FROM keys WHERE expiry_due IS NOT NULL AND expiry_due <= ?1 ORDER BY expiry_due LIMIT ?2",
+                           [.int(time), .int(Int64(limit))], path: path) { stmt in String(cString: sqlite3_column_text(stmt, 0)) }
         }
     }
 

@@ -36,6 +36,9 @@ extension Kmsd_V1_Request.OneOf_Operation {
         case .rotateKeyOnDemand: "RotateKeyOnDemand"
         case .listKeyRotations: "ListKeyRotations"
         case .setMinimumDecryptionVersion: "SetMinimumDecryptionVersion"
+        case .getParametersForImport: "GetParametersForImport"
+        case .importKeyMaterial: "ImportKeyMaterial"
+        case .deleteImportedKeyMaterial: "DeleteImportedKeyMaterial"
         }
     }
 }

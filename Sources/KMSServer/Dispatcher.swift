@@ -123,7 +123,8 @@ final class Dispatcher: Sendable {
                              "CreateAlias", "UpdateAlias", "DeleteAlias", "ListAliases",
                              "TagResource", "UntagResource", "ListResourceTags",
                              "EnableKeyRotation", "DisableKeyRotation", "GetKeyRotationStatus", "RotateKeyOnDemand",
-                             "ListKeyRotations", "SetMinimumDecryptionVersion", "Encrypt", "Decrypt",
+                             "ListKeyRotations", "SetMinimumDecryptionVersion",
+                             "GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial", "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
     static func route(_ op: KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ details: inout AuditDetails,
@@ -160,6 +161,10 @@ final class Dispatcher: Sendable {
         case .listKeyRotations(let r): .listKeyRotations(try RotationHandlers.listKeyRotations(r, ctx, &details))
         case .setMinimumDecryptionVersion(let r):
             .setMinimumDecryptionVersion(try RotationHandlers.setMinimumDecryptionVersion(r, ctx, &details))
+        case .getParametersForImport(let r): .getParametersForImport(try ImportHandlers.getParametersForImport(r, ctx, &details))
+        case .importKeyMaterial(let r): .importKeyMaterial(try ImportHandlers.importKeyMaterial(r, ctx, &details))
+        case .deleteImportedKeyMaterial(let r):
+            .deleteImportedKeyMaterial(try ImportHandlers.deleteImportedKeyMaterial(r, ctx, &details))
         }
     }
 
@@ -187,7 +192,8 @@ final class Dispatcher: Sendable {
         case .createKey, .describeKey, .listKeys, .enableKey, .disableKey, .scheduleKeyDeletion, .cancelKeyDeletion,
              .updateKeyDescription, .createAlias, .updateAlias, .deleteAlias, .listAliases, .tagResource, .untagResource,
              .listResourceTags, .enableKeyRotation, .disableKeyRotation, .getKeyRotationStatus, .rotateKeyOnDemand,
-             .listKeyRotations, .setMinimumDecryptionVersion: return false
+             .listKeyRotations, .setMinimumDecryptionVersion, .getParametersForImport, .importKeyMaterial,
+             .deleteImportedKeyMaterial: return false
         }
     }
 

@@ -10,6 +10,7 @@ enum KeyHandlers {
         input.keySpec = r.keySpec
         input.keyUsage = r.keyUsage
         input.tags = r.tags.map { Tag(key: $0.tagKey, value: $0.tagValue) }
+        input.origin = r.origin
         let record = try ctx.service.createKey(input, caller: ctx.principal)
         d.keyID = record.keyID.description
         d.keyVersion = record.currentVersion
@@ -106,6 +107,8 @@ enum KeyHandlers {
             $0.ownerUid = k.ownerUID
             $0.currentKeyVersion = k.currentVersion
             $0.minimumDecryptionVersion = k.minimumDecryptionVersion ?? 1
+            $0.expirationModel = k.expirationModel ?? ""
+            $0.validTo = Int64(k.validTo?.timeIntervalSince1970 ?? 0)
             if k.state == .pendingDeletion {
                 $0.deletionDate = Int64(k.deletionDate?.timeIntervalSince1970 ?? 0)
                 $0.pendingDeletionWindowInDays = k.pendingWindowInDays ?? 0

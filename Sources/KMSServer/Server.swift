@@ -36,6 +36,13 @@ public final class Server: @unchecked Sendable {
         if SecureArena.shared.unlockedBytes > 0 {
             StandardError.write("kmsd: WARNING: key material is in UNLOCKED memory (--allow-unlocked-memory); it may be swapped to disk. Development only.\n")
         }
+        // OpenSSL's own locked heap, for the private parts of import wrapping keys.
+        if !SecureHeap.initialize(bytes: 1 << 20) {
+            guard c.development && c.allowUnlockedMemory else {
+                throw ConfigurationError("cannot lock 1 MiB for OpenSSL's secure heap (the private keys that unwrap imported key material): raise RLIMIT_MEMLOCK (systemd: LimitMEMLOCK=64M; shell: ulimit -l 65536)")
+            }
+            StandardError.write("kmsd: WARNING: OpenSSL's secure heap could not be locked; import wrapping keys live in ordinary memory. Development only.\n")
+        }
         try StateDirectory.make(c.stateDirectory)
         try StateDirectory.checkContents(c.stateDirectory)
         if let file = c.rootKeyFile { try StateDirectory.checkTrusted(file, what: "root key file") }
@@ -292,6 +299,15 @@ public final class Server: @unchecked Sendable {
             }
         } catch {
             StandardError.write("kmsd: ERROR: scheduled key deletion failed: \(error); retrying in a second\n")
+        }
+        do {
+            for id in try service.expireDueMaterial() {
+                audit.writeEvent(action: "KeyMaterialExpired", keyID: id.description,
+                                 message: "the imported material of key \(id) expired (its ValidTo passed) and was deleted; the key awaits the same material again")
+                StandardError.write("kmsd: imported material of key \(id) expired and was deleted\n")
+            }
+        } catch {
+            StandardError.write("kmsd: ERROR: expiring imported key material failed: \(error); retrying in a second\n")
         }
     }
 

@@ -18,6 +18,9 @@ struct CreateKey: AsyncParsableCommand {
     @Option(name: .customLong("key-usage"), help: ArgumentHelp("Key usage; default ENCRYPT_DECRYPT.", valueName: "usage"))
     var keyUsage: String = ""
 
+    @Option(name: .customLong("origin"), help: ArgumentHelp("AWS_KMS (default: kmsd makes the material) or EXTERNAL (import it later; the key is PendingImport until then).", valueName: "origin"))
+    var origin: String = ""
+
     @Option(name: .customLong("tag"), help: ArgumentHelp("A tag KEY=VALUE (split at the first '='). Repeatable.", valueName: "key=value"))
     var tags: [String] = []
 
@@ -41,7 +44,7 @@ struct CreateKey: AsyncParsableCommand {
     func run() async throws {
         let tagMap = try allTags()
         let metadata = try await global.withClient {
-            try await $0.createKey(description: keyDescription, keySpec: keySpec, keyUsage: keyUsage, tags: tagMap)
+            try await $0.createKey(description: keyDescription, keySpec: keySpec, keyUsage: keyUsage, tags: tagMap, origin: origin)
         }
         try printKeyMetadata(metadata, json: global.json)
     }

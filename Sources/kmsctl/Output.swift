@@ -1,3 +1,4 @@
+import ArgumentParser
 import Foundation
 import KMSClient
 
@@ -137,6 +138,8 @@ func keyMetadataDictionary(_ m: Kmsd_V1_KeyMetadata) -> [String: Any] {
         d["DeletionDate"] = Int(m.deletionDate)
         d["PendingDeletionWindowInDays"] = Int(m.pendingDeletionWindowInDays)
     }
+    if !m.expirationModel.isEmpty { d["ExpirationModel"] = m.expirationModel }
+    if m.validTo != 0 { d["ValidTo"] = Int(m.validTo) }
     return d
 }
 
@@ -177,7 +180,9 @@ func printKeyMetadata(_ m: Kmsd_V1_KeyMetadata, json: Bool) throws {
         ("CurrentKeyVersion", String(m.currentKeyVersion)),
         ("MinimumDecryptionVersion", String(max(1, m.minimumDecryptionVersion))),
     ] + (m.deletionDate != 0 ? [("DeletionDate", formatUnixTime(m.deletionDate)),
-                                ("PendingDeletionWindowInDays", String(m.pendingDeletionWindowInDays))] : []))
+                                ("PendingDeletionWindowInDays", String(m.pendingDeletionWindowInDays))] : [])
+      + (m.expirationModel.isEmpty ? [] : [("ExpirationModel", m.expirationModel)])
+      + (m.validTo != 0 ? [("ValidTo", formatUnixTime(m.validTo))] : []))
 }
 
 /// `2025-01-31T12:00:00Z (1738324800)`.
@@ -191,4 +196,33 @@ func formatUnixTime(_ seconds: Int64) -> String {
 /// The algorithm a response names, or AWS's default when the server left it empty.
 func algorithmName(_ name: String) -> String {
     name.isEmpty ? "SYMMETRIC_DEFAULT" : name
+}
+
+/// A binary argument as the aws CLI reads one: `fileb://PATH` for the file's bytes, else the
+/// value itself as base64.
+func readBlobArgument(_ value: String, option: String) throws -> [UInt8] {
+    if value.hasPrefix("fileb://") {
+        let path = String(value.dropFirst("fileb://".count))
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ValidationError("\(option): cannot read \(path)")
+        }
+        return Array(data)
+    }
+    if value.hasPrefix("file://") {
+        throw ValidationError("\(option) is binary: give fileb://PATH (file:// reads text) or base64 text")
+    }
+    guard let data = Data(base64Encoded: value) else {
+        throw ValidationError("\(option) must be fileb://PATH or base64 text")
+    }
+    return Array(data)
+}
+
+/// A time argument: Unix seconds or ISO 8601 (`2026-12-31T00:00:00Z`), as the aws CLI takes.
+func parseTimeArgument(_ value: String, option: String) throws -> Int64 {
+    if let seconds = Int64(value) { return seconds }
+    let formatter = ISO8601DateFormatter()
+    if let date = formatter.date(from: value) { return Int64(date.timeIntervalSince1970) }
+    formatter.formatOptions = [.withFullDate]
+    if let date = formatter.date(from: value) { return Int64(date.timeIntervalSince1970) }
+    throw ValidationError("\(option) must be Unix seconds or an ISO 8601 time such as 2026-12-31T00:00:00Z")
 }

@@ -201,16 +201,16 @@ struct KeyRepositoryTests {
         private var reads = 0
         init(_ inner: SQLiteKeyStorage) { self.inner = inner }
         var recordReads: Int { lock.withLock { reads } }
-        func insertKey(id: String, owner: UInt32, key: StoredRow, versionNumber: UInt32, version: StoredRow) throws {
-            try inner.insertKey(id: id, owner: owner, key: key, versionNumber: versionNumber, version: version)
+        func insertKey(id: String, owner: UInt32, key: StoredRow, version: (number: UInt32, row: StoredRow)?) throws {
+            try inner.insertKey(id: id, owner: owner, key: key, version: version)
         }
         func deleteKey(id: String) throws { try inner.deleteKey(id: id) }
-        func updateKey(id: String, key: StoredRow, deletionDue: Int64?, rotationDue: Int64?) throws {
-            try inner.updateKey(id: id, key: key, deletionDue: deletionDue, rotationDue: rotationDue)
+        func updateKey(id: String, key: StoredRow, due: KeyDue) throws { try inner.updateKey(id: id, key: key, due: due) }
+        func addVersion(id: String, key: StoredRow, due: KeyDue, versionNumber: UInt32, version: StoredRow) throws {
+            try inner.addVersion(id: id, key: key, due: due, versionNumber: versionNumber, version: version)
         }
-        func addVersion(id: String, key: StoredRow, rotationDue: Int64?, versionNumber: UInt32, version: StoredRow) throws {
-            try inner.addVersion(id: id, key: key, rotationDue: rotationDue, versionNumber: versionNumber, version: version)
-        }
+        func removeVersions(id: String, key: StoredRow, due: KeyDue) throws { try inner.removeVersions(id: id, key: key, due: due) }
+        func keysDueForExpiry(at time: Int64, limit: Int) throws -> [String] { try inner.keysDueForExpiry(at: time, limit: limit) }
         func versions(id: String) throws -> [(number: UInt32, row: StoredRow)] { try inner.versions(id: id) }
         func keysDueForRotation(at time: Int64, limit: Int) throws -> [String] { try inner.keysDueForRotation(at: time, limit: limit) }
         func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow) throws -> Bool { try inner.destroyKey(id: id, dueBy: time, tombstone: tombstone) }

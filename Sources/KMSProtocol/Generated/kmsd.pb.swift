@@ -275,6 +275,30 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     set {operation = .setMinimumDecryptionVersion(newValue)}
   }
 
+  public var getParametersForImport: Kmsd_V1_GetParametersForImportRequest {
+    get {
+      if case .getParametersForImport(let v)? = operation {return v}
+      return Kmsd_V1_GetParametersForImportRequest()
+    }
+    set {operation = .getParametersForImport(newValue)}
+  }
+
+  public var importKeyMaterial: Kmsd_V1_ImportKeyMaterialRequest {
+    get {
+      if case .importKeyMaterial(let v)? = operation {return v}
+      return Kmsd_V1_ImportKeyMaterialRequest()
+    }
+    set {operation = .importKeyMaterial(newValue)}
+  }
+
+  public var deleteImportedKeyMaterial: Kmsd_V1_DeleteImportedKeyMaterialRequest {
+    get {
+      if case .deleteImportedKeyMaterial(let v)? = operation {return v}
+      return Kmsd_V1_DeleteImportedKeyMaterialRequest()
+    }
+    set {operation = .deleteImportedKeyMaterial(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Operation: Equatable, Sendable {
@@ -307,6 +331,9 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     case rotateKeyOnDemand(Kmsd_V1_RotateKeyOnDemandRequest)
     case listKeyRotations(Kmsd_V1_ListKeyRotationsRequest)
     case setMinimumDecryptionVersion(Kmsd_V1_SetMinimumDecryptionVersionRequest)
+    case getParametersForImport(Kmsd_V1_GetParametersForImportRequest)
+    case importKeyMaterial(Kmsd_V1_ImportKeyMaterialRequest)
+    case deleteImportedKeyMaterial(Kmsd_V1_DeleteImportedKeyMaterialRequest)
 
   }
 
@@ -314,259 +341,277 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
 }
 
 /// One response: `error` or the result of the request's operation (same field number).
-public nonisolated struct Kmsd_V1_Response: @unchecked Sendable {
+public nonisolated struct Kmsd_V1_Response: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var id: UInt64 {
-    get {_storage._id}
-    set {_uniqueStorage()._id = newValue}
-  }
+  public var id: UInt64 = 0
 
-  public var result: OneOf_Result? {
-    get {return _storage._result}
-    set {_uniqueStorage()._result = newValue}
-  }
+  public var result: Kmsd_V1_Response.OneOf_Result? = nil
 
   public var error: Kmsd_V1_Error {
     get {
-      if case .error(let v)? = _storage._result {return v}
+      if case .error(let v)? = result {return v}
       return Kmsd_V1_Error()
     }
-    set {_uniqueStorage()._result = .error(newValue)}
+    set {result = .error(newValue)}
   }
 
   public var hello: Kmsd_V1_HelloResponse {
     get {
-      if case .hello(let v)? = _storage._result {return v}
+      if case .hello(let v)? = result {return v}
       return Kmsd_V1_HelloResponse()
     }
-    set {_uniqueStorage()._result = .hello(newValue)}
+    set {result = .hello(newValue)}
   }
 
   public var whoAmI: Kmsd_V1_WhoAmIResponse {
     get {
-      if case .whoAmI(let v)? = _storage._result {return v}
+      if case .whoAmI(let v)? = result {return v}
       return Kmsd_V1_WhoAmIResponse()
     }
-    set {_uniqueStorage()._result = .whoAmI(newValue)}
+    set {result = .whoAmI(newValue)}
   }
 
   public var createKey: Kmsd_V1_CreateKeyResponse {
     get {
-      if case .createKey(let v)? = _storage._result {return v}
+      if case .createKey(let v)? = result {return v}
       return Kmsd_V1_CreateKeyResponse()
     }
-    set {_uniqueStorage()._result = .createKey(newValue)}
+    set {result = .createKey(newValue)}
   }
 
   public var describeKey: Kmsd_V1_DescribeKeyResponse {
     get {
-      if case .describeKey(let v)? = _storage._result {return v}
+      if case .describeKey(let v)? = result {return v}
       return Kmsd_V1_DescribeKeyResponse()
     }
-    set {_uniqueStorage()._result = .describeKey(newValue)}
+    set {result = .describeKey(newValue)}
   }
 
   public var listKeys: Kmsd_V1_ListKeysResponse {
     get {
-      if case .listKeys(let v)? = _storage._result {return v}
+      if case .listKeys(let v)? = result {return v}
       return Kmsd_V1_ListKeysResponse()
     }
-    set {_uniqueStorage()._result = .listKeys(newValue)}
+    set {result = .listKeys(newValue)}
   }
 
   public var enableKey: Kmsd_V1_EnableKeyResponse {
     get {
-      if case .enableKey(let v)? = _storage._result {return v}
+      if case .enableKey(let v)? = result {return v}
       return Kmsd_V1_EnableKeyResponse()
     }
-    set {_uniqueStorage()._result = .enableKey(newValue)}
+    set {result = .enableKey(newValue)}
   }
 
   public var disableKey: Kmsd_V1_DisableKeyResponse {
     get {
-      if case .disableKey(let v)? = _storage._result {return v}
+      if case .disableKey(let v)? = result {return v}
       return Kmsd_V1_DisableKeyResponse()
     }
-    set {_uniqueStorage()._result = .disableKey(newValue)}
+    set {result = .disableKey(newValue)}
   }
 
   public var scheduleKeyDeletion: Kmsd_V1_ScheduleKeyDeletionResponse {
     get {
-      if case .scheduleKeyDeletion(let v)? = _storage._result {return v}
+      if case .scheduleKeyDeletion(let v)? = result {return v}
       return Kmsd_V1_ScheduleKeyDeletionResponse()
     }
-    set {_uniqueStorage()._result = .scheduleKeyDeletion(newValue)}
+    set {result = .scheduleKeyDeletion(newValue)}
   }
 
   public var cancelKeyDeletion: Kmsd_V1_CancelKeyDeletionResponse {
     get {
-      if case .cancelKeyDeletion(let v)? = _storage._result {return v}
+      if case .cancelKeyDeletion(let v)? = result {return v}
       return Kmsd_V1_CancelKeyDeletionResponse()
     }
-    set {_uniqueStorage()._result = .cancelKeyDeletion(newValue)}
+    set {result = .cancelKeyDeletion(newValue)}
   }
 
   public var updateKeyDescription: Kmsd_V1_UpdateKeyDescriptionResponse {
     get {
-      if case .updateKeyDescription(let v)? = _storage._result {return v}
+      if case .updateKeyDescription(let v)? = result {return v}
       return Kmsd_V1_UpdateKeyDescriptionResponse()
     }
-    set {_uniqueStorage()._result = .updateKeyDescription(newValue)}
+    set {result = .updateKeyDescription(newValue)}
   }
 
   public var encrypt: Kmsd_V1_EncryptResponse {
     get {
-      if case .encrypt(let v)? = _storage._result {return v}
+      if case .encrypt(let v)? = result {return v}
       return Kmsd_V1_EncryptResponse()
     }
-    set {_uniqueStorage()._result = .encrypt(newValue)}
+    set {result = .encrypt(newValue)}
   }
 
   public var decrypt: Kmsd_V1_DecryptResponse {
     get {
-      if case .decrypt(let v)? = _storage._result {return v}
+      if case .decrypt(let v)? = result {return v}
       return Kmsd_V1_DecryptResponse()
     }
-    set {_uniqueStorage()._result = .decrypt(newValue)}
+    set {result = .decrypt(newValue)}
   }
 
   public var reEncrypt: Kmsd_V1_ReEncryptResponse {
     get {
-      if case .reEncrypt(let v)? = _storage._result {return v}
+      if case .reEncrypt(let v)? = result {return v}
       return Kmsd_V1_ReEncryptResponse()
     }
-    set {_uniqueStorage()._result = .reEncrypt(newValue)}
+    set {result = .reEncrypt(newValue)}
   }
 
   public var generateDataKey: Kmsd_V1_GenerateDataKeyResponse {
     get {
-      if case .generateDataKey(let v)? = _storage._result {return v}
+      if case .generateDataKey(let v)? = result {return v}
       return Kmsd_V1_GenerateDataKeyResponse()
     }
-    set {_uniqueStorage()._result = .generateDataKey(newValue)}
+    set {result = .generateDataKey(newValue)}
   }
 
   public var generateDataKeyWithoutPlaintext: Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse {
     get {
-      if case .generateDataKeyWithoutPlaintext(let v)? = _storage._result {return v}
+      if case .generateDataKeyWithoutPlaintext(let v)? = result {return v}
       return Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse()
     }
-    set {_uniqueStorage()._result = .generateDataKeyWithoutPlaintext(newValue)}
+    set {result = .generateDataKeyWithoutPlaintext(newValue)}
   }
 
   public var generateRandom: Kmsd_V1_GenerateRandomResponse {
     get {
-      if case .generateRandom(let v)? = _storage._result {return v}
+      if case .generateRandom(let v)? = result {return v}
       return Kmsd_V1_GenerateRandomResponse()
     }
-    set {_uniqueStorage()._result = .generateRandom(newValue)}
+    set {result = .generateRandom(newValue)}
   }
 
   public var createAlias: Kmsd_V1_CreateAliasResponse {
     get {
-      if case .createAlias(let v)? = _storage._result {return v}
+      if case .createAlias(let v)? = result {return v}
       return Kmsd_V1_CreateAliasResponse()
     }
-    set {_uniqueStorage()._result = .createAlias(newValue)}
+    set {result = .createAlias(newValue)}
   }
 
   public var updateAlias: Kmsd_V1_UpdateAliasResponse {
     get {
-      if case .updateAlias(let v)? = _storage._result {return v}
+      if case .updateAlias(let v)? = result {return v}
       return Kmsd_V1_UpdateAliasResponse()
     }
-    set {_uniqueStorage()._result = .updateAlias(newValue)}
+    set {result = .updateAlias(newValue)}
   }
 
   public var deleteAlias: Kmsd_V1_DeleteAliasResponse {
     get {
-      if case .deleteAlias(let v)? = _storage._result {return v}
+      if case .deleteAlias(let v)? = result {return v}
       return Kmsd_V1_DeleteAliasResponse()
     }
-    set {_uniqueStorage()._result = .deleteAlias(newValue)}
+    set {result = .deleteAlias(newValue)}
   }
 
   public var listAliases: Kmsd_V1_ListAliasesResponse {
     get {
-      if case .listAliases(let v)? = _storage._result {return v}
+      if case .listAliases(let v)? = result {return v}
       return Kmsd_V1_ListAliasesResponse()
     }
-    set {_uniqueStorage()._result = .listAliases(newValue)}
+    set {result = .listAliases(newValue)}
   }
 
   public var tagResource: Kmsd_V1_TagResourceResponse {
     get {
-      if case .tagResource(let v)? = _storage._result {return v}
+      if case .tagResource(let v)? = result {return v}
       return Kmsd_V1_TagResourceResponse()
     }
-    set {_uniqueStorage()._result = .tagResource(newValue)}
+    set {result = .tagResource(newValue)}
   }
 
   public var untagResource: Kmsd_V1_UntagResourceResponse {
     get {
-      if case .untagResource(let v)? = _storage._result {return v}
+      if case .untagResource(let v)? = result {return v}
       return Kmsd_V1_UntagResourceResponse()
     }
-    set {_uniqueStorage()._result = .untagResource(newValue)}
+    set {result = .untagResource(newValue)}
   }
 
   public var listResourceTags: Kmsd_V1_ListResourceTagsResponse {
     get {
-      if case .listResourceTags(let v)? = _storage._result {return v}
+      if case .listResourceTags(let v)? = result {return v}
       return Kmsd_V1_ListResourceTagsResponse()
     }
-    set {_uniqueStorage()._result = .listResourceTags(newValue)}
+    set {result = .listResourceTags(newValue)}
   }
 
   public var enableKeyRotation: Kmsd_V1_EnableKeyRotationResponse {
     get {
-      if case .enableKeyRotation(let v)? = _storage._result {return v}
+      if case .enableKeyRotation(let v)? = result {return v}
       return Kmsd_V1_EnableKeyRotationResponse()
     }
-    set {_uniqueStorage()._result = .enableKeyRotation(newValue)}
+    set {result = .enableKeyRotation(newValue)}
   }
 
   public var disableKeyRotation: Kmsd_V1_DisableKeyRotationResponse {
     get {
-      if case .disableKeyRotation(let v)? = _storage._result {return v}
+      if case .disableKeyRotation(let v)? = result {return v}
       return Kmsd_V1_DisableKeyRotationResponse()
     }
-    set {_uniqueStorage()._result = .disableKeyRotation(newValue)}
+    set {result = .disableKeyRotation(newValue)}
   }
 
   public var getKeyRotationStatus: Kmsd_V1_GetKeyRotationStatusResponse {
     get {
-      if case .getKeyRotationStatus(let v)? = _storage._result {return v}
+      if case .getKeyRotationStatus(let v)? = result {return v}
       return Kmsd_V1_GetKeyRotationStatusResponse()
     }
-    set {_uniqueStorage()._result = .getKeyRotationStatus(newValue)}
+    set {result = .getKeyRotationStatus(newValue)}
   }
 
   public var rotateKeyOnDemand: Kmsd_V1_RotateKeyOnDemandResponse {
     get {
-      if case .rotateKeyOnDemand(let v)? = _storage._result {return v}
+      if case .rotateKeyOnDemand(let v)? = result {return v}
       return Kmsd_V1_RotateKeyOnDemandResponse()
     }
-    set {_uniqueStorage()._result = .rotateKeyOnDemand(newValue)}
+    set {result = .rotateKeyOnDemand(newValue)}
   }
 
   public var listKeyRotations: Kmsd_V1_ListKeyRotationsResponse {
     get {
-      if case .listKeyRotations(let v)? = _storage._result {return v}
+      if case .listKeyRotations(let v)? = result {return v}
       return Kmsd_V1_ListKeyRotationsResponse()
     }
-    set {_uniqueStorage()._result = .listKeyRotations(newValue)}
+    set {result = .listKeyRotations(newValue)}
   }
 
   public var setMinimumDecryptionVersion: Kmsd_V1_SetMinimumDecryptionVersionResponse {
     get {
-      if case .setMinimumDecryptionVersion(let v)? = _storage._result {return v}
+      if case .setMinimumDecryptionVersion(let v)? = result {return v}
       return Kmsd_V1_SetMinimumDecryptionVersionResponse()
     }
-    set {_uniqueStorage()._result = .setMinimumDecryptionVersion(newValue)}
+    set {result = .setMinimumDecryptionVersion(newValue)}
+  }
+
+  public var getParametersForImport: Kmsd_V1_GetParametersForImportResponse {
+    get {
+      if case .getParametersForImport(let v)? = result {return v}
+      return Kmsd_V1_GetParametersForImportResponse()
+    }
+    set {result = .getParametersForImport(newValue)}
+  }
+
+  public var importKeyMaterial: Kmsd_V1_ImportKeyMaterialResponse {
+    get {
+      if case .importKeyMaterial(let v)? = result {return v}
+      return Kmsd_V1_ImportKeyMaterialResponse()
+    }
+    set {result = .importKeyMaterial(newValue)}
+  }
+
+  public var deleteImportedKeyMaterial: Kmsd_V1_DeleteImportedKeyMaterialResponse {
+    get {
+      if case .deleteImportedKeyMaterial(let v)? = result {return v}
+      return Kmsd_V1_DeleteImportedKeyMaterialResponse()
+    }
+    set {result = .deleteImportedKeyMaterial(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -602,12 +647,13 @@ public nonisolated struct Kmsd_V1_Response: @unchecked Sendable {
     case rotateKeyOnDemand(Kmsd_V1_RotateKeyOnDemandResponse)
     case listKeyRotations(Kmsd_V1_ListKeyRotationsResponse)
     case setMinimumDecryptionVersion(Kmsd_V1_SetMinimumDecryptionVersionResponse)
+    case getParametersForImport(Kmsd_V1_GetParametersForImportResponse)
+    case importKeyMaterial(Kmsd_V1_ImportKeyMaterialResponse)
+    case deleteImportedKeyMaterial(Kmsd_V1_DeleteImportedKeyMaterialResponse)
 
   }
 
   public init() {}
-
-  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// A failed request. `code` is stable (an AWS KMS exception name, listed in PROTOCOL.md);
@@ -716,57 +762,119 @@ public nonisolated struct Kmsd_V1_Tag: Sendable {
   public init() {}
 }
 
-public nonisolated struct Kmsd_V1_KeyMetadata: Sendable {
+public nonisolated struct Kmsd_V1_KeyMetadata: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var keyID: String = String()
+  public var keyID: String {
+    get {_storage._keyID}
+    set {_uniqueStorage()._keyID = newValue}
+  }
 
-  public var arn: String = String()
+  public var arn: String {
+    get {_storage._arn}
+    set {_uniqueStorage()._arn = newValue}
+  }
 
   /// Unix time, seconds
-  public var creationDate: Int64 = 0
+  public var creationDate: Int64 {
+    get {_storage._creationDate}
+    set {_uniqueStorage()._creationDate = newValue}
+  }
 
-  public var enabled: Bool = false
+  public var enabled: Bool {
+    get {_storage._enabled}
+    set {_uniqueStorage()._enabled = newValue}
+  }
 
-  public var description_p: String = String()
+  public var description_p: String {
+    get {_storage._description_p}
+    set {_uniqueStorage()._description_p = newValue}
+  }
 
   /// ENCRYPT_DECRYPT
-  public var keyUsage: String = String()
+  public var keyUsage: String {
+    get {_storage._keyUsage}
+    set {_uniqueStorage()._keyUsage = newValue}
+  }
 
   /// Enabled | Disabled | PendingDeletion | PendingImport
-  public var keyState: String = String()
+  public var keyState: String {
+    get {_storage._keyState}
+    set {_uniqueStorage()._keyState = newValue}
+  }
 
   /// SYMMETRIC_DEFAULT
-  public var keySpec: String = String()
+  public var keySpec: String {
+    get {_storage._keySpec}
+    set {_uniqueStorage()._keySpec = newValue}
+  }
 
-  /// AWS_KMS (material generated by kmsd)
-  public var origin: String = String()
+  /// AWS_KMS (material generated by kmsd) | EXTERNAL (imported)
+  public var origin: String {
+    get {_storage._origin}
+    set {_uniqueStorage()._origin = newValue}
+  }
 
   /// CUSTOMER
-  public var keyManager: String = String()
+  public var keyManager: String {
+    get {_storage._keyManager}
+    set {_uniqueStorage()._keyManager = newValue}
+  }
 
   /// SYMMETRIC_DEFAULT
-  public var encryptionAlgorithms: [String] = []
+  public var encryptionAlgorithms: [String] {
+    get {_storage._encryptionAlgorithms}
+    set {_uniqueStorage()._encryptionAlgorithms = newValue}
+  }
 
   /// the uid that created the key
-  public var ownerUid: UInt32 = 0
+  public var ownerUid: UInt32 {
+    get {_storage._ownerUid}
+    set {_uniqueStorage()._ownerUid = newValue}
+  }
 
-  public var currentKeyVersion: UInt32 = 0
+  public var currentKeyVersion: UInt32 {
+    get {_storage._currentKeyVersion}
+    set {_uniqueStorage()._currentKeyVersion = newValue}
+  }
 
   /// PendingDeletion only: when kmsd deletes the key (Unix time, seconds)
-  public var deletionDate: Int64 = 0
+  public var deletionDate: Int64 {
+    get {_storage._deletionDate}
+    set {_uniqueStorage()._deletionDate = newValue}
+  }
 
   /// PendingDeletion only
-  public var pendingDeletionWindowInDays: UInt32 = 0
+  public var pendingDeletionWindowInDays: UInt32 {
+    get {_storage._pendingDeletionWindowInDays}
+    set {_uniqueStorage()._pendingDeletionWindowInDays = newValue}
+  }
 
   /// beyond AWS: older versions refuse to decrypt (0 or 1: none refused)
-  public var minimumDecryptionVersion: UInt32 = 0
+  public var minimumDecryptionVersion: UInt32 {
+    get {_storage._minimumDecryptionVersion}
+    set {_uniqueStorage()._minimumDecryptionVersion = newValue}
+  }
+
+  /// EXTERNAL with expiring material: when it expires (Unix time, seconds); else 0
+  public var validTo: Int64 {
+    get {_storage._validTo}
+    set {_uniqueStorage()._validTo = newValue}
+  }
+
+  /// EXTERNAL with material: KEY_MATERIAL_EXPIRES | KEY_MATERIAL_DOES_NOT_EXPIRE; else empty
+  public var expirationModel: String {
+    get {_storage._expirationModel}
+    set {_uniqueStorage()._expirationModel = newValue}
+  }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 public nonisolated struct Kmsd_V1_CreateKeyRequest: Sendable {
@@ -783,6 +891,9 @@ public nonisolated struct Kmsd_V1_CreateKeyRequest: Sendable {
   public var keySpec: String = String()
 
   public var tags: [Kmsd_V1_Tag] = []
+
+  /// empty = AWS_KMS; EXTERNAL: no material, PendingImport until ImportKeyMaterial
+  public var origin: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1620,13 +1731,108 @@ public nonisolated struct Kmsd_V1_SetMinimumDecryptionVersionResponse: Sendable 
   public init() {}
 }
 
+/// Bring your own key. A key created with Origin EXTERNAL has no material until it is imported,
+/// wrapped to a public key kmsd hands out here.
+public nonisolated struct Kmsd_V1_GetParametersForImportRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  /// RSAES_OAEP_SHA_256 | RSAES_OAEP_SHA_1 | RSA_AES_KEY_WRAP_SHA_256 | RSA_AES_KEY_WRAP_SHA_1
+  public var wrappingAlgorithm: String = String()
+
+  /// RSA_2048 | RSA_3072 | RSA_4096
+  public var wrappingKeySpec: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_GetParametersForImportResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  /// opaque; single use, for this key only
+  public var importToken: Data = Data()
+
+  /// DER SubjectPublicKeyInfo of the RSA wrapping key
+  public var publicKey: Data = Data()
+
+  /// Unix time, seconds: 24 h from the request (or until kmsd restarts)
+  public var parametersValidTo: Int64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ImportKeyMaterialRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  public var importToken: Data = Data()
+
+  public var encryptedKeyMaterial: Data = Data()
+
+  /// Unix time, seconds; required with KEY_MATERIAL_EXPIRES, 0 otherwise
+  public var validTo: Int64 = 0
+
+  /// empty = KEY_MATERIAL_EXPIRES (as AWS) | KEY_MATERIAL_DOES_NOT_EXPIRE
+  public var expirationModel: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ImportKeyMaterialResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_DeleteImportedKeyMaterialRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_DeleteImportedKeyMaterialResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "kmsd.v1"
 
 nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Request"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2012,6 +2218,45 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
           self.operation = .setMinimumDecryptionVersion(v)
         }
       }()
+      case 60: try {
+        var v: Kmsd_V1_GetParametersForImportRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .getParametersForImport(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .getParametersForImport(v)
+        }
+      }()
+      case 61: try {
+        var v: Kmsd_V1_ImportKeyMaterialRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .importKeyMaterial(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .importKeyMaterial(v)
+        }
+      }()
+      case 62: try {
+        var v: Kmsd_V1_DeleteImportedKeyMaterialRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .deleteImportedKeyMaterial(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .deleteImportedKeyMaterial(v)
+        }
+      }()
       default: break
       }
     }
@@ -2142,6 +2387,18 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
       guard case .setMinimumDecryptionVersion(let v)? = self.operation else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 55)
     }()
+    case .getParametersForImport?: try {
+      guard case .getParametersForImport(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
+    }()
+    case .importKeyMaterial?: try {
+      guard case .importKeyMaterial(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
+    }()
+    case .deleteImportedKeyMaterial?: try {
+      guard case .deleteImportedKeyMaterial(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -2157,585 +2414,598 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
 
 nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Response"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0")
-
-  fileprivate class _StorageClass {
-    var _id: UInt64 = 0
-    var _result: Kmsd_V1_Response.OneOf_Result?
-
-      // This property is used as the initial default value for new instances of the type.
-      // The type itself is protecting the reference to its storage via CoW semantics.
-      // This will force a copy to be made of this reference when the first mutation occurs;
-      // hence, it is safe to mark this as `nonisolated(unsafe)`.
-      static nonisolated(unsafe) let defaultInstance = _StorageClass()
-
-    private init() {}
-
-    init(copying source: _StorageClass) {
-      _id = source._id
-      _result = source._result
-    }
-  }
-
-  fileprivate mutating func _uniqueStorage() -> _StorageClass {
-    if !isKnownUniquelyReferenced(&_storage) {
-      _storage = _StorageClass(copying: _storage)
-    }
-    return _storage
-  }
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    _ = _uniqueStorage()
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      while let fieldNumber = try decoder.nextFieldNumber() {
-        // The use of inline closures is to circumvent an issue where the compiler
-        // allocates stack space for every case branch when no optimizations are
-        // enabled. https://github.com/apple/swift-protobuf/issues/1034
-        switch fieldNumber {
-        case 1: try { try decoder.decodeSingularUInt64Field(value: &_storage._id) }()
-        case 2: try {
-          var v: Kmsd_V1_Error?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .error(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .error(v)
-          }
-        }()
-        case 10: try {
-          var v: Kmsd_V1_HelloResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .hello(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .hello(v)
-          }
-        }()
-        case 11: try {
-          var v: Kmsd_V1_WhoAmIResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .whoAmI(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .whoAmI(v)
-          }
-        }()
-        case 20: try {
-          var v: Kmsd_V1_CreateKeyResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .createKey(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .createKey(v)
-          }
-        }()
-        case 21: try {
-          var v: Kmsd_V1_DescribeKeyResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .describeKey(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .describeKey(v)
-          }
-        }()
-        case 22: try {
-          var v: Kmsd_V1_ListKeysResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .listKeys(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .listKeys(v)
-          }
-        }()
-        case 23: try {
-          var v: Kmsd_V1_EnableKeyResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .enableKey(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .enableKey(v)
-          }
-        }()
-        case 24: try {
-          var v: Kmsd_V1_DisableKeyResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .disableKey(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .disableKey(v)
-          }
-        }()
-        case 25: try {
-          var v: Kmsd_V1_ScheduleKeyDeletionResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .scheduleKeyDeletion(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .scheduleKeyDeletion(v)
-          }
-        }()
-        case 26: try {
-          var v: Kmsd_V1_CancelKeyDeletionResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .cancelKeyDeletion(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .cancelKeyDeletion(v)
-          }
-        }()
-        case 27: try {
-          var v: Kmsd_V1_UpdateKeyDescriptionResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .updateKeyDescription(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .updateKeyDescription(v)
-          }
-        }()
-        case 30: try {
-          var v: Kmsd_V1_EncryptResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .encrypt(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .encrypt(v)
-          }
-        }()
-        case 31: try {
-          var v: Kmsd_V1_DecryptResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .decrypt(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .decrypt(v)
-          }
-        }()
-        case 32: try {
-          var v: Kmsd_V1_ReEncryptResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .reEncrypt(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .reEncrypt(v)
-          }
-        }()
-        case 33: try {
-          var v: Kmsd_V1_GenerateDataKeyResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .generateDataKey(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .generateDataKey(v)
-          }
-        }()
-        case 34: try {
-          var v: Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .generateDataKeyWithoutPlaintext(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .generateDataKeyWithoutPlaintext(v)
-          }
-        }()
-        case 35: try {
-          var v: Kmsd_V1_GenerateRandomResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .generateRandom(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .generateRandom(v)
-          }
-        }()
-        case 40: try {
-          var v: Kmsd_V1_CreateAliasResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .createAlias(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .createAlias(v)
-          }
-        }()
-        case 41: try {
-          var v: Kmsd_V1_UpdateAliasResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .updateAlias(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .updateAlias(v)
-          }
-        }()
-        case 42: try {
-          var v: Kmsd_V1_DeleteAliasResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .deleteAlias(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .deleteAlias(v)
-          }
-        }()
-        case 43: try {
-          var v: Kmsd_V1_ListAliasesResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .listAliases(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .listAliases(v)
-          }
-        }()
-        case 44: try {
-          var v: Kmsd_V1_TagResourceResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .tagResource(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .tagResource(v)
-          }
-        }()
-        case 45: try {
-          var v: Kmsd_V1_UntagResourceResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .untagResource(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .untagResource(v)
-          }
-        }()
-        case 46: try {
-          var v: Kmsd_V1_ListResourceTagsResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .listResourceTags(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .listResourceTags(v)
-          }
-        }()
-        case 50: try {
-          var v: Kmsd_V1_EnableKeyRotationResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .enableKeyRotation(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .enableKeyRotation(v)
-          }
-        }()
-        case 51: try {
-          var v: Kmsd_V1_DisableKeyRotationResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .disableKeyRotation(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .disableKeyRotation(v)
-          }
-        }()
-        case 52: try {
-          var v: Kmsd_V1_GetKeyRotationStatusResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .getKeyRotationStatus(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .getKeyRotationStatus(v)
-          }
-        }()
-        case 53: try {
-          var v: Kmsd_V1_RotateKeyOnDemandResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .rotateKeyOnDemand(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .rotateKeyOnDemand(v)
-          }
-        }()
-        case 54: try {
-          var v: Kmsd_V1_ListKeyRotationsResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .listKeyRotations(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .listKeyRotations(v)
-          }
-        }()
-        case 55: try {
-          var v: Kmsd_V1_SetMinimumDecryptionVersionResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .setMinimumDecryptionVersion(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .setMinimumDecryptionVersion(v)
-          }
-        }()
-        default: break
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.id) }()
+      case 2: try {
+        var v: Kmsd_V1_Error?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .error(let m) = current {v = m}
         }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .error(v)
+        }
+      }()
+      case 10: try {
+        var v: Kmsd_V1_HelloResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .hello(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .hello(v)
+        }
+      }()
+      case 11: try {
+        var v: Kmsd_V1_WhoAmIResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .whoAmI(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .whoAmI(v)
+        }
+      }()
+      case 20: try {
+        var v: Kmsd_V1_CreateKeyResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .createKey(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .createKey(v)
+        }
+      }()
+      case 21: try {
+        var v: Kmsd_V1_DescribeKeyResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .describeKey(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .describeKey(v)
+        }
+      }()
+      case 22: try {
+        var v: Kmsd_V1_ListKeysResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .listKeys(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .listKeys(v)
+        }
+      }()
+      case 23: try {
+        var v: Kmsd_V1_EnableKeyResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .enableKey(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .enableKey(v)
+        }
+      }()
+      case 24: try {
+        var v: Kmsd_V1_DisableKeyResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .disableKey(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .disableKey(v)
+        }
+      }()
+      case 25: try {
+        var v: Kmsd_V1_ScheduleKeyDeletionResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .scheduleKeyDeletion(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .scheduleKeyDeletion(v)
+        }
+      }()
+      case 26: try {
+        var v: Kmsd_V1_CancelKeyDeletionResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .cancelKeyDeletion(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .cancelKeyDeletion(v)
+        }
+      }()
+      case 27: try {
+        var v: Kmsd_V1_UpdateKeyDescriptionResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .updateKeyDescription(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .updateKeyDescription(v)
+        }
+      }()
+      case 30: try {
+        var v: Kmsd_V1_EncryptResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .encrypt(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .encrypt(v)
+        }
+      }()
+      case 31: try {
+        var v: Kmsd_V1_DecryptResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .decrypt(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .decrypt(v)
+        }
+      }()
+      case 32: try {
+        var v: Kmsd_V1_ReEncryptResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .reEncrypt(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .reEncrypt(v)
+        }
+      }()
+      case 33: try {
+        var v: Kmsd_V1_GenerateDataKeyResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .generateDataKey(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .generateDataKey(v)
+        }
+      }()
+      case 34: try {
+        var v: Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .generateDataKeyWithoutPlaintext(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .generateDataKeyWithoutPlaintext(v)
+        }
+      }()
+      case 35: try {
+        var v: Kmsd_V1_GenerateRandomResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .generateRandom(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .generateRandom(v)
+        }
+      }()
+      case 40: try {
+        var v: Kmsd_V1_CreateAliasResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .createAlias(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .createAlias(v)
+        }
+      }()
+      case 41: try {
+        var v: Kmsd_V1_UpdateAliasResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .updateAlias(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .updateAlias(v)
+        }
+      }()
+      case 42: try {
+        var v: Kmsd_V1_DeleteAliasResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .deleteAlias(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .deleteAlias(v)
+        }
+      }()
+      case 43: try {
+        var v: Kmsd_V1_ListAliasesResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .listAliases(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .listAliases(v)
+        }
+      }()
+      case 44: try {
+        var v: Kmsd_V1_TagResourceResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .tagResource(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .tagResource(v)
+        }
+      }()
+      case 45: try {
+        var v: Kmsd_V1_UntagResourceResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .untagResource(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .untagResource(v)
+        }
+      }()
+      case 46: try {
+        var v: Kmsd_V1_ListResourceTagsResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .listResourceTags(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .listResourceTags(v)
+        }
+      }()
+      case 50: try {
+        var v: Kmsd_V1_EnableKeyRotationResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .enableKeyRotation(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .enableKeyRotation(v)
+        }
+      }()
+      case 51: try {
+        var v: Kmsd_V1_DisableKeyRotationResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .disableKeyRotation(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .disableKeyRotation(v)
+        }
+      }()
+      case 52: try {
+        var v: Kmsd_V1_GetKeyRotationStatusResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .getKeyRotationStatus(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .getKeyRotationStatus(v)
+        }
+      }()
+      case 53: try {
+        var v: Kmsd_V1_RotateKeyOnDemandResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .rotateKeyOnDemand(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .rotateKeyOnDemand(v)
+        }
+      }()
+      case 54: try {
+        var v: Kmsd_V1_ListKeyRotationsResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .listKeyRotations(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .listKeyRotations(v)
+        }
+      }()
+      case 55: try {
+        var v: Kmsd_V1_SetMinimumDecryptionVersionResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .setMinimumDecryptionVersion(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .setMinimumDecryptionVersion(v)
+        }
+      }()
+      case 60: try {
+        var v: Kmsd_V1_GetParametersForImportResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .getParametersForImport(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .getParametersForImport(v)
+        }
+      }()
+      case 61: try {
+        var v: Kmsd_V1_ImportKeyMaterialResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .importKeyMaterial(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .importKeyMaterial(v)
+        }
+      }()
+      case 62: try {
+        var v: Kmsd_V1_DeleteImportedKeyMaterialResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .deleteImportedKeyMaterial(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .deleteImportedKeyMaterial(v)
+        }
+      }()
+      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every if/case branch local when no optimizations
-      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-      // https://github.com/apple/swift-protobuf/issues/1182
-      if _storage._id != 0 {
-        try visitor.visitSingularUInt64Field(value: _storage._id, fieldNumber: 1)
-      }
-      switch _storage._result {
-      case .error?: try {
-        guard case .error(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
-      }()
-      case .hello?: try {
-        guard case .hello(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-      }()
-      case .whoAmI?: try {
-        guard case .whoAmI(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-      }()
-      case .createKey?: try {
-        guard case .createKey(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
-      }()
-      case .describeKey?: try {
-        guard case .describeKey(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
-      }()
-      case .listKeys?: try {
-        guard case .listKeys(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
-      }()
-      case .enableKey?: try {
-        guard case .enableKey(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
-      }()
-      case .disableKey?: try {
-        guard case .disableKey(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
-      }()
-      case .scheduleKeyDeletion?: try {
-        guard case .scheduleKeyDeletion(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
-      }()
-      case .cancelKeyDeletion?: try {
-        guard case .cancelKeyDeletion(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 26)
-      }()
-      case .updateKeyDescription?: try {
-        guard case .updateKeyDescription(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 27)
-      }()
-      case .encrypt?: try {
-        guard case .encrypt(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 30)
-      }()
-      case .decrypt?: try {
-        guard case .decrypt(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 31)
-      }()
-      case .reEncrypt?: try {
-        guard case .reEncrypt(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 32)
-      }()
-      case .generateDataKey?: try {
-        guard case .generateDataKey(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 33)
-      }()
-      case .generateDataKeyWithoutPlaintext?: try {
-        guard case .generateDataKeyWithoutPlaintext(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 34)
-      }()
-      case .generateRandom?: try {
-        guard case .generateRandom(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 35)
-      }()
-      case .createAlias?: try {
-        guard case .createAlias(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 40)
-      }()
-      case .updateAlias?: try {
-        guard case .updateAlias(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 41)
-      }()
-      case .deleteAlias?: try {
-        guard case .deleteAlias(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 42)
-      }()
-      case .listAliases?: try {
-        guard case .listAliases(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 43)
-      }()
-      case .tagResource?: try {
-        guard case .tagResource(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 44)
-      }()
-      case .untagResource?: try {
-        guard case .untagResource(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 45)
-      }()
-      case .listResourceTags?: try {
-        guard case .listResourceTags(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 46)
-      }()
-      case .enableKeyRotation?: try {
-        guard case .enableKeyRotation(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 50)
-      }()
-      case .disableKeyRotation?: try {
-        guard case .disableKeyRotation(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 51)
-      }()
-      case .getKeyRotationStatus?: try {
-        guard case .getKeyRotationStatus(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 52)
-      }()
-      case .rotateKeyOnDemand?: try {
-        guard case .rotateKeyOnDemand(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 53)
-      }()
-      case .listKeyRotations?: try {
-        guard case .listKeyRotations(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 54)
-      }()
-      case .setMinimumDecryptionVersion?: try {
-        guard case .setMinimumDecryptionVersion(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 55)
-      }()
-      case nil: break
-      }
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.id != 0 {
+      try visitor.visitSingularUInt64Field(value: self.id, fieldNumber: 1)
+    }
+    switch self.result {
+    case .error?: try {
+      guard case .error(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    }()
+    case .hello?: try {
+      guard case .hello(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+    }()
+    case .whoAmI?: try {
+      guard case .whoAmI(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+    }()
+    case .createKey?: try {
+      guard case .createKey(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+    }()
+    case .describeKey?: try {
+      guard case .describeKey(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+    }()
+    case .listKeys?: try {
+      guard case .listKeys(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
+    }()
+    case .enableKey?: try {
+      guard case .enableKey(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
+    }()
+    case .disableKey?: try {
+      guard case .disableKey(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
+    }()
+    case .scheduleKeyDeletion?: try {
+      guard case .scheduleKeyDeletion(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
+    }()
+    case .cancelKeyDeletion?: try {
+      guard case .cancelKeyDeletion(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 26)
+    }()
+    case .updateKeyDescription?: try {
+      guard case .updateKeyDescription(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 27)
+    }()
+    case .encrypt?: try {
+      guard case .encrypt(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 30)
+    }()
+    case .decrypt?: try {
+      guard case .decrypt(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 31)
+    }()
+    case .reEncrypt?: try {
+      guard case .reEncrypt(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 32)
+    }()
+    case .generateDataKey?: try {
+      guard case .generateDataKey(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 33)
+    }()
+    case .generateDataKeyWithoutPlaintext?: try {
+      guard case .generateDataKeyWithoutPlaintext(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 34)
+    }()
+    case .generateRandom?: try {
+      guard case .generateRandom(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 35)
+    }()
+    case .createAlias?: try {
+      guard case .createAlias(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 40)
+    }()
+    case .updateAlias?: try {
+      guard case .updateAlias(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 41)
+    }()
+    case .deleteAlias?: try {
+      guard case .deleteAlias(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 42)
+    }()
+    case .listAliases?: try {
+      guard case .listAliases(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 43)
+    }()
+    case .tagResource?: try {
+      guard case .tagResource(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 44)
+    }()
+    case .untagResource?: try {
+      guard case .untagResource(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 45)
+    }()
+    case .listResourceTags?: try {
+      guard case .listResourceTags(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 46)
+    }()
+    case .enableKeyRotation?: try {
+      guard case .enableKeyRotation(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 50)
+    }()
+    case .disableKeyRotation?: try {
+      guard case .disableKeyRotation(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 51)
+    }()
+    case .getKeyRotationStatus?: try {
+      guard case .getKeyRotationStatus(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 52)
+    }()
+    case .rotateKeyOnDemand?: try {
+      guard case .rotateKeyOnDemand(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 53)
+    }()
+    case .listKeyRotations?: try {
+      guard case .listKeyRotations(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 54)
+    }()
+    case .setMinimumDecryptionVersion?: try {
+      guard case .setMinimumDecryptionVersion(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 55)
+    }()
+    case .getParametersForImport?: try {
+      guard case .getParametersForImport(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
+    }()
+    case .importKeyMaterial?: try {
+      guard case .importKeyMaterial(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
+    }()
+    case .deleteImportedKeyMaterial?: try {
+      guard case .deleteImportedKeyMaterial(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
+    }()
+    case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Kmsd_V1_Response, rhs: Kmsd_V1_Response) -> Bool {
-    if lhs._storage !== rhs._storage {
-      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
-        let _storage = _args.0
-        let rhs_storage = _args.1
-        if _storage._id != rhs_storage._id {return false}
-        if _storage._result != rhs_storage._result {return false}
-        return true
-      }
-      if !storagesAreEqual {return false}
-    }
+    if lhs.id != rhs.id {return false}
+    if lhs.result != rhs.result {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2982,104 +3252,184 @@ nonisolated extension Kmsd_V1_Tag: SwiftProtobuf.Message, SwiftProtobuf._Message
 
 nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".KeyMetadata"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}arn\0\u{3}creation_date\0\u{1}enabled\0\u{1}description\0\u{3}key_usage\0\u{3}key_state\0\u{3}key_spec\0\u{1}origin\0\u{3}key_manager\0\u{3}encryption_algorithms\0\u{3}owner_uid\0\u{3}current_key_version\0\u{3}deletion_date\0\u{3}pending_deletion_window_in_days\0\u{3}minimum_decryption_version\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}arn\0\u{3}creation_date\0\u{1}enabled\0\u{1}description\0\u{3}key_usage\0\u{3}key_state\0\u{3}key_spec\0\u{1}origin\0\u{3}key_manager\0\u{3}encryption_algorithms\0\u{3}owner_uid\0\u{3}current_key_version\0\u{3}deletion_date\0\u{3}pending_deletion_window_in_days\0\u{3}minimum_decryption_version\0\u{3}valid_to\0\u{3}expiration_model\0")
+
+  fileprivate class _StorageClass {
+    var _keyID: String = String()
+    var _arn: String = String()
+    var _creationDate: Int64 = 0
+    var _enabled: Bool = false
+    var _description_p: String = String()
+    var _keyUsage: String = String()
+    var _keyState: String = String()
+    var _keySpec: String = String()
+    var _origin: String = String()
+    var _keyManager: String = String()
+    var _encryptionAlgorithms: [String] = []
+    var _ownerUid: UInt32 = 0
+    var _currentKeyVersion: UInt32 = 0
+    var _deletionDate: Int64 = 0
+    var _pendingDeletionWindowInDays: UInt32 = 0
+    var _minimumDecryptionVersion: UInt32 = 0
+    var _validTo: Int64 = 0
+    var _expirationModel: String = String()
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _keyID = source._keyID
+      _arn = source._arn
+      _creationDate = source._creationDate
+      _enabled = source._enabled
+      _description_p = source._description_p
+      _keyUsage = source._keyUsage
+      _keyState = source._keyState
+      _keySpec = source._keySpec
+      _origin = source._origin
+      _keyManager = source._keyManager
+      _encryptionAlgorithms = source._encryptionAlgorithms
+      _ownerUid = source._ownerUid
+      _currentKeyVersion = source._currentKeyVersion
+      _deletionDate = source._deletionDate
+      _pendingDeletionWindowInDays = source._pendingDeletionWindowInDays
+      _minimumDecryptionVersion = source._minimumDecryptionVersion
+      _validTo = source._validTo
+      _expirationModel = source._expirationModel
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.arn) }()
-      case 3: try { try decoder.decodeSingularInt64Field(value: &self.creationDate) }()
-      case 4: try { try decoder.decodeSingularBoolField(value: &self.enabled) }()
-      case 5: try { try decoder.decodeSingularStringField(value: &self.description_p) }()
-      case 6: try { try decoder.decodeSingularStringField(value: &self.keyUsage) }()
-      case 7: try { try decoder.decodeSingularStringField(value: &self.keyState) }()
-      case 8: try { try decoder.decodeSingularStringField(value: &self.keySpec) }()
-      case 9: try { try decoder.decodeSingularStringField(value: &self.origin) }()
-      case 10: try { try decoder.decodeSingularStringField(value: &self.keyManager) }()
-      case 11: try { try decoder.decodeRepeatedStringField(value: &self.encryptionAlgorithms) }()
-      case 12: try { try decoder.decodeSingularUInt32Field(value: &self.ownerUid) }()
-      case 13: try { try decoder.decodeSingularUInt32Field(value: &self.currentKeyVersion) }()
-      case 14: try { try decoder.decodeSingularInt64Field(value: &self.deletionDate) }()
-      case 15: try { try decoder.decodeSingularUInt32Field(value: &self.pendingDeletionWindowInDays) }()
-      case 16: try { try decoder.decodeSingularUInt32Field(value: &self.minimumDecryptionVersion) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._keyID) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._arn) }()
+        case 3: try { try decoder.decodeSingularInt64Field(value: &_storage._creationDate) }()
+        case 4: try { try decoder.decodeSingularBoolField(value: &_storage._enabled) }()
+        case 5: try { try decoder.decodeSingularStringField(value: &_storage._description_p) }()
+        case 6: try { try decoder.decodeSingularStringField(value: &_storage._keyUsage) }()
+        case 7: try { try decoder.decodeSingularStringField(value: &_storage._keyState) }()
+        case 8: try { try decoder.decodeSingularStringField(value: &_storage._keySpec) }()
+        case 9: try { try decoder.decodeSingularStringField(value: &_storage._origin) }()
+        case 10: try { try decoder.decodeSingularStringField(value: &_storage._keyManager) }()
+        case 11: try { try decoder.decodeRepeatedStringField(value: &_storage._encryptionAlgorithms) }()
+        case 12: try { try decoder.decodeSingularUInt32Field(value: &_storage._ownerUid) }()
+        case 13: try { try decoder.decodeSingularUInt32Field(value: &_storage._currentKeyVersion) }()
+        case 14: try { try decoder.decodeSingularInt64Field(value: &_storage._deletionDate) }()
+        case 15: try { try decoder.decodeSingularUInt32Field(value: &_storage._pendingDeletionWindowInDays) }()
+        case 16: try { try decoder.decodeSingularUInt32Field(value: &_storage._minimumDecryptionVersion) }()
+        case 17: try { try decoder.decodeSingularInt64Field(value: &_storage._validTo) }()
+        case 18: try { try decoder.decodeSingularStringField(value: &_storage._expirationModel) }()
+        default: break
+        }
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if !self.keyID.isEmpty {
-      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
-    }
-    if !self.arn.isEmpty {
-      try visitor.visitSingularStringField(value: self.arn, fieldNumber: 2)
-    }
-    if self.creationDate != 0 {
-      try visitor.visitSingularInt64Field(value: self.creationDate, fieldNumber: 3)
-    }
-    if self.enabled != false {
-      try visitor.visitSingularBoolField(value: self.enabled, fieldNumber: 4)
-    }
-    if !self.description_p.isEmpty {
-      try visitor.visitSingularStringField(value: self.description_p, fieldNumber: 5)
-    }
-    if !self.keyUsage.isEmpty {
-      try visitor.visitSingularStringField(value: self.keyUsage, fieldNumber: 6)
-    }
-    if !self.keyState.isEmpty {
-      try visitor.visitSingularStringField(value: self.keyState, fieldNumber: 7)
-    }
-    if !self.keySpec.isEmpty {
-      try visitor.visitSingularStringField(value: self.keySpec, fieldNumber: 8)
-    }
-    if !self.origin.isEmpty {
-      try visitor.visitSingularStringField(value: self.origin, fieldNumber: 9)
-    }
-    if !self.keyManager.isEmpty {
-      try visitor.visitSingularStringField(value: self.keyManager, fieldNumber: 10)
-    }
-    if !self.encryptionAlgorithms.isEmpty {
-      try visitor.visitRepeatedStringField(value: self.encryptionAlgorithms, fieldNumber: 11)
-    }
-    if self.ownerUid != 0 {
-      try visitor.visitSingularUInt32Field(value: self.ownerUid, fieldNumber: 12)
-    }
-    if self.currentKeyVersion != 0 {
-      try visitor.visitSingularUInt32Field(value: self.currentKeyVersion, fieldNumber: 13)
-    }
-    if self.deletionDate != 0 {
-      try visitor.visitSingularInt64Field(value: self.deletionDate, fieldNumber: 14)
-    }
-    if self.pendingDeletionWindowInDays != 0 {
-      try visitor.visitSingularUInt32Field(value: self.pendingDeletionWindowInDays, fieldNumber: 15)
-    }
-    if self.minimumDecryptionVersion != 0 {
-      try visitor.visitSingularUInt32Field(value: self.minimumDecryptionVersion, fieldNumber: 16)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      if !_storage._keyID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._keyID, fieldNumber: 1)
+      }
+      if !_storage._arn.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._arn, fieldNumber: 2)
+      }
+      if _storage._creationDate != 0 {
+        try visitor.visitSingularInt64Field(value: _storage._creationDate, fieldNumber: 3)
+      }
+      if _storage._enabled != false {
+        try visitor.visitSingularBoolField(value: _storage._enabled, fieldNumber: 4)
+      }
+      if !_storage._description_p.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._description_p, fieldNumber: 5)
+      }
+      if !_storage._keyUsage.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._keyUsage, fieldNumber: 6)
+      }
+      if !_storage._keyState.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._keyState, fieldNumber: 7)
+      }
+      if !_storage._keySpec.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._keySpec, fieldNumber: 8)
+      }
+      if !_storage._origin.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._origin, fieldNumber: 9)
+      }
+      if !_storage._keyManager.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._keyManager, fieldNumber: 10)
+      }
+      if !_storage._encryptionAlgorithms.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._encryptionAlgorithms, fieldNumber: 11)
+      }
+      if _storage._ownerUid != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._ownerUid, fieldNumber: 12)
+      }
+      if _storage._currentKeyVersion != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._currentKeyVersion, fieldNumber: 13)
+      }
+      if _storage._deletionDate != 0 {
+        try visitor.visitSingularInt64Field(value: _storage._deletionDate, fieldNumber: 14)
+      }
+      if _storage._pendingDeletionWindowInDays != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._pendingDeletionWindowInDays, fieldNumber: 15)
+      }
+      if _storage._minimumDecryptionVersion != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._minimumDecryptionVersion, fieldNumber: 16)
+      }
+      if _storage._validTo != 0 {
+        try visitor.visitSingularInt64Field(value: _storage._validTo, fieldNumber: 17)
+      }
+      if !_storage._expirationModel.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._expirationModel, fieldNumber: 18)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Kmsd_V1_KeyMetadata, rhs: Kmsd_V1_KeyMetadata) -> Bool {
-    if lhs.keyID != rhs.keyID {return false}
-    if lhs.arn != rhs.arn {return false}
-    if lhs.creationDate != rhs.creationDate {return false}
-    if lhs.enabled != rhs.enabled {return false}
-    if lhs.description_p != rhs.description_p {return false}
-    if lhs.keyUsage != rhs.keyUsage {return false}
-    if lhs.keyState != rhs.keyState {return false}
-    if lhs.keySpec != rhs.keySpec {return false}
-    if lhs.origin != rhs.origin {return false}
-    if lhs.keyManager != rhs.keyManager {return false}
-    if lhs.encryptionAlgorithms != rhs.encryptionAlgorithms {return false}
-    if lhs.ownerUid != rhs.ownerUid {return false}
-    if lhs.currentKeyVersion != rhs.currentKeyVersion {return false}
-    if lhs.deletionDate != rhs.deletionDate {return false}
-    if lhs.pendingDeletionWindowInDays != rhs.pendingDeletionWindowInDays {return false}
-    if lhs.minimumDecryptionVersion != rhs.minimumDecryptionVersion {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._keyID != rhs_storage._keyID {return false}
+        if _storage._arn != rhs_storage._arn {return false}
+        if _storage._creationDate != rhs_storage._creationDate {return false}
+        if _storage._enabled != rhs_storage._enabled {return false}
+        if _storage._description_p != rhs_storage._description_p {return false}
+        if _storage._keyUsage != rhs_storage._keyUsage {return false}
+        if _storage._keyState != rhs_storage._keyState {return false}
+        if _storage._keySpec != rhs_storage._keySpec {return false}
+        if _storage._origin != rhs_storage._origin {return false}
+        if _storage._keyManager != rhs_storage._keyManager {return false}
+        if _storage._encryptionAlgorithms != rhs_storage._encryptionAlgorithms {return false}
+        if _storage._ownerUid != rhs_storage._ownerUid {return false}
+        if _storage._currentKeyVersion != rhs_storage._currentKeyVersion {return false}
+        if _storage._deletionDate != rhs_storage._deletionDate {return false}
+        if _storage._pendingDeletionWindowInDays != rhs_storage._pendingDeletionWindowInDays {return false}
+        if _storage._minimumDecryptionVersion != rhs_storage._minimumDecryptionVersion {return false}
+        if _storage._validTo != rhs_storage._validTo {return false}
+        if _storage._expirationModel != rhs_storage._expirationModel {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -3087,7 +3437,7 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
 
 nonisolated extension Kmsd_V1_CreateKeyRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CreateKeyRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}description\0\u{3}key_usage\0\u{3}key_spec\0\u{1}tags\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}description\0\u{3}key_usage\0\u{3}key_spec\0\u{1}tags\0\u{1}origin\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3099,6 +3449,7 @@ nonisolated extension Kmsd_V1_CreateKeyRequest: SwiftProtobuf.Message, SwiftProt
       case 2: try { try decoder.decodeSingularStringField(value: &self.keyUsage) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.keySpec) }()
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.tags) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.origin) }()
       default: break
       }
     }
@@ -3117,6 +3468,9 @@ nonisolated extension Kmsd_V1_CreateKeyRequest: SwiftProtobuf.Message, SwiftProt
     if !self.tags.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.tags, fieldNumber: 4)
     }
+    if !self.origin.isEmpty {
+      try visitor.visitSingularStringField(value: self.origin, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -3125,6 +3479,7 @@ nonisolated extension Kmsd_V1_CreateKeyRequest: SwiftProtobuf.Message, SwiftProt
     if lhs.keyUsage != rhs.keyUsage {return false}
     if lhs.keySpec != rhs.keySpec {return false}
     if lhs.tags != rhs.tags {return false}
+    if lhs.origin != rhs.origin {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -5027,6 +5382,209 @@ nonisolated extension Kmsd_V1_SetMinimumDecryptionVersionResponse: SwiftProtobuf
   }
 
   public static func ==(lhs: Kmsd_V1_SetMinimumDecryptionVersionResponse, rhs: Kmsd_V1_SetMinimumDecryptionVersionResponse) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_GetParametersForImportRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GetParametersForImportRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}wrapping_algorithm\0\u{3}wrapping_key_spec\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.wrappingAlgorithm) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.wrappingKeySpec) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if !self.wrappingAlgorithm.isEmpty {
+      try visitor.visitSingularStringField(value: self.wrappingAlgorithm, fieldNumber: 2)
+    }
+    if !self.wrappingKeySpec.isEmpty {
+      try visitor.visitSingularStringField(value: self.wrappingKeySpec, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_GetParametersForImportRequest, rhs: Kmsd_V1_GetParametersForImportRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.wrappingAlgorithm != rhs.wrappingAlgorithm {return false}
+    if lhs.wrappingKeySpec != rhs.wrappingKeySpec {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_GetParametersForImportResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GetParametersForImportResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}import_token\0\u{3}public_key\0\u{3}parameters_valid_to\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.importToken) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.publicKey) }()
+      case 4: try { try decoder.decodeSingularInt64Field(value: &self.parametersValidTo) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if !self.importToken.isEmpty {
+      try visitor.visitSingularBytesField(value: self.importToken, fieldNumber: 2)
+    }
+    if !self.publicKey.isEmpty {
+      try visitor.visitSingularBytesField(value: self.publicKey, fieldNumber: 3)
+    }
+    if self.parametersValidTo != 0 {
+      try visitor.visitSingularInt64Field(value: self.parametersValidTo, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_GetParametersForImportResponse, rhs: Kmsd_V1_GetParametersForImportResponse) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.importToken != rhs.importToken {return false}
+    if lhs.publicKey != rhs.publicKey {return false}
+    if lhs.parametersValidTo != rhs.parametersValidTo {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ImportKeyMaterialRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ImportKeyMaterialRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}import_token\0\u{3}encrypted_key_material\0\u{3}valid_to\0\u{3}expiration_model\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.importToken) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.encryptedKeyMaterial) }()
+      case 4: try { try decoder.decodeSingularInt64Field(value: &self.validTo) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.expirationModel) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if !self.importToken.isEmpty {
+      try visitor.visitSingularBytesField(value: self.importToken, fieldNumber: 2)
+    }
+    if !self.encryptedKeyMaterial.isEmpty {
+      try visitor.visitSingularBytesField(value: self.encryptedKeyMaterial, fieldNumber: 3)
+    }
+    if self.validTo != 0 {
+      try visitor.visitSingularInt64Field(value: self.validTo, fieldNumber: 4)
+    }
+    if !self.expirationModel.isEmpty {
+      try visitor.visitSingularStringField(value: self.expirationModel, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ImportKeyMaterialRequest, rhs: Kmsd_V1_ImportKeyMaterialRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.importToken != rhs.importToken {return false}
+    if lhs.encryptedKeyMaterial != rhs.encryptedKeyMaterial {return false}
+    if lhs.validTo != rhs.validTo {return false}
+    if lhs.expirationModel != rhs.expirationModel {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ImportKeyMaterialResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ImportKeyMaterialResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ImportKeyMaterialResponse, rhs: Kmsd_V1_ImportKeyMaterialResponse) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_DeleteImportedKeyMaterialRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DeleteImportedKeyMaterialRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_DeleteImportedKeyMaterialRequest, rhs: Kmsd_V1_DeleteImportedKeyMaterialRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_DeleteImportedKeyMaterialResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DeleteImportedKeyMaterialResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_DeleteImportedKeyMaterialResponse, rhs: Kmsd_V1_DeleteImportedKeyMaterialResponse) -> Bool {
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
