@@ -76,7 +76,7 @@ let package = Package(
         ),
         .testTarget(
             name: "EndToEndTests",
-            dependencies: ["KMSClient", "KMSProtocol", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["KMSClient", "KMSProtocol", "KMSCrypto", .product(name: "NIOCore", package: "swift-nio")]
         ),
     ]
 )

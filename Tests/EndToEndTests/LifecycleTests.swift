@@ -1,5 +1,7 @@
 import Foundation
 import KMSClient
+import KMSCrypto
+import KMSProtocol
 import Testing
 
 /// Key states as AWS KMS has them: what each operation answers in each state, and a deletion
@@ -16,23 +18,39 @@ final class LifecycleTests {
 
     deinit { daemon.stop() }
 
-    enum State: String, CaseIterable { case enabled = "Enabled", disabled = "Disabled", pendingDeletion = "PendingDeletion" }
+    /// PendingImport is a key created with Origin EXTERNAL that has no material yet; the other
+    /// states are of keys whose material kmsd made (Origin AWS_KMS).
+    enum State: String, CaseIterable {
+        case enabled = "Enabled", disabled = "Disabled", pendingDeletion = "PendingDeletion", pendingImport = "PendingImport"
+    }
 
+    /// Every operation that names a key.
     enum Op: String, CaseIterable {
         case encrypt, decrypt, reEncrypt, generateDataKey, generateDataKeyWithoutPlaintext
         case describeKey, enableKey, disableKey, scheduleKeyDeletion, cancelKeyDeletion, updateKeyDescription
+        case createAlias, tagResource, untagResource, listResourceTags
+        case enableKeyRotation, disableKeyRotation, getKeyRotationStatus, rotateKeyOnDemand, listKeyRotations
+        case setMinimumDecryptionVersion
+        case getParametersForImport, importKeyMaterial, deleteImportedKeyMaterial
     }
 
     /// nil: succeeds. As AWS KMS: cryptographic operations need Enabled (Disabled gives
-    /// DisabledException, PendingDeletion KMSInvalidStateException); a key pending deletion can
-    /// only be described or have its deletion cancelled.
+    /// DisabledException, PendingDeletion and PendingImport KMSInvalidStateException); a key
+    /// pending deletion can only be looked at or have its deletion cancelled; rotation needs an
+    /// Enabled key whose material kmsd made; import operations need Origin EXTERNAL.
     static func expected(_ op: Op, _ state: State) -> KMSErrorCode? {
         switch (op, state) {
-        case (.describeKey, _): nil
+        case (.describeKey, _), (.listResourceTags, _), (.getKeyRotationStatus, _), (.listKeyRotations, _): nil
+        case (.getParametersForImport, .pendingImport), (.importKeyMaterial, .pendingImport), (.deleteImportedKeyMaterial, .pendingImport): nil
+        case (.getParametersForImport, _), (.importKeyMaterial, _), (.deleteImportedKeyMaterial, _): .unsupportedOperation
+        case (.enableKeyRotation, .pendingImport), (.disableKeyRotation, .pendingImport), (.rotateKeyOnDemand, .pendingImport): .unsupportedOperation
         case (.encrypt, .disabled), (.decrypt, .disabled), (.reEncrypt, .disabled), (.generateDataKey, .disabled),
-             (.generateDataKeyWithoutPlaintext, .disabled): .disabled
+             (.generateDataKeyWithoutPlaintext, .disabled), (.enableKeyRotation, .disabled), (.disableKeyRotation, .disabled),
+             (.rotateKeyOnDemand, .disabled): .disabled
         case (_, .pendingDeletion): op == .cancelKeyDeletion ? nil : .invalidState
         case (.cancelKeyDeletion, _): .invalidState
+        case (.encrypt, .pendingImport), (.decrypt, .pendingImport), (.reEncrypt, .pendingImport), (.generateDataKey, .pendingImport),
+             (.generateDataKeyWithoutPlaintext, .pendingImport), (.enableKey, .pendingImport), (.disableKey, .pendingImport): .invalidState
         default: nil
         }
     }
@@ -44,6 +62,7 @@ final class LifecycleTests {
         case .disableKey: .disabled
         case .scheduleKeyDeletion: .pendingDeletion
         case .cancelKeyDeletion: .disabled
+        case .importKeyMaterial: .enabled
         default: state
         }
     }
@@ -61,15 +80,52 @@ final class LifecycleTests {
         case .scheduleKeyDeletion: _ = try await client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 30)
         case .cancelKeyDeletion: _ = try await client.cancelKeyDeletion(keyID: key)
         case .updateKeyDescription: try await client.updateKeyDescription(keyID: key, description: "renamed")
+        case .createAlias: try await client.createAlias(aliasName: "alias/table-\(UUID().uuidString.prefix(8))", targetKeyID: key)
+        case .tagResource: try await client.tagResource(keyID: key, tags: [(key: "k", value: "v")])
+        case .untagResource: try await client.untagResource(keyID: key, tagKeys: ["k"])
+        case .listResourceTags: _ = try await client.listResourceTags(keyID: key)
+        case .enableKeyRotation: try await client.enableKeyRotation(keyID: key)
+        case .disableKeyRotation: try await client.disableKeyRotation(keyID: key)
+        case .getKeyRotationStatus: _ = try await client.getKeyRotationStatus(keyID: key)
+        case .rotateKeyOnDemand: _ = try await client.rotateKeyOnDemand(keyID: key)
+        case .listKeyRotations: _ = try await client.listKeyRotations(keyID: key)
+        case .setMinimumDecryptionVersion: try await client.setMinimumDecryptionVersion(keyID: key, version: 1)
+        case .getParametersForImport:
+            _ = try await client.getParametersForImport(keyID: key, wrappingAlgorithm: "RSAES_OAEP_SHA_256", wrappingKeySpec: "RSA_2048")
+        case .importKeyMaterial:
+            // Parameters come from a key that takes them, so only the operation itself is refused.
+            try await importMaterial(into: key, from: importable ?? key)
+        case .deleteImportedKeyMaterial: try await client.deleteImportedKeyMaterial(keyID: key)
         }
+    }
+
+    /// An EXTERNAL key (for import parameters when the key under test is not one).
+    var importable: String? = nil
+
+    /// Imports 32 bytes of 0x5a into `key` with parameters got for `source`.
+    func importMaterial(into key: String, from source: String) async throws {
+        let p = try await client.getParametersForImport(keyID: source, wrappingAlgorithm: "RSAES_OAEP_SHA_256", wrappingKeySpec: "RSA_2048")
+        let wrapped = try [UInt8](repeating: 0x5a, count: 32).withUnsafeBytes {
+            try RSAPublicKey(der: Array(p.publicKey)).encryptOAEP($0, digest: .sha256)
+        }
+        try await client.importKeyMaterial(keyID: key, importToken: Array(p.importToken), encryptedKeyMaterial: wrapped,
+                                           expirationModel: "KEY_MATERIAL_DOES_NOT_EXPIRE")
     }
 
     @Test(arguments: State.allCases, Op.allCases)
     func everyOperationInEveryState(_ state: State, _ op: Op) async throws {
-        let key = try await client.createKey(description: "state table").keyID
+        let external = state == .pendingImport
+        let key = try await client.createKey(description: "state table", origin: external ? "EXTERNAL" : "").keyID
+        if external {
+            // Imported, used, then its material deleted: PendingImport with a blob to try.
+            try await importMaterial(into: key, from: key)
+        } else {
+            importable = try await client.createKey(origin: "EXTERNAL").keyID
+        }
         let blob = Array(try await client.encrypt(keyID: key, plaintext: [9, 9]).ciphertextBlob)
+        if external { try await client.deleteImportedKeyMaterial(keyID: key) }
         switch state {
-        case .enabled: break
+        case .enabled, .pendingImport: break
         case .disabled: try await client.disableKey(keyID: key)
         case .pendingDeletion: _ = try await client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 30)
         }
