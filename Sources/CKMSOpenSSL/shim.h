@@ -114,6 +114,7 @@ static inline int kms_secure_heap_init(size_t size) {
     return CRYPTO_secure_malloc_initialized() ? 1 : CRYPTO_secure_malloc_init(size, 32);
 }
 static inline size_t kms_secure_heap_used(void) { return CRYPTO_secure_used(); }
+static inline int kms_secure_heap_initialized(void) { return CRYPTO_secure_malloc_initialized(); }
 
 static inline EVP_PKEY *kms_rsa_generate(int bits) {
     EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_name(NULL, "RSA", NULL);

@@ -19,6 +19,16 @@ public final class KeyRepository: Sendable {
     private let cache: Mutex<LRUCache>
     /// Encrypts list markers (alias names, tag keys) so they show nothing.
     let markerKey: SecureBytes?
+    /// Authenticates the row index (rollback detection): its leaves and its digest.
+    let indexKey: SecureBytes
+    /// The keystore's write counter and the digest of the row index, moved on by every write.
+    private let integrity: Mutex<IntegrityState>
+    /// Row-index buckets whose entries did not match their authenticated digest when kmsd
+    /// started (or in an earlier start): rows in them last written at or before the generation
+    /// given are refused.
+    let suspectBuckets: [UInt8: UInt64]
+    /// What the row-index check at startup found, for the log and the audit trail.
+    public let integrityReport: IntegrityReport
     static let materialLabel = Array("kmsd/v1/key-material".utf8)
     static let rootCheckLabel = Array("kmsd/v1/root-key-check".utf8)
 
@@ -47,6 +57,11 @@ public final class KeyRepository: Sendable {
             keystoreID = try SecureRandom.bytes(16)
             try Self.migrate(storage, root: root, keystoreID: keystoreID)
         }
+        indexKey = try HKDF.deriveKey(from: root.recordMACKey, salt: [], info: Array("kmsd/v1/row-index-key".utf8))
+        let (state, report) = try RowIndex.open(storage, key: indexKey, keystoreID: keystoreID)
+        integrity = Mutex(state)
+        suspectBuckets = state.suspect
+        integrityReport = report
     }
 
     /// Re-MACs every verified row under the keystore id and fills the owner index, then records
@@ -77,22 +92,30 @@ public final class KeyRepository: Sendable {
     /// Stores a new key with version 1 holding `material` (none: an EXTERNAL key awaiting
     /// imported material). Durable when it returns.
     public func create(_ record: KeyRecord, material: SecureBytes?) throws {
-        var version: (number: UInt32, row: StoredRow)? = nil
-        if let material {
-            let v = KeyVersionRecord(keyID: record.keyID, version: 1, keySpec: record.keySpec, createdAt: record.createdAt,
-                                     wrappedMaterial: try wrap(material, keyID: record.keyID, version: 1, spec: record.keySpec))
-            version = (1, try seal(v, table: "key_versions", rowKey: "\(record.keyID)/1"))
+        let id = record.keyID.description
+        try commit { gen in
+            var version: (number: UInt32, row: StoredRow)? = nil
+            var rows: [RowIndex.Touch] = [.init("keys", id, live: true)]
+            if let material {
+                let v = KeyVersionRecord(keyID: record.keyID, version: 1, keySpec: record.keySpec, createdAt: record.createdAt,
+                                         wrappedMaterial: try wrap(material, keyID: record.keyID, version: 1, spec: record.keySpec))
+                version = (1, try seal(v, table: "key_versions", rowKey: "\(id)/1", generation: gen))
+                rows.append(.init("key_versions", "\(id)/1", live: true))
+            }
+            let keyRow = try seal(record, table: "keys", rowKey: id, generation: gen)
+            return (rows, { try self.storage.insertKey(id: id, owner: record.ownerUID, key: keyRow, version: version, integrity: $0); return true })
         }
-        let keyRow = try seal(record, table: "keys", rowKey: record.keyID.description)
-        try storage.insertKey(id: record.keyID.description, owner: record.ownerUID, key: keyRow, version: version)
         cache.withLock { $0.put(record.keyID, CachedKey(record: record, versions: material.map { [1: $0] } ?? [:])) }
     }
 
     /// Replaces a key's record (state, description, deletion date), durably, in one
     /// transaction; the cache follows.
     public func update(_ record: KeyRecord) throws {
-        let row = try seal(record, table: "keys", rowKey: record.keyID.description)
-        try storage.updateKey(id: record.keyID.description, key: row, due: Self.due(record))
+        let id = record.keyID.description
+        try commit { gen in
+            let row = try seal(record, table: "keys", rowKey: id, generation: gen)
+            return ([.init("keys", id, live: true)], { try self.storage.updateKey(id: id, key: row, due: Self.due(record), integrity: $0); return true })
+        }
         cache.withLock { cache in
             cache.mutations &+= 1
             if var entry = cache.peek(record.keyID) {
@@ -115,13 +138,18 @@ public final class KeyRepository: Sendable {
     /// Adds version `record.currentVersion` holding `material` and stores `record`, in one
     /// transaction; the cache then encrypts under the new version.
     public func rotate(_ record: KeyRecord, material: SecureBytes, rotationType: String?, at time: Date) throws {
-        let number = record.currentVersion
+        let number = record.currentVersion, id = record.keyID.description
         let version = KeyVersionRecord(keyID: record.keyID, version: number, keySpec: record.keySpec, createdAt: time,
                                        wrappedMaterial: try wrap(material, keyID: record.keyID, version: number, spec: record.keySpec),
                                        rotationType: rotationType)
-        try storage.addVersion(id: record.keyID.description, key: try seal(record, table: "keys", rowKey: record.keyID.description),
-                               due: Self.due(record), versionNumber: number,
-                               version: try seal(version, table: "key_versions", rowKey: "\(record.keyID)/\(number)"))
+        try commit { gen in
+            let keyRow = try seal(record, table: "keys", rowKey: id, generation: gen)
+            let versionRow = try seal(version, table: "key_versions", rowKey: "\(id)/\(number)", generation: gen)
+            return ([.init("key_versions", "\(id)/\(number)", live: true), .init("keys", id, live: true)], {
+                try self.storage.addVersion(id: id, key: keyRow, due: Self.due(record), versionNumber: number, version: versionRow, integrity: $0)
+                return true
+            })
+        }
         cache.withLock { cache in
             cache.mutations &+= 1
             if var entry = cache.peek(record.keyID) {
@@ -141,8 +169,12 @@ public final class KeyRepository: Sendable {
     /// Removes every version's material (imported material deleted or expired) and stores
     /// `record`, in one transaction; cached material is zeroed.
     public func removeMaterial(_ record: KeyRecord) throws {
-        try storage.removeVersions(id: record.keyID.description, key: try seal(record, table: "keys", rowKey: record.keyID.description),
-                                   due: Self.due(record))
+        let id = record.keyID.description
+        try commit { gen in
+            let gone = try self.storage.versions(id: id).map { RowIndex.Touch("key_versions", "\(id)/\($0.number)", live: false) }
+            let keyRow = try seal(record, table: "keys", rowKey: id, generation: gen)
+            return (gone + [.init("keys", id, live: true)], { try self.storage.removeVersions(id: id, key: keyRow, due: Self.due(record), integrity: $0); return true })
+        }
         cache.withLock { $0.remove(record.keyID); $0.mutations &+= 1 }
     }
 
@@ -189,10 +221,15 @@ public final class KeyRepository: Sendable {
     /// transaction with its tombstone; its cached material is zeroed.
     /// Returns false (and changes nothing) when the key is no longer due at `time`.
     public func destroy(_ id: KeyID, at time: Date) throws -> Bool {
-        let tombstone = try seal(KeyTombstone(keyID: id, deletedAt: time), table: "deleted_keys", rowKey: id.description)
-        guard try storage.destroyKey(id: id.description, dueBy: Int64(time.timeIntervalSince1970), tombstone: tombstone) else {
-            return false
+        let key = id.description
+        let destroyed = try commit { gen in
+            let tombstone = try seal(KeyTombstone(keyID: id, deletedAt: time), table: "deleted_keys", rowKey: key, generation: gen)
+            var rows: [RowIndex.Touch] = try self.storage.versions(id: key).map { .init("key_versions", "\(key)/\($0.number)", live: false) }
+            rows += try self.storage.aliasNames(keyID: key, after: nil, limit: Int.max).map { .init("aliases", $0, live: false) }
+            rows += [.init("keys", key, live: false), .init("deleted_keys", key, live: true)]
+            return (rows, { try self.storage.destroyKey(id: key, dueBy: Int64(time.timeIntervalSince1970), tombstone: tombstone, integrity: $0) })
         }
+        guard destroyed else { return false }
         cache.withLock { $0.remove(id); $0.mutations &+= 1 }
         return true
     }
@@ -213,12 +250,14 @@ public final class KeyRepository: Sendable {
 
     /// Stores a new alias; AlreadyExistsException when the name is taken.
     public func createAlias(_ alias: AliasRecord) throws(KMSError) {
-        let row: StoredRow
-        do { row = try seal(alias, table: "aliases", rowKey: alias.aliasName) } catch {
-            throw KMSError(.internalError, "the alias could not be sealed (\(error))")
-        }
         do {
-            try storage.insertAlias(name: alias.aliasName, keyID: alias.keyID.description, row: row)
+            try commit { gen in
+                let row = try seal(alias, table: "aliases", rowKey: alias.aliasName, generation: gen)
+                return ([.init("aliases", alias.aliasName, live: true)], {
+                    try self.storage.insertAlias(name: alias.aliasName, keyID: alias.keyID.description, row: row, integrity: $0)
+                    return true
+                })
+            }
         } catch {
             if (try? storage.alias(name: alias.aliasName)) != nil {
                 throw KMSError(.alreadyExists, "alias \(alias.aliasName) already exists; choose another name or update-alias it")
@@ -228,12 +267,17 @@ public final class KeyRepository: Sendable {
     }
 
     public func updateAlias(_ alias: AliasRecord) throws {
-        try storage.updateAlias(name: alias.aliasName, keyID: alias.keyID.description,
-                                row: try seal(alias, table: "aliases", rowKey: alias.aliasName))
+        try commit { gen in
+            let row = try seal(alias, table: "aliases", rowKey: alias.aliasName, generation: gen)
+            return ([.init("aliases", alias.aliasName, live: true)], {
+                try self.storage.updateAlias(name: alias.aliasName, keyID: alias.keyID.description, row: row, integrity: $0)
+                return true
+            })
+        }
     }
 
     public func deleteAlias(_ name: String) throws {
-        try storage.deleteAlias(name: name)
+        try commit { _ in ([.init("aliases", name, live: false)], { try self.storage.deleteAlias(name: name, integrity: $0); return true }) }
     }
 
     /// The alias, or nil; KeyUnavailableException when its row fails its integrity check.
@@ -270,7 +314,11 @@ public final class KeyRepository: Sendable {
     /// Used to undo a CreateKey whose audit record could not be written.
     public func delete(_ id: KeyID) throws {
         cache.withLock { $0.remove(id); $0.mutations &+= 1 }
-        try storage.deleteKey(id: id.description)
+        let key = id.description
+        try commit { _ in
+            let rows: [RowIndex.Touch] = try self.storage.versions(id: key).map { .init("key_versions", "\(key)/\($0.number)", live: false) }
+            return (rows + [.init("keys", key, live: false)], { try self.storage.deleteKey(id: key, integrity: $0); return true })
+        }
     }
 
     /// The key's record, or nil when there is none.
@@ -384,38 +432,94 @@ public final class KeyRepository: Sendable {
                                aad: Self.materialAAD(keyID: keyID, version: version, spec: spec))
     }
 
-    func macInput(table: String, rowKey: String, record: [UInt8]) -> [UInt8] {
-        Self.macInput(keystoreID: keystoreID, table: table, rowKey: rowKey, record: record)
+    func macInput(table: String, rowKey: String, generation: UInt64, record: [UInt8]) -> [UInt8] {
+        Self.macInput(keystoreID: keystoreID, table: table, rowKey: rowKey, generation: generation, record: record)
     }
 
-    /// `lp(keystore id) ‖ lp(table) ‖ lp(row key) ‖ record`; keystores from before per-keystore
-    /// ids (nil) had no first part.
-    static func macInput(keystoreID: [UInt8]?, table: String, rowKey: String, record: [UInt8]) -> [UInt8] {
+    /// `lp(keystore id) ‖ lp(table) ‖ lp(row key) ‖ [lp(u64be generation)] ‖ record`;
+    /// keystores from before per-keystore ids (nil) had no first part, rows from before
+    /// generations (0) no generation part (a record is JSON, so it never begins like one).
+    static func macInput(keystoreID: [UInt8]?, table: String, rowKey: String, generation: UInt64 = 0, record: [UInt8]) -> [UInt8] {
         var data: [UInt8] = []
         if let keystoreID { data.appendLengthPrefixed(keystoreID) }
         data.appendLengthPrefixed(Array(table.utf8))
         data.appendLengthPrefixed(Array(rowKey.utf8))
+        if generation > 0 {
+            var g: [UInt8] = []
+            g.appendBigEndian(generation)
+            data.appendLengthPrefixed(g)
+        }
         return data + record
     }
 
-    func seal<T: Encodable>(_ value: T, table: String, rowKey: String) throws -> StoredRow {
+    func seal<T: Encodable>(_ value: T, table: String, rowKey: String, generation: UInt64) throws -> StoredRow {
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
         encoder.dateEncodingStrategy = .secondsSince1970
         let bytes = Array(try encoder.encode(value))
-        return StoredRow(record: bytes, mac: try HMAC.authenticate(key: root.recordMACKey, data: macInput(table: table, rowKey: rowKey, record: bytes)))
+        let mac = try HMAC.authenticate(key: root.recordMACKey, data: macInput(table: table, rowKey: rowKey, generation: generation, record: bytes))
+        return StoredRow(record: bytes, mac: mac, generation: generation)
+    }
+
+    /// One write to the keystore. Under the integrity lock, `plan` gets the generation to
+    /// write at, seals its rows with it, and names every row it writes or deletes (each once);
+    /// its `apply` runs the storage write with those rows' index entries and the index's new
+    /// digest, in one transaction. The in-memory digest moves on only once that committed
+    /// (and `apply` returned true).
+    @discardableResult
+    func commit(_ plan: (UInt64) throws -> (rows: [RowIndex.Touch], apply: (IntegrityWrite) throws -> Bool)) throws -> Bool {
+        try integrity.withLock { state in
+            let generation = state.generation + 1
+            let p = try plan(generation)
+            let old = try storage.indexEntries(p.rows.map { (table: $0.table, rowKey: $0.rowKey) })
+            var next = state
+            next.generation = generation
+            for e in old { next.toggle(e, key: indexKey) }
+            for t in p.rows { next.toggle(IndexEntry(table: t.table, rowKey: t.rowKey, generation: generation, live: t.live), key: indexKey) }
+            guard try p.apply(IntegrityWrite(entries: p.rows.map { IndexEntry(table: $0.table, rowKey: $0.rowKey, generation: generation, live: $0.live) },
+                                             meta: try next.encoded(key: indexKey, keystoreID: keystoreID))) else { return false }
+            state = next
+            return true
+        }
     }
 
     /// The record of an authenticated row; `failure` (default: the key named by the row key is
     /// tampered) when its MAC or its contents do not check out.
     func open<T: Decodable>(_ row: StoredRow, table: String, rowKey: String, orElse failure: KMSError? = nil) throws(KMSError) -> T {
         let failed = failure ?? Self.tampered((try? KeyID(parsing: String(rowKey.prefix(36)))) ?? KeyID(bytes: [UInt8](repeating: 0, count: 16)))
-        let valid = (try? HMAC.isValid(row.mac, key: root.recordMACKey, data: macInput(table: table, rowKey: rowKey, record: row.record))) ?? false
+        let valid = (try? HMAC.isValid(row.mac, key: root.recordMACKey,
+                                       data: macInput(table: table, rowKey: rowKey, generation: row.generation, record: row.record))) ?? false
         guard valid else { throw failed }
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .secondsSince1970
         guard let value = try? decoder.decode(T.self, from: Data(row.record)) else { throw failed }
+        // Authentic, but is it the latest? Its generation must be the one the row index holds
+        // for it, and the index entry must be trustworthy (its bucket matched at startup).
+        let distrusted = suspectBuckets[RowIndex.bucket(table: table, rowKey: rowKey)].map { row.generation <= $0 } ?? false
+        guard !distrusted, let entry = row.index, entry.live, entry.generation == row.generation else {
+            throw Self.rolledBack(table: table, rowKey: rowKey, row: row, suspect: distrusted)
+        }
         return value
+    }
+
+    static func rolledBack(table: String, rowKey: String, row: StoredRow, suspect: Bool) -> KMSError {
+        let what = switch table {
+        case "keys": "record of key \(rowKey)"
+        case "key_versions": "version \(rowKey.split(separator: "/").last ?? "") of key \(rowKey.split(separator: "/").first ?? "")"
+        case "aliases": "alias \(rowKey)"
+        default: "deletion record of key \(rowKey)"
+        }
+        let why: String
+        if suspect {
+            why = "the keystore's row index did not match its authenticated digest when kmsd started, so no row it covers can be trusted to be the latest"
+        } else if let e = row.index, !e.live {
+            why = "kmsd deleted it (generation \(e.generation)), yet an older copy is back"
+        } else if let e = row.index {
+            why = "it is from generation \(row.generation) but kmsd last wrote it at generation \(e.generation): an older copy was put back"
+        } else {
+            why = "kmsd has no record of writing it: it was put there from elsewhere"
+        }
+        return KMSError(.keyUnavailable, "the stored \(what) was rolled back: \(why). It is refused; restore the keystore from its latest backup")
     }
 
     static func tampered(_ id: KeyID) -> KMSError {

@@ -57,6 +57,12 @@ public final class SQLiteKeyStorage: KeyStorage {
         }
         try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_expiry ON keys (expiry_due) WHERE expiry_due IS NOT NULL", path: path)
         try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_rotation ON keys (rotation_due) WHERE rotation_due IS NOT NULL", path: path)
+        // Generations and the row index (rollback detection); rows from before have gen NULL.
+        try Self.exec(conn, "CREATE TABLE IF NOT EXISTS row_index (tbl TEXT NOT NULL, row_key TEXT NOT NULL, gen INTEGER NOT NULL, live INTEGER NOT NULL, PRIMARY KEY (tbl, row_key))", path: path)
+        for table in ["keys", "key_versions", "aliases", "deleted_keys"] {
+            let cols = try Self.query(conn, "PRAGMA table_info(\(table))", [], path: path) { String(cString: sqlite3_column_text($0, 1)) }
+            if !cols.contains("gen") { try Self.exec(conn, "ALTER TABLE \(table) ADD COLUMN gen INTEGER", path: path) }
+        }
         try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_owner ON keys (owner_uid, key_id)", path: path)
         try Self.exec(conn, "CREATE INDEX IF NOT EXISTS keys_by_deletion ON keys (deletion_due) WHERE deletion_due IS NOT NULL", path: path)
         db = Mutex(conn)
@@ -98,46 +104,46 @@ public final class SQLiteKeyStorage: KeyStorage {
         }
     }
 
-    public func insertKey(id: String, owner: UInt32, key: StoredRow, version: (number: UInt32, row: StoredRow)?) throws {
-        try transaction { conn in
-            try Self.run(conn, "INSERT INTO keys (key_id, record, mac, owner_uid) VALUES (?1, ?2, ?3, ?4)",
-                         [.text(id), .blob(key.record), .blob(key.mac), .int(Int64(owner))], path: path)
+    public func insertKey(id: String, owner: UInt32, key: StoredRow, version: (number: UInt32, row: StoredRow)?, integrity: IntegrityWrite) throws {
+        try transaction(integrity) { conn in
+            try Self.run(conn, "INSERT INTO keys (key_id, record, mac, owner_uid, gen) VALUES (?1, ?2, ?3, ?4, ?5)",
+                         [.text(id), .blob(key.record), .blob(key.mac), .int(Int64(owner)), Self.gen(key)], path: path)
             if let version {
-                try Self.run(conn, "INSERT INTO key_versions (key_id, version, record, mac) VALUES (?1, ?2, ?3, ?4)",
-                             [.text(id), .int(Int64(version.number)), .blob(version.row.record), .blob(version.row.mac)], path: path)
+                try Self.run(conn, "INSERT INTO key_versions (key_id, version, record, mac, gen) VALUES (?1, ?2, ?3, ?4, ?5)",
+                             [.text(id), .int(Int64(version.number)), .blob(version.row.record), .blob(version.row.mac), Self.gen(version.row)], path: path)
             }
         }
     }
 
-    public func deleteKey(id: String) throws {
-        try transaction { conn in
+    public func deleteKey(id: String, integrity: IntegrityWrite) throws {
+        try transaction(integrity) { conn in
             try Self.run(conn, "DELETE FROM key_versions WHERE key_id = ?1", [.text(id)], path: path)
             try Self.run(conn, "DELETE FROM keys WHERE key_id = ?1", [.text(id)], path: path)
         }
     }
 
-    public func updateKey(id: String, key: StoredRow, due: KeyDue) throws {
-        try transaction { conn in try setKey(conn, id: id, key: key, due: due) }
+    public func updateKey(id: String, key: StoredRow, due: KeyDue, integrity: IntegrityWrite) throws {
+        try transaction(integrity) { conn in try setKey(conn, id: id, key: key, due: due) }
     }
 
     /// Replaces a key's record and its due-work columns; inside a transaction.
     private func setKey(_ conn: Connection, id: String, key: StoredRow, due: KeyDue) throws {
         func value(_ v: Int64?) -> Value { v.map { .int($0) } ?? .null }
-        try Self.run(conn, "UPDATE keys SET record = ?2, mac = ?3, deletion_due = ?4, rotation_due = ?5, expiry_due = ?6 WHERE key_id = ?1",
-                     [.text(id), .blob(key.record), .blob(key.mac), value(due.deletion), value(due.rotation), value(due.expiry)], path: path)
+        try Self.run(conn, "UPDATE keys SET record = ?2, mac = ?3, deletion_due = ?4, rotation_due = ?5, expiry_due = ?6, gen = ?7 WHERE key_id = ?1",
+                     [.text(id), .blob(key.record), .blob(key.mac), value(due.deletion), value(due.rotation), value(due.expiry), Self.gen(key)], path: path)
         guard sqlite3_changes(conn.handle) == 1 else { throw StorageError("keystore \(path): key \(id) is not there to update") }
     }
 
-    public func addVersion(id: String, key: StoredRow, due: KeyDue, versionNumber: UInt32, version: StoredRow) throws {
-        try transaction { conn in
-            try Self.run(conn, "INSERT INTO key_versions (key_id, version, record, mac) VALUES (?1, ?2, ?3, ?4)",
-                         [.text(id), .int(Int64(versionNumber)), .blob(version.record), .blob(version.mac)], path: path)
+    public func addVersion(id: String, key: StoredRow, due: KeyDue, versionNumber: UInt32, version: StoredRow, integrity: IntegrityWrite) throws {
+        try transaction(integrity) { conn in
+            try Self.run(conn, "INSERT INTO key_versions (key_id, version, record, mac, gen) VALUES (?1, ?2, ?3, ?4, ?5)",
+                         [.text(id), .int(Int64(versionNumber)), .blob(version.record), .blob(version.mac), Self.gen(version)], path: path)
             try setKey(conn, id: id, key: key, due: due)
         }
     }
 
-    public func removeVersions(id: String, key: StoredRow, due: KeyDue) throws {
-        try transaction { conn in
+    public func removeVersions(id: String, key: StoredRow, due: KeyDue, integrity: IntegrityWrite) throws {
+        try transaction(integrity) { conn in
             try Self.run(conn, "DELETE FROM key_versions WHERE key_id = ?1", [.text(id)], path: path)
             try setKey(conn, id: id, key: key, due: due)
         }
@@ -152,8 +158,9 @@ public final class SQLiteKeyStorage: KeyStorage {
 
     public func versions(id: String) throws -> [(number: UInt32, row: StoredRow)] {
         try readers.with { conn in
-            try Self.query(conn, "SELECT version, record, mac FROM key_versions WHERE key_id = ?1 ORDER BY version", [.text(id)], path: path) { stmt in
-                (number: UInt32(truncatingIfNeeded: sqlite3_column_int64(stmt, 0)), row: StoredRow(record: Self.blob(stmt, 1), mac: Self.blob(stmt, 2)))
+            try Self.query(conn, "SELECT v.record, v.mac, v.gen, i.gen, i.live, v.version FROM key_versions v LEFT JOIN row_index i ON i.tbl = 'key_versions' AND i.row_key = v.key_id || '/' || v.version WHERE v.key_id = ?1 ORDER BY v.version",
+                           [.text(id)], path: path) { stmt in
+                (number: UInt32(truncatingIfNeeded: sqlite3_column_int64(stmt, 5)), row: Self.row(stmt, table: "key_versions", rowKey: "\(id)/\(sqlite3_column_int64(stmt, 5))"))
             }
         }
     }
@@ -165,49 +172,57 @@ public final class SQLiteKeyStorage: KeyStorage {
         }
     }
 
-    public func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow) throws -> Bool {
+    public func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow, integrity: IntegrityWrite) throws -> Bool {
         var destroyed = false
-        try transaction { conn in
-            // Checked inside the write transaction: no cancellation can slip in between.
-            let due = try Self.query(conn, "SELECT 1 FROM keys WHERE key_id = ?1 AND deletion_due IS NOT NULL AND deletion_due <= ?2",
-                                     [.text(id), .int(time)], path: path) { _ in true }
-            guard !due.isEmpty else { return }
-            try Self.run(conn, "DELETE FROM aliases WHERE key_id = ?1", [.text(id)], path: path)
-            try Self.run(conn, "DELETE FROM key_versions WHERE key_id = ?1", [.text(id)], path: path)
-            try Self.run(conn, "DELETE FROM keys WHERE key_id = ?1", [.text(id)], path: path)
-            try Self.run(conn, "INSERT OR REPLACE INTO deleted_keys (key_id, record, mac) VALUES (?1, ?2, ?3)",
-                         [.text(id), .blob(tombstone.record), .blob(tombstone.mac)], path: path)
-            destroyed = true
+        try write { conn in
+            try Self.exec(conn, "BEGIN IMMEDIATE", path: path)
+            do {
+                // Checked inside the write transaction: no cancellation can slip in between.
+                let due = try Self.query(conn, "SELECT 1 FROM keys WHERE key_id = ?1 AND deletion_due IS NOT NULL AND deletion_due <= ?2",
+                                         [.text(id), .int(time)], path: path) { _ in true }
+                if !due.isEmpty {
+                    try Self.run(conn, "DELETE FROM aliases WHERE key_id = ?1", [.text(id)], path: path)
+                    try Self.run(conn, "DELETE FROM key_versions WHERE key_id = ?1", [.text(id)], path: path)
+                    try Self.run(conn, "DELETE FROM keys WHERE key_id = ?1", [.text(id)], path: path)
+                    try Self.run(conn, "INSERT OR REPLACE INTO deleted_keys (key_id, record, mac, gen) VALUES (?1, ?2, ?3, ?4)",
+                                 [.text(id), .blob(tombstone.record), .blob(tombstone.mac), Self.gen(tombstone)], path: path)
+                    try applyIntegrity(conn, integrity)
+                    destroyed = true
+                }
+                try Self.exec(conn, "COMMIT", path: path)
+            } catch {
+                try? Self.exec(conn, "ROLLBACK", path: path)
+                throw error
+            }
         }
         return destroyed
     }
 
-    public func insertAlias(name: String, keyID: String, row: StoredRow) throws {
-        try write { conn in
-            try Self.run(conn, "INSERT INTO aliases (alias_name, key_id, record, mac) VALUES (?1, ?2, ?3, ?4)",
-                         [.text(name), .text(keyID), .blob(row.record), .blob(row.mac)], path: path)
+    public func insertAlias(name: String, keyID: String, row: StoredRow, integrity: IntegrityWrite) throws {
+        try transaction(integrity) { conn in
+            try Self.run(conn, "INSERT INTO aliases (alias_name, key_id, record, mac, gen) VALUES (?1, ?2, ?3, ?4, ?5)",
+                         [.text(name), .text(keyID), .blob(row.record), .blob(row.mac), Self.gen(row)], path: path)
         }
     }
 
-    public func updateAlias(name: String, keyID: String, row: StoredRow) throws {
-        try write { conn in
-            try Self.run(conn, "UPDATE aliases SET key_id = ?2, record = ?3, mac = ?4 WHERE alias_name = ?1",
-                         [.text(name), .text(keyID), .blob(row.record), .blob(row.mac)], path: path)
+    public func updateAlias(name: String, keyID: String, row: StoredRow, integrity: IntegrityWrite) throws {
+        try transaction(integrity) { conn in
+            try Self.run(conn, "UPDATE aliases SET key_id = ?2, record = ?3, mac = ?4, gen = ?5 WHERE alias_name = ?1",
+                         [.text(name), .text(keyID), .blob(row.record), .blob(row.mac), Self.gen(row)], path: path)
             guard sqlite3_changes(conn.handle) == 1 else { throw StorageError("keystore \(path): alias \(name) is not there to update") }
         }
     }
 
-    public func deleteAlias(name: String) throws {
-        try write { conn in
+    public func deleteAlias(name: String, integrity: IntegrityWrite) throws {
+        try transaction(integrity) { conn in
             try Self.run(conn, "DELETE FROM aliases WHERE alias_name = ?1", [.text(name)], path: path)
         }
     }
 
     public func alias(name: String) throws -> StoredRow? {
         try readers.with { conn in
-            try Self.query(conn, "SELECT record, mac FROM aliases WHERE alias_name = ?1", [.text(name)], path: path) { stmt in
-                StoredRow(record: Self.blob(stmt, 0), mac: Self.blob(stmt, 1))
-            }.first
+            try Self.query(conn, "SELECT a.record, a.mac, a.gen, i.gen, i.live FROM aliases a LEFT JOIN row_index i ON i.tbl = 'aliases' AND i.row_key = a.alias_name WHERE a.alias_name = ?1",
+                           [.text(name)], path: path) { Self.row($0, table: "aliases", rowKey: name) }.first
         }
     }
 
@@ -230,9 +245,8 @@ public final class SQLiteKeyStorage: KeyStorage {
 
     public func tombstone(id: String) throws -> StoredRow? {
         try readers.with { conn in
-            try Self.query(conn, "SELECT record, mac FROM deleted_keys WHERE key_id = ?1", [.text(id)], path: path) { stmt in
-                StoredRow(record: Self.blob(stmt, 0), mac: Self.blob(stmt, 1))
-            }.first
+            try Self.query(conn, "SELECT d.record, d.mac, d.gen, i.gen, i.live FROM deleted_keys d LEFT JOIN row_index i ON i.tbl = 'deleted_keys' AND i.row_key = d.key_id WHERE d.key_id = ?1",
+                           [.text(id)], path: path) { Self.row($0, table: "deleted_keys", rowKey: id) }.first
         }
     }
 
@@ -245,18 +259,15 @@ public final class SQLiteKeyStorage: KeyStorage {
 
     public func key(id: String) throws -> StoredRow? {
         try readers.with { conn in
-            try Self.query(conn, "SELECT record, mac FROM keys WHERE key_id = ?1", [.text(id)], path: path) { stmt in
-                StoredRow(record: Self.blob(stmt, 0), mac: Self.blob(stmt, 1))
-            }.first
+            try Self.query(conn, "SELECT k.record, k.mac, k.gen, i.gen, i.live FROM keys k LEFT JOIN row_index i ON i.tbl = 'keys' AND i.row_key = k.key_id WHERE k.key_id = ?1",
+                           [.text(id)], path: path) { Self.row($0, table: "keys", rowKey: id) }.first
         }
     }
 
     public func version(id: String, number: UInt32) throws -> StoredRow? {
         try readers.with { conn in
-            try Self.query(conn, "SELECT record, mac FROM key_versions WHERE key_id = ?1 AND version = ?2",
-                           [.text(id), .int(Int64(number))], path: path) { stmt in
-                StoredRow(record: Self.blob(stmt, 0), mac: Self.blob(stmt, 1))
-            }.first
+            try Self.query(conn, "SELECT v.record, v.mac, v.gen, i.gen, i.live FROM key_versions v LEFT JOIN row_index i ON i.tbl = 'key_versions' AND i.row_key = ?3 WHERE v.key_id = ?1 AND v.version = ?2",
+                           [.text(id), .int(Int64(number)), .text("\(id)/\(number)")], path: path) { Self.row($0, table: "key_versions", rowKey: "\(id)/\(number)") }.first
         }
     }
 
@@ -287,6 +298,74 @@ public final class SQLiteKeyStorage: KeyStorage {
                          [.text(name), .blob(value)], path: path)
         }
     }
+
+    // MARK: - Row index
+
+    public func indexEntries(_ rows: [(table: String, rowKey: String)]) throws -> [IndexEntry] {
+        try write { conn in
+            try rows.flatMap { r in
+                try Self.query(conn, "SELECT gen, live FROM row_index WHERE tbl = ?1 AND row_key = ?2", [.text(r.table), .text(r.rowKey)], path: path) { stmt in
+                    IndexEntry(table: r.table, rowKey: r.rowKey, generation: UInt64(bitPattern: sqlite3_column_int64(stmt, 0)),
+                               live: sqlite3_column_int64(stmt, 1) != 0)
+                }
+            }
+        }
+    }
+
+    public func forEachIndexEntry(_ body: (IndexEntry) throws -> Void) throws {
+        try write { conn in
+            let stmt = try Self.prepare(conn, "SELECT tbl, row_key, gen, live FROM row_index", [], path: path)
+            defer { sqlite3_finalize(stmt) }
+            while true {
+                let rc = sqlite3_step(stmt)
+                if rc == SQLITE_DONE { return }
+                guard rc == SQLITE_ROW else { throw StorageError("keystore \(path): \(String(cString: sqlite3_errmsg(conn.handle))) (code \(rc))") }
+                try body(IndexEntry(table: String(cString: sqlite3_column_text(stmt, 0)), rowKey: String(cString: sqlite3_column_text(stmt, 1)),
+                                    generation: UInt64(bitPattern: sqlite3_column_int64(stmt, 2)), live: sqlite3_column_int64(stmt, 3) != 0))
+            }
+        }
+    }
+
+    public func allRowKeys() throws -> [(table: String, rowKey: String, generation: UInt64)] {
+        try write { conn in
+            try Self.query(conn, """
+                SELECT 'keys', key_id, gen FROM keys UNION ALL SELECT 'key_versions', key_id || '/' || version, gen FROM key_versions
+                UNION ALL SELECT 'aliases', alias_name, gen FROM aliases UNION ALL SELECT 'deleted_keys', key_id, gen FROM deleted_keys
+                """, [], path: path) { (table: String(cString: sqlite3_column_text($0, 0)), rowKey: String(cString: sqlite3_column_text($0, 1)),
+                                         generation: UInt64(bitPattern: sqlite3_column_int64($0, 2))) }
+        }
+    }
+
+    public func initializeIndex(_ integrity: IntegrityWrite) throws {
+        try transaction(integrity) { _ in }
+    }
+
+    /// Writes a transaction's row-index entries and the index digest; inside the transaction.
+    private func applyIntegrity(_ conn: Connection, _ integrity: IntegrityWrite) throws {
+        for e in integrity.entries {
+            try Self.run(conn, "INSERT INTO row_index (tbl, row_key, gen, live) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(tbl, row_key) DO UPDATE SET gen = excluded.gen, live = excluded.live",
+                         [.text(e.table), .text(e.rowKey), .int(Int64(bitPattern: e.generation)), .int(e.live ? 1 : 0)], path: path)
+        }
+        try Self.run(conn, "INSERT INTO meta (name, value) VALUES ('integrity', ?1) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                     [.blob(integrity.meta)], path: path)
+    }
+
+    private func transaction(_ integrity: IntegrityWrite, _ body: (Connection) throws -> Void) throws {
+        try transaction { conn in
+            try body(conn)
+            try applyIntegrity(conn, integrity)
+        }
+    }
+
+    /// A row read with its index entry: columns record, mac, gen, index gen, index live.
+    private static func row(_ stmt: OpaquePointer, table: String, rowKey: String) -> StoredRow {
+        let indexed = sqlite3_column_type(stmt, 3) != SQLITE_NULL
+        return StoredRow(record: blob(stmt, 0), mac: blob(stmt, 1), generation: UInt64(bitPattern: sqlite3_column_int64(stmt, 2)),
+                         index: indexed ? IndexEntry(table: table, rowKey: rowKey, generation: UInt64(bitPattern: sqlite3_column_int64(stmt, 3)),
+                                                     live: sqlite3_column_int64(stmt, 4) != 0) : nil)
+    }
+
+    private static func gen(_ row: StoredRow) -> Value { row.generation == 0 ? .null : .int(Int64(bitPattern: row.generation)) }
 
     public func allRows() throws -> (keys: [(id: String, row: StoredRow)], versions: [(id: String, number: UInt32, row: StoredRow)]) {
         try write { conn in

@@ -1,5 +1,6 @@
 import CKMSLinux
 import CKMSOpenSSL
+import Glibc
 
 /// The digest of RSAES-OAEP (and of its MGF1), as the AWS wrapping algorithms name it.
 public enum OAEPDigest: Sendable {
@@ -136,9 +137,46 @@ public enum AESKeyWrap {
 /// OpenSSL's secure heap: locked memory OpenSSL uses for private key parts (BN_secure_new).
 public enum SecureHeap {
     /// Sets it up once (`bytes` a power of two); false when the memory could not be locked.
+    ///
+    /// OpenSSL locks the heap and excludes it from core dumps; kmsd also has it wiped in a
+    /// forked child (MADV_WIPEONFORK), like its own secret memory. OpenSSL does not say where
+    /// the heap is, so the mapping is found as the one that appeared for it in
+    /// /proc/self/maps. Call early, before other threads map memory.
     @discardableResult
     public static func initialize(bytes: Int = 1 << 20) -> Bool {
-        kms_secure_heap_init(bytes) == 1
+        guard kms_secure_heap_initialized() == 0 else { return true }
+        let before = Set(mappings())
+        guard kms_secure_heap_init(bytes) == 1 else { return false }
+        var wiped = false
+        for m in mappings() where !before.contains(m) && m.writable && m.end - m.start >= UInt(bytes) {
+            guard let p = UnsafeMutableRawPointer(bitPattern: m.start), kms_madvise_secret(p, Int(m.end - m.start)) == 0 else { return false }
+            wiped = true
+        }
+        return wiped
+    }
+
+    struct Mapping: Hashable { let start: UInt; let end: UInt; let writable: Bool }
+
+    /// Anonymous private mappings of this process.
+    static func mappings() -> [Mapping] {
+        let fd = Glibc.open("/proc/self/maps", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return [] }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n <= 0 { break }
+            bytes += chunk[0..<n]
+        }
+        let text = String(decoding: bytes, as: UTF8.self)
+        return text.split(separator: "\n").compactMap { line in
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard fields.count == 5, fields[1].hasSuffix("p") else { return nil }  // no path: anonymous
+            let range = fields[0].split(separator: "-")
+            guard range.count == 2, let start = UInt(range[0], radix: 16), let end = UInt(range[1], radix: 16) else { return nil }
+            return Mapping(start: start, end: end, writable: fields[1].hasPrefix("rw"))
+        }
     }
 
     public static var bytesInUse: Int { Int(kms_secure_heap_used()) }

@@ -130,9 +130,10 @@ final class AuditLog: Sendable {
 
     /// A record of something kmsd did by itself (no caller): `action` on `keyID`.
     @discardableResult
-    func writeEvent(action: String, keyID: String, version: UInt32? = nil, message: String) -> Bool {
+    func writeEvent(action: String, keyID: String, version: UInt32? = nil, failure: KMSErrorCode? = nil, message: String) -> Bool {
         let me = Principal(uid: geteuid(), gid: getegid(), pid: getpid(), userName: PeerCredentials.userName(geteuid()))
-        var record = AuditRecord(action: action, requestID: 0, principal: me, result: .allowed)
+        var record = AuditRecord(action: action, requestID: 0, principal: me, result: failure == nil ? .allowed : .failed)
+        record.error = failure
         record.details.keyID = keyID
         record.details.keyVersion = version
         record.eventMessage = message

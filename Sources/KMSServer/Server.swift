@@ -69,6 +69,14 @@ public final class Server: @unchecked Sendable {
         let service = KeyService(repository: repository, administrators: c.administrators, clock: clock,
                                  daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400)
         let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds)
+        let report = repository.integrityReport
+        if let problem = report.problem {
+            let message = "keystore rollback detected: \(problem); every row in \(report.suspectBuckets) of \(RowIndex.bucketCount) row-index buckets is refused (KeyUnavailableException). Restore the keystore from its latest backup"
+            StandardError.write("kmsd: ERROR: \(message)\n")
+            _ = audit.writeEvent(action: "KeystoreRollbackDetected", keyID: "", failure: .keyUnavailable, message: message)
+        } else if report.built {
+            StandardError.write("kmsd: built the keystore's row index (\(report.entries) rows) for rollback detection\n")
+        }
         // Deletions that came due while kmsd was down happen before it serves anyone.
         Self.housekeeping(service, audit)
         dispatcher = Dispatcher(service: service, audit: audit,

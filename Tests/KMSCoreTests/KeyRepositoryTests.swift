@@ -154,7 +154,8 @@ struct KeyRepositoryTests {
         var known = try SecureRandom.bytes(32)
         let expected = known
         try repo.create(r, material: SecureBytes(consuming: &known))
-        // Rewrite it as the previous format: row MACs without the keystore id, no owner index.
+        // Rewrite it as the first format: row MACs without the keystore id or a generation, no
+        // owner index, no row index.
         for (table, rowKey) in [("keys", r.keyID.description), ("key_versions", "\(r.keyID)/1")] {
             let row = try #require(table == "keys" ? repo.storage.key(id: r.keyID.description) : repo.storage.version(id: r.keyID.description, number: 1))
             let legacy = try HMAC.authenticate(key: repo.root.recordMACKey,
@@ -163,7 +164,7 @@ struct KeyRepositoryTests {
             let whereClause = table == "keys" ? "key_id = '\(r.keyID)'" : "key_id = '\(r.keyID)' AND version = 1"
             try sql("UPDATE \(table) SET mac = X'\(hex)' WHERE \(whereClause)")
         }
-        try sql("UPDATE keys SET owner_uid = NULL; DELETE FROM meta WHERE name = 'keystore_id'")
+        try sql("UPDATE keys SET owner_uid = NULL, gen = NULL; UPDATE key_versions SET gen = NULL; DELETE FROM row_index; DELETE FROM meta WHERE name IN ('keystore_id', 'integrity')")
         let migrated = try repository()
         #expect(try migrated.record(r.keyID) == r)
         let material = try #require(try migrated.material(r.keyID, version: 1))
@@ -201,23 +202,35 @@ struct KeyRepositoryTests {
         private var reads = 0
         init(_ inner: SQLiteKeyStorage) { self.inner = inner }
         var recordReads: Int { lock.withLock { reads } }
-        func insertKey(id: String, owner: UInt32, key: StoredRow, version: (number: UInt32, row: StoredRow)?) throws {
-            try inner.insertKey(id: id, owner: owner, key: key, version: version)
+        func insertKey(id: String, owner: UInt32, key: StoredRow, version: (number: UInt32, row: StoredRow)?, integrity: IntegrityWrite) throws {
+            try inner.insertKey(id: id, owner: owner, key: key, version: version, integrity: integrity)
         }
-        func deleteKey(id: String) throws { try inner.deleteKey(id: id) }
-        func updateKey(id: String, key: StoredRow, due: KeyDue) throws { try inner.updateKey(id: id, key: key, due: due) }
-        func addVersion(id: String, key: StoredRow, due: KeyDue, versionNumber: UInt32, version: StoredRow) throws {
-            try inner.addVersion(id: id, key: key, due: due, versionNumber: versionNumber, version: version)
+        func deleteKey(id: String, integrity: IntegrityWrite) throws { try inner.deleteKey(id: id, integrity: integrity) }
+        func updateKey(id: String, key: StoredRow, due: KeyDue, integrity: IntegrityWrite) throws { try inner.updateKey(id: id, key: key, due: due, integrity: integrity) }
+        func addVersion(id: String, key: StoredRow, due: KeyDue, versionNumber: UInt32, version: StoredRow, integrity: IntegrityWrite) throws {
+            try inner.addVersion(id: id, key: key, due: due, versionNumber: versionNumber, version: version, integrity: integrity)
         }
-        func removeVersions(id: String, key: StoredRow, due: KeyDue) throws { try inner.removeVersions(id: id, key: key, due: due) }
+        func removeVersions(id: String, key: StoredRow, due: KeyDue, integrity: IntegrityWrite) throws {
+            try inner.removeVersions(id: id, key: key, due: due, integrity: integrity)
+        }
         func keysDueForExpiry(at time: Int64, limit: Int) throws -> [String] { try inner.keysDueForExpiry(at: time, limit: limit) }
+        func indexEntries(_ rows: [(table: String, rowKey: String)]) throws -> [IndexEntry] { try inner.indexEntries(rows) }
+        func forEachIndexEntry(_ body: (IndexEntry) throws -> Void) throws { try inner.forEachIndexEntry(body) }
+        func allRowKeys() throws -> [(table: String, rowKey: String, generation: UInt64)] { try inner.allRowKeys() }
+        func initializeIndex(_ integrity: IntegrityWrite) throws { try inner.initializeIndex(integrity) }
         func versions(id: String) throws -> [(number: UInt32, row: StoredRow)] { try inner.versions(id: id) }
         func keysDueForRotation(at time: Int64, limit: Int) throws -> [String] { try inner.keysDueForRotation(at: time, limit: limit) }
-        func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow) throws -> Bool { try inner.destroyKey(id: id, dueBy: time, tombstone: tombstone) }
+        func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow, integrity: IntegrityWrite) throws -> Bool {
+            try inner.destroyKey(id: id, dueBy: time, tombstone: tombstone, integrity: integrity)
+        }
         func tombstone(id: String) throws -> StoredRow? { try inner.tombstone(id: id) }
-        func insertAlias(name: String, keyID: String, row: StoredRow) throws { try inner.insertAlias(name: name, keyID: keyID, row: row) }
-        func updateAlias(name: String, keyID: String, row: StoredRow) throws { try inner.updateAlias(name: name, keyID: keyID, row: row) }
-        func deleteAlias(name: String) throws { try inner.deleteAlias(name: name) }
+        func insertAlias(name: String, keyID: String, row: StoredRow, integrity: IntegrityWrite) throws {
+            try inner.insertAlias(name: name, keyID: keyID, row: row, integrity: integrity)
+        }
+        func updateAlias(name: String, keyID: String, row: StoredRow, integrity: IntegrityWrite) throws {
+            try inner.updateAlias(name: name, keyID: keyID, row: row, integrity: integrity)
+        }
+        func deleteAlias(name: String, integrity: IntegrityWrite) throws { try inner.deleteAlias(name: name, integrity: integrity) }
         func alias(name: String) throws -> StoredRow? { try inner.alias(name: name) }
         func aliasNames(keyID: String?, after: String?, limit: Int) throws -> [String] { try inner.aliasNames(keyID: keyID, after: after, limit: limit) }
         func aliasCount(keyID: String) throws -> Int { try inner.aliasCount(keyID: keyID) }
