@@ -4,9 +4,11 @@ import KMSClient
 import Testing
 
 /// Every lifecycle change is one transaction: kmsd killed with SIGKILL at random moments while
-/// it rotates keys, moves aliases, enables, disables and schedules or cancels deletions keeps
-/// every change it acknowledged, decrypts every ciphertext made before the kill, and its
-/// keystore passes its integrity check (every key and alias reads back).
+/// it rotates keys, moves aliases, enables, disables, schedules or cancels deletions and
+/// really deletes keys (a "day" is a second here, so a 7-day window ends during the run) keeps
+/// every change it acknowledged, decrypts every ciphertext made before the kill unless its
+/// key's deletion was acknowledged, and its keystore passes its integrity check (every key
+/// and alias reads back; deleted keys are gone for good).
 @Suite(.serialized)
 struct LifecycleDurabilityTests {
     /// What the test knows about one key: its state and version as acknowledged, and a blob.
@@ -18,14 +20,22 @@ struct LifecycleDurabilityTests {
     }
 
     enum Op {
-        case rotate(Int), disable(Int), enable(Int), schedule(Int), cancel(Int), alias(String, Int), encrypt(Int)
+        case rotate(Int), disable(Int), enable(Int), schedule(Int), cancel(Int), alias(String, Int), encrypt(Int), destroy(Int)
+    }
+
+    /// A key whose 7-day (7-second) deletion was acknowledged: it must be gone once the window
+    /// has ended (allowing the sweep a few seconds), and then its blobs give NotFoundException.
+    struct Doomed {
+        let model: KeyModel
+        let due: Date
+        var gone = false
     }
 
     static let kills = 200
 
     @Test func acknowledgedChangesSurviveSIGKILL() async throws {
         let dir = try Paths.tempDir("lifecycle-kill")
-        var daemon: Daemon? = try Daemon(stateDir: dir)
+        var daemon: Daemon? = try Daemon(stateDir: dir, arguments: ["--dev-day-seconds", "1"])
         var keys: [KeyModel] = []
         for _ in 0..<4 {
             let c = daemon!.client()
@@ -34,9 +44,11 @@ struct LifecycleDurabilityTests {
             keys.append(KeyModel(id: id, blobs: [(Array(try await c.encrypt(keyID: id, plaintext: p).ciphertextBlob), p)]))
         }
         let aliasNames = ["alias/durable-a", "alias/durable-b"]
-        var aliasTarget: [String: Int] = [:]
+        var aliasTarget: [String: String] = [:]
         var generator = SystemRandomNumberGenerator()
         var acknowledged = 0
+        var doomed: [Doomed] = []
+        var deletions = 0
 
         for round in 0..<Self.kills {
             let client = daemon!.client()
@@ -45,7 +57,8 @@ struct LifecycleDurabilityTests {
             // or may not have happened.
             let ops: [Op] = (0..<6).map { _ in
                 let k = Int.random(in: 0..<keys.count, using: &generator)
-                switch Int.random(in: 0..<7, using: &generator) {
+                switch Int.random(in: 0..<8, using: &generator) {
+                case 7 where doomed.filter({ !$0.gone }).count < 4: return .destroy(k)
                 case 0: return .rotate(k)
                 case 1: return .disable(k)
                 case 2: return .enable(k)
@@ -60,7 +73,14 @@ struct LifecycleDurabilityTests {
             let killed = DispatchSemaphore(value: 0)
             Thread { usleep(delay); kill(pid, SIGKILL); killed.signal() }.start()
             var inFlight: Op? = nil
+            var doomedNow: Set<Int> = []
             for op in ops {
+                // A key whose deletion this round acknowledged takes no further part in it.
+                switch op {
+                case .rotate(let k), .disable(let k), .enable(let k), .schedule(let k), .cancel(let k), .alias(_, let k), .encrypt(let k),
+                     .destroy(let k):
+                    if doomedNow.contains(k) { continue }
+                }
                 inFlight = op
                 do {
                     switch op {
@@ -81,7 +101,11 @@ struct LifecycleDurabilityTests {
                         } else {
                             try await client.updateAlias(aliasName: name, targetKeyID: keys[k].id)
                         }
-                        aliasTarget[name] = k
+                        aliasTarget[name] = keys[k].id
+                    case .destroy(let k):
+                        _ = try await client.scheduleKeyDeletion(keyID: keys[k].id, pendingWindowInDays: 7)
+                        doomed.append(Doomed(model: keys[k], due: Date().addingTimeInterval(7)))
+                        doomedNow.insert(k)
                     case .encrypt(let k):
                         let p = Array("round-\(round)-\(k)".utf8)
                         keys[k].blobs.append((Array(try await client.encrypt(keyID: keys[k].id, plaintext: p).ciphertextBlob), p))
@@ -101,7 +125,34 @@ struct LifecycleDurabilityTests {
 
             // After the restart: what was acknowledged is there, whatever the in-flight op did.
             let check = daemon!.client()
-            for (k, key) in keys.enumerated() {
+            // An in-flight deletion that took effect dooms its key too (a 7-day window).
+            if case .destroy(let k) = inFlight, !doomedNow.contains(k),
+               let m = try? await check.describeKey(keyID: keys[k].id), m.keyState == "PendingDeletion", m.pendingDeletionWindowInDays == 7 {
+                doomed.append(Doomed(model: keys[k], due: Date().addingTimeInterval(7)))
+                doomedNow.insert(k)
+            }
+            // Doomed keys: pending deletion until their window ends, then gone, blobs and all.
+            for i in doomed.indices where !doomed[i].gone {
+                let d = doomed[i]
+                do {
+                    let m = try await check.describeKey(keyID: d.model.id)
+                    #expect(m.keyState == "PendingDeletion", "round \(round): a key whose deletion was acknowledged is \(m.keyState)")
+                    #expect(Date() < d.due.addingTimeInterval(6), "round \(round): key \(d.model.id) outlived its deletion window")
+                } catch let e as KMSError where e.code == .notFound {
+                    doomed[i].gone = true
+                    deletions += 1
+                    for b in d.model.blobs.suffix(2) {
+                        await expectKMSError(.notFound) { try await check.decrypt(ciphertextBlob: b.blob) }
+                    }
+                }
+            }
+            // Doomed keys leave the working set; fresh keys take their places.
+            for k in doomedNow.sorted() {
+                let id = try await check.createKey().keyID
+                let p = Array("seed-\(id)".utf8)
+                keys[k] = KeyModel(id: id, blobs: [(Array(try await check.encrypt(keyID: id, plaintext: p).ciphertextBlob), p)])
+            }
+            for (k, key) in keys.enumerated() where !doomedNow.contains(k) {
                 let m = try await check.describeKey(keyID: key.id)
                 var states: Set<String> = [key.state]
                 var versions: Set<UInt32> = [key.version]
@@ -128,24 +179,32 @@ struct LifecycleDurabilityTests {
                     #expect(Array(try await check.decrypt(ciphertextBlob: b.blob).plaintext) == b.plaintext, "round \(round): a blob of key \(k) no longer decrypts")
                 }
             }
-            for (name, k) in aliasTarget {
+            let gone = Set(doomed.filter(\.gone).map(\.model.id))
+            for (name, target) in aliasTarget {
                 let listed = try await check.listAliases().aliases.first { $0.aliasName == name }
-                var targets: Set<String> = [keys[k].id]
+                // Deleting a key deletes its aliases.
+                if listed == nil, gone.contains(target) { aliasTarget[name] = nil; continue }
+                var targets: Set<String> = [target]
                 if case .alias(name, let other) = inFlight { targets.insert(keys[other].id) }
                 #expect(listed.map { targets.contains($0.targetKeyID) } == true, "round \(round): alias \(name) lost its acknowledged target")
-                if let listed, let actual = keys.firstIndex(where: { $0.id == listed.targetKeyID }) { aliasTarget[name] = actual }
+                if let listed { aliasTarget[name] = listed.targetKeyID }
             }
-            if case .alias(let name, let k) = inFlight, aliasTarget[name] == nil,
-               let listed = try await check.listAliases().aliases.first(where: { $0.aliasName == name }), listed.targetKeyID == keys[k].id {
-                aliasTarget[name] = k
+            if case .alias(let name, _) = inFlight, aliasTarget[name] == nil,
+               let listed = try await check.listAliases().aliases.first(where: { $0.aliasName == name }) {
+                aliasTarget[name] = listed.targetKeyID
             }
             await check.close()
         }
-        // The keystore passes its integrity check: every key lists and describes.
+        // The keystore passes its integrity check: every key lists and describes; every key
+        // whose deletion was acknowledged is gone once its window ended.
         let final = daemon!.client()
+        try await Task.sleep(for: .seconds(max(0, (doomed.map(\.due).max() ?? Date()).timeIntervalSinceNow + 3)))
         let listed = try await final.listKeys(limit: 1000)
         #expect(Set(listed.keys.map(\.keyID)) == Set(keys.map(\.id)))
+        for d in doomed { await expectKMSError(.notFound) { try await final.describeKey(keyID: d.model.id) } }
         #expect(acknowledged > Self.kills, "changes were acknowledged between kills (\(acknowledged))")
+        #expect(deletions >= 5, "keys were really deleted during the run (\(deletions))")
+        print("lifecycle kill loop: \(Self.kills) SIGKILLs, \(acknowledged) acknowledged changes, \(deletions) keys deleted by kmsd")
         daemon?.stop()
         daemon = nil
     }

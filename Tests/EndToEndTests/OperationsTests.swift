@@ -20,6 +20,21 @@ final class OperationsTests {
         #expect(hello.protocolVersion == 1)
         #expect(hello.operations.contains("Encrypt") && hello.operations.contains("GenerateDataKeyWithoutPlaintext"))
         #expect(hello.maxFrameBytes == 65536)
+        // Exactly the operations of kmsd.proto's Request oneof, each once.
+        let proto = try String(contentsOfFile: URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+            .appendingPathComponent("../../Protocol/kmsd.proto").standardized.path, encoding: .utf8)
+        let oneof = try #require(proto.range(of: "oneof operation {").flatMap { start in
+            proto[start.upperBound...].range(of: "}").map { proto[start.upperBound..<$0.lowerBound] }
+        })
+        let names = oneof.split(separator: "\n").compactMap { line -> String? in
+            let words = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard let type = words.first, type.hasSuffix("Request") else { return nil }
+            return String(type.dropLast("Request".count))
+        }
+        #expect(names.count >= 32)
+        #expect(hello.operations.sorted() == names.sorted(), "Hello lists \(hello.operations.count), the proto has \(names.count)")
+        // No name twice.
+        #expect(Set(hello.operations).count == hello.operations.count)
     }
 
     @Test func createDescribeAndList() async throws {
