@@ -223,7 +223,7 @@ final class ImportTokens: Sendable {
 
     /// At most this many outstanding per key and in all; the oldest go first.
     static let perKey = 8
-    static let total = 256
+    static let total = 64
     private let entries = Mutex<[Entry]>([])
 
     func add(_ entry: Entry, now: Date) {

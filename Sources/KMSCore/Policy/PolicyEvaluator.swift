@@ -1,0 +1,284 @@
+import Foundation
+import KMSProtocol
+
+/// What a policy is evaluated against: the request, the caller and the key.
+public struct RequestFacts: @unchecked Sendable {
+    /// `PolicyActions` index of the action (`kms:Encrypt`, `kms:ReEncryptFrom`, ...).
+    public var action: Int
+    public var caller: Principal
+    public var isAdministrator: Bool
+    public var key: KeyRecord?
+    /// The request's encryption context; nil when the request carries none.
+    public var encryptionContext: [String: String]? = nil
+    /// The alias the request named the key by.
+    public var requestAlias: String? = nil
+    /// The key's aliases, looked up only when a condition asks.
+    public var resourceAliases: (() -> [String])? = nil
+    public var bypassPolicyLockoutSafetyCheck: Bool? = nil
+    public var pendingWindowInDays: UInt32? = nil
+    public var grantOperations: [String]? = nil
+    public var granteePrincipal: String? = nil
+    public var retiringPrincipal: String? = nil
+
+    public init(action: Int, caller: Principal, isAdministrator: Bool, key: KeyRecord?) {
+        self.action = action
+        self.caller = caller
+        self.isAdministrator = isAdministrator
+        self.key = key
+    }
+
+    /// Facts for `kms:Name`; nil when kmsd knows no such action.
+    public init?(action name: String, caller: Principal, isAdministrator: Bool, key: KeyRecord?) {
+        guard let i = PolicyActions.index(of: "kms:" + name) else { return nil }
+        self.init(action: i, caller: caller, isAdministrator: isAdministrator, key: key)
+    }
+}
+
+/// The outcome of an evaluation and what decided it.
+public struct PolicyDecision: Sendable, Equatable {
+    public enum Effect: String, Sendable { case allow = "Allow", explicitDeny = "ExplicitDeny", implicitDeny = "ImplicitDeny" }
+    public let effect: Effect
+    /// `key-policy:Sid` (or `key-policy:#n`), `grant:ID`, or `implicit-deny`: what audit
+    /// records carry as KMS_DECIDED_BY.
+    public let decidedBy: String
+
+    public var allowed: Bool { effect == .allow }
+
+    public static let implicitDeny = PolicyDecision(effect: .implicitDeny, decidedBy: "implicit-deny")
+}
+
+extension KeyPolicy {
+    /// AWS's evaluation for one policy: an explicit Deny that applies wins; else an Allow that
+    /// applies allows (the first one names the decision); else the request is implicitly
+    /// denied. Pure: the same facts and policy always give the same decision.
+    public func evaluate(_ f: RequestFacts, source: String = "key-policy") -> PolicyDecision {
+        var allow: Statement? = nil
+        for s in statements {
+            guard s.actions.contains(f.action) != s.notAction else { continue }
+            let match = s.principal.match(f)
+            let applies: Bool
+            switch (match, s.effect) {
+            case (.yes, _): applies = !s.notPrincipal
+            case (.no, _): applies = s.notPrincipal
+            // Unknown: an Allow does not apply, a Deny does (fail safe either way).
+            case (.unknown, .allow): applies = false
+            case (.unknown, .deny): applies = true
+            }
+            guard applies else { continue }
+            if s.effect == .allow, allow != nil { continue }  // already allowed; only a Deny can change that
+            guard s.conditions.allSatisfy({ $0.holds(f) }) else { continue }
+            if s.effect == .deny { return PolicyDecision(effect: .explicitDeny, decidedBy: "\(source):\(s.name)") }
+            allow = s
+        }
+        if let allow { return PolicyDecision(effect: .allow, decidedBy: "\(source):\(allow.name)") }
+        return .implicitDeny
+    }
+}
+
+/// One condition: an operator (with an optional ForAllValues:/ForAnyValue: prefix and IfExists
+/// suffix), a condition key and the policy's values.
+struct Condition: Sendable {
+    enum Op: String, CaseIterable, Sendable {
+        case stringEquals = "StringEquals", stringNotEquals = "StringNotEquals"
+        case stringEqualsIgnoreCase = "StringEqualsIgnoreCase", stringNotEqualsIgnoreCase = "StringNotEqualsIgnoreCase"
+        case stringLike = "StringLike", stringNotLike = "StringNotLike"
+        case numericEquals = "NumericEquals", numericNotEquals = "NumericNotEquals"
+        case numericLessThan = "NumericLessThan", numericLessThanEquals = "NumericLessThanEquals"
+        case numericGreaterThan = "NumericGreaterThan", numericGreaterThanEquals = "NumericGreaterThanEquals"
+        case bool = "Bool", null = "Null"
+
+        /// Operators whose sense is "matches none of the values": true when the key is absent.
+        var negated: Bool { [.stringNotEquals, .stringNotEqualsIgnoreCase, .stringNotLike, .numericNotEquals].contains(self) }
+        var numeric: Bool { rawValue.hasPrefix("Numeric") }
+    }
+
+    enum SetMode: Sendable { case single, forAllValues, forAnyValue }
+
+    let op: Op
+    let mode: SetMode
+    let ifExists: Bool
+    let key: ConditionKey
+    let values: [String]
+    let globs: [Glob]
+    let numbers: [Double]
+
+    static func parse(operator raw: String, key rawKey: String, values rawValues: Any, at: String) throws(KMSError) -> Condition {
+        var name = Substring(raw)
+        var mode = SetMode.single
+        if name.hasPrefix("ForAllValues:") { mode = .forAllValues; name = name.dropFirst("ForAllValues:".count) }
+        else if name.hasPrefix("ForAnyValue:") { mode = .forAnyValue; name = name.dropFirst("ForAnyValue:".count) }
+        var ifExists = false
+        if name.hasSuffix("IfExists") { ifExists = true; name = name.dropLast("IfExists".count) }
+        guard let op = Op(rawValue: String(name)) else {
+            throw KeyPolicy.invalid("\(at): \"\(raw.prefix(60))\" is not a condition operator kmsd knows (\(Op.allCases.map(\.rawValue).joined(separator: ", ")), with ForAllValues:/ForAnyValue: and ...IfExists)")
+        }
+        if op == .null && (ifExists || mode != .single) { throw KeyPolicy.invalid("\(at): Null takes neither IfExists nor a set prefix") }
+        guard let key = ConditionKey(parsing: rawKey) else {
+            throw KeyPolicy.invalid("\(at): \"\(rawKey.prefix(80))\" is not a condition key kmsd knows (\(ConditionKey.names))")
+        }
+        if key.isMultiValued && mode == .single && op != .null {
+            throw KeyPolicy.invalid("\(at): \(rawKey) has many values; use ForAllValues:\(op.rawValue) or ForAnyValue:\(op.rawValue)")
+        }
+        let values = try KeyPolicy.strings(rawValues, at: at)
+        var numbers: [Double] = []
+        if op.numeric {
+            for (i, v) in values.enumerated() {
+                guard let n = Double(v) else { throw KeyPolicy.invalid("\(at)[\(i)] \"\(v.prefix(40))\" is not a number") }
+                numbers.append(n)
+            }
+        }
+        if op == .bool || op == .null {
+            for (i, v) in values.enumerated() where v.lowercased() != "true" && v.lowercased() != "false" {
+                throw KeyPolicy.invalid("\(at)[\(i)] must be true or false")
+            }
+        }
+        return Condition(op: op, mode: mode, ifExists: ifExists, key: key, values: values,
+                         globs: op == .stringLike || op == .stringNotLike ? values.map(Glob.init) : [], numbers: numbers)
+    }
+
+    func holds(_ f: RequestFacts) -> Bool {
+        let actual = key.values(in: f)
+        if op == .null {
+            let absent = actual == nil || actual!.isEmpty
+            return values.contains { $0.lowercased() == (absent ? "true" : "false") }
+        }
+        guard let actual else {
+            // Absent key: IfExists passes; ForAllValues over nothing holds; a negated
+            // operator holds (nothing matches the values); anything else fails.
+            if ifExists { return true }
+            switch mode {
+            case .forAllValues: return true
+            case .forAnyValue: return false
+            case .single: return op.negated
+            }
+        }
+        switch mode {
+        case .single: return actual.first.map(matches) ?? op.negated
+        case .forAllValues: return actual.allSatisfy(matches)
+        case .forAnyValue: return actual.contains(where: matches)
+        }
+    }
+
+    /// One request value against the policy's values.
+    private func matches(_ v: String) -> Bool {
+        switch op {
+        case .stringEquals: return values.contains(v)
+        case .stringNotEquals: return !values.contains(v)
+        case .stringEqualsIgnoreCase: return values.contains { $0.caseInsensitiveCompare(v) == .orderedSame }
+        case .stringNotEqualsIgnoreCase: return !values.contains { $0.caseInsensitiveCompare(v) == .orderedSame }
+        case .stringLike: return globs.contains { $0.matches(v) }
+        case .stringNotLike: return !globs.contains { $0.matches(v) }
+        case .bool: return values.contains { $0.lowercased() == v.lowercased() }
+        case .null: return false
+        case .numericEquals, .numericNotEquals, .numericLessThan, .numericLessThanEquals, .numericGreaterThan, .numericGreaterThanEquals:
+            guard let n = Double(v) else { return op.negated }
+            switch op {
+            case .numericEquals: return numbers.contains(n)
+            case .numericNotEquals: return !numbers.contains(n)
+            case .numericLessThan: return numbers.contains { n < $0 }
+            case .numericLessThanEquals: return numbers.contains { n <= $0 }
+            case .numericGreaterThan: return numbers.contains { n > $0 }
+            default: return numbers.contains { n >= $0 }
+            }
+        }
+    }
+}
+
+/// The condition keys kmsd evaluates.
+enum ConditionKey: Sendable, Equatable {
+    case encryptionContext(String), resourceTag(String)
+    case encryptionContextKeys, callerUnit, callerExecutable, callerUid, callerUser, requestAlias, resourceAliases
+    case keySpec, keyOrigin, keyUsage, bypassPolicyLockoutSafetyCheck, pendingWindowInDays
+    case grantOperations, granteePrincipal, retiringPrincipal
+
+    static let simple: [String: ConditionKey] = [
+        "kms:encryptioncontextkeys": .encryptionContextKeys, "kms:callerunit": .callerUnit,
+        "kms:callerexecutable": .callerExecutable, "kms:calleruid": .callerUid, "kms:calleruser": .callerUser,
+        "kms:requestalias": .requestAlias, "kms:resourcealiases": .resourceAliases, "kms:keyspec": .keySpec,
+        "kms:keyorigin": .keyOrigin, "kms:keyusage": .keyUsage,
+        "kms:bypasspolicylockoutsafetycheck": .bypassPolicyLockoutSafetyCheck,
+        "kms:schedulekeydeletionpendingwindowindays": .pendingWindowInDays,
+        "kms:grantoperations": .grantOperations, "kms:granteeprincipal": .granteePrincipal,
+        "kms:retiringprincipal": .retiringPrincipal,
+    ]
+
+    static let names = "kms:EncryptionContext:KEY, kms:EncryptionContextKeys, kms:CallerUnit, kms:CallerExecutable, kms:CallerUid, kms:CallerUser, kms:RequestAlias, kms:ResourceAliases, kms:ResourceTag/KEY, kms:KeySpec, kms:KeyOrigin, kms:KeyUsage, kms:BypassPolicyLockoutSafetyCheck, kms:ScheduleKeyDeletionPendingWindowInDays, kms:GrantOperations, kms:GranteePrincipal, kms:RetiringPrincipal"
+
+    /// Condition key names are case-insensitive (as in AWS); the part after
+    /// `kms:EncryptionContext:` or `kms:ResourceTag/` is kept exactly.
+    init?(parsing raw: String) {
+        let lower = raw.lowercased()
+        if lower.hasPrefix("kms:encryptioncontext:") {
+            let name = String(raw.dropFirst("kms:EncryptionContext:".count))
+            guard !name.isEmpty else { return nil }
+            self = .encryptionContext(name)
+        } else if lower.hasPrefix("kms:resourcetag/") {
+            let name = String(raw.dropFirst("kms:ResourceTag/".count))
+            guard !name.isEmpty else { return nil }
+            self = .resourceTag(name)
+        } else if let k = Self.simple[lower] {
+            self = k
+        } else {
+            return nil
+        }
+    }
+
+    var isMultiValued: Bool {
+        switch self {
+        case .encryptionContextKeys, .resourceAliases, .grantOperations: true
+        default: false
+        }
+    }
+
+    /// The request's values for this key; nil when the request has none.
+    func values(in f: RequestFacts) -> [String]? {
+        switch self {
+        case .encryptionContext(let k): return f.encryptionContext?[k].map { [$0] }
+        case .encryptionContextKeys: return f.encryptionContext.map { Array($0.keys) }
+        case .callerUnit: return f.caller.systemdUnit.map { [$0] }
+        case .callerExecutable: return f.caller.executable.map { [$0] }
+        case .callerUid: return [String(f.caller.uid)]
+        case .callerUser: return f.caller.userName.isEmpty ? nil : [f.caller.userName]
+        case .requestAlias: return f.requestAlias.map { [$0] }
+        case .resourceAliases: return f.resourceAliases?()
+        case .resourceTag(let k): return f.key?.tags.first { $0.key == k }.map { [$0.value] }
+        case .keySpec: return f.key.map { [$0.keySpec.rawValue] }
+        case .keyOrigin: return f.key.map { [$0.origin] }
+        case .keyUsage: return f.key.map { [$0.keyUsage.rawValue] }
+        case .bypassPolicyLockoutSafetyCheck: return f.bypassPolicyLockoutSafetyCheck.map { [$0 ? "true" : "false"] }
+        case .pendingWindowInDays: return f.pendingWindowInDays.map { [String($0)] }
+        case .grantOperations: return f.grantOperations
+        case .granteePrincipal: return f.granteePrincipal.map { [$0] }
+        case .retiringPrincipal: return f.retiringPrincipal.map { [$0] }
+        }
+    }
+}
+
+/// The policy a key has until PutKeyPolicy replaces it: its creator and kmsd's administrators
+/// may administer and use it; nobody else.
+public enum DefaultKeyPolicy {
+    public static func text(owner: UInt32) -> String {
+        """
+        {
+          "Version": "2012-10-17",
+          "Id": "kmsd-default-key-policy",
+          "Statement": [
+            {
+              "Sid": "KeyCreator",
+              "Effect": "Allow",
+              "Principal": {"Uid": "\(owner)"},
+              "Action": "kms:*",
+              "Resource": "*"
+            },
+            {
+              "Sid": "Administrators",
+              "Effect": "Allow",
+              "Principal": {"Role": "Administrators"},
+              "Action": "kms:*",
+              "Resource": "*"
+            }
+          ]
+        }
+        """
+    }
+}
