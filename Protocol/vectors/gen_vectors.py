@@ -10,15 +10,20 @@
   frames.json      length-prefixed protobuf frames (PROTOCOL.md sections 3 and 7) with the same
                    message in the canonical proto3 JSON mapping.
 
-It shares no code with the Swift implementation. AES-256-GCM and HKDF-SHA256 come from the
-`cryptography` package; protobuf encoding is done by hand (varints and length-delimited fields)
-from a schema read out of ../kmsd.proto, so field numbers cannot drift from the normative file.
-No randomness: every input is fixed, so the output is byte-for-byte reproducible.
+It shares no code with the Swift implementation. AES-256-GCM, HKDF-SHA256, RSA decryption and
+AES key wrap with padding (for the self-checks) come from the `cryptography` package; protobuf
+encoding is done by hand (varints and length-delimited fields) from a schema read out of
+../kmsd.proto, so field numbers cannot drift from the normative file. RSA-OAEP wrapping of
+imported key material (PROTOCOL.md section 7.32) is done by hand too, with a fixed seed. No
+randomness: every input is fixed (even the RSA wrapping keys are derived from labels), so the
+output is byte-for-byte reproducible.
 
 Before writing anything it checks itself: every valid vector is decrypted again by a separate
 parser, every invalid one must fail, every frame is decoded again and compared with its JSON,
-and, when `protoc` is on PATH, every frame body (except the unknown-operation one) is compared
-with what `protoc --encode` produces from the same message in text format.
+every wrapped key material in the frames is unwrapped again with the `cryptography` package's
+RSA-OAEP and RFC 5649 code, and, when `protoc` is on PATH, every frame body (except the
+unknown-operation one) is compared with what `protoc --encode` produces from the same message
+in text format.
 """
 
 import base64
@@ -34,9 +39,11 @@ import uuid
 
 try:
     from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 except ImportError:  # pragma: no cover
     sys.exit("gen_vectors.py needs the Python 'cryptography' package (pip install cryptography)")
 
@@ -161,6 +168,7 @@ def fixed_bytes(label, n):
 
 KEY_A = "1234abcd-12ab-34cd-56ef-1234567890ab"
 KEY_B = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+KEY_C = "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b"   # Origin EXTERNAL (frames only)
 MATERIAL = {
     (KEY_A, 1): bytes(range(32)),                       # 00 01 02 ... 1f
     (KEY_B, 1): fixed_bytes("key material/B/1", 32),
@@ -316,6 +324,139 @@ def check_ciphertext_vectors(valid, invalid):
     assert canonical_context({"a": "bc"}).hex() == "00000001" "00000001" "61" "00000002" "6263"
     assert canonical_context({"f": "", "e\u0301": ""}).hex() == (
         "00000002" "00000003" "65cc81" "00000000" "00000001" "66" "00000000")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bring your own key (PROTOCOL.md sections 7.31-7.33): deterministic RSA wrapping keys and
+# key material wrapped the ways ImportKeyMaterial accepts
+# ---------------------------------------------------------------------------------------------
+
+SMALL_PRIMES = [p for p in range(3, 2000) if all(p % d for d in range(2, int(p ** 0.5) + 1))]
+
+
+def is_probable_prime(n):
+    """Miller-Rabin with the first 40 odd primes as bases (deterministic, no randomness)."""
+    if n < 2:
+        return False
+    for p in SMALL_PRIMES:
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in SMALL_PRIMES[:40]:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def fixed_prime(label, bits, e):
+    """The first probable prime from fixed bytes upwards: top two bits set (so p * q has
+    exactly 2 * bits bits), odd, and p - 1 coprime to e."""
+    n = int.from_bytes(fixed_bytes(label, bits // 8), "big") | (3 << (bits - 2)) | 1
+    while not (is_probable_prime(n) and (n - 1) % e != 0):
+        n += 2
+    return n
+
+
+def wrapping_key(label, bits=2048):
+    """A deterministic RSA key pair standing in for the fresh one GetParametersForImport makes:
+    (private key object, DER SubjectPublicKeyInfo, DER PKCS#8 private key). Test data only."""
+    e = 65537
+    p = fixed_prime("rsa wrapping key/%s/p" % label, bits // 2, e)
+    q = fixed_prime("rsa wrapping key/%s/q" % label, bits // 2, e)
+    assert p != q
+    n = p * q
+    assert n.bit_length() == bits
+    d = pow(e, -1, (p - 1) * (q - 1))
+    key = rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p),
+                                rsa.RSAPublicNumbers(e, n)).private_key()
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    pkcs8 = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption())
+    return key, spki, pkcs8
+
+
+def mgf1(seed, length, hash_name):
+    out = b""
+    counter = 0
+    while len(out) < length:
+        out += hashlib.new(hash_name, seed + u32be(counter)).digest()
+        counter += 1
+    return out[:length]
+
+
+def rsa_oaep_encrypt(public_key, message, seed, hash_name="sha256"):
+    """RSAES-OAEP (RFC 8017 section 7.1.1), empty label, MGF1 with the same hash, and the given
+    seed instead of a random one, so the output is reproducible."""
+    numbers = public_key.public_numbers()
+    k = (numbers.n.bit_length() + 7) // 8
+    h_len = hashlib.new(hash_name).digest_size
+    assert len(seed) == h_len and len(message) <= k - 2 * h_len - 2
+    db = (hashlib.new(hash_name, b"").digest() + b"\x00" * (k - len(message) - 2 * h_len - 2)
+          + b"\x01" + message)
+    masked_db = bytes(a ^ b for a, b in zip(db, mgf1(seed, k - h_len - 1, hash_name)))
+    masked_seed = bytes(a ^ b for a, b in zip(seed, mgf1(masked_db, h_len, hash_name)))
+    em = b"\x00" + masked_seed + masked_db
+    return pow(int.from_bytes(em, "big"), numbers.e, numbers.n).to_bytes(k, "big")
+
+
+def aes_kwp_wrap(kek, plaintext):
+    """AES key wrap with padding (RFC 5649), written out from the RFC; checked against the
+    `cryptography` package's unwrap."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    def aes(block):
+        enc = Cipher(algorithms.AES(kek), modes.ECB()).encryptor()
+        return enc.update(block) + enc.finalize()
+
+    aiv = bytes.fromhex("a65959a6") + struct.pack(">I", len(plaintext))
+    padded = plaintext + b"\x00" * (-len(plaintext) % 8)
+    if len(padded) == 8:
+        return aes(aiv + padded)
+    r = [padded[i:i + 8] for i in range(0, len(padded), 8)]
+    a, n = aiv, len(r)
+    for j in range(6):
+        for i in range(n):
+            b = aes(a + r[i])
+            t = n * j + i + 1
+            a = struct.pack(">Q", struct.unpack(">Q", b[:8])[0] ^ t)
+            r[i] = b[8:]
+    return a + b"".join(r)
+
+
+def wrap_key_material(private_key, algorithm, material, label):
+    """EncryptedKeyMaterial as ImportKeyMaterial takes it for `algorithm` (PROTOCOL.md section
+    7.32), with fixed seeds and AES keys; returns (wrapped, the fixed inputs used)."""
+    hash_name = "sha1" if algorithm.endswith("_SHA_1") else "sha256"
+    seed = fixed_bytes("oaep seed/" + label, hashlib.new(hash_name).digest_size)
+    if algorithm.startswith("RSAES_OAEP_"):
+        return rsa_oaep_encrypt(private_key.public_key(), material, seed, hash_name), {
+            "oaep_seed_hex": hexs(seed)}
+    assert algorithm.startswith("RSA_AES_KEY_WRAP_")
+    aes_key = fixed_bytes("aes wrapping key/" + label, 32)
+    wrapped = (rsa_oaep_encrypt(private_key.public_key(), aes_key, seed, hash_name)
+               + aes_kwp_wrap(aes_key, material))
+    return wrapped, {"oaep_seed_hex": hexs(seed), "aes_key_hex": hexs(aes_key)}
+
+
+def unwrap_key_material(private_key, algorithm, wrapped):
+    """The server's side, with the `cryptography` package only (independent of the above)."""
+    h = hashes.SHA1() if algorithm.endswith("_SHA_1") else hashes.SHA256()
+    oaep = padding.OAEP(mgf=padding.MGF1(algorithm=h), algorithm=h, label=None)
+    k = private_key.key_size // 8
+    if algorithm.startswith("RSAES_OAEP_"):
+        return private_key.decrypt(wrapped, oaep)
+    aes_key = private_key.decrypt(wrapped[:k], oaep)
+    return aes_key_unwrap_with_padding(aes_key, wrapped[k:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,8 +813,9 @@ def build_frames(valid_ciphertexts):
                   "UpdateAlias", "DeleteAlias", "ListAliases", "TagResource", "UntagResource",
                   "ListResourceTags", "EnableKeyRotation", "DisableKeyRotation",
                   "GetKeyRotationStatus", "RotateKeyOnDemand", "ListKeyRotations",
-                  "SetMinimumDecryptionVersion"]
-    assert len(operations) == 29
+                  "SetMinimumDecryptionVersion", "GetParametersForImport", "ImportKeyMaterial",
+                  "DeleteImportedKeyMaterial"]
+    assert len(operations) == 32
     metadata = {
         "key_id": KEY_A,
         "arn": "kmsd:key/" + KEY_A,
@@ -703,6 +845,27 @@ def build_frames(valid_ciphertexts):
     rotated_metadata = dict(metadata, current_key_version=3, minimum_decryption_version=2)
     retired_version = ct["one-pair"]["key_version"]
     assert retired_version == 1 and enc["key_id"] == KEY_A
+    # Bring your own key (sections 7.31-7.33): key C is created with Origin EXTERNAL at
+    # 1700000000, gets its material wrapped with RSAES_OAEP_SHA_256 (no expiry), is given the
+    # same material again with RSA_AES_KEY_WRAP_SHA_256 and an expiry, and loses it again.
+    external_metadata = dict(metadata, key_id=KEY_C, arn="kmsd:key/" + KEY_C, enabled=False,
+                             description="imported key", key_state="PendingImport",
+                             origin="EXTERNAL")
+    imported = fixed_bytes("key material/C/imported", 32)
+    import_params = []
+    for label, algorithm, issued in (("C/1", "RSAES_OAEP_SHA_256", 1700000000),
+                                     ("C/2", "RSA_AES_KEY_WRAP_SHA_256", 1700003600)):
+        private_key, spki, pkcs8 = wrapping_key(label)
+        token = fixed_bytes("import token/" + label, 32)
+        wrapped, inputs = wrap_key_material(private_key, algorithm, imported, label)
+        assert unwrap_key_material(private_key, algorithm, wrapped) == imported
+        import_params.append({"algorithm": algorithm, "spki": spki, "pkcs8": pkcs8,
+                              "token": token, "valid_to": issued + 86400, "wrapped": wrapped,
+                              "inputs": inputs})
+    oaep, kwp = import_params
+    material_valid_to = 1700003600 + 30 * 86400
+    imported_metadata = dict(external_metadata, enabled=True, key_state="Enabled",
+                             expiration_model="KEY_MATERIAL_EXPIRES", valid_to=material_valid_to)
     R, S = "request", "response"
     vectors = [
         ("hello-request", R, {"id": 1, "hello": {"protocol_version": 1,
@@ -866,17 +1029,105 @@ def build_frames(valid_ciphertexts):
             "code": "LimitExceededException",
             "message": "key %s has had 10 on-demand rotations, the most a key may have; "
                        "automatic rotation still runs" % KEY_A}}),
+        # Bring your own key (sections 7.31-7.33), key C. The wrapping key pairs, OAEP seeds and
+        # AES key are fixed test data (real ones are fresh and random); the extra members of
+        # these entries give them, so the wrapping can be checked and reproduced.
+        ("create-key-external-request", R, {"id": 38, "create_key": {
+            "description": "imported key", "origin": "EXTERNAL"}}),
+        ("create-key-external-response", S, {"id": 38, "create_key": {
+            "key_metadata": external_metadata}}),
+        ("get-parameters-for-import-request", R, {"id": 39, "get_parameters_for_import": {
+            "key_id": KEY_C, "wrapping_algorithm": oaep["algorithm"],
+            "wrapping_key_spec": "RSA_2048"}}),
+        ("get-parameters-for-import-response", S, {"id": 39, "get_parameters_for_import": {
+            "key_id": KEY_C, "import_token": oaep["token"], "public_key": oaep["spki"],
+            "parameters_valid_to": oaep["valid_to"]}},
+         {"wrapping_private_key_pkcs8_hex": hexs(oaep["pkcs8"])}),
+        ("import-key-material-request", R, {"id": 40, "import_key_material": {
+            "key_id": KEY_C, "import_token": oaep["token"],
+            "encrypted_key_material": oaep["wrapped"],
+            "expiration_model": "KEY_MATERIAL_DOES_NOT_EXPIRE"}},
+         dict(oaep["inputs"], key_material_hex=hexs(imported))),
+        ("import-key-material-response", S, {"id": 40, "import_key_material": {}}),
+        # The same ImportKeyMaterial sent again: its token was used up by the first.
+        ("invalid-import-token-error-response", S, {"id": 41, "error": {
+            "code": "InvalidImportTokenException",
+            "message": "ImportToken is not an unused token for key %s: tokens are single use, "
+                       "belong to one key, and do not survive a restart of kmsd; call "
+                       "GetParametersForImport again" % KEY_C}}),
+        ("get-parameters-for-import-aes-key-wrap-request", R, {"id": 42,
+            "get_parameters_for_import": {
+                "key_id": "kmsd:key/" + KEY_C, "wrapping_algorithm": kwp["algorithm"],
+                "wrapping_key_spec": "RSA_2048"}}),
+        ("get-parameters-for-import-aes-key-wrap-response", S, {"id": 42,
+            "get_parameters_for_import": {
+                "key_id": KEY_C, "import_token": kwp["token"], "public_key": kwp["spki"],
+                "parameters_valid_to": kwp["valid_to"]}},
+         {"wrapping_private_key_pkcs8_hex": hexs(kwp["pkcs8"])}),
+        ("import-key-material-aes-key-wrap-request", R, {"id": 43, "import_key_material": {
+            "key_id": KEY_C, "import_token": kwp["token"],
+            "encrypted_key_material": kwp["wrapped"], "valid_to": material_valid_to}},
+         dict(kwp["inputs"], key_material_hex=hexs(imported))),
+        ("import-key-material-aes-key-wrap-response", S, {"id": 43,
+                                                           "import_key_material": {}}),
+        ("describe-key-imported-request", R, {"id": 44, "describe_key": {"key_id": KEY_C}}),
+        ("describe-key-imported-response", S, {"id": 44, "describe_key": {
+            "key_metadata": imported_metadata}}),
+        # An import into key C of material other than the material it was first given.
+        ("incorrect-key-material-error-response", S, {"id": 45, "error": {
+            "code": "IncorrectKeyMaterialException",
+            "message": "key %s was given other material before; only that same material can "
+                       "be imported into it again" % KEY_C}}),
+        ("delete-imported-key-material-request", R, {"id": 46,
+            "delete_imported_key_material": {"key_id": KEY_C}}),
+        ("delete-imported-key-material-response", S, {"id": 46,
+                                                       "delete_imported_key_material": {}}),
     ]
     out = []
-    for name, direction, value in vectors:
+    for name, direction, value, *extra in vectors:
         msg = "Request" if direction == R else "Response"
         body = encode_message(msg, value)
         v = {"name": name, "direction": direction, "frame_hex": frame(body).hex(),
              "json": to_json(msg, value)}
         if "__unknown__" in value:
             v["unknown_operation"] = True
+        for more in extra:
+            v.update(more)
         out.append((v, msg, value, body))
     return out
+
+
+def check_import_frames(built):
+    """Unwraps every import-key-material request's material again, from the written vectors
+    alone: the private key of the GetParametersForImport answer that issued its token, and the
+    wrapping algorithm of the request that asked for it. Returns how many were checked."""
+    algorithms, issued, checked = {}, {}, 0
+    for v, msg, _, body in built:
+        decoded, _ = decode_message(msg, bytes.fromhex(v["frame_hex"])[4:])
+        if msg == "Request" and "get_parameters_for_import" in decoded:
+            algorithms[decoded["id"]] = decoded["get_parameters_for_import"]["wrapping_algorithm"]
+        elif msg == "Response" and "get_parameters_for_import" in decoded:
+            answer = decoded["get_parameters_for_import"]
+            key = serialization.load_der_private_key(
+                bytes.fromhex(v["wrapping_private_key_pkcs8_hex"]), password=None)
+            public = serialization.load_der_public_key(answer["public_key"])
+            assert public.public_numbers() == key.public_key().public_numbers(), v["name"]
+            assert len(answer["import_token"]) == 32, v["name"]
+            issued[answer["import_token"]] = (key, algorithms[decoded["id"]])
+        elif msg == "Request" and "import_key_material" in decoded:
+            request = decoded["import_key_material"]
+            key, algorithm = issued[request["import_token"]]
+            material = unwrap_key_material(key, algorithm, request["encrypted_key_material"])
+            assert material.hex() == v["key_material_hex"] and len(material) == 32, v["name"]
+            seed = bytes.fromhex(v["oaep_seed_hex"])
+            k = key.key_size // 8
+            rsa_part = (material if algorithm.startswith("RSAES_OAEP_")
+                        else bytes.fromhex(v["aes_key_hex"]))
+            hash_name = "sha1" if algorithm.endswith("_SHA_1") else "sha256"
+            assert rsa_oaep_encrypt(key.public_key(), rsa_part, seed, hash_name) == \
+                request["encrypted_key_material"][:k], v["name"]
+            checked += 1
+    return checked
 
 
 def check_frames(built):
@@ -920,6 +1171,8 @@ def main():
     check_ciphertext_vectors(valid, invalid)
     built = build_frames(valid)
     protoc_checked = check_frames(built)
+    imports_checked = check_import_frames(built)
+    assert imports_checked == 2
 
     write_json(os.path.join(HERE, "ciphertext.json"), {
         "format": "kmsd symmetric ciphertext v1",
@@ -931,9 +1184,10 @@ def main():
     })
     print("ciphertext.json: %d valid, %d invalid vectors (all self-checked)"
           % (len(valid), len(invalid)))
-    print("frames.json: %d frames (decoded back and compared with their JSON; protoc: %s)"
+    print("frames.json: %d frames (decoded back and compared with their JSON; protoc: %s; "
+          "%d wrapped key materials unwrapped again)"
           % (len(built), "not found, skipped" if protoc_checked is None
-             else "%d bodies identical" % protoc_checked))
+             else "%d bodies identical" % protoc_checked, imports_checked))
 
 
 if __name__ == "__main__":
