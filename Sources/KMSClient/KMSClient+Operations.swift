@@ -20,9 +20,12 @@ extension KMSClient {
     }
 
     public func createKey(description: String = "", keySpec: String = "", keyUsage: String = "",
-                          tags: [String: String] = [:], origin: String = "") async throws -> Kmsd_V1_KeyMetadata {
+                          tags: [String: String] = [:], origin: String = "", policy: String = "",
+                          bypassPolicyLockoutSafetyCheck: Bool = false) async throws -> Kmsd_V1_KeyMetadata {
         let req = Kmsd_V1_CreateKeyRequest.with {
             $0.origin = origin
+            $0.policy = policy
+            $0.bypassPolicyLockoutSafetyCheck = bypassPolicyLockoutSafetyCheck
             $0.description_p = description
             $0.keySpec = keySpec
             $0.keyUsage = keyUsage
@@ -219,5 +222,42 @@ extension KMSClient {
         guard case .deleteImportedKeyMaterial = try await send(.deleteImportedKeyMaterial(.with { $0.keyID = keyID })) else {
             throw Self.mismatch
         }
+    }
+
+    // MARK: - Key policies
+
+    public func getKeyPolicy(keyID: String, policyName: String = "default") async throws -> String {
+        guard case .getKeyPolicy(let r) = try await send(.getKeyPolicy(.with { $0.keyID = keyID; $0.policyName = policyName })) else {
+            throw Self.mismatch
+        }
+        return r.policy
+    }
+
+    public func putKeyPolicy(keyID: String, policy: String, policyName: String = "default",
+                             bypassPolicyLockoutSafetyCheck: Bool = false) async throws {
+        guard case .putKeyPolicy = try await send(.putKeyPolicy(.with {
+            $0.keyID = keyID
+            $0.policy = policy
+            $0.policyName = policyName
+            $0.bypassPolicyLockoutSafetyCheck = bypassPolicyLockoutSafetyCheck
+        })) else { throw Self.mismatch }
+    }
+
+    public func listKeyPolicies(keyID: String) async throws -> [String] {
+        guard case .listKeyPolicies(let r) = try await send(.listKeyPolicies(.with { $0.keyID = keyID })) else { throw Self.mismatch }
+        return r.policyNames
+    }
+
+    /// Beyond AWS: would the principal be allowed `action` (`kms:Encrypt`) on the key, and why.
+    public func simulatePolicy(keyID: String, action: String, principal: Kmsd_V1_SimulatedPrincipal,
+                               context: [String: String] = [:], policy: String = "") async throws -> Kmsd_V1_SimulatePolicyResponse {
+        guard case .simulatePolicy(let r) = try await send(.simulatePolicy(.with {
+            $0.keyID = keyID
+            $0.action = action
+            $0.principal = principal
+            $0.encryptionContext = context
+            $0.policy = policy
+        })) else { throw Self.mismatch }
+        return r
     }
 }

@@ -64,6 +64,8 @@ public struct KeyRecord: Codable, Sendable, Equatable {
     /// EXTERNAL keys: a keyed one-way check value of the first material imported, so a later
     /// import must bring the same material (never the material itself).
     public var importedMaterialCheck: Data? = nil
+    /// The key policy (JSON) set by PutKeyPolicy or CreateKey; nil: the default policy.
+    public var policy: String? = nil
 
     /// An EXTERNAL key whose material is not there (never imported, expired or deleted).
     public var awaitsMaterial: Bool { origin == KeyRecord.externalOrigin && expirationModel == nil }

@@ -331,7 +331,7 @@ public final class KeyRepository: Sendable {
         do { row = try storage.key(id: id.description) } catch {
             throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
         }
-        guard let row else { return nil }
+        guard let row else { try checkNotRemoved("keys", id.description, id); return nil }
         let record: KeyRecord = try open(row, table: "keys", rowKey: id.description)
         guard record.keyID == id else { throw Self.tampered(id) }
         // A key kmsd deleted keeps a tombstone; its rows back beside it were restored from an
@@ -360,7 +360,7 @@ public final class KeyRepository: Sendable {
         do { row = try storage.version(id: id.description, number: version) } catch {
             throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
         }
-        guard let row else { return nil }
+        guard let row else { try checkNotRemoved("key_versions", "\(id)/\(version)", id); return nil }
         let stored: KeyVersionRecord = try open(row, table: "key_versions", rowKey: "\(id)/\(version)")
         guard stored.keyID == id, stored.version == version else { throw Self.tampered(id) }
         let material: SecureBytes
@@ -500,6 +500,18 @@ public final class KeyRepository: Sendable {
             throw Self.rolledBack(table: table, rowKey: rowKey, row: row, suspect: distrusted)
         }
         return value
+    }
+
+    /// A row that is missing although the row index says kmsd last wrote it and did not
+    /// delete it was removed outside kmsd: KeyUnavailableException, not "never existed".
+    func checkNotRemoved(_ table: String, _ rowKey: String, _ id: KeyID) throws(KMSError) {
+        let entries: [IndexEntry]
+        do { entries = try storage.indexEntries([(table: table, rowKey: rowKey)]) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+        guard let e = entries.first, e.live else { return }
+        let what = table == "keys" ? "record of key \(id)" : "version \(rowKey.split(separator: "/").last ?? "") of key \(id)"
+        throw KMSError(.keyUnavailable, "the stored \(what) is missing although kmsd never deleted it (generation \(e.generation)): it was removed outside kmsd. It is refused; restore the keystore from its latest backup")
     }
 
     static func rolledBack(table: String, rowKey: String, row: StoredRow, suspect: Bool) -> KMSError {

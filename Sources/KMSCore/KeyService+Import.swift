@@ -94,6 +94,8 @@ extension KeyService {
         default:
             throw KMSError(.validation, "ExpirationModel must be KEY_MATERIAL_EXPIRES or KEY_MATERIAL_DOES_NOT_EXPIRE")
         }
+        guard !importToken.isEmpty else { throw KMSError(.validation, "ImportToken is required: pass the token from GetParametersForImport") }
+        guard !encryptedKeyMaterial.isEmpty else { throw KMSError(.validation, "EncryptedKeyMaterial is required: the material wrapped with the public key from GetParametersForImport") }
         let id = try KeyID(parsing: keyID)
         _ = try importableRecord(id, caller: caller)
         // Single use: the token is gone from here on, whatever becomes of this import.

@@ -18,6 +18,8 @@ public final class KeyService: Sendable {
     public let daySeconds: Int
     /// Outstanding GetParametersForImport answers (memory only).
     let importTokens = ImportTokens()
+    /// Compiled key policies, so a request does not parse JSON.
+    let compiledPolicies = Mutex<[KeyID: CompiledPolicy]>([:])
 
     public init(repository: KeyRepository, administrators: Administrators,
                 clock: @escaping @Sendable () -> Date = { Date() }, daySeconds: Int = 86_400) {
@@ -38,14 +40,15 @@ public final class KeyService: Sendable {
         public var tags: [Tag] = []
         /// Empty or AWS_KMS: kmsd generates the material; EXTERNAL: imported later.
         public var origin = ""
+        /// A key policy; empty: the default (creator and administrators).
+        public var policy = ""
+        public var bypassPolicyLockoutSafetyCheck = false
         public init() {}
     }
 
-    /// Creates a SYMMETRIC_DEFAULT key owned by the caller. Administrators only.
+    /// Creates a SYMMETRIC_DEFAULT key owned by the caller. Who may is decided before (see
+    /// `KeyService.mayCreateKeys`).
     public func createKey(_ input: CreateKeyInput, caller: Principal) throws(KMSError) -> KeyRecord {
-        guard isAdministrator(caller) else {
-            throw KMSError(.accessDenied, "uid \(caller.uid) (\(caller.userName)) may not create keys: only administrators may (configure administrators in kmsd's configuration)")
-        }
         let spec = try Self.parse(KeySpec.self, input.keySpec, default: .symmetricDefault, field: "KeySpec")
         let usage = try Self.parse(KeyUsage.self, input.keyUsage, default: .encryptDecrypt, field: "KeyUsage")
         guard spec == .symmetricDefault else {
@@ -67,11 +70,15 @@ public final class KeyService: Sendable {
         default:
             throw KMSError(.validation, "Origin '\(input.origin.prefix(64))' is not a known value; use AWS_KMS or EXTERNAL")
         }
-        let record = KeyRecord(keyID: .random(), createdAt: Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down)),
+        var record = KeyRecord(keyID: .random(), createdAt: Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down)),
                                description: input.description, keyUsage: usage, keySpec: spec,
                                state: external ? .pendingImport : .enabled,
                                ownerUID: caller.uid, currentVersion: 1, tags: input.tags,
                                origin: external ? KeyRecord.externalOrigin : KeyRecord.kmsOrigin)
+        if !input.policy.isEmpty {
+            try checkNewPolicy(input.policy, for: record, caller: caller, bypass: input.bypassPolicyLockoutSafetyCheck)
+            record.policy = input.policy
+        }
         do {
             let material = external ? nil : try SecureBytes.random(count: 32)
             try repository.create(record, material: material)
@@ -405,15 +412,13 @@ public final class KeyService: Sendable {
     /// A key identifier where AWS KMS accepts aliases too: key id, key ARN, `alias/NAME` or
     /// `kmsd:alias/NAME`. NotFoundException when the alias does not exist.
     ///
-    /// An alias whose key the caller may not use answers exactly as a missing one: aliases
-    /// reveal neither which key they name nor that they exist to anyone who may not use it.
+    /// Whether the caller may use the key it names is decided by the key's policy before the
+    /// operation (`KeyService.decide`), which also answers a refused alias as a missing one.
     public func resolve(_ text: String, caller: Principal) throws(KMSError) -> KeyID {
         guard let name = Self.aliasName(text) else { return try KeyID(parsing: text) }
         try Self.validateAlias(name)
-        let missing = KMSError(.notFound, "alias \(name) does not exist; list aliases with kmsctl list-aliases")
-        guard let alias = try repository.alias(name) else { throw missing }
-        if !isAdministrator(caller) {
-            guard let record = try? repository.record(alias.keyID), record.ownerUID == caller.uid else { throw missing }
+        guard let alias = try repository.alias(name) else {
+            throw KMSError(.notFound, "alias \(name) does not exist; list aliases with kmsctl list-aliases")
         }
         return alias.keyID
     }
@@ -453,7 +458,7 @@ public final class KeyService: Sendable {
         return record
     }
 
-    static func checkTargetIsKey(_ text: String) throws(KMSError) {
+    public static func checkTargetIsKey(_ text: String) throws(KMSError) {
         guard aliasName(text) == nil else {
             throw KMSError(.validation, "TargetKeyId must be a key id or key ARN, not an alias")
         }
@@ -736,7 +741,7 @@ public final class KeyService: Sendable {
         }
     }
 
-    static func deleted(_ t: KeyTombstone) -> KMSError {
+    public static func deleted(_ t: KeyTombstone) -> KMSError {
         KMSError(.notFound, "key \(t.keyID) was deleted on \(date(t.deletedAt)); its material is gone and nothing encrypted under it can be decrypted")
     }
 
@@ -749,10 +754,9 @@ public final class KeyService: Sendable {
         return record
     }
 
+    /// Whether the key's state allows the operation. Access was decided before the operation
+    /// started, once, by the key's policy (`KeyService.decide`); nothing here checks it again.
     private func checkUsable(_ record: KeyRecord, caller: Principal, needsEnabled: Bool) throws(KMSError) {
-        guard record.ownerUID == caller.uid || isAdministrator(caller) else {
-            throw KMSError(.accessDenied, "uid \(caller.uid) (\(caller.userName)) may not use key \(record.keyID): only its creator and administrators may")
-        }
         guard needsEnabled else { return }
         switch record.state {
         case .enabled: return

@@ -302,7 +302,9 @@ public final class SQLiteKeyStorage: KeyStorage {
     // MARK: - Row index
 
     public func indexEntries(_ rows: [(table: String, rowKey: String)]) throws -> [IndexEntry] {
-        try write { conn in
+        // Readers see every committed write, and writers commit under KeyRepository's integrity
+        // lock before the next one reads here: no stale entry.
+        try readers.with { conn in
             try rows.flatMap { r in
                 try Self.query(conn, "SELECT gen, live FROM row_index WHERE tbl = ?1 AND row_key = ?2", [.text(r.table), .text(r.rowKey)], path: path) { stmt in
                     IndexEntry(table: r.table, rowKey: r.rowKey, generation: UInt64(bitPattern: sqlite3_column_int64(stmt, 0)),

@@ -39,6 +39,10 @@ extension Kmsd_V1_Request.OneOf_Operation {
         case .getParametersForImport: "GetParametersForImport"
         case .importKeyMaterial: "ImportKeyMaterial"
         case .deleteImportedKeyMaterial: "DeleteImportedKeyMaterial"
+        case .getKeyPolicy: "GetKeyPolicy"
+        case .putKeyPolicy: "PutKeyPolicy"
+        case .listKeyPolicies: "ListKeyPolicies"
+        case .simulatePolicy: "SimulatePolicy"
         }
     }
 }

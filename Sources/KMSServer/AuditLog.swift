@@ -45,6 +45,7 @@ struct AuditRecord: Sendable {
             "KMS_PEER_UNIT=\(principal.systemdUnit ?? "")",
             "KMS_PEER_UNRESOLVED=\(principal.unresolved ?? "")",
             "KMS_ENCRYPTION_CONTEXT=\(details.contextKeys)",
+            "KMS_DECIDED_BY=\(details.decidedBy)",
             "KMS_DURATION_US=\(durationMicros)",
         ]
         if let eventMessage {

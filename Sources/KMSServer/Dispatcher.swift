@@ -16,6 +16,8 @@ struct AuditDetails {
     var sourceAlias = ""
     /// The alias the request named or acted on (a valid alias name only).
     var alias = ""
+    /// What decided access: `key-policy:SID`, `configuration:administrators`, `open`, ...
+    var decidedBy = ""
     /// Keys left out of the answer because their stored record failed its integrity check.
     var integrityFailures: [String] = []
     /// Reverses the request's lasting effect; run when its audit record cannot be written, so
@@ -30,10 +32,12 @@ extension AuditDetails {
         return name
     }
 
-    /// Notes what a request's key identifier names: a key id, or an alias.
+    /// Notes what a request's key identifier names: a key id, or an alias. The authorizer has
+    /// already replaced an alias by its key id in the request and noted the alias; that stays.
     mutating func noteKey(requested text: String) {
         keyID = Self.keyID(requested: text)
-        alias = Self.alias(requested: text)
+        let named = Self.alias(requested: text)
+        if !named.isEmpty { alias = named }
     }
 
     /// The key id a request named, as kmsd understood it; "invalid" for text that names no key.
@@ -124,7 +128,8 @@ final class Dispatcher: Sendable {
                              "TagResource", "UntagResource", "ListResourceTags",
                              "EnableKeyRotation", "DisableKeyRotation", "GetKeyRotationStatus", "RotateKeyOnDemand",
                              "ListKeyRotations", "SetMinimumDecryptionVersion",
-                             "GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial", "Encrypt", "Decrypt",
+                             "GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial",
+                             "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy", "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
     static func route(_ op: KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ details: inout AuditDetails,
@@ -165,6 +170,10 @@ final class Dispatcher: Sendable {
         case .importKeyMaterial(let r): .importKeyMaterial(try ImportHandlers.importKeyMaterial(r, ctx, &details))
         case .deleteImportedKeyMaterial(let r):
             .deleteImportedKeyMaterial(try ImportHandlers.deleteImportedKeyMaterial(r, ctx, &details))
+        case .getKeyPolicy(let r): .getKeyPolicy(try PolicyHandlers.getKeyPolicy(r, ctx, &details))
+        case .putKeyPolicy(let r): .putKeyPolicy(try PolicyHandlers.putKeyPolicy(r, ctx, &details))
+        case .listKeyPolicies(let r): .listKeyPolicies(try PolicyHandlers.listKeyPolicies(r, ctx, &details))
+        case .simulatePolicy(let r): .simulatePolicy(try PolicyHandlers.simulatePolicy(r, ctx, &details))
         }
     }
 
@@ -193,7 +202,7 @@ final class Dispatcher: Sendable {
              .updateKeyDescription, .createAlias, .updateAlias, .deleteAlias, .listAliases, .tagResource, .untagResource,
              .listResourceTags, .enableKeyRotation, .disableKeyRotation, .getKeyRotationStatus, .rotateKeyOnDemand,
              .listKeyRotations, .setMinimumDecryptionVersion, .getParametersForImport, .importKeyMaterial,
-             .deleteImportedKeyMaterial: return false
+             .deleteImportedKeyMaterial, .getKeyPolicy, .putKeyPolicy, .listKeyPolicies, .simulatePolicy: return false
         }
     }
 
@@ -275,10 +284,14 @@ final class Dispatcher: Sendable {
         guard rateLimiter.allow(uid: principal.uid) else {
             return throttled(id: request.id, action: action, principal: principal)
         }
-        if let op = request.operation {
+        if var op = request.operation {
             do {
                 let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts)
-                do throws(KMSError) { outcome = .success(try Self.route(op, ctx, &details, &secret)) } catch { outcome = .failure(error) }
+                // One access decision, then the handler, which checks no access itself.
+                do throws(KMSError) {
+                    try Authorizer.authorize(&op, ctx, &details)
+                    outcome = .success(try Self.route(op, ctx, &details, &secret))
+                } catch { outcome = .failure(error) }
             }
         } else {
             outcome = .failure(KMSError(.unsupportedOperation,

@@ -40,7 +40,7 @@ enum CryptoHandlers {
     static func decrypt(_ r: Kmsd_V1_DecryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails,
                         _ secret: inout ResponseSecret?) throws(KMSError) -> Kmsd_V1_DecryptResponse {
         noteBlob(Array(r.ciphertextBlob), into: &d)
-        d.alias = AuditDetails.alias(requested: r.keyID)
+        if case let a = AuditDetails.alias(requested: r.keyID), !a.isEmpty { d.alias = a }
         let pairs = try ctx.context(operation: 31, field: 2, decoded: r.encryptionContext)
         d.contextKeys = EncryptionContext.auditKeys(pairs: pairs)
         try checkAlgorithm(r.encryptionAlgorithm)
@@ -58,7 +58,7 @@ enum CryptoHandlers {
         noteBlob(Array(r.ciphertextBlob), into: &d)
         d.sourceKeyID = d.keyID
         d.sourceKeyVersion = d.keyVersion
-        d.sourceAlias = AuditDetails.alias(requested: r.sourceKeyID)
+        if case let a = AuditDetails.alias(requested: r.sourceKeyID), !a.isEmpty { d.sourceAlias = a }
         d.noteKey(requested: r.destinationKeyID)
         d.keyVersion = nil
         let source = try ctx.context(operation: 32, field: 2, decoded: r.sourceEncryptionContext)

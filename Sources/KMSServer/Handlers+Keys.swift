@@ -11,6 +11,8 @@ enum KeyHandlers {
         input.keyUsage = r.keyUsage
         input.tags = r.tags.map { Tag(key: $0.tagKey, value: $0.tagValue) }
         input.origin = r.origin
+        input.policy = r.policy
+        input.bypassPolicyLockoutSafetyCheck = r.bypassPolicyLockoutSafetyCheck
         let record = try ctx.service.createKey(input, caller: ctx.principal)
         d.keyID = record.keyID.description
         d.keyVersion = record.currentVersion

@@ -21,6 +21,12 @@ struct CreateKey: AsyncParsableCommand {
     @Option(name: .customLong("origin"), help: ArgumentHelp("AWS_KMS (default: kmsd makes the material) or EXTERNAL (import it later; the key is PendingImport until then).", valueName: "origin"))
     var origin: String = ""
 
+    @Option(name: .customLong("policy"), help: ArgumentHelp("A key policy instead of the default: file://PATH, - for standard input, or the JSON itself.", valueName: "file://path"))
+    var policy: String?
+
+    @Flag(name: .customLong("bypass-policy-lockout-safety-check"), help: "Accept a policy that does not let you change it later.")
+    var bypass = false
+
     @Option(name: .customLong("tag"), help: ArgumentHelp("A tag KEY=VALUE (split at the first '='). Repeatable.", valueName: "key=value"))
     var tags: [String] = []
 
@@ -43,8 +49,10 @@ struct CreateKey: AsyncParsableCommand {
 
     func run() async throws {
         let tagMap = try allTags()
+        let policyText = try policy.map { try readTextArgument($0, option: "--policy") } ?? ""
         let metadata = try await global.withClient {
-            try await $0.createKey(description: keyDescription, keySpec: keySpec, keyUsage: keyUsage, tags: tagMap, origin: origin)
+            try await $0.createKey(description: keyDescription, keySpec: keySpec, keyUsage: keyUsage, tags: tagMap, origin: origin,
+                                   policy: policyText, bypassPolicyLockoutSafetyCheck: bypass)
         }
         try printKeyMetadata(metadata, json: global.json)
     }

@@ -226,3 +226,21 @@ func parseTimeArgument(_ value: String, option: String) throws -> Int64 {
     if let date = formatter.date(from: value) { return Int64(date.timeIntervalSince1970) }
     throw ValidationError("\(option) must be Unix seconds or an ISO 8601 time such as 2026-12-31T00:00:00Z")
 }
+
+/// A text argument as the aws CLI reads one: `file://PATH` for the file's text, `-` for
+/// standard input, else the value itself.
+func readTextArgument(_ value: String, option: String) throws -> String {
+    if value == "-" {
+        let data = FileHandle.standardInput.readDataToEndOfFile()
+        guard let text = String(data: data, encoding: .utf8) else { throw ValidationError("\(option): standard input is not UTF-8 text") }
+        return text
+    }
+    if value.hasPrefix("file://") {
+        let path = String(value.dropFirst("file://".count))
+        guard let data = FileManager.default.contents(atPath: path) else { throw ValidationError("\(option): cannot read \(path)") }
+        guard let text = String(data: data, encoding: .utf8) else { throw ValidationError("\(option): \(path) is not UTF-8 text") }
+        return text
+    }
+    if value.hasPrefix("fileb://") { throw ValidationError("\(option) is text: give file://PATH, - for standard input, or the text itself") }
+    return value
+}

@@ -299,6 +299,38 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     set {operation = .deleteImportedKeyMaterial(newValue)}
   }
 
+  public var getKeyPolicy: Kmsd_V1_GetKeyPolicyRequest {
+    get {
+      if case .getKeyPolicy(let v)? = operation {return v}
+      return Kmsd_V1_GetKeyPolicyRequest()
+    }
+    set {operation = .getKeyPolicy(newValue)}
+  }
+
+  public var putKeyPolicy: Kmsd_V1_PutKeyPolicyRequest {
+    get {
+      if case .putKeyPolicy(let v)? = operation {return v}
+      return Kmsd_V1_PutKeyPolicyRequest()
+    }
+    set {operation = .putKeyPolicy(newValue)}
+  }
+
+  public var listKeyPolicies: Kmsd_V1_ListKeyPoliciesRequest {
+    get {
+      if case .listKeyPolicies(let v)? = operation {return v}
+      return Kmsd_V1_ListKeyPoliciesRequest()
+    }
+    set {operation = .listKeyPolicies(newValue)}
+  }
+
+  public var simulatePolicy: Kmsd_V1_SimulatePolicyRequest {
+    get {
+      if case .simulatePolicy(let v)? = operation {return v}
+      return Kmsd_V1_SimulatePolicyRequest()
+    }
+    set {operation = .simulatePolicy(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Operation: Equatable, Sendable {
@@ -334,6 +366,10 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     case getParametersForImport(Kmsd_V1_GetParametersForImportRequest)
     case importKeyMaterial(Kmsd_V1_ImportKeyMaterialRequest)
     case deleteImportedKeyMaterial(Kmsd_V1_DeleteImportedKeyMaterialRequest)
+    case getKeyPolicy(Kmsd_V1_GetKeyPolicyRequest)
+    case putKeyPolicy(Kmsd_V1_PutKeyPolicyRequest)
+    case listKeyPolicies(Kmsd_V1_ListKeyPoliciesRequest)
+    case simulatePolicy(Kmsd_V1_SimulatePolicyRequest)
 
   }
 
@@ -614,6 +650,38 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     set {result = .deleteImportedKeyMaterial(newValue)}
   }
 
+  public var getKeyPolicy: Kmsd_V1_GetKeyPolicyResponse {
+    get {
+      if case .getKeyPolicy(let v)? = result {return v}
+      return Kmsd_V1_GetKeyPolicyResponse()
+    }
+    set {result = .getKeyPolicy(newValue)}
+  }
+
+  public var putKeyPolicy: Kmsd_V1_PutKeyPolicyResponse {
+    get {
+      if case .putKeyPolicy(let v)? = result {return v}
+      return Kmsd_V1_PutKeyPolicyResponse()
+    }
+    set {result = .putKeyPolicy(newValue)}
+  }
+
+  public var listKeyPolicies: Kmsd_V1_ListKeyPoliciesResponse {
+    get {
+      if case .listKeyPolicies(let v)? = result {return v}
+      return Kmsd_V1_ListKeyPoliciesResponse()
+    }
+    set {result = .listKeyPolicies(newValue)}
+  }
+
+  public var simulatePolicy: Kmsd_V1_SimulatePolicyResponse {
+    get {
+      if case .simulatePolicy(let v)? = result {return v}
+      return Kmsd_V1_SimulatePolicyResponse()
+    }
+    set {result = .simulatePolicy(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Result: Equatable, Sendable {
@@ -650,6 +718,10 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     case getParametersForImport(Kmsd_V1_GetParametersForImportResponse)
     case importKeyMaterial(Kmsd_V1_ImportKeyMaterialResponse)
     case deleteImportedKeyMaterial(Kmsd_V1_DeleteImportedKeyMaterialResponse)
+    case getKeyPolicy(Kmsd_V1_GetKeyPolicyResponse)
+    case putKeyPolicy(Kmsd_V1_PutKeyPolicyResponse)
+    case listKeyPolicies(Kmsd_V1_ListKeyPoliciesResponse)
+    case simulatePolicy(Kmsd_V1_SimulatePolicyResponse)
 
   }
 
@@ -894,6 +966,11 @@ public nonisolated struct Kmsd_V1_CreateKeyRequest: Sendable {
 
   /// empty = AWS_KMS; EXTERNAL: no material, PendingImport until ImportKeyMaterial
   public var origin: String = String()
+
+  /// key policy JSON; empty = the default policy (creator and administrators)
+  public var policy: String = String()
+
+  public var bypassPolicyLockoutSafetyCheck: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1826,13 +1903,183 @@ public nonisolated struct Kmsd_V1_DeleteImportedKeyMaterialResponse: Sendable {
   public init() {}
 }
 
+/// Key policies. Each key has one policy, named "default".
+public nonisolated struct Kmsd_V1_GetKeyPolicyRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  /// empty or "default"
+  public var policyName: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_GetKeyPolicyResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// JSON
+  public var policy: String = String()
+
+  /// "default"
+  public var policyName: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_PutKeyPolicyRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  /// empty or "default"
+  public var policyName: String = String()
+
+  /// JSON, at most 32768 bytes
+  public var policy: String = String()
+
+  public var bypassPolicyLockoutSafetyCheck: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_PutKeyPolicyResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ListKeyPoliciesRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  public var limit: UInt32 = 0
+
+  public var marker: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ListKeyPoliciesResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// ["default"]
+  public var policyNames: [String] = []
+
+  public var nextMarker: String = String()
+
+  public var truncated: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Beyond AWS: would this principal be allowed this action on this key, and what decides it.
+public nonisolated struct Kmsd_V1_SimulatePolicyRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  /// kms:Encrypt, ...
+  public var action: String = String()
+
+  public var principal: Kmsd_V1_SimulatedPrincipal {
+    get {_principal ?? Kmsd_V1_SimulatedPrincipal()}
+    set {_principal = newValue}
+  }
+  /// Returns true if `principal` has been explicitly set.
+  public var hasPrincipal: Bool {self._principal != nil}
+  /// Clears the value of `principal`. Subsequent reads from it will return its default value.
+  public mutating func clearPrincipal() {self._principal = nil}
+
+  public var encryptionContext: Dictionary<String,String> = [:]
+
+  /// optional: a candidate policy to evaluate instead of the key's
+  public var policy: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _principal: Kmsd_V1_SimulatedPrincipal? = nil
+}
+
+public nonisolated struct Kmsd_V1_SimulatedPrincipal: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var uid: UInt32 = 0
+
+  /// uid 0 is root: say so explicitly
+  public var hasUid_p: Bool = false
+
+  /// a user name (resolved to uid when has_uid is false)
+  public var user: String = String()
+
+  /// group names or numeric gids
+  public var groups: [String] = []
+
+  public var unit: String = String()
+
+  public var executable: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_SimulatePolicyResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Allow | ExplicitDeny | ImplicitDeny
+  public var decision: String = String()
+
+  /// key-policy:SID, key-policy:#N, or implicit-deny
+  public var decidedBy: String = String()
+
+  public var keyID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "kmsd.v1"
 
 nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Request"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2257,6 +2504,58 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
           self.operation = .deleteImportedKeyMaterial(v)
         }
       }()
+      case 70: try {
+        var v: Kmsd_V1_GetKeyPolicyRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .getKeyPolicy(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .getKeyPolicy(v)
+        }
+      }()
+      case 71: try {
+        var v: Kmsd_V1_PutKeyPolicyRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .putKeyPolicy(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .putKeyPolicy(v)
+        }
+      }()
+      case 72: try {
+        var v: Kmsd_V1_ListKeyPoliciesRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .listKeyPolicies(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .listKeyPolicies(v)
+        }
+      }()
+      case 73: try {
+        var v: Kmsd_V1_SimulatePolicyRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .simulatePolicy(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .simulatePolicy(v)
+        }
+      }()
       default: break
       }
     }
@@ -2399,6 +2698,22 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
       guard case .deleteImportedKeyMaterial(let v)? = self.operation else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
     }()
+    case .getKeyPolicy?: try {
+      guard case .getKeyPolicy(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 70)
+    }()
+    case .putKeyPolicy?: try {
+      guard case .putKeyPolicy(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 71)
+    }()
+    case .listKeyPolicies?: try {
+      guard case .listKeyPolicies(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 72)
+    }()
+    case .simulatePolicy?: try {
+      guard case .simulatePolicy(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 73)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -2414,7 +2729,7 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
 
 nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Response"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2852,6 +3167,58 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
           self.result = .deleteImportedKeyMaterial(v)
         }
       }()
+      case 70: try {
+        var v: Kmsd_V1_GetKeyPolicyResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .getKeyPolicy(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .getKeyPolicy(v)
+        }
+      }()
+      case 71: try {
+        var v: Kmsd_V1_PutKeyPolicyResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .putKeyPolicy(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .putKeyPolicy(v)
+        }
+      }()
+      case 72: try {
+        var v: Kmsd_V1_ListKeyPoliciesResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .listKeyPolicies(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .listKeyPolicies(v)
+        }
+      }()
+      case 73: try {
+        var v: Kmsd_V1_SimulatePolicyResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .simulatePolicy(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .simulatePolicy(v)
+        }
+      }()
       default: break
       }
     }
@@ -2997,6 +3364,22 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
     case .deleteImportedKeyMaterial?: try {
       guard case .deleteImportedKeyMaterial(let v)? = self.result else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
+    }()
+    case .getKeyPolicy?: try {
+      guard case .getKeyPolicy(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 70)
+    }()
+    case .putKeyPolicy?: try {
+      guard case .putKeyPolicy(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 71)
+    }()
+    case .listKeyPolicies?: try {
+      guard case .listKeyPolicies(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 72)
+    }()
+    case .simulatePolicy?: try {
+      guard case .simulatePolicy(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 73)
     }()
     case nil: break
     }
@@ -3437,7 +3820,7 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
 
 nonisolated extension Kmsd_V1_CreateKeyRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CreateKeyRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}description\0\u{3}key_usage\0\u{3}key_spec\0\u{1}tags\0\u{1}origin\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}description\0\u{3}key_usage\0\u{3}key_spec\0\u{1}tags\0\u{1}origin\0\u{1}policy\0\u{3}bypass_policy_lockout_safety_check\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3450,6 +3833,8 @@ nonisolated extension Kmsd_V1_CreateKeyRequest: SwiftProtobuf.Message, SwiftProt
       case 3: try { try decoder.decodeSingularStringField(value: &self.keySpec) }()
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.tags) }()
       case 5: try { try decoder.decodeSingularStringField(value: &self.origin) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.policy) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.bypassPolicyLockoutSafetyCheck) }()
       default: break
       }
     }
@@ -3471,6 +3856,12 @@ nonisolated extension Kmsd_V1_CreateKeyRequest: SwiftProtobuf.Message, SwiftProt
     if !self.origin.isEmpty {
       try visitor.visitSingularStringField(value: self.origin, fieldNumber: 5)
     }
+    if !self.policy.isEmpty {
+      try visitor.visitSingularStringField(value: self.policy, fieldNumber: 6)
+    }
+    if self.bypassPolicyLockoutSafetyCheck != false {
+      try visitor.visitSingularBoolField(value: self.bypassPolicyLockoutSafetyCheck, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -3480,6 +3871,8 @@ nonisolated extension Kmsd_V1_CreateKeyRequest: SwiftProtobuf.Message, SwiftProt
     if lhs.keySpec != rhs.keySpec {return false}
     if lhs.tags != rhs.tags {return false}
     if lhs.origin != rhs.origin {return false}
+    if lhs.policy != rhs.policy {return false}
+    if lhs.bypassPolicyLockoutSafetyCheck != rhs.bypassPolicyLockoutSafetyCheck {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -5585,6 +5978,369 @@ nonisolated extension Kmsd_V1_DeleteImportedKeyMaterialResponse: SwiftProtobuf.M
   }
 
   public static func ==(lhs: Kmsd_V1_DeleteImportedKeyMaterialResponse, rhs: Kmsd_V1_DeleteImportedKeyMaterialResponse) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_GetKeyPolicyRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GetKeyPolicyRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}policy_name\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.policyName) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if !self.policyName.isEmpty {
+      try visitor.visitSingularStringField(value: self.policyName, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_GetKeyPolicyRequest, rhs: Kmsd_V1_GetKeyPolicyRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.policyName != rhs.policyName {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_GetKeyPolicyResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GetKeyPolicyResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}policy\0\u{3}policy_name\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.policy) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.policyName) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.policy.isEmpty {
+      try visitor.visitSingularStringField(value: self.policy, fieldNumber: 1)
+    }
+    if !self.policyName.isEmpty {
+      try visitor.visitSingularStringField(value: self.policyName, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_GetKeyPolicyResponse, rhs: Kmsd_V1_GetKeyPolicyResponse) -> Bool {
+    if lhs.policy != rhs.policy {return false}
+    if lhs.policyName != rhs.policyName {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_PutKeyPolicyRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".PutKeyPolicyRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}policy_name\0\u{1}policy\0\u{3}bypass_policy_lockout_safety_check\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.policyName) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.policy) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.bypassPolicyLockoutSafetyCheck) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if !self.policyName.isEmpty {
+      try visitor.visitSingularStringField(value: self.policyName, fieldNumber: 2)
+    }
+    if !self.policy.isEmpty {
+      try visitor.visitSingularStringField(value: self.policy, fieldNumber: 3)
+    }
+    if self.bypassPolicyLockoutSafetyCheck != false {
+      try visitor.visitSingularBoolField(value: self.bypassPolicyLockoutSafetyCheck, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_PutKeyPolicyRequest, rhs: Kmsd_V1_PutKeyPolicyRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.policyName != rhs.policyName {return false}
+    if lhs.policy != rhs.policy {return false}
+    if lhs.bypassPolicyLockoutSafetyCheck != rhs.bypassPolicyLockoutSafetyCheck {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_PutKeyPolicyResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".PutKeyPolicyResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_PutKeyPolicyResponse, rhs: Kmsd_V1_PutKeyPolicyResponse) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ListKeyPoliciesRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ListKeyPoliciesRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}limit\0\u{1}marker\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.limit) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.marker) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if self.limit != 0 {
+      try visitor.visitSingularUInt32Field(value: self.limit, fieldNumber: 2)
+    }
+    if !self.marker.isEmpty {
+      try visitor.visitSingularStringField(value: self.marker, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ListKeyPoliciesRequest, rhs: Kmsd_V1_ListKeyPoliciesRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.limit != rhs.limit {return false}
+    if lhs.marker != rhs.marker {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ListKeyPoliciesResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ListKeyPoliciesResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}policy_names\0\u{3}next_marker\0\u{1}truncated\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedStringField(value: &self.policyNames) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.nextMarker) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.truncated) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.policyNames.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.policyNames, fieldNumber: 1)
+    }
+    if !self.nextMarker.isEmpty {
+      try visitor.visitSingularStringField(value: self.nextMarker, fieldNumber: 2)
+    }
+    if self.truncated != false {
+      try visitor.visitSingularBoolField(value: self.truncated, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ListKeyPoliciesResponse, rhs: Kmsd_V1_ListKeyPoliciesResponse) -> Bool {
+    if lhs.policyNames != rhs.policyNames {return false}
+    if lhs.nextMarker != rhs.nextMarker {return false}
+    if lhs.truncated != rhs.truncated {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_SimulatePolicyRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SimulatePolicyRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}action\0\u{1}principal\0\u{3}encryption_context\0\u{1}policy\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.action) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._principal) }()
+      case 4: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: &self.encryptionContext) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.policy) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if !self.action.isEmpty {
+      try visitor.visitSingularStringField(value: self.action, fieldNumber: 2)
+    }
+    try { if let v = self._principal {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
+    if !self.encryptionContext.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: self.encryptionContext, fieldNumber: 4)
+    }
+    if !self.policy.isEmpty {
+      try visitor.visitSingularStringField(value: self.policy, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_SimulatePolicyRequest, rhs: Kmsd_V1_SimulatePolicyRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.action != rhs.action {return false}
+    if lhs._principal != rhs._principal {return false}
+    if lhs.encryptionContext != rhs.encryptionContext {return false}
+    if lhs.policy != rhs.policy {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_SimulatedPrincipal: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SimulatedPrincipal"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}uid\0\u{3}has_uid\0\u{1}user\0\u{1}groups\0\u{1}unit\0\u{1}executable\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.uid) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.hasUid_p) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.user) }()
+      case 4: try { try decoder.decodeRepeatedStringField(value: &self.groups) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.unit) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.executable) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.uid != 0 {
+      try visitor.visitSingularUInt32Field(value: self.uid, fieldNumber: 1)
+    }
+    if self.hasUid_p != false {
+      try visitor.visitSingularBoolField(value: self.hasUid_p, fieldNumber: 2)
+    }
+    if !self.user.isEmpty {
+      try visitor.visitSingularStringField(value: self.user, fieldNumber: 3)
+    }
+    if !self.groups.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.groups, fieldNumber: 4)
+    }
+    if !self.unit.isEmpty {
+      try visitor.visitSingularStringField(value: self.unit, fieldNumber: 5)
+    }
+    if !self.executable.isEmpty {
+      try visitor.visitSingularStringField(value: self.executable, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_SimulatedPrincipal, rhs: Kmsd_V1_SimulatedPrincipal) -> Bool {
+    if lhs.uid != rhs.uid {return false}
+    if lhs.hasUid_p != rhs.hasUid_p {return false}
+    if lhs.user != rhs.user {return false}
+    if lhs.groups != rhs.groups {return false}
+    if lhs.unit != rhs.unit {return false}
+    if lhs.executable != rhs.executable {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_SimulatePolicyResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SimulatePolicyResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}decision\0\u{3}decided_by\0\u{3}key_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.decision) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.decidedBy) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.decision.isEmpty {
+      try visitor.visitSingularStringField(value: self.decision, fieldNumber: 1)
+    }
+    if !self.decidedBy.isEmpty {
+      try visitor.visitSingularStringField(value: self.decidedBy, fieldNumber: 2)
+    }
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_SimulatePolicyResponse, rhs: Kmsd_V1_SimulatePolicyResponse) -> Bool {
+    if lhs.decision != rhs.decision {return false}
+    if lhs.decidedBy != rhs.decidedBy {return false}
+    if lhs.keyID != rhs.keyID {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,139 @@
+import Foundation
+import KMSProtocol
+import Synchronization
+
+/// A key's policy compiled once per text (the stored one, or the default for its owner).
+struct CompiledPolicy: Sendable {
+    let text: String?
+    let owner: UInt32
+    let policy: KeyPolicy
+}
+
+/// Key policies: the one access decision every request about a key goes through, and
+/// GetKeyPolicy, PutKeyPolicy, ListKeyPolicies and (beyond AWS) SimulatePolicy.
+extension KeyService {
+    public static let policyName = "default"
+
+    /// Who may create keys: administrators (AWS decides CreateKey by IAM policy; kmsd's
+    /// configuration is that policy).
+    public func mayCreateKeys(_ caller: Principal) -> PolicyDecision {
+        isAdministrator(caller) ? PolicyDecision(effect: .allow, decidedBy: "configuration:administrators") : .implicitDeny
+    }
+
+    /// The compiled policy of a key. A stored policy that no longer parses (it was valid when
+    /// written; say, a name it used is gone) cannot be: names that no longer resolve match
+    /// nobody, so parsing leniently always succeeds for a policy kmsd accepted.
+    func compiledPolicy(_ record: KeyRecord) -> KeyPolicy {
+        if let hit = compiledPolicies.withLock({ $0[record.keyID] }), hit.text == record.policy, hit.owner == record.ownerUID {
+            return hit.policy
+        }
+        let text = record.policy ?? DefaultKeyPolicy.text(owner: record.ownerUID)
+        // A policy kmsd stored always parses leniently; should it not, it allows nothing.
+        let policy = (try? KeyPolicy.parse(text, strict: false)) ?? KeyPolicy(id: nil, statements: [])
+        compiledPolicies.withLock { cache in
+            if cache.count >= 8192 { cache.removeAll(keepingCapacity: true) }
+            cache[record.keyID] = CompiledPolicy(text: record.policy, owner: record.ownerUID, policy: policy)
+        }
+        return policy
+    }
+
+    /// The access decision for one action on one key: the key's policy evaluated against the
+    /// request's facts (`facts.key` is the key). Pure apart from the compiled-policy cache.
+    public func decide(_ facts: RequestFacts) -> PolicyDecision {
+        guard let key = facts.key else { return .implicitDeny }
+        return compiledPolicy(key).evaluate(facts)
+    }
+
+    /// The text of a key's policy (the default one, written out, when none was set).
+    public func getKeyPolicy(_ keyID: String, name: String, caller: Principal) throws(KMSError) -> String {
+        try Self.checkPolicyName(name)
+        let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
+        return record.policy ?? DefaultKeyPolicy.text(owner: record.ownerUID)
+    }
+
+    /// Replaces a key's policy; refused (ValidationException) when the new policy would not let
+    /// the caller change it again, unless `bypass`.
+    public func putKeyPolicy(_ keyID: String, name: String, policy text: String, bypass: Bool, caller: Principal) throws(KMSError) -> Change {
+        try Self.checkPolicyName(name)
+        return try change(keyID, caller: caller, action: "set the policy of") { (r) throws(KMSError) in
+            guard r.state != .pendingDeletion else { throw Self.invalidState(r, "given a new policy") }
+            try checkNewPolicy(text, for: r, caller: caller, bypass: bypass)
+            r.policy = text
+        }
+    }
+
+    /// AWS's lockout safety check: the policy parses strictly and, unless `bypass`, lets the
+    /// caller make a later PutKeyPolicy on the key.
+    func checkNewPolicy(_ text: String, for record: KeyRecord, caller: Principal, bypass: Bool) throws(KMSError) {
+        let policy = try KeyPolicy.parse(text, strict: true)
+        guard !bypass else { return }
+        var facts = RequestFacts(action: "PutKeyPolicy", caller: caller, isAdministrator: isAdministrator(caller), key: record)!
+        facts.bypassPolicyLockoutSafetyCheck = false
+        guard policy.evaluate(facts).allowed else {
+            throw KMSError(.validation, "the new key policy would not allow you (uid \(caller.uid)) to change it again (kms:PutKeyPolicy), so nobody might ever be able to; include a statement that allows it, or set BypassPolicyLockoutSafetyCheck if that is really what you want")
+        }
+    }
+
+    public func listKeyPolicies(_ keyID: String, limit: Int, marker: String, caller: Principal) throws(KMSError) -> [String] {
+        guard limit == 0 || (1...1000).contains(limit) else { throw KMSError(.validation, "Limit must be 1...1000") }
+        guard marker.isEmpty else { throw KMSError(.invalidMarker, "Marker is not one this server returned to you; a key has one policy, so there is no second page") }
+        _ = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
+        return [Self.policyName]
+    }
+
+    static func checkPolicyName(_ name: String) throws(KMSError) {
+        guard name.isEmpty || name == policyName else {
+            throw KMSError(.notFound, "a key has one policy, named default; there is no policy named '\(name.prefix(64))'")
+        }
+    }
+
+    /// Who a simulation is about.
+    public struct SimulatedPrincipal: Sendable {
+        public var uid: UInt32?
+        public var user: String
+        public var groups: [String]
+        public var unit: String
+        public var executable: String
+        public init(uid: UInt32?, user: String, groups: [String], unit: String, executable: String) {
+            self.uid = uid; self.user = user; self.groups = groups; self.unit = unit; self.executable = executable
+        }
+    }
+
+    /// Beyond AWS: would `principal` be allowed `action` on the key (with this encryption
+    /// context), and which statement decides. `candidate`, when given, is evaluated instead of
+    /// the key's policy (try a policy before putting it).
+    public func simulatePolicy(_ keyID: String, action: String, principal p: SimulatedPrincipal, context: [String: String],
+                               candidate: String, caller: Principal) throws(KMSError) -> (decision: PolicyDecision, keyID: KeyID) {
+        let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
+        guard let index = PolicyActions.index(of: action) else {
+            throw KMSError(.validation, "Action '\(action.prefix(64))' is not a kms action (write it as kms:Encrypt)")
+        }
+        var uid = p.uid
+        if uid == nil, !p.user.isEmpty {
+            guard let resolved = PrincipalPattern.uid(of: p.user) else { throw KMSError(.validation, "there is no user '\(p.user.prefix(64))' on this host") }
+            uid = resolved
+        }
+        guard let uid else { throw KMSError(.validation, "give the principal's uid or user name") }
+        var gids: [UInt32] = []
+        for g in p.groups {
+            guard let gid = PrincipalPattern.gid(of: g) ?? UInt32(g) else { throw KMSError(.validation, "there is no group '\(g.prefix(64))' on this host") }
+            gids.append(gid)
+        }
+        let principal = Principal(uid: uid, gid: gids.first ?? uid, pid: 0, userName: p.user.isEmpty ? Self.userName(uid) : p.user,
+                                  groups: Array(gids.dropFirst()), executable: p.executable.isEmpty ? nil : p.executable,
+                                  systemdUnit: p.unit.isEmpty ? nil : p.unit)
+        var facts = RequestFacts(action: index, caller: principal, isAdministrator: isAdministrator(principal), key: record)
+        facts.encryptionContext = context.isEmpty ? nil : context
+        let repository = self.repository, id = record.keyID
+        facts.resourceAliases = { (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? [] }
+        let policy = candidate.isEmpty ? compiledPolicy(record) : try KeyPolicy.parse(candidate, strict: true)
+        return (policy.evaluate(facts), record.keyID)
+    }
+
+    static func userName(_ uid: UInt32) -> String {
+        var pwd = passwd(), result: UnsafeMutablePointer<passwd>? = nil
+        var buffer = [CChar](repeating: 0, count: 4096)
+        guard getpwuid_r(uid, &pwd, &buffer, buffer.count, &result) == 0, result != nil, let name = pwd.pw_name else { return "" }
+        return String(cString: name)
+    }
+}

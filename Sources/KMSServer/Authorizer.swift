@@ -1,0 +1,187 @@
+import Foundation
+import KMSCore
+import KMSProtocol
+
+/// The one access decision of every request, made before its handler runs.
+///
+/// For each operation: which key it acts on (resolving an alias once), which `kms:` action it
+/// needs there, and the facts a policy may test (encryption context, alias, and so on). The key's
+/// policy decides (`KeyService.decide`); a refusal is AccessDeniedException naming what decided,
+/// or, for a key named through an alias, NotFoundException as if the alias did not exist. The
+/// request is then rewritten to name the key by the id that was decided on, so the handler acts
+/// on exactly that key even if an alias moves meanwhile. No handler checks access itself.
+struct Authorizer {
+    let ctx: HandlerContext
+    var service: KeyService { ctx.service }
+
+    /// Decides `op`; on return the key identifiers in it are key ids, and `d` names the key(s)
+    /// and the deciding statement(s).
+    static func authorize(_ op: inout KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) {
+        let a = Authorizer(ctx: ctx)
+        switch op {
+        case .hello, .whoAmI, .generateRandom, .listKeys:
+            d.decidedBy = "open"  // no key; ListKeys shows each caller only keys they may see
+        case .createKey:
+            let decision = a.service.mayCreateKeys(ctx.principal)
+            d.decidedBy = decision.decidedBy
+            guard decision.allowed else {
+                throw KMSError(.accessDenied, "uid \(ctx.principal.uid) (\(ctx.principal.userName)) may not create keys: only administrators may (configure administrators in kmsd's configuration)")
+            }
+        case .listAliases(var r):
+            guard !r.keyID.isEmpty else { d.decidedBy = "open"; return }
+            r.keyID = try a.key(r.keyID, "ListAliases", &d, aliases: false)
+            op = .listAliases(r)
+        case .describeKey(var r): r.keyID = try a.key(r.keyID, "DescribeKey", &d, aliases: true); op = .describeKey(r)
+        case .enableKey(var r): r.keyID = try a.key(r.keyID, "EnableKey", &d); op = .enableKey(r)
+        case .disableKey(var r): r.keyID = try a.key(r.keyID, "DisableKey", &d); op = .disableKey(r)
+        case .scheduleKeyDeletion(var r):
+            let window = r.pendingWindowInDays == 0 ? KMSLimits.defaultPendingWindowDays : r.pendingWindowInDays
+            r.keyID = try a.key(r.keyID, "ScheduleKeyDeletion", &d) { $0.pendingWindowInDays = window }
+            op = .scheduleKeyDeletion(r)
+        case .cancelKeyDeletion(var r): r.keyID = try a.key(r.keyID, "CancelKeyDeletion", &d); op = .cancelKeyDeletion(r)
+        case .updateKeyDescription(var r): r.keyID = try a.key(r.keyID, "UpdateKeyDescription", &d); op = .updateKeyDescription(r)
+        case .encrypt(var r):
+            r.keyID = try a.key(r.keyID, "Encrypt", &d, aliases: true, context: r.encryptionContext)
+            op = .encrypt(r)
+        case .generateDataKey(var r):
+            r.keyID = try a.key(r.keyID, "GenerateDataKey", &d, aliases: true, context: r.encryptionContext)
+            op = .generateDataKey(r)
+        case .generateDataKeyWithoutPlaintext(var r):
+            r.keyID = try a.key(r.keyID, "GenerateDataKeyWithoutPlaintext", &d, aliases: true, context: r.encryptionContext)
+            op = .generateDataKeyWithoutPlaintext(r)
+        case .decrypt(var r):
+            let alias = KeyService.aliasName(r.keyID)
+            if let named = try a.named(r.keyID) { r.keyID = named.description }
+            if let alias { d.alias = alias }
+            try a.blobKey(r.ciphertextBlob, "Decrypt", &d, context: r.encryptionContext, alias: alias)
+            op = .decrypt(r)
+        case .reEncrypt(var r):
+            let alias = KeyService.aliasName(r.sourceKeyID)
+            if let named = try a.named(r.sourceKeyID) { r.sourceKeyID = named.description }
+            if let alias { d.sourceAlias = alias }
+            try a.blobKey(r.ciphertextBlob, "ReEncryptFrom", &d, context: r.sourceEncryptionContext, alias: alias)
+            let from = d.decidedBy
+            r.destinationKeyID = try a.key(r.destinationKeyID, "ReEncryptTo", &d, aliases: true, context: r.destinationEncryptionContext)
+            d.decidedBy = from.isEmpty ? d.decidedBy : "from \(from); to \(d.decidedBy)"
+            op = .reEncrypt(r)
+        case .createAlias(let r):
+            try KeyService.checkTargetIsKey(r.targetKeyID)
+            _ = try a.key(r.targetKeyID, "CreateAlias", &d)
+        case .updateAlias(let r):
+            try KeyService.checkTargetIsKey(r.targetKeyID)
+            let current = try a.aliasTarget(r.aliasName)
+            _ = try a.key(current.description, "UpdateAlias", &d)
+            let first = d.decidedBy
+            _ = try a.key(r.targetKeyID, "UpdateAlias", &d)
+            d.decidedBy = "from \(first); to \(d.decidedBy)"
+        case .deleteAlias(let r):
+            _ = try a.key(try a.aliasTarget(r.aliasName).description, "DeleteAlias", &d)
+        case .tagResource(var r): r.keyID = try a.key(r.keyID, "TagResource", &d); op = .tagResource(r)
+        case .untagResource(var r): r.keyID = try a.key(r.keyID, "UntagResource", &d); op = .untagResource(r)
+        case .listResourceTags(var r): r.keyID = try a.key(r.keyID, "ListResourceTags", &d); op = .listResourceTags(r)
+        case .enableKeyRotation(var r): r.keyID = try a.key(r.keyID, "EnableKeyRotation", &d); op = .enableKeyRotation(r)
+        case .disableKeyRotation(var r): r.keyID = try a.key(r.keyID, "DisableKeyRotation", &d); op = .disableKeyRotation(r)
+        case .getKeyRotationStatus(var r): r.keyID = try a.key(r.keyID, "GetKeyRotationStatus", &d); op = .getKeyRotationStatus(r)
+        case .rotateKeyOnDemand(var r): r.keyID = try a.key(r.keyID, "RotateKeyOnDemand", &d); op = .rotateKeyOnDemand(r)
+        case .listKeyRotations(var r): r.keyID = try a.key(r.keyID, "ListKeyRotations", &d); op = .listKeyRotations(r)
+        case .setMinimumDecryptionVersion(var r):
+            r.keyID = try a.key(r.keyID, "SetMinimumDecryptionVersion", &d)
+            op = .setMinimumDecryptionVersion(r)
+        case .getParametersForImport(var r): r.keyID = try a.key(r.keyID, "GetParametersForImport", &d); op = .getParametersForImport(r)
+        case .importKeyMaterial(var r): r.keyID = try a.key(r.keyID, "ImportKeyMaterial", &d); op = .importKeyMaterial(r)
+        case .deleteImportedKeyMaterial(var r):
+            r.keyID = try a.key(r.keyID, "DeleteImportedKeyMaterial", &d)
+            op = .deleteImportedKeyMaterial(r)
+        case .getKeyPolicy(var r): r.keyID = try a.key(r.keyID, "GetKeyPolicy", &d); op = .getKeyPolicy(r)
+        case .putKeyPolicy(var r):
+            let bypass = r.bypassPolicyLockoutSafetyCheck
+            r.keyID = try a.key(r.keyID, "PutKeyPolicy", &d) { $0.bypassPolicyLockoutSafetyCheck = bypass }
+            op = .putKeyPolicy(r)
+        case .listKeyPolicies(var r): r.keyID = try a.key(r.keyID, "ListKeyPolicies", &d); op = .listKeyPolicies(r)
+        case .simulatePolicy(var r): r.keyID = try a.key(r.keyID, "SimulatePolicy", &d); op = .simulatePolicy(r)
+        }
+    }
+
+    /// Decides `action` on the key `text` names and returns its key id. `aliases`: whether the
+    /// operation accepts `alias/NAME` (else the text must be a key id or ARN).
+    func key(_ text: String, _ action: String, _ d: inout AuditDetails, aliases: Bool = false, context: [String: String]? = nil,
+             facts adjust: (inout RequestFacts) -> Void = { _ in }) throws(KMSError) -> String {
+        var alias: String? = nil
+        let id: KeyID
+        d.keyID = AuditDetails.keyID(requested: text)  // "invalid" for text that names no key
+        if aliases, let name = KeyService.aliasName(text) {
+            try KeyService.checkAliasName(name)
+            d.alias = name
+            guard let target = try service.repository.alias(name) else {
+                throw KMSError(.notFound, "alias \(name) does not exist; list aliases with kmsctl list-aliases")
+            }
+            id = target.keyID
+            alias = name
+        } else {
+            id = try KeyID(parsing: text)
+        }
+        d.keyID = id.description
+        let record = try existing(id)
+        try decide(action, record, &d, context: context, alias: alias, adjust)
+        return id.description
+    }
+
+    /// Decides `action` on the key a ciphertext blob names. A blob that does not parse, or that
+    /// names a key that never existed here, protects nothing: the handler answers it
+    /// (InvalidCiphertextException) without a decision.
+    func blobKey(_ blob: Data, _ action: String, _ d: inout AuditDetails, context: [String: String], alias: String?) throws(KMSError) {
+        guard let parsed = try? SymmetricCiphertext(parsing: Array(blob)) else { d.decidedBy = "none: not a ciphertext"; return }
+        guard let record = try service.repository.record(parsed.keyID) else {
+            d.decidedBy = "none: no such key"
+            return
+        }
+        if action == "Decrypt" { d.keyID = record.keyID.description } else { d.sourceKeyID = record.keyID.description }
+        try decide(action, record, &d, context: context, alias: alias)
+    }
+
+    /// The key id a request's optional key identifier names (resolving an alias), or nil.
+    func named(_ text: String) throws(KMSError) -> KeyID? {
+        guard !text.isEmpty else { return nil }
+        guard let name = KeyService.aliasName(text) else { return try KeyID(parsing: text) }
+        try KeyService.checkAliasName(name)
+        guard let alias = try service.repository.alias(name) else {
+            throw KMSError(.notFound, "alias \(name) does not exist; list aliases with kmsctl list-aliases")
+        }
+        return alias.keyID
+    }
+
+    func aliasTarget(_ name: String) throws(KMSError) -> KeyID {
+        try KeyService.checkAliasName(name)
+        guard let alias = try service.repository.alias(name) else { throw KMSError(.notFound, "alias \(name) does not exist") }
+        return alias.keyID
+    }
+
+    func existing(_ id: KeyID) throws(KMSError) -> KeyRecord {
+        guard let record = try service.repository.record(id) else {
+            if let gone = try service.repository.tombstone(id) { throw KeyService.deleted(gone) }
+            throw KMSError(.notFound, "key \(id) does not exist; list keys with kmsctl list-keys")
+        }
+        return record
+    }
+
+    func decide(_ action: String, _ record: KeyRecord, _ d: inout AuditDetails, context: [String: String]?, alias: String?,
+                _ adjust: (inout RequestFacts) -> Void = { _ in }) throws(KMSError) {
+        let p = ctx.principal
+        var facts = RequestFacts(action: action, caller: p, isAdministrator: service.isAdministrator(p), key: record)!
+        facts.encryptionContext = context
+        facts.requestAlias = alias
+        let repository = service.repository, id = record.keyID
+        facts.resourceAliases = { (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? [] }
+        adjust(&facts)
+        let decision = service.decide(facts)
+        d.decidedBy = decision.decidedBy
+        guard decision.allowed else {
+            if let alias {
+                // An alias reveals neither its key nor that it exists to whoever may not use it.
+                throw KMSError(.notFound, "alias \(alias) does not exist; list aliases with kmsctl list-aliases")
+            }
+            let why = decision.effect == .explicitDeny ? "statement \(decision.decidedBy) denies it" : "no statement in its key policy allows it"
+            throw KMSError(.accessDenied, "uid \(p.uid) (\(p.userName)) is not allowed kms:\(action) on key \(record.keyID): \(why)")
+        }
+    }
+}

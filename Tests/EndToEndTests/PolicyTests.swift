@@ -1,0 +1,186 @@
+import Foundation
+import Glibc
+import KMSClient
+import KMSProtocol
+import Testing
+
+/// Key policies against real identities: other uids and groups (setpriv), another executable
+/// (a copy of kmsctl), and a process in a cgroup named like a systemd unit. Each principal kind
+/// is shown allowed and denied, with conditions on the encryption context and on tags, an
+/// explicit Deny over an Allow, the lockout check, and every decision in the audit trail.
+@Suite(.serialized, .enabled(if: isRoot, "needs root to act as other users, groups and cgroups"))
+final class PolicyTests {
+    let daemon: Daemon
+    let client: KMSClient
+    static let bob: UInt32 = 64201
+    static let carol: UInt32 = 64202
+    static let payroll: UInt32 = 64299  // a group (no name needed: policies take numeric gids)
+
+    init() throws {
+        try Journal.ensureRunning()
+        daemon = try Daemon()
+        client = daemon.client()
+    }
+
+    deinit { daemon.stop() }
+
+    func kmsctl(_ uid: UInt32, _ args: [String], stdin: Data = Data(), groups: [UInt32] = [], executable: String = Paths.kmsctl) throws -> ProcessResult {
+        try runAs(uid: uid, [executable] + args, stdin: stdin, env: ["KMSD_SOCKET": daemon.socket], groups: groups)
+    }
+
+    /// A policy document: administrators keep every right, plus `statements`.
+    static func policy(_ statements: String...) -> String {
+        let admins = #"{"Sid": "Admins", "Effect": "Allow", "Principal": {"Role": "Administrators"}, "Action": "kms:*", "Resource": "*"}"#
+        return #"{"Version": "2012-10-17", "Statement": [\#(([admins] + statements).joined(separator: ", "))]}"#
+    }
+
+    func encrypt(_ uid: UInt32, _ key: String, context: [String] = [], groups: [UInt32] = [], executable: String = Paths.kmsctl) throws -> ProcessResult {
+        try kmsctl(uid, ["encrypt", "--key-id", key] + context.flatMap { ["--context", $0] }, stdin: Data("secret".utf8), groups: groups, executable: executable)
+    }
+
+    func expectDenied(_ r: ProcessResult, _ code: String = "AccessDeniedException", sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(r.status != 0 && r.stderr.contains(code), "\(r.stderr)", sourceLocation: sourceLocation)
+    }
+
+    /// The audit record of the latest request of `uid` for `action`.
+    func lastRecord(uid: UInt32, action: String) throws -> [String: Any]? {
+        let records = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: 1)
+        return records.last { $0["KMS_PEER_UID"] as? String == String(uid) && $0["KMS_ACTION"] as? String == action }
+    }
+
+    @Test func theDefaultPolicyIsTodaysRuleWrittenDown() async throws {
+        let key = try await client.createKey().keyID
+        let text = try await client.getKeyPolicy(keyID: key)
+        #expect(text.contains(#""Uid": "\#(getuid())""#) && text.contains(#""Role": "Administrators""#), "\(text)")
+        #expect(try await client.listKeyPolicies(keyID: key) == ["default"])
+        let own = try encrypt(getuid(), key)
+        #expect(own.status == 0, "\(own.stderr)")
+        expectDenied(try encrypt(Self.bob, key))
+        let denied = try #require(try lastRecord(uid: Self.bob, action: "Encrypt"))
+        #expect(denied["KMS_RESULT"] as? String == "Denied" && denied["KMS_DECIDED_BY"] as? String == "implicit-deny")
+        let allowed = try #require(try lastRecord(uid: getuid(), action: "Encrypt"))
+        #expect(allowed["KMS_DECIDED_BY"] as? String == "key-policy:KeyCreator")
+    }
+
+    @Test func uidsAndAnExplicitDenyOverAnAllow() async throws {
+        let key = try await client.createKey().keyID
+        try await client.putKeyPolicy(keyID: key, policy: Self.policy(
+            #"{"Sid": "EveryoneEncrypts", "Effect": "Allow", "Principal": "*", "Action": "kms:Encrypt", "Resource": "*"}"#,
+            #"{"Sid": "NotCarol", "Effect": "Deny", "Principal": {"Uid": "\#(Self.carol)"}, "Action": "kms:*", "Resource": "*"}"#))
+        #expect(try encrypt(Self.bob, key).status == 0)
+        #expect(try lastRecord(uid: Self.bob, action: "Encrypt")?["KMS_DECIDED_BY"] as? String == "key-policy:EveryoneEncrypts")
+        expectDenied(try encrypt(Self.carol, key))
+        #expect(try lastRecord(uid: Self.carol, action: "Encrypt")?["KMS_DECIDED_BY"] as? String == "key-policy:NotCarol")
+        // Encrypt only: bob may not decrypt, nor describe.
+        let blob = try encrypt(Self.bob, key).stdout
+        expectDenied(try kmsctl(Self.bob, ["decrypt"], stdin: blob))
+        expectDenied(try kmsctl(Self.bob, ["describe-key", "--key-id", key]))
+    }
+
+    @Test func aGroupMayDecryptOnlyWithItsContext() async throws {
+        let key = try await client.createKey().keyID
+        try await client.putKeyPolicy(keyID: key, policy: Self.policy(
+            #"{"Sid": "PayrollReads", "Effect": "Allow", "Principal": {"Group": "\#(Self.payroll)"}, "Action": "kms:Decrypt", "Resource": "*", "Condition": {"StringEquals": {"kms:EncryptionContext:dept": "payroll"}}}"#))
+        let payrollBlob = Array(try await client.encrypt(keyID: key, plaintext: Array("salaries".utf8), context: ["dept": "payroll"]).ciphertextBlob)
+        let salesBlob = Array(try await client.encrypt(keyID: key, plaintext: Array("leads".utf8), context: ["dept": "sales"]).ciphertextBlob)
+        let ok = try kmsctl(Self.bob, ["decrypt", "--context", "dept=payroll"], stdin: Data(payrollBlob), groups: [Self.payroll])
+        #expect(ok.status == 0 && ok.text == "salaries", "\(ok.stderr)")
+        expectDenied(try kmsctl(Self.bob, ["decrypt", "--context", "dept=sales"], stdin: Data(salesBlob), groups: [Self.payroll]))
+        expectDenied(try kmsctl(Self.bob, ["decrypt", "--context", "dept=payroll"], stdin: Data(payrollBlob)))
+    }
+
+    @Test func anExecutableByItsPath() async throws {
+        let appDir = Paths.binDir.path + "/app-\(UUID().uuidString.prefix(6))"
+        mkdir(appDir, 0o755)
+        let app = appDir + "/payroll-app"
+        try FileManager.default.copyItem(atPath: Paths.kmsctl, toPath: app)
+        chmod(app, 0o755)
+        let key = try await client.createKey().keyID
+        try await client.putKeyPolicy(keyID: key, policy: Self.policy(
+            #"{"Sid": "TheApp", "Effect": "Allow", "Principal": {"Executable": "\#(app)"}, "Action": "kms:Encrypt", "Resource": "*"}"#))
+        let viaApp = try encrypt(Self.bob, key, executable: app)
+        #expect(viaApp.status == 0, "\(viaApp.stderr)")
+        #expect(try lastRecord(uid: Self.bob, action: "Encrypt")?["KMS_PEER_EXE"] as? String == app)
+        expectDenied(try encrypt(Self.bob, key))
+    }
+
+    @Test func aSystemdUnitByItsCgroup() async throws {
+        let root = try #require(AuditRobustnessTests.cgroup2Root(), "no cgroup2 hierarchy mounted")
+        let unit = "kmsd-policy-\(UUID().uuidString.prefix(8).lowercased()).service"
+        let cgroup = root + "/" + unit
+        try FileManager.default.createDirectory(atPath: cgroup, withIntermediateDirectories: false)
+        defer { rmdir(cgroup) }
+        let key = try await client.createKey().keyID
+        try await client.putKeyPolicy(keyID: key, policy: Self.policy(
+            #"{"Sid": "TheUnit", "Effect": "Allow", "Principal": {"Unit": "\#(unit)"}, "Action": "kms:Encrypt", "Resource": "*"}"#))
+        let inUnit = try run("/bin/sh", ["-c", "echo $$ > '\(cgroup)/cgroup.procs' && exec /usr/bin/setpriv --reuid=\(Self.bob) --regid=\(Self.bob) --clear-groups -- '\(Paths.kmsctl)' encrypt --key-id \(key)"],
+                             stdin: Data("x".utf8), env: ["KMSD_SOCKET": daemon.socket])
+        #expect(inUnit.status == 0, "\(inUnit.stderr)")
+        #expect(try lastRecord(uid: Self.bob, action: "Encrypt")?["KMS_PEER_UNIT"] as? String == unit)
+        expectDenied(try encrypt(Self.bob, key))
+    }
+
+    @Test func oneRuleForEveryKeyTaggedFinance() async throws {
+        let rule = #"{"Sid": "FinanceKeys", "Effect": "Allow", "Principal": {"Uid": "\#(Self.bob)"}, "Action": "kms:Encrypt", "Resource": "*", "Condition": {"StringEquals": {"kms:ResourceTag/category": "finance"}}}"#
+        let finance = try await client.createKey(tags: ["category": "finance"], policy: Self.policy(rule)).keyID
+        let pii = try await client.createKey(tags: ["category": "pii"], policy: Self.policy(rule)).keyID
+        let allowed = try encrypt(Self.bob, finance)
+        #expect(allowed.status == 0, "\(allowed.stderr)")
+        expectDenied(try encrypt(Self.bob, pii))
+        try await client.untagResource(keyID: finance, tagKeys: ["category"])
+        expectDenied(try encrypt(Self.bob, finance))
+    }
+
+    @Test func theLockoutSafetyCheck() async throws {
+        let key = try await client.createKey().keyID
+        let onlyBob = #"{"Version": "2012-10-17", "Statement": [{"Sid": "Bob", "Effect": "Allow", "Principal": {"Uid": "\#(Self.bob)"}, "Action": "kms:*", "Resource": "*"}]}"#
+        await expectKMSError(.validation) { try await self.client.putKeyPolicy(keyID: key, policy: onlyBob) }
+        // Refused: the old policy still applies.
+        #expect(try await client.getKeyPolicy(keyID: key).contains("KeyCreator"))
+        try await client.putKeyPolicy(keyID: key, policy: onlyBob, bypassPolicyLockoutSafetyCheck: true)
+        await expectKMSError(.accessDenied) { try await self.client.putKeyPolicy(keyID: key, policy: Self.policy()) }
+        // Bob, whom the policy names, can (keeping himself able to, and the administrators back).
+        let file = daemon.stateDir + "-policy.json"
+        try Self.policy(#"{"Sid": "Bob", "Effect": "Allow", "Principal": {"Uid": "\#(Self.bob)"}, "Action": "kms:PutKeyPolicy", "Resource": "*"}"#)
+            .write(toFile: file, atomically: true, encoding: .utf8)
+        chmod(file, 0o644)
+        let byBob = try kmsctl(Self.bob, ["put-key-policy", "--key-id", key, "--policy", "file://" + file])
+        #expect(byBob.status == 0, "\(byBob.stderr)")
+        // Strict parsing, with the place named.
+        await expectKMSError(.validation) {
+            try await self.client.putKeyPolicy(keyID: key, policy: Self.policy(#"{"Effect": "Allow", "Principal": "*", "Action": "kms:Encrpt"}"#))
+        }
+        // And CreateKey with a policy that locks its creator out is refused too.
+        await expectKMSError(.validation) { _ = try await self.client.createKey(policy: onlyBob) }
+    }
+
+    @Test func simulatePolicyExplainsDecisions() async throws {
+        let key = try await client.createKey().keyID
+        try await client.putKeyPolicy(keyID: key, policy: Self.policy(
+            #"{"Sid": "PayrollReads", "Effect": "Allow", "Principal": {"Group": "\#(Self.payroll)"}, "Action": "kms:Decrypt", "Resource": "*", "Condition": {"StringEquals": {"kms:EncryptionContext:dept": "payroll"}}}"#,
+            #"{"Sid": "NoCarol", "Effect": "Deny", "Principal": {"Uid": "\#(Self.carol)"}, "Action": "kms:*", "Resource": "*"}"#))
+        func simulate(_ args: [String]) throws -> [String: Any] {
+            let r = try run(Paths.kmsctl, ["simulate-policy", "--key-id", key, "--json"] + args, env: ["KMSD_SOCKET": daemon.socket])
+            #expect(r.status == 0, "\(r.stderr)")
+            return try #require(try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any])
+        }
+        let allowed = try simulate(["--action", "kms:Decrypt", "--uid", "\(Self.bob)", "--group", "\(Self.payroll)", "--context", "dept=payroll"])
+        #expect(allowed["Decision"] as? String == "Allow" && allowed["DecidedBy"] as? String == "key-policy:PayrollReads")
+        let wrongContext = try simulate(["--action", "kms:Decrypt", "--uid", "\(Self.bob)", "--group", "\(Self.payroll)", "--context", "dept=x"])
+        #expect(wrongContext["Decision"] as? String == "ImplicitDeny" && wrongContext["DecidedBy"] as? String == "implicit-deny")
+        let carol = try simulate(["--action", "kms:Decrypt", "--uid", "\(Self.carol)", "--group", "\(Self.payroll)", "--context", "dept=payroll"])
+        #expect(carol["Decision"] as? String == "ExplicitDeny" && carol["DecidedBy"] as? String == "key-policy:NoCarol")
+        let admin = try simulate(["--action", "kms:ScheduleKeyDeletion", "--uid", "0"])
+        #expect(admin["Decision"] as? String == "Allow" && admin["DecidedBy"] as? String == "key-policy:Admins")
+        // Someone who may not read the key's policy may not simulate it either.
+        expectDenied(try kmsctl(Self.bob, ["simulate-policy", "--key-id", key, "--action", "kms:Decrypt", "--uid", "\(Self.bob)"]))
+    }
+
+    @Test func anAliasOfAKeyOneMayNotUseLooksMissing() async throws {
+        let key = try await client.createKey().keyID
+        let alias = "alias/policy-\(UUID().uuidString.prefix(8))"
+        try await client.createAlias(aliasName: alias, targetKeyID: key)
+        expectDenied(try encrypt(Self.bob, alias), "NotFoundException")
+        #expect(try encrypt(getuid(), alias).status == 0)
+    }
+}
