@@ -260,4 +260,53 @@ extension KMSClient {
         })) else { throw Self.mismatch }
         return r
     }
+
+    // MARK: - Grants
+
+    /// Creates a grant; returns (GrantToken, GrantId).
+    public func createGrant(keyID: String, granteePrincipal: String, operations: [String], retiringPrincipal: String = "",
+                            contextSubset: [String: String]? = nil, contextEquals: [String: String]? = nil,
+                            name: String = "", grantTokens: [String] = []) async throws -> Kmsd_V1_CreateGrantResponse {
+        guard case .createGrant(let r) = try await send(.createGrant(.with {
+            $0.keyID = keyID
+            $0.granteePrincipal = granteePrincipal
+            $0.retiringPrincipal = retiringPrincipal
+            $0.operations = operations
+            if contextSubset != nil || contextEquals != nil {
+                $0.constraints = .with {
+                    $0.encryptionContextSubset = contextSubset ?? [:]
+                    $0.encryptionContextEquals = contextEquals ?? [:]
+                }
+            }
+            $0.name = name
+            $0.grantTokens = grantTokens
+        })) else { throw Self.mismatch }
+        return r
+    }
+
+    public func listGrants(keyID: String, grantID: String = "", granteePrincipal: String = "", limit: UInt32 = 0,
+                           marker: String = "") async throws -> Kmsd_V1_ListGrantsResponse {
+        guard case .listGrants(let r) = try await send(.listGrants(.with {
+            $0.keyID = keyID; $0.grantID = grantID; $0.granteePrincipal = granteePrincipal; $0.limit = limit; $0.marker = marker
+        })) else { throw Self.mismatch }
+        return r
+    }
+
+    public func listRetirableGrants(retiringPrincipal: String, limit: UInt32 = 0, marker: String = "") async throws -> Kmsd_V1_ListRetirableGrantsResponse {
+        guard case .listRetirableGrants(let r) = try await send(.listRetirableGrants(.with {
+            $0.retiringPrincipal = retiringPrincipal; $0.limit = limit; $0.marker = marker
+        })) else { throw Self.mismatch }
+        return r
+    }
+
+    /// Retires a grant named by its token, or by key id and grant id.
+    public func retireGrant(grantToken: String = "", keyID: String = "", grantID: String = "") async throws {
+        guard case .retireGrant = try await send(.retireGrant(.with {
+            $0.grantToken = grantToken; $0.keyID = keyID; $0.grantID = grantID
+        })) else { throw Self.mismatch }
+    }
+
+    public func revokeGrant(keyID: String, grantID: String) async throws {
+        guard case .revokeGrant = try await send(.revokeGrant(.with { $0.keyID = keyID; $0.grantID = grantID })) else { throw Self.mismatch }
+    }
 }

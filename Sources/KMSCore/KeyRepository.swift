@@ -226,6 +226,7 @@ public final class KeyRepository: Sendable {
             let tombstone = try seal(KeyTombstone(keyID: id, deletedAt: time), table: "deleted_keys", rowKey: key, generation: gen)
             var rows: [RowIndex.Touch] = try self.storage.versions(id: key).map { .init("key_versions", "\(key)/\($0.number)", live: false) }
             rows += try self.storage.aliasNames(keyID: key, after: nil, limit: Int.max).map { .init("aliases", $0, live: false) }
+            rows += try self.storage.grants(keyID: key, after: nil, limit: Int.max).map { .init("grants", $0.id, live: false) }
             rows += [.init("keys", key, live: false), .init("deleted_keys", key, live: true)]
             return (rows, { try self.storage.destroyKey(id: key, dueBy: Int64(time.timeIntervalSince1970), tombstone: tombstone, integrity: $0) })
         }
@@ -244,6 +245,65 @@ public final class KeyRepository: Sendable {
         let tombstone: KeyTombstone = try open(row, table: "deleted_keys", rowKey: id.description)
         guard tombstone.keyID == id else { throw Self.tampered(id) }
         return tombstone
+    }
+
+    // MARK: - Grants
+
+    public func createGrant(_ grant: GrantRecord) throws {
+        try commit { gen in
+            let row = try seal(grant, table: "grants", rowKey: grant.grantID, generation: gen)
+            return ([.init("grants", grant.grantID, live: true)], {
+                try self.storage.insertGrant(id: grant.grantID, keyID: grant.keyID.description, retiring: grant.retiringPrincipal, row: row, integrity: $0)
+                return true
+            })
+        }
+    }
+
+    /// Deletes a grant; false when it was not there.
+    public func deleteGrant(_ id: String) throws -> Bool {
+        try commit { _ in ([.init("grants", id, live: false)], { try self.storage.deleteGrant(id: id, integrity: $0) }) }
+    }
+
+    public func grant(_ id: String) throws(KMSError) -> GrantRecord? {
+        let row: StoredRow?
+        do { row = try storage.grant(id: id) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+        guard let row else { return nil }
+        let grant: GrantRecord = try open(row, table: "grants", rowKey: id, orElse: Self.grantTampered(id))
+        guard grant.grantID == id else { throw Self.grantTampered(id) }
+        return grant
+    }
+
+    /// A key's grants, ascending by id, one page.
+    public func grants(of keyID: KeyID, after: String? = nil, limit: Int = Int.max) throws(KMSError) -> [GrantRecord] {
+        let rows: [(id: String, row: StoredRow)]
+        do { rows = try storage.grants(keyID: keyID.description, after: after, limit: limit) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+        var out: [GrantRecord] = []
+        for r in rows {
+            let g: GrantRecord = try open(r.row, table: "grants", rowKey: r.id, orElse: Self.grantTampered(r.id))
+            guard g.grantID == r.id, g.keyID == keyID else { throw Self.grantTampered(r.id) }
+            out.append(g)
+        }
+        return out
+    }
+
+    public func grantIDs(retiring: String, after: String?, limit: Int) throws(KMSError) -> [String] {
+        do { return try storage.grantIDs(retiring: retiring, after: after, limit: limit) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+    }
+
+    public func grantCount(_ keyID: KeyID) throws(KMSError) -> Int {
+        do { return try storage.grantCount(keyID: keyID.description) } catch {
+            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
+        }
+    }
+
+    static func grantTampered(_ id: String) -> KMSError {
+        KMSError(.keyUnavailable, "the stored grant \(id.prefix(16))… failed its integrity check: the keystore was modified outside kmsd. Restore it from a backup")
     }
 
     // MARK: - Aliases
@@ -519,6 +579,7 @@ public final class KeyRepository: Sendable {
         case "keys": "record of key \(rowKey)"
         case "key_versions": "version \(rowKey.split(separator: "/").last ?? "") of key \(rowKey.split(separator: "/").first ?? "")"
         case "aliases": "alias \(rowKey)"
+        case "grants": "grant \(rowKey.prefix(16))…"
         default: "deletion record of key \(rowKey)"
         }
         let why: String

@@ -20,6 +20,8 @@ public final class KeyService: Sendable {
     let importTokens = ImportTokens()
     /// Compiled key policies, so a request does not parse JSON.
     let compiledPolicies = Mutex<[KeyID: CompiledPolicy]>([:])
+    /// Each key's grants, read once and kept until one of them changes.
+    let grantCache = Mutex<[KeyID: [CompiledGrant]]>([:])
 
     public init(repository: KeyRepository, administrators: Administrators,
                 clock: @escaping @Sendable () -> Date = { Date() }, daySeconds: Int = 86_400) {
@@ -243,7 +245,7 @@ public final class KeyService: Sendable {
             try locked(id) {
                 guard let r = try? repository.record(id, caching: false) else { stuck.withLock { _ = $0.insert(id) }; return }
                 guard r.state == .pendingDeletion, let due = r.deletionDate, due <= now else { return }
-                if try repository.destroy(id, at: now) { deleted.append(id) }
+                if try repository.destroy(id, at: now) { deleted.append(id); forgetGrants(id) }
             }
         }
         return deleted

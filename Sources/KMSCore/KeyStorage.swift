@@ -70,7 +70,7 @@ public protocol KeyStorage: Sendable {
     func versions(id: String) throws -> [(number: UInt32, row: StoredRow)]
     /// Ids of keys whose automatic rotation is due at or before `time` (Unix seconds).
     func keysDueForRotation(at time: Int64, limit: Int) throws -> [String]
-    /// Deletes a key, every version and every alias of it, and leaves its tombstone, in one
+    /// Deletes a key, every version, alias and grant of it, and leaves its tombstone, in one
     /// transaction, if the key is still due for deletion at `time` (Unix seconds); false (and
     /// nothing written) when it is not (say, its deletion was cancelled meanwhile).
     func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow, integrity: IntegrityWrite) throws -> Bool
@@ -93,6 +93,17 @@ public protocol KeyStorage: Sendable {
     func keyIDs(owner: UInt32?, after: String?, limit: Int) throws -> [String]
     func meta(_ name: String) throws -> [UInt8]?
     func setMeta(_ name: String, _ value: [UInt8]) throws
+
+    /// Inserts a grant row.
+    func insertGrant(id: String, keyID: String, retiring: String?, row: StoredRow, integrity: IntegrityWrite) throws
+    /// Deletes a grant row; false when there was none.
+    func deleteGrant(id: String, integrity: IntegrityWrite) throws -> Bool
+    func grant(id: String) throws -> StoredRow?
+    /// A key's grants in ascending id order after `after`.
+    func grants(keyID: String, after: String?, limit: Int) throws -> [(id: String, row: StoredRow)]
+    /// Ids of grants a retiring principal (as written) may retire, ascending after `after`.
+    func grantIDs(retiring: String, after: String?, limit: Int) throws -> [String]
+    func grantCount(keyID: String) throws -> Int
 
     /// The row-index entries of the given rows (those that have one).
     func indexEntries(_ rows: [(table: String, rowKey: String)]) throws -> [IndexEntry]

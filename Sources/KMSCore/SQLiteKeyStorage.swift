@@ -37,6 +37,9 @@ public final class SQLiteKeyStorage: KeyStorage {
             "CREATE TABLE IF NOT EXISTS deleted_keys (key_id TEXT PRIMARY KEY, record BLOB NOT NULL, mac BLOB NOT NULL)",
             "CREATE TABLE IF NOT EXISTS aliases (alias_name TEXT PRIMARY KEY, key_id TEXT NOT NULL, record BLOB NOT NULL, mac BLOB NOT NULL)",
             "CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases (key_id, alias_name)",
+            "CREATE TABLE IF NOT EXISTS grants (grant_id TEXT PRIMARY KEY, key_id TEXT NOT NULL, retiring TEXT, record BLOB NOT NULL, mac BLOB NOT NULL, gen INTEGER)",
+            "CREATE INDEX IF NOT EXISTS grants_by_key ON grants (key_id, grant_id)",
+            "CREATE INDEX IF NOT EXISTS grants_by_retiring ON grants (retiring, grant_id) WHERE retiring IS NOT NULL",
         ] {
             try Self.exec(conn, sql, path: path)
         }
@@ -182,6 +185,7 @@ public final class SQLiteKeyStorage: KeyStorage {
                                          [.text(id), .int(time)], path: path) { _ in true }
                 if !due.isEmpty {
                     try Self.run(conn, "DELETE FROM aliases WHERE key_id = ?1", [.text(id)], path: path)
+                    try Self.run(conn, "DELETE FROM grants WHERE key_id = ?1", [.text(id)], path: path)
                     try Self.run(conn, "DELETE FROM key_versions WHERE key_id = ?1", [.text(id)], path: path)
                     try Self.run(conn, "DELETE FROM keys WHERE key_id = ?1", [.text(id)], path: path)
                     try Self.run(conn, "INSERT OR REPLACE INTO deleted_keys (key_id, record, mac, gen) VALUES (?1, ?2, ?3, ?4)",
@@ -299,6 +303,62 @@ public final class SQLiteKeyStorage: KeyStorage {
         }
     }
 
+    // MARK: - Grants
+
+    public func insertGrant(id: String, keyID: String, retiring: String?, row: StoredRow, integrity: IntegrityWrite) throws {
+        try transaction(integrity) { conn in
+            try Self.run(conn, "INSERT INTO grants (grant_id, key_id, retiring, record, mac, gen) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                         [.text(id), .text(keyID), retiring.map { .text($0) } ?? .null, .blob(row.record), .blob(row.mac), Self.gen(row)], path: path)
+        }
+    }
+
+    public func deleteGrant(id: String, integrity: IntegrityWrite) throws -> Bool {
+        var deleted = false
+        try write { conn in
+            try Self.exec(conn, "BEGIN IMMEDIATE", path: path)
+            do {
+                try Self.run(conn, "DELETE FROM grants WHERE grant_id = ?1", [.text(id)], path: path)
+                deleted = sqlite3_changes(conn.handle) == 1
+                if deleted { try applyIntegrity(conn, integrity) }
+                try Self.exec(conn, "COMMIT", path: path)
+            } catch {
+                try? Self.exec(conn, "ROLLBACK", path: path)
+                throw error
+            }
+        }
+        return deleted
+    }
+
+    public func grant(id: String) throws -> StoredRow? {
+        try readers.with { conn in
+            try Self.query(conn, "SELECT g.record, g.mac, g.gen, i.gen, i.live FROM grants g LEFT JOIN row_index i ON i.tbl = 'grants' AND i.row_key = g.grant_id WHERE g.grant_id = ?1",
+                           [.text(id)], path: path) { Self.row($0, table: "grants", rowKey: id) }.first
+        }
+    }
+
+    public func grants(keyID: String, after: String?, limit: Int) throws -> [(id: String, row: StoredRow)] {
+        try readers.with { conn in
+            try Self.query(conn, "SELECT g.record, g.mac, g.gen, i.gen, i.live, g.grant_id FROM grants g LEFT JOIN row_index i ON i.tbl = 'grants' AND i.row_key = g.grant_id WHERE g.key_id = ?1 AND g.grant_id > ?2 ORDER BY g.grant_id LIMIT ?3",
+                           [.text(keyID), .text(after ?? ""), .int(Int64(limit))], path: path) { stmt in
+                let id = String(cString: sqlite3_column_text(stmt, 5))
+                return (id: id, row: Self.row(stmt, table: "grants", rowKey: id))
+            }
+        }
+    }
+
+    public func grantIDs(retiring: String, after: String?, limit: Int) throws -> [String] {
+        try readers.with { conn in
+            try Self.query(conn, "SELECT grant_id FROM grants WHERE retiring = ?1 AND grant_id > ?2 ORDER BY grant_id LIMIT ?3",
+                           [.text(retiring), .text(after ?? ""), .int(Int64(limit))], path: path) { String(cString: sqlite3_column_text($0, 0)) }
+        }
+    }
+
+    public func grantCount(keyID: String) throws -> Int {
+        try readers.with { conn in
+            try Self.query(conn, "SELECT count(*) FROM grants WHERE key_id = ?1", [.text(keyID)], path: path) { Int(sqlite3_column_int64($0, 0)) }.first ?? 0
+        }
+    }
+
     // MARK: - Row index
 
     public func indexEntries(_ rows: [(table: String, rowKey: String)]) throws -> [IndexEntry] {
@@ -333,6 +393,7 @@ public final class SQLiteKeyStorage: KeyStorage {
             try Self.query(conn, """
                 SELECT 'keys', key_id, gen FROM keys UNION ALL SELECT 'key_versions', key_id || '/' || version, gen FROM key_versions
                 UNION ALL SELECT 'aliases', alias_name, gen FROM aliases UNION ALL SELECT 'deleted_keys', key_id, gen FROM deleted_keys
+                UNION ALL SELECT 'grants', grant_id, gen FROM grants
                 """, [], path: path) { (table: String(cString: sqlite3_column_text($0, 0)), rowKey: String(cString: sqlite3_column_text($0, 1)),
                                          generation: UInt64(bitPattern: sqlite3_column_int64($0, 2))) }
         }

@@ -43,6 +43,11 @@ extension Kmsd_V1_Request.OneOf_Operation {
         case .putKeyPolicy: "PutKeyPolicy"
         case .listKeyPolicies: "ListKeyPolicies"
         case .simulatePolicy: "SimulatePolicy"
+        case .createGrant: "CreateGrant"
+        case .listGrants: "ListGrants"
+        case .listRetirableGrants: "ListRetirableGrants"
+        case .retireGrant: "RetireGrant"
+        case .revokeGrant: "RevokeGrant"
         }
     }
 }

@@ -59,6 +59,7 @@ struct AuditRecord: Sendable {
         if !details.integrityFailures.isEmpty {
             fields.append("KMS_INTEGRITY_FAILURES=\(details.integrityFailures.joined(separator: ","))")
         }
+        if !details.grantID.isEmpty { fields.append("KMS_GRANT_ID=\(details.grantID)") }
         if let source = details.sourceKeyID {
             fields.append("KMS_SOURCE_KEY_ID=\(source)")
             fields.append("KMS_SOURCE_KEY_VERSION=\(details.sourceKeyVersion.map(String.init) ?? "")")

@@ -99,6 +99,41 @@ struct Authorizer {
             op = .putKeyPolicy(r)
         case .listKeyPolicies(var r): r.keyID = try a.key(r.keyID, "ListKeyPolicies", &d); op = .listKeyPolicies(r)
         case .simulatePolicy(var r): r.keyID = try a.key(r.keyID, "SimulatePolicy", &d); op = .simulatePolicy(r)
+        case .createGrant(var r):
+            let id = try KeyID(parsing: r.keyID)
+            try KeyService.validateGrant(Handlers.grantInput(r, keyID: id))
+            r.keyID = try a.key(r.keyID, "CreateGrant", &d) {
+                $0.grantOperations = r.operations
+                $0.granteePrincipal = r.granteePrincipal
+                $0.retiringPrincipal = r.retiringPrincipal.isEmpty ? nil : r.retiringPrincipal
+            }
+            try a.checkGrantDelegation(r, &d)
+            op = .createGrant(r)
+        case .listGrants(var r): r.keyID = try a.key(r.keyID, "ListGrants", &d); op = .listGrants(r)
+        case .listRetirableGrants(let r):
+            let decision = try a.service.mayListRetirableGrants(r.retiringPrincipal, caller: ctx.principal)
+            d.decidedBy = decision.decidedBy
+            guard decision.allowed else {
+                throw KMSError(.accessDenied, "uid \(ctx.principal.uid) (\(ctx.principal.userName)) may list only the grants it may retire itself (a RetiringPrincipal naming it); administrators may list anyone's")
+            }
+        case .retireGrant(var r):
+            let (keyID, grantID) = r.grantToken.isEmpty ? (try KeyID(parsing: r.keyID), r.grantID) : try KeyService.parseGrantToken(r.grantToken)
+            d.keyID = keyID.description
+            d.grantID = grantID
+            let record = try a.existing(keyID)
+            guard let grant = try a.service.repository.grant(grantID), grant.keyID == keyID else {
+                throw KMSError(.notFound, "key \(keyID) has no grant \(grantID.prefix(16))…")
+            }
+            let decision = a.service.mayRetire(grant, key: record, caller: ctx.principal)
+            d.decidedBy = decision.decidedBy
+            guard decision.allowed else {
+                throw KMSError(.accessDenied, "uid \(ctx.principal.uid) (\(ctx.principal.userName)) may not retire grant \(grantID.prefix(16))…: only its retiring principal, its grantee when it grants RetireGrant, or whom the key policy allows kms:RetireGrant may")
+            }
+            r.keyID = keyID.description
+            r.grantID = grantID
+            r.grantToken = ""
+            op = .retireGrant(r)
+        case .revokeGrant(var r): r.keyID = try a.key(r.keyID, "RevokeGrant", &d); op = .revokeGrant(r)
         }
     }
 
@@ -150,6 +185,18 @@ struct Authorizer {
         return alias.keyID
     }
 
+    /// A grant allowed CreateGrant: the new grant may pass on only what that grant has (its
+    /// operations, none more) and only from a grant without constraints.
+    func checkGrantDelegation(_ r: Kmsd_V1_CreateGrantRequest, _ d: inout AuditDetails) throws(KMSError) {
+        guard d.decidedBy.hasPrefix("grant:") else { return }
+        let parentID = String(d.decidedBy.dropFirst("grant:".count))
+        guard let parent = try service.repository.grant(parentID) else { return }
+        let narrower = Set(r.operations).isSubset(of: Set(parent.operations))
+        guard narrower, parent.encryptionContextSubset == nil, parent.encryptionContextEquals == nil else {
+            throw KMSError(.accessDenied, "grant \(parentID.prefix(16))… lets uid \(ctx.principal.uid) create grants only for its own operations (\(parent.operations.joined(separator: ", "))) and only when it has no constraints")
+        }
+    }
+
     func aliasTarget(_ name: String) throws(KMSError) -> KeyID {
         try KeyService.checkAliasName(name)
         guard let alias = try service.repository.alias(name) else { throw KMSError(.notFound, "alias \(name) does not exist") }
@@ -173,14 +220,18 @@ struct Authorizer {
         let repository = service.repository, id = record.keyID
         facts.resourceAliases = { (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? [] }
         adjust(&facts)
-        let decision = service.decide(facts)
+        var decision = service.decide(facts)
+        // Nothing in the policy says no, and nothing says yes: a grant may.
+        if decision.effect == .implicitDeny, let grant = service.grantAllowing(facts) {
+            decision = PolicyDecision(effect: .allow, decidedBy: "grant:\(grant.grantID)")
+        }
         d.decidedBy = decision.decidedBy
         guard decision.allowed else {
             if let alias {
                 // An alias reveals neither its key nor that it exists to whoever may not use it.
                 throw KMSError(.notFound, "alias \(alias) does not exist; list aliases with kmsctl list-aliases")
             }
-            let why = decision.effect == .explicitDeny ? "statement \(decision.decidedBy) denies it" : "no statement in its key policy allows it"
+            let why = decision.effect == .explicitDeny ? "statement \(decision.decidedBy) denies it" : "no statement in its key policy and no grant allows it"
             throw KMSError(.accessDenied, "uid \(p.uid) (\(p.userName)) is not allowed kms:\(action) on key \(record.keyID): \(why)")
         }
     }

@@ -16,8 +16,10 @@ struct AuditDetails {
     var sourceAlias = ""
     /// The alias the request named or acted on (a valid alias name only).
     var alias = ""
-    /// What decided access: `key-policy:SID`, `configuration:administrators`, `open`, ...
+    /// What decided access: `key-policy:SID`, `grant:ID`, `configuration:administrators`, `open`, ...
     var decidedBy = ""
+    /// The grant a grant operation created, retired or revoked.
+    var grantID = ""
     /// Keys left out of the answer because their stored record failed its integrity check.
     var integrityFailures: [String] = []
     /// Reverses the request's lasting effect; run when its audit record cannot be written, so
@@ -129,7 +131,8 @@ final class Dispatcher: Sendable {
                              "EnableKeyRotation", "DisableKeyRotation", "GetKeyRotationStatus", "RotateKeyOnDemand",
                              "ListKeyRotations", "SetMinimumDecryptionVersion",
                              "GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial",
-                             "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy", "Encrypt", "Decrypt",
+                             "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy",
+                             "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant", "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
     static func route(_ op: KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ details: inout AuditDetails,
@@ -174,6 +177,11 @@ final class Dispatcher: Sendable {
         case .putKeyPolicy(let r): .putKeyPolicy(try PolicyHandlers.putKeyPolicy(r, ctx, &details))
         case .listKeyPolicies(let r): .listKeyPolicies(try PolicyHandlers.listKeyPolicies(r, ctx, &details))
         case .simulatePolicy(let r): .simulatePolicy(try PolicyHandlers.simulatePolicy(r, ctx, &details))
+        case .createGrant(let r): .createGrant(try GrantHandlers.createGrant(r, ctx, &details))
+        case .listGrants(let r): .listGrants(try GrantHandlers.listGrants(r, ctx, &details))
+        case .listRetirableGrants(let r): .listRetirableGrants(try GrantHandlers.listRetirableGrants(r, ctx, &details))
+        case .retireGrant(let r): .retireGrant(try GrantHandlers.retireGrant(r, ctx, &details))
+        case .revokeGrant(let r): .revokeGrant(try GrantHandlers.revokeGrant(r, ctx, &details))
         }
     }
 
@@ -202,7 +210,8 @@ final class Dispatcher: Sendable {
              .updateKeyDescription, .createAlias, .updateAlias, .deleteAlias, .listAliases, .tagResource, .untagResource,
              .listResourceTags, .enableKeyRotation, .disableKeyRotation, .getKeyRotationStatus, .rotateKeyOnDemand,
              .listKeyRotations, .setMinimumDecryptionVersion, .getParametersForImport, .importKeyMaterial,
-             .deleteImportedKeyMaterial, .getKeyPolicy, .putKeyPolicy, .listKeyPolicies, .simulatePolicy: return false
+             .deleteImportedKeyMaterial, .getKeyPolicy, .putKeyPolicy, .listKeyPolicies, .simulatePolicy, .createGrant, .listGrants,
+             .listRetirableGrants, .retireGrant, .revokeGrant: return false
         }
     }
 

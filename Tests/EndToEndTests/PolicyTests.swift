@@ -183,4 +183,68 @@ final class PolicyTests {
         expectDenied(try encrypt(Self.bob, alias), "NotFoundException")
         #expect(try encrypt(getuid(), alias).status == 0)
     }
+
+    // MARK: - Grants
+
+    @Test func aGrantAllowsAtOnceAndStopsAtOnce() async throws {
+        let key = try await client.createKey().keyID
+        expectDenied(try encrypt(Self.bob, key, context: ["app=orders"]))
+        let created = try run(Paths.kmsctl, ["create-grant", "--key-id", key, "--grantee-principal", "uid:\(Self.bob)",
+                                             "--operations", "Encrypt,Decrypt", "--constraints", "EncryptionContextSubset={app=orders}", "--json"],
+                              env: ["KMSD_SOCKET": daemon.socket])
+        #expect(created.status == 0, "\(created.stderr)")
+        let grant = try #require((try JSONSerialization.jsonObject(with: created.stdout) as? [String: Any])?["GrantId"] as? String)
+        let blob = try encrypt(Self.bob, key, context: ["app=orders", "extra=1"])
+        #expect(blob.status == 0, "\(blob.stderr)")
+        #expect(try lastRecord(uid: Self.bob, action: "Encrypt")?["KMS_DECIDED_BY"] as? String == "grant:\(grant)")
+        // The constraint: the context must hold app=orders.
+        expectDenied(try encrypt(Self.bob, key, context: ["app=billing"]))
+        expectDenied(try encrypt(Self.bob, key))
+        let listed = try await client.listGrants(keyID: key)
+        #expect(listed.grants.map(\.grantID) == [grant] && listed.grants[0].constraints.encryptionContextSubset == ["app": "orders"])
+        // Bob may not revoke it; the key's owner may, and it stops at once.
+        expectDenied(try kmsctl(Self.bob, ["revoke-grant", "--key-id", key, "--grant-id", grant]))
+        try await client.revokeGrant(keyID: key, grantID: grant)
+        expectDenied(try encrypt(Self.bob, key, context: ["app=orders"]))
+        #expect(try await client.listGrants(keyID: key).grants.isEmpty)
+        let records = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: 1)
+        #expect(records.contains { $0["KMS_ACTION"] as? String == "RevokeGrant" && $0["KMS_GRANT_ID"] as? String == grant })
+    }
+
+    @Test func theRetiringPrincipalRetires() async throws {
+        let key = try await client.createKey().keyID
+        let g = try await client.createGrant(keyID: key, granteePrincipal: "uid:\(Self.bob)", operations: ["Encrypt"],
+                                             retiringPrincipal: "uid:\(Self.carol)", name: "bob-encrypts")
+        // The same name and parameters give the same grant.
+        let again = try await client.createGrant(keyID: key, granteePrincipal: "uid:\(Self.bob)", operations: ["Encrypt"],
+                                                 retiringPrincipal: "uid:\(Self.carol)", name: "bob-encrypts")
+        #expect(again.grantID == g.grantID)
+        #expect(try encrypt(Self.bob, key).status == 0)
+        let retirable = try kmsctl(Self.carol, ["list-retirable-grants", "--retiring-principal", "uid:\(Self.carol)", "--json"])
+        #expect(retirable.status == 0 && retirable.text.contains(g.grantID), "\(retirable.stderr)")
+        expectDenied(try kmsctl(Self.bob, ["list-retirable-grants", "--retiring-principal", "uid:\(Self.carol)"]))
+        expectDenied(try kmsctl(Self.bob, ["retire-grant", "--grant-token", g.grantToken]))
+        let retired = try kmsctl(Self.carol, ["retire-grant", "--grant-token", g.grantToken])
+        #expect(retired.status == 0, "\(retired.stderr)")
+        expectDenied(try encrypt(Self.bob, key))
+    }
+
+    @Test func aGranteeMayPassOnOnlyWhatItHas() async throws {
+        let key = try await client.createKey().keyID
+        _ = try await client.createGrant(keyID: key, granteePrincipal: "uid:\(Self.bob)", operations: ["Encrypt", "CreateGrant"])
+        let narrower = try kmsctl(Self.bob, ["create-grant", "--key-id", key, "--grantee-principal", "uid:\(Self.carol)", "--operations", "Encrypt"])
+        #expect(narrower.status == 0, "\(narrower.stderr)")
+        #expect(try encrypt(Self.carol, key).status == 0)
+        expectDenied(try kmsctl(Self.bob, ["create-grant", "--key-id", key, "--grantee-principal", "uid:\(Self.carol)", "--operations", "Decrypt"]))
+        // Malformed grants are refused before anything else.
+        await expectKMSError(.validation) {
+            _ = try await self.client.createGrant(keyID: key, granteePrincipal: "bob", operations: ["Encrypt"])
+        }
+        await expectKMSError(.validation) {
+            _ = try await self.client.createGrant(keyID: key, granteePrincipal: "uid:1", operations: ["PutKeyPolicy"])
+        }
+        await expectKMSError(.validation) {
+            _ = try await self.client.createGrant(keyID: key, granteePrincipal: "uid:1", operations: ["DescribeKey"], contextSubset: ["a": "b"])
+        }
+    }
 }

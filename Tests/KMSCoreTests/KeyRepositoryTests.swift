@@ -218,6 +218,14 @@ struct KeyRepositoryTests {
         func forEachIndexEntry(_ body: (IndexEntry) throws -> Void) throws { try inner.forEachIndexEntry(body) }
         func allRowKeys() throws -> [(table: String, rowKey: String, generation: UInt64)] { try inner.allRowKeys() }
         func initializeIndex(_ integrity: IntegrityWrite) throws { try inner.initializeIndex(integrity) }
+        func insertGrant(id: String, keyID: String, retiring: String?, row: StoredRow, integrity: IntegrityWrite) throws {
+            try inner.insertGrant(id: id, keyID: keyID, retiring: retiring, row: row, integrity: integrity)
+        }
+        func deleteGrant(id: String, integrity: IntegrityWrite) throws -> Bool { try inner.deleteGrant(id: id, integrity: integrity) }
+        func grant(id: String) throws -> StoredRow? { try inner.grant(id: id) }
+        func grants(keyID: String, after: String?, limit: Int) throws -> [(id: String, row: StoredRow)] { try inner.grants(keyID: keyID, after: after, limit: limit) }
+        func grantIDs(retiring: String, after: String?, limit: Int) throws -> [String] { try inner.grantIDs(retiring: retiring, after: after, limit: limit) }
+        func grantCount(keyID: String) throws -> Int { try inner.grantCount(keyID: keyID) }
         func versions(id: String) throws -> [(number: UInt32, row: StoredRow)] { try inner.versions(id: id) }
         func keysDueForRotation(at time: Int64, limit: Int) throws -> [String] { try inner.keysDueForRotation(at: time, limit: limit) }
         func destroyKey(id: String, dueBy time: Int64, tombstone: StoredRow, integrity: IntegrityWrite) throws -> Bool {

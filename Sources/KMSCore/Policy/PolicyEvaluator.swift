@@ -44,6 +44,11 @@ public struct PolicyDecision: Sendable, Equatable {
 
     public var allowed: Bool { effect == .allow }
 
+    public init(effect: Effect, decidedBy: String) {
+        self.effect = effect
+        self.decidedBy = decidedBy
+    }
+
     public static let implicitDeny = PolicyDecision(effect: .implicitDeny, decidedBy: "implicit-deny")
 }
 
