@@ -23,7 +23,8 @@ extension KeyService {
     /// The compiled policy of a key. A stored policy that no longer parses (it was valid when
     /// written; say, a name it used is gone) cannot be: names that no longer resolve match
     /// nobody, so parsing leniently always succeeds for a policy kmsd accepted.
-    func compiledPolicy(_ record: KeyRecord) -> KeyPolicy {
+    func compiledPolicy(_ record: KeyRecord, caching: Bool = true) -> KeyPolicy {
+        if !caching { return (try? KeyPolicy.parse(record.policy ?? DefaultKeyPolicy.text(owner: record.ownerUID), strict: false)) ?? KeyPolicy(id: nil, statements: []) }
         if let hit = compiledPolicies.withLock({ $0[record.keyID] }), hit.text == record.policy, hit.owner == record.ownerUID {
             return hit.policy
         }
@@ -37,12 +38,29 @@ extension KeyService {
         return policy
     }
 
-    /// The access decision for one action on one key: the key's policy evaluated against the
-    /// request's facts (`facts.key` is the key). Pure apart from the compiled-policy cache.
+    /// The access decision for one action on one key (`facts.key`), combining the key's policy
+    /// and the identity policies as AWS combines key and IAM policies: an explicit Deny in
+    /// either wins; else the key policy allows, or it delegates (Role IdentityPolicies) and an
+    /// identity policy allows; else implicit deny (grants are consulted after that).
     public func decide(_ facts: RequestFacts) -> PolicyDecision {
         guard let key = facts.key else { return .implicitDeny }
-        return compiledPolicy(key).evaluate(facts)
+        let byKey = compiledPolicy(key).evaluate(facts)
+        if byKey.effect == .explicitDeny { return byKey }
+        let identity = identityPolicySet.withLock { $0 }
+        guard !identity.policies.isEmpty else { return byKey.allowed ? byKey : .implicitDeny }
+        let byIdentity = identity.evaluate(facts)
+        if byIdentity.effect == .explicitDeny { return byIdentity }
+        if byKey.allowed { return byKey }
+        if byKey.delegated, byIdentity.allowed { return byIdentity }
+        return .implicitDeny
     }
+
+    /// Replaces the identity policies in force.
+    public func setIdentityPolicies(_ set: IdentityPolicySet) {
+        identityPolicySet.withLock { $0 = set }
+    }
+
+    public var identityPolicies: IdentityPolicySet { identityPolicySet.withLock { $0 } }
 
     /// The text of a key's policy (the default one, written out, when none was set).
     public func getKeyPolicy(_ keyID: String, name: String, caller: Principal) throws(KMSError) -> String {
@@ -69,7 +87,9 @@ extension KeyService {
         guard !bypass else { return }
         var facts = RequestFacts(action: "PutKeyPolicy", caller: caller, isAdministrator: isAdministrator(caller), key: record)!
         facts.bypassPolicyLockoutSafetyCheck = false
-        guard policy.evaluate(facts).allowed else {
+        let byKey = policy.evaluate(facts)
+        let byIdentity = identityPolicies.evaluate(facts)
+        guard byIdentity.effect != .explicitDeny, byKey.allowed || (byKey.delegated && byIdentity.allowed) else {
             throw KMSError(.validation, "the new key policy would not allow you (uid \(caller.uid)) to change it again (kms:PutKeyPolicy), so nobody might ever be able to; include a statement that allows it, or set BypassPolicyLockoutSafetyCheck if that is really what you want")
         }
     }
@@ -126,8 +146,19 @@ extension KeyService {
         facts.encryptionContext = context.isEmpty ? nil : context
         let repository = self.repository, id = record.keyID
         facts.resourceAliases = { (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? [] }
-        let policy = candidate.isEmpty ? compiledPolicy(record) : try KeyPolicy.parse(candidate, strict: true)
-        return (policy.evaluate(facts), record.keyID)
+        if candidate.isEmpty {
+            var decision = decide(facts)
+            if decision.effect == .implicitDeny, let grant = grantAllowing(facts) {
+                decision = PolicyDecision(effect: .allow, decidedBy: "grant:\(grant.grantID)")
+            }
+            return (decision, record.keyID)
+        }
+        var trial = record
+        trial.policy = candidate
+        _ = try KeyPolicy.parse(candidate, strict: true)
+        facts.key = trial
+        let decision = compiledPolicy(trial, caching: false).evaluate(facts)
+        return (decision.allowed || decision.effect == .explicitDeny ? decision : .implicitDeny, record.keyID)
     }
 
     static func userName(_ uid: UInt32) -> String {

@@ -22,6 +22,8 @@ public final class KeyService: Sendable {
     let compiledPolicies = Mutex<[KeyID: CompiledPolicy]>([:])
     /// Each key's grants, read once and kept until one of them changes.
     let grantCache = Mutex<[KeyID: [CompiledGrant]]>([:])
+    /// The identity policies in force (replaced whole on reload).
+    let identityPolicySet = Mutex(IdentityPolicySet())
 
     public init(repository: KeyRepository, administrators: Administrators,
                 clock: @escaping @Sendable () -> Date = { Date() }, daySeconds: Int = 86_400) {

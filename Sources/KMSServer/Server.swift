@@ -66,9 +66,16 @@ public final class Server: @unchecked Sendable {
         let repository = try KeyRepository(storage: storage, root: root, cacheCapacity: c.keyCacheCapacity)
         var clock: @Sendable () -> Date = { Date() }
         if c.development, let file = c.developmentClockFile { clock = Self.offsetClock(file) }
+        if let dir = c.identityPolicyDirectory { try StateDirectory.checkTrusted(dir, what: "identity-policy directory", stickyWritableOK: true) }
         let service = KeyService(repository: repository, administrators: c.administrators, clock: clock,
                                  daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400)
         let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds)
+        if let dir = c.identityPolicyDirectory {
+            do throws(KMSError) { service.setIdentityPolicies(try IdentityPolicySet.load(directory: dir)) } catch {
+                throw ConfigurationError("identity policies: \(error.message)")
+            }
+            StandardError.write("kmsd: \(service.identityPolicies.policies.count) identity policies from \(dir)\n")
+        }
         let report = repository.integrityReport
         if let problem = report.problem {
             let message = "keystore rollback detected: \(problem); every row in \(report.suspectBuckets) of \(RowIndex.bucketCount) row-index buckets is refused (KeyUnavailableException). Restore the keystore from its latest backup"
@@ -131,7 +138,8 @@ public final class Server: @unchecked Sendable {
         signal(SIGHUP, SIG_IGN)
         signal(SIGPIPE, SIG_IGN)
         let hup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global())
-        hup.setEventHandler { StandardError.write("kmsd: SIGHUP: configuration reload is not implemented yet; restart to apply changes\n") }
+        let identityDirectory = c.identityPolicyDirectory, reloadService = dispatcher.service, reloadAudit = dispatcher.audit
+        hup.setEventHandler { Self.reload(identityDirectory, reloadService, reloadAudit) }
         hup.resume()
         sources.append(hup)
 
@@ -316,6 +324,25 @@ public final class Server: @unchecked Sendable {
             }
         } catch {
             StandardError.write("kmsd: ERROR: expiring imported key material failed: \(error); retrying in a second\n")
+        }
+    }
+
+    /// SIGHUP: the identity policies are read again; an invalid set is refused whole (the old
+    /// one stays), logged and audited. (Other settings still need a restart.)
+    static func reload(_ dir: String?, _ service: KeyService, _ audit: AuditLog) {
+        guard let dir else {
+            StandardError.write("kmsd: SIGHUP: no identity-policy directory is configured; other settings need a restart\n")
+            return
+        }
+        do throws(KMSError) {
+            let set = try IdentityPolicySet.load(directory: dir)
+            service.setIdentityPolicies(set)
+            StandardError.write("kmsd: SIGHUP: \(set.policies.count) identity policies from \(dir)\n")
+            audit.writeEvent(action: "IdentityPoliciesReloaded", keyID: "", message: "identity policies reloaded from \(dir): \(set.policies.map(\.name).joined(separator: ", "))")
+        } catch {
+            StandardError.write("kmsd: ERROR: SIGHUP: identity policies not reloaded, the previous ones stay: \(error.message)\n")
+            audit.writeEvent(action: "IdentityPoliciesReloadFailed", keyID: "", failure: error.code,
+                             message: "identity policies not reloaded (the previous ones stay): \(error.message)")
         }
     }
 

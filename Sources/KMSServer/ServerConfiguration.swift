@@ -43,6 +43,8 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var frameTimeoutSeconds = 10
     /// Milliseconds a request waits for journald to take its audit record before it fails.
     public var auditTimeoutMilliseconds = 250
+    /// A directory of identity policies (`*.json`), reloaded on SIGHUP; nil: none.
+    public var identityPolicyDirectory: String? = nil
 
     public init() {}
 
@@ -143,6 +145,7 @@ public struct ServerConfiguration: Sendable, Equatable {
             case "adminReservedConnections": c.adminReservedConnections = try int()
             case "frameTimeoutSeconds": c.frameTimeoutSeconds = try int()
             case "auditTimeoutMilliseconds": c.auditTimeoutMilliseconds = try int()
+            case "identityPolicyDirectory": c.identityPolicyDirectory = try str()
             default: throw ConfigurationError("\(file): unknown setting '\(key)'")
             }
         }

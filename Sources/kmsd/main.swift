@@ -87,6 +87,9 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("event-loops"), help: ArgumentHelp("Event-loop threads serving connections. Default: one per core.", valueName: "n"))
     var eventLoops: Int?
 
+    @Option(name: .customLong("identity-policy-dir"), help: ArgumentHelp("A directory of identity policies (*.json), reloaded on SIGHUP.", valueName: "dir"))
+    var identityPolicyDir: String?
+
     @Flag(name: .customLong("allow-unlocked-memory"), help: "Development only: run even when key memory cannot be locked (RLIMIT_MEMLOCK too small).")
     var allowUnlockedMemory = false
 
@@ -122,6 +125,7 @@ struct KMSD: ParsableCommand {
         if let frameTimeout { c.frameTimeoutSeconds = frameTimeout }
         if let auditTimeoutMilliseconds { c.auditTimeoutMilliseconds = auditTimeoutMilliseconds }
         if allowUnlockedMemory { c.allowUnlockedMemory = true }
+        if let identityPolicyDir { c.identityPolicyDirectory = identityPolicyDir }
         if let auditFailClosed { c.auditFailClosed = auditFailClosed }
         do {
             let server = try Server(configuration: c)

@@ -247,4 +247,53 @@ final class PolicyTests {
             _ = try await self.client.createGrant(keyID: key, granteePrincipal: "uid:1", operations: ["DescribeKey"], contextSubset: ["a": "b"])
         }
     }
+
+    // MARK: - Identity policies
+
+    @Test func identityPoliciesReloadOnSIGHUPAndAnInvalidSetIsRefused() async throws {
+        let dir = try Paths.tempDir("identity")
+        let allowBob = #"{"Version": "2012-10-17", "AttachTo": {"Uid": "\#(Self.bob)"}, "Statement": [{"Sid": "BobEncrypts", "Effect": "Allow", "Action": "kms:Encrypt", "Resource": "kmsd:key/*"}]}"#
+        try allowBob.write(toFile: dir + "/bob.json", atomically: true, encoding: .utf8)
+        let d = try Daemon(arguments: ["--identity-policy-dir", dir])
+        defer { d.stop() }
+        let c = d.client()
+        func bobEncrypts(_ key: String) throws -> ProcessResult {
+            try runAs(uid: Self.bob, [Paths.kmsctl, "encrypt", "--key-id", key], stdin: Data("x".utf8), env: ["KMSD_SOCKET": d.socket])
+        }
+        func records(_ action: String) throws -> [[String: Any]] {
+            try Journal.records(pid: d.pid, since: d.startedAt, atLeast: 1).filter { $0["KMS_ACTION"] as? String == action }
+        }
+        // The default key policy delegates to identity policies; a policy without that does not.
+        let delegating = try await c.createKey().keyID
+        let closed = try await c.createKey(policy: Self.policy()).keyID
+        let allowed = try bobEncrypts(delegating)
+        #expect(allowed.status == 0, "\(allowed.stderr)")
+        #expect(try records("Encrypt").last?["KMS_DECIDED_BY"] as? String == "identity-policy:bob:BobEncrypts")
+        expectDenied(try bobEncrypts(closed))
+
+        // An invalid file: the whole reload is refused, the old set stays, and it is audited.
+        try #"{"AttachTo": {"Uid": "1"}, "Statement": [{"Effect": "Allow", "Action": "kms:Encrpt", "Resource": "*"}]}"#
+            .write(toFile: dir + "/broken.json", atomically: true, encoding: .utf8)
+        kill(d.pid, SIGHUP)
+        var failed: [[String: Any]] = []
+        for _ in 0..<50 where failed.isEmpty { failed = try records("IdentityPoliciesReloadFailed"); usleep(100_000) }
+        #expect(failed.first?["KMS_ERROR"] as? String == "ValidationException")
+        #expect(d.log.contains("broken"), "the log names the file")
+        #expect(try bobEncrypts(delegating).status == 0)
+
+        // A valid set with a Deny: in force after SIGHUP, and it wins over any Allow.
+        unlink(dir + "/broken.json")
+        try #"{"Version": "2012-10-17", "AttachTo": {"Uid": "\#(Self.bob)"}, "Statement": [{"Sid": "NoMore", "Effect": "Deny", "Action": "kms:*", "Resource": "*"}]}"#
+            .write(toFile: dir + "/bob-deny.json", atomically: true, encoding: .utf8)
+        kill(d.pid, SIGHUP)
+        var reloaded: [[String: Any]] = []
+        for _ in 0..<50 where reloaded.isEmpty { reloaded = try records("IdentityPoliciesReloaded"); usleep(100_000) }
+        #expect(!reloaded.isEmpty)
+        expectDenied(try bobEncrypts(delegating))
+        #expect(try records("Encrypt").last?["KMS_DECIDED_BY"] as? String == "identity-policy:bob-deny:NoMore")
+        // The owner's own Allow in the key policy does not beat it either.
+        try await c.putKeyPolicy(keyID: closed, policy: Self.policy(#"{"Sid": "Bob", "Effect": "Allow", "Principal": {"Uid": "\#(Self.bob)"}, "Action": "kms:Encrypt", "Resource": "*"}"#))
+        expectDenied(try bobEncrypts(closed))
+        await c.close()
+    }
 }

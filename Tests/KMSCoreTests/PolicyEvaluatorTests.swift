@@ -1,5 +1,6 @@
 import Foundation
 @testable import KMSCore
+import KMSCrypto
 import KMSProtocol
 import Testing
 
@@ -206,5 +207,69 @@ struct PolicyEvaluatorTests {
             #expect(error.code == .validation)
             #expect(error.message.contains(place), "\(error.message) should name \(place)")
         }
+    }
+
+    // MARK: - Identity policies combined with key policies
+
+    static let delegating = #"{"Version": "2012-10-17", "Statement": [{"Sid": "Delegate", "Effect": "Allow", "Principal": {"Role": "IdentityPolicies"}, "Action": "kms:*", "Resource": "*"}, {"Sid": "Owner", "Effect": "Allow", "Principal": {"Uid": "1000"}, "Action": "kms:*", "Resource": "*"}]}"#
+    static let notDelegating = #"{"Version": "2012-10-17", "Statement": [{"Sid": "Owner", "Effect": "Allow", "Principal": {"Uid": "1000"}, "Action": "kms:*", "Resource": "*"}]}"#
+
+    static func identity(_ name: String, attach: String, _ statement: String) throws -> IdentityPolicy {
+        try IdentityPolicy.parse(#"{"Version": "2012-10-17", "AttachTo": \#(attach), "Statement": [\#(statement)]}"#, name: name)
+    }
+
+    func decide(keyPolicy: String, identities: [IdentityPolicy], uid: UInt32, groups: [UInt32] = [], action: String = "Decrypt") throws -> PolicyDecision {
+        var c = Case(name: "", statements: [], action: action, uid: uid, groups: groups, expect: .allow)
+        c.context = [:]
+        var f = c.facts
+        f.key?.policy = keyPolicy
+        let service = try KeyService(repository: KeyRepository(storage: SQLiteKeyStorage(path: ":memory:"), root: RootKey(material: SecureBytes.random(count: 32))),
+                                     administrators: Administrators(uids: [0]))
+        service.setIdentityPolicies(IdentityPolicySet(identities))
+        return service.decide(f)
+    }
+
+    @Test func identityPoliciesAllowOnlyWhereTheKeyPolicyDelegates() throws {
+        let alice = try Self.identity("alice", attach: #"{"Uid": "2000"}"#, #"{"Sid": "Reads", "Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*"}"#)
+        #expect(try decide(keyPolicy: Self.delegating, identities: [alice], uid: 2000).decidedBy == "identity-policy:alice:Reads")
+        #expect(try decide(keyPolicy: Self.notDelegating, identities: [alice], uid: 2000).effect == .implicitDeny)
+        #expect(try decide(keyPolicy: Self.delegating, identities: [alice], uid: 2001).effect == .implicitDeny)
+        #expect(try decide(keyPolicy: Self.delegating, identities: [alice], uid: 2000, action: "Encrypt").effect == .implicitDeny)
+    }
+
+    @Test func anIdentityPolicyDenyBeatsTheKeyPolicy() throws {
+        let deny = try Self.identity("no-decrypt", attach: #"{"Group": "4321"}"#, #"{"Sid": "NoDecrypt", "Effect": "Deny", "Action": "kms:Decrypt", "Resource": "*"}"#)
+        let d = try decide(keyPolicy: Self.notDelegating, identities: [deny], uid: 1000, groups: [4321])
+        #expect(d.effect == .explicitDeny && d.decidedBy == "identity-policy:no-decrypt:NoDecrypt")
+        #expect(try decide(keyPolicy: Self.notDelegating, identities: [deny], uid: 1000).decidedBy == "key-policy:Owner")
+    }
+
+    @Test func identityPolicyResourcesNameKeys() throws {
+        let key = KeyID(bytes: Array(repeating: 7, count: 16))
+        let this = try Self.identity("this", attach: #"{"Uid": "2000"}"#, #"{"Effect": "Allow", "Action": "kms:Decrypt", "Resource": "kmsd:key/\#(key)"}"#)
+        let other = try Self.identity("other", attach: #"{"Uid": "2000"}"#, #"{"Effect": "Allow", "Action": "kms:Decrypt", "Resource": ["kmsd:key/00000000-0000-0000-0000-000000000000"]}"#)
+        #expect(try decide(keyPolicy: Self.delegating, identities: [this], uid: 2000).allowed)
+        #expect(try decide(keyPolicy: Self.delegating, identities: [other], uid: 2000).effect == .implicitDeny)
+    }
+
+    @Test(arguments: [
+        (#"{"AttachTo": {"Uid": "1"}, "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "kms:*", "Resource": "*"}]}"#, "Statement[0].Principal"),
+        (#"{"AttachTo": {"Uid": "1"}, "Statement": [{"Effect": "Allow", "Action": "kms:*"}]}"#, "needs Resource"),
+        (#"{"AttachTo": {"Uid": "1"}, "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "arn:aws:kms:x"}]}"#, "Resource[0]"),
+        (#"{"Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]}"#, "needs AttachTo"),
+        (#"{"AttachTo": "*", "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]}"#, "AttachTo"),
+    ])
+    func malformedIdentityPoliciesAreRefused(text: String, place: String) {
+        do {
+            _ = try IdentityPolicy.parse(text, name: "p")
+            Issue.record("accepted: \(text)")
+        } catch {
+            #expect(error.code == .validation && error.message.contains(place), "\(error.message)")
+        }
+    }
+
+    @Test func aDelegationIsAnAllowOfItsOwn() {
+        let bad = #"{"Statement": [{"Effect": "Deny", "Principal": {"Role": "IdentityPolicies"}, "Action": "kms:*", "Resource": "*"}]}"#
+        #expect(throws: KMSError.self) { try KeyPolicy.parse(bad) }
     }
 }

@@ -32,6 +32,8 @@ public struct KeyPolicy: Sendable {
         let actions: ActionSet
         let notAction: Bool
         let conditions: [Condition]
+        /// Identity policies only: the keys it covers (`kmsd:key/ID` patterns); nil: any.
+        var resources: [Glob]? = nil
 
         /// How an audit record names it: its Sid, or `#index` when it has none.
         public var name: String {
@@ -77,8 +79,9 @@ public struct KeyPolicy: Sendable {
         return KeyPolicy(id: id, statements: statements)
     }
 
-    static func parseStatement(_ s: [String: Any], index: Int, at: String, strict: Bool) throws(KMSError) -> Statement {
-        try allowOnly(s, ["Sid", "Effect", "Principal", "NotPrincipal", "Action", "NotAction", "Resource", "NotResource", "Condition"], at: at)
+    static func parseStatement(_ s: [String: Any], index: Int, at: String, strict: Bool, identity: Bool = false) throws(KMSError) -> Statement {
+        try allowOnly(s, identity ? ["Sid", "Effect", "Action", "NotAction", "Resource", "Condition"]
+                                  : ["Sid", "Effect", "Principal", "NotPrincipal", "Action", "NotAction", "Resource", "NotResource", "Condition"], at: at)
         let sid = try s["Sid"].map { (v) throws(KMSError) in try string(v, at: "\(at).Sid") }
         if let sid, !sid.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == " " || $0 == ".") }) {
             throw invalid("\(at).Sid may hold letters, digits, spaces and - _ . only")
@@ -89,11 +92,17 @@ public struct KeyPolicy: Sendable {
         case "Deny": effect = .deny
         default: throw invalid("\(at).Effect must be \"Allow\" or \"Deny\"")
         }
-        guard (s["Principal"] == nil) != (s["NotPrincipal"] == nil) else {
-            throw invalid("\(at) needs exactly one of Principal and NotPrincipal")
+        var principalField = "Principal"
+        var principal = PrincipalPattern()
+        if identity {
+            principal.everyone = true  // the identities it is attached to; checked before
+        } else {
+            guard (s["Principal"] == nil) != (s["NotPrincipal"] == nil) else {
+                throw invalid("\(at) needs exactly one of Principal and NotPrincipal")
+            }
+            principalField = s["Principal"] != nil ? "Principal" : "NotPrincipal"
+            principal = try PrincipalPattern.parse(s[principalField]!, at: "\(at).\(principalField)", strict: strict)
         }
-        let principalField = s["Principal"] != nil ? "Principal" : "NotPrincipal"
-        let principal = try PrincipalPattern.parse(s[principalField]!, at: "\(at).\(principalField)", strict: strict)
         guard (s["Action"] == nil) != (s["NotAction"] == nil) else {
             throw invalid("\(at) needs exactly one of Action and NotAction")
         }
@@ -108,10 +117,20 @@ public struct KeyPolicy: Sendable {
             actions.bits.0 |= matched.bits.0
             actions.bits.1 |= matched.bits.1
         }
-        if s["NotResource"] != nil { throw invalid("\(at).NotResource is not supported in a key policy; use \"Resource\": \"*\"") }
-        if let resource = s["Resource"] {
+        var resources: [Glob]? = nil
+        if identity {
+            guard let resource = s["Resource"] else { throw invalid("\(at) needs Resource: \"*\", or key ARNs such as \"kmsd:key/ID\" (\"kmsd:key/*\" for all)") }
             let values = try strings(resource, at: "\(at).Resource")
-            guard values == ["*"] else { throw invalid("\(at).Resource must be \"*\" (a key policy covers its own key)") }
+            for (j, v) in values.enumerated() where v != "*" && !v.hasPrefix(KeyID.arnPrefix) {
+                throw invalid("\(at).Resource[\(j)] \"\(v.prefix(80))\" must be \"*\" or a key ARN such as \"\(KeyID.arnPrefix)ID\"")
+            }
+            if !values.contains("*") { resources = values.map(Glob.init) }
+        } else {
+            if s["NotResource"] != nil { throw invalid("\(at).NotResource is not supported in a key policy; use \"Resource\": \"*\"") }
+            if let resource = s["Resource"] {
+                let values = try strings(resource, at: "\(at).Resource")
+                guard values == ["*"] else { throw invalid("\(at).Resource must be \"*\" (a key policy covers its own key)") }
+            }
         }
         var conditions: [Condition] = []
         if let raw = s["Condition"] {
@@ -123,8 +142,11 @@ public struct KeyPolicy: Sendable {
                 }
             }
         }
+        if principal.identityPolicies && (effect == .deny || principalField == "NotPrincipal" || !principal.onlyIdentityPolicies) {
+            throw invalid("\(at): {\"Role\": \"IdentityPolicies\"} delegates to identity policies: use it alone, in an Allow with Principal")
+        }
         return Statement(sid: sid, index: index, effect: effect, principal: principal, notPrincipal: principalField == "NotPrincipal",
-                         actions: actions, notAction: actionField == "NotAction", conditions: conditions)
+                         actions: actions, notAction: actionField == "NotAction", conditions: conditions, resources: resources)
     }
 
     static func invalid(_ message: String) -> KMSError {
@@ -169,6 +191,9 @@ public struct KeyPolicy: Sendable {
 struct PrincipalPattern: Sendable {
     var everyone = false
     var administrators = false
+    /// `Role: IdentityPolicies`: this statement lets identity policies decide (AWS's account
+    /// root statement); it names nobody directly.
+    var identityPolicies = false
     var uids: Set<UInt32> = []
     var gids: Set<UInt32> = []
     var units: [Glob] = []
@@ -208,8 +233,11 @@ struct PrincipalPattern: Sendable {
                     guard v.hasPrefix("/") || v == "*" else { throw KeyPolicy.invalid("\(place) must be an absolute path") }
                     p.executables.append(Glob(v))
                 default:  // Role
-                    guard v == "Administrators" else { throw KeyPolicy.invalid("\(place) must be \"Administrators\"") }
-                    p.administrators = true
+                    switch v {
+                    case "Administrators": p.administrators = true
+                    case "IdentityPolicies": p.identityPolicies = true
+                    default: throw KeyPolicy.invalid("\(place) must be \"Administrators\" or \"IdentityPolicies\"")
+                    }
                 }
             }
         }
@@ -228,6 +256,10 @@ struct PrincipalPattern: Sendable {
         var buffer = [CChar](repeating: 0, count: 16384)
         guard getgrnam_r(name, &grp, &buffer, buffer.count, &result) == 0, result != nil else { return nil }
         return grp.gr_gid
+    }
+
+    var onlyIdentityPolicies: Bool {
+        identityPolicies && !everyone && !administrators && uids.isEmpty && gids.isEmpty && units.isEmpty && executables.isEmpty
     }
 
     enum Match { case yes, no, unknown }

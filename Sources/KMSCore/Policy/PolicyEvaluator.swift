@@ -38,15 +38,18 @@ public struct RequestFacts: @unchecked Sendable {
 public struct PolicyDecision: Sendable, Equatable {
     public enum Effect: String, Sendable { case allow = "Allow", explicitDeny = "ExplicitDeny", implicitDeny = "ImplicitDeny" }
     public let effect: Effect
-    /// `key-policy:Sid` (or `key-policy:#n`), `grant:ID`, or `implicit-deny`: what audit
-    /// records carry as KMS_DECIDED_BY.
+    /// `key-policy:Sid` (or `key-policy:#n`), `grant:ID`, `identity-policy:NAME:Sid`, or
+    /// `implicit-deny`: what audit records carry as KMS_DECIDED_BY.
     public let decidedBy: String
+    /// A key policy that did not decide itself lets identity policies decide this request.
+    public var delegated = false
 
     public var allowed: Bool { effect == .allow }
 
-    public init(effect: Effect, decidedBy: String) {
+    public init(effect: Effect, decidedBy: String, delegated: Bool = false) {
         self.effect = effect
         self.decidedBy = decidedBy
+        self.delegated = delegated
     }
 
     public static let implicitDeny = PolicyDecision(effect: .implicitDeny, decidedBy: "implicit-deny")
@@ -58,8 +61,16 @@ extension KeyPolicy {
     /// denied. Pure: the same facts and policy always give the same decision.
     public func evaluate(_ f: RequestFacts, source: String = "key-policy") -> PolicyDecision {
         var allow: Statement? = nil
+        var delegated = false
         for s in statements {
             guard s.actions.contains(f.action) != s.notAction else { continue }
+            if let resources = s.resources {
+                guard let key = f.key, case let arn = key.keyID.arn, resources.contains(where: { $0.matches(arn) }) else { continue }
+            }
+            if s.principal.identityPolicies {
+                if !delegated, s.conditions.allSatisfy({ $0.holds(f) }) { delegated = true }
+                continue
+            }
             let match = s.principal.match(f)
             let applies: Bool
             switch (match, s.effect) {
@@ -76,7 +87,83 @@ extension KeyPolicy {
             allow = s
         }
         if let allow { return PolicyDecision(effect: .allow, decidedBy: "\(source):\(allow.name)") }
-        return .implicitDeny
+        return PolicyDecision(effect: .implicitDeny, decidedBy: "implicit-deny", delegated: delegated)
+    }
+}
+
+/// An identity policy: statements (no Principal) attached to users, groups, units or
+/// executables, from a file in kmsd's identity-policy directory (IAM's analogue).
+///
+/// ```json
+/// {"Version": "2012-10-17", "AttachTo": {"Group": "payroll"},
+///  "Statement": [{"Effect": "Allow", "Action": "kms:Decrypt", "Resource": "kmsd:key/*"}]}
+/// ```
+public struct IdentityPolicy: Sendable {
+    public let name: String
+    let attachTo: PrincipalPattern
+    let policy: KeyPolicy
+
+    /// Parses one identity policy (strictly, as PutKeyPolicy does); `name` names it in decisions.
+    public static func parse(_ text: String, name: String) throws(KMSError) -> IdentityPolicy {
+        guard text.utf8.count <= KeyPolicy.maxBytes else { throw KeyPolicy.invalid("\(name): more than \(KeyPolicy.maxBytes) bytes") }
+        guard let doc = (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any] else {
+            throw KeyPolicy.invalid("\(name) is not a JSON object")
+        }
+        try KeyPolicy.allowOnly(doc, ["Version", "Id", "AttachTo", "Statement"], at: name)
+        if let version = doc["Version"], version as? String != "2012-10-17" { throw KeyPolicy.invalid("\(name).Version must be \"2012-10-17\"") }
+        guard let attach = doc["AttachTo"] else { throw KeyPolicy.invalid("\(name) needs AttachTo, e.g. {\"User\": \"alice\"}") }
+        let attachTo = try PrincipalPattern.parse(attach, at: "\(name).AttachTo", strict: true)
+        guard !attachTo.everyone, !attachTo.identityPolicies else { throw KeyPolicy.invalid("\(name).AttachTo must name users, groups, uids, units or executables") }
+        guard let raw = doc["Statement"] else { throw KeyPolicy.invalid("\(name) has no Statement") }
+        let list: [Any] = (raw as? [Any]) ?? [raw]
+        guard !list.isEmpty else { throw KeyPolicy.invalid("\(name).Statement is empty") }
+        var statements: [KeyPolicy.Statement] = []
+        for (i, item) in list.enumerated() {
+            guard let s = item as? [String: Any] else { throw KeyPolicy.invalid("\(name).Statement[\(i)] must be an object") }
+            statements.append(try KeyPolicy.parseStatement(s, index: i, at: "\(name).Statement[\(i)]", strict: true, identity: true))
+        }
+        return IdentityPolicy(name: name, attachTo: attachTo, policy: KeyPolicy(id: doc["Id"] as? String, statements: statements))
+    }
+}
+
+/// The identity policies in force; replaced as a whole on reload.
+public struct IdentityPolicySet: Sendable {
+    public let policies: [IdentityPolicy]
+    public init(_ policies: [IdentityPolicy] = []) { self.policies = policies }
+
+    /// Loads every `*.json` file of `directory` (none: an empty set). Throws ValidationException
+    /// naming the first file that is wrong; nothing is half-loaded.
+    public static func load(directory: String) throws(KMSError) -> IdentityPolicySet {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: directory) else {
+            throw KMSError(.validation, "cannot read the identity-policy directory \(directory)")
+        }
+        var policies: [IdentityPolicy] = []
+        for file in names.sorted() where file.hasSuffix(".json") {
+            var st = stat()
+            guard lstat(directory + "/" + file, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_mode & 0o022 == 0 else {
+                throw KMSError(.validation, "identity policy \(directory)/\(file) must be a regular file that only its owner may write")
+            }
+            guard let data = FileManager.default.contents(atPath: directory + "/" + file), let text = String(data: data, encoding: .utf8) else {
+                throw KMSError(.validation, "cannot read identity policy \(directory)/\(file)")
+            }
+            policies.append(try IdentityPolicy.parse(text, name: String(file.dropLast(".json".count))))
+        }
+        return IdentityPolicySet(policies)
+    }
+
+    /// The identity policies attached to the caller, together: an explicit Deny wins, else the
+    /// first Allow names the decision, else implicit deny. An attachment kmsd cannot establish
+    /// (groups, unit, executable unknown) brings the policy's Denies, never its Allows.
+    public func evaluate(_ f: RequestFacts) -> PolicyDecision {
+        var allow: PolicyDecision? = nil
+        for p in policies {
+            let attached = p.attachTo.match(f)
+            guard attached != .no else { continue }
+            let d = p.policy.evaluate(f, source: "identity-policy:\(p.name)")
+            if d.effect == .explicitDeny { return d }
+            if attached == .yes, d.allowed, allow == nil { allow = d }
+        }
+        return allow ?? .implicitDeny
     }
 }
 
@@ -260,7 +347,8 @@ enum ConditionKey: Sendable, Equatable {
 }
 
 /// The policy a key has until PutKeyPolicy replaces it: its creator and kmsd's administrators
-/// may administer and use it; nobody else.
+/// may administer and use it; identity policies (configured by administrators) may grant more,
+/// as AWS's default key policy lets IAM policies do; nobody else.
 public enum DefaultKeyPolicy {
     public static func text(owner: UInt32) -> String {
         """
@@ -279,6 +367,13 @@ public enum DefaultKeyPolicy {
               "Sid": "Administrators",
               "Effect": "Allow",
               "Principal": {"Role": "Administrators"},
+              "Action": "kms:*",
+              "Resource": "*"
+            },
+            {
+              "Sid": "EnableIdentityPolicies",
+              "Effect": "Allow",
+              "Principal": {"Role": "IdentityPolicies"},
               "Action": "kms:*",
               "Resource": "*"
             }
