@@ -309,4 +309,12 @@ extension KMSClient {
     public func revokeGrant(keyID: String, grantID: String) async throws {
         guard case .revokeGrant = try await send(.revokeGrant(.with { $0.keyID = keyID; $0.grantID = grantID })) else { throw Self.mismatch }
     }
+
+    /// Beyond AWS: the permissions on one key, or (administrators) every key, one page.
+    public func reviewAccess(keyID: String = "", limit: UInt32 = 0, marker: String = "") async throws -> Kmsd_V1_ReviewAccessResponse {
+        guard case .reviewAccess(let r) = try await send(.reviewAccess(.with { $0.keyID = keyID; $0.limit = limit; $0.marker = marker })) else {
+            throw Self.mismatch
+        }
+        return r
+    }
 }

@@ -168,3 +168,50 @@ extension KeyService {
         return String(cString: name)
     }
 }
+
+/// Access reviews (beyond AWS): every permission on a key, from its policy, the identity
+/// policies and its grants, as written, with what deserves a second look flagged.
+extension KeyService {
+    public struct AccessEntry: Sendable, Equatable {
+        public var source: String
+        public var effect: String
+        public var principals: [String]
+        public var notPrincipal = false
+        public var actions: [String]
+        public var notAction = false
+        public var conditions: String
+        public var flags: [String]
+    }
+
+    public func reviewAccess(_ record: KeyRecord) throws(KMSError) -> [AccessEntry] {
+        func flags(_ s: KeyPolicy.Statement) -> [String] {
+            var f: [String] = []
+            if s.wildcardPrincipal { f.append("wildcard-principal") }
+            if s.wildcardAction { f.append("wildcard-action") }
+            if s.delegatesToIdentityPolicies { f.append("delegates-to-identity-policies") }
+            return f
+        }
+        func entry(_ s: KeyPolicy.Statement, source: String, principals: [String]) -> AccessEntry {
+            AccessEntry(source: source, effect: s.effect == .allow ? "Allow" : "Deny", principals: principals, notPrincipal: s.isNotPrincipal,
+                        actions: s.actionText, notAction: s.isNotAction, conditions: s.conditionText ?? "", flags: flags(s))
+        }
+        let keyPolicy = compiledPolicy(record)
+        var entries = keyPolicy.statements.map { entry($0, source: "key-policy:\($0.name)", principals: $0.principalText) }
+        let delegates = keyPolicy.statements.contains { $0.delegatesToIdentityPolicies }
+        for p in identityPolicies.policies {
+            // An Allow counts only where the key policy lets identity policies decide; a Deny always.
+            for s in p.statements(covering: record.keyID) where s.effect == .deny || delegates {
+                entries.append(entry(s, source: "identity-policy:\(p.name):\(s.name)", principals: p.attachText))
+            }
+        }
+        for g in try repository.grants(of: record.keyID) {
+            var c: [String: Any] = [:]
+            if let subset = g.encryptionContextSubset { c["EncryptionContextSubset"] = subset }
+            if let equals = g.encryptionContextEquals { c["EncryptionContextEquals"] = equals }
+            let text = c.isEmpty ? "" : (try? JSONSerialization.data(withJSONObject: c, options: [.sortedKeys])).map { String(decoding: $0, as: UTF8.self) } ?? ""
+            entries.append(AccessEntry(source: "grant:\(g.grantID)", effect: "Allow", principals: [g.granteePrincipal],
+                                       actions: g.operations.map { "kms:" + $0 }, conditions: text, flags: []))
+        }
+        return entries
+    }
+}

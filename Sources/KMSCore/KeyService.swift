@@ -609,6 +609,15 @@ public final class KeyService: Sendable {
         return aad
     }
 
+    /// A list marker naming a key id (for listings outside KeyService).
+    public static func textMarkerKey(_ marker: String, label: String, caller: Principal, repository: KeyRepository) throws(KMSError) -> KeyID? {
+        try textMarker(marker, label: label, caller: caller, repository: repository).flatMap { try? KeyID(parsing: $0) }
+    }
+
+    public static func makeMarker(_ text: String, label: String, caller: Principal, repository: KeyRepository) -> String? {
+        makeTextMarker(text, label: label, caller: caller, repository: repository)
+    }
+
     static func textMarker(_ marker: String, label: String, caller: Principal, repository: KeyRepository) throws(KMSError) -> String? {
         guard !marker.isEmpty else { return nil }
         let invalid = KMSError(.invalidMarker, "Marker is not one this server returned to you; pass the NextMarker of the previous page, or start again without one")

@@ -48,6 +48,7 @@ extension Kmsd_V1_Request.OneOf_Operation {
         case .listRetirableGrants: "ListRetirableGrants"
         case .retireGrant: "RetireGrant"
         case .revokeGrant: "RevokeGrant"
+        case .reviewAccess: "ReviewAccess"
         }
     }
 }

@@ -134,6 +134,18 @@ struct Authorizer {
             r.grantToken = ""
             op = .retireGrant(r)
         case .revokeGrant(var r): r.keyID = try a.key(r.keyID, "RevokeGrant", &d); op = .revokeGrant(r)
+        case .reviewAccess(var r):
+            if r.keyID.isEmpty {
+                // Every key's permissions: an administrator's review.
+                let decision = a.service.mayCreateKeys(ctx.principal)
+                d.decidedBy = decision.decidedBy
+                guard decision.allowed else {
+                    throw KMSError(.accessDenied, "uid \(ctx.principal.uid) (\(ctx.principal.userName)) may review one key at a time (--key-id, needing kms:GetKeyPolicy); only administrators may review every key")
+                }
+            } else {
+                r.keyID = try a.key(r.keyID, "GetKeyPolicy", &d)
+                op = .reviewAccess(r)
+            }
         }
     }
 

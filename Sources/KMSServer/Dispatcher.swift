@@ -132,7 +132,8 @@ final class Dispatcher: Sendable {
                              "ListKeyRotations", "SetMinimumDecryptionVersion",
                              "GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial",
                              "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy",
-                             "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant", "Encrypt", "Decrypt",
+                             "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant", "ReviewAccess",
+                             "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
     static func route(_ op: KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ details: inout AuditDetails,
@@ -182,6 +183,7 @@ final class Dispatcher: Sendable {
         case .listRetirableGrants(let r): .listRetirableGrants(try GrantHandlers.listRetirableGrants(r, ctx, &details))
         case .retireGrant(let r): .retireGrant(try GrantHandlers.retireGrant(r, ctx, &details))
         case .revokeGrant(let r): .revokeGrant(try GrantHandlers.revokeGrant(r, ctx, &details))
+        case .reviewAccess(let r): .reviewAccess(try ReviewHandlers.reviewAccess(r, ctx, &details))
         }
     }
 
@@ -211,7 +213,7 @@ final class Dispatcher: Sendable {
              .listResourceTags, .enableKeyRotation, .disableKeyRotation, .getKeyRotationStatus, .rotateKeyOnDemand,
              .listKeyRotations, .setMinimumDecryptionVersion, .getParametersForImport, .importKeyMaterial,
              .deleteImportedKeyMaterial, .getKeyPolicy, .putKeyPolicy, .listKeyPolicies, .simulatePolicy, .createGrant, .listGrants,
-             .listRetirableGrants, .retireGrant, .revokeGrant: return false
+             .listRetirableGrants, .retireGrant, .revokeGrant, .reviewAccess: return false
         }
     }
 

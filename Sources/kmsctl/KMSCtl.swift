@@ -57,6 +57,7 @@ struct KMSCtl: AsyncParsableCommand {
             ListRetirableGrants.self,
             RetireGrant.self,
             RevokeGrant.self,
+            ReviewAccess.self,
             Encrypt.self,
             Decrypt.self,
             ReEncrypt.self,

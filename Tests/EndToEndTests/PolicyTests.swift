@@ -296,4 +296,40 @@ final class PolicyTests {
         expectDenied(try bobEncrypts(closed))
         await c.close()
     }
+
+    // MARK: - Access review
+
+    @Test func reviewAccessListsFlagsAndFindsUnusedPermissions() async throws {
+        let key = try await client.createKey().keyID
+        try await client.putKeyPolicy(keyID: key, policy: Self.policy(
+            #"{"Sid": "Everyone", "Effect": "Allow", "Principal": "*", "Action": "kms:DescribeKey", "Resource": "*"}"#,
+            #"{"Sid": "BobEncrypts", "Effect": "Allow", "Principal": {"Uid": "\#(Self.bob)"}, "Action": "kms:Encrypt", "Resource": "*", "Condition": {"StringEquals": {"kms:EncryptionContext:app": "orders"}}}"#,
+            #"{"Sid": "CarolDecrypts", "Effect": "Allow", "Principal": {"Uid": "\#(Self.carol)"}, "Action": "kms:Decrypt", "Resource": "*"}"#))
+        let grant = try await client.createGrant(keyID: key, granteePrincipal: "uid:\(Self.carol)", operations: ["Encrypt"]).grantID
+        #expect(try encrypt(Self.bob, key, context: ["app=orders"]).status == 0)
+        // The audit record of bob's request must be in the journal before the review reads it.
+        _ = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: 1)
+        var bobsRecord: [String: Any]? = nil
+        for _ in 0..<50 where bobsRecord == nil { bobsRecord = try lastRecord(uid: Self.bob, action: "Encrypt"); usleep(100_000) }
+        #expect(bobsRecord?["KMS_DECIDED_BY"] as? String == "key-policy:BobEncrypts")
+
+        let r = try run(Paths.kmsctl, ["review-access", "--key-id", key, "--unused-days", "1", "--json"], env: ["KMSD_SOCKET": daemon.socket])
+        #expect(r.status == 0, "\(r.stderr)")
+        let keys = try #require((try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any])?["Keys"] as? [[String: Any]])
+        let permissions = try #require(keys.first?["Permissions"] as? [[String: Any]])
+        func flags(_ source: String) -> [String]? { permissions.first { $0["Source"] as? String == source }?["Flags"] as? [String] }
+        #expect(flags("key-policy:Everyone")?.contains("wildcard-principal") == true)
+        #expect(flags("key-policy:Admins")?.contains("wildcard-action") == true)
+        #expect(flags("key-policy:BobEncrypts").map { !$0.contains("unused-1d") } == true, "bob used it")
+        #expect(flags("key-policy:CarolDecrypts")?.contains("unused-1d") == true)
+        #expect(flags("grant:\(grant)")?.contains("unused-1d") == true)
+        let bobs = try #require(permissions.first { $0["Source"] as? String == "key-policy:BobEncrypts" })
+        #expect(bobs["Principals"] as? [String] == ["Uid:\(Self.bob)"] && (bobs["Conditions"] as? String)?.contains("orders") == true)
+
+        // Every key at once is an administrator's review; bob may not.
+        let all = try run(Paths.kmsctl, ["review-access", "--json"], env: ["KMSD_SOCKET": daemon.socket])
+        #expect(all.status == 0 && all.text.contains(key), "\(all.stderr)")
+        expectDenied(try kmsctl(Self.bob, ["review-access"]))
+        expectDenied(try kmsctl(Self.bob, ["review-access", "--key-id", key]))
+    }
 }

@@ -34,6 +34,17 @@ public struct KeyPolicy: Sendable {
         let conditions: [Condition]
         /// Identity policies only: the keys it covers (`kmsd:key/ID` patterns); nil: any.
         var resources: [Glob]? = nil
+        /// As written, for access reviews: `Uid:1000`, `Unit:app.service`, `*`, ...
+        public var principalText: [String] = []
+        public var actionText: [String] = []
+        /// The Condition block as compact JSON with sorted keys; nil when there is none.
+        public var conditionText: String? = nil
+        public var isNotPrincipal: Bool { notPrincipal }
+        public var isNotAction: Bool { notAction }
+        public var delegatesToIdentityPolicies: Bool { principal.identityPolicies }
+        /// Names every local principal (`*`) or every action (`kms:*` and the like).
+        public var wildcardPrincipal: Bool { principal.everyone || (notPrincipal && effect == .allow) }
+        public var wildcardAction: Bool { actionText.contains { $0.hasSuffix("*") } || notAction }
 
         /// How an audit record names it: its Sid, or `#index` when it has none.
         public var name: String {
@@ -142,11 +153,24 @@ public struct KeyPolicy: Sendable {
                 }
             }
         }
+        var principalText: [String] = []
+        if let raw = s[principalField] {
+            if raw as? String == "*" { principalText = ["*"] } else if let object = raw as? [String: Any] {
+                for kind in object.keys.sorted() {
+                    for v in (try? strings(object[kind]!, at: "")) ?? [] { principalText.append("\(kind):\(v)") }
+                }
+            }
+        }
+        var conditionText: String? = nil
+        if let raw = s["Condition"], let data = try? JSONSerialization.data(withJSONObject: raw, options: [.sortedKeys, .withoutEscapingSlashes]) {
+            conditionText = String(decoding: data, as: UTF8.self)
+        }
         if principal.identityPolicies && (effect == .deny || principalField == "NotPrincipal" || !principal.onlyIdentityPolicies) {
             throw invalid("\(at): {\"Role\": \"IdentityPolicies\"} delegates to identity policies: use it alone, in an Allow with Principal")
         }
         return Statement(sid: sid, index: index, effect: effect, principal: principal, notPrincipal: principalField == "NotPrincipal",
-                         actions: actions, notAction: actionField == "NotAction", conditions: conditions, resources: resources)
+                         actions: actions, notAction: actionField == "NotAction", conditions: conditions, resources: resources,
+                         principalText: principalText, actionText: patterns, conditionText: conditionText)
     }
 
     static func invalid(_ message: String) -> KMSError {

@@ -101,7 +101,14 @@ extension KeyPolicy {
 public struct IdentityPolicy: Sendable {
     public let name: String
     let attachTo: PrincipalPattern
-    let policy: KeyPolicy
+    public let policy: KeyPolicy
+    /// AttachTo as written, for access reviews.
+    public var attachText: [String] = []
+
+    /// The statements that cover `key` (their Resource names it).
+    public func statements(covering key: KeyID) -> [KeyPolicy.Statement] {
+        policy.statements.filter { s in s.resources.map { $0.contains { $0.matches(key.arn) } } ?? true }
+    }
 
     /// Parses one identity policy (strictly, as PutKeyPolicy does); `name` names it in decisions.
     public static func parse(_ text: String, name: String) throws(KMSError) -> IdentityPolicy {
@@ -122,7 +129,11 @@ public struct IdentityPolicy: Sendable {
             guard let s = item as? [String: Any] else { throw KeyPolicy.invalid("\(name).Statement[\(i)] must be an object") }
             statements.append(try KeyPolicy.parseStatement(s, index: i, at: "\(name).Statement[\(i)]", strict: true, identity: true))
         }
-        return IdentityPolicy(name: name, attachTo: attachTo, policy: KeyPolicy(id: doc["Id"] as? String, statements: statements))
+        var attachText: [String] = []
+        if let object = attach as? [String: Any] {
+            for kind in object.keys.sorted() { for v in (try? KeyPolicy.strings(object[kind]!, at: "")) ?? [] { attachText.append("\(kind):\(v)") } }
+        }
+        return IdentityPolicy(name: name, attachTo: attachTo, policy: KeyPolicy(id: doc["Id"] as? String, statements: statements), attachText: attachText)
     }
 }
 

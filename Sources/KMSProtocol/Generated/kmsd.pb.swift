@@ -371,6 +371,14 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     set {operation = .revokeGrant(newValue)}
   }
 
+  public var reviewAccess: Kmsd_V1_ReviewAccessRequest {
+    get {
+      if case .reviewAccess(let v)? = operation {return v}
+      return Kmsd_V1_ReviewAccessRequest()
+    }
+    set {operation = .reviewAccess(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Operation: Equatable, Sendable {
@@ -415,6 +423,7 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     case listRetirableGrants(Kmsd_V1_ListRetirableGrantsRequest)
     case retireGrant(Kmsd_V1_RetireGrantRequest)
     case revokeGrant(Kmsd_V1_RevokeGrantRequest)
+    case reviewAccess(Kmsd_V1_ReviewAccessRequest)
 
   }
 
@@ -767,6 +776,14 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     set {result = .revokeGrant(newValue)}
   }
 
+  public var reviewAccess: Kmsd_V1_ReviewAccessResponse {
+    get {
+      if case .reviewAccess(let v)? = result {return v}
+      return Kmsd_V1_ReviewAccessResponse()
+    }
+    set {result = .reviewAccess(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Result: Equatable, Sendable {
@@ -812,6 +829,7 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     case listRetirableGrants(Kmsd_V1_ListRetirableGrantsResponse)
     case retireGrant(Kmsd_V1_RetireGrantResponse)
     case revokeGrant(Kmsd_V1_RevokeGrantResponse)
+    case reviewAccess(Kmsd_V1_ReviewAccessResponse)
 
   }
 
@@ -2395,13 +2413,94 @@ public nonisolated struct Kmsd_V1_RevokeGrantResponse: Sendable {
   public init() {}
 }
 
+/// Beyond AWS: who may do what with which keys, from key policies, identity policies and grants.
+public nonisolated struct Kmsd_V1_ReviewAccessRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// one key (needs kms:GetKeyPolicy on it); empty: every key (administrators)
+  public var keyID: String = String()
+
+  /// keys per page; 0 = 10; 1..50
+  public var limit: UInt32 = 0
+
+  public var marker: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_AccessEntry: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// key-policy:SID, identity-policy:NAME:SID, grant:ID
+  public var source: String = String()
+
+  /// Allow | Deny
+  public var effect: String = String()
+
+  /// as written: Uid:1000, Group:payroll, Unit:app.service, Role:Administrators, *, uid:1000 (grants)
+  public var principals: [String] = []
+
+  public var notPrincipal: Bool = false
+
+  /// as written: kms:Encrypt, kms:GenerateDataKey*, kms:*
+  public var actions: [String] = []
+
+  public var notAction: Bool = false
+
+  /// the Condition block (or grant constraints) as JSON; empty: none
+  public var conditions: String = String()
+
+  /// wildcard-principal, wildcard-action, delegates-to-identity-policies
+  public var flags: [String] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_KeyAccess: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keyID: String = String()
+
+  public var entries: [Kmsd_V1_AccessEntry] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ReviewAccessResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var keys: [Kmsd_V1_KeyAccess] = []
+
+  public var nextMarker: String = String()
+
+  public var truncated: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "kmsd.v1"
 
 nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Request"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2943,6 +3042,19 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
           self.operation = .revokeGrant(v)
         }
       }()
+      case 79: try {
+        var v: Kmsd_V1_ReviewAccessRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .reviewAccess(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .reviewAccess(v)
+        }
+      }()
       default: break
       }
     }
@@ -3121,6 +3233,10 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
       guard case .revokeGrant(let v)? = self.operation else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 78)
     }()
+    case .reviewAccess?: try {
+      guard case .reviewAccess(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 79)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -3136,7 +3252,7 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
 
 nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Response"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3691,6 +3807,19 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
           self.result = .revokeGrant(v)
         }
       }()
+      case 79: try {
+        var v: Kmsd_V1_ReviewAccessResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .reviewAccess(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .reviewAccess(v)
+        }
+      }()
       default: break
       }
     }
@@ -3872,6 +4001,10 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
     case .revokeGrant?: try {
       guard case .revokeGrant(let v)? = self.result else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 78)
+    }()
+    case .reviewAccess?: try {
+      guard case .reviewAccess(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 79)
     }()
     case nil: break
     }
@@ -7324,6 +7457,186 @@ nonisolated extension Kmsd_V1_RevokeGrantResponse: SwiftProtobuf.Message, SwiftP
   }
 
   public static func ==(lhs: Kmsd_V1_RevokeGrantResponse, rhs: Kmsd_V1_RevokeGrantResponse) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ReviewAccessRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ReviewAccessRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}limit\0\u{1}marker\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.limit) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.marker) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if self.limit != 0 {
+      try visitor.visitSingularUInt32Field(value: self.limit, fieldNumber: 2)
+    }
+    if !self.marker.isEmpty {
+      try visitor.visitSingularStringField(value: self.marker, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ReviewAccessRequest, rhs: Kmsd_V1_ReviewAccessRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.limit != rhs.limit {return false}
+    if lhs.marker != rhs.marker {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_AccessEntry: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".AccessEntry"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}source\0\u{1}effect\0\u{1}principals\0\u{3}not_principal\0\u{1}actions\0\u{3}not_action\0\u{1}conditions\0\u{1}flags\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.source) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.effect) }()
+      case 3: try { try decoder.decodeRepeatedStringField(value: &self.principals) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.notPrincipal) }()
+      case 5: try { try decoder.decodeRepeatedStringField(value: &self.actions) }()
+      case 6: try { try decoder.decodeSingularBoolField(value: &self.notAction) }()
+      case 7: try { try decoder.decodeSingularStringField(value: &self.conditions) }()
+      case 8: try { try decoder.decodeRepeatedStringField(value: &self.flags) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.source.isEmpty {
+      try visitor.visitSingularStringField(value: self.source, fieldNumber: 1)
+    }
+    if !self.effect.isEmpty {
+      try visitor.visitSingularStringField(value: self.effect, fieldNumber: 2)
+    }
+    if !self.principals.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.principals, fieldNumber: 3)
+    }
+    if self.notPrincipal != false {
+      try visitor.visitSingularBoolField(value: self.notPrincipal, fieldNumber: 4)
+    }
+    if !self.actions.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.actions, fieldNumber: 5)
+    }
+    if self.notAction != false {
+      try visitor.visitSingularBoolField(value: self.notAction, fieldNumber: 6)
+    }
+    if !self.conditions.isEmpty {
+      try visitor.visitSingularStringField(value: self.conditions, fieldNumber: 7)
+    }
+    if !self.flags.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.flags, fieldNumber: 8)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_AccessEntry, rhs: Kmsd_V1_AccessEntry) -> Bool {
+    if lhs.source != rhs.source {return false}
+    if lhs.effect != rhs.effect {return false}
+    if lhs.principals != rhs.principals {return false}
+    if lhs.notPrincipal != rhs.notPrincipal {return false}
+    if lhs.actions != rhs.actions {return false}
+    if lhs.notAction != rhs.notAction {return false}
+    if lhs.conditions != rhs.conditions {return false}
+    if lhs.flags != rhs.flags {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_KeyAccess: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".KeyAccess"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}entries\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.entries) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if !self.entries.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.entries, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_KeyAccess, rhs: Kmsd_V1_KeyAccess) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.entries != rhs.entries {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ReviewAccessResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ReviewAccessResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}keys\0\u{3}next_marker\0\u{1}truncated\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedMessageField(value: &self.keys) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.nextMarker) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.truncated) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keys.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.keys, fieldNumber: 1)
+    }
+    if !self.nextMarker.isEmpty {
+      try visitor.visitSingularStringField(value: self.nextMarker, fieldNumber: 2)
+    }
+    if self.truncated != false {
+      try visitor.visitSingularBoolField(value: self.truncated, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ReviewAccessResponse, rhs: Kmsd_V1_ReviewAccessResponse) -> Bool {
+    if lhs.keys != rhs.keys {return false}
+    if lhs.nextMarker != rhs.nextMarker {return false}
+    if lhs.truncated != rhs.truncated {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,90 @@
+import ArgumentParser
+import Foundation
+import KMSClient
+
+struct ReviewAccess: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "review-access",
+        abstract: "List who may do what with each key (key policies, identity policies, grants); flag wildcards and unused permissions. (beyond AWS)",
+        discussion: """
+        Without --key-id, every key (administrators only). --unused-days N reads kmsd's audit records of the \
+        last N days from journald (journalctl; root or a member of systemd-journal) and flags each Allow that \
+        decided no request in that time.
+        """)
+
+    @OptionGroup var global: GlobalOptions
+
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("One key (needs kms:GetKeyPolicy on it).", valueName: "id"))
+    var keyID: String = ""
+
+    @Option(name: .customLong("unused-days"), help: ArgumentHelp("Flag permissions that decided no request in this many days.", valueName: "n"))
+    var unusedDays: Int?
+
+    func validate() throws {
+        if let unusedDays, !(1...3650).contains(unusedDays) { throw ValidationError("--unused-days must be 1...3650") }
+    }
+
+    func run() async throws {
+        var keys: [Kmsd_V1_KeyAccess] = []
+        try await global.withClient { client in
+            var marker = ""
+            repeat {
+                let page = try await client.reviewAccess(keyID: keyID, marker: marker)
+                keys += page.keys
+                marker = page.nextMarker
+            } while !marker.isEmpty
+        }
+        let used = try unusedDays.map { try Self.decidersInAuditTrail(days: $0) }
+        var rows: [[String]] = []
+        var json: [[String: Any]] = []
+        for k in keys {
+            var entries: [[String: Any]] = []
+            for e in k.entries {
+                var flags = e.flags
+                if let used, e.effect == "Allow", !used.contains(e.source) { flags.append("unused-\(unusedDays!)d") }
+                rows.append([k.keyID, e.source, e.effect, (e.notPrincipal ? "NOT " : "") + e.principals.joined(separator: ","),
+                             (e.notAction ? "NOT " : "") + e.actions.joined(separator: ","), e.conditions, flags.joined(separator: ",")])
+                var entry: [String: Any] = ["Source": e.source, "Effect": e.effect, "Principals": e.principals, "Actions": e.actions, "Flags": flags]
+                if e.notPrincipal { entry["NotPrincipal"] = true }
+                if e.notAction { entry["NotAction"] = true }
+                if !e.conditions.isEmpty { entry["Conditions"] = e.conditions }
+                entries.append(entry)
+            }
+            json.append(["KeyId": k.keyID, "Permissions": entries])
+        }
+        if global.json { try printJSON(["Keys": json]) } else {
+            printColumns(headers: ["KeyId", "Source", "Effect", "Principals", "Actions", "Conditions", "Flags"], rows: rows)
+        }
+    }
+
+    /// Every KMS_DECIDED_BY of an allowed request in the last `days` days.
+    static func decidersInAuditTrail(days: Int) throws -> Set<String> {
+        let since = Int(Date().timeIntervalSince1970) - days * 86_400
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/journalctl")
+        process.arguments = ["-o", "json", "--no-pager", "--output-fields=KMS_DECIDED_BY", "SYSLOG_IDENTIFIER=kmsd", "KMS_RESULT=Allowed",
+                             "--since", "@\(since)"]
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        do { try process.run() } catch { throw ValidationError("--unused-days needs journalctl: \(error)") }
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        let errors = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw ValidationError("--unused-days: journalctl failed (\(errors.trimmingCharacters(in: .whitespacesAndNewlines))); run as root or a member of systemd-journal")
+        }
+        var deciders = Set<String>()
+        for line in data.split(separator: UInt8(ascii: "\n")) {
+            guard let object = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any],
+                  let by = object["KMS_DECIDED_BY"] as? String else { continue }
+            // ReEncrypt and UpdateAlias: "from X; to Y".
+            for part in by.split(separator: ";") {
+                var p = part.trimmingCharacters(in: .whitespaces)
+                for prefix in ["from ", "to "] where p.hasPrefix(prefix) { p = String(p.dropFirst(prefix.count)) }
+                deciders.insert(p)
+            }
+        }
+        return deciders
+    }
+}
