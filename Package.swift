@@ -60,7 +60,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "kmsbench",
-            dependencies: ["KMSProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["KMSProtocol", "KMSCore", "KMSCrypto", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
         .testTarget(

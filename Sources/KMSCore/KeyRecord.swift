@@ -70,6 +70,20 @@ public struct KeyRecord: Codable, Sendable, Equatable {
     /// An EXTERNAL key whose material is not there (never imported, expired or deleted).
     public var awaitsMaterial: Bool { origin == KeyRecord.externalOrigin && expirationModel == nil }
 
+    public init(keyID: KeyID, createdAt: Date, description: String, keyUsage: KeyUsage, keySpec: KeySpec, state: KeyState,
+                ownerUID: UInt32, currentVersion: UInt32, tags: [Tag], origin: String) {
+        self.keyID = keyID
+        self.createdAt = createdAt
+        self.description = description
+        self.keyUsage = keyUsage
+        self.keySpec = keySpec
+        self.state = state
+        self.ownerUID = ownerUID
+        self.currentVersion = currentVersion
+        self.tags = tags
+        self.origin = origin
+    }
+
     public static let externalOrigin = "EXTERNAL"
     public static let kmsOrigin = "AWS_KMS"
 }

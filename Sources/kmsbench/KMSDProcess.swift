@@ -111,6 +111,21 @@ final class KMSDProcess {
         }
     }
 
+    /// Replaces a key's policy (PutKeyPolicy), for the policy-evaluation scenario.
+    func putKeyPolicy(keyID: String, policy: String) throws {
+        let fd = try UnixSocket.connect(to: socketPath)
+        defer { close(fd) }
+        UnixSocket.setTimeouts(fd, seconds: 10)
+        var request = Kmsd_V1_Request()
+        request.id = 2
+        request.operation = .putKeyPolicy(.with { $0.keyID = keyID; $0.policy = policy })
+        try UnixSocket.writeAll(fd, lengthPrefixed(try request.serializedBytes()))
+        var reader = FrameReader(fd: fd)
+        let range = try reader.nextFrame()
+        let response = try Kmsd_V1_Response(serializedBytes: Array(reader.buffer[range]))
+        if case .error(let e)? = response.result { throw BenchError("PutKeyPolicy failed with \(e.code): \(e.message)") }
+    }
+
     /// Sends SIGTERM and waits for kmsd to exit (SIGKILL after `timeoutSeconds`).
     /// Returns the exit status, or nil if kmsd was never started.
     @discardableResult

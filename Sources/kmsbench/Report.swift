@@ -77,9 +77,33 @@ struct BenchEnvironment: Codable, Sendable {
     }
 }
 
+/// The access decision's cost, in process and end to end.
+struct PolicyReport: Codable, Sendable {
+    let inProcess: PolicyBench.Result
+    let scenario: String
+    let defaultPolicy: TargetFigures
+    let twentyStatementPolicy: TargetFigures
+
+    func markdown() -> String {
+        let a = defaultPolicy.cpuMicrosecondsPerOperation, b = twentyStatementPolicy.cpuMicrosecondsPerOperation
+        var lines = [
+            "",
+            String(format: "Access decision (KeyService.decide, in process): default policy %.0f ns, %d-statement policy %.0f ns per request (+%.2f µs).",
+                   inProcess.defaultPolicyNanos, inProcess.statements, inProcess.twentyStatementNanos,
+                   (inProcess.twentyStatementNanos - inProcess.defaultPolicyNanos) / 1000),
+        ]
+        if let a, let b {
+            lines.append(String(format: "End to end (%@, same run): default policy %.0f ops/s, %.1f µs kmsd CPU/op; %d-statement policy %.0f ops/s, %.1f µs kmsd CPU/op (%+.1f µs).",
+                                scenario, defaultPolicy.opsPerSecond, a, inProcess.statements, twentyStatementPolicy.opsPerSecond, b, b - a))
+        }
+        return lines.joined(separator: "\n")
+    }
+}
+
 struct BenchReport: Codable, Sendable {
     let environment: BenchEnvironment
     let scenarios: [ScenarioResult]
+    var policy: PolicyReport? = nil
 
     /// A header line and a Markdown table. Contains no key material.
     func markdown() -> String {
@@ -107,6 +131,7 @@ struct BenchReport: Codable, Sendable {
             ]
             lines.append("| " + cells.joined(separator: " | ") + " |")
         }
+        if let policy { lines.append(policy.markdown()) }
         return lines.joined(separator: "\n")
     }
 

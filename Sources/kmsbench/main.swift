@@ -96,10 +96,24 @@ struct KMSBench: ParsableCommand {
             results.append(ScenarioResult(scenario: scenario, echo: echoResult, kmsd: kmsdResult))
         }
 
+        // The access decision: in process (precise), then end to end with a key whose policy has
+        // 20 statements against the default-policy key above, same scenario, same run.
+        progress("policy evaluation: default policy and a 20-statement policy, in process")
+        let inProcess = try PolicyBench.measure()
+        let policyKey = try daemon.createKey()
+        try daemon.putKeyPolicy(keyID: policyKey, policy: PolicyBench.twentyStatements(uid: getuid()))
+        let policyTarget = KMSDTarget(socketPath: daemon.socketPath,
+                                      operationBytes: try RequestFrames.operationBytes(keyID: policyKey, plaintext: Self.plaintext))
+        let scenario = Scenario.all[2]
+        let pid = daemon.pid
+        let withPolicy = try measure(policyTarget, scenario) { LoadDriver.processCPUNanos(pid: pid) }
+        let policy = PolicyReport(inProcess: inProcess, scenario: scenario.name,
+                                  defaultPolicy: results[2].kmsd, twentyStatementPolicy: TargetFigures(withPolicy))
+
         let report = BenchReport(
             environment: .current(duration: duration, warmup: warmup,
                                   plaintextBytes: Self.plaintext.count, requestFrameBytes: sampleFrame.count),
-            scenarios: results)
+            scenarios: results, policy: policy)
         print(report.markdown())
         if json {
             print("")
