@@ -478,10 +478,13 @@ public final class KeyService: Sendable {
     }
 
     /// Points an existing alias at another key; returns the alias before and after.
-    public func updateAlias(_ name: String, targetKeyID: String, caller: Principal) throws(KMSError) -> (before: AliasRecord, after: AliasRecord) {
+    /// `expectedCurrent`: the key the alias named when access was decided; if it names
+    /// another by now, nothing changes (KMSInvalidStateException; retry).
+    public func updateAlias(_ name: String, targetKeyID: String, expectedCurrent: KeyID? = nil, caller: Principal) throws(KMSError) -> (before: AliasRecord, after: AliasRecord) {
         try Self.validateAlias(name)
         try Self.checkTargetIsKey(targetKeyID)
         guard let before = try repository.alias(name) else { throw KMSError(.notFound, "alias \(name) does not exist") }
+        try Self.checkStillNames(before, expectedCurrent)
         _ = try usableRecord(before.keyID, caller: caller, needsEnabled: false)
         let target = try aliasTarget(targetKeyID, caller: caller, current: before.keyID)
         var after = before
@@ -493,14 +496,20 @@ public final class KeyService: Sendable {
         return (before, after)
     }
 
-    public func deleteAlias(_ name: String, caller: Principal) throws(KMSError) -> AliasRecord {
+    public func deleteAlias(_ name: String, expectedCurrent: KeyID? = nil, caller: Principal) throws(KMSError) -> AliasRecord {
         try Self.validateAlias(name)
         guard let alias = try repository.alias(name) else { throw KMSError(.notFound, "alias \(name) does not exist") }
+        try Self.checkStillNames(alias, expectedCurrent)
         _ = try usableRecord(alias.keyID, caller: caller, needsEnabled: false)
         do { try repository.deleteAlias(name) } catch {
             throw KMSError(.internalError, "the alias could not be deleted (\(error)); nothing was changed")
         }
         return alias
+    }
+
+    static func checkStillNames(_ alias: AliasRecord, _ expected: KeyID?) throws(KMSError) {
+        guard let expected, alias.keyID != expected else { return }
+        throw KMSError(.invalidState, "alias \(alias.aliasName) was moved to another key while this request was being decided; nothing was changed, retry")
     }
 
     /// Puts an alias back as it was (`before`; nil: it did not exist), unless it has changed

@@ -12,6 +12,10 @@ public struct Principal: Sendable, Equatable {
     /// False when the supplementary groups could not be read from the kernel: the caller then
     /// has no rights through supplementary groups (fail safe).
     public var groupsKnown = true
+    /// False when kmsd could not establish the executable or the unit safely (nil then means
+    /// unknown, not "none"): such an attribute matches no Allow and every Deny naming its kind.
+    public var executableKnown = true
+    public var unitKnown = true
     /// What kmsd could not establish safely about the caller, and why (audited); nil when
     /// everything was resolved.
     public var unresolved: String? = nil

@@ -51,13 +51,23 @@ struct Authorizer {
             op = .generateDataKeyWithoutPlaintext(r)
         case .decrypt(var r):
             let alias = KeyService.aliasName(r.keyID)
-            if let named = try a.named(r.keyID) { r.keyID = named.description }
+            if alias != nil {
+                // An alias of a key the caller may not decrypt with looks missing, as everywhere.
+                r.keyID = try a.key(r.keyID, "Decrypt", &d, aliases: true, context: r.encryptionContext)
+            } else if let named = try a.named(r.keyID) {
+                r.keyID = named.description
+            }
             if let alias { d.alias = alias }
             try a.blobKey(r.ciphertextBlob, "Decrypt", &d, context: r.encryptionContext, alias: alias)
             op = .decrypt(r)
         case .reEncrypt(var r):
             let alias = KeyService.aliasName(r.sourceKeyID)
-            if let named = try a.named(r.sourceKeyID) { r.sourceKeyID = named.description }
+            if alias != nil {
+                var scratch = AuditDetails()
+                r.sourceKeyID = try a.key(r.sourceKeyID, "ReEncryptFrom", &scratch, aliases: true, context: r.sourceEncryptionContext)
+            } else if let named = try a.named(r.sourceKeyID) {
+                r.sourceKeyID = named.description
+            }
             if let alias { d.sourceAlias = alias }
             try a.blobKey(r.ciphertextBlob, "ReEncryptFrom", &d, context: r.sourceEncryptionContext, alias: alias)
             let from = d.decidedBy
@@ -70,12 +80,15 @@ struct Authorizer {
         case .updateAlias(let r):
             try KeyService.checkTargetIsKey(r.targetKeyID)
             let current = try a.aliasTarget(r.aliasName)
+            d.decidedAliasTarget = current
             _ = try a.key(current.description, "UpdateAlias", &d)
             let first = d.decidedBy
             _ = try a.key(r.targetKeyID, "UpdateAlias", &d)
             d.decidedBy = "from \(first); to \(d.decidedBy)"
         case .deleteAlias(let r):
-            _ = try a.key(try a.aliasTarget(r.aliasName).description, "DeleteAlias", &d)
+            let current = try a.aliasTarget(r.aliasName)
+            d.decidedAliasTarget = current
+            _ = try a.key(current.description, "DeleteAlias", &d)
         case .tagResource(var r): r.keyID = try a.key(r.keyID, "TagResource", &d); op = .tagResource(r)
         case .untagResource(var r): r.keyID = try a.key(r.keyID, "UntagResource", &d); op = .untagResource(r)
         case .listResourceTags(var r): r.keyID = try a.key(r.keyID, "ListResourceTags", &d); op = .listResourceTags(r)
@@ -227,7 +240,7 @@ struct Authorizer {
                 _ adjust: (inout RequestFacts) -> Void = { _ in }) throws(KMSError) {
         let p = ctx.principal
         var facts = RequestFacts(action: action, caller: p, isAdministrator: service.isAdministrator(p), key: record)!
-        facts.encryptionContext = context
+        facts.encryptionContext = (context?.isEmpty ?? true) ? nil : context  // none given: absent, as in AWS
         facts.requestAlias = alias
         let repository = service.repository, id = record.keyID
         facts.resourceAliases = { (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? [] }

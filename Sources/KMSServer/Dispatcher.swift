@@ -20,6 +20,9 @@ struct AuditDetails {
     var decidedBy = ""
     /// The grant a grant operation created, retired or revoked.
     var grantID = ""
+    /// UpdateAlias, DeleteAlias: the key the alias named when access was decided; the change
+    /// happens only if it still names that key.
+    var decidedAliasTarget: KeyID? = nil
     /// Keys left out of the answer because their stored record failed its integrity check.
     var integrityFailures: [String] = []
     /// Reverses the request's lasting effect; run when its audit record cannot be written, so

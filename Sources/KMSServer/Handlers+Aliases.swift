@@ -18,7 +18,7 @@ enum AliasHandlers {
     static func updateAlias(_ r: Kmsd_V1_UpdateAliasRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_UpdateAliasResponse {
         d.alias = auditAlias(r.aliasName)
         d.keyID = AuditDetails.keyID(requested: r.targetKeyID)
-        let change = try ctx.service.updateAlias(r.aliasName, targetKeyID: r.targetKeyID, caller: ctx.principal)
+        let change = try ctx.service.updateAlias(r.aliasName, targetKeyID: r.targetKeyID, expectedCurrent: d.decidedAliasTarget, caller: ctx.principal)
         d.keyID = change.after.keyID.description
         let service = ctx.service, before = change.before, after = change.after
         d.undo = { try service.restoreAlias(before, ifCurrentIs: after, name: before.aliasName) }
@@ -27,7 +27,7 @@ enum AliasHandlers {
 
     static func deleteAlias(_ r: Kmsd_V1_DeleteAliasRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_DeleteAliasResponse {
         d.alias = auditAlias(r.aliasName)
-        let alias = try ctx.service.deleteAlias(r.aliasName, caller: ctx.principal)
+        let alias = try ctx.service.deleteAlias(r.aliasName, expectedCurrent: d.decidedAliasTarget, caller: ctx.principal)
         d.keyID = alias.keyID.description
         let service = ctx.service
         d.undo = { try service.restoreAlias(alias, ifCurrentIs: nil, name: alias.aliasName) }

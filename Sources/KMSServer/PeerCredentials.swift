@@ -80,10 +80,14 @@ enum PeerCredentials {
         if cred.pid > 0 {
             let identity = processIdentity(raw)
             switch identity {
-            case .success(let (exe, unit)):
+            case .success(let (exe, unit, cgroupRead)):
                 p.executable = exe
                 p.systemdUnit = unit
+                if exe == nil { p.executableKnown = false; unresolved.append("executable unknown: /proc/\(cred.pid)/exe is not readable by kmsd") }
+                if !cgroupRead { p.unitKnown = false; unresolved.append("unit unknown: /proc/\(cred.pid)/cgroup is not readable by kmsd") }
             case .failure(let why):
+                p.executableKnown = false
+                p.unitKnown = false
                 unresolved.append("executable and unit unknown: \(why.description)")
             }
         }
@@ -95,7 +99,7 @@ enum PeerCredentials {
 
     /// The executable and systemd unit of the connecting process, read from /proc only when the
     /// pidfd proves /proc/PID still is that process.
-    static func processIdentity(_ raw: Raw) -> Result<(String?, String?), Unverified> {
+    static func processIdentity(_ raw: Raw) -> Result<(String?, String?, Bool), Unverified> {
         let pid = raw.cred.pid
         guard raw.pidfd >= 0 else { return .failure(Unverified(description: "no pidfd for pid \(pid) (the process has exited)")) }
         guard kms_pidfd_alive(raw.pidfd) == 1 else { return .failure(Unverified(description: "pid \(pid) exited before it could be identified")) }
@@ -117,7 +121,7 @@ enum PeerCredentials {
             // ProtectProc=invisible hides other users' processes altogether.
             return .failure(Unverified(description: "/proc/\(pid) is not readable by kmsd (uid \(geteuid()))"))
         }
-        return .success((exe, cgroup.flatMap(unit(fromCgroup:))))
+        return .success((exe, cgroup.flatMap(unit(fromCgroup:)), cgroup != nil))
     }
 
     /// Now on CLOCK_BOOTTIME, in clock ticks (the unit of /proc/PID/stat's start time).

@@ -39,7 +39,11 @@ struct PolicyEvaluatorTests {
             var caller = Principal(uid: uid, gid: gid, pid: 42, userName: uid == 0 ? "root" : "user\(uid)", groups: groups,
                                    executable: exe, systemdUnit: unit)
             caller.groupsKnown = groupsKnown
-            if unresolved { caller.unresolved = "test: identity not established" }
+            if unresolved {
+                caller.unresolved = "test: identity not established"
+                caller.executableKnown = false
+                caller.unitKnown = false
+            }
             var key = KeyRecord(keyID: KeyID(bytes: Array(repeating: 7, count: 16)), createdAt: Date(timeIntervalSince1970: 0),
                                 description: "", keyUsage: .encryptDecrypt, keySpec: .symmetricDefault, state: .enabled,
                                 ownerUID: 1000, currentVersion: 1, tags: tags, origin: origin)

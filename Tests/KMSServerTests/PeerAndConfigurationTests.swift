@@ -37,7 +37,7 @@ struct PeerParsingTests {
         defer { child.terminate(); child.waitUntilExit() }
         usleep(30_000)
         let after = PeerCredentials.boottimeTicks()
-        func identity(acceptedAt: UInt64) -> Result<(String?, String?), PeerCredentials.Unverified> {
+        func identity(acceptedAt: UInt64) -> Result<(String?, String?, Bool), PeerCredentials.Unverified> {
             let fd = kms_pidfd_open(child.processIdentifier)
             let raw = PeerCredentials.Raw(cred: kms_ucred(pid: child.processIdentifier, uid: getuid(), gid: getgid()), groups: [],
                                           pidfd: fd, pidfdFromSocket: false, acceptedAtTicks: acceptedAt)
@@ -49,7 +49,7 @@ struct PeerParsingTests {
             return
         }
         #expect(why.description.contains("started after the connection"))
-        guard case .success(let (exe, _)) = identity(acceptedAt: after) else {
+        guard case .success(let (exe, _, _)) = identity(acceptedAt: after) else {
             Issue.record("the connecting process itself was not identified")
             return
         }

@@ -299,10 +299,10 @@ struct PrincipalPattern: Sendable {
             if c.groupsKnown { if !gids.isDisjoint(with: c.groups) { return .yes } } else { unknown = true }
         }
         if !units.isEmpty {
-            if let unit = c.systemdUnit { if units.contains(where: { $0.matches(unit) }) { return .yes } } else if c.unresolved != nil { unknown = true }
+            if let unit = c.systemdUnit { if units.contains(where: { $0.matches(unit) }) { return .yes } } else if !c.unitKnown { unknown = true }
         }
         if !executables.isEmpty {
-            if let exe = c.executable { if executables.contains(where: { $0.matches(exe) }) { return .yes } } else if c.unresolved != nil { unknown = true }
+            if let exe = c.executable { if executables.contains(where: { $0.matches(exe) }) { return .yes } } else if !c.executableKnown { unknown = true }
         }
         return unknown ? .unknown : .no
     }

@@ -50,7 +50,7 @@ public struct ActionSet: Sendable, Equatable {
     /// names none.
     static func matching(_ pattern: String) -> ActionSet {
         var set = ActionSet()
-        let lower = pattern.lowercased()
+        let lower = pattern == "*" ? "kms:*" : pattern.lowercased()  // "*": every action, as AWS reads it
         guard lower.hasPrefix("kms:") else { return set }
         let glob = Glob(String(lower.dropFirst(4)))
         for (i, name) in PolicyActions.all.enumerated() where glob.matches(name.lowercased()) { set.insert(i) }

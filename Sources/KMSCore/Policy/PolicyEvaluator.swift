@@ -240,21 +240,19 @@ struct Condition: Sendable {
     }
 
     func holds(_ f: RequestFacts) -> Bool {
+        // Single-valued keys (most of them) without building an array per evaluation.
+        if !key.isMultiValued {
+            let value = key.value(in: f)
+            if op == .null { return values.contains { $0.lowercased() == (value == nil ? "true" : "false") } }
+            guard let value else { return absent }
+            return matches(value)  // one value: ForAllValues and ForAnyValue agree with it
+        }
         let actual = key.values(in: f)
         if op == .null {
-            let absent = actual == nil || actual!.isEmpty
-            return values.contains { $0.lowercased() == (absent ? "true" : "false") }
+            let isAbsent = actual == nil || actual!.isEmpty
+            return values.contains { $0.lowercased() == (isAbsent ? "true" : "false") }
         }
-        guard let actual else {
-            // Absent key: IfExists passes; ForAllValues over nothing holds; a negated
-            // operator holds (nothing matches the values); anything else fails.
-            if ifExists { return true }
-            switch mode {
-            case .forAllValues: return true
-            case .forAnyValue: return false
-            case .single: return op.negated
-            }
-        }
+        guard let actual else { return absent }
         switch mode {
         case .single: return actual.first.map(matches) ?? op.negated
         case .forAllValues: return actual.allSatisfy(matches)
@@ -262,11 +260,24 @@ struct Condition: Sendable {
         }
     }
 
+    /// Whether the condition holds when the request has no value for its key: IfExists passes;
+    /// ForAllValues over nothing holds; a negated operator holds (nothing matches the values);
+    /// anything else fails (AWS's rules).
+    private var absent: Bool {
+        if ifExists { return true }
+        switch mode {
+        case .forAllValues: return true
+        case .forAnyValue: return false
+        case .single: return op.negated
+        }
+    }
+
     /// One request value against the policy's values.
     private func matches(_ v: String) -> Bool {
         switch op {
-        case .stringEquals: return values.contains(v)
-        case .stringNotEquals: return !values.contains(v)
+        // Bytes, not Unicode equivalence: contexts are bound byte for byte everywhere else.
+        case .stringEquals: return values.contains { $0.utf8.elementsEqual(v.utf8) }
+        case .stringNotEquals: return !values.contains { $0.utf8.elementsEqual(v.utf8) }
         case .stringEqualsIgnoreCase: return values.contains { $0.caseInsensitiveCompare(v) == .orderedSame }
         case .stringNotEqualsIgnoreCase: return !values.contains { $0.caseInsensitiveCompare(v) == .orderedSame }
         case .stringLike: return globs.contains { $0.matches(v) }
@@ -333,10 +344,31 @@ enum ConditionKey: Sendable, Equatable {
         }
     }
 
+    /// A single-valued key's value; nil when the request has none.
+    func value(in f: RequestFacts) -> String? {
+        switch self {
+        case .encryptionContext(let k): return f.encryptionContext?.first { $0.key.utf8.elementsEqual(k.utf8) }?.value
+        case .callerUnit: return f.caller.systemdUnit
+        case .callerExecutable: return f.caller.executable
+        case .callerUid: return String(f.caller.uid)
+        case .callerUser: return f.caller.userName.isEmpty ? nil : f.caller.userName
+        case .requestAlias: return f.requestAlias
+        case .resourceTag(let k): return f.key?.tags.first { $0.key.utf8.elementsEqual(k.utf8) }?.value
+        case .keySpec: return f.key?.keySpec.rawValue
+        case .keyOrigin: return f.key?.origin
+        case .keyUsage: return f.key?.keyUsage.rawValue
+        case .bypassPolicyLockoutSafetyCheck: return f.bypassPolicyLockoutSafetyCheck.map { $0 ? "true" : "false" }
+        case .pendingWindowInDays: return f.pendingWindowInDays.map { String($0) }
+        case .granteePrincipal: return f.granteePrincipal
+        case .retiringPrincipal: return f.retiringPrincipal
+        case .encryptionContextKeys, .resourceAliases, .grantOperations: return values(in: f)?.first
+        }
+    }
+
     /// The request's values for this key; nil when the request has none.
     func values(in f: RequestFacts) -> [String]? {
         switch self {
-        case .encryptionContext(let k): return f.encryptionContext?[k].map { [$0] }
+        case .encryptionContext(let k): return f.encryptionContext?.first { $0.key.utf8.elementsEqual(k.utf8) }.map { [$0.value] }
         case .encryptionContextKeys: return f.encryptionContext.map { Array($0.keys) }
         case .callerUnit: return f.caller.systemdUnit.map { [$0] }
         case .callerExecutable: return f.caller.executable.map { [$0] }
@@ -344,7 +376,7 @@ enum ConditionKey: Sendable, Equatable {
         case .callerUser: return f.caller.userName.isEmpty ? nil : [f.caller.userName]
         case .requestAlias: return f.requestAlias.map { [$0] }
         case .resourceAliases: return f.resourceAliases?()
-        case .resourceTag(let k): return f.key?.tags.first { $0.key == k }.map { [$0.value] }
+        case .resourceTag(let k): return f.key?.tags.first { $0.key.utf8.elementsEqual(k.utf8) }.map { [$0.value] }
         case .keySpec: return f.key.map { [$0.keySpec.rawValue] }
         case .keyOrigin: return f.key.map { [$0.origin] }
         case .keyUsage: return f.key.map { [$0.keyUsage.rawValue] }
