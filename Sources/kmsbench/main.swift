@@ -29,6 +29,9 @@ struct KMSBench: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Unmeasured seconds before each measurement.", valueName: "seconds"))
     var warmup: Double = 1
 
+    @Flag(name: .customLong("policy-only"), help: "Only measure the access decision in process (no kmsd, no echo server).")
+    var policyOnly = false
+
     @Flag(name: .long, help: "Also print the results as one line of JSON after the table.")
     var json = false
 
@@ -54,6 +57,12 @@ struct KMSBench: ParsableCommand {
     }
 
     private func benchmark() throws {
+        if policyOnly {
+            let r = try PolicyBench.measure()
+            print(String(format: "Access decision (KeyService.decide, in process): default policy %.0f ns, %d-statement policy %.0f ns per request",
+                         r.defaultPolicyNanos, r.statements, r.twentyStatementNanos))
+            return
+        }
         let work = try WorkDirectory(requested: workDir)
         defer { work.remove() }
         _ = try UnixSocket.address(work.path + "/kmsd.sock")  // fail early if the path is too long

@@ -21,7 +21,9 @@ public struct KeyPolicy: Sendable {
     /// AWS's limit on a key policy document.
     public static let maxBytes = 32_768
 
-    public struct Statement: Sendable {
+    /// A compiled statement. A class, so evaluating a policy walks references instead of
+    /// copying each statement's many fields.
+    public final class Statement: Sendable {
         public enum Effect: Sendable { case allow, deny }
         public let sid: String?
         /// Position in the document, from 0.
@@ -33,24 +35,38 @@ public struct KeyPolicy: Sendable {
         let notAction: Bool
         let conditions: [Condition]
         /// Identity policies only: the keys it covers (`kmsd:key/ID` patterns); nil: any.
-        var resources: [Glob]? = nil
+        let resources: [Glob]?
         /// As written, for access reviews: `Uid:1000`, `Unit:app.service`, `*`, ...
-        public var principalText: [String] = []
-        public var actionText: [String] = []
+        public let principalText: [String]
+        public let actionText: [String]
         /// The Condition block as compact JSON with sorted keys; nil when there is none.
-        public var conditionText: String? = nil
+        public let conditionText: String?
+        /// How an audit record names it: its Sid, or `#index` when it has none.
+        public let name: String
+
+        init(sid: String?, index: Int, effect: Effect, principal: PrincipalPattern, notPrincipal: Bool, actions: ActionSet,
+             notAction: Bool, conditions: [Condition], resources: [Glob]?, principalText: [String], actionText: [String],
+             conditionText: String?) {
+            self.sid = sid
+            self.index = index
+            self.effect = effect
+            self.principal = principal
+            self.notPrincipal = notPrincipal
+            self.actions = actions
+            self.notAction = notAction
+            self.conditions = conditions
+            self.resources = resources
+            self.principalText = principalText
+            self.actionText = actionText
+            self.conditionText = conditionText
+            self.name = (sid?.isEmpty ?? true) ? "#\(index)" : sid!
+        }
         public var isNotPrincipal: Bool { notPrincipal }
         public var isNotAction: Bool { notAction }
         public var delegatesToIdentityPolicies: Bool { principal.identityPolicies }
         /// Names every local principal (`*`) or every action (`kms:*` and the like).
         public var wildcardPrincipal: Bool { principal.everyone || (notPrincipal && effect == .allow) }
         public var wildcardAction: Bool { actionText.contains { $0.hasSuffix("*") } || notAction }
-
-        /// How an audit record names it: its Sid, or `#index` when it has none.
-        public var name: String {
-            guard let sid, !sid.isEmpty else { return "#\(index)" }
-            return sid
-        }
     }
 
     /// Parses and checks a policy document.
@@ -290,19 +306,18 @@ struct PrincipalPattern: Sendable {
 
     func match(_ f: RequestFacts) -> Match {
         if everyone { return .yes }
-        let c = f.caller
-        if uids.contains(c.uid) { return .yes }
+        if uids.contains(f.caller.uid) { return .yes }
         if administrators && f.isAdministrator { return .yes }
         var unknown = false
         if !gids.isEmpty {
-            if gids.contains(c.gid) { return .yes }
-            if c.groupsKnown { if !gids.isDisjoint(with: c.groups) { return .yes } } else { unknown = true }
+            if gids.contains(f.caller.gid) { return .yes }
+            if f.caller.groupsKnown { if f.caller.groups.contains(where: gids.contains) { return .yes } } else { unknown = true }
         }
         if !units.isEmpty {
-            if let unit = c.systemdUnit { if units.contains(where: { $0.matches(unit) }) { return .yes } } else if !c.unitKnown { unknown = true }
+            if let unit = f.caller.systemdUnit { if units.contains(where: { $0.matches(unit) }) { return .yes } } else if !f.caller.unitKnown { unknown = true }
         }
         if !executables.isEmpty {
-            if let exe = c.executable { if executables.contains(where: { $0.matches(exe) }) { return .yes } } else if !c.executableKnown { unknown = true }
+            if let exe = f.caller.executable { if executables.contains(where: { $0.matches(exe) }) { return .yes } } else if !f.caller.executableKnown { unknown = true }
         }
         return unknown ? .unknown : .no
     }
