@@ -77,6 +77,20 @@ final class PolicyTests {
         expectDenied(try kmsctl(Self.bob, ["describe-key", "--key-id", key]))
     }
 
+    @Test func aUserByName() async throws {
+        let nobody = try #require(getpwnam("nobody")?.pointee.pw_uid)
+        let key = try await client.createKey().keyID
+        try await client.putKeyPolicy(keyID: key, policy: Self.policy(
+            #"{"Sid": "Nobody", "Effect": "Allow", "Principal": {"User": "nobody"}, "Action": "kms:Encrypt", "Resource": "*"}"#))
+        #expect(try encrypt(nobody, key).status == 0)
+        #expect(try lastRecord(uid: nobody, action: "Encrypt")?["KMS_DECIDED_BY"] as? String == "key-policy:Nobody")
+        expectDenied(try encrypt(Self.bob, key))
+        // A name that does not exist is refused when the policy is put.
+        await expectKMSError(.validation) {
+            try await self.client.putKeyPolicy(keyID: key, policy: Self.policy(#"{"Effect": "Allow", "Principal": {"User": "no-such-user-kmsd"}, "Action": "kms:Encrypt", "Resource": "*"}"#))
+        }
+    }
+
     @Test func aGroupMayDecryptOnlyWithItsContext() async throws {
         let key = try await client.createKey().keyID
         try await client.putKeyPolicy(keyID: key, policy: Self.policy(
