@@ -317,4 +317,18 @@ extension KMSClient {
         }
         return r
     }
+
+    /// Beyond AWS: KMS_CHAIN checks of audit records (administrators). Records: (previous
+    /// chain, fields). Returns one Bool per record and where the chain stands now.
+    public func verifyAuditRecords(_ records: [(previousChain: [UInt8], fields: [(name: String, value: String)])]) async throws -> Kmsd_V1_VerifyAuditRecordsResponse {
+        guard case .verifyAuditRecords(let r) = try await send(.verifyAuditRecords(.with {
+            $0.records = records.map { rec in
+                .with {
+                    $0.previousChain = Data(rec.previousChain)
+                    $0.fields = rec.fields.map { f in .with { $0.name = f.name; $0.value = f.value } }
+                }
+            }
+        })) else { throw Self.mismatch }
+        return r
+    }
 }

@@ -89,6 +89,16 @@ public final class KeyRepository: Sendable {
         try storage.migrate(keys: keys, versions: versions, meta: [("keystore_id", keystoreID)])
     }
 
+    /// The audit chain's checkpoint (kept in the keystore so the next start links to it).
+    public func auditCheckpoint() -> [UInt8]? { try? storage.meta("audit_chain") }
+    public func setAuditCheckpoint(_ bytes: [UInt8]) throws { try storage.setMeta("audit_chain", bytes) }
+
+    /// The audit chain's key: derived from the root key, so only this kmsd can extend or check
+    /// the chain.
+    public func auditChainKey() throws -> SecureBytes {
+        try HKDF.deriveKey(from: root.recordMACKey, salt: [], info: Array("kmsd/v1/audit-chain-key".utf8))
+    }
+
     /// Stores a new key with version 1 holding `material` (none: an EXTERNAL key awaiting
     /// imported material). Durable when it returns.
     public func create(_ record: KeyRecord, material: SecureBytes?) throws {
@@ -288,6 +298,16 @@ public final class KeyRepository: Sendable {
             out.append(g)
         }
         return out
+    }
+
+    /// A key's grants whose rows check out; a row that does not is left out (and allows nothing).
+    public func intactGrants(of keyID: KeyID) -> [GrantRecord] {
+        guard let rows = try? storage.grants(keyID: keyID.description, after: nil, limit: Int.max) else { return [] }
+        return rows.compactMap { r in
+            guard let g: GrantRecord = try? open(r.row, table: "grants", rowKey: r.id, orElse: Self.grantTampered(r.id)),
+                  g.grantID == r.id, g.keyID == keyID else { return nil }
+            return g
+        }
     }
 
     public func grantIDs(retiring: String, after: String?, limit: Int) throws(KMSError) -> [String] {

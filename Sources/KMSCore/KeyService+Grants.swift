@@ -84,11 +84,11 @@ struct CompiledGrant: Sendable {
     /// operations, and the request's encryption context meets its constraints.
     func allows(_ f: RequestFacts) -> Bool {
         guard let grantee, actions.contains(f.action), grantee.matches(f.caller) else { return false }
-        if let equals = record.encryptionContextEquals, (f.encryptionContext ?? [:]) != equals { return false }
-        if let subset = record.encryptionContextSubset {
-            let context = f.encryptionContext ?? [:]
-            guard subset.allSatisfy({ context[$0.key] == $0.value }) else { return false }
-        }
+        // Bytes, as encryption contexts are bound everywhere else.
+        func value(_ key: String) -> String? { f.encryptionContext?.first { $0.key.utf8.elementsEqual(key.utf8) }?.value }
+        func holds(_ pairs: [String: String]) -> Bool { pairs.allSatisfy { p in value(p.key).map { $0.utf8.elementsEqual(p.value.utf8) } ?? false } }
+        if let equals = record.encryptionContextEquals, (f.encryptionContext?.count ?? 0) != equals.count || !holds(equals) { return false }
+        if let subset = record.encryptionContextSubset, !holds(subset) { return false }
         return true
     }
 }
@@ -117,7 +117,7 @@ extension KeyService {
     func compiledGrants(_ id: KeyID) -> [CompiledGrant] {
         if let hit = grantCache.withLock({ $0[id] }) { return hit }
         // A grant row that fails its integrity check allows nothing (the others still do).
-        let grants = ((try? repository.grants(of: id)) ?? []).map(CompiledGrant.init)
+        let grants = repository.intactGrants(of: id).map(CompiledGrant.init)
         grantCache.withLock { cache in
             if cache.count >= 8192 { cache.removeAll(keepingCapacity: true) }
             cache[id] = grants
@@ -151,6 +151,12 @@ extension KeyService {
             throw KMSError(.validation, "Operations: '\(op.prefix(64))' cannot be granted; use \(grantOperations.sorted().joined(separator: ", "))")
         }
         guard Set(g.operations).count == g.operations.count else { throw KMSError(.validation, "Operations names an operation twice") }
+        for constraint in [g.contextSubset, g.contextEquals].compactMap({ $0 }) {
+            let bytes = constraint.reduce(0) { $0 + $1.key.utf8.count + $1.value.utf8.count + 8 }
+            guard constraint.count <= KMSLimits.maxContextPairs, bytes <= KMSLimits.maxCanonicalContextBytes else {
+                throw KMSError(.validation, "Constraints: at most \(KMSLimits.maxContextPairs) pairs and \(KMSLimits.maxCanonicalContextBytes) bytes each")
+            }
+        }
         if g.contextSubset != nil || g.contextEquals != nil {
             guard g.operations.allSatisfy(contextOperations.contains) else {
                 throw KMSError(.validation, "Constraints apply only to grants whose operations all take an encryption context (\(contextOperations.sorted().joined(separator: ", ")))")
@@ -217,8 +223,17 @@ extension KeyService {
         let after = try Self.textMarker(marker, label: "grants/\(record.keyID)", caller: caller, repository: repository)
         let all = try repository.grants(of: record.keyID, after: after)
             .filter { (grantID.isEmpty || $0.grantID == grantID) && (grantee.isEmpty || $0.granteePrincipal == grantee) }
-        guard all.count > limit else { return (all, nil) }
-        let page = Array(all.prefix(limit))
+        // A page stays well within a frame: grants with large constraints end it early.
+        var page: [GrantRecord] = []
+        var bytes = 0
+        for g in all {
+            let size = 200 + g.name.utf8.count + g.granteePrincipal.utf8.count + (g.retiringPrincipal?.utf8.count ?? 0)
+                + [g.encryptionContextSubset, g.encryptionContextEquals].compactMap { $0 }.reduce(0) { $0 + $1.reduce(0) { $0 + $1.key.utf8.count + $1.value.utf8.count + 8 } }
+            guard page.count < limit, bytes + size <= 24_000 || page.isEmpty else { break }
+            page.append(g)
+            bytes += size
+        }
+        guard page.count < all.count else { return (page, nil) }
         return (page, Self.makeTextMarker(page.last!.grantID, label: "grants/\(record.keyID)", caller: caller, repository: repository))
     }
 

@@ -23,8 +23,7 @@ extension KeyService {
     /// The compiled policy of a key. A stored policy that no longer parses (it was valid when
     /// written; say, a name it used is gone) cannot be: names that no longer resolve match
     /// nobody, so parsing leniently always succeeds for a policy kmsd accepted.
-    func compiledPolicy(_ record: KeyRecord, caching: Bool = true) -> KeyPolicy {
-        if !caching { return (try? KeyPolicy.parse(record.policy ?? DefaultKeyPolicy.text(owner: record.ownerUID), strict: false)) ?? KeyPolicy(id: nil, statements: []) }
+    func compiledPolicy(_ record: KeyRecord) -> KeyPolicy {
         if let hit = compiledPolicies.withLock({ $0[record.keyID] }), hit.text == record.policy, hit.owner == record.ownerUID {
             return hit.policy
         }
@@ -44,7 +43,11 @@ extension KeyService {
     /// identity policy allows; else implicit deny (grants are consulted after that).
     public func decide(_ facts: RequestFacts) -> PolicyDecision {
         guard let key = facts.key else { return .implicitDeny }
-        let byKey = compiledPolicy(key).evaluate(facts)
+        return decide(facts, keyPolicy: compiledPolicy(key))
+    }
+
+    func decide(_ facts: RequestFacts, keyPolicy: KeyPolicy) -> PolicyDecision {
+        let byKey = keyPolicy.evaluate(facts)
         if byKey.effect == .explicitDeny { return byKey }
         let identity = identityPolicySet.withLock { $0 }
         guard !identity.policies.isEmpty else { return byKey.allowed ? byKey : .implicitDeny }
@@ -153,12 +156,12 @@ extension KeyService {
             }
             return (decision, record.keyID)
         }
-        var trial = record
-        trial.policy = candidate
-        _ = try KeyPolicy.parse(candidate, strict: true)
-        facts.key = trial
-        let decision = compiledPolicy(trial, caching: false).evaluate(facts)
-        return (decision.allowed || decision.effect == .explicitDeny ? decision : .implicitDeny, record.keyID)
+        // The candidate in the key policy's place; identity policies and grants as they are.
+        var decision = decide(facts, keyPolicy: try KeyPolicy.parse(candidate, strict: true))
+        if decision.effect == .implicitDeny, let grant = grantAllowing(facts) {
+            decision = PolicyDecision(effect: .allow, decidedBy: "grant:\(grant.grantID)")
+        }
+        return (decision, record.keyID)
     }
 
     static func userName(_ uid: UInt32) -> String {

@@ -49,6 +49,7 @@ extension Kmsd_V1_Request.OneOf_Operation {
         case .retireGrant: "RetireGrant"
         case .revokeGrant: "RevokeGrant"
         case .reviewAccess: "ReviewAccess"
+        case .verifyAuditRecords: "VerifyAuditRecords"
         }
     }
 }

@@ -19,6 +19,8 @@ struct AuditRecord: Sendable {
     var throttledCount: Int? = nil
     /// Set for events kmsd caused itself: their MESSAGE (and MESSAGE_ID is the event one).
     var eventMessage: String? = nil
+    /// More fields (NAME=value), for events that carry their own.
+    var extraFields: [String] = []
 
     var fields: [String] {
         let verb = result == .allowed ? "allowed" : (result == .denied ? "denied" : "failed")
@@ -60,6 +62,7 @@ struct AuditRecord: Sendable {
             fields.append("KMS_INTEGRITY_FAILURES=\(details.integrityFailures.joined(separator: ","))")
         }
         if !details.grantID.isEmpty { fields.append("KMS_GRANT_ID=\(details.grantID)") }
+        fields += extraFields
         if let source = details.sourceKeyID {
             fields.append("KMS_SOURCE_KEY_ID=\(source)")
             fields.append("KMS_SOURCE_KEY_VERSION=\(details.sourceKeyVersion.map(String.init) ?? "")")
@@ -91,29 +94,116 @@ final class AuditLog: Sendable {
     let runID: String
     let timeoutMilliseconds: Int32
     private let state: Mutex<JournalSocket>
+    /// Keys KMS_CHAIN (derived from the root key; never leaves kmsd). nil: no chain (tests of
+    /// the transport alone).
+    let chainKey: SecureBytes?
 
-    init(failClosed: Bool, timeoutMilliseconds: Int = 250, socketPath: String = AuditLog.journalSocket) {
+    init(failClosed: Bool, timeoutMilliseconds: Int = 250, socketPath: String = AuditLog.journalSocket, chainKey: SecureBytes? = nil) {
         self.failClosed = failClosed
         self.timeoutMilliseconds = Int32(clamping: timeoutMilliseconds)
+        self.chainKey = chainKey
         let id = (try? SecureRandom.bytes(16)) ?? []
-        let hex = Array("0123456789abcdef".utf8)
-        runID = String(decoding: id.flatMap { [hex[Int($0 >> 4)], hex[Int($0 & 15)]] }, as: UTF8.self)
+        runID = Self.hex(id)
         state = Mutex(JournalSocket(path: socketPath))
+    }
+
+    static func hex(_ bytes: [UInt8]) -> String {
+        let digits = Array("0123456789abcdef".utf8)
+        return String(decoding: bytes.flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] }, as: UTF8.self)
     }
 
     /// The last sequence number journald took (0 before the first record).
     var lastSequence: UInt64 { state.withLock { $0.sequence } }
 
+    /// Where the chain stands: the last record journald took (seq, KMS_CHAIN).
+    var chainPosition: (sequence: UInt64, chain: [UInt8]) { state.withLock { ($0.sequence, $0.chain) } }
+
+    /// Starts this run's chain from the previous run's last known link (its checkpoint).
+    func startChain(after previous: [UInt8]) { state.withLock { $0.chain = previous } }
+
+    /// The fields KMS_CHAIN covers, in a form independent of their order in the journal: every
+    /// KMS_ field but KMS_CHAIN, and MESSAGE, MESSAGE_ID, PRIORITY, SYSLOG_IDENTIFIER, sorted
+    /// by name, each as lp(name) ‖ lp(value).
+    static func chainInput(previous: [UInt8], fields: [(name: String, value: String)]) -> [UInt8] {
+        var out = Array("kmsd/v1/audit-chain".utf8)
+        func lp(_ bytes: [UInt8]) {
+            let n = UInt32(bytes.count)
+            out += [UInt8(n >> 24), UInt8((n >> 16) & 0xff), UInt8((n >> 8) & 0xff), UInt8(n & 0xff)]
+            out += bytes
+        }
+        lp(previous)
+        for f in fields.filter({ chained($0.name) }).sorted(by: { Array($0.name.utf8).lexicographicallyPrecedes(Array($1.name.utf8)) }) {
+            lp(Array(f.name.utf8))
+            lp(Array(f.value.utf8))
+        }
+        return out
+    }
+
+    static func chained(_ name: String) -> Bool {
+        (name.hasPrefix("KMS_") && name != "KMS_CHAIN") || ["MESSAGE", "MESSAGE_ID", "PRIORITY", "SYSLOG_IDENTIFIER"].contains(name)
+    }
+
+    /// Where the chain stands, for the keystore (so the next start links to it):
+    /// run id (16) ‖ u64be seq ‖ chain (32) ‖ clean (1) ‖ HMAC (32).
+    func checkpoint(clean: Bool) -> [UInt8] {
+        let (seq, chain) = chainPosition
+        var body = Self.unhex(runID) ?? []
+        for shift in stride(from: 56, through: 0, by: -8) { body.append(UInt8((seq >> UInt64(shift)) & 0xff)) }
+        body += chain
+        body.append(clean ? 1 : 0)
+        guard let chainKey, let mac = try? HMAC.authenticate(key: chainKey, data: Array("kmsd/v1/audit-checkpoint".utf8) + body) else { return body }
+        return body + mac
+    }
+
+    struct Checkpoint { let runID: String; let sequence: UInt64; let chain: [UInt8]; let clean: Bool }
+
+    func parseCheckpoint(_ bytes: [UInt8]) -> Checkpoint? {
+        guard bytes.count == 16 + 8 + 32 + 1 + 32, let chainKey else { return nil }
+        let body = Array(bytes[0..<57])
+        guard (try? HMAC.isValid(Array(bytes[57...]), key: chainKey, data: Array("kmsd/v1/audit-checkpoint".utf8) + body)) == true else { return nil }
+        return Checkpoint(runID: Self.hex(Array(body[0..<16])), sequence: body[16..<24].reduce(0) { $0 << 8 | UInt64($1) },
+                          chain: Array(body[24..<56]), clean: body[56] == 1)
+    }
+
+    static func unhex(_ s: String) -> [UInt8]? {
+        let u = Array(s.utf8)
+        guard u.count % 2 == 0 else { return nil }
+        var out: [UInt8] = []
+        for i in stride(from: 0, to: u.count, by: 2) {
+            guard let b = UInt8(String(decoding: u[i..<i + 2], as: UTF8.self), radix: 16) else { return nil }
+            out.append(b)
+        }
+        return out
+    }
+
+    /// KMS_CHAIN of a record: HMAC-SHA256 under the chain key over the previous record's chain
+    /// and this record's fields.
+    func chainValue(previous: [UInt8], fields: [(name: String, value: String)]) -> [UInt8]? {
+        guard let chainKey else { return nil }
+        return try? HMAC.authenticate(key: chainKey, data: Self.chainInput(previous: previous, fields: fields))
+    }
+
     /// Writes the record; returns false when journald did not take it in time.
     func write(_ record: AuditRecord) -> Bool {
         var head = [UInt8]()
         head.reserveCapacity(1024)
-        for field in record.fields { Self.append(field, to: &head) }
-        Self.append("KMS_RUN_ID=\(runID)", to: &head)
+        var fields = record.fields + ["KMS_RUN_ID=\(runID)"]
+        for field in fields { Self.append(field, to: &head) }
         let timeout = timeoutMilliseconds, failClosed = self.failClosed
         return state.withLock { journal in
             var datagram = head
-            Self.append("KMS_SEQ=\(journal.sequence + 1)", to: &datagram)
+            let seq = "KMS_SEQ=\(journal.sequence + 1)"
+            Self.append(seq, to: &datagram)
+            var chain: [UInt8]? = nil
+            if chainKey != nil {
+                fields.append(seq)
+                let pairs = fields.map { f -> (name: String, value: String) in
+                    let eq = f.firstIndex(of: "=")!
+                    return (String(f[..<eq]), String(f[f.index(after: eq)...]))
+                }
+                chain = chainValue(previous: journal.chain, fields: pairs)
+                if let chain { Self.append("KMS_CHAIN=\(Self.hex(chain))", to: &datagram) }
+            }
             if let error = journal.send(datagram, timeoutMilliseconds: timeout) {
                 if !journal.warned {
                     journal.warned = true
@@ -126,16 +216,19 @@ final class AuditLog: Sendable {
                 StandardError.write("kmsd: journald takes audit records again\n")
             }
             journal.sequence += 1
+            if let chain { journal.chain = chain }
             return true
         }
     }
 
     /// A record of something kmsd did by itself (no caller): `action` on `keyID`.
     @discardableResult
-    func writeEvent(action: String, keyID: String, version: UInt32? = nil, failure: KMSErrorCode? = nil, message: String) -> Bool {
+    func writeEvent(action: String, keyID: String, version: UInt32? = nil, failure: KMSErrorCode? = nil, message: String,
+                    extraFields: [String] = []) -> Bool {
         let me = Principal(uid: geteuid(), gid: getegid(), pid: getpid(), userName: PeerCredentials.userName(geteuid()))
         var record = AuditRecord(action: action, requestID: 0, principal: me, result: failure == nil ? .allowed : .failed)
         record.error = failure
+        record.extraFields = extraFields
         record.details.keyID = keyID
         record.details.keyVersion = version
         record.eventMessage = message
@@ -169,6 +262,8 @@ struct JournalSocket: ~Copyable {
     let path: String
     var fd: Int32 = -1
     var sequence: UInt64 = 0
+    /// KMS_CHAIN of the last record journald took (or the link this run started from).
+    var chain = [UInt8](repeating: 0, count: 32)
     var warned = false
     /// True after a hand-over timed out, until journald takes a record again.
     var stalled = false

@@ -64,7 +64,13 @@ struct Authorizer {
             let alias = KeyService.aliasName(r.sourceKeyID)
             if alias != nil {
                 var scratch = AuditDetails()
-                r.sourceKeyID = try a.key(r.sourceKeyID, "ReEncryptFrom", &scratch, aliases: true, context: r.sourceEncryptionContext)
+                do {
+                    r.sourceKeyID = try a.key(r.sourceKeyID, "ReEncryptFrom", &scratch, aliases: true, context: r.sourceEncryptionContext)
+                } catch {
+                    d.decidedBy = scratch.decidedBy
+                    d.sourceAlias = scratch.alias
+                    throw error
+                }
             } else if let named = try a.named(r.sourceKeyID) {
                 r.sourceKeyID = named.description
             }
@@ -147,6 +153,12 @@ struct Authorizer {
             r.grantToken = ""
             op = .retireGrant(r)
         case .revokeGrant(var r): r.keyID = try a.key(r.keyID, "RevokeGrant", &d); op = .revokeGrant(r)
+        case .verifyAuditRecords:
+            let decision = a.service.mayCreateKeys(ctx.principal)
+            d.decidedBy = decision.decidedBy
+            guard decision.allowed else {
+                throw KMSError(.accessDenied, "uid \(ctx.principal.uid) (\(ctx.principal.userName)) may not verify the audit trail: only administrators may")
+            }
         case .reviewAccess(var r):
             if r.keyID.isEmpty {
                 // Every key's permissions: an administrator's review.
@@ -215,7 +227,9 @@ struct Authorizer {
     func checkGrantDelegation(_ r: Kmsd_V1_CreateGrantRequest, _ d: inout AuditDetails) throws(KMSError) {
         guard d.decidedBy.hasPrefix("grant:") else { return }
         let parentID = String(d.decidedBy.dropFirst("grant:".count))
-        guard let parent = try service.repository.grant(parentID) else { return }
+        guard let parent = try service.repository.grant(parentID) else {
+            throw KMSError(.accessDenied, "the grant that allowed this CreateGrant was retired meanwhile; nothing was created")
+        }
         let narrower = Set(r.operations).isSubset(of: Set(parent.operations))
         guard narrower, parent.encryptionContextSubset == nil, parent.encryptionContextEquals == nil else {
             throw KMSError(.accessDenied, "grant \(parentID.prefix(16))… lets uid \(ctx.principal.uid) create grants only for its own operations (\(parent.operations.joined(separator: ", "))) and only when it has no constraints")

@@ -59,6 +59,8 @@ struct HandlerContext: Sendable {
     let service: KeyService
     let settings: ServerSettings
     var contexts: WireContexts? = nil
+    /// The audit log (VerifyAuditRecords checks its chain).
+    var audit: AuditLog? = nil
 
     /// The pairs of one context field as sent (duplicates and byte-distinct spellings kept);
     /// from the decoded map when the request did not come off the wire.
@@ -135,7 +137,7 @@ final class Dispatcher: Sendable {
                              "ListKeyRotations", "SetMinimumDecryptionVersion",
                              "GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial",
                              "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy",
-                             "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant", "ReviewAccess",
+                             "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant", "ReviewAccess", "VerifyAuditRecords",
                              "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
@@ -187,6 +189,7 @@ final class Dispatcher: Sendable {
         case .retireGrant(let r): .retireGrant(try GrantHandlers.retireGrant(r, ctx, &details))
         case .revokeGrant(let r): .revokeGrant(try GrantHandlers.revokeGrant(r, ctx, &details))
         case .reviewAccess(let r): .reviewAccess(try ReviewHandlers.reviewAccess(r, ctx, &details))
+        case .verifyAuditRecords(let r): .verifyAuditRecords(try AuditHandlers.verifyAuditRecords(r, ctx))
         }
     }
 
@@ -216,7 +219,7 @@ final class Dispatcher: Sendable {
              .listResourceTags, .enableKeyRotation, .disableKeyRotation, .getKeyRotationStatus, .rotateKeyOnDemand,
              .listKeyRotations, .setMinimumDecryptionVersion, .getParametersForImport, .importKeyMaterial,
              .deleteImportedKeyMaterial, .getKeyPolicy, .putKeyPolicy, .listKeyPolicies, .simulatePolicy, .createGrant, .listGrants,
-             .listRetirableGrants, .retireGrant, .revokeGrant, .reviewAccess: return false
+             .listRetirableGrants, .retireGrant, .revokeGrant, .reviewAccess, .verifyAuditRecords: return false
         }
     }
 
@@ -300,7 +303,7 @@ final class Dispatcher: Sendable {
         }
         if var op = request.operation {
             do {
-                let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts)
+                let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit)
                 // One access decision, then the handler, which checks no access itself.
                 do throws(KMSError) {
                     try Authorizer.authorize(&op, ctx, &details)

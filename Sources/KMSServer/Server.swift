@@ -66,10 +66,12 @@ public final class Server: @unchecked Sendable {
         let repository = try KeyRepository(storage: storage, root: root, cacheCapacity: c.keyCacheCapacity)
         var clock: @Sendable () -> Date = { Date() }
         if c.development, let file = c.developmentClockFile { clock = Self.offsetClock(file) }
-        if let dir = c.identityPolicyDirectory { try StateDirectory.checkTrusted(dir, what: "identity-policy directory", stickyWritableOK: true) }
+        if let dir = c.identityPolicyDirectory { try StateDirectory.checkTrusted(dir, what: "identity-policy directory") }
         let service = KeyService(repository: repository, administrators: c.administrators, clock: clock,
                                  daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400)
-        let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds)
+        let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds,
+                             chainKey: try repository.auditChainKey())
+        Self.startAuditChain(audit, repository)
         if let dir = c.identityPolicyDirectory {
             do throws(KMSError) { service.setIdentityPolicies(try IdentityPolicySet.load(directory: dir)) } catch {
                 throw ConfigurationError("identity policies: \(error.message)")
@@ -157,6 +159,12 @@ public final class Server: @unchecked Sendable {
         if !activated { unlink(c.effectiveSocketPath) }
         pool.shutdown()
         try? group.syncShutdownGracefully()
+        // The run's last record, then the checkpoint the next start links to, marked clean.
+        let audit = dispatcher.audit, repository = dispatcher.service.repository
+        audit.writeEvent(action: "KmsdStopped", keyID: "", message: "kmsd stopped (run \(audit.runID), \(audit.lastSequence + 1) audit records)")
+        do { try repository.setAuditCheckpoint(audit.checkpoint(clean: true)) } catch {
+            StandardError.write("kmsd: WARNING: the audit chain's final checkpoint could not be saved (\(error)); the next start will report an unclean stop\n")
+        }
         StandardError.write("kmsd: stopped\n")
     }
 
@@ -295,9 +303,17 @@ public final class Server: @unchecked Sendable {
 
     /// Rotates the keys whose automatic rotation is due and deletes those whose deletion time
     /// has come, each with an audit record.
+    static let checkpointed = Atomic<UInt64>(0)
+
     static func housekeeping(_ service: KeyService, _ audit: AuditLog) {
         guard !sweeping.exchange(true, ordering: .acquiring) else { return }
         defer { sweeping.store(false, ordering: .releasing) }
+        // The audit chain's checkpoint, at most once a second and only when records were written.
+        let seq = audit.lastSequence
+        if seq != checkpointed.load(ordering: .relaxed) {
+            saveAuditCheckpoint(audit, service.repository)
+            checkpointed.store(seq, ordering: .relaxed)
+        }
         do {
             for k in try service.rotateDueKeys() {
                 audit.writeEvent(action: "KeyRotated", keyID: k.keyID.description, version: k.currentVersion,
@@ -327,11 +343,48 @@ public final class Server: @unchecked Sendable {
         }
     }
 
+    /// The run's first record links it to the previous run: the chain continues from the last
+    /// checkpoint, and KmsdStarted says where that was and whether the previous run stopped
+    /// cleanly (an unclean stop: its records after the checkpoint cannot be proven complete).
+    static func startAuditChain(_ audit: AuditLog, _ repository: KeyRepository) {
+        let stored = repository.auditCheckpoint()
+        let previous = stored.flatMap(audit.parseCheckpoint)
+        audit.startChain(after: previous?.chain ?? [UInt8](repeating: 0, count: 32))
+        let stop = previous.map { $0.clean ? "clean" : "unclean" } ?? (stored == nil ? "none" : "unknown")
+        var fields = ["KMS_PREVIOUS_STOP=\(stop)"]
+        if let p = previous {
+            fields += ["KMS_PREVIOUS_RUN_ID=\(p.runID)", "KMS_PREVIOUS_SEQ=\(p.sequence)", "KMS_PREVIOUS_CHAIN=\(AuditLog.hex(p.chain))"]
+        }
+        let note = switch stop {
+        case "clean": "the previous run stopped cleanly"
+        case "unclean": "the previous run stopped uncleanly (killed or crashed): its audit records after seq \(previous!.sequence) cannot be proven complete"
+        case "none": "first start of this keystore"
+        default: "the previous run's checkpoint failed its integrity check"
+        }
+        audit.writeEvent(action: "KmsdStarted", keyID: "", failure: stop == "unknown" ? .keyUnavailable : nil,
+                         message: "kmsd started (run \(audit.runID)); \(note)", extraFields: fields)
+        saveAuditCheckpoint(audit, repository)
+    }
+
+    static func saveAuditCheckpoint(_ audit: AuditLog, _ repository: KeyRepository) {
+        do { try repository.setAuditCheckpoint(audit.checkpoint(clean: false)) } catch {
+            StandardError.write("kmsd: WARNING: the audit chain's checkpoint could not be saved: \(error)\n")
+        }
+    }
+
     /// SIGHUP: the identity policies are read again; an invalid set is refused whole (the old
     /// one stays), logged and audited. (Other settings still need a restart.)
     static func reload(_ dir: String?, _ service: KeyService, _ audit: AuditLog) {
         guard let dir else {
             StandardError.write("kmsd: SIGHUP: no identity-policy directory is configured; other settings need a restart\n")
+            return
+        }
+        do {
+            try StateDirectory.checkTrusted(dir, what: "identity-policy directory")
+        } catch {
+            StandardError.write("kmsd: ERROR: SIGHUP: identity policies not reloaded, the previous ones stay: \(error)\n")
+            audit.writeEvent(action: "IdentityPoliciesReloadFailed", keyID: "", failure: .validation,
+                             message: "identity policies not reloaded (the previous ones stay): \(error)")
             return
         }
         do throws(KMSError) {

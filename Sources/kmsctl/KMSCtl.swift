@@ -58,6 +58,7 @@ struct KMSCtl: AsyncParsableCommand {
             RetireGrant.self,
             RevokeGrant.self,
             ReviewAccess.self,
+            Audit.self,
             Encrypt.self,
             Decrypt.self,
             ReEncrypt.self,

@@ -125,9 +125,14 @@ public struct IdentityPolicy: Sendable {
         let list: [Any] = (raw as? [Any]) ?? [raw]
         guard !list.isEmpty else { throw KeyPolicy.invalid("\(name).Statement is empty") }
         var statements: [KeyPolicy.Statement] = []
+        var sids = Set<String>()
         for (i, item) in list.enumerated() {
             guard let s = item as? [String: Any] else { throw KeyPolicy.invalid("\(name).Statement[\(i)] must be an object") }
-            statements.append(try KeyPolicy.parseStatement(s, index: i, at: "\(name).Statement[\(i)]", strict: true, identity: true))
+            let statement = try KeyPolicy.parseStatement(s, index: i, at: "\(name).Statement[\(i)]", strict: true, identity: true)
+            if let sid = statement.sid, !sid.isEmpty, !sids.insert(sid).inserted {
+                throw KeyPolicy.invalid("\(name).Statement[\(i)].Sid \"\(sid)\" is used by an earlier statement; Sids must be unique")
+            }
+            statements.append(statement)
         }
         var attachText: [String] = []
         if let object = attach as? [String: Any] {
@@ -151,9 +156,11 @@ public struct IdentityPolicySet: Sendable {
         var policies: [IdentityPolicy] = []
         for file in names.sorted() where file.hasSuffix(".json") {
             var st = stat()
-            guard lstat(directory + "/" + file, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_mode & 0o022 == 0 else {
-                throw KMSError(.validation, "identity policy \(directory)/\(file) must be a regular file that only its owner may write")
+            guard lstat(directory + "/" + file, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_mode & 0o022 == 0,
+                  st.st_uid == 0 || st.st_uid == geteuid() else {
+                throw KMSError(.validation, "identity policy \(directory)/\(file) must be a regular file owned by root or kmsd's user that only its owner may write")
             }
+            guard !file.contains(":") else { throw KMSError(.validation, "identity policy file names may not contain ':' (\(file))") }
             guard let data = FileManager.default.contents(atPath: directory + "/" + file), let text = String(data: data, encoding: .utf8) else {
                 throw KMSError(.validation, "cannot read identity policy \(directory)/\(file)")
             }

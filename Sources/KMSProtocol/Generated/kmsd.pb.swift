@@ -379,6 +379,14 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     set {operation = .reviewAccess(newValue)}
   }
 
+  public var verifyAuditRecords: Kmsd_V1_VerifyAuditRecordsRequest {
+    get {
+      if case .verifyAuditRecords(let v)? = operation {return v}
+      return Kmsd_V1_VerifyAuditRecordsRequest()
+    }
+    set {operation = .verifyAuditRecords(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Operation: Equatable, Sendable {
@@ -424,6 +432,7 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     case retireGrant(Kmsd_V1_RetireGrantRequest)
     case revokeGrant(Kmsd_V1_RevokeGrantRequest)
     case reviewAccess(Kmsd_V1_ReviewAccessRequest)
+    case verifyAuditRecords(Kmsd_V1_VerifyAuditRecordsRequest)
 
   }
 
@@ -784,6 +793,14 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     set {result = .reviewAccess(newValue)}
   }
 
+  public var verifyAuditRecords: Kmsd_V1_VerifyAuditRecordsResponse {
+    get {
+      if case .verifyAuditRecords(let v)? = result {return v}
+      return Kmsd_V1_VerifyAuditRecordsResponse()
+    }
+    set {result = .verifyAuditRecords(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Result: Equatable, Sendable {
@@ -830,6 +847,7 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     case retireGrant(Kmsd_V1_RetireGrantResponse)
     case revokeGrant(Kmsd_V1_RevokeGrantResponse)
     case reviewAccess(Kmsd_V1_ReviewAccessResponse)
+    case verifyAuditRecords(Kmsd_V1_VerifyAuditRecordsResponse)
 
   }
 
@@ -2494,13 +2512,78 @@ public nonisolated struct Kmsd_V1_ReviewAccessResponse: Sendable {
   public init() {}
 }
 
+/// Beyond AWS: checks KMS_CHAIN of audit records read from the journal (the chain key never
+/// leaves kmsd). The client orders records, finds gaps and links runs; kmsd answers, for each
+/// record, whether its KMS_CHAIN is the keyed hash of the given previous chain value and its
+/// fields. Administrators only. An empty request only reports where the chain stands.
+public nonisolated struct Kmsd_V1_AuditField: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var value: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_AuditRecordToVerify: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// 32 bytes: KMS_CHAIN of the record before (or the run's KMS_PREVIOUS_CHAIN; zeros for the first run)
+  public var previousChain: Data = Data()
+
+  /// the record's fields as read (KMS_CHAIN among them)
+  public var fields: [Kmsd_V1_AuditField] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_VerifyAuditRecordsRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var records: [Kmsd_V1_AuditRecordToVerify] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_VerifyAuditRecordsResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// one per record, in order
+  public var valid: [Bool] = []
+
+  /// this kmsd's run
+  public var currentRunID: String = String()
+
+  /// the last KMS_SEQ journald took in this run
+  public var currentSequence: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "kmsd.v1"
 
 nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Request"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3055,6 +3138,19 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
           self.operation = .reviewAccess(v)
         }
       }()
+      case 80: try {
+        var v: Kmsd_V1_VerifyAuditRecordsRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .verifyAuditRecords(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .verifyAuditRecords(v)
+        }
+      }()
       default: break
       }
     }
@@ -3237,6 +3333,10 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
       guard case .reviewAccess(let v)? = self.operation else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 79)
     }()
+    case .verifyAuditRecords?: try {
+      guard case .verifyAuditRecords(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 80)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -3252,7 +3352,7 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
 
 nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Response"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3820,6 +3920,19 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
           self.result = .reviewAccess(v)
         }
       }()
+      case 80: try {
+        var v: Kmsd_V1_VerifyAuditRecordsResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .verifyAuditRecords(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .verifyAuditRecords(v)
+        }
+      }()
       default: break
       }
     }
@@ -4005,6 +4118,10 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
     case .reviewAccess?: try {
       guard case .reviewAccess(let v)? = self.result else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 79)
+    }()
+    case .verifyAuditRecords?: try {
+      guard case .verifyAuditRecords(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 80)
     }()
     case nil: break
     }
@@ -7637,6 +7754,146 @@ nonisolated extension Kmsd_V1_ReviewAccessResponse: SwiftProtobuf.Message, Swift
     if lhs.keys != rhs.keys {return false}
     if lhs.nextMarker != rhs.nextMarker {return false}
     if lhs.truncated != rhs.truncated {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_AuditField: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".AuditField"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}value\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.value) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.value.isEmpty {
+      try visitor.visitSingularStringField(value: self.value, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_AuditField, rhs: Kmsd_V1_AuditField) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.value != rhs.value {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_AuditRecordToVerify: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".AuditRecordToVerify"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}previous_chain\0\u{1}fields\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.previousChain) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.fields) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.previousChain.isEmpty {
+      try visitor.visitSingularBytesField(value: self.previousChain, fieldNumber: 1)
+    }
+    if !self.fields.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.fields, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_AuditRecordToVerify, rhs: Kmsd_V1_AuditRecordToVerify) -> Bool {
+    if lhs.previousChain != rhs.previousChain {return false}
+    if lhs.fields != rhs.fields {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_VerifyAuditRecordsRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".VerifyAuditRecordsRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}records\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedMessageField(value: &self.records) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.records.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.records, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_VerifyAuditRecordsRequest, rhs: Kmsd_V1_VerifyAuditRecordsRequest) -> Bool {
+    if lhs.records != rhs.records {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_VerifyAuditRecordsResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".VerifyAuditRecordsResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}valid\0\u{3}current_run_id\0\u{3}current_sequence\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedBoolField(value: &self.valid) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.currentRunID) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.currentSequence) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.valid.isEmpty {
+      try visitor.visitPackedBoolField(value: self.valid, fieldNumber: 1)
+    }
+    if !self.currentRunID.isEmpty {
+      try visitor.visitSingularStringField(value: self.currentRunID, fieldNumber: 2)
+    }
+    if self.currentSequence != 0 {
+      try visitor.visitSingularUInt64Field(value: self.currentSequence, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_VerifyAuditRecordsResponse, rhs: Kmsd_V1_VerifyAuditRecordsResponse) -> Bool {
+    if lhs.valid != rhs.valid {return false}
+    if lhs.currentRunID != rhs.currentRunID {return false}
+    if lhs.currentSequence != rhs.currentSequence {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
