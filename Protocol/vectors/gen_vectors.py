@@ -169,6 +169,7 @@ def fixed_bytes(label, n):
 KEY_A = "1234abcd-12ab-34cd-56ef-1234567890ab"
 KEY_B = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 KEY_C = "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b"   # Origin EXTERNAL (frames only)
+KEY_D = "7a8b9c0d-1e2f-4a3b-9c4d-5e6f7a8b9c0d"   # created with a key policy (frames only)
 MATERIAL = {
     (KEY_A, 1): bytes(range(32)),                       # 00 01 02 ... 1f
     (KEY_B, 1): fixed_bytes("key material/B/1", 32),
@@ -794,6 +795,143 @@ def frame(body):
     return u32be(len(body)) + body
 
 
+# ---------------------------------------------------------------------------------------------
+# Key policies (PROTOCOL.md section 7.1.1): the default policy as GetKeyPolicy writes it out,
+# and the example policies of the frames. Policies travel as JSON text in string fields.
+# ---------------------------------------------------------------------------------------------
+
+def default_key_policy(owner_uid):
+    """The default key policy, character for character as kmsd writes it out (no final
+    newline), for a key created by `owner_uid`."""
+    return ('{\n'
+            '  "Version": "2012-10-17",\n'
+            '  "Id": "kmsd-default-key-policy",\n'
+            '  "Statement": [\n'
+            '    {\n'
+            '      "Sid": "KeyCreator",\n'
+            '      "Effect": "Allow",\n'
+            '      "Principal": {"Uid": "%d"},\n'
+            '      "Action": "kms:*",\n'
+            '      "Resource": "*"\n'
+            '    },\n'
+            '    {\n'
+            '      "Sid": "Administrators",\n'
+            '      "Effect": "Allow",\n'
+            '      "Principal": {"Role": "Administrators"},\n'
+            '      "Action": "kms:*",\n'
+            '      "Resource": "*"\n'
+            '    },\n'
+            '    {\n'
+            '      "Sid": "EnableIdentityPolicies",\n'
+            '      "Effect": "Allow",\n'
+            '      "Principal": {"Role": "IdentityPolicies"},\n'
+            '      "Action": "kms:*",\n'
+            '      "Resource": "*"\n'
+            '    }\n'
+            '  ]\n'
+            '}') % owner_uid
+
+
+POLICY_ADMINISTRATORS = ('{"Sid": "Administrators", "Effect": "Allow", '
+                         '"Principal": {"Role": "Administrators"}, "Action": "kms:*", '
+                         '"Resource": "*"}')
+POLICY_ORDERS = ('{"Version": "2012-10-17", "Statement": [' + POLICY_ADMINISTRATORS + ', '
+                 '{"Sid": "OrdersEncrypts", "Effect": "Allow", '
+                 '"Principal": {"Unit": "orders.service"}, "Action": "kms:Encrypt", '
+                 '"Resource": "*", "Condition": {"StringEquals": '
+                 '{"kms:EncryptionContext:app": "orders"}}}]}')
+POLICY_PAYROLL = ('{"Version": "2012-10-17", "Statement": [' + POLICY_ADMINISTRATORS + ', '
+                  '{"Sid": "PayrollDecrypts", "Effect": "Allow", '
+                  '"Principal": {"Group": "1000"}, "Action": "kms:Decrypt", "Resource": "*", '
+                  '"Condition": {"StringEquals": {"kms:EncryptionContext:dept": "payroll"}}}]}')
+
+
+def grant_id(label):
+    """A grant id: 64 lowercase hex digits (random in real use; fixed bytes here)."""
+    return fixed_bytes("grant id/" + label, 32).hex()
+
+
+GRANT_TOKEN_PREFIX = "kmsd-grant-token-v1:"
+
+
+def grant_token(key_id, gid):
+    """A grant token as kmsd writes it (section 7.1.3): it names the grant, it is no secret."""
+    return GRANT_TOKEN_PREFIX + key_id + ":" + gid
+
+
+def parse_grant_token(token):
+    assert token.startswith(GRANT_TOKEN_PREFIX)
+    key_id, gid = token[len(GRANT_TOKEN_PREFIX):].split(":")
+    assert len(key_id) == 36 and len(gid) == 64 and int(gid, 16) >= 0
+    return key_id, gid
+
+
+def compact_json(value):
+    """JSON as ReviewAccess writes a Condition block or grant constraints: compact, keys sorted."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def review_entries_of(policy_text):
+    """The ReviewAccess entries (section 7.43) of a key policy's statements, as written."""
+    doc = json.loads(policy_text)
+    statements = doc["Statement"] if isinstance(doc["Statement"], list) else [doc["Statement"]]
+    entries = []
+    for i, st in enumerate(statements):
+        field = "Principal" if "Principal" in st else "NotPrincipal"
+        raw = st[field]
+        if raw == "*":
+            principals = ["*"]
+        else:
+            principals = []
+            for kind in sorted(raw):
+                values = raw[kind] if isinstance(raw[kind], list) else [raw[kind]]
+                principals += ["%s:%s" % (kind, v) for v in values]
+        afield = "Action" if "Action" in st else "NotAction"
+        actions = st[afield] if isinstance(st[afield], list) else [st[afield]]
+        flags = []
+        if raw == "*" or (field == "NotPrincipal" and st["Effect"] == "Allow"):
+            flags.append("wildcard-principal")
+        if any(a.endswith("*") for a in actions) or afield == "NotAction":
+            flags.append("wildcard-action")
+        if raw == {"Role": "IdentityPolicies"}:
+            flags.append("delegates-to-identity-policies")
+        entry = {"source": "key-policy:" + (st.get("Sid") or "#%d" % i), "effect": st["Effect"],
+                 "principals": principals, "actions": actions, "flags": flags}
+        if field == "NotPrincipal":
+            entry["not_principal"] = True
+        if afield == "NotAction":
+            entry["not_action"] = True
+        if "Condition" in st:
+            entry["conditions"] = compact_json(st["Condition"])
+        entries.append(entry)
+    return entries
+
+
+def check_policy_shape(text):
+    """A light check that a policy of the frames keeps to the grammar of section 7.1.1 (the
+    server's parser is the authority): JSON, the known members only, unique Sids, at most
+    32768 bytes, and an Administrators statement so that it passes the lockout check for an
+    administrator."""
+    assert len(text.encode("utf-8")) <= 32768
+    doc = json.loads(text)
+    assert set(doc) <= {"Version", "Id", "Statement"} and doc.get("Version") == "2012-10-17"
+    statements = doc["Statement"] if isinstance(doc["Statement"], list) else [doc["Statement"]]
+    sids = [s["Sid"] for s in statements if s.get("Sid")]
+    assert len(sids) == len(set(sids))
+    for s in statements:
+        assert set(s) <= {"Sid", "Effect", "Principal", "NotPrincipal", "Action", "NotAction",
+                          "Resource", "Condition"}
+        assert s["Effect"] in ("Allow", "Deny")
+        assert ("Principal" in s) != ("NotPrincipal" in s)
+        assert ("Action" in s) != ("NotAction" in s)
+        assert s.get("Resource", "*") in ("*", ["*"])
+        if s.get("Principal") == {"Role": "IdentityPolicies"}:
+            # A delegating statement: an Allow with Principal naming only that role.
+            assert s["Effect"] == "Allow"
+    assert any(s.get("Principal") == {"Role": "Administrators"} and s["Effect"] == "Allow"
+               and s.get("Action") == "kms:*" for s in statements)
+
+
 def build_frames(valid_ciphertexts):
     ct = {v["name"]: v for v in valid_ciphertexts}
     enc = ct["one-pair"]
@@ -806,16 +944,21 @@ def build_frames(valid_ciphertexts):
                  fixed_bytes("nonce/generate-data-key", 12), dk_ctx, data_key)
     assert decrypt(MATERIAL[(KEY_A, 1)], dk["blob"], dk_ctx)[1] == data_key
 
+    # Exactly as kmsd's Dispatcher.operations lists them (a set: clients must not rely on the
+    # order, PROTOCOL.md section 5).
     operations = ["Hello", "WhoAmI", "CreateKey", "DescribeKey", "ListKeys", "EnableKey",
                   "DisableKey", "ScheduleKeyDeletion", "CancelKeyDeletion",
-                  "UpdateKeyDescription", "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
-                  "GenerateDataKeyWithoutPlaintext", "GenerateRandom", "CreateAlias",
-                  "UpdateAlias", "DeleteAlias", "ListAliases", "TagResource", "UntagResource",
-                  "ListResourceTags", "EnableKeyRotation", "DisableKeyRotation",
-                  "GetKeyRotationStatus", "RotateKeyOnDemand", "ListKeyRotations",
-                  "SetMinimumDecryptionVersion", "GetParametersForImport", "ImportKeyMaterial",
-                  "DeleteImportedKeyMaterial"]
-    assert len(operations) == 32
+                  "UpdateKeyDescription", "CreateAlias", "UpdateAlias", "DeleteAlias",
+                  "ListAliases", "TagResource", "UntagResource", "ListResourceTags",
+                  "EnableKeyRotation", "DisableKeyRotation", "GetKeyRotationStatus",
+                  "RotateKeyOnDemand", "ListKeyRotations", "SetMinimumDecryptionVersion",
+                  "GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial",
+                  "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy",
+                  "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant",
+                  "RevokeGrant", "ReviewAccess",
+                  "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
+                  "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
+    assert len(operations) == 42 and len(set(operations)) == 42
     metadata = {
         "key_id": KEY_A,
         "arn": "kmsd:key/" + KEY_A,
@@ -866,6 +1009,35 @@ def build_frames(valid_ciphertexts):
     material_valid_to = 1700003600 + 30 * 86400
     imported_metadata = dict(external_metadata, enabled=True, key_state="Enabled",
                              expiration_model="KEY_MATERIAL_EXPIRES", valid_to=material_valid_to)
+    # Key policies (sections 7.1.1, 7.34-7.37). Key A, created by root, has the default policy
+    # until `put-key-policy-request` gives it POLICY_ORDERS: administrators keep every right, and
+    # whatever runs in orders.service may Encrypt with the context app=orders.
+    default_policy_a = default_key_policy(metadata["owner_uid"])
+    policy_orders = POLICY_ORDERS
+    policy_payroll = POLICY_PAYROLL
+    for text in (default_policy_a, policy_orders, policy_payroll):
+        check_policy_shape(text)
+    policy_metadata = dict(metadata, key_id=KEY_D, arn="kmsd:key/" + KEY_D,
+                           creation_date=1700000000, description="payroll")
+    # Grants (sections 7.1.3, 7.38-7.42) on key A, under POLICY_ORDERS: root gives uid 1000
+    # Encrypt and Decrypt with contexts holding app=orders, retirable by uid 1001, at 1700000000.
+    grant = {
+        "key_id": KEY_A, "grant_id": grant_id("orders-app"), "name": "orders-app",
+        "creation_date": 1700000000, "grantee_principal": "uid:1000",
+        "retiring_principal": "uid:1001", "issuing_principal": "uid:0",
+        "operations": ["Encrypt", "Decrypt"],
+        "constraints": {"encryption_context_subset": {"app": "orders"}},
+    }
+    token = grant_token(KEY_A, grant["grant_id"])
+    assert parse_grant_token(token) == (KEY_A, grant["grant_id"])
+    revoked_grant_id = grant_id("payroll-reports")
+    # ReviewAccess of key A then: POLICY_ORDERS's two statements as written, then the grant.
+    review_entries = review_entries_of(POLICY_ORDERS) + [{
+        "source": "grant:" + grant["grant_id"], "effect": "Allow",
+        "principals": [grant["grantee_principal"]],
+        "actions": ["kms:" + op for op in grant["operations"]],
+        "conditions": compact_json({"EncryptionContextSubset":
+                                    grant["constraints"]["encryption_context_subset"]})}]
     R, S = "request", "response"
     vectors = [
         ("hello-request", R, {"id": 1, "hello": {"protocol_version": 1,
@@ -1082,6 +1254,77 @@ def build_frames(valid_ciphertexts):
             "delete_imported_key_material": {"key_id": KEY_C}}),
         ("delete-imported-key-material-response", S, {"id": 46,
                                                        "delete_imported_key_material": {}}),
+        # Key policies (sections 7.1.1, 7.34-7.37), on key A: the default policy written out
+        # with its creator's uid (0: root), replaced by POLICY_ORDERS, listed, and simulated for
+        # a process of uid 1000 in orders.service; then the errors of a refused decision and of
+        # the lockout safety check, and a key created with a policy of its own.
+        ("get-key-policy-request", R, {"id": 47, "get_key_policy": {
+            "key_id": KEY_A, "policy_name": "default"}}),
+        ("get-key-policy-response", S, {"id": 47, "get_key_policy": {
+            "policy": default_policy_a, "policy_name": "default"}}),
+        ("put-key-policy-request", R, {"id": 48, "put_key_policy": {
+            "key_id": KEY_A, "policy_name": "default", "policy": policy_orders}}),
+        ("put-key-policy-response", S, {"id": 48, "put_key_policy": {}}),
+        ("list-key-policies-request", R, {"id": 49, "list_key_policies": {"key_id": KEY_A}}),
+        ("list-key-policies-response", S, {"id": 49, "list_key_policies": {
+            "policy_names": ["default"]}}),
+        ("simulate-policy-request", R, {"id": 50, "simulate_policy": {
+            "key_id": KEY_A, "action": "kms:Encrypt",
+            "principal": {"uid": 1000, "has_uid": True, "groups": ["1000", "100"],
+                          "unit": "orders.service"},
+            "encryption_context": {"app": "orders"}}}),
+        ("simulate-policy-response", S, {"id": 50, "simulate_policy": {
+            "decision": "Allow", "decided_by": "key-policy:OrdersEncrypts", "key_id": KEY_A}}),
+        # The same simulation without the context: StringEquals on an absent key fails.
+        ("simulate-policy-no-context-request", R, {"id": 51, "simulate_policy": {
+            "key_id": "kmsd:key/" + KEY_A, "action": "kms:Encrypt",
+            "principal": {"uid": 1000, "has_uid": True, "unit": "orders.service"}}}),
+        ("simulate-policy-no-context-response", S, {"id": 51, "simulate_policy": {
+            "decision": "ImplicitDeny", "decided_by": "implicit-deny", "key_id": KEY_A}}),
+        # A Decrypt by uid 1000 in orders.service under POLICY_ORDERS (Encrypt only).
+        ("access-denied-error-response", S, {"id": 52, "error": {
+            "code": "AccessDeniedException",
+            "message": "uid 1000 (alice) is not allowed kms:Decrypt on key %s: no statement in "
+                       "its key policy and no grant allows it" % KEY_A}}),
+        # A PutKeyPolicy by root of a policy that would not let root change it again.
+        ("policy-lockout-error-response", S, {"id": 53, "error": {
+            "code": "ValidationException",
+            "message": "the new key policy would not allow you (uid 0) to change it again "
+                       "(kms:PutKeyPolicy), so nobody might ever be able to; include a statement "
+                       "that allows it, or set BypassPolicyLockoutSafetyCheck if that is really "
+                       "what you want"}}),
+        ("invalid-policy-error-response", S, {"id": 54, "error": {
+            "code": "ValidationException",
+            "message": "invalid policy: Statement[1].Action[0] \"kms:Encrpt\" names no kms "
+                       "action (write kms:Encrypt, kms:GenerateDataKey*, kms:*)"}}),
+        ("create-key-with-policy-request", R, {"id": 55, "create_key": {
+            "description": "payroll", "policy": policy_payroll}}),
+        ("create-key-with-policy-response", S, {"id": 55, "create_key": {
+            "key_metadata": policy_metadata}}),
+        # Grants (sections 7.1.3, 7.38-7.43) on key A: one created by root with a constraint
+        # and a retiring principal, listed, listed again by its retiring principal, reviewed with
+        # the key's policy, then retired by its token; and another grant revoked.
+        ("create-grant-request", R, {"id": 56, "create_grant": {
+            "key_id": KEY_A, "grantee_principal": grant["grantee_principal"],
+            "retiring_principal": grant["retiring_principal"],
+            "operations": grant["operations"], "constraints": grant["constraints"],
+            "name": grant["name"]}}),
+        ("create-grant-response", S, {"id": 56, "create_grant": {
+            "grant_token": token, "grant_id": grant["grant_id"]}}),
+        ("list-grants-request", R, {"id": 57, "list_grants": {"key_id": KEY_A}}),
+        ("list-grants-response", S, {"id": 57, "list_grants": {"grants": [grant]}}),
+        ("list-retirable-grants-request", R, {"id": 58, "list_retirable_grants": {
+            "retiring_principal": grant["retiring_principal"], "limit": 10}}),
+        ("list-retirable-grants-response", S, {"id": 58, "list_retirable_grants": {
+            "grants": [grant]}}),
+        ("review-access-request", R, {"id": 59, "review_access": {"key_id": KEY_A}}),
+        ("review-access-response", S, {"id": 59, "review_access": {
+            "keys": [{"key_id": KEY_A, "entries": review_entries}]}}),
+        ("retire-grant-request", R, {"id": 60, "retire_grant": {"grant_token": token}}),
+        ("retire-grant-response", S, {"id": 60, "retire_grant": {}}),
+        ("revoke-grant-request", R, {"id": 61, "revoke_grant": {
+            "key_id": KEY_A, "grant_id": revoked_grant_id}}),
+        ("revoke-grant-response", S, {"id": 61, "revoke_grant": {}}),
     ]
     out = []
     for name, direction, value, *extra in vectors:
