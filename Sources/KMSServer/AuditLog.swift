@@ -22,6 +22,17 @@ struct AuditRecord: Sendable {
     /// More fields (NAME=value), for events that carry their own.
     var extraFields: [String] = []
 
+    /// syslog priority: requests info (6) allowed, warning (4) denied, err (3) failed; kmsd's
+    /// own events and changes to keys notice (5), err (3) when they failed.
+    var priority: Int {
+        if eventMessage != nil { return result == .allowed ? 5 : 3 }
+        switch result {
+        case .allowed: return 6
+        case .denied: return 4
+        case .failed: return 3
+        }
+    }
+
     var fields: [String] {
         let verb = result == .allowed ? "allowed" : (result == .denied ? "denied" : "failed")
         var message = "\(action) by uid \(principal.uid) (\(principal.userName)) \(verb)"
@@ -30,7 +41,7 @@ struct AuditRecord: Sendable {
         var fields = [
             "MESSAGE=\(message)",
             "MESSAGE_ID=\(AuditLog.messageID)",
-            "PRIORITY=\(result == .allowed ? 6 : 4)",
+            "PRIORITY=\(priority)",
             "SYSLOG_IDENTIFIER=kmsd",
             "KMS_ACTION=\(action)",
             "KMS_RESULT=\(result.rawValue)",

@@ -289,6 +289,18 @@ final class Dispatcher: Sendable {
         _ = audit.write(record)
     }
 
+    /// Successful requests that change something an auditor follows, and the event each also
+    /// records (MESSAGE_ID of events, PRIORITY notice).
+    static let managementEvents: [String: String] = [
+        "CreateKey": "KeyCreated", "EnableKey": "KeyEnabled", "DisableKey": "KeyDisabled",
+        "ScheduleKeyDeletion": "KeyDeletionScheduled", "CancelKeyDeletion": "KeyDeletionCancelled",
+        "RotateKeyOnDemand": "KeyRotated", "EnableKeyRotation": "KeyRotationEnabled", "DisableKeyRotation": "KeyRotationDisabled",
+        "SetMinimumDecryptionVersion": "KeyMinimumDecryptionVersionSet", "PutKeyPolicy": "KeyPolicyChanged",
+        "CreateGrant": "GrantCreated", "RetireGrant": "GrantRetired", "RevokeGrant": "GrantRevoked",
+        "ImportKeyMaterial": "KeyMaterialImported", "DeleteImportedKeyMaterial": "KeyMaterialDeleted",
+        "CreateAlias": "AliasCreated", "UpdateAlias": "AliasUpdated", "DeleteAlias": "AliasDeleted",
+    ]
+
     /// Handles one request end to end; the audit record is written before this returns.
     func handle(_ request: KMSRequest, contexts: WireContexts? = nil, principal: Principal) -> Outgoing {
         defer { Self.zeroSecrets(of: request) }
@@ -336,6 +348,13 @@ final class Dispatcher: Sendable {
             return Outgoing(response: .failure(id: request.id, KMSError(.auditUnavailable, message + "; check that systemd-journald is running and keeping up")))
         case .success(let r): response.result = r
         case .failure(let e): return Outgoing(response: .failure(id: request.id, e))
+        }
+        if let event = Self.managementEvents[action] {
+            // A change to a key, its policy, grants or aliases: also a NOTICE event of its own.
+            var change = AuditRecord(action: event, requestID: request.id, principal: principal, result: .allowed, details: details)
+            change.eventMessage = "\(event): \(action) by uid \(principal.uid) (\(principal.userName))"
+                + (details.keyID.isEmpty ? "" : " on key \(details.keyID)") + (details.alias.isEmpty ? "" : " (\(details.alias))")
+            _ = audit.write(change)
         }
         return Outgoing(response: response, secret: secret)
     }

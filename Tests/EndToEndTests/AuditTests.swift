@@ -44,7 +44,7 @@ struct AuditTests {
         #expect(encrypt["KMS_ENCRYPTION_CONTEXT"] as? String == "tenant")
         let failed = try #require(byAction["Decrypt"]?.first { $0["KMS_RESULT"] as? String == "Failed" })
         #expect(failed["KMS_ERROR"] as? String == "InvalidCiphertextException")
-        #expect(failed["PRIORITY"] as? String == "4")
+        #expect(failed["PRIORITY"] as? String == "3")
         #expect(byAction["DescribeKey"]?.allSatisfy { $0["KMS_ERROR"] as? String == "NotFoundException" } == true)
         #expect(byAction["DescribeKey"]?.contains { $0["KMS_KEY_ID"] as? String == "invalid" } == true)
 
@@ -154,6 +154,29 @@ struct AuditTests {
         #expect(event["MESSAGE_ID"] as? String == "c1b7e0f4a2d94e8b9f3a6d5c2e1b0a97")
         let scheduled = try Journal.query(["_PID=\(daemon.pid)", "KMS_ACTION=ScheduleKeyDeletion"], since: daemon.startedAt, atLeast: 1)
         #expect(scheduled.first?["KMS_KEY_ID"] as? String == key && scheduled.first?["KMS_RESULT"] as? String == "Allowed")
+    }
+
+    /// Changes to keys, policies, grants and aliases also leave a NOTICE event of their own,
+    /// naming who made them; reads and refused changes do not.
+    @Test func managementChangesAreEventsAtNotice() async throws {
+        try Journal.ensureRunning()
+        let daemon = try Daemon(auditFailClosed: true)
+        defer { daemon.stop() }
+        let client = daemon.client()
+        let key = try await client.createKey().keyID
+        try await client.disableKey(keyID: key)
+        try await client.putKeyPolicy(keyID: key, policy: try await client.getKeyPolicy(keyID: key))
+        _ = try await client.createGrant(keyID: key, granteePrincipal: "uid:64201", operations: ["Encrypt"])
+        _ = try await client.describeKey(keyID: key)
+        await expectKMSError(.invalidState) { try await client.cancelKeyDeletion(keyID: key) }
+        let events = try Journal.query(["_PID=\(daemon.pid)", "MESSAGE_ID=c1b7e0f4a2d94e8b9f3a6d5c2e1b0a97"], since: daemon.startedAt, atLeast: 5)
+        let actions = events.compactMap { $0["KMS_ACTION"] as? String }
+        #expect(actions == ["KmsdStarted", "KeyCreated", "KeyDisabled", "KeyPolicyChanged", "GrantCreated"], "\(actions)")
+        for e in events.dropFirst() {
+            #expect(e["PRIORITY"] as? String == "5" && e["KMS_KEY_ID"] as? String == key && e["KMS_PEER_UID"] as? String == String(getuid()))
+            #expect((e["MESSAGE"] as? String)?.contains("by uid \(getuid())") == true)
+        }
+        #expect(events.last?["KMS_GRANT_ID"] as? String != nil)
     }
 
     /// A request that names a key by alias is audited with both: the alias and the key it meant.

@@ -115,7 +115,7 @@ final class RollbackTests {
         await expectKMSError(.keyUnavailable) { try await client.describeKey(keyID: key) }
         #expect(daemon.log.contains("keystore rollback detected"), "\(daemon.log.suffix(600))")
         let events = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: 1)
-        #expect(events.contains { $0["KMS_ACTION"] as? String == "KeystoreRollbackDetected" && $0["PRIORITY"] as? String == "4" })
+        #expect(events.contains { $0["KMS_ACTION"] as? String == "KeystoreRollbackDetected" && $0["PRIORITY"] as? String == "3" })
         // Keys written after the detection are trusted, wherever they fall; suspicion of the
         // old rows survives restarts although the digest has been rewritten since.
         var fresh: [String] = []
