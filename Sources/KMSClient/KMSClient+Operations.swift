@@ -331,4 +331,10 @@ extension KMSClient {
         })) else { throw Self.mismatch }
         return r
     }
+
+    /// Beyond AWS: health and use since kmsd started (administrators).
+    public func status() async throws -> Kmsd_V1_StatusResponse {
+        guard case .status(let r) = try await send(.status(.init())) else { throw Self.mismatch }
+        return r
+    }
 }

@@ -89,6 +89,9 @@ public final class KeyRepository: Sendable {
         try storage.migrate(keys: keys, versions: versions, meta: [("keystore_id", keystoreID)])
     }
 
+    public func keyCountsByState() -> [String: Int] { (try? storage.keyCountsByState()) ?? [:] }
+    public var cacheCapacity: Int { cache.withLock { $0.capacity } }
+
     /// The audit chain's checkpoint (kept in the keystore so the next start links to it).
     public func auditCheckpoint() -> [UInt8]? { try? storage.meta("audit_chain") }
     public func setAuditCheckpoint(_ bytes: [UInt8]) throws { try storage.setMeta("audit_chain", bytes) }

@@ -94,6 +94,9 @@ public protocol KeyStorage: Sendable {
     func meta(_ name: String) throws -> [UInt8]?
     func setMeta(_ name: String, _ value: [UInt8]) throws
 
+    /// How many keys are in each state (for Status; counts, not authenticated records).
+    func keyCountsByState() throws -> [String: Int]
+
     /// Inserts a grant row.
     func insertGrant(id: String, keyID: String, retiring: String?, row: StoredRow, integrity: IntegrityWrite) throws
     /// Deletes a grant row; false when there was none.

@@ -55,6 +55,11 @@ public final class SQLiteKeyStorage: KeyStorage {
         if !columns.contains("rotation_due") {
             try Self.exec(conn, "ALTER TABLE keys ADD COLUMN rotation_due INTEGER", path: path)
         }
+        if !columns.contains("state") {
+            // Key states for counting only (Status): the authenticated record stays the authority.
+            try Self.exec(conn, "ALTER TABLE keys ADD COLUMN state TEXT", path: path)
+            try Self.exec(conn, "UPDATE keys SET state = json_extract(CAST(record AS TEXT), '$.state')", path: path)
+        }
         if !columns.contains("expiry_due") {
             try Self.exec(conn, "ALTER TABLE keys ADD COLUMN expiry_due INTEGER", path: path)
         }
@@ -109,7 +114,7 @@ public final class SQLiteKeyStorage: KeyStorage {
 
     public func insertKey(id: String, owner: UInt32, key: StoredRow, version: (number: UInt32, row: StoredRow)?, integrity: IntegrityWrite) throws {
         try transaction(integrity) { conn in
-            try Self.run(conn, "INSERT INTO keys (key_id, record, mac, owner_uid, gen) VALUES (?1, ?2, ?3, ?4, ?5)",
+            try Self.run(conn, "INSERT INTO keys (key_id, record, mac, owner_uid, gen, state) VALUES (?1, ?2, ?3, ?4, ?5, json_extract(CAST(?2 AS TEXT), '$.state'))",
                          [.text(id), .blob(key.record), .blob(key.mac), .int(Int64(owner)), Self.gen(key)], path: path)
             if let version {
                 try Self.run(conn, "INSERT INTO key_versions (key_id, version, record, mac, gen) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -132,7 +137,7 @@ public final class SQLiteKeyStorage: KeyStorage {
     /// Replaces a key's record and its due-work columns; inside a transaction.
     private func setKey(_ conn: Connection, id: String, key: StoredRow, due: KeyDue) throws {
         func value(_ v: Int64?) -> Value { v.map { .int($0) } ?? .null }
-        try Self.run(conn, "UPDATE keys SET record = ?2, mac = ?3, deletion_due = ?4, rotation_due = ?5, expiry_due = ?6, gen = ?7 WHERE key_id = ?1",
+        try Self.run(conn, "UPDATE keys SET record = ?2, mac = ?3, deletion_due = ?4, rotation_due = ?5, expiry_due = ?6, gen = ?7, state = json_extract(CAST(?2 AS TEXT), '$.state') WHERE key_id = ?1",
                      [.text(id), .blob(key.record), .blob(key.mac), value(due.deletion), value(due.rotation), value(due.expiry), Self.gen(key)], path: path)
         guard sqlite3_changes(conn.handle) == 1 else { throw StorageError("keystore \(path): key \(id) is not there to update") }
     }
@@ -301,6 +306,15 @@ public final class SQLiteKeyStorage: KeyStorage {
             try Self.run(conn, "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                          [.text(name), .blob(value)], path: path)
         }
+    }
+
+    public func keyCountsByState() throws -> [String: Int] {
+        let rows = try readers.with { conn in
+            try Self.query(conn, "SELECT coalesce(state, ''), count(*) FROM keys GROUP BY state", [], path: path) {
+                (String(cString: sqlite3_column_text($0, 0)), Int(sqlite3_column_int64($0, 1)))
+            }
+        }
+        return Dictionary(rows, uniquingKeysWith: +)
     }
 
     // MARK: - Grants

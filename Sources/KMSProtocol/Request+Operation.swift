@@ -50,6 +50,7 @@ extension Kmsd_V1_Request.OneOf_Operation {
         case .revokeGrant: "RevokeGrant"
         case .reviewAccess: "ReviewAccess"
         case .verifyAuditRecords: "VerifyAuditRecords"
+        case .status: "Status"
         }
     }
 }

@@ -153,11 +153,11 @@ struct Authorizer {
             r.grantToken = ""
             op = .retireGrant(r)
         case .revokeGrant(var r): r.keyID = try a.key(r.keyID, "RevokeGrant", &d); op = .revokeGrant(r)
-        case .verifyAuditRecords:
+        case .verifyAuditRecords, .status:
             let decision = a.service.mayCreateKeys(ctx.principal)
             d.decidedBy = decision.decidedBy
             guard decision.allowed else {
-                throw KMSError(.accessDenied, "uid \(ctx.principal.uid) (\(ctx.principal.userName)) may not verify the audit trail: only administrators may")
+                throw KMSError(.accessDenied, "uid \(ctx.principal.uid) (\(ctx.principal.userName)) may not \(op.name == "Status" ? "see kmsd's status" : "verify the audit trail"): only administrators may")
             }
         case .reviewAccess(var r):
             if r.keyID.isEmpty {

@@ -59,8 +59,9 @@ struct HandlerContext: Sendable {
     let service: KeyService
     let settings: ServerSettings
     var contexts: WireContexts? = nil
-    /// The audit log (VerifyAuditRecords checks its chain).
+    /// The audit log (VerifyAuditRecords checks its chain) and the request metrics (Status).
     var audit: AuditLog? = nil
+    var metrics: Metrics? = nil
 
     /// The pairs of one context field as sent (duplicates and byte-distinct spellings kept);
     /// from the decoded map when the request did not come off the wire.
@@ -119,6 +120,7 @@ final class Dispatcher: Sendable {
     let settings: ServerSettings
     let rateLimiter: RequestRateLimiter
     let throttleLog = ThrottleLog()
+    let metrics = Metrics()
 
     init(service: KeyService, audit: AuditLog, settings: ServerSettings,
          rateLimiter: RequestRateLimiter = RequestRateLimiter(rate: 0, burst: 0)) {
@@ -137,7 +139,7 @@ final class Dispatcher: Sendable {
                              "ListKeyRotations", "SetMinimumDecryptionVersion",
                              "GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial",
                              "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy",
-                             "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant", "ReviewAccess", "VerifyAuditRecords",
+                             "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant", "ReviewAccess", "VerifyAuditRecords", "Status",
                              "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
@@ -190,6 +192,7 @@ final class Dispatcher: Sendable {
         case .revokeGrant(let r): .revokeGrant(try GrantHandlers.revokeGrant(r, ctx, &details))
         case .reviewAccess(let r): .reviewAccess(try ReviewHandlers.reviewAccess(r, ctx, &details))
         case .verifyAuditRecords(let r): .verifyAuditRecords(try AuditHandlers.verifyAuditRecords(r, ctx))
+        case .status: .status(try AuditHandlers.status(ctx))
         }
     }
 
@@ -219,7 +222,7 @@ final class Dispatcher: Sendable {
              .listResourceTags, .enableKeyRotation, .disableKeyRotation, .getKeyRotationStatus, .rotateKeyOnDemand,
              .listKeyRotations, .setMinimumDecryptionVersion, .getParametersForImport, .importKeyMaterial,
              .deleteImportedKeyMaterial, .getKeyPolicy, .putKeyPolicy, .listKeyPolicies, .simulatePolicy, .createGrant, .listGrants,
-             .listRetirableGrants, .retireGrant, .revokeGrant, .reviewAccess, .verifyAuditRecords: return false
+             .listRetirableGrants, .retireGrant, .revokeGrant, .reviewAccess, .verifyAuditRecords, .status: return false
         }
     }
 
@@ -315,7 +318,7 @@ final class Dispatcher: Sendable {
         }
         if var op = request.operation {
             do {
-                let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit)
+                let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit, metrics: metrics)
                 // One access decision, then the handler, which checks no access itself.
                 do throws(KMSError) {
                     try Authorizer.authorize(&op, ctx, &details)
@@ -333,6 +336,7 @@ final class Dispatcher: Sendable {
             record.error = e.code
         }
         record.durationMicros = (DispatchTime.now().uptimeNanoseconds - start) / 1000
+        metrics.record(action: action, result: record.result.rawValue, micros: record.durationMicros)
         let audited = audit.write(record)
         var response = KMSResponse()
         response.id = request.id

@@ -27,3 +27,40 @@ enum AuditHandlers {
         }
     }
 }
+
+extension AuditHandlers {
+    /// Status (beyond AWS): health and use since kmsd started.
+    static func status(_ ctx: HandlerContext) throws(KMSError) -> Kmsd_V1_StatusResponse {
+        guard let metrics = ctx.metrics else { throw KMSError(.unsupportedOperation, "this server keeps no metrics") }
+        let snapshot = metrics.snapshot
+        let repository = ctx.service.repository
+        return .with { s in
+            s.serverVersion = DaemonHandlers.serverVersion
+            s.startedAt = Int64(metrics.started.timeIntervalSince1970)
+            s.uptimeSeconds = UInt64(max(0, Date().timeIntervalSince(metrics.started)))
+            s.keysByState = repository.keyCountsByState().mapValues { UInt64($0) }
+            for (action, stats) in snapshot.sorted(by: { $0.key < $1.key }) {
+                for (result, count) in stats.results.sorted(by: { $0.key < $1.key }) {
+                    s.requests.append(.with { $0.action = action; $0.result = result; $0.count = count })
+                }
+                s.latencies.append(.with {
+                    $0.action = action
+                    $0.bucketUpperMicros = Metrics.bucketsMicros
+                    $0.bucketCounts = stats.buckets
+                    $0.sumMicros = stats.sumMicros
+                    $0.count = stats.count
+                })
+            }
+            s.latencyP50Micros = Metrics.percentile(0.5, of: snapshot) ?? 0
+            s.latencyP99Micros = Metrics.percentile(0.99, of: snapshot) ?? 0
+            s.keyCacheEntries = UInt64(repository.cachedKeys)
+            s.keyCacheCapacity = UInt64(repository.cacheCapacity)
+            s.connections = UInt64(max(0, metrics.connections.load(ordering: .relaxed)))
+            if let audit = ctx.audit {
+                s.auditRunID = audit.runID
+                s.auditSequence = audit.lastSequence
+            }
+            s.identityPolicies = UInt64(ctx.service.identityPolicies.policies.count)
+        }
+    }
+}

@@ -186,7 +186,11 @@ public final class Server: @unchecked Sendable {
                     try channel.pipeline.syncOperations.addHandler(RefusingHandler(response: response))
                 }
             }
-            let release: @Sendable () -> Void = { self.limits.release(uid: principal.uid) }
+            self.dispatcher.metrics.connections.add(1, ordering: .relaxed)
+            let release: @Sendable () -> Void = {
+                self.limits.release(uid: principal.uid)
+                self.dispatcher.metrics.connections.subtract(1, ordering: .relaxed)
+            }
             do {
                 let dispatcher = self.dispatcher
                 try channel.pipeline.syncOperations.addHandlers([

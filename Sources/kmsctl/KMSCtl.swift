@@ -59,6 +59,8 @@ struct KMSCtl: AsyncParsableCommand {
             RevokeGrant.self,
             ReviewAccess.self,
             Audit.self,
+            Status.self,
+            Metrics.self,
             Encrypt.self,
             Decrypt.self,
             ReEncrypt.self,

@@ -387,6 +387,14 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     set {operation = .verifyAuditRecords(newValue)}
   }
 
+  public var status: Kmsd_V1_StatusRequest {
+    get {
+      if case .status(let v)? = operation {return v}
+      return Kmsd_V1_StatusRequest()
+    }
+    set {operation = .status(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Operation: Equatable, Sendable {
@@ -433,6 +441,7 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     case revokeGrant(Kmsd_V1_RevokeGrantRequest)
     case reviewAccess(Kmsd_V1_ReviewAccessRequest)
     case verifyAuditRecords(Kmsd_V1_VerifyAuditRecordsRequest)
+    case status(Kmsd_V1_StatusRequest)
 
   }
 
@@ -801,6 +810,14 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     set {result = .verifyAuditRecords(newValue)}
   }
 
+  public var status: Kmsd_V1_StatusResponse {
+    get {
+      if case .status(let v)? = result {return v}
+      return Kmsd_V1_StatusResponse()
+    }
+    set {result = .status(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Result: Equatable, Sendable {
@@ -848,6 +865,7 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     case revokeGrant(Kmsd_V1_RevokeGrantResponse)
     case reviewAccess(Kmsd_V1_ReviewAccessResponse)
     case verifyAuditRecords(Kmsd_V1_VerifyAuditRecordsResponse)
+    case status(Kmsd_V1_StatusResponse)
 
   }
 
@@ -2315,7 +2333,7 @@ public nonisolated struct Kmsd_V1_ListGrantsRequest: Sendable {
 
   public var keyID: String = String()
 
-  /// 0 = 50; 1..100
+  /// 0 = 100; 1..1000
   public var limit: UInt32 = 0
 
   public var marker: String = String()
@@ -2577,13 +2595,106 @@ public nonisolated struct Kmsd_V1_VerifyAuditRecordsResponse: Sendable {
   public init() {}
 }
 
+/// The daemon's health and use since it started (administrators). kmsctl metrics prints the
+/// same as Prometheus text.
+public nonisolated struct Kmsd_V1_StatusRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ActionCount: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// an operation name, or Unknown / Connect / ThrottledRequests
+  public var action: String = String()
+
+  /// Allowed | Denied | Failed
+  public var result: String = String()
+
+  public var count: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_LatencyHistogram: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var action: String = String()
+
+  /// upper bounds; the last bucket (not listed) is +Inf
+  public var bucketUpperMicros: [UInt64] = []
+
+  /// per bucket, not cumulative; one more than bounds
+  public var bucketCounts: [UInt64] = []
+
+  public var sumMicros: UInt64 = 0
+
+  public var count: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_StatusResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var serverVersion: String = String()
+
+  /// Unix time, seconds
+  public var startedAt: Int64 = 0
+
+  public var uptimeSeconds: UInt64 = 0
+
+  /// Enabled, Disabled, PendingDeletion, PendingImport
+  public var keysByState: Dictionary<String,UInt64> = [:]
+
+  public var requests: [Kmsd_V1_ActionCount] = []
+
+  public var latencies: [Kmsd_V1_LatencyHistogram] = []
+
+  /// over all requests (bucket upper bounds)
+  public var latencyP50Micros: UInt64 = 0
+
+  public var latencyP99Micros: UInt64 = 0
+
+  public var keyCacheEntries: UInt64 = 0
+
+  public var keyCacheCapacity: UInt64 = 0
+
+  public var connections: UInt64 = 0
+
+  public var auditRunID: String = String()
+
+  public var auditSequence: UInt64 = 0
+
+  public var identityPolicies: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "kmsd.v1"
 
 nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Request"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0\u{1}status\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3151,6 +3262,19 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
           self.operation = .verifyAuditRecords(v)
         }
       }()
+      case 81: try {
+        var v: Kmsd_V1_StatusRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .status(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .status(v)
+        }
+      }()
       default: break
       }
     }
@@ -3337,6 +3461,10 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
       guard case .verifyAuditRecords(let v)? = self.operation else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 80)
     }()
+    case .status?: try {
+      guard case .status(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 81)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -3352,7 +3480,7 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
 
 nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Response"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0\u{1}status\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3933,6 +4061,19 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
           self.result = .verifyAuditRecords(v)
         }
       }()
+      case 81: try {
+        var v: Kmsd_V1_StatusResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .status(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .status(v)
+        }
+      }()
       default: break
       }
     }
@@ -4122,6 +4263,10 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
     case .verifyAuditRecords?: try {
       guard case .verifyAuditRecords(let v)? = self.result else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 80)
+    }()
+    case .status?: try {
+      guard case .status(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 81)
     }()
     case nil: break
     }
@@ -7894,6 +8039,210 @@ nonisolated extension Kmsd_V1_VerifyAuditRecordsResponse: SwiftProtobuf.Message,
     if lhs.valid != rhs.valid {return false}
     if lhs.currentRunID != rhs.currentRunID {return false}
     if lhs.currentSequence != rhs.currentSequence {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_StatusRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".StatusRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_StatusRequest, rhs: Kmsd_V1_StatusRequest) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ActionCount: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ActionCount"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}action\0\u{1}result\0\u{1}count\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.action) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.result) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.count) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.action.isEmpty {
+      try visitor.visitSingularStringField(value: self.action, fieldNumber: 1)
+    }
+    if !self.result.isEmpty {
+      try visitor.visitSingularStringField(value: self.result, fieldNumber: 2)
+    }
+    if self.count != 0 {
+      try visitor.visitSingularUInt64Field(value: self.count, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ActionCount, rhs: Kmsd_V1_ActionCount) -> Bool {
+    if lhs.action != rhs.action {return false}
+    if lhs.result != rhs.result {return false}
+    if lhs.count != rhs.count {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_LatencyHistogram: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".LatencyHistogram"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}action\0\u{3}bucket_upper_micros\0\u{3}bucket_counts\0\u{3}sum_micros\0\u{1}count\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.action) }()
+      case 2: try { try decoder.decodeRepeatedUInt64Field(value: &self.bucketUpperMicros) }()
+      case 3: try { try decoder.decodeRepeatedUInt64Field(value: &self.bucketCounts) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.sumMicros) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.count) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.action.isEmpty {
+      try visitor.visitSingularStringField(value: self.action, fieldNumber: 1)
+    }
+    if !self.bucketUpperMicros.isEmpty {
+      try visitor.visitPackedUInt64Field(value: self.bucketUpperMicros, fieldNumber: 2)
+    }
+    if !self.bucketCounts.isEmpty {
+      try visitor.visitPackedUInt64Field(value: self.bucketCounts, fieldNumber: 3)
+    }
+    if self.sumMicros != 0 {
+      try visitor.visitSingularUInt64Field(value: self.sumMicros, fieldNumber: 4)
+    }
+    if self.count != 0 {
+      try visitor.visitSingularUInt64Field(value: self.count, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_LatencyHistogram, rhs: Kmsd_V1_LatencyHistogram) -> Bool {
+    if lhs.action != rhs.action {return false}
+    if lhs.bucketUpperMicros != rhs.bucketUpperMicros {return false}
+    if lhs.bucketCounts != rhs.bucketCounts {return false}
+    if lhs.sumMicros != rhs.sumMicros {return false}
+    if lhs.count != rhs.count {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_StatusResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".StatusResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}server_version\0\u{3}started_at\0\u{3}uptime_seconds\0\u{3}keys_by_state\0\u{1}requests\0\u{1}latencies\0\u{3}latency_p50_micros\0\u{3}latency_p99_micros\0\u{3}key_cache_entries\0\u{3}key_cache_capacity\0\u{1}connections\0\u{3}audit_run_id\0\u{3}audit_sequence\0\u{3}identity_policies\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.serverVersion) }()
+      case 2: try { try decoder.decodeSingularInt64Field(value: &self.startedAt) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.uptimeSeconds) }()
+      case 4: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufUInt64>.self, value: &self.keysByState) }()
+      case 5: try { try decoder.decodeRepeatedMessageField(value: &self.requests) }()
+      case 6: try { try decoder.decodeRepeatedMessageField(value: &self.latencies) }()
+      case 7: try { try decoder.decodeSingularUInt64Field(value: &self.latencyP50Micros) }()
+      case 8: try { try decoder.decodeSingularUInt64Field(value: &self.latencyP99Micros) }()
+      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.keyCacheEntries) }()
+      case 10: try { try decoder.decodeSingularUInt64Field(value: &self.keyCacheCapacity) }()
+      case 11: try { try decoder.decodeSingularUInt64Field(value: &self.connections) }()
+      case 12: try { try decoder.decodeSingularStringField(value: &self.auditRunID) }()
+      case 13: try { try decoder.decodeSingularUInt64Field(value: &self.auditSequence) }()
+      case 14: try { try decoder.decodeSingularUInt64Field(value: &self.identityPolicies) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.serverVersion.isEmpty {
+      try visitor.visitSingularStringField(value: self.serverVersion, fieldNumber: 1)
+    }
+    if self.startedAt != 0 {
+      try visitor.visitSingularInt64Field(value: self.startedAt, fieldNumber: 2)
+    }
+    if self.uptimeSeconds != 0 {
+      try visitor.visitSingularUInt64Field(value: self.uptimeSeconds, fieldNumber: 3)
+    }
+    if !self.keysByState.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufUInt64>.self, value: self.keysByState, fieldNumber: 4)
+    }
+    if !self.requests.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.requests, fieldNumber: 5)
+    }
+    if !self.latencies.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.latencies, fieldNumber: 6)
+    }
+    if self.latencyP50Micros != 0 {
+      try visitor.visitSingularUInt64Field(value: self.latencyP50Micros, fieldNumber: 7)
+    }
+    if self.latencyP99Micros != 0 {
+      try visitor.visitSingularUInt64Field(value: self.latencyP99Micros, fieldNumber: 8)
+    }
+    if self.keyCacheEntries != 0 {
+      try visitor.visitSingularUInt64Field(value: self.keyCacheEntries, fieldNumber: 9)
+    }
+    if self.keyCacheCapacity != 0 {
+      try visitor.visitSingularUInt64Field(value: self.keyCacheCapacity, fieldNumber: 10)
+    }
+    if self.connections != 0 {
+      try visitor.visitSingularUInt64Field(value: self.connections, fieldNumber: 11)
+    }
+    if !self.auditRunID.isEmpty {
+      try visitor.visitSingularStringField(value: self.auditRunID, fieldNumber: 12)
+    }
+    if self.auditSequence != 0 {
+      try visitor.visitSingularUInt64Field(value: self.auditSequence, fieldNumber: 13)
+    }
+    if self.identityPolicies != 0 {
+      try visitor.visitSingularUInt64Field(value: self.identityPolicies, fieldNumber: 14)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_StatusResponse, rhs: Kmsd_V1_StatusResponse) -> Bool {
+    if lhs.serverVersion != rhs.serverVersion {return false}
+    if lhs.startedAt != rhs.startedAt {return false}
+    if lhs.uptimeSeconds != rhs.uptimeSeconds {return false}
+    if lhs.keysByState != rhs.keysByState {return false}
+    if lhs.requests != rhs.requests {return false}
+    if lhs.latencies != rhs.latencies {return false}
+    if lhs.latencyP50Micros != rhs.latencyP50Micros {return false}
+    if lhs.latencyP99Micros != rhs.latencyP99Micros {return false}
+    if lhs.keyCacheEntries != rhs.keyCacheEntries {return false}
+    if lhs.keyCacheCapacity != rhs.keyCacheCapacity {return false}
+    if lhs.connections != rhs.connections {return false}
+    if lhs.auditRunID != rhs.auditRunID {return false}
+    if lhs.auditSequence != rhs.auditSequence {return false}
+    if lhs.identityPolicies != rhs.identityPolicies {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
