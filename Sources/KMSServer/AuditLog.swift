@@ -19,12 +19,15 @@ struct AuditRecord: Sendable {
     var throttledCount: Int? = nil
     /// Set for events kmsd caused itself: their MESSAGE (and MESSAGE_ID is the event one).
     var eventMessage: String? = nil
+    /// Set for alarms: the rule (KMS_ALARM); MESSAGE_ID is the alarm one and PRIORITY alert.
+    var alarm: String? = nil
     /// More fields (NAME=value), for events that carry their own.
     var extraFields: [String] = []
 
     /// syslog priority: requests info (6) allowed, warning (4) denied, err (3) failed; kmsd's
     /// own events and changes to keys notice (5), err (3) when they failed.
     var priority: Int {
+        if alarm != nil { return 1 }
         if eventMessage != nil { return result == .allowed ? 5 : 3 }
         switch result {
         case .allowed: return 6
@@ -63,8 +66,9 @@ struct AuditRecord: Sendable {
         ]
         if let eventMessage {
             fields[0] = "MESSAGE=\(eventMessage)"
-            fields[1] = "MESSAGE_ID=\(AuditLog.eventMessageID)"
+            fields[1] = "MESSAGE_ID=\(alarm == nil ? AuditLog.eventMessageID : Alarms.messageID)"
         }
+        if let alarm { fields.append("KMS_ALARM=\(alarm)") }
         if let throttledCount {
             fields[0] = "MESSAGE=\(throttledCount) further requests by uid \(principal.uid) (\(principal.userName)) were throttled within one second (counted here, not recorded one by one)"
             fields.append("KMS_THROTTLED_COUNT=\(throttledCount)")

@@ -253,6 +253,7 @@ struct Authorizer {
     func decide(_ action: String, _ record: KeyRecord, _ d: inout AuditDetails, context: [String: String]?, alias: String?,
                 _ adjust: (inout RequestFacts) -> Void = { _ in }) throws(KMSError) {
         let p = ctx.principal
+        d.keyState = record.state.rawValue
         var facts = RequestFacts(action: action, caller: p, isAdministrator: service.isAdministrator(p), key: record)!
         facts.encryptionContext = (context?.isEmpty ?? true) ? nil : context  // none given: absent, as in AWS
         facts.requestAlias = alias

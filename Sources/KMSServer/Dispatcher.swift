@@ -20,6 +20,8 @@ struct AuditDetails {
     var decidedBy = ""
     /// The grant a grant operation created, retired or revoked.
     var grantID = ""
+    /// The state of the key the request acted on, when access was decided (for alarms).
+    var keyState = ""
     /// UpdateAlias, DeleteAlias: the key the alias named when access was decided; the change
     /// happens only if it still names that key.
     var decidedAliasTarget: KeyID? = nil
@@ -62,6 +64,7 @@ struct HandlerContext: Sendable {
     /// The audit log (VerifyAuditRecords checks its chain) and the request metrics (Status).
     var audit: AuditLog? = nil
     var metrics: Metrics? = nil
+    var alarms: Alarms? = nil
 
     /// The pairs of one context field as sent (duplicates and byte-distinct spellings kept);
     /// from the decoded map when the request did not come off the wire.
@@ -121,9 +124,11 @@ final class Dispatcher: Sendable {
     let rateLimiter: RequestRateLimiter
     let throttleLog = ThrottleLog()
     let metrics = Metrics()
+    let alarms: Alarms
 
     init(service: KeyService, audit: AuditLog, settings: ServerSettings,
-         rateLimiter: RequestRateLimiter = RequestRateLimiter(rate: 0, burst: 0)) {
+         rateLimiter: RequestRateLimiter = RequestRateLimiter(rate: 0, burst: 0), alarms: AlarmRules = AlarmRules()) {
+        self.alarms = Alarms(rules: alarms)
         self.service = service
         self.audit = audit
         self.settings = settings
@@ -318,7 +323,7 @@ final class Dispatcher: Sendable {
         }
         if var op = request.operation {
             do {
-                let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit, metrics: metrics)
+                let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit, metrics: metrics, alarms: alarms)
                 // One access decision, then the handler, which checks no access itself.
                 do throws(KMSError) {
                     try Authorizer.authorize(&op, ctx, &details)
@@ -338,6 +343,14 @@ final class Dispatcher: Sendable {
         record.durationMicros = (DispatchTime.now().uptimeNanoseconds - start) / 1000
         metrics.record(action: action, result: record.result.rawValue, micros: record.durationMicros)
         let audited = audit.write(record)
+        for alarm in alarms.check(record, keyState: details.keyState) {
+            var a = AuditRecord(action: "Alarm", requestID: request.id, principal: principal, result: .failed, details: details)
+            a.error = record.error
+            a.alarm = alarm.rule
+            a.eventMessage = "ALARM \(alarm.rule): \(alarm.message)"
+            _ = audit.write(a)
+            StandardError.write("kmsd: ALARM \(alarm.rule): \(alarm.message)\n")
+        }
         var response = KMSResponse()
         response.id = request.id
         switch outcome {

@@ -90,7 +90,8 @@ public final class Server: @unchecked Sendable {
         Self.housekeeping(service, audit)
         dispatcher = Dispatcher(service: service, audit: audit,
                                 settings: ServerSettings(maxFrameBytes: c.maxFrameBytes, maxInFlight: c.maxInFlightPerConnection),
-                                rateLimiter: RequestRateLimiter(rate: c.maxRequestsPerSecondPerUID, burst: c.requestBurstPerUID))
+                                rateLimiter: RequestRateLimiter(rate: c.maxRequestsPerSecondPerUID, burst: c.requestBurstPerUID),
+                                alarms: c.alarms)
         limits = ConnectionLimits(maxTotal: c.maxConnections, maxPerUID: c.maxConnectionsPerUID,
                                   reservedForAdministrators: c.effectiveAdminReservedConnections)
         group = MultiThreadedEventLoopGroup(numberOfThreads: c.eventLoops > 0 ? c.eventLoops : System.coreCount)

@@ -45,6 +45,12 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var auditTimeoutMilliseconds = 250
     /// A directory of identity policies (`*.json`), reloaded on SIGHUP; nil: none.
     public var identityPolicyDirectory: String? = nil
+    /// Alarm rules (on by default: AccessDenied rate, use of keys pending deletion, integrity failures).
+    var alarms = AlarmRules()
+    public var alarmAccessDeniedPerMinute: Int {
+        get { alarms.accessDeniedPerMinute }
+        set { alarms.accessDeniedPerMinute = newValue }
+    }
 
     public init() {}
 
@@ -146,6 +152,20 @@ public struct ServerConfiguration: Sendable, Equatable {
             case "frameTimeoutSeconds": c.frameTimeoutSeconds = try int()
             case "auditTimeoutMilliseconds": c.auditTimeoutMilliseconds = try int()
             case "identityPolicyDirectory": c.identityPolicyDirectory = try str()
+            case "alarms":
+                guard let a = value as? [String: Any] else { throw ConfigurationError("\(file): alarms must be an object") }
+                for (k, v) in a {
+                    let isBool = (v as? NSNumber).map { String(cString: $0.objCType) == "c" } ?? false
+                    switch k {
+                    case "accessDeniedPerMinute":
+                        guard !isBool, let n = v as? Int, n >= 0 else { throw ConfigurationError("\(file): alarms.accessDeniedPerMinute must be a whole number (0: off)") }
+                        c.alarms.accessDeniedPerMinute = n
+                    case "pendingDeletionUse", "disabledKeyUse", "integrityFailure":
+                        guard isBool, let b = v as? Bool else { throw ConfigurationError("\(file): alarms.\(k) must be true or false") }
+                        if k == "pendingDeletionUse" { c.alarms.pendingDeletionUse = b } else if k == "disabledKeyUse" { c.alarms.disabledKeyUse = b } else { c.alarms.integrityFailure = b }
+                    default: throw ConfigurationError("\(file): unknown setting alarms.\(k)")
+                    }
+                }
             default: throw ConfigurationError("\(file): unknown setting '\(key)'")
             }
         }

@@ -19,7 +19,7 @@ struct Status: AsyncParsableCommand {
                 "LatencyP50Micros": Int(s.latencyP50Micros), "LatencyP99Micros": Int(s.latencyP99Micros),
                 "KeyCacheEntries": Int(s.keyCacheEntries), "KeyCacheCapacity": Int(s.keyCacheCapacity),
                 "Connections": Int(s.connections), "AuditRunId": s.auditRunID, "AuditSequence": Int(s.auditSequence),
-                "IdentityPolicies": Int(s.identityPolicies),
+                "IdentityPolicies": Int(s.identityPolicies), "Alarms": s.alarms.mapValues { Int($0) },
             ])
             return
         }
@@ -89,6 +89,10 @@ struct Metrics: AsyncParsableCommand {
         out += "kmsd_connections \(s.connections)\n"
         family("kmsd_audit_records_total", "counter", "Audit records journald took in this run.")
         out += "kmsd_audit_records_total \(s.auditSequence)\n"
+        family("kmsd_alarms_total", "counter", "Alarms fired since kmsd started, by rule.")
+        for rule in ["AccessDeniedRate", "PendingDeletionKeyUse", "DisabledKeyUse", "IntegrityFailure"] {
+            out += "kmsd_alarms_total{rule=\"\(rule)\"} \(s.alarms[rule] ?? 0)\n"
+        }
         family("kmsd_identity_policies", "gauge", "Identity policies in force.")
         out += "kmsd_identity_policies \(s.identityPolicies)\n"
         return out

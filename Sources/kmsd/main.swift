@@ -87,6 +87,9 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("event-loops"), help: ArgumentHelp("Event-loop threads serving connections. Default: one per core.", valueName: "n"))
     var eventLoops: Int?
 
+    @Option(name: .customLong("alarm-access-denied-per-minute"), help: ArgumentHelp("Alarm when one uid is denied more than this many times in a minute (0: off). Default 20.", valueName: "n"))
+    var alarmAccessDeniedPerMinute: Int?
+
     @Option(name: .customLong("identity-policy-dir"), help: ArgumentHelp("A directory of identity policies (*.json), reloaded on SIGHUP.", valueName: "dir"))
     var identityPolicyDir: String?
 
@@ -126,6 +129,7 @@ struct KMSD: ParsableCommand {
         if let auditTimeoutMilliseconds { c.auditTimeoutMilliseconds = auditTimeoutMilliseconds }
         if allowUnlockedMemory { c.allowUnlockedMemory = true }
         if let identityPolicyDir { c.identityPolicyDirectory = identityPolicyDir }
+        if let alarmAccessDeniedPerMinute { c.alarmAccessDeniedPerMinute = alarmAccessDeniedPerMinute }
         if let auditFailClosed { c.auditFailClosed = auditFailClosed }
         do {
             let server = try Server(configuration: c)

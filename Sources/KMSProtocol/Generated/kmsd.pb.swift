@@ -2683,6 +2683,9 @@ public nonisolated struct Kmsd_V1_StatusResponse: Sendable {
 
   public var identityPolicies: UInt64 = 0
 
+  /// alarms fired since start, by rule
+  public var alarms: Dictionary<String,UInt64> = [:]
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -8155,7 +8158,7 @@ nonisolated extension Kmsd_V1_LatencyHistogram: SwiftProtobuf.Message, SwiftProt
 
 nonisolated extension Kmsd_V1_StatusResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".StatusResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}server_version\0\u{3}started_at\0\u{3}uptime_seconds\0\u{3}keys_by_state\0\u{1}requests\0\u{1}latencies\0\u{3}latency_p50_micros\0\u{3}latency_p99_micros\0\u{3}key_cache_entries\0\u{3}key_cache_capacity\0\u{1}connections\0\u{3}audit_run_id\0\u{3}audit_sequence\0\u{3}identity_policies\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}server_version\0\u{3}started_at\0\u{3}uptime_seconds\0\u{3}keys_by_state\0\u{1}requests\0\u{1}latencies\0\u{3}latency_p50_micros\0\u{3}latency_p99_micros\0\u{3}key_cache_entries\0\u{3}key_cache_capacity\0\u{1}connections\0\u{3}audit_run_id\0\u{3}audit_sequence\0\u{3}identity_policies\0\u{1}alarms\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -8177,6 +8180,7 @@ nonisolated extension Kmsd_V1_StatusResponse: SwiftProtobuf.Message, SwiftProtob
       case 12: try { try decoder.decodeSingularStringField(value: &self.auditRunID) }()
       case 13: try { try decoder.decodeSingularUInt64Field(value: &self.auditSequence) }()
       case 14: try { try decoder.decodeSingularUInt64Field(value: &self.identityPolicies) }()
+      case 15: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufUInt64>.self, value: &self.alarms) }()
       default: break
       }
     }
@@ -8225,6 +8229,9 @@ nonisolated extension Kmsd_V1_StatusResponse: SwiftProtobuf.Message, SwiftProtob
     if self.identityPolicies != 0 {
       try visitor.visitSingularUInt64Field(value: self.identityPolicies, fieldNumber: 14)
     }
+    if !self.alarms.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufUInt64>.self, value: self.alarms, fieldNumber: 15)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -8243,6 +8250,7 @@ nonisolated extension Kmsd_V1_StatusResponse: SwiftProtobuf.Message, SwiftProtob
     if lhs.auditRunID != rhs.auditRunID {return false}
     if lhs.auditSequence != rhs.auditSequence {return false}
     if lhs.identityPolicies != rhs.identityPolicies {return false}
+    if lhs.alarms != rhs.alarms {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,71 @@
+import Foundation
+import Glibc
+import KMSClient
+import KMSProtocol
+import Testing
+
+/// Alarms: each default rule fires once (PRIORITY alert, the alarm MESSAGE_ID, KMS_ALARM),
+/// is rate-limited, and is counted in the metrics.
+@Suite(.serialized, .enabled(if: isRoot, "needs root for another uid and the journal"))
+final class AlarmTests {
+    let daemon: Daemon
+    static let alarmID = "9d4e7a1c3b2f48e6a5c0d9b8e7f6a1b2"
+
+    init() throws {
+        try Journal.ensureRunning()
+        daemon = try Daemon(arguments: ["--alarm-access-denied-per-minute", "3"])
+    }
+
+    deinit { daemon.stop() }
+
+    func alarms(_ rule: String, atLeast: Int = 1, timeout: TimeInterval = 5) throws -> [[String: Any]] {
+        try Journal.query(["_PID=\(daemon.pid)", "MESSAGE_ID=\(Self.alarmID)", "KMS_ALARM=\(rule)"], since: daemon.startedAt,
+                          atLeast: atLeast, timeout: timeout)
+    }
+
+    @Test func aDeniedFloodRaisesOneAlarm() async throws {
+        let c = daemon.client()
+        let key = try await c.createKey().keyID
+        await c.close()
+        for _ in 0..<8 {
+            let r = try runAs(uid: 64201, [Paths.kmsctl, "encrypt", "--key-id", key], stdin: Data("x".utf8), env: ["KMSD_SOCKET": daemon.socket])
+            #expect(r.stderr.contains("AccessDeniedException"))
+        }
+        usleep(500_000)  // let journald take every record before counting
+        let fired = try alarms("AccessDeniedRate")
+        #expect(fired.count == 1, "rate-limited to one per minute per uid, got \(fired.count)")
+        #expect(fired.first?["PRIORITY"] as? String == "1" && fired.first?["KMS_PEER_UID"] as? String == "64201")
+        #expect((fired.first?["MESSAGE"] as? String)?.hasPrefix("ALARM AccessDeniedRate") == true)
+        // What journalctl -p alert shows, and the metric.
+        let alert = try run("/usr/bin/journalctl", ["-p", "alert", "-o", "json", "--no-pager", "_PID=\(daemon.pid)"])
+        #expect(alert.text.contains("AccessDeniedRate"))
+        let metrics = try run(Paths.kmsctl, ["metrics"], env: ["KMSD_SOCKET": daemon.socket])
+        #expect(metrics.text.contains("kmsd_alarms_total{rule=\"AccessDeniedRate\"} 1"), "\(metrics.text)")
+    }
+
+    @Test func usingAKeyPendingDeletionRaisesAnAlarm() async throws {
+        let c = daemon.client()
+        let key = try await c.createKey().keyID
+        _ = try await c.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 30)
+        for _ in 0..<3 { await expectKMSError(.invalidState) { try await c.encrypt(keyID: key, plaintext: [1]) } }
+        await c.close()
+        usleep(500_000)
+        let fired = try alarms("PendingDeletionKeyUse")
+        #expect(fired.count == 1 && fired.first?["KMS_KEY_ID"] as? String == key, "\(fired.count)")
+    }
+
+    @Test func anIntegrityFailureRaisesAnAlarm() async throws {
+        var c = daemon.client()
+        let key = try await c.createKey().keyID
+        await c.close()
+        daemon.stop()
+        let r = try run("/usr/bin/sqlite3", [daemon.stateDir + "/keystore.sqlite3", "UPDATE keys SET mac = zeroblob(32) WHERE key_id = '\(key)'"])
+        #expect(r.status == 0, "\(r.stderr)")
+        try daemon.restart()
+        c = daemon.client()
+        await expectKMSError(.keyUnavailable) { try await c.describeKey(keyID: key) }
+        await c.close()
+        let fired = try alarms("IntegrityFailure")
+        #expect(fired.first?["KMS_KEY_ID"] as? String == key && fired.first?["PRIORITY"] as? String == "1")
+    }
+}
