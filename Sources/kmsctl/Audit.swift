@@ -5,8 +5,156 @@ import KMSClient
 struct Audit: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "audit",
-        abstract: "kmsd's audit trail in journald.",
-        subcommands: [AuditVerify.self])
+        abstract: "kmsd's audit trail in journald: query it, report on it, verify it.",
+        subcommands: [AuditQuery.self, AuditReport.self, AuditVerify.self],
+        defaultSubcommand: AuditQuery.self)
+}
+
+/// Filters shared by `kmsctl audit` and `kmsctl audit report`, as journalctl matches (which
+/// use the journal's field indexes, so a large journal costs what the answer costs).
+struct AuditFilters: ParsableArguments {
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("Records of this key (key id, ARN or alias).", valueName: "id"))
+    var keyID: String?
+    @Option(name: .customLong("uid"), help: ArgumentHelp("Records of this caller uid.", valueName: "n"))
+    var uid: UInt32?
+    @Option(name: .customLong("user"), help: ArgumentHelp("Records of this caller user name.", valueName: "name"))
+    var user: String?
+    @Option(name: .customLong("unit"), help: ArgumentHelp("Records of callers in this systemd unit.", valueName: "unit"))
+    var unit: String?
+    @Option(name: .customLong("executable"), help: ArgumentHelp("Records of callers running this executable.", valueName: "path"))
+    var executable: String?
+    @Option(name: .customLong("action"), help: ArgumentHelp("Records of this operation or event (Encrypt, KeyCreated, Alarm, ...).", valueName: "name"))
+    var action: String?
+    @Option(name: .customLong("result"), help: ArgumentHelp("Allowed, Denied or Failed.", valueName: "result"))
+    var result: String?
+    @Option(name: .customLong("since"), help: ArgumentHelp("From this time (journalctl's --since syntax, e.g. \"-1h\" is not; use \"1 hour ago\", \"today\", \"@UNIX\").", valueName: "time"))
+    var since: String?
+    @Option(name: .customLong("until"), help: ArgumentHelp("Up to this time.", valueName: "time"))
+    var until: String?
+
+    func validate() throws {
+        if let result, !["Allowed", "Denied", "Failed"].contains(result) { throw ValidationError("--result takes Allowed, Denied or Failed") }
+    }
+
+    /// journalctl arguments; an alias is resolved to its key through kmsd when possible.
+    func journalctlArguments(socket: String) async -> [String] {
+        var args = ["SYSLOG_IDENTIFIER=kmsd"]
+        if let keyID {
+            if keyID.hasPrefix("alias/") || keyID.contains(":alias/") {
+                let client = KMSClient(socketPath: socket)
+                if let id = try? await client.describeKey(keyID: keyID).keyID { args.append("KMS_KEY_ID=\(id)") } else {
+                    args.append("KMS_ALIAS=\(keyID.hasPrefix("alias/") ? keyID : "alias/" + keyID.components(separatedBy: ":alias/").last!)")
+                }
+                await client.close()
+            } else {
+                args.append("KMS_KEY_ID=\(keyID.hasPrefix("kmsd:key/") ? String(keyID.dropFirst("kmsd:key/".count)) : keyID.lowercased())")
+            }
+        }
+        if let uid { args.append("KMS_PEER_UID=\(uid)") }
+        if let user { args.append("KMS_PEER_USER=\(user)") }
+        if let unit { args.append("KMS_PEER_UNIT=\(unit)") }
+        if let executable { args.append("KMS_PEER_EXE=\(executable)") }
+        if let action { args.append("KMS_ACTION=\(action)") }
+        if let result { args.append("KMS_RESULT=\(result)") }
+        if let since { args += ["--since", since] }
+        if let until { args += ["--until", until] }
+        return args
+    }
+}
+
+/// Runs journalctl -o json with `args`, handing each kmsd record to `body` as it comes.
+func readJournal(_ args: [String], follow: Bool = false, _ body: (JournalRecord) throws -> Void) throws {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/journalctl")
+    process.arguments = ["-o", "json", "--no-pager"] + (follow ? ["--follow", "--lines=0"] : []) + args
+    let out = Pipe(), err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    try process.run()
+    var pending = Data()
+    let handle = out.fileHandleForReading
+    while true {
+        let chunk = handle.availableData
+        if chunk.isEmpty { break }
+        pending += chunk
+        while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
+            let line = pending[pending.startIndex..<newline]
+            pending = Data(pending[pending.index(after: newline)...])
+            for r in JournalRecord.parse(Data(line), requireChain: false) { try body(r) }
+        }
+    }
+    let errors = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else {
+        throw ValidationError("journalctl failed (\(errors.trimmingCharacters(in: .whitespacesAndNewlines))); run as root or a member of systemd-journal")
+    }
+}
+
+struct AuditQuery: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "query",
+        abstract: "Show kmsd's audit records (the default: kmsctl audit --key-id K ...).",
+        discussion: "Reads the journal with journalctl (root or a member of systemd-journal). --json prints one object per line.")
+
+    @OptionGroup var global: GlobalOptions
+    @OptionGroup var filters: AuditFilters
+
+    @Flag(name: .customLong("follow"), help: "Keep printing new records as they come.")
+    var follow = false
+
+    func run() async throws {
+        let args = await filters.journalctlArguments(socket: global.socket)
+        if !global.json {
+            writeStdout("TIME                 ACTION                RESULT   ERROR                        KEY                                   CALLER           DECIDED BY\n")
+        }
+        try readJournal(args, follow: follow) { r in
+            if global.json {
+                let data = try JSONSerialization.data(withJSONObject: r.awsStyle, options: [.sortedKeys, .withoutEscapingSlashes])
+                writeStdout(data)
+                writeStdout("\n")
+            } else {
+                let f = r.fields
+                func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s + " " : s + String(repeating: " ", count: n - s.count) }
+                writeStdout(pad(r.timeText, 21) + pad(f["KMS_ACTION"] ?? "", 22) + pad(f["KMS_RESULT"] ?? "", 9) + pad(f["KMS_ERROR"] ?? "", 29)
+                            + pad(f["KMS_KEY_ID"] ?? "", 38) + pad("\(f["KMS_PEER_UID"] ?? "")(\(f["KMS_PEER_USER"] ?? ""))", 17)
+                            + (f["KMS_DECIDED_BY"] ?? "") + "\n")
+            }
+        }
+    }
+}
+
+struct AuditReport: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "report",
+        abstract: "Counts of requests per key and per caller, by action and result, for the regular review.")
+
+    @OptionGroup var global: GlobalOptions
+    @OptionGroup var filters: AuditFilters
+
+    func run() async throws {
+        let args = await filters.journalctlArguments(socket: global.socket) + ["MESSAGE_ID=\(JournalRecord.requestMessageID)"]
+        var byKey: [String: [String: Int]] = [:], byCaller: [String: [String: Int]] = [:]
+        var total = 0
+        try readJournal(args) { r in
+            let f = r.fields
+            let cell = "\(f["KMS_ACTION"] ?? "?")/\(f["KMS_RESULT"] ?? "?")"
+            if let key = f["KMS_KEY_ID"], !key.isEmpty, key != "invalid" { byKey[key, default: [:]][cell, default: 0] += 1 }
+            byCaller["uid:\(f["KMS_PEER_UID"] ?? "?") (\(f["KMS_PEER_USER"] ?? ""))", default: [:]][cell, default: 0] += 1
+            total += 1
+        }
+        if global.json {
+            try printJSON(["Requests": total, "ByKey": byKey, "ByCaller": byCaller])
+            return
+        }
+        writeStdout("\(total) requests\n\nBy key:\n")
+        printColumns(headers: ["KeyId", "Action/Result", "Count"], rows: byKey.sorted { $0.key < $1.key }.flatMap { k, cells in
+            cells.sorted { $0.key < $1.key }.map { [k, $0.key, String($0.value)] }
+        })
+        writeStdout("\nBy caller:\n")
+        printColumns(headers: ["Caller", "Action/Result", "Count"], rows: byCaller.sorted { $0.key < $1.key }.flatMap { c, cells in
+            cells.sorted { $0.key < $1.key }.map { [c, $0.key, String($0.value)] }
+        })
+    }
 }
 
 /// One audit record as read from `journalctl -o json`.
@@ -23,15 +171,47 @@ struct JournalRecord {
         fields.filter { !$0.key.hasPrefix("_") }.map { ($0.key, $0.value) }
     }
 
+    static let requestMessageID = "3f1c2a4e9b7d4c2e8a6f0d1b5e9c7a31"
+
+    var timeText: String {
+        let formatter = ISO8601DateFormatter()
+        return formatter.string(from: Date(timeIntervalSince1970: Double(time) / 1_000_000))
+    }
+
+    /// The record with AWS-style field names (for --json).
+    var awsStyle: [String: Any] {
+        let f = fields
+        var identity: [String: Any] = [:]
+        for (name, field) in [("Uid", "KMS_PEER_UID"), ("Gid", "KMS_PEER_GID"), ("Pid", "KMS_PEER_PID")] {
+            if let v = f[field].flatMap({ Int($0) }) { identity[name] = v }
+        }
+        for (name, field) in [("User", "KMS_PEER_USER"), ("Executable", "KMS_PEER_EXE"), ("Unit", "KMS_PEER_UNIT"), ("Unresolved", "KMS_PEER_UNRESOLVED")] {
+            if let v = f[field], !v.isEmpty { identity[name] = v }
+        }
+        var out: [String: Any] = ["EventTime": timeText, "EventName": f["KMS_ACTION"] ?? "", "Result": f["KMS_RESULT"] ?? "",
+                                  "UserIdentity": identity, "Message": f["MESSAGE"] ?? ""]
+        for (name, field) in [("ErrorCode", "KMS_ERROR"), ("KeyId", "KMS_KEY_ID"), ("Alias", "KMS_ALIAS"), ("DecidedBy", "KMS_DECIDED_BY"),
+                              ("EncryptionContextKeys", "KMS_ENCRYPTION_CONTEXT"), ("GrantId", "KMS_GRANT_ID"), ("Alarm", "KMS_ALARM"),
+                              ("RunId", "KMS_RUN_ID"), ("Chain", "KMS_CHAIN"), ("SourceKeyId", "KMS_SOURCE_KEY_ID")] {
+            if let v = f[field], !v.isEmpty { out[name] = v }
+        }
+        for (name, field) in [("KeyVersion", "KMS_KEY_VERSION"), ("RequestId", "KMS_REQUEST_ID"), ("DurationMicros", "KMS_DURATION_US"),
+                              ("Sequence", "KMS_SEQ")] {
+            if let v = f[field].flatMap({ UInt64($0) }) { out[name] = v }
+        }
+        out["Kind"] = f["MESSAGE_ID"] == Self.requestMessageID ? "Request" : (f["KMS_ALARM"] != nil ? "Alarm" : "Event")
+        return out
+    }
+
     /// kmsd's records from `journalctl -o json` lines (other lines and fields are skipped).
-    static func parse(_ data: Data) -> [JournalRecord] {
+    static func parse(_ data: Data, requireChain: Bool = true) -> [JournalRecord] {
         data.split(separator: UInt8(ascii: "\n")).compactMap { line in
             guard let object = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any] else { return nil }
             var fields: [String: String] = [:]
             for (k, v) in object {
                 if let s = v as? String { fields[k] = s }
             }
-            guard fields["KMS_RUN_ID"] != nil, fields["KMS_SEQ"] != nil, fields["KMS_CHAIN"] != nil else { return nil }
+            guard fields["KMS_ACTION"] != nil, !requireChain || (fields["KMS_RUN_ID"] != nil && fields["KMS_SEQ"] != nil && fields["KMS_CHAIN"] != nil) else { return nil }
             return JournalRecord(fields: fields)
         }
     }
