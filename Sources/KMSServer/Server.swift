@@ -71,6 +71,15 @@ public final class Server: @unchecked Sendable {
                                  daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400)
         let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds,
                              chainKey: try repository.auditChainKey())
+        if !c.auditFailClosed {
+            StandardError.write("""
+            kmsd: ************************************************************************
+            kmsd: WARNING: audit FAILS OPEN (auditFailClosed false): when journald does not take a
+            kmsd: record, the request is still served and nothing records it. Production: true.
+            kmsd: ************************************************************************
+
+            """)
+        }
         Self.startAuditChain(audit, repository)
         if let dir = c.identityPolicyDirectory {
             do throws(KMSError) { service.setIdentityPolicies(try IdentityPolicySet.load(directory: dir)) } catch {

@@ -71,3 +71,59 @@ final class AuditQueryTests {
         #expect(seen.contains("\"EventName\":\"GenerateRandom\""), "\(seen)")
     }
 }
+
+/// Every request one record, whoever sends it and however it ends; and no secret in any of
+/// them, in any encoding, across every operation that carries one.
+@Suite(.serialized, .enabled(if: isRoot, "needs root for other uids and the journal"))
+final class AuditCompletenessTests {
+    @Test func mixedRequestsFromSeveralUidsGiveExactlyOneRecordEach() async throws {
+        try Journal.ensureRunning()
+        let daemon = try Daemon(auditFailClosed: true)
+        defer { daemon.stop() }
+        #expect(daemon.log.contains("audit FAILS OPEN") == false, "fail-closed daemons do not warn")
+        let c = daemon.client()
+        let key = try await c.createKey().keyID                                           // 1
+        let plaintext = Array("plaintext-7f3a9c-recognisable".utf8)
+        let blob = try await c.encrypt(keyID: key, plaintext: plaintext, context: ["ctx": "value-5e1d"]).ciphertextBlob  // 2
+        let dk = try await c.generateDataKey(keyID: key, keySpec: "AES_256")              // 3
+        _ = try await c.decrypt(ciphertextBlob: Array(blob), context: ["ctx": "value-5e1d"])  // 4
+        let moved = try await c.reEncrypt(ciphertextBlob: Array(blob), sourceContext: ["ctx": "value-5e1d"], destinationKeyID: key)  // 5
+        _ = try await c.generateDataKeyWithoutPlaintext(keyID: key, keySpec: "AES_256")   // 6
+        let random = try await c.generateRandom(numberOfBytes: 32)                         // 7
+        await expectKMSError(.invalidCiphertext) { try await c.decrypt(ciphertextBlob: [1, 2, 3]) }  // 8 failed
+        await c.close()
+        var expected = 8
+        for uid: UInt32 in [64201, 64202] {                                               // 9, 10 denied
+            let r = try runAs(uid: uid, [Paths.kmsctl, "encrypt", "--key-id", key], stdin: Data("x".utf8), env: ["KMSD_SOCKET": daemon.socket])
+            #expect(r.stderr.contains("AccessDeniedException"))
+            expected += 1
+        }
+        let whoami = try runAs(uid: 64203, [Paths.kmsctl, "whoami"], env: ["KMSD_SOCKET": daemon.socket])  // 11
+        #expect(whoami.status == 0)
+        expected += 1
+        let raw = try RawConnection(path: daemon.socket)                                  // 12: undecodable
+        raw.send(RawConnection.frame([0xff, 0xff, 0xff]))
+        _ = try raw.receive()
+        expected += 1
+
+        let records = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: expected + 1)
+            .filter { $0["MESSAGE_ID"] as? String == "3f1c2a4e9b7d4c2e8a6f0d1b5e9c7a31" }
+        #expect(records.count == expected, "\(records.map { $0["KMS_ACTION"] as? String ?? "?" })")
+        #expect(Set(records.compactMap { $0["KMS_PEER_UID"] as? String }) == ["0", "64201", "64202", "64203"].reduce(into: Set<String>()) { $0.insert($1) }
+                    .union(getuid() == 0 ? [] : [String(getuid())]))
+        #expect(records.filter { $0["KMS_RESULT"] as? String == "Denied" }.count == 2)
+        #expect(records.contains { $0["KMS_ACTION"] as? String == "Unknown" && $0["KMS_RESULT"] as? String == "Failed" })
+        for r in records {
+            for field in ["KMS_ACTION", "KMS_RESULT", "KMS_REQUEST_ID", "KMS_PEER_UID", "KMS_PEER_PID", "KMS_SEQ", "KMS_CHAIN", "KMS_DECIDED_BY"] {
+                #expect(r[field] != nil, "\(field) missing in \(r["KMS_ACTION"] ?? "?")")
+            }
+        }
+
+        // No secret anywhere in what kmsd wrote, raw, hex or base64.
+        let export = try run("/usr/bin/journalctl", ["-o", "export", "--no-pager", "_PID=\(daemon.pid)"]).stdout
+        var secrets: [[UInt8]] = [plaintext, Array(dk.plaintext), random, Array("value-5e1d".utf8), Array(blob.suffix(32)), Array(moved.ciphertextBlob.suffix(32))]
+        secrets += secrets.map { Array($0.map { String(format: "%02x", $0) }.joined().utf8) }
+        secrets += secrets.prefix(6).map { Array(Data($0).base64EncodedString().utf8) }
+        for s in secrets { #expect(export.range(of: Data(s)) == nil, "a secret reached the journal") }
+    }
+}
