@@ -41,6 +41,12 @@ final class Alarms: Sendable {
 
     /// The alarms `record` sets off (rule, subject, message), each at most once a minute per subject.
     func check(_ record: AuditRecord, keyState: String) -> [(rule: String, message: String)] {
+        // The common case, nothing to look at, costs a few comparisons.
+        let denied = rules.accessDeniedPerMinute > 0 && record.error == .accessDenied
+        let keyUse = (rules.pendingDeletionUse && keyState == KeyState.pendingDeletion.rawValue)
+            || (rules.disabledKeyUse && keyState == KeyState.disabled.rawValue)
+        let integrity = rules.integrityFailure && (record.error == .keyUnavailable || !record.details.integrityFailures.isEmpty)
+        guard denied || keyUse || integrity else { return [] }
         let minute = Int(Date().timeIntervalSince1970 / 60)
         var due: [(rule: String, subject: String, message: String)] = []
         let who = "uid \(record.principal.uid) (\(record.principal.userName))"

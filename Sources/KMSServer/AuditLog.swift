@@ -138,24 +138,53 @@ final class AuditLog: Sendable {
 
     /// The fields KMS_CHAIN covers, in a form independent of their order in the journal: every
     /// KMS_ field but KMS_CHAIN, and MESSAGE, MESSAGE_ID, PRIORITY, SYSLOG_IDENTIFIER, sorted
-    /// by name, each as lp(name) ‖ lp(value).
-    static func chainInput(previous: [UInt8], fields: [(name: String, value: String)]) -> [UInt8] {
-        var out = Array("kmsd/v1/audit-chain".utf8)
-        func lp(_ bytes: [UInt8]) {
+    /// by name, each as lp(name) ‖ lp(value). `fields` are `NAME=value` in UTF-8.
+    static func chainInput(previous: [UInt8], fields: [[UInt8]]) -> [UInt8] {
+        let equals = UInt8(ascii: "=")
+        var chained: [(bytes: [UInt8], eq: Int)] = []
+        chained.reserveCapacity(fields.count)
+        for f in fields {
+            guard let eq = f.firstIndex(of: equals), isChained(f[..<eq]) else { continue }
+            chained.append((f, eq))
+        }
+        chained.sort { $0.bytes[..<$0.eq].lexicographicallyPrecedes($1.bytes[..<$1.eq]) }
+        var out = [UInt8]()
+        out.reserveCapacity(fields.reduce(64) { $0 + $1.count + 8 })
+        out += chainLabel
+        func lp<C: Collection>(_ bytes: C) where C.Element == UInt8 {
             let n = UInt32(bytes.count)
-            out += [UInt8(n >> 24), UInt8((n >> 16) & 0xff), UInt8((n >> 8) & 0xff), UInt8(n & 0xff)]
-            out += bytes
+            out.append(UInt8(n >> 24)); out.append(UInt8((n >> 16) & 0xff)); out.append(UInt8((n >> 8) & 0xff)); out.append(UInt8(n & 0xff))
+            out.append(contentsOf: bytes)
         }
         lp(previous)
-        for f in fields.filter({ chained($0.name) }).sorted(by: { Array($0.name.utf8).lexicographicallyPrecedes(Array($1.name.utf8)) }) {
-            lp(Array(f.name.utf8))
-            lp(Array(f.value.utf8))
+        for c in chained {
+            lp(c.bytes[..<c.eq])
+            lp(c.bytes[(c.eq + 1)...])
         }
         return out
     }
 
-    static func chained(_ name: String) -> Bool {
-        (name.hasPrefix("KMS_") && name != "KMS_CHAIN") || ["MESSAGE", "MESSAGE_ID", "PRIORITY", "SYSLOG_IDENTIFIER"].contains(name)
+    static let chainLabel = Array("kmsd/v1/audit-chain".utf8)
+    static let plainChained: [[UInt8]] = ["MESSAGE", "MESSAGE_ID", "PRIORITY", "SYSLOG_IDENTIFIER"].map { Array($0.utf8) }
+    static let kmsPrefix = Array("KMS_".utf8)
+    static let chainName = Array("KMS_CHAIN".utf8)
+
+    static func isChained(_ name: ArraySlice<UInt8>) -> Bool {
+        if name.starts(with: kmsPrefix) { return !name.elementsEqual(chainName) }
+        return plainChained.contains { name.elementsEqual($0) }
+    }
+
+    static func chained(_ name: String) -> Bool { isChained(ArraySlice(name.utf8)) }
+
+    /// KMS_CHAIN of a record: HMAC-SHA256 under the chain key over the previous record's chain
+    /// and this record's fields (`NAME=value` in UTF-8).
+    func chainValue(previous: [UInt8], encoded: [[UInt8]]) -> [UInt8]? {
+        guard let chainKey else { return nil }
+        return try? HMAC.authenticate(key: chainKey, data: Self.chainInput(previous: previous, fields: encoded))
+    }
+
+    func chainValue(previous: [UInt8], fields: [(name: String, value: String)]) -> [UInt8]? {
+        chainValue(previous: previous, encoded: fields.map { Array($0.name.utf8) + [UInt8(ascii: "=")] + Array($0.value.utf8) })
     }
 
     /// Where the chain stands, for the keystore (so the next start links to it):
@@ -191,33 +220,24 @@ final class AuditLog: Sendable {
         return out
     }
 
-    /// KMS_CHAIN of a record: HMAC-SHA256 under the chain key over the previous record's chain
-    /// and this record's fields.
-    func chainValue(previous: [UInt8], fields: [(name: String, value: String)]) -> [UInt8]? {
-        guard let chainKey else { return nil }
-        return try? HMAC.authenticate(key: chainKey, data: Self.chainInput(previous: previous, fields: fields))
-    }
 
     /// Writes the record; returns false when journald did not take it in time.
     func write(_ record: AuditRecord) -> Bool {
+        var encoded = record.fields.map { Array($0.utf8) }
+        encoded.append(Array("KMS_RUN_ID=\(runID)".utf8))
         var head = [UInt8]()
         head.reserveCapacity(1024)
-        var fields = record.fields + ["KMS_RUN_ID=\(runID)"]
-        for field in fields { Self.append(field, to: &head) }
+        for field in encoded { Self.append(encoded: field, to: &head) }
         let timeout = timeoutMilliseconds, failClosed = self.failClosed
         return state.withLock { journal in
             var datagram = head
-            let seq = "KMS_SEQ=\(journal.sequence + 1)"
-            Self.append(seq, to: &datagram)
+            let seq = Array("KMS_SEQ=\(journal.sequence + 1)".utf8)
+            Self.append(encoded: seq, to: &datagram)
             var chain: [UInt8]? = nil
             if chainKey != nil {
-                fields.append(seq)
-                let pairs = fields.map { f -> (name: String, value: String) in
-                    let eq = f.firstIndex(of: "=")!
-                    return (String(f[..<eq]), String(f[f.index(after: eq)...]))
-                }
-                chain = chainValue(previous: journal.chain, fields: pairs)
-                if let chain { Self.append("KMS_CHAIN=\(Self.hex(chain))", to: &datagram) }
+                encoded.append(seq)
+                chain = chainValue(previous: journal.chain, encoded: encoded)
+                if let chain { Self.append(encoded: Array("KMS_CHAIN=\(Self.hex(chain))".utf8), to: &datagram) }
             }
             if let error = journal.send(datagram, timeoutMilliseconds: timeout) {
                 if !journal.warned {
@@ -252,8 +272,10 @@ final class AuditLog: Sendable {
 
     /// One field in journald's native protocol: `NAME=value\n`, or, when the value holds a
     /// newline or NUL, `NAME\n` + 64-bit little-endian length + value + `\n`.
-    static func append(_ field: String, to out: inout [UInt8]) {
-        var utf8 = Array(field.utf8)
+    static func append(_ field: String, to out: inout [UInt8]) { append(encoded: Array(field.utf8), to: &out) }
+
+    static func append(encoded field: [UInt8], to out: inout [UInt8]) {
+        var utf8 = field
         guard let eq = utf8.firstIndex(of: UInt8(ascii: "=")) else { return }
         if utf8.contains(10) || utf8.contains(0) {
             let value = utf8[(eq + 1)...]

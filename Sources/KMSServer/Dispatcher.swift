@@ -344,7 +344,7 @@ final class Dispatcher: Sendable {
         metrics.record(action: action, result: record.result.rawValue, micros: record.durationMicros)
         let audited = audit.write(record)
         for alarm in alarms.check(record, keyState: details.keyState) {
-            var a = AuditRecord(action: "Alarm", requestID: request.id, principal: principal, result: .failed, details: details)
+            var a = AuditRecord(action: "Alarm", requestID: request.id, principal: principal, result: record.result, details: details)
             a.error = record.error
             a.alarm = alarm.rule
             a.eventMessage = "ALARM \(alarm.rule): \(alarm.message)"

@@ -23,12 +23,11 @@ final class Metrics: Sendable {
     func record(action: String, result: String, micros: UInt64) {
         let bucket = Self.bucketsMicros.firstIndex { micros <= $0 } ?? Self.bucketsMicros.count
         stats.withLock { all in
-            var s = all[action] ?? ActionStats()
-            s.results[result, default: 0] += 1
-            s.buckets[bucket] += 1
-            s.sumMicros &+= micros
-            s.count += 1
-            all[action] = s
+            // In place: no copy of the entry's dictionary and array per request.
+            all[action, default: ActionStats()].results[result, default: 0] += 1
+            all[action, default: ActionStats()].buckets[bucket] += 1
+            all[action, default: ActionStats()].sumMicros &+= micros
+            all[action, default: ActionStats()].count += 1
         }
     }
 

@@ -92,6 +92,14 @@ public final class Server: @unchecked Sendable {
             let message = "keystore rollback detected: \(problem); every row in \(report.suspectBuckets) of \(RowIndex.bucketCount) row-index buckets is refused (KeyUnavailableException). Restore the keystore from its latest backup"
             StandardError.write("kmsd: ERROR: \(message)\n")
             _ = audit.writeEvent(action: "KeystoreRollbackDetected", keyID: "", failure: .keyUnavailable, message: message)
+            if c.alarms.integrityFailure {
+                let me = Principal(uid: geteuid(), gid: getegid(), pid: getpid(), userName: PeerCredentials.userName(geteuid()))
+                var alarm = AuditRecord(action: "Alarm", requestID: 0, principal: me, result: .failed)
+                alarm.error = .keyUnavailable
+                alarm.alarm = "IntegrityFailure"
+                alarm.eventMessage = "ALARM IntegrityFailure: \(message)"
+                _ = audit.write(alarm)
+            }
         } else if report.built {
             StandardError.write("kmsd: built the keystore's row index (\(report.entries) rows) for rollback detection\n")
         }

@@ -66,7 +66,7 @@ struct AuditFilters: ParsableArguments {
 func readJournal(_ args: [String], follow: Bool = false, _ body: (JournalRecord) throws -> Void) throws {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/usr/bin/journalctl")
-    process.arguments = ["-o", "json", "--no-pager"] + (follow ? ["--follow", "--lines=0"] : []) + args
+    process.arguments = ["-o", "json", "--all", "--no-pager"] + (follow ? ["--follow", "--lines=0"] : []) + args
     let out = Pipe(), err = Pipe()
     process.standardOutput = out
     process.standardError = err
@@ -210,6 +210,10 @@ struct JournalRecord {
             var fields: [String: String] = [:]
             for (k, v) in object {
                 if let s = v as? String { fields[k] = s }
+                // journalctl prints values with control characters or invalid UTF-8 as byte arrays.
+                else if let bytes = v as? [Int], bytes.allSatisfy({ (0...255).contains($0) }) {
+                    fields[k] = String(decoding: bytes.map { UInt8($0) }, as: UTF8.self)
+                }
             }
             guard fields["KMS_ACTION"] != nil, !requireChain || (fields["KMS_RUN_ID"] != nil && fields["KMS_SEQ"] != nil && fields["KMS_CHAIN"] != nil) else { return nil }
             return JournalRecord(fields: fields)
@@ -252,7 +256,7 @@ struct AuditVerify: AsyncParsableCommand {
             }
         }
         var report = VerifyReport()
-        try await verify(records, currentRun: start.currentRunID, currentSequence: file == nil ? start.currentSequence : 0,
+        try await verify(records, currentRun: start.currentRunID, currentSequence: file == nil && until == nil ? start.currentSequence : 0,
                          client: client, report: &report)
         await client.close()
         if global.json {
@@ -275,7 +279,7 @@ struct AuditVerify: AsyncParsableCommand {
             guard let data = FileManager.default.contents(atPath: file) else { throw ValidationError("--file: cannot read \(file)") }
             return JournalRecord.parse(data)
         }
-        var args = ["-o", "json", "--no-pager", "SYSLOG_IDENTIFIER=kmsd"]
+        var args = ["-o", "json", "--all", "--no-pager", "SYSLOG_IDENTIFIER=kmsd"]
         if let since { args += ["--since", since] }
         if let until { args += ["--until", until] }
         let process = Process()
@@ -335,8 +339,23 @@ struct AuditVerify: AsyncParsableCommand {
                 report.warnings.append("run \(missing), before the oldest record read, is not in what was read (rotated away, or outside the window)")
             }
         }
+        // Runs the walk did not reach: if their own records chain under this kmsd's key they are
+        // this keystore's, cut off from the rest (a run's first record removed); else they are
+        // another keystore's (or written by someone else) and not checked.
         for run in order where !chain.contains(run) {
-            report.warnings.append("run \(run) is not linked to this kmsd's chain (another keystore, or outside the window): not checked")
+            let records = byRun[run]!.sorted { $0.key < $1.key }.map(\.value)
+            var pairs: [(previousChain: [UInt8], fields: [(name: String, value: String)])] = []
+            for (a, b) in zip(records, records.dropFirst()) where b.seq == a.seq + 1 {
+                if let prior = Self.unhex(a.chain) { pairs.append((prior, b.written)) }
+                if pairs.count >= 20 { break }
+            }
+            var ours = false
+            if !pairs.isEmpty { ours = try await client.verifyAuditRecords(pairs).valid.allSatisfy { $0 } }
+            if ours {
+                report.problems.append("unlinked run: \(run) chains under this kmsd's key but no later run links to it (its successor's first records were removed)")
+            } else {
+                report.warnings.append("run \(run) is not this keystore's (its records do not chain under this kmsd's key): not checked")
+            }
         }
         var batch: [(previousChain: [UInt8], fields: [(name: String, value: String)])] = []
         var labels: [String] = []

@@ -79,6 +79,11 @@ final class AuditChainTests {
         var cut = lines
         cut.remove(at: lastOfFirst)
         try check(cut, "missing records: run \(runIDs[0])")
+        // The first record of the second run removed: the first run is cut off from the chain.
+        let startOfSecond = try #require(lines.indices.first { runs[$0] == runIDs[1] && object(lines[$0])["KMS_SEQ"] as? String == "1" })
+        var headless = lines
+        headless.remove(at: startOfSecond)
+        try check(headless, "unlinked run: \(runIDs[0])")
         // The whole second run removed.
         try check(lines.enumerated().filter { runs[$0.offset] != runIDs[1] }.map(\.element), "missing run: \(runIDs[1])")
         lines.removeAll()
