@@ -21,13 +21,16 @@ output is byte-for-byte reproducible.
 Before writing anything it checks itself: every valid vector is decrypted again by a separate
 parser, every invalid one must fail, every frame is decoded again and compared with its JSON,
 every wrapped key material in the frames is unwrapped again with the `cryptography` package's
-RSA-OAEP and RFC 5649 code, and, when `protoc` is on PATH, every frame body (except the
-unknown-operation one) is compared with what `protoc --encode` produces from the same message
-in text format.
+RSA-OAEP and RFC 5649 code, every KMS_CHAIN of the VerifyAuditRecords frames is computed again
+with the standard library's hmac module (HKDF written out by hand; ../AUDIT.md), the figures
+of the Status answer are checked against one another (PROTOCOL.md section 7.45), and, when
+`protoc` is on PATH, every frame body (except the unknown-operation one) is compared with what
+`protoc --encode` produces from the same message in text format.
 """
 
 import base64
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -586,8 +589,10 @@ def encode_message(msg, value):
 
 def encode_map_entry(f, k, v):
     key_type, value_type = f.map_types
-    assert key_type == "string" and value_type == "string"
+    assert key_type == "string" and value_type in ("string", "uint64")
     # Both key and value are always written, as protoc and swift-protobuf do.
+    if value_type == "uint64":
+        return enc_len(1, k.encode("utf-8")) + enc_tag(2, 0) + enc_varint(int(v))
     return enc_len(1, k.encode("utf-8")) + enc_len(2, v.encode("utf-8"))
 
 
@@ -656,7 +661,7 @@ def decode_message(msg, buf):
                 if other.oneof == f.oneof and other is not f:
                     out.pop(other.name, None)
         if f.type == "map":
-            entry, _ = decode_map_entry(raw)
+            entry, _ = decode_map_entry(raw, f.map_types[1])
             out.setdefault(f.name, {})[entry[0]] = entry[1]
         elif f.repeated and f.type in VARINT_TYPES:
             lst = out.setdefault(f.name, [])
@@ -674,11 +679,16 @@ def decode_message(msg, buf):
     return out, unknown
 
 
-def decode_map_entry(raw):
-    key = value = ""
+def decode_map_entry(raw, value_type="string"):
+    key, value = "", (0 if value_type == "uint64" else "")
     i = 0
     while i < len(raw):
         k, i = dec_varint(raw, i)
+        if k & 7 == 0:                      # a varint value (map<string, uint64>)
+            n, i = dec_varint(raw, i)
+            assert k >> 3 == 2 and value_type == "uint64"
+            value = n
+            continue
         n, i = dec_varint(raw, i)
         s = bytes(raw[i:i + n]).decode("utf-8")
         i += n
@@ -724,7 +734,9 @@ def to_json(msg, value):
         if not f.oneof and is_default(f, v):
             continue
         if f.type == "map":
-            out[f.json_name] = dict(v)
+            # proto3 JSON: map values as their scalar type maps (64-bit integers as strings).
+            out[f.json_name] = {k: (str(int(x)) if f.map_types[1] in ("uint64", "int64") else x)
+                                for k, x in v.items()}
         elif f.repeated:
             out[f.json_name] = [json_scalar(f, x) for x in v]
         else:
@@ -778,8 +790,9 @@ def to_text_format(msg, value, indent=""):
         v = value[f.name]
         if f.type == "map":
             for k, val in v.items():
+                shown = str(int(val)) if f.map_types[1] == "uint64" else quote(val.encode())
                 lines.append("%s%s { key: %s value: %s }" % (
-                    indent, f.name, quote(k.encode()), quote(val.encode())))
+                    indent, f.name, quote(k.encode()), shown))
             continue
         for x in (v if f.repeated else [v]):
             if f.type in VARINT_TYPES | LEN_SCALARS:
@@ -932,6 +945,184 @@ def check_policy_shape(text):
                and s.get("Action") == "kms:*" for s in statements)
 
 
+# ---------------------------------------------------------------------------------------------
+# Audit chain (AUDIT.md "KMS_CHAIN" and "Checkpoint"): the keyed hash chain over kmsd's journald
+# records, and the checkpoint kmsd keeps in its keystore so the next run links to this one.
+# ---------------------------------------------------------------------------------------------
+
+AUDIT_RECORD_MAC_INFO = b"kmsd/v1/keystore-record-mac"
+AUDIT_CHAIN_KEY_INFO = b"kmsd/v1/audit-chain-key"
+AUDIT_CHAIN_LABEL = b"kmsd/v1/audit-chain"
+AUDIT_CHECKPOINT_LABEL = b"kmsd/v1/audit-checkpoint"
+AUDIT_CHAINED_NAMES = {"MESSAGE", "MESSAGE_ID", "PRIORITY", "SYSLOG_IDENTIFIER"}
+AUDIT_REQUEST_MESSAGE_ID = "3f1c2a4e9b7d4c2e8a6f0d1b5e9c7a31"
+AUDIT_EVENT_MESSAGE_ID = "c1b7e0f4a2d94e8b9f3a6d5c2e1b0a97"
+
+
+def audit_keys(root_key):
+    """(record MAC key, chain key): HKDF-SHA256 without salt, as PROTOCOL.md section 11."""
+    record_mac_key = hkdf_sha256(root_key, None, AUDIT_RECORD_MAC_INFO)
+    return record_mac_key, hkdf_sha256(record_mac_key, None, AUDIT_CHAIN_KEY_INFO)
+
+
+def lp(b):
+    return u32be(len(b)) + b
+
+
+def audit_chained(name):
+    return (name.startswith("KMS_") and name != "KMS_CHAIN") or name in AUDIT_CHAINED_NAMES
+
+
+def audit_chain_input(previous, fields):
+    """label || lp(previous chain) || lp(name) || lp(value) for each chained field, sorted by
+    the UTF-8 bytes of the name. `fields`: (name, value) pairs in any order."""
+    assert len(previous) == 32
+    chained = sorted(((n, v) for n, v in fields if audit_chained(n)), key=lambda f: f[0].encode())
+    names = [n for n, _ in chained]
+    assert len(names) == len(set(names)), "a field name twice"
+    out = AUDIT_CHAIN_LABEL + lp(previous)
+    for name, value in chained:
+        out += lp(name.encode("utf-8")) + lp(value.encode("utf-8"))
+    return out
+
+
+def audit_chain(chain_key, previous, fields):
+    return hmac.new(chain_key, audit_chain_input(previous, fields), hashlib.sha256).digest()
+
+
+def audit_checkpoint(chain_key, run_id_hex, seq, chain, clean):
+    body = bytes.fromhex(run_id_hex) + struct.pack(">Q", seq) + chain + bytes([1 if clean else 0])
+    assert len(body) == 57
+    return body + hmac.new(chain_key, AUDIT_CHECKPOINT_LABEL + body, hashlib.sha256).digest()
+
+
+def audit_record(kind, action, principal, run_id, seq, message, result="Allowed", error="",
+                 key_id="", key_version="", alias="", request_id=0, context_keys="",
+                 decided_by="", duration_us=0, extra=()):
+    """A record's fields in the order kmsd writes them (AuditLog.swift), without KMS_CHAIN."""
+    priority = ({"Allowed": 5}.get(result, 3) if kind == "event"
+                else {"Allowed": 6, "Denied": 4}.get(result, 3))
+    uid, gid, pid, user, exe, unit = principal
+    return [
+        ("MESSAGE", message),
+        ("MESSAGE_ID", AUDIT_EVENT_MESSAGE_ID if kind == "event" else AUDIT_REQUEST_MESSAGE_ID),
+        ("PRIORITY", str(priority)),
+        ("SYSLOG_IDENTIFIER", "kmsd"),
+        ("KMS_ACTION", action),
+        ("KMS_RESULT", result),
+        ("KMS_ERROR", error),
+        ("KMS_KEY_ID", key_id),
+        ("KMS_KEY_VERSION", str(key_version)),
+        ("KMS_ALIAS", alias),
+        ("KMS_REQUEST_ID", str(request_id)),
+        ("KMS_PEER_UID", str(uid)),
+        ("KMS_PEER_GID", str(gid)),
+        ("KMS_PEER_PID", str(pid)),
+        ("KMS_PEER_USER", user),
+        ("KMS_PEER_EXE", exe),
+        ("KMS_PEER_UNIT", unit),
+        ("KMS_PEER_UNRESOLVED", ""),
+        ("KMS_ENCRYPTION_CONTEXT", context_keys),
+        ("KMS_DECIDED_BY", decided_by),
+        ("KMS_DURATION_US", str(duration_us)),
+    ] + list(extra) + [("KMS_RUN_ID", run_id), ("KMS_SEQ", str(seq))]
+
+
+def build_audit_example():
+    """A run's first two records as journalctl shows them, the checkpoint of the run before
+    that the first one links to, and one record altered after the fact."""
+    root_key = fixed_bytes("audit/root key", 32)
+    record_mac_key, chain_key = audit_keys(root_key)
+    previous_run, previous_seq = fixed_bytes("audit/previous run id", 16).hex(), 1234
+    previous_chain = fixed_bytes("audit/previous run's last KMS_CHAIN", 32)
+    checkpoint = audit_checkpoint(chain_key, previous_run, previous_seq, previous_chain, True)
+    run = fixed_bytes("audit/run id", 16).hex()
+    kmsd = (998, 998, 4100, "kmsd", "", "")
+    alice = (1000, 1000, 4242, "alice", "/usr/bin/python3.11", "billing.service")
+    started = audit_record(
+        "event", "KmsdStarted", kmsd, run, 1,
+        "kmsd started (run %s); the previous run stopped cleanly" % run,
+        extra=[("KMS_PREVIOUS_STOP", "clean"), ("KMS_PREVIOUS_RUN_ID", previous_run),
+               ("KMS_PREVIOUS_SEQ", str(previous_seq)),
+               ("KMS_PREVIOUS_CHAIN", previous_chain.hex())])
+    encrypt = audit_record(
+        "request", "Encrypt", alice, run, 2,
+        "Encrypt by uid 1000 (alice) allowed on key %s" % KEY_A,
+        key_id=KEY_A, key_version=1, request_id=7, context_keys="purpose",
+        decided_by="key-policy:KeyCreator", duration_us=41)
+    records, inputs, chains, previous = [], [], [], previous_chain
+    for fields in (started, encrypt):
+        chain = audit_chain(chain_key, previous, fields)
+        inputs.append(audit_chain_input(previous, fields))
+        chains.append(chain)
+        records.append({"previous_chain": previous,
+                        "fields": [{"name": n, "value": v} for n, v in fields + [("KMS_CHAIN", chain.hex())]]})
+        previous = chain
+    # The Encrypt record again, its key id changed in the journal: its KMS_CHAIN no longer fits.
+    altered = [(n, KEY_B if n == "KMS_KEY_ID" else v) for n, v in encrypt]
+    inputs.append(audit_chain_input(chains[0], altered))
+    chains.append(audit_chain(chain_key, chains[0], altered))
+    records.append({"previous_chain": chains[0],
+                    "fields": [{"name": n, "value": v} for n, v in altered + [("KMS_CHAIN", chains[1].hex())]]})
+    extra = {
+        "audit_root_key_hex": root_key.hex(),
+        "audit_record_mac_key_hex": record_mac_key.hex(),
+        "audit_chain_key_hex": chain_key.hex(),
+        "audit_previous_checkpoint_hex": checkpoint.hex(),
+        "audit_chain_inputs_hex": [i.hex() for i in inputs],
+        "audit_computed_chains_hex": [c.hex() for c in chains],
+    }
+    return run, records, [True, True, False], extra
+
+
+# Status (PROTOCOL.md section 7.45): the latency buckets of this version, in microseconds.
+STATUS_BUCKETS_MICROS = [50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 100000, 1000000]
+
+
+def status_percentile(fraction, histograms):
+    """The upper bound of the bucket holding the given percentile over every action, as
+    section 7.45 defines it: 2**64 - 1 for the +Inf bucket, 0 before any request."""
+    buckets = [sum(h["bucket_counts"][i] for h in histograms)
+               for i in range(len(STATUS_BUCKETS_MICROS) + 1)]
+    total = sum(buckets)
+    if total == 0:
+        return 0
+    target, seen = -(-total * fraction // 1), 0      # ceil(total * fraction)
+    for i, n in enumerate(buckets):
+        seen += n
+        if seen >= target:
+            return STATUS_BUCKETS_MICROS[i] if i < len(STATUS_BUCKETS_MICROS) else 2**64 - 1
+    return 2**64 - 1
+
+
+def build_status_example(run_id):
+    requests = [("Decrypt", "Allowed", 40), ("Decrypt", "Denied", 21), ("Encrypt", "Allowed", 41)]
+    latencies = [
+        {"action": "Decrypt", "bucket_upper_micros": STATUS_BUCKETS_MICROS,
+         "bucket_counts": [0, 21, 34, 5, 1, 0, 0, 0, 0, 0, 0, 0], "sum_micros": 9150, "count": 61},
+        {"action": "Encrypt", "bucket_upper_micros": STATUS_BUCKETS_MICROS,
+         "bucket_counts": [0, 25, 14, 2, 0, 0, 0, 0, 0, 0, 0, 0], "sum_micros": 5210, "count": 41},
+    ]
+    return {
+        "server_version": "0.1.0",
+        "started_at": 1700000000,
+        "uptime_seconds": 3600,
+        "keys_by_state": {"Enabled": 3},
+        "requests": [{"action": a, "result": r, "count": n} for a, r, n in requests],
+        "latencies": latencies,
+        "latency_p50_micros": status_percentile(0.5, latencies),
+        "latency_p99_micros": status_percentile(0.99, latencies),
+        "key_cache_entries": 3,
+        "key_cache_capacity": 4096,
+        "connections": 1,                 # the caller's own
+        "audit_run_id": run_id,
+        # KmsdStarted, the 102 requests' records and the alarm's (not the Status request's own).
+        "audit_sequence": 1 + 102 + 1,
+        "identity_policies": 1,
+        "alarms": {"AccessDeniedRate": 1},
+    }
+
+
 def build_frames(valid_ciphertexts):
     ct = {v["name"]: v for v in valid_ciphertexts}
     enc = ct["one-pair"]
@@ -955,10 +1146,10 @@ def build_frames(valid_ciphertexts):
                   "GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial",
                   "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy",
                   "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant",
-                  "RevokeGrant", "ReviewAccess",
+                  "RevokeGrant", "ReviewAccess", "VerifyAuditRecords", "Status",
                   "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
                   "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
-    assert len(operations) == 42 and len(set(operations)) == 42
+    assert len(operations) == 44 and len(set(operations)) == 44
     metadata = {
         "key_id": KEY_A,
         "arn": "kmsd:key/" + KEY_A,
@@ -1038,6 +1229,8 @@ def build_frames(valid_ciphertexts):
         "actions": ["kms:" + op for op in grant["operations"]],
         "conditions": compact_json({"EncryptionContextSubset":
                                     grant["constraints"]["encryption_context_subset"]})}]
+    audit_run, audit_records, audit_valid, audit_extra = build_audit_example()
+    status = build_status_example(fixed_bytes("status/run id", 16).hex())
     R, S = "request", "response"
     vectors = [
         ("hello-request", R, {"id": 1, "hello": {"protocol_version": 1,
@@ -1325,6 +1518,20 @@ def build_frames(valid_ciphertexts):
         ("revoke-grant-request", R, {"id": 61, "revoke_grant": {
             "key_id": KEY_A, "grant_id": revoked_grant_id}}),
         ("revoke-grant-response", S, {"id": 61, "revoke_grant": {}}),
+        # VerifyAuditRecords (section 7.44, AUDIT.md): an administrator has kmsd check the first
+        # two records of a run (its KmsdStarted, linking to the checkpoint of the run before, and
+        # an Encrypt) and a copy of the Encrypt whose KMS_KEY_ID was changed in the journal.
+        # Fields with empty values carry only their name (proto3 default).
+        ("verify-audit-records-request", R, {"id": 62, "verify_audit_records": {
+            "records": audit_records}}, audit_extra),
+        ("verify-audit-records-response", S, {"id": 62, "verify_audit_records": {
+            "valid": audit_valid, "current_run_id": audit_run, "current_sequence": 3}}),
+        # Status (section 7.45): an administrator asks how kmsd is doing an hour after it started.
+        # Since then: 40 Decrypts allowed and 21 denied to one uid within a minute (which set off
+        # one AccessDeniedRate alarm), 41 Encrypts allowed. Every map has one entry (see the
+        # encoding conventions in README.md).
+        ("status-request", R, {"id": 63, "status": {}}),
+        ("status-response", S, {"id": 63, "status": status}),
     ]
     out = []
     for name, direction, value, *extra in vectors:
@@ -1373,6 +1580,91 @@ def check_import_frames(built):
     return checked
 
 
+def hkdf_by_hand(ikm, info):
+    """RFC 5869 HKDF-SHA256, no salt (32 zero bytes), L = 32: one expand block."""
+    prk = hmac.new(b"\x00" * 32, ikm, hashlib.sha256).digest()
+    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
+
+
+def check_audit_frames(built):
+    """Checks the VerifyAuditRecords frames from the written vectors alone: the keys derived
+    again, each record's chain input and KMS_CHAIN computed again, the answer's `valid` equal to
+    whether the claimed KMS_CHAIN matches, the records linked (each previous_chain the KMS_CHAIN
+    before it, the first one the KMS_PREVIOUS_CHAIN it names), and the previous run's
+    checkpoint authentic and naming that link. Returns how many records were checked."""
+    requests, answers, checked = {}, {}, 0
+    for v, msg, _, body in built:
+        decoded, _ = decode_message(msg, bytes.fromhex(v["frame_hex"])[4:])
+        if "verify_audit_records" in decoded:
+            (requests if msg == "Request" else answers)[decoded["id"]] = (v, decoded["verify_audit_records"])
+    for rid, (v, request) in requests.items():
+        root = bytes.fromhex(v["audit_root_key_hex"])
+        mac_key = hkdf_by_hand(root, AUDIT_RECORD_MAC_INFO)
+        chain_key = hkdf_by_hand(mac_key, AUDIT_CHAIN_KEY_INFO)
+        assert mac_key.hex() == v["audit_record_mac_key_hex"], v["name"]
+        assert chain_key.hex() == v["audit_chain_key_hex"], v["name"]
+        valid = []
+        for i, record in enumerate(request["records"]):
+            fields = [(f["name"], f.get("value", "")) for f in record["fields"]]
+            claimed = bytes.fromhex(dict(fields)["KMS_CHAIN"])
+            data = AUDIT_CHAIN_LABEL + lp(record["previous_chain"])
+            for name, value in sorted((f for f in fields if audit_chained(f[0])),
+                                      key=lambda f: f[0].encode()):
+                data += lp(name.encode()) + lp(value.encode())
+            assert data.hex() == v["audit_chain_inputs_hex"][i], (v["name"], i)
+            computed = hmac.new(chain_key, data, hashlib.sha256).digest()
+            assert computed.hex() == v["audit_computed_chains_hex"][i], (v["name"], i)
+            valid.append(hmac.compare_digest(claimed, computed))
+            checked += 1
+        assert answers[rid][1].get("valid") == valid, v["name"]
+        records = [dict((f["name"], f.get("value", "")) for f in r["fields"]) for r in request["records"]]
+        first, second = records[0], records[1]
+        assert first["KMS_SEQ"] == "1" and second["KMS_SEQ"] == "2"
+        assert first["KMS_RUN_ID"] == second["KMS_RUN_ID"] == answers[rid][1]["current_run_id"]
+        assert request["records"][0]["previous_chain"].hex() == first["KMS_PREVIOUS_CHAIN"]
+        assert request["records"][1]["previous_chain"].hex() == first["KMS_CHAIN"]
+        checkpoint = bytes.fromhex(v["audit_previous_checkpoint_hex"])
+        assert len(checkpoint) == 89
+        body, tag = checkpoint[:57], checkpoint[57:]
+        assert hmac.compare_digest(tag, hmac.new(chain_key, AUDIT_CHECKPOINT_LABEL + body,
+                                                 hashlib.sha256).digest())
+        assert body[:16].hex() == first["KMS_PREVIOUS_RUN_ID"]
+        assert struct.unpack(">Q", body[16:24])[0] == int(first["KMS_PREVIOUS_SEQ"])
+        assert body[24:56].hex() == first["KMS_PREVIOUS_CHAIN"]
+        assert body[56] == 1 and first["KMS_PREVIOUS_STOP"] == "clean"
+    return checked
+
+
+def check_status_frames(built):
+    """Checks, from the written frames alone, that the Status answer's figures agree as section
+    7.45 requires. Returns how many answers were checked."""
+    checked = 0
+    for v, msg, _, body in built:
+        decoded, _ = decode_message(msg, bytes.fromhex(v["frame_hex"])[4:])
+        if msg != "Response" or "status" not in decoded:
+            continue
+        s = decoded["status"]
+        requests, latencies = s["requests"], s["latencies"]
+        keys = [(r["action"], r["result"]) for r in requests]
+        assert keys == sorted(keys, key=lambda k: (k[0].encode(), k[1].encode())), v["name"]
+        assert all(r["result"] in ("Allowed", "Denied", "Failed") for r in requests)
+        actions = [h["action"] for h in latencies]
+        assert actions == sorted(set(a for a, _ in keys), key=str.encode), v["name"]
+        for h in latencies:
+            assert h["bucket_upper_micros"] == STATUS_BUCKETS_MICROS
+            assert len(h["bucket_counts"]) == len(h["bucket_upper_micros"]) + 1
+            assert sum(h["bucket_counts"]) == h["count"] == sum(
+                r["count"] for r in requests if r["action"] == h["action"]), v["name"]
+        assert s["latency_p50_micros"] == status_percentile(0.5, latencies)
+        assert s["latency_p99_micros"] == status_percentile(0.99, latencies)
+        assert set(s["keys_by_state"]) <= {"Enabled", "Disabled", "PendingDeletion", "PendingImport"}
+        denied = sum(r["count"] for r in requests if r["result"] == "Denied")
+        assert s["alarms"] == {"AccessDeniedRate": 1} and denied > 20
+        assert s["audit_sequence"] == 1 + sum(r["count"] for r in requests) + sum(s["alarms"].values())
+        checked += 1
+    return checked
+
+
 def check_frames(built):
     protoc = shutil.which("protoc")
     checked_with_protoc = 0
@@ -1416,6 +1708,10 @@ def main():
     protoc_checked = check_frames(built)
     imports_checked = check_import_frames(built)
     assert imports_checked == 2
+    audit_checked = check_audit_frames(built)
+    assert audit_checked == 3
+    status_checked = check_status_frames(built)
+    assert status_checked == 1
 
     write_json(os.path.join(HERE, "ciphertext.json"), {
         "format": "kmsd symmetric ciphertext v1",
@@ -1428,9 +1724,11 @@ def main():
     print("ciphertext.json: %d valid, %d invalid vectors (all self-checked)"
           % (len(valid), len(invalid)))
     print("frames.json: %d frames (decoded back and compared with their JSON; protoc: %s; "
-          "%d wrapped key materials unwrapped again)"
+          "%d wrapped key materials unwrapped again; %d audit chains computed again; "
+          "%d Status answer checked)"
           % (len(built), "not found, skipped" if protoc_checked is None
-             else "%d bodies identical" % protoc_checked, imports_checked))
+             else "%d bodies identical" % protoc_checked, imports_checked, audit_checked,
+             status_checked))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ struct AuditFilters: ParsableArguments {
     var action: String?
     @Option(name: .customLong("result"), help: ArgumentHelp("Allowed, Denied or Failed.", valueName: "result"))
     var result: String?
-    @Option(name: .customLong("since"), help: ArgumentHelp("From this time (journalctl's --since syntax, e.g. \"-1h\" is not; use \"1 hour ago\", \"today\", \"@UNIX\").", valueName: "time"))
+    @Option(name: .customLong("since"), help: ArgumentHelp("From this time (journalctl's syntax: \"today\", \"1 hour ago\", \"@UNIX\"; write a leading - as --since=-1h).", valueName: "time"))
     var since: String?
     @Option(name: .customLong("until"), help: ArgumentHelp("Up to this time.", valueName: "time"))
     var until: String?
@@ -248,7 +248,7 @@ struct AuditVerify: AsyncParsableCommand {
         defer { Task { await client.close() } }
         let start = try await client.verifyAuditRecords([])
         var records = try readRecords()
-        if file == nil {
+        if file == nil && until == nil {
             // journald may take a moment to show the newest records.
             for _ in 0..<10 where (records.filter { $0.runID == start.currentRunID }.map(\.seq).max() ?? 0) < start.currentSequence {
                 try await Task.sleep(for: .milliseconds(300))
@@ -350,7 +350,8 @@ struct AuditVerify: AsyncParsableCommand {
                 if pairs.count >= 20 { break }
             }
             var ours = false
-            if !pairs.isEmpty { ours = try await client.verifyAuditRecords(pairs).valid.allSatisfy { $0 } }
+            // One pair that chains is proof enough: nobody without the key can make one.
+            if !pairs.isEmpty { ours = try await client.verifyAuditRecords(pairs).valid.contains(true) }
             if ours {
                 report.problems.append("unlinked run: \(run) chains under this kmsd's key but no later run links to it (its successor's first records were removed)")
             } else {

@@ -27,15 +27,31 @@ struct Status: AsyncParsableCommand {
             ("ServerVersion", s.serverVersion), ("StartedAt", formatUnixTime(s.startedAt)), ("Uptime", "\(s.uptimeSeconds) s"),
             ("Keys", s.keysByState.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")),
             ("Requests", String(s.requests.reduce(0) { $0 + $1.count })),
-            ("Latency", "p50 ≤ \(s.latencyP50Micros) µs, p99 ≤ \(s.latencyP99Micros) µs"),
+            ("Latency", "p50 \(Self.bound(s.latencyP50Micros)), p99 \(Self.bound(s.latencyP99Micros))"),
             ("KeyCache", "\(s.keyCacheEntries) of \(s.keyCacheCapacity)"), ("Connections", String(s.connections)),
             ("Audit", "run \(s.auditRunID), \(s.auditSequence) records"), ("IdentityPolicies", String(s.identityPolicies)),
+            ("Alarms", s.alarms.isEmpty ? "none" : s.alarms.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")),
         ])
         if !s.requests.isEmpty {
             writeStdout("\n")
             printColumns(headers: ["Action", "Result", "Count"], rows: s.requests.map { [$0.action, $0.result, String($0.count)] })
         }
     }
+}
+
+extension Status {
+    /// A latency bucket's upper bound for people.
+    static func bound(_ micros: UInt64) -> String { micros == UInt64.max ? "> 1 s" : "≤ \(micros) µs" }
+}
+
+/// Seconds from whole microseconds, in plain decimal (0.00005, not 5e-05).
+func secondsText(_ micros: UInt64) -> String {
+    let whole = micros / 1_000_000, fraction = micros % 1_000_000
+    guard fraction > 0 else { return String(whole) }
+    var digits = String(fraction)
+    digits = String(repeating: "0", count: 6 - digits.count) + digits
+    while digits.hasSuffix("0") { digits.removeLast() }
+    return "\(whole).\(digits)"
 }
 
 struct Metrics: AsyncParsableCommand {
@@ -75,10 +91,10 @@ struct Metrics: AsyncParsableCommand {
             var cumulative: UInt64 = 0
             for (i, bound) in h.bucketUpperMicros.enumerated() {
                 cumulative += h.bucketCounts[i]
-                out += "kmsd_request_duration_seconds_bucket{action=\"\(label(h.action))\",le=\"\(Double(bound) / 1_000_000)\"} \(cumulative)\n"
+                out += "kmsd_request_duration_seconds_bucket{action=\"\(label(h.action))\",le=\"\(secondsText(bound))\"} \(cumulative)\n"
             }
             out += "kmsd_request_duration_seconds_bucket{action=\"\(label(h.action))\",le=\"+Inf\"} \(h.count)\n"
-            out += "kmsd_request_duration_seconds_sum{action=\"\(label(h.action))\"} \(Double(h.sumMicros) / 1_000_000)\n"
+            out += "kmsd_request_duration_seconds_sum{action=\"\(label(h.action))\"} \(secondsText(h.sumMicros))\n"
             out += "kmsd_request_duration_seconds_count{action=\"\(label(h.action))\"} \(h.count)\n"
         }
         family("kmsd_key_cache_entries", "gauge", "Keys whose unwrapped material is cached in locked memory.")

@@ -129,7 +129,10 @@ struct KMSD: ParsableCommand {
         if let auditTimeoutMilliseconds { c.auditTimeoutMilliseconds = auditTimeoutMilliseconds }
         if allowUnlockedMemory { c.allowUnlockedMemory = true }
         if let identityPolicyDir { c.identityPolicyDirectory = identityPolicyDir }
-        if let alarmAccessDeniedPerMinute { c.alarmAccessDeniedPerMinute = alarmAccessDeniedPerMinute }
+        if let alarmAccessDeniedPerMinute {
+            guard alarmAccessDeniedPerMinute >= 0 else { throw ValidationError("--alarm-access-denied-per-minute takes 0 (off) or more") }
+            c.alarmAccessDeniedPerMinute = alarmAccessDeniedPerMinute
+        }
         if let auditFailClosed { c.auditFailClosed = auditFailClosed }
         do {
             let server = try Server(configuration: c)
