@@ -69,6 +69,15 @@ public struct EncryptionContext: Sendable, Equatable {
             .joined(separator: ",")
     }
 
+    /// Keys and values (`key=value`, comma-separated, canonical order), for keys whose policy
+    /// opts in (AuditEncryptionContext KeysAndValues); escaped as `auditKeys`, with `=` as `\=`.
+    public static func auditPairs(pairs: [WirePair]) -> String {
+        pairs.sorted { $0.key.lexicographicallyPrecedes($1.key) }
+            .map { escape(String(decoding: $0.key, as: UTF8.self)).replacingOccurrences(of: "=", with: "\\=") + "="
+                + escape(String(decoding: $0.value, as: UTF8.self)).replacingOccurrences(of: "=", with: "\\=") }
+            .joined(separator: ",")
+    }
+
     static func escape(_ key: String) -> String {
         var out = ""
         let hex = Array("0123456789abcdef")

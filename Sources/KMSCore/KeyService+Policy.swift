@@ -37,6 +37,9 @@ extension KeyService {
         return policy
     }
 
+    /// Whether the key's policy puts encryption-context values in its audit records.
+    public func auditsContextValues(_ record: KeyRecord) -> Bool { compiledPolicy(record).auditContextValues }
+
     /// The access decision for one action on one key (`facts.key`), combining the key's policy
     /// and the identity policies as AWS combines key and IAM policies: an explicit Deny in
     /// either wins; else the key policy allows, or it delegates (Role IdentityPolicies) and an

@@ -76,6 +76,7 @@ struct Authorizer {
             }
             if let alias { d.sourceAlias = alias }
             try a.blobKey(r.ciphertextBlob, "ReEncryptFrom", &d, context: r.sourceEncryptionContext, alias: alias)
+            d.sourceContextValues = d.contextValues
             let from = d.decidedBy
             r.destinationKeyID = try a.key(r.destinationKeyID, "ReEncryptTo", &d, aliases: true, context: r.destinationEncryptionContext)
             d.decidedBy = from.isEmpty ? d.decidedBy : "from \(from); to \(d.decidedBy)"
@@ -254,6 +255,7 @@ struct Authorizer {
                 _ adjust: (inout RequestFacts) -> Void = { _ in }) throws(KMSError) {
         let p = ctx.principal
         d.keyState = record.state.rawValue
+        d.contextValues = service.auditsContextValues(record)
         var facts = RequestFacts(action: action, caller: p, isAdministrator: service.isAdministrator(p), key: record)!
         facts.encryptionContext = (context?.isEmpty ?? true) ? nil : context  // none given: absent, as in AWS
         facts.requestAlias = alias

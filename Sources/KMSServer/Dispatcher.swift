@@ -9,6 +9,9 @@ struct AuditDetails {
     var keyID = ""
     var keyVersion: UInt32? = nil
     var contextKeys = ""
+    /// The key's policy puts context values in its audit records (and, ReEncrypt, the source key's).
+    var contextValues = false
+    var sourceContextValues = false
     /// ReEncrypt only: where the blob came from.
     var sourceKeyID: String? = nil
     var sourceKeyVersion: UInt32? = nil

@@ -179,6 +179,24 @@ struct AuditTests {
         #expect(events.last?["KMS_GRANT_ID"] as? String != nil)
     }
 
+    /// Encryption-context values stay out of audit records unless the key's policy opts in.
+    @Test func contextValuesOnlyWhereThePolicyOptsIn() async throws {
+        try Journal.ensureRunning()
+        let daemon = try Daemon(auditFailClosed: true)
+        defer { daemon.stop() }
+        let client = daemon.client()
+        let plain = try await client.createKey().keyID
+        let policy = #"{"Version": "2012-10-17", "AuditEncryptionContext": "KeysAndValues", "Statement": [{"Sid": "Admins", "Effect": "Allow", "Principal": {"Role": "Administrators"}, "Action": "kms:*", "Resource": "*"}]}"#
+        let open = try await client.createKey(policy: policy).keyID
+        for key in [plain, open] { _ = try await client.encrypt(keyID: key, plaintext: [1], context: ["dept": "payroll", "a=b": "c,d"]) }
+        let records = try Journal.query(["_PID=\(daemon.pid)", "KMS_ACTION=Encrypt"], since: daemon.startedAt, atLeast: 2)
+        #expect(records.first { $0["KMS_KEY_ID"] as? String == plain }?["KMS_ENCRYPTION_CONTEXT"] as? String == "a=b,dept")
+        #expect(records.first { $0["KMS_KEY_ID"] as? String == open }?["KMS_ENCRYPTION_CONTEXT"] as? String == #"a\=b=c\,d,dept=payroll"#)
+        await expectKMSError(.validation) {
+            _ = try await client.createKey(policy: policy.replacingOccurrences(of: "KeysAndValues", with: "Everything"))
+        }
+    }
+
     /// A request that names a key by alias is audited with both: the alias and the key it meant.
     @Test func requestsByAliasRecordTheAliasAndTheKey() async throws {
         try Journal.ensureRunning()

@@ -17,6 +17,10 @@ import KMSProtocol
 public struct KeyPolicy: Sendable {
     public let id: String?
     public let statements: [Statement]
+    /// Beyond AWS: `"AuditEncryptionContext": "KeysAndValues"` puts the encryption context's
+    /// values in this key's audit records too (default `"Keys"`: keys only, as values may be
+    /// sensitive).
+    public var auditContextValues = false
 
     /// AWS's limit on a key policy document.
     public static let maxBytes = 32_768
@@ -84,7 +88,15 @@ public struct KeyPolicy: Sendable {
             throw invalid("the policy is not valid JSON")
         }
         guard let doc = root as? [String: Any] else { throw invalid("the policy must be a JSON object") }
-        try allowOnly(doc, ["Version", "Id", "Statement"], at: "")
+        try allowOnly(doc, ["Version", "Id", "Statement", "AuditEncryptionContext"], at: "")
+        var auditValues = false
+        if let audit = doc["AuditEncryptionContext"] {
+            switch audit as? String {
+            case "Keys": auditValues = false
+            case "KeysAndValues": auditValues = true
+            default: throw invalid("AuditEncryptionContext must be \"Keys\" or \"KeysAndValues\"")
+            }
+        }
         if let version = doc["Version"] {
             guard version as? String == "2012-10-17" else { throw invalid("Version must be \"2012-10-17\"") }
         }
@@ -103,7 +115,7 @@ public struct KeyPolicy: Sendable {
             }
             statements.append(statement)
         }
-        return KeyPolicy(id: id, statements: statements)
+        return KeyPolicy(id: id, statements: statements, auditContextValues: auditValues)
     }
 
     static func parseStatement(_ s: [String: Any], index: Int, at: String, strict: Bool, identity: Bool = false) throws(KMSError) -> Statement {
