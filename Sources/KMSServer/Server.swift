@@ -70,7 +70,10 @@ public final class Server: @unchecked Sendable {
         let service = KeyService(repository: repository, administrators: c.administrators, clock: clock,
                                  daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400)
         let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds,
-                             chainKey: try repository.auditChainKey())
+                             socketPath: c.developmentAuditSocket ?? AuditLog.journalSocket, chainKey: try repository.auditChainKey())
+        if let sink = c.developmentAuditSocket {
+            StandardError.write("kmsd: WARNING: audit records go to \(sink), not journald (developmentAuditSocket; development only)\n")
+        }
         if !c.auditFailClosed {
             StandardError.write("""
             kmsd: ************************************************************************

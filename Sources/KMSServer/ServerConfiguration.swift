@@ -29,6 +29,9 @@ public struct ServerConfiguration: Sendable, Equatable {
     /// Development only: a file holding a number of seconds kmsd adds to the time it goes by
     /// (for rotations and deletions), so tests can move time forward.
     public var developmentClockFile: String? = nil
+    /// Development only: audit records go to this datagram socket instead of journald (the
+    /// benchmark points it at a sink, to measure kmsd without journald's share).
+    public var developmentAuditSocket: String? = nil
     public var keyCacheCapacity = 4096
     public var drainTimeoutSeconds = 10
     /// Requests per second each uid may make (token bucket); 0 = unlimited.
@@ -90,6 +93,7 @@ public struct ServerConfiguration: Sendable, Equatable {
             guard (1...86_400).contains(day) else { throw fail("developmentDaySeconds must be 1...86400, not \(day)") }
         }
         guard developmentClockFile == nil || development else { throw fail("developmentClockFile is allowed only in development mode") }
+        guard developmentAuditSocket == nil || development else { throw fail("developmentAuditSocket is allowed only in development mode") }
         guard !allowUnlockedMemory || development else {
             throw fail("allowUnlockedMemory is allowed only in development mode")
         }
@@ -144,6 +148,7 @@ public struct ServerConfiguration: Sendable, Equatable {
             case "eventLoops": c.eventLoops = try int()
             case "developmentDaySeconds": c.developmentDaySeconds = try int()
             case "developmentClockFile": c.developmentClockFile = try str()
+            case "developmentAuditSocket": c.developmentAuditSocket = try str()
             case "keyCacheCapacity": c.keyCacheCapacity = try int()
             case "drainTimeoutSeconds": c.drainTimeoutSeconds = try int()
             case "maxRequestsPerSecondPerUid": c.maxRequestsPerSecondPerUID = try int()

@@ -100,10 +100,34 @@ struct PolicyReport: Codable, Sendable {
     }
 }
 
+/// The audit's cost: kmsd with journald against kmsd with a sink, and journald's ingest rate.
+struct AuditCostReport: Codable, Sendable {
+    let scenario: String
+    let withJournald: TargetFigures
+    let withoutJournald: TargetFigures
+    let sinkRecords: Int
+    let journald: JournaldIngest.Result
+
+    func markdown() -> String {
+        var lines = ["", "Audit (\(scenario), same run):"]
+        func cpu(_ t: TargetFigures) -> String { t.cpuMicrosecondsPerOperation.map { String(format: "%.1f µs kmsd CPU/op", $0) } ?? "CPU n/a" }
+        lines.append(String(format: "- records to journald: %.0f Encrypt/s, %@", withJournald.opsPerSecond, cpu(withJournald)))
+        lines.append(String(format: "- records to a sink that drops them (no journald): %.0f Encrypt/s, %@ (%d records taken)",
+                            withoutJournald.opsPerSecond, cpu(withoutJournald), sinkRecords))
+        lines.append(String(format: "- journald's ingest of records like kmsd's: %.0f records/s (%d sent, %d stored in %.1f s)",
+                            journald.recordsPerSecond, journald.sent, journald.stored, journald.seconds))
+        if journald.recordsPerSecond > 0 {
+            lines.append(String(format: "- kmsd with audit reaches %.0f%% of journald's ingest rate", 100 * withJournald.opsPerSecond / journald.recordsPerSecond))
+        }
+        return lines.joined(separator: "\n")
+    }
+}
+
 struct BenchReport: Codable, Sendable {
     let environment: BenchEnvironment
     let scenarios: [ScenarioResult]
     var policy: PolicyReport? = nil
+    var audit: AuditCostReport? = nil
 
     /// A header line and a Markdown table. Contains no key material.
     func markdown() -> String {
@@ -132,6 +156,7 @@ struct BenchReport: Codable, Sendable {
             lines.append("| " + cells.joined(separator: " | ") + " |")
         }
         if let policy { lines.append(policy.markdown()) }
+        if let audit { lines.append(audit.markdown()) }
         return lines.joined(separator: "\n")
     }
 

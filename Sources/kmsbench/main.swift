@@ -119,10 +119,31 @@ struct KMSBench: ParsableCommand {
         let policy = PolicyReport(inProcess: inProcess, scenario: scenario.name,
                                   defaultPolicy: results[2].kmsd, twentyStatementPolicy: TargetFigures(withPolicy))
 
+        // The audit's cost: the same scenario against a kmsd whose records go to a sink that
+        // drops them (no journald), and journald's own ingest rate for records like kmsd's.
+        progress("audit records to a null sink instead of journald")
+        let sink = try NullAuditSink(path: work.path + "/audit-sink.sock")
+        sink.start()
+        defer { sink.stop() }
+        let quietDir = work.path + "/no-journald"
+        mkdir(quietDir, 0o700)
+        let quiet = KMSDProcess(executable: executable, workDirectory: quietDir, extraArguments: kmsdArguments + ["--dev-audit-socket", sink.path])
+        try quiet.start()
+        defer { quiet.stop() }
+        try quiet.waitUntilListening(timeoutSeconds: 30)
+        let quietTarget = KMSDTarget(socketPath: quiet.socketPath,
+                                     operationBytes: try RequestFrames.operationBytes(keyID: try quiet.createKey(), plaintext: Self.plaintext))
+        let quietPID = quiet.pid
+        let withoutJournald = try measure(quietTarget, scenario) { LoadDriver.processCPUNanos(pid: quietPID) }
+        progress("journald's ingest rate for records like kmsd's (\(Self.seconds(duration)) s)")
+        let ingest = try JournaldIngest.measure(seconds: duration)
+        let audit = AuditCostReport(scenario: scenario.name, withJournald: results[2].kmsd, withoutJournald: TargetFigures(withoutJournald),
+                                    sinkRecords: sink.records, journald: ingest)
+
         let report = BenchReport(
             environment: .current(duration: duration, warmup: warmup,
                                   plaintextBytes: Self.plaintext.count, requestFrameBytes: sampleFrame.count),
-            scenarios: results, policy: policy)
+            scenarios: results, policy: policy, audit: audit)
         print(report.markdown())
         if json {
             print("")

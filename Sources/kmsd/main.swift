@@ -81,6 +81,9 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("dev-day-seconds"), help: ArgumentHelp("Development only: seconds in a day of a key deletion window (so a 7-day window can pass in 7 s). Default 86400.", valueName: "s"))
     var devDaySeconds: Int?
 
+    @Option(name: .customLong("dev-audit-socket"), help: ArgumentHelp("Development only: send audit records to this datagram socket instead of journald (benchmarks).", valueName: "path"))
+    var devAuditSocket: String?
+
     @Option(name: .customLong("dev-clock-file"), help: ArgumentHelp("Development only: a file holding seconds to add to kmsd's clock (rotations and deletions), read as it changes.", valueName: "file"))
     var devClockFile: String?
 
@@ -122,6 +125,7 @@ struct KMSD: ParsableCommand {
         if let eventLoops { c.eventLoops = eventLoops }
         if let devDaySeconds { c.developmentDaySeconds = devDaySeconds }
         if let devClockFile { c.developmentClockFile = devClockFile }
+        if let devAuditSocket { c.developmentAuditSocket = devAuditSocket }
         if let maxRequestsPerSecondPerUID { c.maxRequestsPerSecondPerUID = maxRequestsPerSecondPerUID }
         if let requestBurstPerUID { c.requestBurstPerUID = requestBurstPerUID }
         if let adminReservedConnections { c.adminReservedConnections = adminReservedConnections }

@@ -124,6 +124,9 @@ struct ConfigurationTests {
         (#"{"auditFailClosed": 1}"#, "true or false"),
         (#"{"developmentDaySeconds": 1}"#, "only in development mode"),
         (#"{"developmentClockFile": "/tmp/clock"}"#, "only in development mode"),
+        (#"{"developmentAuditSocket": "/tmp/sink.sock"}"#, "only in development mode"),
+        (#"{"alarms": {"accessDeniedPerMinute": -1}}"#, "alarms.accessDeniedPerMinute"),
+        (#"{"alarms": {"colour": true}}"#, "unknown setting alarms.colour"),
         (#"{"development": true, "developmentDaySeconds": 0}"#, "developmentDaySeconds must be 1...86400"),
         (#"{"workerThreads": true}"#, "whole number"),
     ])
