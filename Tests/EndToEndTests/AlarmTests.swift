@@ -68,4 +68,28 @@ final class AlarmTests {
         let fired = try alarms("IntegrityFailure")
         #expect(fired.first?["KMS_KEY_ID"] as? String == key && fired.first?["PRIORITY"] as? String == "1")
     }
+
+    /// The opt-in rule, from the configuration file: use of a disabled key.
+    @Test func usingADisabledKeyRaisesAnAlarmWhenConfigured() async throws {
+        let config = daemon.stateDir + "-alarms.json"
+        try #"{"alarms": {"disabledKeyUse": true, "accessDeniedPerMinute": 0}}"#.write(toFile: config, atomically: true, encoding: .utf8)
+        let configured = try Daemon(arguments: ["--config", config])
+        defer { configured.stop() }
+        let c = configured.client()
+        let key = try await c.createKey().keyID
+        try await c.disableKey(keyID: key)
+        await expectKMSError(.disabled) { try await c.encrypt(keyID: key, plaintext: [1]) }
+        await c.close()
+        let fired = try Journal.query(["_PID=\(configured.pid)", "MESSAGE_ID=\(Self.alarmID)", "KMS_ALARM=DisabledKeyUse"],
+                                      since: configured.startedAt, atLeast: 1)
+        #expect(fired.first?["KMS_KEY_ID"] as? String == key && fired.first?["PRIORITY"] as? String == "1")
+        // Off by default: the suite's own daemon raises none for the same thing.
+        let d = daemon.client()
+        let other = try await d.createKey().keyID
+        try await d.disableKey(keyID: other)
+        await expectKMSError(.disabled) { try await d.encrypt(keyID: other, plaintext: [1]) }
+        await d.close()
+        usleep(300_000)
+        #expect(try Journal.query(["_PID=\(daemon.pid)", "KMS_ALARM=DisabledKeyUse"], since: daemon.startedAt, atLeast: 1, timeout: 1).isEmpty)
+    }
 }
