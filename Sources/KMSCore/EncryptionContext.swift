@@ -48,11 +48,6 @@ public struct EncryptionContext: Sendable, Equatable {
 
     public static let empty = try! EncryptionContext([:])
 
-    /// The keys only, for the audit record (see `auditKeys(_:)`).
-    public var auditKeys: String {
-        pairs.map { Self.escape(String(decoding: $0.key, as: UTF8.self)) }.joined(separator: ",")
-    }
-
     /// The keys of pairs as they arrived (duplicates included), for the audit record of a
     /// request whose context may not even be valid; same format as `auditKeys(_:)`.
     public static func auditKeys(pairs: [WirePair]) -> String {
@@ -67,6 +62,12 @@ public struct EncryptionContext: Sendable, Equatable {
         pairs.keys.map { Array($0.utf8) }.sorted { $0.lexicographicallyPrecedes($1) }
             .map { escape(String(decoding: $0, as: UTF8.self)) }
             .joined(separator: ",")
+    }
+
+    /// What KMS_ENCRYPTION_CONTEXT records: keys only, unless the key's policy opted in to
+    /// values too (the one place that decides whether values reach the audit log).
+    public static func auditText(_ pairs: [WirePair], values: Bool) -> String {
+        values ? auditPairs(pairs: pairs) : auditKeys(pairs: pairs)
     }
 
     /// Keys and values (`key=value`, comma-separated, canonical order), for keys whose policy

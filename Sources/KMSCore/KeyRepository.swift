@@ -319,12 +319,6 @@ public final class KeyRepository: Sendable {
         }
     }
 
-    public func grantCount(_ keyID: KeyID) throws(KMSError) -> Int {
-        do { return try storage.grantCount(keyID: keyID.description) } catch {
-            throw KMSError(.internalError, "the keystore could not be read (\(error)); see the daemon's log")
-        }
-    }
-
     static func grantTampered(_ id: String) -> KMSError {
         KMSError(.keyUnavailable, "the stored grant \(id.prefix(16))… failed its integrity check: the keystore was modified outside kmsd. Restore it from a backup")
     }

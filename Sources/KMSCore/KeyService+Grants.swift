@@ -187,7 +187,7 @@ extension KeyService {
                 throw KMSError(.limitExceeded, "key \(record.keyID) has \(Self.maxGrantsPerKey) grants, the most a key may have; retire or revoke some")
             }
             let id: String
-            do { id = try SecureRandom.bytes(32).map { String(format: "%02x", $0) }.joined() } catch {
+            do { id = Hex.encode(try SecureRandom.bytes(32)) } catch {
                 throw KMSError(.internalError, "could not generate random bytes inside kmsd")
             }
             let grant = GrantRecord(grantID: id, keyID: record.keyID, name: input.name,

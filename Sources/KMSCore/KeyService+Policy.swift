@@ -37,8 +37,13 @@ extension KeyService {
         return policy
     }
 
-    /// Whether the key's policy puts encryption-context values in its audit records.
-    public func auditsContextValues(_ record: KeyRecord) -> Bool { compiledPolicy(record).auditContextValues }
+    /// The decision, and whether the key's policy puts encryption-context values in its audit
+    /// records: one look-up of the compiled policy for both.
+    public func decideAuditing(_ facts: RequestFacts) -> (decision: PolicyDecision, auditContextValues: Bool) {
+        guard let key = facts.key else { return (.implicitDeny, false) }
+        let policy = compiledPolicy(key)
+        return (decide(facts, keyPolicy: policy), policy.auditContextValues)
+    }
 
     /// The access decision for one action on one key (`facts.key`), combining the key's policy
     /// and the identity policies as AWS combines key and IAM policies: an explicit Deny in
@@ -149,7 +154,7 @@ extension KeyService {
                                   groups: Array(gids.dropFirst()), executable: p.executable.isEmpty ? nil : p.executable,
                                   systemdUnit: p.unit.isEmpty ? nil : p.unit)
         var facts = RequestFacts(action: index, caller: principal, isAdministrator: isAdministrator(principal), key: record)
-        facts.encryptionContext = context.isEmpty ? nil : context
+        facts.encryptionContext = context.isEmpty ? nil : context.contextPairs
         let repository = self.repository, id = record.keyID
         facts.resourceAliases = { (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? [] }
         if candidate.isEmpty {

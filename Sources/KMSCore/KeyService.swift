@@ -438,8 +438,10 @@ public final class KeyService: Sendable {
     /// `alias/aws/...`, which AWS reserves.
     public static func checkAliasName(_ name: String) throws(KMSError) { try validateAlias(name) }
 
+    static let aliasCharacters = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/_-:".utf8)
+
     static func validateAlias(_ name: String) throws(KMSError) {
-        let allowed = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/_-:".utf8)
+        let allowed = aliasCharacters
         let rest = name.utf8.dropFirst("alias/".count)
         guard name.hasPrefix("alias/"), !rest.isEmpty, name.utf8.count <= 256, rest.allSatisfy(allowed.contains) else {
             throw KMSError(.validation, "alias name '\(name.prefix(80))' is not valid: alias/ followed by letters, digits, / _ - or :, 256 characters at most")
@@ -604,12 +606,12 @@ public final class KeyService: Sendable {
     /// List markers: the text (a key id, an alias name, a tag key, a version) encrypted and authenticated with
     /// AES-256-GCM under a root-derived key, bound to the listing and the caller: a marker shows
     /// nothing (it may point past entries the caller may not see) and cannot be forged.
-    static func makeTextMarker(_ text: String, label: String, caller: Principal, repository: KeyRepository) -> String? {
+    public static func makeTextMarker(_ text: String, label: String, caller: Principal, repository: KeyRepository) -> String? {
         guard let key = repository.markerKey, let nonce = try? SecureRandom.bytes(AESGCM.nonceBytes) else { return nil }
         let sealed = try? Array(text.utf8).withUnsafeBytes { p in
             try AESGCM.seal(key: key, nonce: nonce, plaintext: p, aad: markerAAD(label, caller))
         }
-        return sealed.map { (nonce + $0).map { String(format: "%02x", $0) }.joined() }
+        return sealed.map { Hex.encode(nonce + $0) }
     }
 
     static func markerAAD(_ label: String, _ caller: Principal) -> [UInt8] {
@@ -623,20 +625,10 @@ public final class KeyService: Sendable {
         try textMarker(marker, label: label, caller: caller, repository: repository).flatMap { try? KeyID(parsing: $0) }
     }
 
-    public static func makeMarker(_ text: String, label: String, caller: Principal, repository: KeyRepository) -> String? {
-        makeTextMarker(text, label: label, caller: caller, repository: repository)
-    }
-
     static func textMarker(_ marker: String, label: String, caller: Principal, repository: KeyRepository) throws(KMSError) -> String? {
         guard !marker.isEmpty else { return nil }
         let invalid = KMSError(.invalidMarker, "Marker is not one this server returned to you; pass the NextMarker of the previous page, or start again without one")
-        let utf8 = Array(marker.utf8)
-        guard utf8.count > 2 * (AESGCM.nonceBytes + AESGCM.tagBytes), utf8.count % 2 == 0, let key = repository.markerKey else { throw invalid }
-        var bytes: [UInt8] = []
-        for i in stride(from: 0, to: utf8.count, by: 2) {
-            guard let b = UInt8(String(decoding: utf8[i..<i + 2], as: UTF8.self), radix: 16) else { throw invalid }
-            bytes.append(b)
-        }
+        guard let bytes = Hex.decode(marker), bytes.count > AESGCM.nonceBytes + AESGCM.tagBytes, let key = repository.markerKey else { throw invalid }
         guard let text = try? AESGCM.open(key: key, nonce: Array(bytes[..<AESGCM.nonceBytes]), sealed: Array(bytes[AESGCM.nonceBytes...]),
                                           aad: markerAAD(label, caller)) else { throw invalid }
         return String(decoding: text.unsafeCopyToArray(), as: UTF8.self)
@@ -742,13 +734,6 @@ public final class KeyService: Sendable {
     }
 
     // MARK: - Helpers
-
-    /// Runs `body`, keeping KMSErrors and turning anything else into KMSInternalException.
-    func typed<R>(_ body: () throws -> R) throws(KMSError) -> R {
-        do { return try body() } catch let e as KMSError { throw e } catch {
-            throw KMSError(.internalError, "operation failed inside kmsd (\(error))")
-        }
-    }
 
     private func seal(_ plaintext: UnsafeRawBufferPointer, record: KeyRecord, context: EncryptionContext) throws(KMSError) -> Sealed {
         guard let material = try repository.material(record.keyID, version: record.currentVersion) else {

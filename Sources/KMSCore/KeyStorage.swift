@@ -106,7 +106,6 @@ public protocol KeyStorage: Sendable {
     func grants(keyID: String, after: String?, limit: Int) throws -> [(id: String, row: StoredRow)]
     /// Ids of grants a retiring principal (as written) may retire, ascending after `after`.
     func grantIDs(retiring: String, after: String?, limit: Int) throws -> [String]
-    func grantCount(keyID: String) throws -> Int
 
     /// The row-index entries of the given rows (those that have one).
     func indexEntries(_ rows: [(table: String, rowKey: String)]) throws -> [IndexEntry]

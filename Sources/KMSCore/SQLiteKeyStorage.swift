@@ -367,12 +367,6 @@ public final class SQLiteKeyStorage: KeyStorage {
         }
     }
 
-    public func grantCount(keyID: String) throws -> Int {
-        try readers.with { conn in
-            try Self.query(conn, "SELECT count(*) FROM grants WHERE key_id = ?1", [.text(keyID)], path: path) { Int(sqlite3_column_int64($0, 0)) }.first ?? 0
-        }
-    }
-
     // MARK: - Row index
 
     public func indexEntries(_ rows: [(table: String, rowKey: String)]) throws -> [IndexEntry] {

@@ -118,13 +118,8 @@ final class AuditLog: Sendable {
         self.timeoutMilliseconds = Int32(clamping: timeoutMilliseconds)
         self.chainKey = chainKey
         let id = (try? SecureRandom.bytes(16)) ?? []
-        runID = Self.hex(id)
+        runID = Hex.encode(id)
         state = Mutex(JournalSocket(path: socketPath))
-    }
-
-    static func hex(_ bytes: [UInt8]) -> String {
-        let digits = Array("0123456789abcdef".utf8)
-        return String(decoding: bytes.flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] }, as: UTF8.self)
     }
 
     /// The last sequence number journald took (0 before the first record).
@@ -174,8 +169,6 @@ final class AuditLog: Sendable {
         return plainChained.contains { name.elementsEqual($0) }
     }
 
-    static func chained(_ name: String) -> Bool { isChained(ArraySlice(name.utf8)) }
-
     /// KMS_CHAIN of a record: HMAC-SHA256 under the chain key over the previous record's chain
     /// and this record's fields (`NAME=value` in UTF-8).
     func chainValue(previous: [UInt8], encoded: [[UInt8]]) -> [UInt8]? {
@@ -191,7 +184,7 @@ final class AuditLog: Sendable {
     /// run id (16) ‖ u64be seq ‖ chain (32) ‖ clean (1) ‖ HMAC (32).
     func checkpoint(clean: Bool) -> [UInt8] {
         let (seq, chain) = chainPosition
-        var body = Self.unhex(runID) ?? []
+        var body = Hex.decode(runID) ?? []
         for shift in stride(from: 56, through: 0, by: -8) { body.append(UInt8((seq >> UInt64(shift)) & 0xff)) }
         body += chain
         body.append(clean ? 1 : 0)
@@ -205,19 +198,8 @@ final class AuditLog: Sendable {
         guard bytes.count == 16 + 8 + 32 + 1 + 32, let chainKey else { return nil }
         let body = Array(bytes[0..<57])
         guard (try? HMAC.isValid(Array(bytes[57...]), key: chainKey, data: Array("kmsd/v1/audit-checkpoint".utf8) + body)) == true else { return nil }
-        return Checkpoint(runID: Self.hex(Array(body[0..<16])), sequence: body[16..<24].reduce(0) { $0 << 8 | UInt64($1) },
+        return Checkpoint(runID: Hex.encode(Array(body[0..<16])), sequence: body[16..<24].reduce(0) { $0 << 8 | UInt64($1) },
                           chain: Array(body[24..<56]), clean: body[56] == 1)
-    }
-
-    static func unhex(_ s: String) -> [UInt8]? {
-        let u = Array(s.utf8)
-        guard u.count % 2 == 0 else { return nil }
-        var out: [UInt8] = []
-        for i in stride(from: 0, to: u.count, by: 2) {
-            guard let b = UInt8(String(decoding: u[i..<i + 2], as: UTF8.self), radix: 16) else { return nil }
-            out.append(b)
-        }
-        return out
     }
 
 
@@ -237,7 +219,7 @@ final class AuditLog: Sendable {
             if chainKey != nil {
                 encoded.append(seq)
                 chain = chainValue(previous: journal.chain, encoded: encoded)
-                if let chain { Self.append(encoded: Array("KMS_CHAIN=\(Self.hex(chain))".utf8), to: &datagram) }
+                if let chain { Self.append(encoded: Array("KMS_CHAIN=\(Hex.encode(chain))".utf8), to: &datagram) }
             }
             if let error = journal.send(datagram, timeoutMilliseconds: timeout) {
                 if !journal.warned {
@@ -259,11 +241,12 @@ final class AuditLog: Sendable {
     /// A record of something kmsd did by itself (no caller): `action` on `keyID`.
     @discardableResult
     func writeEvent(action: String, keyID: String, version: UInt32? = nil, failure: KMSErrorCode? = nil, message: String,
-                    extraFields: [String] = []) -> Bool {
+                    extraFields: [String] = [], alarm: String? = nil) -> Bool {
         let me = Principal(uid: geteuid(), gid: getegid(), pid: getpid(), userName: PeerCredentials.userName(geteuid()))
         var record = AuditRecord(action: action, requestID: 0, principal: me, result: failure == nil ? .allowed : .failed)
         record.error = failure
         record.extraFields = extraFields
+        record.alarm = alarm
         record.details.keyID = keyID
         record.details.keyVersion = version
         record.eventMessage = message
@@ -272,8 +255,6 @@ final class AuditLog: Sendable {
 
     /// One field in journald's native protocol: `NAME=value\n`, or, when the value holds a
     /// newline or NUL, `NAME\n` + 64-bit little-endian length + value + `\n`.
-    static func append(_ field: String, to out: inout [UInt8]) { append(encoded: Array(field.utf8), to: &out) }
-
     static func append(encoded field: [UInt8], to out: inout [UInt8]) {
         var utf8 = field
         guard let eq = utf8.firstIndex(of: UInt8(ascii: "=")) else { return }

@@ -41,31 +41,34 @@ struct Authorizer {
         case .cancelKeyDeletion(var r): r.keyID = try a.key(r.keyID, "CancelKeyDeletion", &d); op = .cancelKeyDeletion(r)
         case .updateKeyDescription(var r): r.keyID = try a.key(r.keyID, "UpdateKeyDescription", &d); op = .updateKeyDescription(r)
         case .encrypt(var r):
-            r.keyID = try a.key(r.keyID, "Encrypt", &d, aliases: true, context: r.encryptionContext)
+            r.keyID = try a.key(r.keyID, "Encrypt", &d, aliases: true, context: ctx.contextPairs(operation: 30, field: 3, decoded: r.encryptionContext))
             op = .encrypt(r)
         case .generateDataKey(var r):
-            r.keyID = try a.key(r.keyID, "GenerateDataKey", &d, aliases: true, context: r.encryptionContext)
+            r.keyID = try a.key(r.keyID, "GenerateDataKey", &d, aliases: true, context: ctx.contextPairs(operation: 33, field: 4, decoded: r.encryptionContext))
             op = .generateDataKey(r)
         case .generateDataKeyWithoutPlaintext(var r):
-            r.keyID = try a.key(r.keyID, "GenerateDataKeyWithoutPlaintext", &d, aliases: true, context: r.encryptionContext)
+            r.keyID = try a.key(r.keyID, "GenerateDataKeyWithoutPlaintext", &d, aliases: true,
+                                context: ctx.contextPairs(operation: 34, field: 4, decoded: r.encryptionContext))
             op = .generateDataKeyWithoutPlaintext(r)
         case .decrypt(var r):
+            let context = try ctx.contextPairs(operation: 31, field: 2, decoded: r.encryptionContext)
             let alias = KeyService.aliasName(r.keyID)
             if alias != nil {
                 // An alias of a key the caller may not decrypt with looks missing, as everywhere.
-                r.keyID = try a.key(r.keyID, "Decrypt", &d, aliases: true, context: r.encryptionContext)
+                r.keyID = try a.key(r.keyID, "Decrypt", &d, aliases: true, context: context)
             } else if let named = try a.named(r.keyID) {
                 r.keyID = named.description
             }
             if let alias { d.alias = alias }
-            try a.blobKey(r.ciphertextBlob, "Decrypt", &d, context: r.encryptionContext, alias: alias)
+            try a.blobKey(r.ciphertextBlob, "Decrypt", &d, context: context, alias: alias)
             op = .decrypt(r)
         case .reEncrypt(var r):
+            let source = try ctx.contextPairs(operation: 32, field: 2, decoded: r.sourceEncryptionContext)
             let alias = KeyService.aliasName(r.sourceKeyID)
             if alias != nil {
                 var scratch = AuditDetails()
                 do {
-                    r.sourceKeyID = try a.key(r.sourceKeyID, "ReEncryptFrom", &scratch, aliases: true, context: r.sourceEncryptionContext)
+                    r.sourceKeyID = try a.key(r.sourceKeyID, "ReEncryptFrom", &scratch, aliases: true, context: source)
                 } catch {
                     d.decidedBy = scratch.decidedBy
                     d.sourceAlias = scratch.alias
@@ -75,10 +78,10 @@ struct Authorizer {
                 r.sourceKeyID = named.description
             }
             if let alias { d.sourceAlias = alias }
-            try a.blobKey(r.ciphertextBlob, "ReEncryptFrom", &d, context: r.sourceEncryptionContext, alias: alias)
+            try a.blobKey(r.ciphertextBlob, "ReEncryptFrom", &d, context: source, alias: alias)
             d.sourceContextValues = d.contextValues
             let from = d.decidedBy
-            r.destinationKeyID = try a.key(r.destinationKeyID, "ReEncryptTo", &d, aliases: true, context: r.destinationEncryptionContext)
+            r.destinationKeyID = try a.key(r.destinationKeyID, "ReEncryptTo", &d, aliases: true, context: ctx.contextPairs(operation: 32, field: 5, decoded: r.destinationEncryptionContext))
             d.decidedBy = from.isEmpty ? d.decidedBy : "from \(from); to \(d.decidedBy)"
             op = .reEncrypt(r)
         case .createAlias(let r):
@@ -177,7 +180,7 @@ struct Authorizer {
 
     /// Decides `action` on the key `text` names and returns its key id. `aliases`: whether the
     /// operation accepts `alias/NAME` (else the text must be a key id or ARN).
-    func key(_ text: String, _ action: String, _ d: inout AuditDetails, aliases: Bool = false, context: [String: String]? = nil,
+    func key(_ text: String, _ action: String, _ d: inout AuditDetails, aliases: Bool = false, context: ContextPairs? = nil,
              facts adjust: (inout RequestFacts) -> Void = { _ in }) throws(KMSError) -> String {
         var alias: String? = nil
         let id: KeyID
@@ -202,10 +205,12 @@ struct Authorizer {
     /// Decides `action` on the key a ciphertext blob names. A blob that does not parse, or that
     /// names a key that never existed here, protects nothing: the handler answers it
     /// (InvalidCiphertextException) without a decision.
-    func blobKey(_ blob: Data, _ action: String, _ d: inout AuditDetails, context: [String: String], alias: String?) throws(KMSError) {
-        guard let parsed = try? SymmetricCiphertext(parsing: Array(blob)) else { d.decidedBy = "none: not a ciphertext"; return }
+    func blobKey(_ blob: Data, _ action: String, _ d: inout AuditDetails, context: ContextPairs, alias: String?) throws(KMSError) {
+        // No key decides these: no context values in their records either.
+        guard let parsed = try? SymmetricCiphertext(parsing: Array(blob)) else { d.decidedBy = "none: not a ciphertext"; d.contextValues = false; return }
         guard let record = try service.repository.record(parsed.keyID) else {
             d.decidedBy = "none: no such key"
+            d.contextValues = false
             return
         }
         if action == "Decrypt" { d.keyID = record.keyID.description } else { d.sourceKeyID = record.keyID.description }
@@ -251,18 +256,19 @@ struct Authorizer {
         return record
     }
 
-    func decide(_ action: String, _ record: KeyRecord, _ d: inout AuditDetails, context: [String: String]?, alias: String?,
+    func decide(_ action: String, _ record: KeyRecord, _ d: inout AuditDetails, context: ContextPairs?, alias: String?,
                 _ adjust: (inout RequestFacts) -> Void = { _ in }) throws(KMSError) {
         let p = ctx.principal
         d.keyState = record.state.rawValue
-        d.contextValues = service.auditsContextValues(record)
+
         var facts = RequestFacts(action: action, caller: p, isAdministrator: service.isAdministrator(p), key: record)!
         facts.encryptionContext = (context?.isEmpty ?? true) ? nil : context  // none given: absent, as in AWS
         facts.requestAlias = alias
         let repository = service.repository, id = record.keyID
         facts.resourceAliases = { (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? [] }
         adjust(&facts)
-        var decision = service.decide(facts)
+        var (decision, auditValues) = service.decideAuditing(facts)
+        d.contextValues = auditValues
         // Nothing in the policy says no, and nothing says yes: a grant may.
         if decision.effect == .implicitDeny, let grant = service.grantAllowing(facts) {
             decision = PolicyDecision(effect: .allow, decidedBy: "grant:\(grant.grantID)")

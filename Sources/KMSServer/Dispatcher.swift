@@ -90,6 +90,16 @@ struct HandlerContext: Sendable {
     }
 }
 
+extension HandlerContext {
+    /// A request's encryption context for the access decision: the pairs as sent, byte for
+    /// byte, exactly what the ciphertext binds (a context read ambiguously is refused here).
+    func contextPairs(operation: Int, field: Int, decoded: [String: String]) throws(KMSError) -> ContextPairs {
+        try context(operation: operation, field: field, decoded: decoded).map {
+            (key: String(decoding: $0.key, as: UTF8.self), value: String(decoding: $0.value, as: UTF8.self))
+        }
+    }
+}
+
 /// Settings handlers report (Hello) without depending on the whole configuration.
 struct ServerSettings: Sendable {
     let maxFrameBytes: Int

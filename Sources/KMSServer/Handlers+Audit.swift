@@ -14,7 +14,7 @@ enum AuditHandlers {
         valid.reserveCapacity(r.records.count)
         for record in r.records {
             guard record.previousChain.count == 32,
-                  let claimed = record.fields.last(where: { $0.name == "KMS_CHAIN" }).flatMap({ AuditLog.unhex($0.value) }),
+                  let claimed = record.fields.last(where: { $0.name == "KMS_CHAIN" }).flatMap({ Hex.decode($0.value) }),
                   let computed = audit.chainValue(previous: Array(record.previousChain), fields: record.fields.map { ($0.name, $0.value) })
             else { valid.append(false); continue }
             valid.append(ConstantTime.equals(claimed, computed))

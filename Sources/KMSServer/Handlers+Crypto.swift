@@ -18,7 +18,7 @@ enum CryptoHandlers {
     static func encrypt(_ r: Kmsd_V1_EncryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_EncryptResponse {
         d.noteKey(requested: r.keyID)
         let pairs = try ctx.context(operation: 30, field: 3, decoded: r.encryptionContext)
-        d.contextKeys = d.contextValues ? EncryptionContext.auditPairs(pairs: pairs) : EncryptionContext.auditKeys(pairs: pairs)
+        d.contextKeys = EncryptionContext.auditText(pairs, values: d.contextValues)
         try checkAlgorithm(r.encryptionAlgorithm)
         // The request's plaintext is used where SwiftProtobuf put it (Dispatcher zeroes it).
         let context = try EncryptionContext(pairs: pairs)
@@ -42,7 +42,7 @@ enum CryptoHandlers {
         noteBlob(Array(r.ciphertextBlob), into: &d)
         if case let a = AuditDetails.alias(requested: r.keyID), !a.isEmpty { d.alias = a }
         let pairs = try ctx.context(operation: 31, field: 2, decoded: r.encryptionContext)
-        d.contextKeys = d.contextValues ? EncryptionContext.auditPairs(pairs: pairs) : EncryptionContext.auditKeys(pairs: pairs)
+        d.contextKeys = EncryptionContext.auditText(pairs, values: d.contextValues)
         try checkAlgorithm(r.encryptionAlgorithm)
         let opened = try ctx.service.decrypt(blob: Array(r.ciphertextBlob), context: EncryptionContext(pairs: pairs), keyID: r.keyID, caller: ctx.principal)
         // The plaintext travels from locked memory straight into the frame (ResponseSecret).
@@ -63,8 +63,8 @@ enum CryptoHandlers {
         d.keyVersion = nil
         let source = try ctx.context(operation: 32, field: 2, decoded: r.sourceEncryptionContext)
         let destination = try ctx.context(operation: 32, field: 5, decoded: r.destinationEncryptionContext)
-        d.contextKeys = d.contextValues ? EncryptionContext.auditPairs(pairs: destination) : EncryptionContext.auditKeys(pairs: destination)
-        d.sourceContextKeys = d.sourceContextValues ? EncryptionContext.auditPairs(pairs: source) : EncryptionContext.auditKeys(pairs: source)
+        d.contextKeys = EncryptionContext.auditText(destination, values: d.contextValues)
+        d.sourceContextKeys = EncryptionContext.auditText(source, values: d.sourceContextValues)
         let result = try ctx.service.reEncrypt(blob: Array(r.ciphertextBlob), sourceContext: EncryptionContext(pairs: source),
                                                sourceKeyID: r.sourceKeyID, destinationKeyID: r.destinationKeyID,
                                                destinationContext: EncryptionContext(pairs: destination), caller: ctx.principal)
@@ -82,7 +82,7 @@ enum CryptoHandlers {
     static func dataKey(keyID: String, keySpec: String, numberOfBytes: UInt32, context pairs: [WirePair],
                         _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> (plaintext: SecureBytes, sealed: KeyService.Sealed) {
         d.noteKey(requested: keyID)
-        d.contextKeys = d.contextValues ? EncryptionContext.auditPairs(pairs: pairs) : EncryptionContext.auditKeys(pairs: pairs)
+        d.contextKeys = EncryptionContext.auditText(pairs, values: d.contextValues)
         let result = try ctx.service.generateDataKey(keyID: keyID, keySpec: keySpec, numberOfBytes: numberOfBytes,
                                                      context: EncryptionContext(pairs: pairs), caller: ctx.principal)
         d.keyID = result.sealed.keyID.description

@@ -54,7 +54,7 @@ enum ReviewHandlers {
             ids = try service.repository.keyIDs(after: after, limit: limit + 1)
             if ids.count > limit {
                 ids.removeLast()
-                next = KeyService.makeMarker(ids.last!.description, label: "review", caller: ctx.principal, repository: service.repository)
+                next = KeyService.makeTextMarker(ids.last!.description, label: "review", caller: ctx.principal, repository: service.repository)
             }
         }
         // Keep the answer within a frame: stop early (with a marker) when it grows large.
@@ -65,7 +65,7 @@ enum ReviewHandlers {
             let entries = try service.reviewAccess(record)
             let size = entries.reduce(64) { $0 + $1.source.utf8.count + $1.conditions.utf8.count + ($1.principals + $1.actions).reduce(0) { $0 + $1.utf8.count + 4 } + 32 }
             if !keys.isEmpty, size > budget {
-                next = KeyService.makeMarker(keys.last!.keyID, label: "review", caller: ctx.principal, repository: service.repository)
+                next = KeyService.makeTextMarker(keys.last!.keyID, label: "review", caller: ctx.principal, repository: service.repository)
                 break
             }
             budget -= size

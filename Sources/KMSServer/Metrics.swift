@@ -22,13 +22,15 @@ final class Metrics: Sendable {
 
     func record(action: String, result: String, micros: UInt64) {
         let bucket = Self.bucketsMicros.firstIndex { micros <= $0 } ?? Self.bucketsMicros.count
-        stats.withLock { all in
-            // In place: no copy of the entry's dictionary and array per request.
-            all[action, default: ActionStats()].results[result, default: 0] += 1
-            all[action, default: ActionStats()].buckets[bucket] += 1
-            all[action, default: ActionStats()].sumMicros &+= micros
-            all[action, default: ActionStats()].count += 1
-        }
+        stats.withLock { all in Self.bump(&all[action, default: ActionStats()], result: result, bucket: bucket, micros: micros) }
+    }
+
+    /// In place: one look-up of the action, no copy of its entry.
+    private static func bump(_ s: inout ActionStats, result: String, bucket: Int, micros: UInt64) {
+        s.results[result, default: 0] += 1
+        s.buckets[bucket] += 1
+        s.sumMicros &+= micros
+        s.count += 1
     }
 
     var snapshot: [String: ActionStats] { stats.withLock { $0 } }

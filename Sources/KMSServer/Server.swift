@@ -96,12 +96,8 @@ public final class Server: @unchecked Sendable {
             StandardError.write("kmsd: ERROR: \(message)\n")
             _ = audit.writeEvent(action: "KeystoreRollbackDetected", keyID: "", failure: .keyUnavailable, message: message)
             if c.alarms.integrityFailure {
-                let me = Principal(uid: geteuid(), gid: getegid(), pid: getpid(), userName: PeerCredentials.userName(geteuid()))
-                var alarm = AuditRecord(action: "Alarm", requestID: 0, principal: me, result: .failed)
-                alarm.error = .keyUnavailable
-                alarm.alarm = "IntegrityFailure"
-                alarm.eventMessage = "ALARM IntegrityFailure: \(message)"
-                _ = audit.write(alarm)
+                audit.writeEvent(action: "Alarm", keyID: "", failure: .keyUnavailable, message: "ALARM IntegrityFailure: \(message)",
+                                 alarm: "IntegrityFailure")
             }
         } else if report.built {
             StandardError.write("kmsd: built the keystore's row index (\(report.entries) rows) for rollback detection\n")
@@ -378,7 +374,7 @@ public final class Server: @unchecked Sendable {
         let stop = previous.map { $0.clean ? "clean" : "unclean" } ?? (stored == nil ? "none" : "unknown")
         var fields = ["KMS_PREVIOUS_STOP=\(stop)"]
         if let p = previous {
-            fields += ["KMS_PREVIOUS_RUN_ID=\(p.runID)", "KMS_PREVIOUS_SEQ=\(p.sequence)", "KMS_PREVIOUS_CHAIN=\(AuditLog.hex(p.chain))"]
+            fields += ["KMS_PREVIOUS_RUN_ID=\(p.runID)", "KMS_PREVIOUS_SEQ=\(p.sequence)", "KMS_PREVIOUS_CHAIN=\(Hex.encode(p.chain))"]
         }
         let note = switch stop {
         case "clean": "the previous run stopped cleanly"

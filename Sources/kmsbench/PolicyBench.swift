@@ -46,7 +46,7 @@ enum PolicyBench {
         }
         func time(_ key: KeyRecord) throws -> Double {
             var facts = RequestFacts(action: "Encrypt", caller: caller, isAdministrator: false, key: key)!
-            facts.encryptionContext = ["tenant": "acme"]
+            facts.encryptionContext = [(key: "tenant", value: "acme")]
             guard service.decide(facts).allowed else { throw BenchError("the benchmark policy does not allow the benchmark's Encrypt") }
             var allowed = 0
             let start = monotonicNanos()

@@ -67,10 +67,14 @@ func readJournal(_ args: [String], follow: Bool = false, _ body: (JournalRecord)
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/usr/bin/journalctl")
     process.arguments = ["-o", "json", "--all", "--no-pager"] + (follow ? ["--follow", "--lines=0"] : []) + args
-    let out = Pipe(), err = Pipe()
+    // stderr to a file, not a pipe: a pipe nobody reads while stdout streams could fill and stall journalctl.
+    let errPath = FileManager.default.temporaryDirectory.appendingPathComponent("kmsctl-journalctl-\(getpid()).err").path
+    FileManager.default.createFile(atPath: errPath, contents: nil)
+    defer { try? FileManager.default.removeItem(atPath: errPath) }
+    let out = Pipe()
     process.standardOutput = out
-    process.standardError = err
-    try process.run()
+    process.standardError = FileHandle(forWritingAtPath: errPath)
+    do { try process.run() } catch { throw ValidationError("cannot run journalctl: \(error)") }
     var pending = Data()
     let handle = out.fileHandleForReading
     while true {
@@ -83,9 +87,9 @@ func readJournal(_ args: [String], follow: Bool = false, _ body: (JournalRecord)
             for r in JournalRecord.parse(Data(line), requireChain: false) { try body(r) }
         }
     }
-    let errors = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
     process.waitUntilExit()
     guard process.terminationStatus == 0 else {
+        let errors = String(decoding: FileManager.default.contents(atPath: errPath) ?? Data(), as: UTF8.self)
         throw ValidationError("journalctl failed (\(errors.trimmingCharacters(in: .whitespacesAndNewlines))); run as root or a member of systemd-journal")
     }
 }
@@ -279,23 +283,14 @@ struct AuditVerify: AsyncParsableCommand {
             guard let data = FileManager.default.contents(atPath: file) else { throw ValidationError("--file: cannot read \(file)") }
             return JournalRecord.parse(data)
         }
-        var args = ["-o", "json", "--all", "--no-pager", "SYSLOG_IDENTIFIER=kmsd"]
+        var args = ["SYSLOG_IDENTIFIER=kmsd"]
         if let since { args += ["--since", since] }
         if let until { args += ["--until", until] }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/journalctl")
-        process.arguments = args
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        let errors = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw ValidationError("journalctl failed (\(errors.trimmingCharacters(in: .whitespacesAndNewlines))); run as root or a member of systemd-journal")
+        var records: [JournalRecord] = []
+        try readJournal(args) { r in
+            if r.fields["KMS_RUN_ID"] != nil, r.fields["KMS_SEQ"] != nil, r.fields["KMS_CHAIN"] != nil { records.append(r) }
         }
-        return JournalRecord.parse(data)
+        return records
     }
 
     struct VerifyReport {
@@ -346,7 +341,7 @@ struct AuditVerify: AsyncParsableCommand {
             let records = byRun[run]!.sorted { $0.key < $1.key }.map(\.value)
             var pairs: [(previousChain: [UInt8], fields: [(name: String, value: String)])] = []
             for (a, b) in zip(records, records.dropFirst()) where b.seq == a.seq + 1 {
-                if let prior = Self.unhex(a.chain) { pairs.append((prior, b.written)) }
+                if let prior = Self.chainBytes(a.chain) { pairs.append((prior, b.written)) }
                 if pairs.count >= 20 { break }
             }
             var ours = false
@@ -385,10 +380,10 @@ struct AuditVerify: AsyncParsableCommand {
                 var prior: [UInt8]? = nil
                 if seq == 1 {
                     let stop = r.fields["KMS_PREVIOUS_STOP"] ?? ""
-                    prior = stop == "none" ? [UInt8](repeating: 0, count: 32) : r.fields["KMS_PREVIOUS_CHAIN"].flatMap(Self.unhex)
+                    prior = stop == "none" ? [UInt8](repeating: 0, count: 32) : r.fields["KMS_PREVIOUS_CHAIN"].flatMap(Self.chainBytes)
                     if prior == nil && stop != "none" { report.problems.append("run \(run) starts without a link to the run before") }
                 } else if let p = previous, p.seq == seq - 1 {
-                    prior = Self.unhex(p.chain)
+                    prior = Self.chainBytes(p.chain)
                 } else if let p = previous {
                     report.problems.append("missing records: run \(run) KMS_SEQ \(p.seq + 1)...\(seq - 1)")
                 }
@@ -422,14 +417,7 @@ struct AuditVerify: AsyncParsableCommand {
         try await flush()
     }
 
-    static func unhex(_ s: String) -> [UInt8]? {
-        let u = Array(s.utf8)
-        guard u.count == 64 else { return nil }
-        var out: [UInt8] = []
-        for i in stride(from: 0, to: 64, by: 2) {
-            guard let b = UInt8(String(decoding: u[i..<i + 2], as: UTF8.self), radix: 16) else { return nil }
-            out.append(b)
-        }
-        return out
-    }
+
+    /// A KMS_CHAIN value: 32 bytes in hex.
+    static func chainBytes(_ text: String) -> [UInt8]? { Hex.decode(text).flatMap { $0.count == 32 ? $0 : nil } }
 }

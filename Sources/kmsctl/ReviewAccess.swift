@@ -60,24 +60,9 @@ struct ReviewAccess: AsyncParsableCommand {
     /// Every KMS_DECIDED_BY of an allowed request in the last `days` days.
     static func decidersInAuditTrail(days: Int) throws -> Set<String> {
         let since = Int(Date().timeIntervalSince1970) - days * 86_400
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/journalctl")
-        process.arguments = ["-o", "json", "--no-pager", "--output-fields=KMS_DECIDED_BY", "SYSLOG_IDENTIFIER=kmsd", "KMS_RESULT=Allowed",
-                             "--since", "@\(since)"]
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        do { try process.run() } catch { throw ValidationError("--unused-days needs journalctl: \(error)") }
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        let errors = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw ValidationError("--unused-days: journalctl failed (\(errors.trimmingCharacters(in: .whitespacesAndNewlines))); run as root or a member of systemd-journal")
-        }
         var deciders = Set<String>()
-        for line in data.split(separator: UInt8(ascii: "\n")) {
-            guard let object = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any],
-                  let by = object["KMS_DECIDED_BY"] as? String else { continue }
+        try readJournal(["SYSLOG_IDENTIFIER=kmsd", "KMS_RESULT=Allowed", "--since", "@\(since)"]) { r in
+            guard let by = r.fields["KMS_DECIDED_BY"] else { return }
             // ReEncrypt and UpdateAlias: "from X; to Y".
             for part in by.split(separator: ";") {
                 var p = part.trimmingCharacters(in: .whitespaces)

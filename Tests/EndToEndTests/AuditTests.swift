@@ -23,8 +23,8 @@ struct AuditTests {
         await expectKMSError(.notFound) { try await client.describeKey(keyID: "pasted-password-hunter2") }
         let expected = 7
 
-        let records = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: expected + 1)  // and KmsdStarted
-            .filter { $0["MESSAGE_ID"] as? String == "3f1c2a4e9b7d4c2e8a6f0d1b5e9c7a31" }  // requests, not kmsd's own events
+        // Request records only (kmsd's own events have their own MESSAGE_ID).
+        let records = try Journal.query(["_PID=\(daemon.pid)", "MESSAGE_ID=\(JournalIDs.request)"], since: daemon.startedAt, atLeast: expected)
         #expect(records.count == expected, "one record per request")
         let byAction = Dictionary(grouping: records) { $0["KMS_ACTION"] as? String ?? "" }
         #expect(byAction["CreateKey"]?.count == 1 && byAction["Encrypt"]?.count == 1 && byAction["Decrypt"]?.count == 2)

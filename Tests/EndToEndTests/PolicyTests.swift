@@ -42,10 +42,13 @@ final class PolicyTests {
         #expect(r.status != 0 && r.stderr.contains(code), "\(r.stderr)", sourceLocation: sourceLocation)
     }
 
-    /// The audit record of the latest request of `uid` for `action`.
-    func lastRecord(uid: UInt32, action: String) throws -> [String: Any]? {
-        let records = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: 1)
-        return records.last { $0["KMS_PEER_UID"] as? String == String(uid) && $0["KMS_ACTION"] as? String == action }
+    /// Waits (journald stores records a moment after kmsd sent them) for an audit record of this
+    /// daemon for `uid` and `action` with every field in `fields`; an issue when none comes.
+    func expectRecord(uid: UInt32, action: String, _ fields: [String: String], sourceLocation: SourceLocation = #_sourceLocation) throws {
+        var matches = ["_PID=\(daemon.pid)", "KMS_PEER_UID=\(uid)", "KMS_ACTION=\(action)"]
+        matches += fields.map { "\($0.key)=\($0.value)" }
+        let found = try Journal.query(matches, since: daemon.startedAt, atLeast: 1)
+        #expect(!found.isEmpty, "no \(action) record of uid \(uid) with \(fields)", sourceLocation: sourceLocation)
     }
 
     @Test func theDefaultPolicyIsTodaysRuleWrittenDown() async throws {
@@ -56,10 +59,8 @@ final class PolicyTests {
         let own = try encrypt(getuid(), key)
         #expect(own.status == 0, "\(own.stderr)")
         expectDenied(try encrypt(Self.bob, key))
-        let denied = try #require(try lastRecord(uid: Self.bob, action: "Encrypt"))
-        #expect(denied["KMS_RESULT"] as? String == "Denied" && denied["KMS_DECIDED_BY"] as? String == "implicit-deny")
-        let allowed = try #require(try lastRecord(uid: getuid(), action: "Encrypt"))
-        #expect(allowed["KMS_DECIDED_BY"] as? String == "key-policy:KeyCreator")
+        try expectRecord(uid: Self.bob, action: "Encrypt", ["KMS_RESULT": "Denied", "KMS_DECIDED_BY": "implicit-deny"])
+        try expectRecord(uid: getuid(), action: "Encrypt", ["KMS_RESULT": "Allowed", "KMS_DECIDED_BY": "key-policy:KeyCreator"])
     }
 
     @Test func uidsAndAnExplicitDenyOverAnAllow() async throws {
@@ -68,9 +69,9 @@ final class PolicyTests {
             #"{"Sid": "EveryoneEncrypts", "Effect": "Allow", "Principal": "*", "Action": "kms:Encrypt", "Resource": "*"}"#,
             #"{"Sid": "NotCarol", "Effect": "Deny", "Principal": {"Uid": "\#(Self.carol)"}, "Action": "kms:*", "Resource": "*"}"#))
         #expect(try encrypt(Self.bob, key).status == 0)
-        #expect(try lastRecord(uid: Self.bob, action: "Encrypt")?["KMS_DECIDED_BY"] as? String == "key-policy:EveryoneEncrypts")
+        try expectRecord(uid: Self.bob, action: "Encrypt", ["KMS_DECIDED_BY": "key-policy:EveryoneEncrypts"])
         expectDenied(try encrypt(Self.carol, key))
-        #expect(try lastRecord(uid: Self.carol, action: "Encrypt")?["KMS_DECIDED_BY"] as? String == "key-policy:NotCarol")
+        try expectRecord(uid: Self.carol, action: "Encrypt", ["KMS_DECIDED_BY": "key-policy:NotCarol"])
         // Encrypt only: bob may not decrypt, nor describe.
         let blob = try encrypt(Self.bob, key).stdout
         expectDenied(try kmsctl(Self.bob, ["decrypt"], stdin: blob))
@@ -83,7 +84,7 @@ final class PolicyTests {
         try await client.putKeyPolicy(keyID: key, policy: Self.policy(
             #"{"Sid": "Nobody", "Effect": "Allow", "Principal": {"User": "nobody"}, "Action": "kms:Encrypt", "Resource": "*"}"#))
         #expect(try encrypt(nobody, key).status == 0)
-        #expect(try lastRecord(uid: nobody, action: "Encrypt")?["KMS_DECIDED_BY"] as? String == "key-policy:Nobody")
+        try expectRecord(uid: nobody, action: "Encrypt", ["KMS_DECIDED_BY": "key-policy:Nobody"])
         expectDenied(try encrypt(Self.bob, key))
         // A name that does not exist is refused when the policy is put.
         await expectKMSError(.validation) {
@@ -114,7 +115,7 @@ final class PolicyTests {
             #"{"Sid": "TheApp", "Effect": "Allow", "Principal": {"Executable": "\#(app)"}, "Action": "kms:Encrypt", "Resource": "*"}"#))
         let viaApp = try encrypt(Self.bob, key, executable: app)
         #expect(viaApp.status == 0, "\(viaApp.stderr)")
-        #expect(try lastRecord(uid: Self.bob, action: "Encrypt")?["KMS_PEER_EXE"] as? String == app)
+        try expectRecord(uid: Self.bob, action: "Encrypt", ["KMS_PEER_EXE": app])
         expectDenied(try encrypt(Self.bob, key))
     }
 
@@ -130,7 +131,7 @@ final class PolicyTests {
         let inUnit = try run("/bin/sh", ["-c", "echo $$ > '\(cgroup)/cgroup.procs' && exec /usr/bin/setpriv --reuid=\(Self.bob) --regid=\(Self.bob) --clear-groups -- '\(Paths.kmsctl)' encrypt --key-id \(key)"],
                              stdin: Data("x".utf8), env: ["KMSD_SOCKET": daemon.socket])
         #expect(inUnit.status == 0, "\(inUnit.stderr)")
-        #expect(try lastRecord(uid: Self.bob, action: "Encrypt")?["KMS_PEER_UNIT"] as? String == unit)
+        try expectRecord(uid: Self.bob, action: "Encrypt", ["KMS_PEER_UNIT": unit])
         expectDenied(try encrypt(Self.bob, key))
     }
 
@@ -210,7 +211,7 @@ final class PolicyTests {
         let grant = try #require((try JSONSerialization.jsonObject(with: created.stdout) as? [String: Any])?["GrantId"] as? String)
         let blob = try encrypt(Self.bob, key, context: ["app=orders", "extra=1"])
         #expect(blob.status == 0, "\(blob.stderr)")
-        #expect(try lastRecord(uid: Self.bob, action: "Encrypt")?["KMS_DECIDED_BY"] as? String == "grant:\(grant)")
+        try expectRecord(uid: Self.bob, action: "Encrypt", ["KMS_DECIDED_BY": "grant:\(grant)"])
         // The constraint: the context must hold app=orders.
         expectDenied(try encrypt(Self.bob, key, context: ["app=billing"]))
         expectDenied(try encrypt(Self.bob, key))
@@ -322,10 +323,7 @@ final class PolicyTests {
         let grant = try await client.createGrant(keyID: key, granteePrincipal: "uid:\(Self.carol)", operations: ["Encrypt"]).grantID
         #expect(try encrypt(Self.bob, key, context: ["app=orders"]).status == 0)
         // The audit record of bob's request must be in the journal before the review reads it.
-        _ = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: 1)
-        var bobsRecord: [String: Any]? = nil
-        for _ in 0..<50 where bobsRecord == nil { bobsRecord = try lastRecord(uid: Self.bob, action: "Encrypt"); usleep(100_000) }
-        #expect(bobsRecord?["KMS_DECIDED_BY"] as? String == "key-policy:BobEncrypts")
+        try expectRecord(uid: Self.bob, action: "Encrypt", ["KMS_DECIDED_BY": "key-policy:BobEncrypts"])
 
         let r = try run(Paths.kmsctl, ["review-access", "--key-id", key, "--unused-days", "1", "--json"], env: ["KMSD_SOCKET": daemon.socket])
         #expect(r.status == 0, "\(r.stderr)")

@@ -85,8 +85,8 @@ final class RollbackTests {
         _ = try await client.encrypt(keyID: other, plaintext: [4])
 
         // Audited: each refused request has its record with the error.
-        let records = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: 8)
-        let refused = records.filter { $0["KMS_ERROR"] as? String == "KeyUnavailableException" }
+        let refused = try Journal.query(["_PID=\(daemon.pid)", "MESSAGE_ID=\(JournalIDs.request)", "KMS_ERROR=KeyUnavailableException"],
+                                        since: daemon.startedAt, atLeast: 5)
         #expect(refused.count >= 5, "\(refused.count) refused requests audited")
         #expect(Set(refused.compactMap { $0["KMS_KEY_ID"] as? String }).isSuperset(of: [enabled, doomed]))
         #expect(refused.contains { $0["KMS_ALIAS"] as? String == "alias/rollback" })

@@ -229,6 +229,13 @@ struct DaemonError: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
+/// The MESSAGE_IDs of kmsd's records (Protocol/AUDIT.md).
+enum JournalIDs {
+    static let request = "3f1c2a4e9b7d4c2e8a6f0d1b5e9c7a31"
+    static let event = "c1b7e0f4a2d94e8b9f3a6d5c2e1b0a97"
+    static let alarm = "9d4e7a1c3b2f48e6a5c0d9b8e7f6a1b2"
+}
+
 /// A real systemd-journald: the one running, or (as root) a private one started for the tests
 /// and left running (never stop a journald you did not start; this one is ours to leave).
 enum Journal {

@@ -225,7 +225,6 @@ struct KeyRepositoryTests {
         func grant(id: String) throws -> StoredRow? { try inner.grant(id: id) }
         func grants(keyID: String, after: String?, limit: Int) throws -> [(id: String, row: StoredRow)] { try inner.grants(keyID: keyID, after: after, limit: limit) }
         func grantIDs(retiring: String, after: String?, limit: Int) throws -> [String] { try inner.grantIDs(retiring: retiring, after: after, limit: limit) }
-        func grantCount(keyID: String) throws -> Int { try inner.grantCount(keyID: keyID) }
         func keyCountsByState() throws -> [String: Int] { try inner.keyCountsByState() }
         func versions(id: String) throws -> [(number: UInt32, row: StoredRow)] { try inner.versions(id: id) }
         func keysDueForRotation(at time: Int64, limit: Int) throws -> [String] { try inner.keysDueForRotation(at: time, limit: limit) }

@@ -1,6 +1,15 @@
 import Foundation
 import KMSProtocol
 
+/// An encryption context as the request carried it: every pair, byte for byte (a dictionary
+/// would merge keys that differ only in Unicode normalisation, which the ciphertext does not).
+public typealias ContextPairs = [(key: String, value: String)]
+
+extension Dictionary where Key == String, Value == String {
+    /// The pairs of a context given as a map (tests, simulations).
+    public var contextPairs: ContextPairs { map { (key: $0.key, value: $0.value) } }
+}
+
 /// What a policy is evaluated against: the request, the caller and the key.
 public struct RequestFacts: @unchecked Sendable {
     /// `PolicyActions` index of the action (`kms:Encrypt`, `kms:ReEncryptFrom`, ...).
@@ -9,7 +18,7 @@ public struct RequestFacts: @unchecked Sendable {
     public var isAdministrator: Bool
     public var key: KeyRecord?
     /// The request's encryption context; nil when the request carries none.
-    public var encryptionContext: [String: String]? = nil
+    public var encryptionContext: ContextPairs? = nil
     /// The alias the request named the key by.
     public var requestAlias: String? = nil
     /// The key's aliases, looked up only when a condition asks.
@@ -376,7 +385,7 @@ enum ConditionKey: Sendable, Equatable {
     func values(in f: RequestFacts) -> [String]? {
         switch self {
         case .encryptionContext(let k): return f.encryptionContext?.first { $0.key.utf8.elementsEqual(k.utf8) }.map { [$0.value] }
-        case .encryptionContextKeys: return f.encryptionContext.map { Array($0.keys) }
+        case .encryptionContextKeys: return f.encryptionContext.map { $0.map(\.key) }
         case .callerUnit: return f.caller.systemdUnit.map { [$0] }
         case .callerExecutable: return f.caller.executable.map { [$0] }
         case .callerUid: return [String(f.caller.uid)]
