@@ -344,4 +344,26 @@ final class PolicyTests {
         expectDenied(try kmsctl(Self.bob, ["review-access"]))
         expectDenied(try kmsctl(Self.bob, ["review-access", "--key-id", key]))
     }
+
+    /// A context with two keys that differ only in Unicode normalisation is two pairs to the
+    /// ciphertext, and so to the policy: a Deny on one of them cannot be dodged by sending the
+    /// other spelling beside it.
+    @Test func policyConditionsSeeTheContextByteForByte() async throws {
+        let nfc = "caf\u{e9}", nfd = "cafe\u{301}"
+        let key = try await client.createKey(policy: Self.policy(
+            #"{"Sid": "NoSecret", "Effect": "Deny", "Principal": "*", "Action": "kms:Encrypt", "Resource": "*", "Condition": {"StringEquals": {"kms:EncryptionContext:\#(nfc)": "secret"}}}"#)).keyID
+        await expectKMSError(.accessDenied) { try await self.client.encrypt(keyID: key, plaintext: [1], context: [nfc: "secret"]) }
+        // Both spellings in one request: the NFD pair through the protobuf message, the NFC one
+        // as a second occurrence of the Encrypt field (protobuf merges them; the map would too).
+        let request = KMSRequest.with(id: 7, .encrypt(.with { $0.keyID = key; $0.plaintext = Data([1]); $0.encryptionContext = [nfd: "ok"] }))
+        var body: [UInt8] = try request.serializedBytes()
+        func lengthDelimited(_ tag: [UInt8], _ bytes: [UInt8]) -> [UInt8] { tag + [UInt8(bytes.count)] + bytes }
+        let entry = lengthDelimited([0x0a], Array(nfc.utf8)) + lengthDelimited([0x12], Array("secret".utf8))
+        let encrypt = lengthDelimited([0x1a], entry)
+        body += [0xf2, 0x01, UInt8(encrypt.count)] + encrypt
+        let raw = try RawConnection(path: daemon.socket)
+        raw.send(RawConnection.frame(body))
+        let answer = try #require(try raw.receive())
+        #expect(answer.id == 7 && answer.kmsError?.code == .accessDenied, "\(answer.kmsError?.code.rawValue ?? "no error")")
+    }
 }
