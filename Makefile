@@ -7,7 +7,20 @@ DEV_DIR := $(CURDIR)/.dev
 APT_PACKAGES := libssl-dev libsystemd-dev libsqlite3-dev sqlite3 pkg-config protobuf-compiler systemd util-linux
 BUILD_FLAGS := --explicit-target-dependency-import-check error
 
-.PHONY: all deps build run test proto check-proto bench clean
+.PHONY: all deps build run test proto check-proto bench install clean
+
+# make install: where things go. DESTDIR stages a tree for a package; PREFIX is where they run
+# from (ExecStart= and the snippets' locations follow it). BIN=DIR installs executables already
+# built in DIR instead of building a release.
+PREFIX ?= /usr/local
+DESTDIR ?=
+SYSCONFDIR ?= /etc
+BINDIR := $(PREFIX)/bin
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+DOCDIR ?= $(PREFIX)/share/doc/kmsd
+BIN ?=
 
 all: build
 
@@ -66,6 +79,34 @@ bench: deps
 	$(SWIFT) build -c release --product kmsd
 	$(SWIFT) build -c release --product kmsbench
 	@bin=$$($(SWIFT) build -c release --show-bin-path); $$bin/kmsbench --kmsd $$bin/kmsd $(BENCH_ARGS)
+
+# Binaries, units, sysusers.d and tmpfiles.d snippets, the example configuration (copied to
+# SYSCONFDIR/kmsd/kmsd.json only when none is there: an existing one is never overwritten) and
+# the README. Nothing is started or enabled: README's "Install on a systemd host" goes on.
+install:
+	@set -e; bin="$(BIN)"; \
+	if [ -z "$$bin" ]; then \
+	  $(MAKE) --no-print-directory deps; \
+	  $(SWIFT) build -c release $(BUILD_FLAGS) --product kmsd; \
+	  $(SWIFT) build -c release $(BUILD_FLAGS) --product kmsctl; \
+	  bin=$$($(SWIFT) build -c release --show-bin-path); \
+	fi; \
+	d="$(DESTDIR)"; \
+	install -d -m 0755 "$$d$(BINDIR)" "$$d$(UNITDIR)" "$$d$(SYSUSERSDIR)" "$$d$(TMPFILESDIR)" "$$d$(DOCDIR)" "$$d$(SYSCONFDIR)/kmsd" "$$d$(SYSCONFDIR)/kmsd/identity-policies"; \
+	install -m 0755 "$$bin/kmsd" "$$bin/kmsctl" "$$d$(BINDIR)/"; \
+	sed -e 's|/usr/local/bin/kmsd|$(BINDIR)/kmsd|g' -e 's|/etc/kmsd/|$(SYSCONFDIR)/kmsd/|g' \
+	    -e 's|file:///usr/share/doc/kmsd/|file://$(DOCDIR)/|' systemd/kmsd.service > "$$d$(UNITDIR)/kmsd.service"; \
+	chmod 0644 "$$d$(UNITDIR)/kmsd.service"; \
+	install -m 0644 systemd/kmsd.socket "$$d$(UNITDIR)/kmsd.socket"; \
+	install -m 0644 systemd/kmsd.sysusers "$$d$(SYSUSERSDIR)/kmsd.conf"; \
+	sed -e 's|/etc/kmsd|$(SYSCONFDIR)/kmsd|g' systemd/kmsd.tmpfiles > "$$d$(TMPFILESDIR)/kmsd.conf"; \
+	chmod 0644 "$$d$(TMPFILESDIR)/kmsd.conf"; \
+	sed -e 's|/etc/kmsd/|$(SYSCONFDIR)/kmsd/|g' systemd/kmsd.json > "$$d$(DOCDIR)/kmsd.json.example"; \
+	chmod 0644 "$$d$(DOCDIR)/kmsd.json.example"; \
+	if [ -e "$$d$(SYSCONFDIR)/kmsd/kmsd.json" ]; then echo "install: kept the existing $$d$(SYSCONFDIR)/kmsd/kmsd.json"; \
+	else install -m 0644 "$$d$(DOCDIR)/kmsd.json.example" "$$d$(SYSCONFDIR)/kmsd/kmsd.json"; fi; \
+	install -m 0644 README.md "$$d$(DOCDIR)/README.md"; \
+	echo "install: kmsd installed under $$d$(PREFIX); next: README.md, 'Install on a systemd host'"
 
 clean:
 	rm -rf .build $(DEV_DIR)
