@@ -29,6 +29,8 @@ public final class KeyRepository: Sendable {
     let suspectBuckets: [UInt8: UInt64]
     /// What the row-index check at startup found, for the log and the audit trail.
     public let integrityReport: IntegrityReport
+    /// The fingerprint of the root key the keystore is under (the one it was opened with).
+    public let rootKeyFingerprint: String
     static let materialLabel = Array("kmsd/v1/key-material".utf8)
     static let rootCheckLabel = Array("kmsd/v1/root-key-check".utf8)
 
@@ -38,9 +40,11 @@ public final class KeyRepository: Sendable {
     /// MAC and so stays refused).
     ///
     /// Throws StorageError when the keystore was created under another root key.
-    public init(storage: any KeyStorage, root: RootKey, cacheCapacity: Int = 4096) throws {
+    public init(storage: any KeyStorage, root rootKey: RootKey, cacheCapacity: Int = 4096) throws {
         self.storage = storage
+        let root = try Self.openKeystoreKey(storage, rootKey)
         self.root = root
+        rootKeyFingerprint = rootKey.fingerprint
         self.cache = Mutex(LRUCache(capacity: max(1, cacheCapacity)))
         self.markerKey = try? HKDF.deriveKey(from: root.recordMACKey, salt: [], info: Array("kmsd/v1/list-marker-key".utf8))
         let check = try HMAC.authenticate(key: root.recordMACKey, data: Self.rootCheckLabel)
@@ -62,6 +66,49 @@ public final class KeyRepository: Sendable {
         integrity = Mutex(state)
         suspectBuckets = state.suspect
         integrityReport = report
+    }
+
+    /// The keys this keystore's rows and material are under: derived from the keystore key,
+    /// which the root key unwraps. A fresh keystore gets a random keystore key, wrapped under
+    /// the root key and stored (before anything else, so a crash leaves an empty keystore); a
+    /// keystore from before keystore keys derives them from the root key itself.
+    static func openKeystoreKey(_ storage: any KeyStorage, _ rootKey: RootKey) throws -> RootKey {
+        if let wrapped = try storage.meta("keystore_key") {
+            guard let key = try rootKey.unwrapKeystoreKey(wrapped) else {
+                throw StorageError("the root key does not match this keystore: the keystore is under root key \(RootKey.wrappingFingerprint(wrapped)), and this is root key \(rootKey.fingerprint). Start kmsd with the root key the keystore is under (after `kmsd rewrap`, the new one); do not delete the keystore, or every key in it is lost")
+            }
+            return try RootKey(material: key)
+        }
+        if try storage.meta("root_key_check") != nil { return rootKey }
+        let key = try SecureBytes.random(count: RootKey.byteCount)
+        try storage.setMeta("keystore_key", try rootKey.wrapKeystoreKey(key))
+        return try RootKey(material: key)
+    }
+
+    /// Whether the keystore has a keystore key (false: made before them; it cannot be rewrapped).
+    public static func hasKeystoreKey(_ storage: any KeyStorage) throws -> Bool { try storage.meta("keystore_key") != nil }
+
+    public enum RewrapResult: Sendable, Equatable { case rewrapped, alreadyUnderNewKey }
+
+    /// Root-key rotation: the keystore key, unwrapped with `old`, is stored wrapped under `new`
+    /// in one durable write, so the keystore is under exactly one of them at any moment: the
+    /// old one until the write commits, the new one after. Nothing else changes (every row,
+    /// every wrapped version, the audit chain's key stay as they are). Run again after a crash
+    /// it finds the keystore already under `new` and says so.
+    public static func rewrap(_ storage: any KeyStorage, from old: RootKey, to new: RootKey) throws -> RewrapResult {
+        guard let wrapped = try storage.meta("keystore_key") else {
+            if try storage.meta("root_key_check") == nil {
+                throw StorageError("the state directory holds no keystore yet: start kmsd with the new root key instead")
+            }
+            throw StorageError("this keystore was made before root-key rotation existed: its keys derive from the root key itself, so it cannot be moved to another root key")
+        }
+        if let key = try old.unwrapKeystoreKey(wrapped) {
+            guard old.fingerprint != new.fingerprint else { throw StorageError("the new root key is the old one (\(old.fingerprint)); make a new one") }
+            try storage.setMeta("keystore_key", try new.wrapKeystoreKey(key))
+            return .rewrapped
+        }
+        if try new.unwrapKeystoreKey(wrapped) != nil { return .alreadyUnderNewKey }
+        throw StorageError("neither root key opens this keystore: it is under root key \(RootKey.wrappingFingerprint(wrapped)); the old key given is \(old.fingerprint), the new one \(new.fingerprint)")
     }
 
     /// Re-MACs every verified row under the keystore id and fills the owner index, then records

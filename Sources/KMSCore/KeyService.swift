@@ -10,7 +10,9 @@ import KMSProtocol
 /// a key's creator (by uid) may use it; everyone else is denied.
 public final class KeyService: Sendable {
     public let repository: KeyRepository
-    public let administrators: Administrators
+    /// Who administers kmsd (replaced whole when SIGHUP reloads the configuration).
+    public var administrators: Administrators { administratorSet.withLock { $0 } }
+    let administratorSet: Mutex<Administrators>
 
     /// The time kmsd goes by (injectable, so tests can move it).
     public let clock: @Sendable () -> Date
@@ -28,12 +30,14 @@ public final class KeyService: Sendable {
     public init(repository: KeyRepository, administrators: Administrators,
                 clock: @escaping @Sendable () -> Date = { Date() }, daySeconds: Int = 86_400) {
         self.repository = repository
-        self.administrators = administrators
+        self.administratorSet = Mutex(administrators)
         self.clock = clock
         self.daySeconds = daySeconds
     }
 
-    public func isAdministrator(_ p: Principal) -> Bool { administrators.contains(p) }
+    public func isAdministrator(_ p: Principal) -> Bool { administratorSet.withLock { $0.contains(p) } }
+
+    public func setAdministrators(_ a: Administrators) { administratorSet.withLock { $0 = a } }
 
     // MARK: - Management
 

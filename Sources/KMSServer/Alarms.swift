@@ -24,7 +24,10 @@ final class Alarms: Sendable {
     static let messageID = "9d4e7a1c3b2f48e6a5c0d9b8e7f6a1b2"
     static let cryptographic: Set<String> = ["Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext"]
 
-    let rules: AlarmRules
+    /// The rules in force (replaced whole when SIGHUP reloads the configuration).
+    var rules: AlarmRules { ruleSet.withLock { $0 } }
+    private let ruleSet: Mutex<AlarmRules>
+    func setRules(_ r: AlarmRules) { ruleSet.withLock { $0 = r } }
     private struct State {
         /// uid → (minute, AccessDenied count in it).
         var denied: [UInt32: (minute: Int, count: Int)] = [:]
@@ -34,14 +37,15 @@ final class Alarms: Sendable {
     }
     private let state = Mutex(State())
 
-    init(rules: AlarmRules) { self.rules = rules }
+    init(rules: AlarmRules) { ruleSet = Mutex(rules) }
 
     /// Alarms fired since kmsd started, by rule.
     var counts: [String: UInt64] { state.withLock { $0.counts } }
 
     /// The alarms `record` sets off (rule, subject, message), each at most once a minute per subject.
     func check(_ record: AuditRecord, keyState: String) -> [(rule: String, message: String)] {
-        // The common case, nothing to look at, costs a few comparisons.
+        // The common case, nothing to look at, costs a lock and a few comparisons.
+        let rules = self.rules
         let denied = rules.accessDeniedPerMinute > 0 && record.error == .accessDenied
         let keyUse = (rules.pendingDeletionUse && keyState == KeyState.pendingDeletion.rawValue)
             || (rules.disabledKeyUse && keyState == KeyState.disabled.rawValue)

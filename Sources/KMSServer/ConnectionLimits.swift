@@ -47,33 +47,43 @@ final class ConnectionLimits: Sendable {
 /// A token bucket per uid: `rate` requests per second on average, `burst` at once. Buckets
 /// that have refilled are forgotten, so memory follows the uids active in the last seconds.
 final class RequestRateLimiter: Sendable {
-    let rate: Double
-    let burst: Double
     private struct Bucket { var tokens: Double; var updated: UInt64 }
-    private let buckets = Mutex<[UInt32: Bucket]>([:])
+    private struct State { var rate: Double; var burst: Double; var buckets: [UInt32: Bucket] = [:] }
+    private let state: Mutex<State>
+    /// Read without the lock, so an unlimited kmsd pays nothing per request.
+    private let on: Atomic<Bool>
 
     /// `rate` 0 disables the limit; `burst` 0 means one second's worth.
     init(rate: Int, burst: Int) {
-        self.rate = Double(rate)
-        self.burst = Double(burst > 0 ? burst : rate)
+        state = Mutex(State(rate: Double(rate), burst: Double(burst > 0 ? burst : rate)))
+        on = Atomic(rate > 0)
     }
 
-    var enabled: Bool { rate > 0 }
+    var enabled: Bool { on.load(ordering: .relaxed) }
+    var rate: Double { state.withLock { $0.rate } }
+
+    /// New limits (SIGHUP); every uid starts again with a full bucket.
+    func set(rate: Int, burst: Int) {
+        state.withLock { $0 = State(rate: Double(rate), burst: Double(burst > 0 ? burst : rate)) }
+        on.store(rate > 0, ordering: .relaxed)
+    }
 
     /// Takes one token for `uid`; false when its bucket is empty.
     func allow(uid: UInt32) -> Bool {
         guard enabled else { return true }
         let now = Self.nowNanoseconds()
-        return buckets.withLock { b in
-            var bucket = b[uid] ?? Bucket(tokens: burst, updated: now)
+        return state.withLock { s in
+            guard s.rate > 0 else { return true }
+            let (rate, burst) = (s.rate, s.burst)
+            var bucket = s.buckets[uid] ?? Bucket(tokens: burst, updated: now)
             let elapsed = Double(now &- bucket.updated) / 1e9
             bucket.tokens = min(burst, bucket.tokens + elapsed * rate)
             bucket.updated = now
             let allowed = bucket.tokens >= 1
             if allowed { bucket.tokens -= 1 }
-            b[uid] = bucket
-            if b.count > 4096 {
-                b = b.filter { Double(now &- $0.value.updated) / 1e9 * rate + $0.value.tokens < burst }
+            s.buckets[uid] = bucket
+            if s.buckets.count > 4096 {
+                s.buckets = s.buckets.filter { Double(now &- $0.value.updated) / 1e9 * rate + $0.value.tokens < burst }
             }
             return allowed
         }

@@ -14,7 +14,12 @@ import Synchronization
 /// `run` serves until SIGTERM/SIGINT, then stops accepting and reading, answers the requests
 /// in flight (bounded by drainTimeoutSeconds) and returns.
 public final class Server: @unchecked Sendable {
-    public let configuration: ServerConfiguration
+    /// The configuration in force: the one kmsd started with, with what SIGHUP applied since.
+    public var configuration: ServerConfiguration { live.withLock { $0 } }
+    private let live: Mutex<ServerConfiguration>
+    /// Reads the configuration again (the file, then the command line's flags over it); nil
+    /// when kmsd was started without a configuration file.
+    private let readConfiguration: (() throws -> ServerConfiguration)?
     let group: MultiThreadedEventLoopGroup
     let pool: FairWorkerPool
     let dispatcher: Dispatcher
@@ -27,9 +32,10 @@ public final class Server: @unchecked Sendable {
     let lockFD: Int32
 
     /// Opens the keystore and loads the root key. Throws a message fit for an administrator.
-    public init(configuration c: ServerConfiguration) throws {
+    public init(configuration c: ServerConfiguration, reread: (() throws -> ServerConfiguration)? = nil) throws {
         try c.validate()
-        configuration = c
+        live = Mutex(c)
+        readConfiguration = reread
         try ProcessHardening.apply()
         SecureArena.shared.allowUnlockedMemory(c.development && c.allowUnlockedMemory)
         try SecureArena.shared.warmUp()
@@ -132,7 +138,7 @@ public final class Server: @unchecked Sendable {
         } else {
             listening = try bind(bootstrap, path: c.effectiveSocketPath)
         }
-        let status = "serving on \(activated ? "socket-activated fd" : c.effectiveSocketPath); root key from \(rootKeySource)"
+        let status = "serving on \(activated ? "socket-activated fd" : c.effectiveSocketPath); root key from \(rootKeySource) (fingerprint \(dispatcher.service.repository.rootKeyFingerprint))"
         _ = sd_notify(0, "READY=1\nSTATUS=\(status)")
         StandardError.write("kmsd: ready: \(status)\n")
         startWatchdog()
@@ -156,9 +162,9 @@ public final class Server: @unchecked Sendable {
         }
         signal(SIGHUP, SIG_IGN)
         signal(SIGPIPE, SIG_IGN)
-        let hup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global())
-        let identityDirectory = c.identityPolicyDirectory, reloadService = dispatcher.service, reloadAudit = dispatcher.audit
-        hup.setEventHandler { Self.reload(identityDirectory, reloadService, reloadAudit) }
+        // One reload at a time, in the order the signals came.
+        let hup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: DispatchQueue(label: "kmsd.reload"))
+        hup.setEventHandler { [self] in self.reload() }
         hup.resume()
         sources.append(hup)
 
@@ -167,11 +173,12 @@ public final class Server: @unchecked Sendable {
         StandardError.write("kmsd: stopping: no new connections or requests; answering those in flight\n")
         tracker.draining.store(true, ordering: .relaxed)
         try? listening.close().wait()
-        let deadline = Date().addingTimeInterval(Double(c.drainTimeoutSeconds))
+        let drain = configuration.drainTimeoutSeconds
+        let deadline = Date().addingTimeInterval(Double(drain))
         while tracker.pending.load(ordering: .relaxed) > 0, Date() < deadline { usleep(10_000) }
         let unanswered = tracker.pending.load(ordering: .relaxed)
         if unanswered > 0 {
-            StandardError.write("kmsd: drain deadline (\(c.drainTimeoutSeconds) s) passed with \(unanswered) requests unanswered\n")
+            StandardError.write("kmsd: drain deadline (\(drain) s) passed with \(unanswered) requests unanswered\n")
         }
         if !activated { unlink(c.effectiveSocketPath) }
         pool.shutdown()
@@ -372,7 +379,7 @@ public final class Server: @unchecked Sendable {
         let previous = stored.flatMap(audit.parseCheckpoint)
         audit.startChain(after: previous?.chain ?? [UInt8](repeating: 0, count: 32))
         let stop = previous.map { $0.clean ? "clean" : "unclean" } ?? (stored == nil ? "none" : "unknown")
-        var fields = ["KMS_PREVIOUS_STOP=\(stop)"]
+        var fields = ["KMS_PREVIOUS_STOP=\(stop)", "KMS_ROOT_KEY=\(repository.rootKeyFingerprint)"]
         if let p = previous {
             fields += ["KMS_PREVIOUS_RUN_ID=\(p.runID)", "KMS_PREVIOUS_SEQ=\(p.sequence)", "KMS_PREVIOUS_CHAIN=\(Hex.encode(p.chain))"]
         }
@@ -383,7 +390,7 @@ public final class Server: @unchecked Sendable {
         default: "the previous run's checkpoint failed its integrity check"
         }
         audit.writeEvent(action: "KmsdStarted", keyID: "", failure: stop == "unknown" ? .keyUnavailable : nil,
-                         message: "kmsd started (run \(audit.runID)); \(note)", extraFields: fields)
+                         message: "kmsd started (run \(audit.runID), root key \(repository.rootKeyFingerprint)); \(note)", extraFields: fields)
         saveAuditCheckpoint(audit, repository)
     }
 
@@ -393,31 +400,60 @@ public final class Server: @unchecked Sendable {
         }
     }
 
-    /// SIGHUP: the identity policies are read again; an invalid set is refused whole (the old
-    /// one stays), logged and audited. (Other settings still need a restart.)
-    static func reload(_ dir: String?, _ service: KeyService, _ audit: AuditLog) {
-        guard let dir else {
-            StandardError.write("kmsd: SIGHUP: no identity-policy directory is configured; other settings need a restart\n")
+    /// SIGHUP: the configuration file is read again (flags still override it) and what can
+    /// change in place is applied: administrators, rate limits, alarms, timeouts for new
+    /// connections, and the identity policies (read again from their directory). A file or a
+    /// policy set that does not load changes nothing: the error is logged and audited and the
+    /// running configuration stays. Settings that need a restart are named.
+    func reload() {
+        let old = configuration
+        var next = old, changed: [String] = [], restart: [String] = []
+        if let readConfiguration {
+            do {
+                (next, changed, restart) = old.reloaded(from: try readConfiguration())
+            } catch {
+                StandardError.write("kmsd: ERROR: SIGHUP: configuration not reloaded, the running one stays: \(error)\n")
+                dispatcher.audit.writeEvent(action: "ConfigurationReloadFailed", keyID: "", failure: .validation,
+                                            message: "configuration not reloaded (the running one stays): \(error)")
+                return
+            }
+        }
+        let service = dispatcher.service, audit = dispatcher.audit
+        var policies: IdentityPolicySet? = nil
+        if let dir = next.identityPolicyDirectory {
+            do {
+                try StateDirectory.checkTrusted(dir, what: "identity-policy directory")
+                policies = try IdentityPolicySet.load(directory: dir)
+            } catch {
+                let message = (error as? KMSError)?.message ?? "\(error)"
+                StandardError.write("kmsd: ERROR: SIGHUP: identity policies not reloaded, the previous ones stay: \(message)\n")
+                audit.writeEvent(action: "IdentityPoliciesReloadFailed", keyID: "", failure: (error as? KMSError)?.code ?? .validation,
+                                 message: "identity policies not reloaded (the previous ones stay): \(message)")
+                if readConfiguration != nil {
+                    audit.writeEvent(action: "ConfigurationReloadFailed", keyID: "", failure: .validation,
+                                     message: "configuration not reloaded (the running one stays): identity policies: \(message)")
+                }
+                return
+            }
+        }
+        service.setAdministrators(next.administrators)
+        service.setIdentityPolicies(policies ?? IdentityPolicySet())
+        dispatcher.rateLimiter.set(rate: next.maxRequestsPerSecondPerUID, burst: next.requestBurstPerUID)
+        dispatcher.alarms.setRules(next.alarms)
+        live.withLock { $0 = next }
+        if let dir = next.identityPolicyDirectory, let policies {
+            StandardError.write("kmsd: SIGHUP: \(policies.policies.count) identity policies from \(dir)\n")
+            audit.writeEvent(action: "IdentityPoliciesReloaded", keyID: "", message: "identity policies reloaded from \(dir): \(policies.policies.map(\.name).joined(separator: ", "))")
+        }
+        guard readConfiguration != nil else {
+            StandardError.write("kmsd: SIGHUP: no configuration file (--config); only the identity policies were read again\n")
             return
         }
-        do {
-            try StateDirectory.checkTrusted(dir, what: "identity-policy directory")
-        } catch {
-            StandardError.write("kmsd: ERROR: SIGHUP: identity policies not reloaded, the previous ones stay: \(error)\n")
-            audit.writeEvent(action: "IdentityPoliciesReloadFailed", keyID: "", failure: .validation,
-                             message: "identity policies not reloaded (the previous ones stay): \(error)")
-            return
-        }
-        do throws(KMSError) {
-            let set = try IdentityPolicySet.load(directory: dir)
-            service.setIdentityPolicies(set)
-            StandardError.write("kmsd: SIGHUP: \(set.policies.count) identity policies from \(dir)\n")
-            audit.writeEvent(action: "IdentityPoliciesReloaded", keyID: "", message: "identity policies reloaded from \(dir): \(set.policies.map(\.name).joined(separator: ", "))")
-        } catch {
-            StandardError.write("kmsd: ERROR: SIGHUP: identity policies not reloaded, the previous ones stay: \(error.message)\n")
-            audit.writeEvent(action: "IdentityPoliciesReloadFailed", keyID: "", failure: error.code,
-                             message: "identity policies not reloaded (the previous ones stay): \(error.message)")
-        }
+        let what = changed.isEmpty ? "nothing changed" : "applied: " + changed.joined(separator: ", ")
+        let later = restart.isEmpty ? "" : "; need a restart (running values kept): " + restart.joined(separator: ", ")
+        StandardError.write("kmsd: SIGHUP: configuration reloaded: \(what)\(later)\n")
+        audit.writeEvent(action: "ConfigurationReloaded", keyID: "", message: "configuration reloaded: \(what)\(later)",
+                         extraFields: ["KMS_SETTINGS_CHANGED=\(changed.joined(separator: ","))", "KMS_SETTINGS_NEED_RESTART=\(restart.joined(separator: ","))"])
     }
 
     private func startWatchdog() {

@@ -99,6 +99,49 @@ public struct ServerConfiguration: Sendable, Equatable {
         }
     }
 
+    /// What SIGHUP does with `new` (the configuration file read again, flags applied again):
+    /// the settings it can apply in place are taken over (administrators, identity policies,
+    /// rate limits, alarms; timeouts for connections from then on), the rest are named as
+    /// needing a restart and keep their running values.
+    public func reloaded(from new: ServerConfiguration) -> (applied: ServerConfiguration, changed: [String], needsRestart: [String]) {
+        var applied = self, changed: [String] = [], restart: [String] = []
+        func live<T: Equatable>(_ name: String, _ path: WritableKeyPath<ServerConfiguration, T>) {
+            if self[keyPath: path] != new[keyPath: path] { changed.append(name); applied[keyPath: path] = new[keyPath: path] }
+        }
+        func fixed<T: Equatable>(_ name: String, _ path: KeyPath<ServerConfiguration, T>) {
+            if self[keyPath: path] != new[keyPath: path] { restart.append(name) }
+        }
+        live("administrators", \.administrators)
+        live("identityPolicyDirectory", \.identityPolicyDirectory)
+        live("maxRequestsPerSecondPerUid", \.maxRequestsPerSecondPerUID)
+        live("requestBurstPerUid", \.requestBurstPerUID)
+        live("alarms", \.alarms)
+        live("idleTimeoutSeconds", \.idleTimeoutSeconds)
+        live("frameTimeoutSeconds", \.frameTimeoutSeconds)
+        live("drainTimeoutSeconds", \.drainTimeoutSeconds)
+        fixed("stateDirectory", \.stateDirectory)
+        fixed("socketPath", \.socketPath)
+        fixed("socketMode", \.socketMode)
+        fixed("socketGroup", \.socketGroup)
+        fixed("rootKeyFile", \.rootKeyFile)
+        fixed("maxFrameBytes", \.maxFrameBytes)
+        fixed("maxConnections", \.maxConnections)
+        fixed("maxConnectionsPerUid", \.maxConnectionsPerUID)
+        fixed("maxInFlightPerConnection", \.maxInFlightPerConnection)
+        fixed("adminReservedConnections", \.adminReservedConnections)
+        fixed("auditFailClosed", \.auditFailClosed)
+        fixed("auditTimeoutMilliseconds", \.auditTimeoutMilliseconds)
+        fixed("development", \.development)
+        fixed("allowUnlockedMemory", \.allowUnlockedMemory)
+        fixed("workerThreads", \.workerThreads)
+        fixed("eventLoops", \.eventLoops)
+        fixed("keyCacheCapacity", \.keyCacheCapacity)
+        fixed("developmentDaySeconds", \.developmentDaySeconds)
+        fixed("developmentClockFile", \.developmentClockFile)
+        fixed("developmentAuditSocket", \.developmentAuditSocket)
+        return (applied, changed, restart)
+    }
+
     /// Reads a JSON configuration file; unknown keys are refused (a typo must not silently
     /// weaken anything).
     public static func load(file: String) throws -> ServerConfiguration {

@@ -15,6 +15,8 @@ struct KMSD: ParsableCommand {
         Development: kmsd --dev --state-dir DIR generates a root key in DIR and listens on DIR/kmsd.sock.
 
         Flags override the configuration file. Clients find the socket through KMSD_SOCKET.
+
+        Root-key rotation (kmsd stopped): kmsd rewrap --help.
         """
     )
 
@@ -103,6 +105,20 @@ struct KMSD: ParsableCommand {
     var auditFailClosed: Bool?
 
     func run() throws {
+        let c = try makeConfiguration()
+        let command = self
+        do {
+            // SIGHUP reads the file again and applies the same flags over it.
+            let server = try Server(configuration: c, reread: config == nil ? nil : { try command.makeConfiguration() })
+            try server.run()
+        } catch {
+            FileHandle.standardError.write(Data("kmsd: error: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+
+    /// The configuration file (if any), then the flags over it.
+    func makeConfiguration() throws -> ServerConfiguration {
         var c = ServerConfiguration()
         if let config { c = try ServerConfiguration.load(file: config) }
         if dev { c.development = true; c.auditFailClosed = false }
@@ -138,14 +154,14 @@ struct KMSD: ParsableCommand {
             c.alarmAccessDeniedPerMinute = alarmAccessDeniedPerMinute
         }
         if let auditFailClosed { c.auditFailClosed = auditFailClosed }
-        do {
-            let server = try Server(configuration: c)
-            try server.run()
-        } catch {
-            FileHandle.standardError.write(Data("kmsd: error: \(error)\n".utf8))
-            throw ExitCode(1)
-        }
+        return c
     }
 }
 
-KMSD.main()
+// `kmsd rewrap …` is its own command; anything else runs the daemon. (Not an ArgumentParser
+// subcommand: the daemon's options would shadow rewrap's options of the same names.)
+if CommandLine.arguments.count > 1, CommandLine.arguments[1] == "rewrap" {
+    Rewrap.main(Array(CommandLine.arguments.dropFirst(2)))
+} else {
+    KMSD.main()
+}

@@ -206,10 +206,10 @@ func spawnDetached(_ executable: String, _ arguments: [String], log: String) thr
 /// with stderr appended to `log`, and waits until kmsd reports it is ready.
 ///
 /// Throws DaemonError with what kmsd said when it exits or is not ready within 30 s.
-func launchKMSD(_ executable: String, _ arguments: [String], log: String) throws -> ChildProcess {
+func launchKMSD(_ executable: String, _ arguments: [String], log: String, env: [String: String] = [:]) throws -> ChildProcess {
     if !FileManager.default.fileExists(atPath: log) { FileManager.default.createFile(atPath: log, contents: nil) }
     let offset = (try? FileManager.default.attributesOfItem(atPath: log)[.size] as? Int) ?? 0
-    let p = try ChildProcess(executable, arguments, stdout: log, stderr: log)
+    let p = try ChildProcess(executable, arguments, env: env, stdout: log, stderr: log)
     func thisRun() -> String {
         String(decoding: ((try? Data(contentsOf: URL(fileURLWithPath: log))) ?? Data()).dropFirst(offset), as: UTF8.self)
     }
