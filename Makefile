@@ -92,12 +92,14 @@ install:
 	  bin=$$($(SWIFT) build -c release --show-bin-path); \
 	fi; \
 	d="$(DESTDIR)"; \
-	install -d -m 0755 "$$d$(BINDIR)" "$$d$(UNITDIR)" "$$d$(SYSUSERSDIR)" "$$d$(TMPFILESDIR)" "$$d$(DOCDIR)" "$$d$(SYSCONFDIR)/kmsd" "$$d$(SYSCONFDIR)/kmsd/identity-policies"; \
+	install -d -m 0755 "$$d$(BINDIR)" "$$d$(UNITDIR)" "$$d$(SYSUSERSDIR)" "$$d$(TMPFILESDIR)" "$$d$(DOCDIR)" "$$d$(SYSCONFDIR)/kmsd" "$$d$(SYSCONFDIR)/kmsd/identity-policies" "$$d$(SYSCONFDIR)/kmsd/credentials"; \
 	install -m 0755 "$$bin/kmsd" "$$bin/kmsctl" "$$d$(BINDIR)/"; \
 	sed -e 's|/usr/local/bin/kmsd|$(BINDIR)/kmsd|g' -e 's|/etc/kmsd/|$(SYSCONFDIR)/kmsd/|g' \
 	    -e 's|file:///usr/share/doc/kmsd/|file://$(DOCDIR)/|' systemd/kmsd.service > "$$d$(UNITDIR)/kmsd.service"; \
 	chmod 0644 "$$d$(UNITDIR)/kmsd.service"; \
 	install -m 0644 systemd/kmsd.socket "$$d$(UNITDIR)/kmsd.socket"; \
+	sed -e 's|file:///usr/share/doc/kmsd/|file://$(DOCDIR)/|' systemd/kmsd-credentials.socket > "$$d$(UNITDIR)/kmsd-credentials.socket"; \
+	chmod 0644 "$$d$(UNITDIR)/kmsd-credentials.socket"; \
 	install -m 0644 systemd/kmsd.sysusers "$$d$(SYSUSERSDIR)/kmsd.conf"; \
 	sed -e 's|/etc/kmsd|$(SYSCONFDIR)/kmsd|g' systemd/kmsd.tmpfiles > "$$d$(TMPFILESDIR)/kmsd.conf"; \
 	chmod 0644 "$$d$(TMPFILESDIR)/kmsd.conf"; \

@@ -304,9 +304,11 @@ final class Dispatcher: Sendable {
     /// Audits something refused before it became a request: an undecodable frame ("Unknown")
     /// or a connection over the limits ("Connect").
     func auditRejected(action: String, principal: Principal, error: KMSError,
-                       requestID: UInt64 = KMSProtocolConstants.connectionErrorRequestID) {
-        var record = AuditRecord(action: action, requestID: requestID, principal: principal, result: .failed)
+                       requestID: UInt64 = KMSProtocolConstants.connectionErrorRequestID, extraFields: [String] = []) {
+        var record = AuditRecord(action: action, requestID: requestID, principal: principal,
+                                 result: error.code == .accessDenied ? .denied : .failed)
         record.error = error.code
+        record.extraFields = extraFields
         _ = audit.write(record)
     }
 
@@ -323,7 +325,7 @@ final class Dispatcher: Sendable {
     ]
 
     /// Handles one request end to end; the audit record is written before this returns.
-    func handle(_ request: KMSRequest, contexts: WireContexts? = nil, principal: Principal) -> Outgoing {
+    func handle(_ request: KMSRequest, contexts: WireContexts? = nil, principal: Principal, extraAuditFields: [String] = []) -> Outgoing {
         defer { Self.zeroSecrets(of: request) }
         let start = DispatchTime.now().uptimeNanoseconds
         var details = AuditDetails()
@@ -349,6 +351,7 @@ final class Dispatcher: Sendable {
         }
         var record = AuditRecord(action: action, requestID: request.id, principal: principal, result: .allowed,
                                  details: details)
+        record.extraFields = extraAuditFields
         if case .failure(let e) = outcome {
             record.result = e.code == .accessDenied ? .denied : .failed
             record.error = e.code

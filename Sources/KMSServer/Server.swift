@@ -131,14 +131,30 @@ public final class Server: @unchecked Sendable {
             .serverChannelOption(.backlog, value: 512)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { [self] channel in self.initialize(channel) }
-        let activated = sd_listen_fds(1) >= 1
+        let passed = Self.activatedSockets()
+        let activated = passed.main != nil
         let listening: Channel
-        if activated {
-            listening = try bootstrap.withBoundSocket(SD_LISTEN_FDS_START).wait()
+        if let fd = passed.main {
+            listening = try bootstrap.withBoundSocket(fd).wait()
         } else {
-            listening = try bind(bootstrap, path: c.effectiveSocketPath)
+            listening = try bindSafely(path: c.effectiveSocketPath, mode: c.socketMode, group: c.socketGroup,
+                                       { try bootstrap.bind(unixDomainSocketPath: $0, cleanupExistingSocketFile: false).wait() },
+                                       close: { try? $0.close().wait() })
         }
-        let status = "serving on \(activated ? "socket-activated fd" : c.effectiveSocketPath); root key from \(rootKeySource) (fingerprint \(dispatcher.service.repository.rootKeyFingerprint))"
+        // The credential provider: the passed socket named "credentials", else its own.
+        var provider: CredentialProvider? = nil
+        var credentialSocket = passed.credentials.map { _ in "socket-activated fd" }
+        var credentialFD = passed.credentials
+        if credentialFD == nil, let path = c.effectiveCredentialSocketPath {
+            credentialFD = try bindSafely(path: path, mode: 0o666, group: nil, Self.listenRaw, close: { _ = Glibc.close($0) })
+            credentialSocket = path
+        }
+        if let fd = credentialFD {
+            let p = CredentialProvider(fd: fd, dispatcher: dispatcher, directory: { [self] in configuration.effectiveCredentialDirectory })
+            p.start()
+            provider = p
+        }
+        let status = "serving on \(activated ? "socket-activated fd" : c.effectiveSocketPath)\(credentialSocket.map { ", credentials on \($0)" } ?? ""); root key from \(rootKeySource) (fingerprint \(dispatcher.service.repository.rootKeyFingerprint))"
         _ = sd_notify(0, "READY=1\nSTATUS=\(status)")
         StandardError.write("kmsd: ready: \(status)\n")
         startWatchdog()
@@ -181,6 +197,8 @@ public final class Server: @unchecked Sendable {
             StandardError.write("kmsd: drain deadline (\(drain) s) passed with \(unanswered) requests unanswered\n")
         }
         if !activated { unlink(c.effectiveSocketPath) }
+        provider?.stop()
+        if passed.credentials == nil, let path = c.effectiveCredentialSocketPath { unlink(path) }
         pool.shutdown()
         try? group.syncShutdownGracefully()
         // The run's last record, then the checkpoint the next start links to, marked clean.
@@ -239,11 +257,48 @@ public final class Server: @unchecked Sendable {
         }.flatMapError { _ in channel.close() }
     }
 
-    /// Binds the socket at `path` without ever following a link there: an existing socket no
+    /// The sockets systemd passed (sd_listen_fds_with_names): the one named "credentials" (or
+    /// from kmsd-credentials.socket) serves the credential provider, the first other one kmsd.
+    static func activatedSockets() -> (main: Int32?, credentials: Int32?) {
+        var names: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = nil
+        let n = sd_listen_fds_with_names(1, &names)
+        defer { free(names) }
+        guard n > 0 else { return (nil, nil) }
+        var main: Int32? = nil, credentials: Int32? = nil
+        for i in 0..<Int(n) {
+            let name = names?[i].map { String(cString: $0) } ?? ""
+            free(names?[i])
+            let fd = SD_LISTEN_FDS_START + Int32(i)
+            if name == "credentials" || name == "kmsd-credentials.socket" { credentials = fd } else if main == nil { main = fd }
+        }
+        return (main, credentials)
+    }
+
+    /// A listening stream socket bound at `path` (for the credential provider's accept loop).
+    static func listenRaw(_ path: String) throws -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw ConfigurationError("cannot create a socket: \(String(cString: strerror(errno)))") }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { Glibc.close(fd); throw ConfigurationError("socket path too long: \(path)") }
+        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
+        let bound = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0, listen(fd, 64) == 0 else {
+            let e = String(cString: strerror(errno))
+            Glibc.close(fd)
+            throw ConfigurationError("cannot listen on \(path): \(e)")
+        }
+        return fd
+    }
+
+    /// Binds a socket at `path` without ever following a link there: an existing socket no
     /// one serves is replaced, anything else (a symlink, a file) is refused. The socket is bound
-    /// in a fresh private directory, given its mode and group there, and renamed into place,
-    /// so a writable socket directory cannot redirect a chmod or chown to another file.
-    private func bind(_ bootstrap: ServerBootstrap, path: String) throws -> Channel {
+    /// in a fresh private directory (by `bindAt`), given its mode and group there, and renamed
+    /// into place, so a writable socket directory cannot redirect a chmod or chown to another file.
+    private func bindSafely<T>(path: String, mode: UInt32, group: String?, _ bindAt: (String) throws -> T, close: (T) -> Void) throws -> T {
         var st = stat()
         if lstat(path, &st) == 0 {
             switch st.st_mode & S_IFMT {
@@ -271,18 +326,18 @@ public final class Server: @unchecked Sendable {
         defer { unlink(staging); rmdir(privateDir) }
         let old = umask(0o177)
         defer { umask(old) }
-        let ch = try bootstrap.bind(unixDomainSocketPath: staging, cleanupExistingSocketFile: false).wait()
+        let ch = try bindAt(staging)
         do {
-            if let group = configuration.socketGroup {
+            if let group {
                 guard let gr = getgrnam(group) else { throw ConfigurationError("socket group '\(group)' does not exist") }
                 guard chown(staging, uid_t.max, gr.pointee.gr_gid) == 0 else { throw ConfigurationError("cannot chown \(path) to group \(group)") }
             }
-            guard chmod(staging, mode_t(configuration.socketMode)) == 0 else { throw ConfigurationError("cannot chmod \(path)") }
+            guard chmod(staging, mode_t(mode)) == 0 else { throw ConfigurationError("cannot chmod \(path)") }
             guard rename(staging, path) == 0 else {
                 throw ConfigurationError("cannot move the socket to \(path): \(String(cString: strerror(errno)))")
             }
         } catch {
-            try? ch.close().wait()
+            close(ch)
             throw error
         }
         return ch

@@ -48,6 +48,11 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var auditTimeoutMilliseconds = 250
     /// A directory of identity policies (`*.json`), reloaded on SIGHUP; nil: none.
     public var identityPolicyDirectory: String? = nil
+    /// The credential provider's socket (systemd's LoadCredential=ID:PATH); nil: the default,
+    /// "": none.
+    public var credentialSocketPath: String? = nil
+    /// Where `kmsctl put-credential` keeps encrypted credentials (UNIT/ID); nil: the default.
+    public var credentialDirectory: String? = nil
     /// Alarm rules (on by default: AccessDenied rate, use of keys pending deletion, integrity failures).
     var alarms = AlarmRules()
     public var alarmAccessDeniedPerMinute: Int {
@@ -61,6 +66,19 @@ public struct ServerConfiguration: Sendable, Equatable {
     /// else /run/kmsd/kmsd.sock.
     public var effectiveSocketPath: String {
         socketPath ?? (development ? stateDirectory + "/kmsd.sock" : KMSProtocolConstants.defaultSocketPath)
+    }
+
+    /// The credential socket in effect: configured ("" = none), else STATE_DIR/credentials.sock
+    /// in development mode, else /run/kmsd/credentials.sock.
+    public var effectiveCredentialSocketPath: String? {
+        if let p = credentialSocketPath { return p.isEmpty ? nil : p }
+        return development ? stateDirectory + "/credentials.sock" : CredentialNames.defaultSocketPath
+    }
+
+    /// The credential directory in effect: configured, else STATE_DIR/credentials in
+    /// development mode, else /etc/kmsd/credentials.
+    public var effectiveCredentialDirectory: String {
+        credentialDirectory ?? (development ? stateDirectory + "/credentials" : CredentialNames.defaultDirectory)
     }
 
     public var keystorePath: String { stateDirectory + "/keystore.sqlite3" }
@@ -119,6 +137,8 @@ public struct ServerConfiguration: Sendable, Equatable {
         live("idleTimeoutSeconds", \.idleTimeoutSeconds)
         live("frameTimeoutSeconds", \.frameTimeoutSeconds)
         live("drainTimeoutSeconds", \.drainTimeoutSeconds)
+        live("credentialDirectory", \.credentialDirectory)
+        fixed("credentialSocketPath", \.credentialSocketPath)
         fixed("stateDirectory", \.stateDirectory)
         fixed("socketPath", \.socketPath)
         fixed("socketMode", \.socketMode)
@@ -200,6 +220,8 @@ public struct ServerConfiguration: Sendable, Equatable {
             case "frameTimeoutSeconds": c.frameTimeoutSeconds = try int()
             case "auditTimeoutMilliseconds": c.auditTimeoutMilliseconds = try int()
             case "identityPolicyDirectory": c.identityPolicyDirectory = try str()
+            case "credentialSocketPath": c.credentialSocketPath = try str()
+            case "credentialDirectory": c.credentialDirectory = try str()
             case "alarms":
                 guard let a = value as? [String: Any] else { throw ConfigurationError("\(file): alarms must be an object") }
                 for (k, v) in a {

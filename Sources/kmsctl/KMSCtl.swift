@@ -67,6 +67,9 @@ struct KMSCtl: AsyncParsableCommand {
             GenerateDataKey.self,
             GenerateDataKeyWithoutPlaintext.self,
             GenerateRandom.self,
+            PutCredential.self,
+            DeleteCredential.self,
+            LoadCredential.self,
         ]
     )
 

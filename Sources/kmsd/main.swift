@@ -98,6 +98,12 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("identity-policy-dir"), help: ArgumentHelp("A directory of identity policies (*.json), reloaded on SIGHUP.", valueName: "dir"))
     var identityPolicyDir: String?
 
+    @Option(name: .customLong("credential-socket"), help: ArgumentHelp("The credential provider's socket, for systemd's LoadCredential=ID:PATH (\"\" for none). Default /run/kmsd/credentials.sock, or STATE_DIR/credentials.sock with --dev. Ignored when socket-activated with a socket named credentials.", valueName: "path"))
+    var credentialSocket: String?
+
+    @Option(name: .customLong("credential-dir"), help: ArgumentHelp("Where kmsctl put-credential keeps encrypted credentials. Default /etc/kmsd/credentials, or STATE_DIR/credentials with --dev.", valueName: "dir"))
+    var credentialDir: String?
+
     @Flag(name: .customLong("allow-unlocked-memory"), help: "Development only: run even when key memory cannot be locked (RLIMIT_MEMLOCK too small).")
     var allowUnlockedMemory = false
 
@@ -154,6 +160,8 @@ struct KMSD: ParsableCommand {
             c.alarmAccessDeniedPerMinute = alarmAccessDeniedPerMinute
         }
         if let auditFailClosed { c.auditFailClosed = auditFailClosed }
+        if let credentialSocket { c.credentialSocketPath = credentialSocket }
+        if let credentialDir { c.credentialDirectory = credentialDir }
         return c
     }
 }

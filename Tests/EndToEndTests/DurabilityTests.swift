@@ -96,7 +96,7 @@ struct DurabilityTests {
         for _ in 0..<20 { dataKeys.append(try await client.generateDataKey(keyID: key.keyID, keySpec: "AES_256").plaintext) }
         daemon.kill9()
         var all = Data()
-        for name in try FileManager.default.contentsOfDirectory(atPath: daemon.stateDir) where name != "kmsd.sock" {
+        for name in try FileManager.default.contentsOfDirectory(atPath: daemon.stateDir) where !name.hasSuffix(".sock") {
             all += try Data(contentsOf: URL(fileURLWithPath: daemon.stateDir + "/" + name))
         }
         #expect(all.count > 1000)
