@@ -48,6 +48,7 @@ run: deps
 	echo "  export PATH=$$bin:\$$PATH"; \
 	echo "  kmsctl create-key --description demo"; \
 	echo "  echo -n secret | kmsctl encrypt --key-id KEY_ID --context app=demo | kmsctl decrypt --context app=demo"; \
+	echo "  # credential provider (load-credential as root): KMSD_CREDENTIAL_SOCKET=$(DEV_DIR)/state/credentials.sock KMSD_CREDENTIAL_DIR=$(DEV_DIR)/state/credentials"; \
 	echo; \
 	exec $$bin/kmsd --dev --state-dir $(DEV_DIR)/state
 

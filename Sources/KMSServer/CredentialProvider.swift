@@ -1,5 +1,6 @@
 import CKMSLinux
 import Foundation
+import Synchronization
 import Glibc
 import KMSCore
 import KMSProtocol
@@ -16,7 +17,7 @@ import KMSProtocol
 /// record of the refusal.
 ///
 /// Nothing is read from the peer, so a slow one holds only its own connection; each is served
-/// on its own, with a send timeout.
+/// on its own (at most `concurrentServes` at once), with a send timeout.
 final class CredentialProvider: @unchecked Sendable {
     /// No real uid: the unit is the principal, never a user (root would be an administrator).
     static let unitPrincipalUID = UInt32.max
@@ -31,29 +32,62 @@ final class CredentialProvider: @unchecked Sendable {
         self.directory = directory
     }
 
+    /// At most this many connections are served at once; more wait in the socket's backlog.
+    static let concurrentServes = 16
+    private let slots = DispatchSemaphore(value: CredentialProvider.concurrentServes)
+    private let serving = DispatchGroup()
+    private let stopping = Atomic<Bool>(false)
+    private let stopped = DispatchSemaphore(value: 0)
+
     func start() {
-        let t = Thread { [self] in acceptLoop() }
+        let t = Thread { [self] in
+            acceptLoop()
+            stopped.signal()
+        }
         t.name = "kmsd-credentials"
         t.start()
     }
 
-    /// Stops accepting (the thread sees the descriptor shut down).
-    func stop() { shutdown(fd, Int32(SHUT_RDWR)) }
+    /// Stops accepting and waits for the connections being served, so none writes an audit
+    /// record after kmsd's last. The socket itself stays as it is: when systemd passed it, it
+    /// goes on listening for the next kmsd (a shutdown() would break kmsd-credentials.socket).
+    func stop() {
+        stopping.store(true, ordering: .relaxed)
+        stopped.wait()
+        serving.wait()
+    }
 
+    /// Waits for a connection with poll (so stop() is seen within 200 ms), for a free slot,
+    /// then accepts and serves it on its own.
     private func acceptLoop() {
-        while true {
-            let c = accept(fd, nil, nil)
-            if c < 0 {
-                if errno == EINTR || errno == ECONNABORTED || errno == EAGAIN { continue }
-                if errno == EMFILE || errno == ENFILE { usleep(100_000); continue }
-                return  // shut down
+        while !stopping.load(ordering: .relaxed) {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, 200) > 0 else { continue }
+            guard slots.wait(timeout: .now() + .milliseconds(200)) == .success else { continue }
+            let c = accept4Nonblocking()
+            guard c >= 0 else {
+                slots.signal()
+                if errno == EMFILE || errno == ENFILE { usleep(100_000) }
+                continue
             }
-            _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+            serving.enter()
             DispatchQueue.global().async { [self] in
-                defer { close(c) }
+                defer { close(c); slots.signal(); serving.leave() }
                 serve(c)
             }
         }
+    }
+
+    /// accept() without blocking: poll said a connection waits, but the peer may be gone.
+    private func accept4Nonblocking() -> Int32 {
+        let flags = fcntl(fd, F_GETFL)
+        if flags & O_NONBLOCK == 0 { _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
+        let c = accept(fd, nil, nil)
+        if c >= 0 {
+            _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+            _ = fcntl(c, F_SETFL, fcntl(c, F_GETFL) & ~O_NONBLOCK)
+        }
+        return c
     }
 
     /// `\0RANDOM/unit/UNIT/ID` → (UNIT, ID); nil for any other address.
@@ -85,15 +119,21 @@ final class CredentialProvider: @unchecked Sendable {
                                      extraFields: credential.isEmpty ? [] : ["KMS_CREDENTIAL=\(credential)"])
         }
         guard cred.uid == 0 else {
+            // Counted against the uid's request rate like any request (audited the same way:
+            // the first in each second, then one summary), so a flood costs kmsd little.
+            guard dispatcher.rateLimiter.allow(uid: cred.uid) else {
+                _ = dispatcher.throttled(id: KMSProtocolConstants.connectionErrorRequestID, action: "LoadCredential", principal: peer)
+                return
+            }
             return refuse(.accessDenied, "uid \(cred.uid) may not load credentials: only systemd (uid 0) may")
         }
         guard named, let (unit, id) = Self.parse(address: bytes) else {
             return refuse(.validation, "the peer's address is not systemd's \\0RANDOM/unit/UNIT/ID")
         }
-        let path = directory() + "/" + unit + "/" + id
+        let dir = directory() + "/" + unit, path = dir + "/" + id
         let blob: [UInt8]
         do {
-            try StateDirectory.checkTrusted(directory() + "/" + unit, what: "credential directory")
+            try StateDirectory.checkTrusted(dir, what: "credential directory")
             blob = try Self.readBlob(path)
         } catch {
             return refuse(.notFound, "\(error)", credential: "\(unit)/\(id)")

@@ -465,7 +465,9 @@ public final class Server: @unchecked Sendable {
         var next = old, changed: [String] = [], restart: [String] = []
         if let readConfiguration {
             do {
-                (next, changed, restart) = old.reloaded(from: try readConfiguration())
+                let fresh = try readConfiguration()
+                try fresh.validate()
+                (next, changed, restart) = old.reloaded(from: fresh)
             } catch {
                 StandardError.write("kmsd: ERROR: SIGHUP: configuration not reloaded, the running one stays: \(error)\n")
                 dispatcher.audit.writeEvent(action: "ConfigurationReloadFailed", keyID: "", failure: .validation,

@@ -165,6 +165,8 @@ public struct ServerConfiguration: Sendable, Equatable {
     /// Reads a JSON configuration file; unknown keys are refused (a typo must not silently
     /// weaken anything).
     public static func load(file: String) throws -> ServerConfiguration {
+        // It names the administrators: only root or kmsd's user may be able to change it.
+        try StateDirectory.checkTrusted(file, what: "configuration file")
         guard let data = FileManager.default.contents(atPath: file) else {
             throw ConfigurationError("cannot read configuration file \(file)")
         }

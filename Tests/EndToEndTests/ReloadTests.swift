@@ -69,6 +69,19 @@ struct ReloadTests {
         let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
         #expect(text.contains("configuration not reloaded, the running one stays"), "\(text)")
 
+        // A value out of its range is refused as at start; so is a file others may write.
+        try write(#"{"administrators": {"uids": [0]}, "frameTimeoutSeconds": 0}"#)
+        let outOfRange = try reload("ConfigurationReloadFailed")
+        #expect((outOfRange["MESSAGE"] as? String ?? "").contains("frameTimeoutSeconds must be 1...3600"), "\(outOfRange["MESSAGE"] ?? "")")
+        try write(#"{"administrators": {"uids": [0]}}"#)
+        chmod(config, 0o666)
+        let writable = try reload("ConfigurationReloadFailed")
+        #expect((writable["MESSAGE"] as? String ?? "").contains("writable by group or others"), "\(writable["MESSAGE"] ?? "")")
+        sleep(1)
+        #expect(try createKeyAsNobody().status == 0, "nobody is still an administrator")
+        let refused = try run(Paths.kmsd, ["--config", config, "--dev", "--state-dir", dir + "/state2", "--socket", dir + "/k2.sock"])
+        #expect(refused.status != 0 && refused.stderr.contains("configuration file \(config) is writable by group or others"), "\(refused.stderr)")
+
         // Back to the first file: nobody is denied again, nothing is throttled.
         try write(#"{"administrators": {"uids": [0]}, "maxRequestsPerSecondPerUid": 0, "socketMode": "0666"}"#)
         let back = try reload("ConfigurationReloaded")
