@@ -90,4 +90,33 @@ struct ReloadTests {
         #expect(denied.status != 0 && denied.stderr.contains("AccessDeniedException"), "\(denied.stderr)")
         #expect(await throttled(10) == 0)
     }
+
+    /// SIGHUP while a client has requests in flight: every request is answered once, in full,
+    /// and none fails because of the reloads.
+    @Test func sighupWithRequestsInFlightLosesNothing() throws {
+        let dir = try Paths.tempDir("reload-flight")
+        let config = dir + "/kmsd.json", socket = dir + "/kmsd.sock"
+        try Data(#"{"administrators": {"uids": [0, \#(getuid())]}, "maxRequestsPerSecondPerUid": 0}"#.utf8).write(to: URL(fileURLWithPath: config))
+        chmod(config, 0o644)
+        let kmsd = try launchKMSD(Paths.kmsd, ["--config", config, "--dev", "--state-dir", dir + "/state", "--socket", socket], log: dir + "/kmsd.log")
+        defer { kill(kmsd.processIdentifier, SIGTERM); _ = kmsd.waitUntilExit() }
+        let raw = try RawConnection(path: socket, receiveTimeoutSeconds: 20)
+        let count = 400
+        var answered = [UInt64: Int]()
+        for round in 0..<4 {
+            for i in 0..<count / 4 {
+                try raw.send(.with(id: UInt64(round * 1000 + i + 1), .generateRandom(.with { $0.numberOfBytes = 16 })))
+            }
+            kill(kmsd.processIdentifier, SIGHUP)
+        }
+        for _ in 0..<count {
+            let r = try #require(try raw.receive(), "a request was not answered")
+            #expect(r.kmsError == nil, "\(r.kmsError?.message ?? "")")
+            if case .generateRandom(let g)? = r.result { #expect(g.plaintext.count == 16) } else { Issue.record("not a GenerateRandom answer") }
+            answered[r.id, default: 0] += 1
+        }
+        #expect(answered.count == count && answered.values.allSatisfy { $0 == 1 })
+        let log = (try? String(contentsOfFile: dir + "/kmsd.log", encoding: .utf8)) ?? ""
+        #expect(log.components(separatedBy: "SIGHUP: configuration reloaded").count >= 2, "\(log)")
+    }
 }
