@@ -18,7 +18,7 @@ public final class KeyRepository: Sendable {
     let keystoreID: [UInt8]
     private let cache: Mutex<LRUCache>
     /// Encrypts list markers (alias names, tag keys) so they show nothing.
-    let markerKey: SecureBytes?
+    let markerKey: SecureBytes
     /// Authenticates the row index (rollback detection): its leaves and its digest.
     let indexKey: SecureBytes
     /// The keystore's write counter and the digest of the row index, moved on by every write.
@@ -46,7 +46,7 @@ public final class KeyRepository: Sendable {
         self.root = root
         rootKeyFingerprint = rootKey.fingerprint
         self.cache = Mutex(LRUCache(capacity: max(1, cacheCapacity)))
-        self.markerKey = try? HKDF.deriveKey(from: root.recordMACKey, salt: [], info: Array("kmsd/v1/list-marker-key".utf8))
+        self.markerKey = try HKDF.deriveKey(from: root.recordMACKey, salt: [], info: Array("kmsd/v1/list-marker-key".utf8))
         let check = try HMAC.authenticate(key: root.recordMACKey, data: Self.rootCheckLabel)
         if let stored = try storage.meta("root_key_check") {
             guard ConstantTime.equals(stored, check) else {
@@ -84,9 +84,6 @@ public final class KeyRepository: Sendable {
         try storage.setMeta("keystore_key", try rootKey.wrapKeystoreKey(key))
         return try RootKey(material: key)
     }
-
-    /// Whether the keystore has a keystore key (false: made before them; it cannot be rewrapped).
-    public static func hasKeystoreKey(_ storage: any KeyStorage) throws -> Bool { try storage.meta("keystore_key") != nil }
 
     public enum RewrapResult: Sendable, Equatable { case rewrapped, alreadyUnderNewKey }
 

@@ -107,25 +107,31 @@ extension KeyService {
     public static let maxGrantsPerKey = 1000
     static let grantTokenPrefix = "kmsd-grant-token-v1:"
 
-    /// The grant that allows a request the key's policy did not, or nil. Grants are read once
-    /// per key and cached until one of the key's grants changes.
-    public func grantAllowing(_ facts: RequestFacts) -> GrantRecord? {
-        guard let key = facts.key else { return nil }
-        return compiledGrants(key.keyID).first { $0.allows(facts) }?.record
-    }
-
+    /// The key's grants, compiled: read once per key and cached until one of its grants changes.
     func compiledGrants(_ id: KeyID) -> [CompiledGrant] {
-        if let hit = grantCache.withLock({ $0[id] }) { return hit }
+        let (hit, seen) = grantCache.withLock { ($0.entries[id], $0.changes) }
+        if let hit { return hit }
         // A grant row that fails its integrity check allows nothing (the others still do).
         let grants = repository.intactGrants(of: id).map(CompiledGrant.init)
         grantCache.withLock { cache in
-            if cache.count >= 8192 { cache.removeAll(keepingCapacity: true) }
-            cache[id] = grants
+            // A grant changed while this read ran (a revocation, say): what was read may be
+            // stale, so it is used for this request only, never cached.
+            guard cache.changes == seen else { return }
+            if cache.entries.count >= 8192 { cache.entries.removeAll(keepingCapacity: true) }
+            cache.entries[id] = grants
         }
         return grants
     }
 
-    func forgetGrants(_ id: KeyID) { grantCache.withLock { $0[id] = nil } }
+    /// Whether the key's grants are in the cache (a decision needing them touches no storage).
+    public func grantsCached(_ id: KeyID) -> Bool { grantCache.withLock { $0.entries[id] != nil } }
+
+    func forgetGrants(_ id: KeyID) {
+        grantCache.withLock { cache in
+            cache.entries[id] = nil
+            cache.changes &+= 1
+        }
+    }
 
     public struct GrantInput: Sendable {
         public var keyID: KeyID
@@ -221,7 +227,9 @@ extension KeyService {
         guard (1...KMSLimits.maxListLimit).contains(limit) else { throw KMSError(.validation, "Limit must be 1...\(KMSLimits.maxListLimit)") }
         let record = try usableRecord(KeyID(parsing: keyID), caller: caller, needsEnabled: false)
         let after = try Self.textMarker(marker, label: "grants/\(record.keyID)", caller: caller, repository: repository)
-        let all = try repository.grants(of: record.keyID, after: after)
+        // Unfiltered, one more than a page says whether there is a next one.
+        let unfiltered = grantID.isEmpty && grantee.isEmpty
+        let all = try repository.grants(of: record.keyID, after: after, limit: unfiltered ? limit + 1 : Int.max)
             .filter { (grantID.isEmpty || $0.grantID == grantID) && (grantee.isEmpty || $0.granteePrincipal == grantee) }
         // A page stays well within a frame: grants with large constraints end it early.
         var page: [GrantRecord] = []

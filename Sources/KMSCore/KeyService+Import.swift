@@ -158,19 +158,13 @@ extension KeyService {
     }
 
     /// Deletes imported material whose ValidTo has passed; returns the keys it was deleted from.
-    public func expireDueMaterial() throws -> [KeyID] {
+    public func expireDueMaterial() throws -> Sweep<KeyID> {
         let now = clock()
-        var expired: [KeyID] = []
-        let skip = stuck.withLock { $0 }
-        for id in try repository.dueForExpiry(at: now, limit: 1000 + skip.count) where !skip.contains(id) {
-            try locked(id) {
-                guard let r = try? repository.record(id, caching: false) else { stuck.withLock { _ = $0.insert(id) }; return }
-                guard !r.awaitsMaterial, let due = r.validTo, due <= now else { return }
-                try repository.removeMaterial(Self.withoutMaterial(r))
-                expired.append(id)
-            }
+        return try sweep(due: { try repository.dueForExpiry(at: now, limit: $0) }) { r in
+            guard !r.awaitsMaterial, let due = r.validTo, due <= now else { return nil }
+            try repository.removeMaterial(Self.withoutMaterial(r))
+            return r.keyID
         }
-        return expired
     }
 
     /// The record once its material is gone: PendingImport (a key pending deletion stays so).

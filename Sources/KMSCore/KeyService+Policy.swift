@@ -37,12 +37,32 @@ extension KeyService {
         return policy
     }
 
-    /// The decision, and whether the key's policy puts encryption-context values in its audit
-    /// records: one look-up of the compiled policy for both.
-    public func decideAuditing(_ facts: RequestFacts) -> (decision: PolicyDecision, auditContextValues: Bool) {
+    /// The facts of `action` by `caller` on `record`: the request's encryption context (none
+    /// given: absent, as in AWS) and alias, and the key's aliases, read only if a condition asks.
+    public func requestFacts(_ action: Int, caller: Principal, record: KeyRecord, context: ContextPairs?, alias: String?) -> RequestFacts {
+        var facts = RequestFacts(action: action, caller: caller, isAdministrator: isAdministrator(caller), key: record)
+        facts.encryptionContext = (context?.isEmpty ?? true) ? nil : context
+        facts.requestAlias = alias
+        let repository = self.repository, id = record.keyID
+        facts.resourceAliases = { (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? [] }
+        return facts
+    }
+
+    /// The whole access decision of a request: key policy and identity policies (`decide`),
+    /// then, when nothing there said yes or no, the key's grants. Also whether the key's policy
+    /// puts encryption-context values in audit records. `keyPolicy`: a candidate in place of the
+    /// key's own (SimulatePolicy).
+    public func decideWithGrants(_ facts: RequestFacts, keyPolicy: KeyPolicy? = nil) -> (decision: PolicyDecision, auditContextValues: Bool) {
         guard let key = facts.key else { return (.implicitDeny, false) }
-        let policy = compiledPolicy(key)
-        return (decide(facts, keyPolicy: policy), policy.auditContextValues)
+        let policy = keyPolicy ?? compiledPolicy(key)
+        // The grants are read (once per key, then cached) even when the policies decide, so a
+        // later request on a cached key needs no storage whatever its decision (runsWithoutStorage).
+        let grants = compiledGrants(key.keyID)
+        var decision = decide(facts, keyPolicy: policy)
+        if decision.effect == .implicitDeny, let grant = grants.first(where: { $0.allows(facts) })?.record {
+            decision = PolicyDecision(effect: .allow, decidedBy: "grant:\(grant.grantID)")
+        }
+        return (decision, policy.auditContextValues)
     }
 
     /// The access decision for one action on one key (`facts.key`), combining the key's policy
@@ -98,9 +118,7 @@ extension KeyService {
         guard !bypass else { return }
         var facts = RequestFacts(action: "PutKeyPolicy", caller: caller, isAdministrator: isAdministrator(caller), key: record)!
         facts.bypassPolicyLockoutSafetyCheck = false
-        let byKey = policy.evaluate(facts)
-        let byIdentity = identityPolicies.evaluate(facts)
-        guard byIdentity.effect != .explicitDeny, byKey.allowed || (byKey.delegated && byIdentity.allowed) else {
+        guard decide(facts, keyPolicy: policy).allowed else {
             throw KMSError(.validation, "the new key policy would not allow you (uid \(caller.uid)) to change it again (kms:PutKeyPolicy), so nobody might ever be able to; include a statement that allows it, or set BypassPolicyLockoutSafetyCheck if that is really what you want")
         }
     }
@@ -150,34 +168,15 @@ extension KeyService {
             guard let gid = PrincipalPattern.gid(of: g) ?? UInt32(g) else { throw KMSError(.validation, "there is no group '\(g.prefix(64))' on this host") }
             gids.append(gid)
         }
-        let principal = Principal(uid: uid, gid: gids.first ?? uid, pid: 0, userName: p.user.isEmpty ? Self.userName(uid) : p.user,
+        let principal = Principal(uid: uid, gid: gids.first ?? uid, pid: 0, userName: p.user.isEmpty ? Principal.userName(of: uid) : p.user,
                                   groups: Array(gids.dropFirst()), executable: p.executable.isEmpty ? nil : p.executable,
                                   systemdUnit: p.unit.isEmpty ? nil : p.unit)
-        var facts = RequestFacts(action: index, caller: principal, isAdministrator: isAdministrator(principal), key: record)
-        facts.encryptionContext = context.isEmpty ? nil : context.contextPairs
-        let repository = self.repository, id = record.keyID
-        facts.resourceAliases = { (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? [] }
-        if candidate.isEmpty {
-            var decision = decide(facts)
-            if decision.effect == .implicitDeny, let grant = grantAllowing(facts) {
-                decision = PolicyDecision(effect: .allow, decidedBy: "grant:\(grant.grantID)")
-            }
-            return (decision, record.keyID)
-        }
-        // The candidate in the key policy's place; identity policies and grants as they are.
-        var decision = decide(facts, keyPolicy: try KeyPolicy.parse(candidate, strict: true))
-        if decision.effect == .implicitDeny, let grant = grantAllowing(facts) {
-            decision = PolicyDecision(effect: .allow, decidedBy: "grant:\(grant.grantID)")
-        }
-        return (decision, record.keyID)
+        let facts = requestFacts(index, caller: principal, record: record, context: context.contextPairs, alias: nil)
+        // A candidate policy takes the key policy's place; identity policies and grants as they are.
+        let candidatePolicy = candidate.isEmpty ? nil : try KeyPolicy.parse(candidate, strict: true)
+        return (decideWithGrants(facts, keyPolicy: candidatePolicy).decision, record.keyID)
     }
 
-    static func userName(_ uid: UInt32) -> String {
-        var pwd = passwd(), result: UnsafeMutablePointer<passwd>? = nil
-        var buffer = [CChar](repeating: 0, count: 4096)
-        guard getpwuid_r(uid, &pwd, &buffer, buffer.count, &result) == 0, result != nil, let name = pwd.pw_name else { return "" }
-        return String(cString: name)
-    }
 }
 
 /// Access reviews (beyond AWS): every permission on a key, from its policy, the identity

@@ -8,6 +8,13 @@ import KMSProtocol
 ///
 /// Access until the policy layer lands: administrators may create keys and use every key;
 /// a key's creator (by uid) may use it; everyone else is denied.
+/// Each key's compiled grants, and a count of grant changes: a list read from storage is
+/// cached only if no grant changed meanwhile, so a revoked grant cannot be put back.
+struct GrantCache {
+    var entries: [KeyID: [CompiledGrant]] = [:]
+    var changes: UInt64 = 0
+}
+
 public final class KeyService: Sendable {
     public let repository: KeyRepository
     /// Who administers kmsd (replaced whole when SIGHUP reloads the configuration).
@@ -23,7 +30,7 @@ public final class KeyService: Sendable {
     /// Compiled key policies, so a request does not parse JSON.
     let compiledPolicies = Mutex<[KeyID: CompiledPolicy]>([:])
     /// Each key's grants, read once and kept until one of them changes.
-    let grantCache = Mutex<[KeyID: [CompiledGrant]]>([:])
+    let grantCache = Mutex(GrantCache())
     /// The identity policies in force (replaced whole on reload).
     let identityPolicySet = Mutex(IdentityPolicySet())
 
@@ -230,8 +237,8 @@ public final class KeyService: Sendable {
     /// Changes to one key happen one at a time (read, change, write), so two concurrent
     /// changes cannot both start from the same record and one silently revert the other.
     private let keyLocks: [NSLock] = (0..<64).map { _ in NSLock() }
-    /// Keys a sweep could not read or rotate (tampered, rolled back): passed over by later
-    /// sweeps, so they cannot fill the head of the due-index query for good.
+    /// Keys a sweep could not read (tampered, rolled back): passed over by later sweeps, so
+    /// they cannot fill the head of the due-index query for good.
     let stuck = Mutex<Set<KeyID>>([])
 
     func locked<T, E: Error>(_ id: KeyID, _ body: () throws(E) -> T) throws(E) -> T {
@@ -241,20 +248,46 @@ public final class KeyService: Sendable {
         return try body()
     }
 
-    /// Deletes every key whose deletion time has come; returns their ids.
-    public func deleteDueKeys() throws -> [KeyID] {
-        let now = clock()
-        var deleted: [KeyID] = []
+    /// What a sweep of scheduled work did: the keys it handled, and those whose work failed
+    /// (tried again at the next sweep).
+    public struct Sweep<T> {
+        public var done: [T] = []
+        public var failures: [(key: KeyID, error: any Error)] = []
+    }
+
+    /// Scheduled work on every key `due` returns (asked for `limit` ids), one key at a time
+    /// under its lock, on its record read again (it may have changed since it was found). A key
+    /// whose record cannot be read is set aside for good (`stuck`, its row is refused anyway); a
+    /// key whose work fails does not hold up the others and is tried again next time.
+    func sweep<T>(due: (_ limit: Int) throws -> [KeyID], _ work: (KeyRecord) throws -> T?) throws -> Sweep<T> {
         let skip = stuck.withLock { $0 }
-        for id in try repository.dueForDeletion(at: now, limit: 1000 + skip.count) where !skip.contains(id) {
-            // Read the record again: a CancelKeyDeletion may have come in between.
-            try locked(id) {
-                guard let r = try? repository.record(id, caching: false) else { stuck.withLock { _ = $0.insert(id) }; return }
-                guard r.state == .pendingDeletion, let due = r.deletionDate, due <= now else { return }
-                if try repository.destroy(id, at: now) { deleted.append(id); forgetGrants(id) }
+        var result = Sweep<T>()
+        for id in try due(1000 + skip.count) where !skip.contains(id) {
+            do {
+                let done = try locked(id) { () throws -> T? in
+                    guard let record = try? repository.record(id, caching: false) else {
+                        stuck.withLock { _ = $0.insert(id) }
+                        return nil
+                    }
+                    return try work(record)
+                }
+                if let done { result.done.append(done) }
+            } catch {
+                result.failures.append((id, error))
             }
         }
-        return deleted
+        return result
+    }
+
+    /// Deletes every key whose deletion time has come (a CancelKeyDeletion may have come in
+    /// between: the record is read again).
+    public func deleteDueKeys() throws -> Sweep<KeyID> {
+        let now = clock()
+        return try sweep(due: { try repository.dueForDeletion(at: now, limit: $0) }) { r in
+            guard r.state == .pendingDeletion, let due = r.deletionDate, due <= now, try repository.destroy(r.keyID, at: now) else { return nil }
+            forgetGrants(r.keyID)
+            return r.keyID
+        }
     }
 
     func change(_ keyID: String, caller: Principal, action: String,
@@ -336,29 +369,17 @@ public final class KeyService: Sendable {
     }
 
     /// Rotates every key whose automatic rotation is due; returns the new records.
-    public func rotateDueKeys() throws -> [KeyRecord] {
+    public func rotateDueKeys() throws -> Sweep<KeyRecord> {
         let now = clock()
-        var rotated: [KeyRecord] = []
-        let skip = stuck.withLock { $0 }
-        for id in try repository.dueForRotation(at: now, limit: 1000 + skip.count) where !skip.contains(id) {
-            // One key failing to rotate does not hold up the others, now or in later sweeps.
-            do {
-                try locked(id) { () throws(KMSError) in
-                    guard let r = try? repository.record(id, caching: false), r.state == .enabled,
-                          let period = r.rotationPeriodDays, let due = r.nextRotationDate, due <= now else { return }
-                    var next = r
-                    // The next one a whole period after this one was due (not after it ran late).
-                    var following = due.timeIntervalSince1970 + Double(Int(period) * daySeconds)
-                    while following <= now.timeIntervalSince1970 { following += Double(Int(period) * daySeconds) }
-                    next.nextRotationDate = Date(timeIntervalSince1970: following)
-                    rotated.append(try rotate(next, type: "AUTOMATIC"))
-                }
-            } catch {
-                stuck.withLock { _ = $0.insert(id) }
-                continue
-            }
+        return try sweep(due: { try repository.dueForRotation(at: now, limit: $0) }) { r in
+            guard r.state == .enabled, let period = r.rotationPeriodDays, let due = r.nextRotationDate, due <= now else { return nil }
+            var next = r
+            // The next one a whole period after this one was due (not after it ran late).
+            var following = due.timeIntervalSince1970 + Double(Int(period) * daySeconds)
+            while following <= now.timeIntervalSince1970 { following += Double(Int(period) * daySeconds) }
+            next.nextRotationDate = Date(timeIntervalSince1970: following)
+            return try rotate(next, type: "AUTOMATIC")
         }
-        return rotated
     }
 
     private func rotate(_ record: KeyRecord, type: String) throws(KMSError) -> KeyRecord {
@@ -611,7 +632,8 @@ public final class KeyService: Sendable {
     /// AES-256-GCM under a root-derived key, bound to the listing and the caller: a marker shows
     /// nothing (it may point past entries the caller may not see) and cannot be forged.
     public static func makeTextMarker(_ text: String, label: String, caller: Principal, repository: KeyRepository) -> String? {
-        guard let key = repository.markerKey, let nonce = try? SecureRandom.bytes(AESGCM.nonceBytes) else { return nil }
+        let key = repository.markerKey
+        guard let nonce = try? SecureRandom.bytes(AESGCM.nonceBytes) else { return nil }
         let sealed = try? Array(text.utf8).withUnsafeBytes { p in
             try AESGCM.seal(key: key, nonce: nonce, plaintext: p, aad: markerAAD(label, caller))
         }
@@ -632,7 +654,8 @@ public final class KeyService: Sendable {
     static func textMarker(_ marker: String, label: String, caller: Principal, repository: KeyRepository) throws(KMSError) -> String? {
         guard !marker.isEmpty else { return nil }
         let invalid = KMSError(.invalidMarker, "Marker is not one this server returned to you; pass the NextMarker of the previous page, or start again without one")
-        guard let bytes = Hex.decode(marker), bytes.count > AESGCM.nonceBytes + AESGCM.tagBytes, let key = repository.markerKey else { throw invalid }
+        guard let bytes = Hex.decode(marker), bytes.count > AESGCM.nonceBytes + AESGCM.tagBytes else { throw invalid }
+        let key = repository.markerKey
         guard let text = try? AESGCM.open(key: key, nonce: Array(bytes[..<AESGCM.nonceBytes]), sealed: Array(bytes[AESGCM.nonceBytes...]),
                                           aad: markerAAD(label, caller)) else { throw invalid }
         return String(decoding: text.unsafeCopyToArray(), as: UTF8.self)

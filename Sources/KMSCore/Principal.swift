@@ -1,3 +1,5 @@
+import Glibc
+
 /// The caller of a request, as the kernel vouches for it (SO_PEERCRED and friends).
 public struct Principal: Sendable, Equatable {
     public var uid: UInt32
@@ -29,6 +31,17 @@ public struct Principal: Sendable, Equatable {
         self.groups = groups
         self.executable = executable
         self.systemdUnit = systemdUnit
+    }
+}
+
+extension Principal {
+    /// The user name of `uid` from the passwd database, or `uid:N` when it has none.
+    public static func userName(of uid: UInt32) -> String {
+        var pwd = passwd()
+        var result: UnsafeMutablePointer<passwd>?
+        var buf = [CChar](repeating: 0, count: 4096)
+        guard getpwuid_r(uid, &pwd, &buf, buf.count, &result) == 0, result != nil else { return "uid:\(uid)" }
+        return String(cString: pwd.pw_name)
     }
 }
 

@@ -43,7 +43,8 @@ final class Alarms: Sendable {
     var counts: [String: UInt64] { state.withLock { $0.counts } }
 
     /// The alarms `record` sets off (rule, subject, message), each at most once a minute per subject.
-    func check(_ record: AuditRecord, keyState: String) -> [(rule: String, message: String)] {
+    func check(_ record: AuditRecord) -> [(rule: String, message: String)] {
+        let keyState = record.details.keyState
         // The common case, nothing to look at, costs a lock and a few comparisons.
         let rules = self.rules
         let denied = rules.accessDeniedPerMinute > 0 && record.error == .accessDenied

@@ -112,6 +112,8 @@ final class AuditLog: Sendable {
     /// Keys KMS_CHAIN (derived from the root key; never leaves kmsd). nil: no chain (tests of
     /// the transport alone).
     let chainKey: SecureBytes?
+    /// kmsd itself, the principal of its own events (resolved once: a passwd lookup may be slow).
+    let daemon = Principal(uid: geteuid(), gid: getegid(), pid: getpid(), userName: Principal.userName(of: geteuid()))
 
     init(failClosed: Bool, timeoutMilliseconds: Int = 250, socketPath: String = AuditLog.journalSocket, chainKey: SecureBytes? = nil) {
         self.failClosed = failClosed
@@ -242,8 +244,7 @@ final class AuditLog: Sendable {
     @discardableResult
     func writeEvent(action: String, keyID: String, version: UInt32? = nil, failure: KMSErrorCode? = nil, message: String,
                     extraFields: [String] = [], alarm: String? = nil) -> Bool {
-        let me = Principal(uid: geteuid(), gid: getegid(), pid: getpid(), userName: PeerCredentials.userName(geteuid()))
-        var record = AuditRecord(action: action, requestID: 0, principal: me, result: failure == nil ? .allowed : .failed)
+        var record = AuditRecord(action: action, requestID: 0, principal: daemon, result: failure == nil ? .allowed : .failed)
         record.error = failure
         record.extraFields = extraFields
         record.alarm = alarm
@@ -331,14 +332,7 @@ struct JournalSocket: ~Copyable {
         retryConnectAt = now + 100_000_000
         let s = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
         guard s >= 0 else { return String(cString: strerror(errno)) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { close(s); return "journal socket path too long" }
-        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        guard let rc = withUnixAddress(path, { Glibc.connect(s, $0, $1) }) else { close(s); return "journal socket path too long" }
         guard rc == 0 else {
             let why = String(cString: strerror(errno))
             close(s)

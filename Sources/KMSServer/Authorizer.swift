@@ -261,18 +261,10 @@ struct Authorizer {
         let p = ctx.principal
         d.keyState = record.state.rawValue
 
-        var facts = RequestFacts(action: action, caller: p, isAdministrator: service.isAdministrator(p), key: record)!
-        facts.encryptionContext = (context?.isEmpty ?? true) ? nil : context  // none given: absent, as in AWS
-        facts.requestAlias = alias
-        let repository = service.repository, id = record.keyID
-        facts.resourceAliases = { (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? [] }
+        var facts = service.requestFacts(PolicyActions.index(of: "kms:" + action)!, caller: p, record: record, context: context, alias: alias)
         adjust(&facts)
-        var (decision, auditValues) = service.decideAuditing(facts)
+        let (decision, auditValues) = service.decideWithGrants(facts)
         d.contextValues = auditValues
-        // Nothing in the policy says no, and nothing says yes: a grant may.
-        if decision.effect == .implicitDeny, let grant = service.grantAllowing(facts) {
-            decision = PolicyDecision(effect: .allow, decidedBy: "grant:\(grant.grantID)")
-        }
         d.decidedBy = decision.decidedBy
         guard decision.allowed else {
             if let alias {

@@ -106,7 +106,7 @@ final class CredentialProvider: @unchecked Sendable {
         var cred = kms_ucred()
         var credLength = socklen_t(MemoryLayout<kms_ucred>.size)
         guard getsockopt(c, SOL_SOCKET, SO_PEERCRED, &cred, &credLength) == 0 else { return }
-        let peer = Principal(uid: cred.uid, gid: cred.gid, pid: cred.pid, userName: PeerCredentials.userName(cred.uid))
+        let peer = Principal(uid: cred.uid, gid: cred.gid, pid: cred.pid, userName: Principal.userName(of: cred.uid))
         var address = sockaddr_un()
         var length = socklen_t(MemoryLayout<sockaddr_un>.size)
         let named = withUnsafeMutablePointer(to: &address) {

@@ -218,15 +218,16 @@ final class Dispatcher: Sendable {
     /// it may run on the event loop instead of hopping to a worker thread and back. Its audit
     /// record is still handed to journald before the response is sent.
     func runsWithoutStorage(_ request: KMSRequest) -> Bool {
-        let repository = service.repository
+        let repository = service.repository, service = self.service
+        // The key's record and material, and its grants (the decision may consult them).
         func cached(_ keyID: String) -> Bool {
             if KeyService.aliasName(keyID) != nil { return false }  // resolving an alias reads storage
             guard let id = try? KeyID(parsing: keyID) else { return true }  // fails without I/O
-            return repository.isCached(id)
+            return repository.isCached(id) && service.grantsCached(id)
         }
         func cached(blob: Data) -> Bool {
             guard let parsed = try? SymmetricCiphertext(parsing: Array(blob)) else { return true }
-            return repository.isCached(parsed.keyID, version: parsed.keyVersion)
+            return repository.isCached(parsed.keyID, version: parsed.keyVersion) && service.grantsCached(parsed.keyID)
         }
         switch request.operation {
         case nil, .hello, .whoAmI, .generateRandom: return true
@@ -262,14 +263,15 @@ final class Dispatcher: Sendable {
     /// audited on its own; the rest of that second are counted into one summary record (so a
     /// flood cannot turn into a flood of audit records), written when the uid's next throttled
     /// request comes in a later second or by `flushThrottleSummaries` once a second.
-    func throttled(id: UInt64, action: String, principal: Principal) -> Outgoing {
+    func throttled(id: UInt64, action: String, principal: Principal, extraFields: [String] = []) -> Outgoing {
         let failure = KMSError(.throttling, "uid \(principal.uid) is over its request rate (maxRequestsPerSecondPerUid \(Int(rateLimiter.rate))); retry with exponential backoff")
         let (recordThis, summaries) = throttleLog.note(uid: principal.uid, principal: principal)
         for summary in summaries { writeThrottleSummary(summary) }
         if recordThis {
             var record = AuditRecord(action: action, requestID: id, principal: principal, result: .failed)
             record.error = .throttling
-            if !audit.write(record), audit.failClosed {
+            record.extraFields = extraFields
+            if !write(record), audit.failClosed {
                 return Outgoing(response: .failure(id: id, KMSError(.auditUnavailable, "the audit record could not be handed to journald, so the request was refused; check that systemd-journald is running and keeping up")))
             }
         }
@@ -309,7 +311,23 @@ final class Dispatcher: Sendable {
                                  result: error.code == .accessDenied ? .denied : .failed)
         record.error = error.code
         record.extraFields = extraFields
-        _ = audit.write(record)
+        _ = write(record)
+    }
+
+    /// Writes a request's audit record, then a record for each alarm it sets off. False when
+    /// journald did not take the request's record. Every request record goes through here, so
+    /// alarms see refused connections, undecodable frames and throttled requests too.
+    func write(_ record: AuditRecord) -> Bool {
+        let audited = audit.write(record)
+        for alarm in alarms.check(record) {
+            var a = AuditRecord(action: "Alarm", requestID: record.requestID, principal: record.principal, result: record.result, details: record.details)
+            a.error = record.error
+            a.alarm = alarm.rule
+            a.eventMessage = "ALARM \(alarm.rule): \(alarm.message)"
+            _ = audit.write(a)
+            StandardError.write("kmsd: ALARM \(alarm.rule): \(alarm.message)\n")
+        }
+        return audited
     }
 
     /// Successful requests that change something an auditor follows, and the event each also
@@ -334,7 +352,7 @@ final class Dispatcher: Sendable {
         let action = request.operation?.name ?? "Unknown"
         // Every request takes a token, whatever it asks; a throttled one does nothing else.
         guard rateLimiter.allow(uid: principal.uid) else {
-            return throttled(id: request.id, action: action, principal: principal)
+            return throttled(id: request.id, action: action, principal: principal, extraFields: extraAuditFields)
         }
         if var op = request.operation {
             do {
@@ -358,15 +376,7 @@ final class Dispatcher: Sendable {
         }
         record.durationMicros = (DispatchTime.now().uptimeNanoseconds - start) / 1000
         metrics.record(action: action, result: record.result.rawValue, micros: record.durationMicros)
-        let audited = audit.write(record)
-        for alarm in alarms.check(record, keyState: details.keyState) {
-            var a = AuditRecord(action: "Alarm", requestID: request.id, principal: principal, result: record.result, details: details)
-            a.error = record.error
-            a.alarm = alarm.rule
-            a.eventMessage = "ALARM \(alarm.rule): \(alarm.message)"
-            _ = audit.write(a)
-            StandardError.write("kmsd: ALARM \(alarm.rule): \(alarm.message)\n")
-        }
+        let audited = write(record)
         var response = KMSResponse()
         response.id = request.id
         switch outcome {

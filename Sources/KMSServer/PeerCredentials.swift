@@ -69,7 +69,7 @@ enum PeerCredentials {
     static func resolve(_ raw: Raw) -> Principal {
         defer { if raw.pidfd >= 0 { close(raw.pidfd) } }
         let cred = raw.cred
-        var p = Principal(uid: cred.uid, gid: cred.gid, pid: cred.pid, userName: userName(cred.uid))
+        var p = Principal(uid: cred.uid, gid: cred.gid, pid: cred.pid, userName: Principal.userName(of: cred.uid))
         var unresolved: [String] = []
         if let groups = raw.groups {
             p.groups = groups
@@ -159,14 +159,6 @@ enum PeerCredentials {
         guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
         defer { try? handle.close() }
         return String(decoding: handle.readDataToEndOfFile(), as: UTF8.self)
-    }
-
-    static func userName(_ uid: uid_t) -> String {
-        var pwd = passwd()
-        var result: UnsafeMutablePointer<passwd>?
-        var buf = [CChar](repeating: 0, count: 4096)
-        guard getpwuid_r(uid, &pwd, &buf, buf.count, &result) == 0, result != nil else { return "uid:\(uid)" }
-        return String(cString: pwd.pw_name)
     }
 
     /// The deepest `.service` or `.scope` in the process's cgroup v2 path.

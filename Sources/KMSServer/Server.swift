@@ -72,7 +72,6 @@ public final class Server: @unchecked Sendable {
         let repository = try KeyRepository(storage: storage, root: root, cacheCapacity: c.keyCacheCapacity)
         var clock: @Sendable () -> Date = { Date() }
         if c.development, let file = c.developmentClockFile { clock = Self.offsetClock(file) }
-        if let dir = c.identityPolicyDirectory { try StateDirectory.checkTrusted(dir, what: "identity-policy directory") }
         let service = KeyService(repository: repository, administrators: c.administrators, clock: clock,
                                  daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400)
         let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds,
@@ -89,11 +88,9 @@ public final class Server: @unchecked Sendable {
 
             """)
         }
-        Self.startAuditChain(audit, repository)
+        checkpointed = Atomic(Self.startAuditChain(audit, repository))
         if let dir = c.identityPolicyDirectory {
-            do throws(KMSError) { service.setIdentityPolicies(try IdentityPolicySet.load(directory: dir)) } catch {
-                throw ConfigurationError("identity policies: \(error.message)")
-            }
+            service.setIdentityPolicies(try Self.loadIdentityPolicies(dir))
             StandardError.write("kmsd: \(service.identityPolicies.policies.count) identity policies from \(dir)\n")
         }
         let report = repository.integrityReport
@@ -108,8 +105,6 @@ public final class Server: @unchecked Sendable {
         } else if report.built {
             StandardError.write("kmsd: built the keystore's row index (\(report.entries) rows) for rollback detection\n")
         }
-        // Deletions that came due while kmsd was down happen before it serves anyone.
-        Self.housekeeping(service, audit)
         dispatcher = Dispatcher(service: service, audit: audit,
                                 settings: ServerSettings(maxFrameBytes: c.maxFrameBytes, maxInFlight: c.maxInFlightPerConnection),
                                 rateLimiter: RequestRateLimiter(rate: c.maxRequestsPerSecondPerUID, burst: c.requestBurstPerUID),
@@ -127,6 +122,8 @@ public final class Server: @unchecked Sendable {
     /// termination signal. Returns after the drain.
     public func run() throws {
         let c = configuration
+        // Deletions that came due while kmsd was down happen before it serves anyone.
+        housekeeping()
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 512)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
@@ -159,12 +156,10 @@ public final class Server: @unchecked Sendable {
         StandardError.write("kmsd: ready: \(status)\n")
         startWatchdog()
         let dispatcher = self.dispatcher, pool = self.pool, loop = group.next()
-        loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
+        loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [self] _ in
             dispatcher.flushThrottleSummaries()
-            // Scheduled deletions, off the event loop (they write storage).
-            _ = pool.run(uid: geteuid(), eventLoop: loop) {
-                Self.housekeeping(dispatcher.service, dispatcher.audit)
-            }
+            // Scheduled work, off the event loop (it writes storage).
+            _ = pool.run(uid: geteuid(), eventLoop: loop) { self.housekeeping() }
         }
 
         let terminate = DispatchSemaphore(value: 0)
@@ -278,13 +273,9 @@ public final class Server: @unchecked Sendable {
     static func listenRaw(_ path: String) throws -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw ConfigurationError("cannot create a socket: \(String(cString: strerror(errno)))") }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { Glibc.close(fd); throw ConfigurationError("socket path too long: \(path)") }
-        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
-        let bound = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        guard let bound = withUnixAddress(path, { Glibc.bind(fd, $0, $1) }) else {
+            Glibc.close(fd)
+            throw ConfigurationError("socket path too long: \(path)")
         }
         guard bound == 0, listen(fd, 64) == 0 else {
             let e = String(cString: strerror(errno))
@@ -363,14 +354,7 @@ public final class Server: @unchecked Sendable {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return false }
         defer { close(fd) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return false }
-        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
-        return withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
-        }
+        return withUnixAddress(path) { connect(fd, $0, $1) == 0 } ?? false
     }
 
     /// Development only: the time plus the number of seconds in `file` (0 when unreadable).
@@ -381,55 +365,52 @@ public final class Server: @unchecked Sendable {
         }
     }
 
-    /// True while a deletion sweep runs: a slow one is not joined by the next second's.
-    static let sweeping = Atomic<Bool>(false)
+    /// True while a sweep runs: a slow one is not joined by the next second's.
+    let sweeping = Atomic<Bool>(false)
+    /// The audit sequence number of the last checkpoint saved.
+    let checkpointed: Atomic<UInt64>
 
-    /// Rotates the keys whose automatic rotation is due and deletes those whose deletion time
-    /// has come, each with an audit record.
-    static let checkpointed = Atomic<UInt64>(0)
-
-    static func housekeeping(_ service: KeyService, _ audit: AuditLog) {
+    /// Once a second: the audit chain's checkpoint (only when records were written since), then
+    /// the keys whose automatic rotation is due are rotated, those whose deletion time has come
+    /// deleted and expired imported material removed, each with an audit record.
+    func housekeeping() {
+        let service = dispatcher.service, audit = dispatcher.audit
         guard !sweeping.exchange(true, ordering: .acquiring) else { return }
         defer { sweeping.store(false, ordering: .releasing) }
-        // The audit chain's checkpoint, at most once a second and only when records were written.
-        let seq = audit.lastSequence
-        if seq != checkpointed.load(ordering: .relaxed) {
-            saveAuditCheckpoint(audit, service.repository)
-            checkpointed.store(seq, ordering: .relaxed)
+        let sequence = audit.lastSequence
+        if sequence != checkpointed.load(ordering: .relaxed), Self.saveAuditCheckpoint(audit, service.repository) {
+            checkpointed.store(sequence, ordering: .relaxed)
         }
-        do {
-            for k in try service.rotateDueKeys() {
-                audit.writeEvent(action: "KeyRotated", keyID: k.keyID.description, version: k.currentVersion,
-                                 message: "key \(k.keyID) was rotated automatically to version \(k.currentVersion)")
-                StandardError.write("kmsd: key \(k.keyID) rotated to version \(k.currentVersion)\n")
+        func run<T>(_ what: String, _ sweep: () throws -> KeyService.Sweep<T>, _ done: (T) -> Void) {
+            do {
+                let result = try sweep()
+                result.done.forEach(done)
+                for f in result.failures { StandardError.write("kmsd: ERROR: \(what) of key \(f.key) failed: \(f.error); retrying in a second\n") }
+            } catch {
+                StandardError.write("kmsd: ERROR: \(what) failed: \(error); retrying in a second\n")
             }
-        } catch {
-            StandardError.write("kmsd: ERROR: scheduled key rotation failed: \(error); retrying in a second\n")
         }
-        do {
-            for id in try service.deleteDueKeys() {
-                audit.writeEvent(action: "KeyDeleted", keyID: id.description,
-                                 message: "key \(id) was deleted: its pending-deletion window ended")
-                StandardError.write("kmsd: key \(id) deleted (its pending-deletion window ended)\n")
-            }
-        } catch {
-            StandardError.write("kmsd: ERROR: scheduled key deletion failed: \(error); retrying in a second\n")
+        run("scheduled rotation", service.rotateDueKeys) { k in
+            audit.writeEvent(action: "KeyRotated", keyID: k.keyID.description, version: k.currentVersion,
+                             message: "key \(k.keyID) was rotated automatically to version \(k.currentVersion)")
+            StandardError.write("kmsd: key \(k.keyID) rotated to version \(k.currentVersion)\n")
         }
-        do {
-            for id in try service.expireDueMaterial() {
-                audit.writeEvent(action: "KeyMaterialExpired", keyID: id.description,
-                                 message: "the imported material of key \(id) expired (its ValidTo passed) and was deleted; the key awaits the same material again")
-                StandardError.write("kmsd: imported material of key \(id) expired and was deleted\n")
-            }
-        } catch {
-            StandardError.write("kmsd: ERROR: expiring imported key material failed: \(error); retrying in a second\n")
+        run("scheduled deletion", service.deleteDueKeys) { id in
+            audit.writeEvent(action: "KeyDeleted", keyID: id.description, message: "key \(id) was deleted: its pending-deletion window ended")
+            StandardError.write("kmsd: key \(id) deleted (its pending-deletion window ended)\n")
+        }
+        run("expiry of imported material", service.expireDueMaterial) { id in
+            audit.writeEvent(action: "KeyMaterialExpired", keyID: id.description,
+                             message: "the imported material of key \(id) expired (its ValidTo passed) and was deleted; the key awaits the same material again")
+            StandardError.write("kmsd: imported material of key \(id) expired and was deleted\n")
         }
     }
 
     /// The run's first record links it to the previous run: the chain continues from the last
     /// checkpoint, and KmsdStarted says where that was and whether the previous run stopped
     /// cleanly (an unclean stop: its records after the checkpoint cannot be proven complete).
-    static func startAuditChain(_ audit: AuditLog, _ repository: KeyRepository) {
+    /// Returns the sequence number the start's checkpoint covers.
+    static func startAuditChain(_ audit: AuditLog, _ repository: KeyRepository) -> UInt64 {
         let stored = repository.auditCheckpoint()
         let previous = stored.flatMap(audit.parseCheckpoint)
         audit.startChain(after: previous?.chain ?? [UInt8](repeating: 0, count: 32))
@@ -446,12 +427,24 @@ public final class Server: @unchecked Sendable {
         }
         audit.writeEvent(action: "KmsdStarted", keyID: "", failure: stop == "unknown" ? .keyUnavailable : nil,
                          message: "kmsd started (run \(audit.runID), root key \(repository.rootKeyFingerprint)); \(note)", extraFields: fields)
-        saveAuditCheckpoint(audit, repository)
+        let sequence = audit.lastSequence
+        return saveAuditCheckpoint(audit, repository) ? sequence : 0
     }
 
-    static func saveAuditCheckpoint(_ audit: AuditLog, _ repository: KeyRepository) {
+    @discardableResult
+    static func saveAuditCheckpoint(_ audit: AuditLog, _ repository: KeyRepository) -> Bool {
         do { try repository.setAuditCheckpoint(audit.checkpoint(clean: false)) } catch {
             StandardError.write("kmsd: WARNING: the audit chain's checkpoint could not be saved: \(error)\n")
+            return false
+        }
+        return true
+    }
+
+    /// The identity policies in `dir` (a trusted directory); the message names what is wrong.
+    static func loadIdentityPolicies(_ dir: String) throws -> IdentityPolicySet {
+        try StateDirectory.checkTrusted(dir, what: "identity-policy directory")
+        do throws(KMSError) { return try IdentityPolicySet.load(directory: dir) } catch {
+            throw ConfigurationError("identity policies: \(error.message)")
         }
     }
 
@@ -479,10 +472,9 @@ public final class Server: @unchecked Sendable {
         var policies: IdentityPolicySet? = nil
         if let dir = next.identityPolicyDirectory {
             do {
-                try StateDirectory.checkTrusted(dir, what: "identity-policy directory")
-                policies = try IdentityPolicySet.load(directory: dir)
+                policies = try Self.loadIdentityPolicies(dir)
             } catch {
-                let message = (error as? KMSError)?.message ?? "\(error)"
+                let message = "\(error)"
                 StandardError.write("kmsd: ERROR: SIGHUP: identity policies not reloaded, the previous ones stay: \(message)\n")
                 audit.writeEvent(action: "IdentityPoliciesReloadFailed", keyID: "", failure: (error as? KMSError)?.code ?? .validation,
                                  message: "identity policies not reloaded (the previous ones stay): \(message)")

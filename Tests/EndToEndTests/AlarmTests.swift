@@ -9,7 +9,7 @@ import Testing
 @Suite(.serialized, .enabled(if: isRoot, "needs root for another uid and the journal"))
 final class AlarmTests {
     let daemon: Daemon
-    static let alarmID = "9d4e7a1c3b2f48e6a5c0d9b8e7f6a1b2"
+    static let alarmID = JournalIDs.alarm
 
     init() throws {
         try Journal.ensureRunning()

@@ -61,7 +61,7 @@ final class AuditChainTests {
 
         let runs = lines.map { object($0)["KMS_RUN_ID"] as? String ?? "" }
         let runIDs = runs.reduce(into: [String]()) { if !$0.contains($1) { $0.append($1) } }
-        #expect(runIDs.count == 3)
+        try #require(runIDs.count == 3)
         // A record removed from the middle of the second run.
         let middle = try #require(lines.indices.first { runs[$0] == runIDs[1] && object(lines[$0])["KMS_SEQ"] as? String == "4" })
         var removed = lines

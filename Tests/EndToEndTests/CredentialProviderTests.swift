@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import KMSClient
+import KMSProtocol
 import Testing
 
 /// The credential provider (systemd's LoadCredential=ID:/run/kmsd/credentials.sock): a client
@@ -20,9 +21,8 @@ struct CredentialProviderTests {
         defer { daemon.stop() }
         #expect(daemon.log.contains("credentials on \(socket)"), "\(daemon.log)")
         let client = daemon.client()
-        let admins = #"{"Sid": "Admins", "Effect": "Allow", "Principal": {"Role": "Administrators"}, "Action": "kms:*", "Resource": "*"}"#
         let payroll = #"{"Sid": "Payroll", "Effect": "Allow", "Principal": {"Unit": "payroll.service"}, "Action": "kms:Decrypt", "Resource": "*"}"#
-        let key = try await client.createKey(description: "credentials", policy: #"{"Version": "2012-10-17", "Statement": [\#(admins), \#(payroll)]}"#).keyID
+        let key = try await client.createKey(description: "credentials", policy: keyPolicy(payroll)).keyID
         func put(_ unit: String, _ name: String, _ value: String) throws {
             let r = try run(Paths.kmsctl, ["put-credential", "--unit", unit, "--name", name, "--key-id", key, "--credential-dir", store],
                             stdin: Data(value.utf8), env: ["KMSD_SOCKET": daemon.socket])
@@ -38,12 +38,15 @@ struct CredentialProviderTests {
         try put("other.service", "db-password", Self.secret)
         // Only ciphertext is on disk.
         let stored = try Data(contentsOf: URL(fileURLWithPath: store + "/payroll.service/db-password"))
-        #expect(stored.range(of: Data(Self.secret.utf8)) == nil)
+        let storedInClear = stored.range(of: Data(Self.secret.utf8)) != nil
+        #expect(!storedInClear)
 
         // systemd (root) loading payroll.service's credential: served, audited as the unit's Decrypt.
         var since = Date()
         let served = try load("payroll.service", "db-password")
-        #expect(served.status == 0 && served.text == Self.secret, "\(served.stderr)")
+        // Compared into a Bool first, so a failure prints no secret.
+        let servedTheSecret = served.text == Self.secret
+        #expect(served.status == 0 && servedTheSecret, "\(served.stderr)")
         let allowed = try record(["KMS_ACTION=Decrypt", "KMS_CREDENTIAL=payroll.service/db-password"], since: since)
         #expect(allowed["KMS_RESULT"] as? String == "Allowed" && allowed["KMS_PEER_UNIT"] as? String == "payroll.service")
         #expect(allowed["KMS_DECIDED_BY"] as? String == "key-policy:Payroll")
@@ -84,7 +87,10 @@ struct CredentialProviderTests {
 
         // None of these records holds the secret.
         let export = try run("/usr/bin/journalctl", ["-o", "export", "_PID=\(daemon.pid)"])
-        #expect(!export.text.contains(Self.secret) && !export.text.contains(Data(Self.secret.utf8).base64EncodedString()))
+        let secretBytes = Array(Self.secret.utf8)
+        let forms = [Self.secret, Data(secretBytes).base64EncodedString(), Hex.encode(secretBytes), Hex.encode(secretBytes).uppercased()]
+        let leaked = forms.indices.filter { export.text.contains(forms[$0]) }.map { ["raw", "base64", "hex", "HEX"][$0] }
+        #expect(leaked.isEmpty, "the secret is in the journal as \(leaked)")
 
         // delete-credential: served no more.
         #expect(try run(Paths.kmsctl, ["delete-credential", "--unit", "payroll.service", "--name", "db-password", "--credential-dir", store]).status == 0)
@@ -105,13 +111,13 @@ struct CredentialProviderTests {
         while !FileManager.default.fileExists(atPath: socket), Date() < deadline { usleep(20_000) }
         let client = KMSClient(socketPath: main)
         let unit = #"{"Sid": "Unit", "Effect": "Allow", "Principal": {"Unit": "backup.service"}, "Action": "kms:Decrypt", "Resource": "*"}"#
-        let admins = #"{"Sid": "Admins", "Effect": "Allow", "Principal": {"Role": "Administrators"}, "Action": "kms:*", "Resource": "*"}"#
-        let key = try await client.createKey(policy: #"{"Version": "2012-10-17", "Statement": [\#(admins), \#(unit)]}"#).keyID
+        let key = try await client.createKey(policy: keyPolicy(unit)).keyID
         let put = try run(Paths.kmsctl, ["put-credential", "--unit", "backup.service", "--name", "token", "--key-id", key, "--credential-dir", store],
                           stdin: Data(Self.secret.utf8), env: ["KMSD_SOCKET": main])
         #expect(put.status == 0, "\(put.stderr)")
         let loaded = try run(Paths.kmsctl, ["load-credential", "--unit", "backup.service", "--name", "token", "--credential-socket", socket])
-        #expect(loaded.status == 0 && loaded.text == Self.secret, "\(loaded.stderr)")
+        let loadedTheSecret = loaded.text == Self.secret
+        #expect(loaded.status == 0 && loadedTheSecret, "\(loaded.stderr)")
         let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
         #expect(text.contains("serving on socket-activated fd, credentials on socket-activated fd"), "\(text)")
         #expect(!FileManager.default.fileExists(atPath: dir + "/state/credentials.sock"), "kmsd bound no credential socket of its own")

@@ -152,7 +152,8 @@ final class ImportTests {
         // kmsd encrypts with exactly the imported material: the test opens the blob itself.
         let plaintext = Array("imported material at work".utf8)
         let blob = Array(try await client.encrypt(keyID: key, plaintext: plaintext, context: ["app": "byok"]).ciphertextBlob)
-        #expect(try Self.openDocumented(blob, material: material, context: ["app": "byok"]) == plaintext)
+        let opened = try Self.openDocumented(blob, material: material, context: ["app": "byok"]) == plaintext
+        #expect(opened, "the blob opens with the imported material")
 
         // The token was single use.
         let again = try importMaterial(key, wrapped: wrapped, token: params.token)

@@ -114,8 +114,11 @@ struct LifecycleDurabilityTests {
                     inFlight = nil
                 } catch let e as KMSError where [.disabled, .invalidState, .limitExceeded].contains(e.code) {
                     inFlight = nil  // refused by the rules: changed nothing
+                } catch let e as KMSError {
+                    Issue.record("round \(round): unexpected \(e.code.rawValue): \(e.message)")
+                    break
                 } catch {
-                    break  // the kill
+                    break  // the kill (the connection dropped)
                 }
             }
             await client.close()

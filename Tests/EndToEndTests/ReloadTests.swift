@@ -25,12 +25,16 @@ struct ReloadTests {
         func createKeyAsNobody() throws -> ProcessResult {
             try runAs(uid: nobody, [Paths.kmsctl, "create-key", "--description", "by nobody"], env: ["KMSD_SOCKET": socket])
         }
+        /// Sends `n` requests: how many were throttled; every other one must succeed.
         func throttled(_ n: Int) async -> Int {
             let client = KMSClient(socketPath: socket)
             var count = 0
             for _ in 0..<n {
-                do { _ = try await client.generateRandom(numberOfBytes: 8) } catch let e as KMSError where e.code == .throttling { count += 1 } catch {}
+                do { _ = try await client.generateRandom(numberOfBytes: 8) } catch let e as KMSError where e.code == .throttling { count += 1 } catch {
+                    Issue.record("a request failed otherwise: \(error)")
+                }
             }
+            await client.close()
             return count
         }
         func reload(_ action: String) throws -> [String: Any] {

@@ -29,6 +29,18 @@ final class RollbackTests {
         try sqlite(keystore, "ATTACH '\(snapshot)' AS old; DELETE FROM main.\(table) WHERE \(whereClause); INSERT INTO main.\(table) SELECT * FROM old.\(table) WHERE \(whereClause);")
     }
 
+    /// An authentic copy of the keystore as it is now (kmsd stopped for it, then started
+    /// again); `client` is reconnected.
+    func snapshot(_ name: String, _ client: inout KMSClient) async throws -> String {
+        await client.close()
+        daemon.stop()
+        let path = daemon.stateDir + "-\(name).sqlite3"
+        try sqlite(keystore, ".backup '\(path)'")
+        try daemon.restart()
+        client = daemon.client()
+        return path
+    }
+
     func waitUntilDeleted(_ client: KMSClient, _ key: String) async throws {
         for _ in 0..<150 {
             do { _ = try await client.describeKey(keyID: key) } catch let e as KMSError where e.code == .notFound { return }
@@ -49,12 +61,7 @@ final class RollbackTests {
         let untouchedBlob = Array(try await client.encrypt(keyID: untouched, plaintext: [2]).ciphertextBlob)
 
         // The snapshot: an authentic copy of the keystore as it is now.
-        await client.close()
-        daemon.stop()
-        let snapshot = daemon.stateDir + "-snapshot.sqlite3"
-        try sqlite(keystore, ".backup '\(snapshot)'")
-        try daemon.restart()
-        client = daemon.client()
+        let snapshot = try await snapshot("snapshot", &client)
 
         // Acknowledged changes after it.
         try await client.disableKey(keyID: enabled)
@@ -96,12 +103,7 @@ final class RollbackTests {
     @Test func anIndexEntryCopiedBackWithItsRowIsCaughtAtStart() async throws {
         var client = daemon.client()
         let key = try await client.createKey(description: "rolled back with its index entry").keyID
-        await client.close()
-        daemon.stop()
-        let snapshot = daemon.stateDir + "-snapshot2.sqlite3"
-        try sqlite(keystore, ".backup '\(snapshot)'")
-        try daemon.restart()
-        client = daemon.client()
+        let snapshot = try await snapshot("snapshot2", &client)
         try await client.disableKey(keyID: key)
         await client.close()
         daemon.stop()

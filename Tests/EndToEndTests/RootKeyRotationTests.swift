@@ -18,12 +18,6 @@ struct RootKeyRotationTests {
 
         init() throws { dir = try Paths.tempDir("creds") }
 
-        /// `head -c 32 /dev/urandom | systemd-creds encrypt --name=NAME - FILE`, as README says.
-        func seal(name: String, to file: String) throws {
-            let r = try run("/bin/sh", ["-c", "umask 077; head -c 32 /dev/urandom | systemd-creds encrypt --with-key=host --name=\(name) - \(file)"])
-            #expect(r.status == 0, "\(r.stderr)")
-        }
-
         /// What systemd does for LoadCredentialEncrypted=NAME:FILE: a private directory holding
         /// the decrypted credential.
         func credentials(_ pairs: [(name: String, file: String)]) throws -> String {
@@ -87,7 +81,7 @@ struct RootKeyRotationTests {
     func aSealedRootKeyAndItsRotation() async throws {
         let host = try Host()
         let oldCred = host.dir + "/root-key.cred", newCred = host.dir + "/root-key.cred.new"
-        try host.seal(name: "root-key", to: oldCred)
+        try sealRandomKey(name: "root-key", to: oldCred)
         // The sealed file shows nothing of the key: it decrypts only through systemd-creds.
         let creds = try host.credentials([("root-key", oldCred)])
         let raw = try Data(contentsOf: URL(fileURLWithPath: creds + "/root-key"))
@@ -105,7 +99,7 @@ struct RootKeyRotationTests {
         Self.stop(kmsd)
 
         // Rotation, as README says: seal a new key, stop kmsd, rewrap with both credentials.
-        try host.seal(name: "new-root-key", to: newCred)
+        try sealRandomKey(name: "new-root-key", to: newCred)
         let both = try host.credentials([("root-key", oldCred), ("new-root-key", newCred)])
         let rewrap = try host.rewrap(credentials: both)
         #expect(rewrap.status == 0 && rewrap.text.contains("moved from root key"), "\(rewrap.text)\(rewrap.stderr)")
@@ -133,7 +127,7 @@ struct RootKeyRotationTests {
         let state = dir + "/state", socket = dir + "/kmsd.sock", log = dir + "/kmsd.log"
         func key(_ i: Int) throws -> String {
             let path = "\(dir)/root-\(i)"
-            #expect(try run("/bin/sh", ["-c", "umask 077; head -c 32 /dev/urandom > \(path)"]).status == 0)
+            try writeRandomKey(path)
             return path
         }
         func start(_ keyFile: String) throws -> ChildProcess {
@@ -179,7 +173,7 @@ struct RootKeyRotationTests {
     @Test func rewrapRefusesWhileKmsdRunsAndWithoutANewKey() throws {
         let daemon = try Daemon()
         let keyFile = daemon.stateDir + "-new"
-        #expect(try run("/bin/sh", ["-c", "umask 077; head -c 32 /dev/urandom > \(keyFile)"]).status == 0)
+        try writeRandomKey(keyFile)
         let running = try run(Paths.kmsd, ["rewrap", "--dev", "--state-dir", daemon.stateDir, "--new-root-key-file", keyFile], env: ["CREDENTIALS_DIRECTORY": ""])
         #expect(running.status != 0 && running.stderr.contains("another kmsd (pid \(daemon.pid))"), "\(running.stderr)")
         daemon.stop()

@@ -6,11 +6,6 @@ import Testing
 /// mode only) a generated one; without one, kmsd refuses to start and says how to provide it.
 @Suite(.serialized)
 struct RootKeyTests {
-    func writeKey(_ path: String, bytes: Int = 32) throws {
-        let r = try run("/bin/sh", ["-c", "umask 077; head -c \(bytes) /dev/urandom > \(path)"])
-        #expect(r.status == 0)
-    }
-
     @Test func withoutARootKeyProductionModeRefusesToStart() throws {
         let dir = try Paths.tempDir("noroot")
         let r = try run(Paths.kmsd, ["--state-dir", dir + "/state", "--socket", dir + "/k.sock", "--audit-fail-closed", "false"],
@@ -23,8 +18,8 @@ struct RootKeyTests {
     @Test func theSystemdCredentialIsUsedFirst() throws {
         let dir = try Paths.tempDir("cred")
         try FileManager.default.createDirectory(atPath: dir + "/creds", withIntermediateDirectories: true)
-        try writeKey(dir + "/creds/root-key")
-        try writeKey(dir + "/file-key")
+        try writeRandomKey(dir + "/creds/root-key")
+        try writeRandomKey(dir + "/file-key")
         let r = try run("/usr/bin/timeout", ["-s", "TERM", "2", Paths.kmsd, "--state-dir", dir + "/state", "--socket", dir + "/k.sock",
                                              "--root-key-file", dir + "/file-key", "--audit-fail-closed", "false"],
                         env: ["CREDENTIALS_DIRECTORY": dir + "/creds"])
@@ -34,7 +29,7 @@ struct RootKeyTests {
 
     @Test func aConfiguredFileIsUsedWithoutACredential() throws {
         let dir = try Paths.tempDir("keyfile")
-        try writeKey(dir + "/file-key")
+        try writeRandomKey(dir + "/file-key")
         let r = try run("/usr/bin/timeout", ["-s", "TERM", "2", Paths.kmsd, "--state-dir", dir + "/state", "--socket", dir + "/k.sock",
                                              "--root-key-file", dir + "/file-key", "--audit-fail-closed", "false"],
                         env: ["CREDENTIALS_DIRECTORY": ""])
@@ -43,7 +38,7 @@ struct RootKeyTests {
 
     @Test func aRootKeyOfTheWrongSizeIsRefused() throws {
         let dir = try Paths.tempDir("shortkey")
-        try writeKey(dir + "/short", bytes: 31)
+        try writeRandomKey(dir + "/short", bytes: 31)
         let r = try run(Paths.kmsd, ["--state-dir", dir + "/state", "--root-key-file", dir + "/short"], env: ["CREDENTIALS_DIRECTORY": ""])
         #expect(r.status != 0 && r.stderr.contains("exactly 32 raw bytes"), "\(r.stderr)")
     }
@@ -86,7 +81,7 @@ struct RootKeyTests {
 extension RootKeyTests {
     @Test func aRootKeyFileOthersCanReadIsRefused() throws {
         let dir = try Paths.tempDir("openkey")
-        try writeKey(dir + "/key")
+        try writeRandomKey(dir + "/key")
         chmod(dir + "/key", 0o644)
         let r = try run(Paths.kmsd, ["--state-dir", dir + "/state", "--root-key-file", dir + "/key"], env: ["CREDENTIALS_DIRECTORY": ""])
         #expect(r.status != 0 && r.stderr.contains("readable by others") && r.stderr.contains("chmod 600"), "\(r.stderr)")

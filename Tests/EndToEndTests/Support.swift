@@ -129,6 +129,25 @@ func runAs(uid: UInt32, _ argv: [String], stdin: Data = Data(), env: [String: St
 
 var isRoot: Bool { getuid() == 0 }
 
+/// Writes `bytes` random bytes to `path`, private to its owner (a root-key file).
+func writeRandomKey(_ path: String, bytes: Int = 32) throws {
+    let r = try run("/bin/sh", ["-c", "umask 077; head -c \(bytes) /dev/urandom > '\(path)'"])
+    guard r.status == 0 else { throw DaemonError("cannot write \(path): \(r.stderr)") }
+}
+
+/// `head -c 32 /dev/urandom | systemd-creds encrypt --name=NAME - FILE` with the host key, as
+/// README says: a new random key sealed as a systemd credential.
+func sealRandomKey(name: String, to file: String) throws {
+    let r = try run("/bin/sh", ["-c", "umask 077; head -c 32 /dev/urandom | systemd-creds encrypt --with-key=host --name=\(name) - '\(file)'"])
+    guard r.status == 0 else { throw DaemonError("systemd-creds encrypt failed: \(r.stderr)") }
+}
+
+/// A key policy: administrators may do everything, then `statements` (JSON objects).
+func keyPolicy(_ statements: String...) -> String {
+    let admins = #"{"Sid": "Admins", "Effect": "Allow", "Principal": {"Role": "Administrators"}, "Action": "kms:*", "Resource": "*"}"#
+    return #"{"Version": "2012-10-17", "Statement": [\#(([admins] + statements).joined(separator: ", "))]}"#
+}
+
 /// A real kmsd process in development mode with its own state directory and socket.
 final class Daemon: @unchecked Sendable {
     let stateDir: String
