@@ -80,6 +80,8 @@ public struct EncryptionContext: Sendable, Equatable {
     }
 
     static func escape(_ key: String) -> String {
+        // Most keys need no escaping: then the text is the key itself.
+        if key.utf8.allSatisfy({ $0 >= 0x20 && $0 != 0x7f && $0 != 0x5c && $0 != 0x2c }) { return key }
         var out = ""
         let hex = Array("0123456789abcdef")
         for scalar in key.unicodeScalars {

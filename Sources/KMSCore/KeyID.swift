@@ -6,10 +6,38 @@ import KMSProtocol
 /// Parsed and printed by hand (every request names a key, and Foundation's UUID goes through
 /// sscanf/printf); stored as its text.
 public struct KeyID: Hashable, Sendable, Comparable, CustomStringConvertible, Codable {
+    /// The 16 bytes (RFC 4122 order) as two big-endian words: comparing, hashing and copying a
+    /// key id costs no allocation (every request names one, some several times).
+    let high: UInt64
+    let low: UInt64
+
     /// The 16 bytes in RFC 4122 order, as in the ciphertext header.
-    public let bytes: [UInt8]
+    public var bytes: [UInt8] {
+        var out = [UInt8](repeating: 0, count: 16)
+        for i in 0..<8 {
+            out[i] = UInt8(truncatingIfNeeded: high >> (56 - 8 * UInt64(i)))
+            out[8 + i] = UInt8(truncatingIfNeeded: low >> (56 - 8 * UInt64(i)))
+        }
+        return out
+    }
+
     /// The lowercase textual form.
-    public let description: String
+    public var description: String {
+        String(unsafeUninitializedCapacity: 36) { out in
+            let hex: StaticString = "0123456789abcdef"
+            let digits = hex.utf8Start
+            var n = 0
+            for i in 0..<16 {
+                if i == 4 || i == 6 || i == 8 || i == 10 { out[n] = UInt8(ascii: "-"); n += 1 }
+                let word = i < 8 ? high : low
+                let b = UInt8(truncatingIfNeeded: word >> (56 - 8 * UInt64(i & 7)))
+                out[n] = digits[Int(b >> 4)]
+                out[n + 1] = digits[Int(b & 0x0f)]
+                n += 2
+            }
+            return n
+        }
+    }
 
     /// A fresh random key id (version 4 UUID).
     public static func random() -> KeyID {
@@ -22,69 +50,84 @@ public struct KeyID: Hashable, Sendable, Comparable, CustomStringConvertible, Co
     /// that names no possible key (as AWS answers for a malformed key id).
     public init(parsing text: String) throws(KMSError) {
         guard !text.isEmpty else { throw KMSError(.validation, "KeyId is required") }
-        var body = Substring(text)
-        if body.hasPrefix(Self.arnPrefix) { body = body.dropFirst(Self.arnPrefix.count) }
-        if body.hasPrefix("alias/") {
+        if let parsed = Self.parse(text) {
+            self = parsed
+            return
+        }
+        if text.hasPrefix(Self.arnPrefix + "alias/") || text.hasPrefix("alias/") {
             throw KMSError(.notFound, "an alias names no key here; this operation takes a key id or key ARN")
         }
-        guard let bytes = Self.parseUUID(body.utf8) else {
-            throw KMSError(.notFound, "that is not a key id; key ids look like 1234abcd-12ab-34cd-56ef-1234567890ab")
+        throw KMSError(.notFound, "that is not a key id; key ids look like 1234abcd-12ab-34cd-56ef-1234567890ab")
+    }
+
+    /// A key id or key ARN, or nil.
+    static func parse(_ text: String) -> KeyID? {
+        var text = text
+        return text.withUTF8 { utf8 -> KeyID? in
+            var body = UnsafeRawBufferPointer(utf8)
+            if body.count == 36 + arnPrefixUTF8.count, body.starts(with: arnPrefixUTF8) {
+                body = UnsafeRawBufferPointer(rebasing: body[arnPrefixUTF8.count...])
+            }
+            return parseUUID(body)
         }
-        self.init(bytes: bytes)
     }
 
     /// The key id whose 16 bytes (RFC 4122 order) are `bytes`.
     public init(bytes: some Collection<UInt8>) {
         precondition(bytes.count == 16)
-        self.bytes = Array(bytes)
-        let hex = Array("0123456789abcdef".utf8)
-        var text: [UInt8] = []
-        text.reserveCapacity(36)
-        for (i, b) in self.bytes.enumerated() {
-            if i == 4 || i == 6 || i == 8 || i == 10 { text.append(UInt8(ascii: "-")) }
-            text.append(hex[Int(b >> 4)])
-            text.append(hex[Int(b & 0x0f)])
+        var h: UInt64 = 0, l: UInt64 = 0
+        for (i, b) in bytes.enumerated() {
+            if i < 8 { h = h << 8 | UInt64(b) } else { l = l << 8 | UInt64(b) }
         }
-        description = String(decoding: text, as: UTF8.self)
+        high = h
+        low = l
     }
 
     /// 8-4-4-4-12 hex digits, either case.
-    static func parseUUID(_ utf8: Substring.UTF8View) -> [UInt8]? {
+    static func parseUUID(_ utf8: UnsafeRawBufferPointer) -> KeyID? {
         guard utf8.count == 36 else { return nil }
-        var out: [UInt8] = []
-        out.reserveCapacity(16)
-        var high: UInt8? = nil
-        for (i, c) in utf8.enumerated() {
+        var h: UInt64 = 0, l: UInt64 = 0, digits = 0
+        for i in 0..<36 {
+            let c = utf8[i]
             if i == 8 || i == 13 || i == 18 || i == 23 {
                 guard c == UInt8(ascii: "-") else { return nil }
                 continue
             }
             let v: UInt8
             switch c {
-            case UInt8(ascii: "0")...UInt8(ascii: "9"): v = c - UInt8(ascii: "0")
-            case UInt8(ascii: "a")...UInt8(ascii: "f"): v = c - UInt8(ascii: "a") + 10
-            case UInt8(ascii: "A")...UInt8(ascii: "F"): v = c - UInt8(ascii: "A") + 10
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): v = c &- UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): v = c &- UInt8(ascii: "a") &+ 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): v = c &- UInt8(ascii: "A") &+ 10
             default: return nil
             }
-            if let h = high { out.append(h << 4 | v); high = nil } else { high = v }
+            if digits < 16 { h = h << 4 | UInt64(v) } else { l = l << 4 | UInt64(v) }
+            digits += 1
         }
-        return out.count == 16 ? out : nil
+        return KeyID(high: h, low: l)
     }
+
+    private init(high: UInt64, low: UInt64) {
+        self.high = high
+        self.low = low
+    }
+
+    static let arnPrefixUTF8 = Array(arnPrefix.utf8)
 
     public static let arnPrefix = "kmsd:key/"
 
     public var arn: String { Self.arnPrefix + description }
 
-    public static func < (a: KeyID, b: KeyID) -> Bool { a.bytes.lexicographicallyPrecedes(b.bytes) }
-    public static func == (a: KeyID, b: KeyID) -> Bool { a.bytes == b.bytes }
-    public func hash(into hasher: inout Hasher) { hasher.combine(bytes) }
+    public static func < (a: KeyID, b: KeyID) -> Bool { a.high != b.high ? a.high < b.high : a.low < b.low }
+
+    /// The last byte of the id (locks are striped by it).
+    public var lastByte: UInt8 { UInt8(truncatingIfNeeded: low) }
 
     public init(from decoder: any Decoder) throws {
-        let text = try decoder.singleValueContainer().decode(String.self)
-        guard let bytes = Self.parseUUID(Substring(text).utf8) else {
+        var text = try decoder.singleValueContainer().decode(String.self)
+        guard let id = text.withUTF8({ Self.parseUUID(UnsafeRawBufferPointer($0)) }) else {
             throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a key id"))
         }
-        self.init(bytes: bytes)
+        self = id
     }
 
     public func encode(to encoder: any Encoder) throws {

@@ -242,7 +242,7 @@ public final class KeyService: Sendable {
     let stuck = Mutex<Set<KeyID>>([])
 
     func locked<T, E: Error>(_ id: KeyID, _ body: () throws(E) -> T) throws(E) -> T {
-        let lock = keyLocks[Int(id.bytes[15]) % keyLocks.count]
+        let lock = keyLocks[Int(id.lastByte) % keyLocks.count]
         lock.lock()
         defer { lock.unlock() }
         return try body()

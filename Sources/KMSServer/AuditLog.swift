@@ -115,7 +115,12 @@ final class AuditLog: Sendable {
     /// kmsd itself, the principal of its own events (resolved once: a passwd lookup may be slow).
     let daemon = Principal(uid: geteuid(), gid: getegid(), pid: getpid(), userName: Principal.userName(of: geteuid()))
 
-    init(failClosed: Bool, timeoutMilliseconds: Int = 250, socketPath: String = AuditLog.journalSocket, chainKey: SecureBytes? = nil) {
+    /// Development only (benchmarks): records are dropped unwritten and count as taken.
+    let disabled: Bool
+
+    init(failClosed: Bool, timeoutMilliseconds: Int = 250, socketPath: String = AuditLog.journalSocket, chainKey: SecureBytes? = nil,
+         disabled: Bool = false) {
+        self.disabled = disabled
         self.failClosed = failClosed
         self.timeoutMilliseconds = Int32(clamping: timeoutMilliseconds)
         self.chainKey = chainKey
@@ -207,6 +212,7 @@ final class AuditLog: Sendable {
 
     /// Writes the record; returns false when journald did not take it in time.
     func write(_ record: AuditRecord) -> Bool {
+        if disabled { return true }
         var encoded = record.fields.map { Array($0.utf8) }
         encoded.append(Array("KMS_RUN_ID=\(runID)".utf8))
         var head = [UInt8]()

@@ -184,7 +184,7 @@ struct Authorizer {
              facts adjust: (inout RequestFacts) -> Void = { _ in }) throws(KMSError) -> String {
         var alias: String? = nil
         let id: KeyID
-        d.keyID = AuditDetails.keyID(requested: text)  // "invalid" for text that names no key
+        d.keyID = ""
         if aliases, let name = KeyService.aliasName(text) {
             try KeyService.checkAliasName(name)
             d.alias = name
@@ -194,7 +194,10 @@ struct Authorizer {
             id = target.keyID
             alias = name
         } else {
-            id = try KeyID(parsing: text)
+            do throws(KMSError) { id = try KeyID(parsing: text) } catch {
+                d.keyID = AuditDetails.keyID(requested: text)  // "invalid" for text that names no key
+                throw error
+            }
         }
         d.keyID = id.description
         let record = try existing(id)
@@ -261,7 +264,7 @@ struct Authorizer {
         let p = ctx.principal
         d.keyState = record.state.rawValue
 
-        var facts = service.requestFacts(PolicyActions.index(of: "kms:" + action)!, caller: p, record: record, context: context, alias: alias)
+        var facts = service.requestFacts(PolicyActions.index(ofOperation: action), caller: p, record: record, context: context, alias: alias)
         adjust(&facts)
         let (decision, auditValues) = service.decideWithGrants(facts)
         d.contextValues = auditValues

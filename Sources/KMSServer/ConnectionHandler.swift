@@ -59,6 +59,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var closing = false
     private var inputClosed = false
     private var starting = false
+    /// Responses written on the event loop and not flushed yet (`startWaiting` flushes).
+    private var needsFlush = false
 
     init(principal: Principal, dispatcher: Dispatcher, pool: FairWorkerPool, maxInFlight: Int,
          tracker: RequestTracker, turns: TurnScheduler, onClose: @escaping @Sendable () -> Void) {
@@ -105,7 +107,14 @@ final class ConnectionHandler: ChannelDuplexHandler {
         // picks up whatever that callback would have started.
         guard !starting else { return }
         starting = true
-        defer { starting = false }
+        defer {
+            starting = false
+            // One flush (one write(2)) for every response this pass produced.
+            if needsFlush {
+                needsFlush = false
+                context.flush()
+            }
+        }
         while inFlight < maxInFlight, !closing, !waiting.isEmpty {
             // Every turn starts at least one batch; after that, only within the time budget.
             guard startedThisTurn == 0 || RequestRateLimiter.nowNanoseconds() &- turnStartedAt < Self.turnBudgetNanoseconds else {
@@ -147,6 +156,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
         if decoded.allSatisfy({ (try? $0.get()).map { dispatcher.runsWithoutStorage($0.message) } ?? true }) {
             // One at a time within the turn's time budget; what is left goes back to the front
             // of the queue for the next round.
+            var responses: [Outgoing] = []
+            responses.reserveCapacity(decoded.count)
             for (i, request) in decoded.enumerated() {
                 if i > 0, RequestRateLimiter.nowNanoseconds() &- turnStartedAt >= Self.turnBudgetNanoseconds {
                     let left = decoded.count - i
@@ -156,9 +167,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
                     tracker.pending.subtract(left, ordering: .relaxed)
                     break
                 }
-                write(dispatcher.handle(request, principal: principal), context: context)
+                responses.append(dispatcher.handle(request, principal: principal))
             }
-            context.flush()
+            write(responses, context: context, flush: false)
             return
         }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
@@ -168,47 +179,69 @@ final class ConnectionHandler: ChannelDuplexHandler {
             let (handler, context) = loopBound.value
             switch result {
             case .success(let responses):
-                for response in responses { handler.write(response, context: context) }
+                handler.write(responses, context: context)
             case .failure:
                 // The worker pool has stopped: kmsd is shutting down. Each request is answered
                 // with its own id (0 only for a frame that did not decode) and audited.
                 let stopping = KMSError(.throttling, "kmsd is shutting down; retry against the restarted daemon")
-                for request in decoded {
+                handler.write(decoded.map { request in
                     let id = (try? request.get())?.message.id ?? KMSProtocolConstants.connectionErrorRequestID
                     let action = (try? request.get())?.message.operation?.name ?? "Unknown"
                     dispatcher.auditRejected(action: action, principal: principal, error: stopping, requestID: id)
-                    handler.write(Outgoing(response: .failure(id: id, stopping)), context: context)
-                }
+                    return Outgoing(response: .failure(id: id, stopping))
+                }, context: context)
             }
-            context.flush()
         }
     }
 
-    /// Writes one response frame (the caller flushes); the request stops being in flight once
-    /// the bytes reach the socket. A frame that carried a secret is zeroed once written.
-    private func write(_ outgoing: Outgoing, context: ChannelHandlerContext) {
+    /// Writes (and, unless `flush` is false, flushes) the responses of one batch; they stop being in flight once their
+    /// bytes reach the socket. One promise for the batch (writes complete in order, so the last
+    /// one's completion covers all), not one per response. Frames that carried a secret are
+    /// zeroed once written.
+    private func write(_ responses: [Outgoing], context: ChannelHandlerContext, flush: Bool = true) {
+        guard !responses.isEmpty else { return }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let count = responses.count
+        var secretFrames: [ByteBuffer] = []
         let done: @Sendable (Result<Void, Error>) -> Void = { _ in
             let (handler, context) = loopBound.value
-            handler.inFlight -= 1
-            handler.tracker.pending.subtract(1, ordering: .relaxed)
+            handler.inFlight -= count
+            handler.tracker.pending.subtract(count, ordering: .relaxed)
             handler.startWaiting(context: context)
             handler.closeIfDone(context: context)
             handler.readIfAllowed(context: context)
         }
-        guard context.channel.isActive, let frame = try? Self.frame(outgoing, allocator: context.channel.allocator) else {
+        guard context.channel.isActive else {
             done(.success(()))
             return
         }
-        guard outgoing.secret != nil else {
-            context.write(wrapOutboundOut(frame)).whenComplete(done)
+        var last: ByteBuffer? = nil
+        for outgoing in responses {
+            guard let frame = try? Self.frame(outgoing, allocator: context.channel.allocator) else { continue }
+            if outgoing.secret != nil { secretFrames.append(frame) }
+            if let previous = last { context.write(wrapOutboundOut(previous), promise: nil) }
+            last = frame
+        }
+        guard let last else {
+            done(.success(()))
             return
         }
-        let box = NIOLoopBound(frame, eventLoop: context.eventLoop)
-        context.write(wrapOutboundOut(frame)).whenComplete { result in
-            // Written (or failed): zero it where it is.
-            box.value.zeroInPlace()
-            done(result)
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        if flush {
+            context.writeAndFlush(wrapOutboundOut(last), promise: promise)
+        } else {
+            context.write(wrapOutboundOut(last), promise: promise)
+            needsFlush = true
+        }
+        if secretFrames.isEmpty {
+            promise.futureResult.whenComplete(done)
+        } else {
+            let box = NIOLoopBound(secretFrames, eventLoop: context.eventLoop)
+            promise.futureResult.whenComplete { result in
+                // Written (or failed): zero them where they are.
+                for frame in box.value { frame.zeroInPlace() }
+                done(result)
+            }
         }
     }
 

@@ -75,7 +75,11 @@ public final class Server: @unchecked Sendable {
         let service = KeyService(repository: repository, administrators: c.administrators, clock: clock,
                                  daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400)
         let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds,
-                             socketPath: c.developmentAuditSocket ?? AuditLog.journalSocket, chainKey: try repository.auditChainKey())
+                             socketPath: c.developmentAuditSocket ?? AuditLog.journalSocket, chainKey: try repository.auditChainKey(),
+                             disabled: c.developmentAuditOff)
+        if c.developmentAuditOff {
+            StandardError.write("kmsd: WARNING: NO AUDIT RECORDS are written (developmentAuditOff; benchmarks only)\n")
+        }
         if let sink = c.developmentAuditSocket {
             StandardError.write("kmsd: WARNING: audit records go to \(sink), not journald (developmentAuditSocket; development only)\n")
         }

@@ -32,6 +32,9 @@ public struct ServerConfiguration: Sendable, Equatable {
     /// Development only: audit records go to this datagram socket instead of journald (the
     /// benchmark points it at a sink, to measure kmsd without journald's share).
     public var developmentAuditSocket: String? = nil
+    /// Development only: no audit records at all (the benchmark's "audit off", which measures
+    /// the request path alone). Never a production setting.
+    public var developmentAuditOff = false
     public var keyCacheCapacity = 4096
     public var drainTimeoutSeconds = 10
     /// Requests per second each uid may make (token bucket); 0 = unlimited.
@@ -112,6 +115,7 @@ public struct ServerConfiguration: Sendable, Equatable {
         }
         guard developmentClockFile == nil || development else { throw fail("developmentClockFile is allowed only in development mode") }
         guard developmentAuditSocket == nil || development else { throw fail("developmentAuditSocket is allowed only in development mode") }
+        guard !developmentAuditOff || development else { throw fail("developmentAuditOff is allowed only in development mode") }
         guard !allowUnlockedMemory || development else {
             throw fail("allowUnlockedMemory is allowed only in development mode")
         }
@@ -159,6 +163,7 @@ public struct ServerConfiguration: Sendable, Equatable {
         fixed("developmentDaySeconds", \.developmentDaySeconds)
         fixed("developmentClockFile", \.developmentClockFile)
         fixed("developmentAuditSocket", \.developmentAuditSocket)
+        fixed("developmentAuditOff", \.developmentAuditOff)
         return (applied, changed, restart)
     }
 
@@ -214,6 +219,7 @@ public struct ServerConfiguration: Sendable, Equatable {
             case "developmentDaySeconds": c.developmentDaySeconds = try int()
             case "developmentClockFile": c.developmentClockFile = try str()
             case "developmentAuditSocket": c.developmentAuditSocket = try str()
+            case "developmentAuditOff": c.developmentAuditOff = try bool()
             case "keyCacheCapacity": c.keyCacheCapacity = try int()
             case "drainTimeoutSeconds": c.drainTimeoutSeconds = try int()
             case "maxRequestsPerSecondPerUid": c.maxRequestsPerSecondPerUID = try int()

@@ -1,59 +1,39 @@
 import Foundation
 import Glibc
 
-/// A datagram socket that takes audit records and drops them: kmsd audits to it instead of
-/// journald (`--dev-audit-socket`), so the same benchmark measures kmsd without journald's share.
-final class NullAuditSink: @unchecked Sendable {
-    let path: String
-    private let fd: Int32
-    private var thread: Thread?
-    private let received = ManagedAtomicCounter()
-
-    init(path: String) throws {
-        self.path = path
-        unlink(path)
-        fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw BenchError("socket: \(errnoDescription(errno))") }
-        var addr = try UnixSocket.address(path)
-        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        guard rc == 0 else { throw BenchError("bind \(path): \(errnoDescription(errno))") }
-        var size: Int32 = 8 * 1024 * 1024
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
-    }
-
-    func start() {
-        let fd = self.fd, counter = received
-        let t = Thread {
-            var buffer = [UInt8](repeating: 0, count: 65536)
-            while true {
-                let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-                if n < 0 { if errno == EINTR { continue }; return }
-                counter.increment()
-            }
-        }
-        t.start()
-        thread = t
-    }
-
-    var records: Int { received.value }
-
-    func stop() {
-        shutdown(fd, Int32(SHUT_RDWR))
-        close(fd)
-        unlink(path)
-    }
-}
-
-final class ManagedAtomicCounter: @unchecked Sendable {
-    private var n = 0
-    private let lock = NSLock()
-    func increment() { lock.lock(); n += 1; lock.unlock() }
-    var value: Int { lock.lock(); defer { lock.unlock() }; return n }
-}
-
 /// journald's own ingest rate for records like kmsd's: datagrams with the same fields and sizes
 /// as an Encrypt audit record, sent as fast as journald takes them, then counted in the journal.
 enum JournaldIngest {
+    /// Makes sure a journald is running: the system's, or (as root) a private one started here
+    /// and left running, as `make test` does.
+    static func ensureRunning() throws {
+        if running() { return }
+        guard getuid() == 0 else { throw BenchError("no systemd-journald is running and starting one needs root") }
+        mkdir("/run/systemd", 0o755)
+        mkdir("/run/systemd/journal", 0o755)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/setsid")
+        p.arguments = ["/lib/systemd/systemd-journald"]
+        p.standardInput = FileHandle.nullDevice
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        for _ in 0..<200 {
+            if running() { progress("started a private systemd-journald (none was running)"); return }
+            usleep(50_000)
+        }
+        throw BenchError("systemd-journald did not start")
+    }
+
+    /// True when something receives on journald's socket.
+    static func running() -> Bool {
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        guard var addr = try? UnixSocket.address("/run/systemd/journal/socket") else { return false }
+        return withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } } == 0
+    }
+
     struct Result: Codable, Sendable {
         let sent: Int
         let stored: Int

@@ -111,6 +111,34 @@ final class KMSDProcess {
         }
     }
 
+    /// Sends one request on a connection of its own and returns its result (an error result
+    /// throws).
+    func call(_ operation: Kmsd_V1_Request.OneOf_Operation) throws -> Kmsd_V1_Response.OneOf_Result {
+        let fd = try UnixSocket.connect(to: socketPath)
+        defer { close(fd) }
+        UnixSocket.setTimeouts(fd, seconds: 10)
+        var request = Kmsd_V1_Request()
+        request.id = 3
+        request.operation = operation
+        try UnixSocket.writeAll(fd, lengthPrefixed(try request.serializedBytes()))
+        var reader = FrameReader(fd: fd)
+        let range = try reader.nextFrame()
+        let response = try Kmsd_V1_Response(serializedBytes: Array(reader.buffer[range]))
+        switch response.result {
+        case .error(let e)?: throw BenchError("\(operation.name) failed with \(e.code): \(e.message)")
+        case let r?: return r
+        case nil: throw BenchError("\(operation.name): an answer without a result")
+        }
+    }
+
+    /// A ciphertext blob of `plaintext` under `keyID` with the benchmark's context.
+    func encrypt(keyID: String, plaintext: [UInt8]) throws -> [UInt8] {
+        guard case .encrypt(let r) = try call(.encrypt(.with {
+            $0.keyID = keyID; $0.plaintext = Data(plaintext); $0.encryptionContext = BenchOperation.context
+        })) else { throw BenchError("Encrypt: unexpected answer") }
+        return Array(r.ciphertextBlob)
+    }
+
     /// Replaces a key's policy (PutKeyPolicy), for the policy-evaluation scenario.
     func putKeyPolicy(keyID: String, policy: String) throws {
         let fd = try UnixSocket.connect(to: socketPath)
@@ -152,5 +180,22 @@ final class KMSDProcess {
         }
         let text = String(decoding: data.suffix(maxBytes), as: UTF8.self)
         return "--- kmsd output (\(logPath)) ---\n" + text + (text.hasSuffix("\n") ? "" : "\n") + "---"
+    }
+}
+
+/// A kmsd started by the benchmark, with the key and Decrypt blob its requests use.
+struct BenchDaemon {
+    let audit: Bool
+    let process: KMSDProcess
+    var key = ""
+    var blob: [UInt8] = []
+
+    /// The load target for `operation` against this daemon (frames checked against the encoder).
+    func target(_ operation: BenchOperation, plaintext: [UInt8]) throws -> KMSDTarget {
+        let key = self.key, blob = self.blob
+        let request = { (id: UInt64) in operation.request(id: id, keyID: key, plaintext: plaintext, blob: blob) }
+        let bytes = try RequestFrames.operationBytes(request)
+        try RequestFrames.check(request, operationBytes: bytes)
+        return KMSDTarget(socketPath: process.socketPath, operation: operation, operationBytes: bytes)
     }
 }

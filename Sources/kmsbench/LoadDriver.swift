@@ -16,30 +16,52 @@ protocol BenchTarget: Sendable {
     func answeredID(body: ArraySlice<UInt8>, position: UInt64) throws -> UInt64
 }
 
-/// Encrypt request frames, built without re-running the protobuf encoder for every request.
+/// The operations measured against kmsd: each with 64 bytes of plaintext (Encrypt), the blob
+/// of such an Encrypt (Decrypt), or a 32-byte data key (GenerateDataKey), and one
+/// encryption-context pair.
+enum BenchOperation: String, CaseIterable, Codable, Sendable {
+    case encrypt = "Encrypt", decrypt = "Decrypt", generateDataKey = "GenerateDataKey"
+
+    static let context = ["purpose": "kmsbench"]
+
+    /// The request (id `id`) this operation sends; `blob` is Decrypt's ciphertext.
+    func request(id: UInt64, keyID: String, plaintext: [UInt8], blob: [UInt8]) -> Kmsd_V1_Request {
+        var request = Kmsd_V1_Request()
+        request.id = id
+        switch self {
+        case .encrypt:
+            request.operation = .encrypt(.with { $0.keyID = keyID; $0.plaintext = Data(plaintext); $0.encryptionContext = Self.context })
+        case .decrypt:
+            request.operation = .decrypt(.with { $0.ciphertextBlob = Data(blob); $0.encryptionContext = Self.context })
+        case .generateDataKey:
+            request.operation = .generateDataKey(.with { $0.keyID = keyID; $0.keySpec = "AES_256"; $0.encryptionContext = Self.context })
+        }
+        return request
+    }
+
+    /// True when `result` is this operation's answer.
+    func answers(_ result: Kmsd_V1_Response.OneOf_Result) -> Bool {
+        switch (self, result) {
+        case (.encrypt, .encrypt), (.decrypt, .decrypt), (.generateDataKey, .generateDataKey): true
+        default: false
+        }
+    }
+}
+
+/// Request frames, built without re-running the protobuf encoder for every request.
 enum RequestFrames {
     /// First request id on every connection. Ids from 2^21 to 2^28 all take a 4-byte varint,
     /// so every request frame of a run has the same size.
     static let firstID: UInt64 = 1 << 21
 
-    static func encryptRequest(id: UInt64, keyID: String, plaintext: [UInt8]) -> Kmsd_V1_Request {
-        var encrypt = Kmsd_V1_EncryptRequest()
-        encrypt.keyID = keyID
-        encrypt.plaintext = Data(plaintext)
-        var request = Kmsd_V1_Request()
-        request.id = id
-        request.operation = .encrypt(encrypt)
-        return request
-    }
-
-    /// The Encrypt request without its id (id 0 is not written), serialized.
-    static func operationBytes(keyID: String, plaintext: [UInt8]) throws -> [UInt8] {
-        try encryptRequest(id: 0, keyID: keyID, plaintext: plaintext).serializedBytes()
+    /// The request without its id (id 0 is not written), serialized.
+    static func operationBytes(_ request: (UInt64) -> Kmsd_V1_Request) throws -> [UInt8] {
+        try request(0).serializedBytes()
     }
 
     /// frame = length ‖ field 1 (id, varint) ‖ operation bytes. A protobuf message is the
     /// concatenation of its fields and `id` is field 1, so this is byte for byte what the
-    /// encoder writes for Request{id, encrypt}; `check` confirms it once per run.
+    /// encoder writes for Request{id, operation}; `check` confirms it once per run.
     static func build(id: UInt64, operationBytes: [UInt8], into frame: inout [UInt8]) {
         frame.removeAll(keepingCapacity: true)
         appendLengthPrefix(1 + varintLength(id) + operationBytes.count, to: &frame)
@@ -64,13 +86,13 @@ enum RequestFrames {
     }
 
     /// Confirms that `build` produces exactly what the protobuf encoder produces.
-    static func check(keyID: String, plaintext: [UInt8], operationBytes: [UInt8]) throws {
+    static func check(_ request: (UInt64) -> Kmsd_V1_Request, operationBytes: [UInt8]) throws {
         for id in [firstID, firstID + 12_345, UInt64(1), UInt64(300)] {
             var frame: [UInt8] = []
             build(id: id, operationBytes: operationBytes, into: &frame)
-            let expected: [UInt8] = try encryptRequest(id: id, keyID: keyID, plaintext: plaintext).serializedBytes()
+            let expected: [UInt8] = try request(id).serializedBytes()
             guard frame == lengthPrefixed(expected) else {
-                throw BenchError("internal error: the prebuilt Encrypt frame for id \(id) differs from the protobuf encoding")
+                throw BenchError("internal error: the prebuilt request frame for id \(id) differs from the protobuf encoding")
             }
         }
     }
@@ -96,12 +118,20 @@ struct EchoTarget: BenchTarget {
     }
 }
 
-/// kmsd: Encrypt requests; answers come back in any order and are matched by id.
+/// kmsd: one operation's requests; answers come back in any order and are matched by id.
 struct KMSDTarget: BenchTarget {
-    let name = "kmsd"
+    let name: String
     let socketPath: String
-    /// The serialized Encrypt request without id (see `RequestFrames`).
+    let operation: BenchOperation
+    /// The serialized request without id (see `RequestFrames`).
     let operationBytes: [UInt8]
+
+    init(socketPath: String, operation: BenchOperation, operationBytes: [UInt8], name: String = "kmsd") {
+        self.socketPath = socketPath
+        self.operation = operation
+        self.operationBytes = operationBytes
+        self.name = name
+    }
 
     func makeFrame(id: UInt64, into frame: inout [UInt8]) {
         RequestFrames.build(id: id, operationBytes: operationBytes, into: &frame)
@@ -115,12 +145,12 @@ struct KMSDTarget: BenchTarget {
             throw BenchError("kmsd sent \(body.count) bytes that do not decode as kmsd.v1.Response")
         }
         switch response.result {
-        case .encrypt?:
-            return response.id
         case .error(let e)?:
             throw BenchError("kmsd answered request \(response.id) with \(e.code): \(e.message)")
+        case let result? where operation.answers(result):
+            return response.id
         default:
-            throw BenchError("kmsd answered request \(response.id) with something other than an Encrypt result")
+            throw BenchError("kmsd answered request \(response.id) with something other than a \(operation.rawValue) result")
         }
     }
 }
@@ -146,14 +176,19 @@ struct LoadResult: Sendable {
     let p99Nanos: UInt64
     /// CPU time the target process used over the measured window, when it can be read.
     var cpuNanos: UInt64? = nil
+    /// CPU time this process (the client) used over the measured window.
+    var clientCPUNanos: UInt64? = nil
 }
 
 /// The CPU time measured by the sampling thread; read after it has finished.
 final class CPUSample: @unchecked Sendable {
     private let lock = NSLock()
     private var nanos: UInt64?
+    private var client: UInt64?
     func set(_ v: UInt64) { lock.withLock { nanos = v } }
+    func setClient(_ v: UInt64) { lock.withLock { client = v } }
     var value: UInt64? { lock.withLock { nanos } }
+    var clientValue: UInt64? { lock.withLock { client } }
 }
 
 /// Written by one client thread; read by the driver only after that thread has finished.
@@ -277,17 +312,17 @@ enum LoadDriver {
         }
 
         // The target's CPU time is sampled at the edges of the measured window.
+        // So is this process's own (the client's: the echo server runs in a process of its own).
         let cpu = CPUSample()
-        if let cpuNanos {
-            latch.enter()
-            Thread {
-                sleepUntil(measureFrom)
-                let before = cpuNanos()
-                sleepUntil(measureUntil)
-                if let before, let after = cpuNanos() { cpu.set(after &- before) }
-                latch.leave()
-            }.start()
-        }
+        latch.enter()
+        Thread {
+            sleepUntil(measureFrom)
+            let before = cpuNanos?(), clientBefore = ownCPUNanos()
+            sleepUntil(measureUntil)
+            if let before, let after = cpuNanos?() { cpu.set(after &- before) }
+            cpu.setClient(ownCPUNanos() &- clientBefore)
+            latch.leave()
+        }.start()
 
         // Each thread ends by itself: it stops sending at measureUntil and every read is bounded.
         let limit = warmup + duration + Double(4 * ioTimeoutSeconds)
@@ -312,7 +347,7 @@ enum LoadDriver {
                           opsPerSecond: Double(all.count) / duration,
                           p50Nanos: percentile(all, 0.50),
                           p99Nanos: percentile(all, 0.99),
-                          cpuNanos: cpu.value)
+                          cpuNanos: cpu.value, clientCPUNanos: cpu.clientValue)
     }
 
     static func sleepUntil(_ deadline: UInt64) {
@@ -329,6 +364,13 @@ enum LoadDriver {
         guard fields.count > 13, let user = UInt64(fields[11]), let system = UInt64(fields[12]) else { return nil }
         let hz = UInt64(max(1, sysconf(Int32(_SC_CLK_TCK))))
         return (user + system) * 1_000_000_000 / hz
+    }
+
+    /// CPU time of this whole process (every thread), in nanoseconds.
+    static func ownCPUNanos() -> UInt64 {
+        var t = timespec()
+        clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t)
+        return UInt64(t.tv_sec) * 1_000_000_000 + UInt64(t.tv_nsec)
     }
 
     /// Nearest-rank percentile of ascending `sorted` (not empty).

@@ -7,14 +7,19 @@ import KMSProtocol
 struct KMSBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kmsbench",
-        abstract: "Benchmark kmsd Encrypt (64-byte plaintext) against a raw Unix-socket echo server.",
+        abstract: "Benchmark kmsd (Encrypt, Decrypt, GenerateDataKey; audit off and on) against a Unix-socket echo server.",
         discussion: """
-        Starts its own kmsd (--dev, state and socket in the work directory), creates a key, and runs \
-        three scenarios against both kmsd and an in-process echo server that sends back every \
-        4-byte-length frame unchanged: 1 connection with 1 request in flight, 8 connections with 1 \
-        each, and 1 connection with 32 in flight. Both targets get the same client, the same \
-        concurrency and frames of the same bytes. Prints ops/s, p50 and p99 latency, and each kmsd \
-        figure as a ratio to its echo figure. Must run as a kmsd administrator (root by default).
+        Starts two kmsd daemons of its own (--dev, state and sockets in the work directory): one \
+        writing no audit records (--dev-audit-off: the request path alone) and one auditing to \
+        journald (a private systemd-journald is started when none runs). Runs three scenarios \
+        (1 connection with 1 request in flight, 8 connections with 1 each, 1 connection with 32 in \
+        flight) against each operation of each daemon and against an echo server (its own \
+        process, a thread per connection) that sends back every 4-byte-length frame unchanged; \
+        same client, same concurrency, frames of the same bytes. Prints ops/s, p50 and p99 \
+        latency, each as a ratio to the echo figure, and the CPU time per operation of kmsd, of \
+        the echo server and of this client (from /proc over the measured window); the in-process \
+        cost of HKDF + AES-GCM; journald's ingest rate; and issue 10's targets, met or not. Must \
+        run as a kmsd administrator (root by default).
         """
     )
 
@@ -41,6 +46,20 @@ struct KMSBench: ParsableCommand {
     @Option(name: .customLong("kmsd-arg"), parsing: .unconditionalSingleValue, help: ArgumentHelp("Extra argument for kmsd, e.g. --kmsd-arg=--allow-unlocked-memory. Repeatable.", valueName: "arg"))
     var kmsdArguments: [String] = []
 
+    @Option(name: .customLong("profile-scenario"), help: ArgumentHelp("Only run this scenario (1, 2 or 3) against kmsd, printing kmsd's pid first: for profiling with perf.", valueName: "n"))
+    var profileScenario: Int?
+
+    @Option(name: .customLong("profile-operation"), help: ArgumentHelp("With --profile-scenario: Encrypt, Decrypt or GenerateDataKey.", valueName: "op"))
+    var profileOperationName: String = "Encrypt"
+
+    @Flag(name: .customLong("profile-audit"), help: "With --profile-scenario: the kmsd that audits to journald (default: audit off).")
+    var profileAudit = false
+
+    @Option(name: .customLong("echo-server"), help: .hidden)
+    var echoServer: String?
+
+    var profileOperation: BenchOperation { BenchOperation(rawValue: profileOperationName) ?? .encrypt }
+
     func validate() throws {
         guard duration > 0, duration <= 3600 else { throw ValidationError("--duration takes seconds, more than 0 and at most 3600") }
         guard warmup >= 0, warmup <= 600 else { throw ValidationError("--warmup takes seconds, from 0 to 600") }
@@ -57,6 +76,10 @@ struct KMSBench: ParsableCommand {
     }
 
     private func benchmark() throws {
+        if let echoServer {
+            try EchoProcess.serve(path: echoServer)
+            return
+        }
         if policyOnly {
             let r = try PolicyBench.measure()
             print(String(format: "Access decision (KeyService.decide, in process): default policy %.0f ns, %d-statement policy %.0f ns per request",
@@ -65,85 +88,101 @@ struct KMSBench: ParsableCommand {
         }
         let work = try WorkDirectory(requested: workDir)
         defer { work.remove() }
-        _ = try UnixSocket.address(work.path + "/kmsd.sock")  // fail early if the path is too long
-
+        _ = try UnixSocket.address(work.path + "/audit-off/kmsd.sock")  // fail early if the path is too long
+        try JournaldIngest.ensureRunning()
         let executable = try kmsd ?? Self.defaultKMSDPath()
-        let daemon = KMSDProcess(executable: executable, workDirectory: work.path, extraArguments: kmsdArguments)
+
+        // Two daemons: one writing no audit records (the request path alone), one auditing to
+        // journald as in production.
+        var daemons: [BenchDaemon] = []
         defer {
-            progress("stopping kmsd")
-            if let status = daemon.stop(), status != 0 {
-                progress("kmsd exited with status \(status)")
+            for d in daemons {
+                progress("stopping kmsd (audit \(d.audit ? "on" : "off"))")
+                if let status = d.process.stop(), status != 0 { progress("kmsd exited with status \(status)") }
             }
         }
+        for audit in [false, true] {
+            let dir = work.path + (audit ? "/audit-on" : "/audit-off")
+            mkdir(dir, 0o700)
+            let process = KMSDProcess(executable: executable, workDirectory: dir, extraArguments: kmsdArguments + (audit ? [] : ["--dev-audit-off"]))
+            progress("starting \(process.executable), audit \(audit ? "to journald" : "off") (work directory \(dir))")
+            try process.start()
+            var d = BenchDaemon(audit: audit, process: process)
+            daemons.append(d)
+            try process.waitUntilListening(timeoutSeconds: 30)
+            d.key = try process.createKey()
+            d.blob = try process.encrypt(keyID: d.key, plaintext: Self.plaintext)
+            daemons[daemons.count - 1] = d
+        }
 
-        progress("starting \(daemon.executable) (work directory \(work.path))")
-        try daemon.start()
-        try daemon.waitUntilListening(timeoutSeconds: 30)
-        let keyID = try daemon.createKey()
-
-        let operationBytes = try RequestFrames.operationBytes(keyID: keyID, plaintext: Self.plaintext)
-        try RequestFrames.check(keyID: keyID, plaintext: Self.plaintext, operationBytes: operationBytes)
-        let kmsdTarget = KMSDTarget(socketPath: daemon.socketPath, operationBytes: operationBytes)
+        let encryptTarget = try daemons[0].target(.encrypt, plaintext: Self.plaintext)
         var sampleFrame: [UInt8] = []
-        kmsdTarget.makeFrame(id: RequestFrames.firstID, into: &sampleFrame)
+        encryptTarget.makeFrame(id: RequestFrames.firstID, into: &sampleFrame)
 
-        let echo = try EchoServer(path: work.path + "/echo.sock")
-        echo.start()
+        if let n = profileScenario {
+            guard (1...Scenario.all.count).contains(n) else { throw BenchError("--profile-scenario takes 1...\(Scenario.all.count)") }
+            let d = daemons[profileAudit ? 1 : 0]
+            progress("kmsd pid \(d.process.pid)")
+            let pid = d.process.pid
+            let r = try measure(try d.target(profileOperation, plaintext: Self.plaintext), Scenario.all[n - 1]) { LoadDriver.processCPUNanos(pid: pid) }
+            print(String(format: "%.0f ops/s, kmsd CPU %.1f µs/op", r.opsPerSecond, Double(r.cpuNanos ?? 0) / 1000 / Double(max(1, r.completed))))
+            return
+        }
+
+        progress("HKDF-SHA256 + AES-256-GCM in process")
+        let crypto = try CryptoBench.measure()
+
+        let echo = EchoProcess(path: work.path + "/echo.sock")
+        try echo.start()
         defer { echo.stop() }
         let echoTarget = EchoTarget(socketPath: echo.path, payloadFrame: sampleFrame)
-
-        var results: [ScenarioResult] = []
+        var echoResults: [EchoResult] = []
         for scenario in Scenario.all {
-            let echoResult = try measure(echoTarget, scenario)
-            let kmsdResult: LoadResult
-            do {
-                let pid = daemon.pid
-                kmsdResult = try measure(kmsdTarget, scenario) { LoadDriver.processCPUNanos(pid: pid) }
-            } catch {
-                throw BenchError("\(error)\n\(daemon.logExcerpt())")
-            }
-            results.append(ScenarioResult(scenario: scenario, echo: echoResult, kmsd: kmsdResult))
+            let pid = echo.pid
+            echoResults.append(EchoResult(scenario: scenario.name, echo: TargetFigures(try measure(echoTarget, scenario) { LoadDriver.processCPUNanos(pid: pid) })))
         }
 
-        // The access decision: in process (precise), then end to end with a key whose policy has
-        // 20 statements against the default-policy key above, same scenario, same run.
-        progress("policy evaluation: default policy and a 20-statement policy, in process")
-        let inProcess = try PolicyBench.measure()
-        let policyKey = try daemon.createKey()
-        try daemon.putKeyPolicy(keyID: policyKey, policy: PolicyBench.twentyStatements(uid: getuid()))
-        let policyTarget = KMSDTarget(socketPath: daemon.socketPath,
-                                      operationBytes: try RequestFrames.operationBytes(keyID: policyKey, plaintext: Self.plaintext))
-        let scenario = Scenario.all[2]
-        let pid = daemon.pid
-        let withPolicy = try measure(policyTarget, scenario) { LoadDriver.processCPUNanos(pid: pid) }
-        let policy = PolicyReport(inProcess: inProcess, scenario: scenario.name,
-                                  defaultPolicy: results[2].kmsd, twentyStatementPolicy: TargetFigures(withPolicy))
+        var results: [KMSDResult] = []
+        for d in daemons {
+            for op in BenchOperation.allCases {
+                let t = try d.target(op, plaintext: Self.plaintext)
+                for (i, scenario) in Scenario.all.enumerated() {
+                    let pid = d.process.pid
+                    let r: LoadResult
+                    do {
+                        r = try measure(t, scenario, label: "kmsd audit \(d.audit ? "on" : "off") \(op.rawValue)") { LoadDriver.processCPUNanos(pid: pid) }
+                    } catch {
+                        throw BenchError("\(error)\n\(d.process.logExcerpt())")
+                    }
+                    results.append(KMSDResult(scenario: scenario, operation: op, audit: d.audit, kmsd: r, echo: echoResults[i].echo))
+                }
+            }
+        }
 
-        // The audit's cost: the same scenario against a kmsd whose records go to a sink that
-        // drops them (no journald), and journald's own ingest rate for records like kmsd's.
-        progress("audit records to a null sink instead of journald")
-        let sink = try NullAuditSink(path: work.path + "/audit-sink.sock")
-        sink.start()
-        defer { sink.stop() }
-        let quietDir = work.path + "/no-journald"
-        mkdir(quietDir, 0o700)
-        let quiet = KMSDProcess(executable: executable, workDirectory: quietDir, extraArguments: kmsdArguments + ["--dev-audit-socket", sink.path])
-        try quiet.start()
-        defer { quiet.stop() }
-        try quiet.waitUntilListening(timeoutSeconds: 30)
-        let quietTarget = KMSDTarget(socketPath: quiet.socketPath,
-                                     operationBytes: try RequestFrames.operationBytes(keyID: try quiet.createKey(), plaintext: Self.plaintext))
-        let quietPID = quiet.pid
-        let withoutJournald = try measure(quietTarget, scenario) { LoadDriver.processCPUNanos(pid: quietPID) }
         progress("journald's ingest rate for records like kmsd's (\(Self.seconds(duration)) s)")
         let ingest = try JournaldIngest.measure(seconds: duration)
-        let audit = AuditCostReport(scenario: scenario.name, withJournald: results[2].kmsd, withoutJournald: TargetFigures(withoutJournald),
-                                    sinkRecords: sink.records, journald: ingest)
+
+        // The access decision: in process (precise), then end to end with a key whose policy has
+        // 20 statements against the default-policy key, audit off, 32 in flight, same run.
+        progress("policy evaluation: default policy and a 20-statement policy")
+        let inProcess = try PolicyBench.measure()
+        var policyDaemon = daemons[0]
+        policyDaemon.key = try policyDaemon.process.createKey()
+        try policyDaemon.process.putKeyPolicy(keyID: policyDaemon.key, policy: PolicyBench.twentyStatements(uid: getuid()))
+        let scenario = Scenario.all[2]
+        let quietPID = policyDaemon.process.pid
+        let withPolicy = try measure(try policyDaemon.target(.encrypt, plaintext: Self.plaintext), scenario,
+                                     label: "kmsd audit off Encrypt, 20-statement policy") { LoadDriver.processCPUNanos(pid: quietPID) }
+        guard let defaultPolicy = results.first(where: { !$0.audit && $0.operation == "Encrypt" && $0.scenario == scenario.name }) else {
+            throw BenchError("internal error: no audit-off Encrypt result")
+        }
+        let policy = PolicyReport(inProcess: inProcess, scenario: scenario.name,
+                                  defaultPolicy: defaultPolicy.kmsd, twentyStatementPolicy: TargetFigures(withPolicy))
 
         let report = BenchReport(
             environment: .current(duration: duration, warmup: warmup,
                                   plaintextBytes: Self.plaintext.count, requestFrameBytes: sampleFrame.count),
-            scenarios: results, policy: policy, audit: audit)
+            echo: echoResults, kmsd: results, crypto: crypto, journald: ingest, policy: policy)
         print(report.markdown())
         if json {
             print("")
@@ -151,9 +190,9 @@ struct KMSBench: ParsableCommand {
         }
     }
 
-    private func measure<Target: BenchTarget>(_ target: Target, _ scenario: Scenario,
+    private func measure<Target: BenchTarget>(_ target: Target, _ scenario: Scenario, label: String? = nil,
                                               cpuNanos: (@Sendable () -> UInt64?)? = nil) throws -> LoadResult {
-        progress("\(target.name): \(scenario.name) (\(Self.seconds(warmup)) s warm-up + \(Self.seconds(duration)) s)")
+        progress("\(label ?? target.name): \(scenario.name) (\(Self.seconds(warmup)) s warm-up + \(Self.seconds(duration)) s)")
         let r = try LoadDriver.run(target: target, scenario: scenario, warmup: warmup, duration: duration, cpuNanos: cpuNanos)
         progress(String(format: "  %.0f ops/s, p50 %.1f µs, p99 %.1f µs",
                         r.opsPerSecond, Double(r.p50Nanos) / 1000, Double(r.p99Nanos) / 1000))

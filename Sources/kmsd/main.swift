@@ -86,6 +86,9 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("dev-audit-socket"), help: ArgumentHelp("Development only: send audit records to this datagram socket instead of journald (benchmarks).", valueName: "path"))
     var devAuditSocket: String?
 
+    @Flag(name: .customLong("dev-audit-off"), help: "Development only: write no audit records at all (benchmarks of the request path alone).")
+    var devAuditOff = false
+
     @Option(name: .customLong("dev-clock-file"), help: ArgumentHelp("Development only: a file holding seconds to add to kmsd's clock (rotations and deletions), read as it changes.", valueName: "file"))
     var devClockFile: String?
 
@@ -148,6 +151,7 @@ struct KMSD: ParsableCommand {
         if let devDaySeconds { c.developmentDaySeconds = devDaySeconds }
         if let devClockFile { c.developmentClockFile = devClockFile }
         if let devAuditSocket { c.developmentAuditSocket = devAuditSocket }
+        if devAuditOff { c.developmentAuditOff = true }
         if let maxRequestsPerSecondPerUID { c.maxRequestsPerSecondPerUID = maxRequestsPerSecondPerUID }
         if let requestBurstPerUID { c.requestBurstPerUID = requestBurstPerUID }
         if let adminReservedConnections { c.adminReservedConnections = adminReservedConnections }

@@ -125,6 +125,7 @@ struct ConfigurationTests {
         (#"{"developmentDaySeconds": 1}"#, "only in development mode"),
         (#"{"developmentClockFile": "/tmp/clock"}"#, "only in development mode"),
         (#"{"developmentAuditSocket": "/tmp/sink.sock"}"#, "only in development mode"),
+        (#"{"developmentAuditOff": true}"#, "only in development mode"),
         (#"{"alarms": {"accessDeniedPerMinute": -1}}"#, "alarms.accessDeniedPerMinute"),
         (#"{"alarms": {"colour": true}}"#, "unknown setting alarms.colour"),
         (#"{"development": true, "developmentDaySeconds": 0}"#, "developmentDaySeconds must be 1...86400"),

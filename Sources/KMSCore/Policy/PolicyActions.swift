@@ -20,6 +20,17 @@ public enum PolicyActions {
     /// Lower-cased name → index (bit in an `ActionSet`).
     static let index: [String: Int] = Dictionary(uniqueKeysWithValues: all.enumerated().map { ($1.lowercased(), $0) })
 
+    /// Exact name (as kmsd's operations spell it) → index: the per-request lookup, with no
+    /// lower-casing or concatenation.
+    static let exactIndex: [String: Int] = Dictionary(uniqueKeysWithValues: all.enumerated().map { ($1, $0) })
+
+    /// The index of the action kmsd's operation `name` needs (`Encrypt`, `ReEncryptFrom`, …):
+    /// one of `all`, spelled as there.
+    public static func index(ofOperation name: String) -> Int {
+        guard let i = exactIndex[name] else { preconditionFailure("\(name) is not in PolicyActions.all") }
+        return i
+    }
+
     /// The index of `kms:Name` (case-insensitive, as AWS matches actions), or nil.
     public static func index(of action: String) -> Int? {
         let lower = action.lowercased()

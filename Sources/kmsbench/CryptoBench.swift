@@ -1,0 +1,67 @@
+import Foundation
+import Glibc
+import KMSCore
+import KMSCrypto
+
+/// The crypto of one Encrypt, in this process on one core: the floor under kmsd's CPU per
+/// request.
+enum CryptoBench {
+    struct Result: Codable, Sendable {
+        /// HKDF-SHA256 (32-byte salt, a 66-byte info) then AES-256-GCM of 64 bytes with a
+        /// 100-byte AAD, straight through OpenSSL's EVP calls: the C cost.
+        let hkdfGCMMicroseconds: Double
+        /// kmsd's whole sealing step (`SymmetricCiphertext.seal`: fresh salt and nonce, header,
+        /// context, HKDF, GCM, the blob).
+        let sealMicroseconds: Double
+        var hkdfGCMPerSecond: Double { hkdfGCMMicroseconds > 0 ? 1e6 / hkdfGCMMicroseconds : 0 }
+    }
+
+    static func measure(seconds: Double = 1) throws -> Result {
+        let versionKey = try SecureBytes.random(count: 32)
+        let plaintext = [UInt8](repeating: 0x5a, count: 64)
+        let salt = try SecureRandom.bytes(32), nonce = try SecureRandom.bytes(12)
+        let info = [UInt8](repeating: 7, count: 66), aad = [UInt8](repeating: 9, count: 100)
+        var key = [UInt8](repeating: 0, count: 32)
+        var out = [UInt8](repeating: 0, count: 64)
+        let raw = try time(seconds) {
+            try versionKey.withUnsafeBytes { ikm in
+                try salt.withUnsafeBytes { s in
+                    try info.withUnsafeBytes { i in
+                        try key.withUnsafeMutableBytes { k in try HKDF.derive(ikm: ikm, salt: s, info: i, into: k) }
+                    }
+                }
+            }
+            _ = try key.withUnsafeBytes { k in
+                try nonce.withUnsafeBytes { n in
+                    try plaintext.withUnsafeBytes { p in
+                        try aad.withUnsafeBytes { a in
+                            try out.withUnsafeMutableBytes { o in try AESGCM.seal(key: k, nonce: n, plaintext: p, aad: a, into: o) }
+                        }
+                    }
+                }
+            }
+        }
+        let keyID = KeyID.random()
+        let context = try EncryptionContext(BenchOperation.context)
+        let seal = try time(seconds) {
+            _ = try plaintext.withUnsafeBytes { p in
+                try SymmetricCiphertext.seal(versionKey: versionKey, keyID: keyID, keyVersion: 1, plaintext: p, context: context)
+            }
+        }
+        return Result(hkdfGCMMicroseconds: raw, sealMicroseconds: seal)
+    }
+
+    /// Microseconds per call of `body`, run for about `seconds` after a short warm-up.
+    private static func time(_ seconds: Double, _ body: () throws -> Void) throws -> Double {
+        for _ in 0..<1000 { try body() }
+        var calls = 0
+        let start = monotonicNanos(), end = start + UInt64(seconds * 1e9)
+        var now = start
+        while now < end {
+            for _ in 0..<256 { try body() }
+            calls += 256
+            now = monotonicNanos()
+        }
+        return Double(now - start) / 1000 / Double(calls)
+    }
+}
