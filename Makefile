@@ -7,7 +7,7 @@ DEV_DIR := $(CURDIR)/.dev
 APT_PACKAGES := libssl-dev libsystemd-dev libsqlite3-dev sqlite3 pkg-config protobuf-compiler systemd util-linux
 BUILD_FLAGS := --explicit-target-dependency-import-check error
 
-.PHONY: all deps build run test proto check-proto bench install clean
+.PHONY: all deps build run test proto check-proto bench install clean fuzz fuzz-build fuzz-seeds fuzz-smoke crash
 
 # make install: where things go. DESTDIR stages a tree for a package; PREFIX is where they run
 # from (ExecStart= and the snippets' locations follow it). BIN=DIR installs executables already
@@ -56,6 +56,45 @@ run: deps
 # 2-core machine, and other suites running beside them would measure the CPU scheduler instead.
 test: build check-proto
 	$(SWIFT) test --skip-build --no-parallel
+	$(MAKE) --no-print-directory fuzz-smoke
+
+# Fuzzing (libFuzzer): four targets (frames, request, ciphertext, policy: see
+# Sources/KMSServer/FuzzTargets.swift), seeded from Protocol/vectors and Tests/FuzzRegressions.
+#   make fuzz                      10 million executions per target (FUZZ_RUNS), no time limit
+#   make fuzz FUZZ_TARGETS=request FUZZ_SECONDS=3600
+#   make fuzz-smoke                20 s per target (part of make test)
+# Findings land in .build-fuzz/crashes/TARGET/; each becomes a file in Tests/FuzzRegressions/TARGET.
+FUZZ_DIR := $(CURDIR)/.build-fuzz
+FUZZ_TARGETS ?= frames request ciphertext policy
+FUZZ_RUNS ?= 10000000
+FUZZ_SECONDS ?= 0
+
+fuzz-build: deps
+	$(SWIFT) build -c release --product kmsfuzz --scratch-path $(FUZZ_DIR) -Xswiftc -sanitize=fuzzer -Xswiftc -DKMSFUZZ_LIBFUZZER -Xswiftc -use-ld=lld
+
+fuzz-seeds: deps
+	$(SWIFT) build $(BUILD_FLAGS) --product kmsfuzz
+	$$($(SWIFT) build --show-bin-path)/kmsfuzz seeds $(FUZZ_DIR)/seeds Protocol/vectors
+
+fuzz: fuzz-build fuzz-seeds
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/crashes/$$t Tests/FuzzRegressions/$$t; \
+	  echo "fuzz: $$t (runs $(FUZZ_RUNS), seconds $(FUZZ_SECONDS))"; \
+	  KMSFUZZ_TARGET=$$t $(FUZZ_DIR)/release/kmsfuzz -runs=$(FUZZ_RUNS) -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	    -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix=$(FUZZ_DIR)/crashes/$$t/ \
+	    $(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/seeds/$$t Tests/FuzzRegressions/$$t 2>&1 | grep -E '^(#[0-9]+ +DONE|stat::|==|SUMMARY|INFO: Seed|Done)' ; \
+	  test $${PIPESTATUS[0]} -eq 0 || { echo "fuzz: $$t found something: see $(FUZZ_DIR)/crashes/$$t"; exit 1; }; \
+	done
+
+fuzz-smoke:
+	$(MAKE) --no-print-directory fuzz FUZZ_RUNS=-1 FUZZ_SECONDS=20
+
+# Crash safety: KILLS SIGKILLs (default 500) at random moments during CreateKey, Encrypt,
+# rotation, alias, policy and deletion traffic, every acknowledged change checked after each
+# restart (make test runs the same test with 200), and the full-disk test.
+KILLS ?= 500
+crash: build
+	KMSD_KILLS=$(KILLS) $(SWIFT) test --skip-build --no-parallel --filter 'LifecycleDurabilityTests|DiskFullTests|DurabilityTests'
 
 # Regenerates Sources/KMSProtocol/Generated from Protocol/kmsd.proto.
 proto: deps

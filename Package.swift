@@ -11,6 +11,7 @@ let package = Package(
         .executable(name: "kmsd", targets: ["kmsd"]),
         .executable(name: "kmsctl", targets: ["kmsctl"]),
         .executable(name: "kmsbench", targets: ["kmsbench"]),
+        .executable(name: "kmsfuzz", targets: ["kmsfuzz"]),
         .library(name: "KMSClient", targets: ["KMSClient"]),
     ],
     dependencies: [
@@ -40,6 +41,7 @@ let package = Package(
                 "KMSCore", "KMSCrypto", "KMSProtocol", "CKMSSystemd", "CKMSLinux",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
             ]
         ),
         .target(
@@ -62,6 +64,10 @@ let package = Package(
             name: "kmsbench",
             dependencies: ["KMSProtocol", "KMSCore", "KMSCrypto", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
+
+        // Fuzz targets (`make fuzz`: built with -sanitize=fuzzer and -DKMSFUZZ_LIBFUZZER); the
+        // ordinary build replays corpora and regressions through the same targets.
+        .executableTarget(name: "kmsfuzz", dependencies: ["KMSServer"]),
 
         .testTarget(
             name: "KMSProtocolTests",

@@ -107,6 +107,28 @@ static inline int kms_hmac_compute(const char *digest,
     return ok;
 }
 
+// A keyed HMAC context for many MACs under one key in a row (a startup scan): keyed once,
+// then each MAC re-initialises it with the same key (EVP_MAC_init with a NULL key).
+static inline EVP_MAC_CTX *kms_hmac_keyed_new(const char *digest, const unsigned char *key, size_t keylen) {
+    EVP_MAC *alg = kms_hmac_alg();
+    if (alg == NULL) return NULL;
+    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(alg);
+    if (ctx == NULL) return NULL;
+    static unsigned char empty[1] = {0};
+    OSSL_PARAM params[2];
+    params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)digest, 0);
+    params[1] = OSSL_PARAM_construct_end();
+    if (!EVP_MAC_init(ctx, keylen ? key : empty, keylen, params)) { EVP_MAC_CTX_free(ctx); return NULL; }
+    return ctx;
+}
+static inline int kms_hmac_keyed_compute(EVP_MAC_CTX *ctx, const unsigned char *data, size_t datalen,
+                                         unsigned char *out, size_t outcap, size_t *outlen) {
+    static unsigned char empty[1] = {0};
+    return EVP_MAC_init(ctx, NULL, 0, NULL)
+        && EVP_MAC_update(ctx, datalen ? data : empty, datalen)
+        && EVP_MAC_final(ctx, out, outlen, outcap);
+}
+
 // RSA key pairs for wrapping imported key material (GetParametersForImport). The private parts
 // live in OpenSSL's secure heap when kmsd has initialised it (kms_secure_heap_init): locked and
 // zeroed on release.

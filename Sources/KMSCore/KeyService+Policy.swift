@@ -28,8 +28,19 @@ extension KeyService {
             return hit.policy
         }
         let text = record.policy ?? DefaultKeyPolicy.text(owner: record.ownerUID)
-        // A policy kmsd stored always parses leniently; should it not, it allows nothing.
-        let policy = (try? KeyPolicy.parse(text, strict: false)) ?? KeyPolicy(id: nil, statements: [])
+        // Keys share policy texts (every key of one creator without a policy of its own has
+        // the same default): a text is parsed once, not once per key entering the cache.
+        let policy: KeyPolicy
+        if let shared = policiesByText.withLock({ $0[text] }) {
+            policy = shared
+        } else {
+            // A policy kmsd stored always parses leniently; should it not, it allows nothing.
+            policy = (try? KeyPolicy.parse(text, strict: false)) ?? KeyPolicy(id: nil, statements: [])
+            policiesByText.withLock { cache in
+                if cache.count >= 1024 { cache.removeAll(keepingCapacity: true) }
+                cache[text] = policy
+            }
+        }
         compiledPolicies.withLock { cache in
             if cache.count >= 8192 { cache.removeAll(keepingCapacity: true) }
             cache[record.keyID] = CompiledPolicy(text: record.policy, owner: record.ownerUID, policy: policy)

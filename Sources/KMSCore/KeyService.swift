@@ -29,6 +29,8 @@ public final class KeyService: Sendable {
     let importTokens = ImportTokens()
     /// Compiled key policies, so a request does not parse JSON.
     let compiledPolicies = Mutex<[KeyID: CompiledPolicy]>([:])
+    /// Compiled policies by their text (bounded), shared by the keys whose policy it is.
+    let policiesByText = Mutex<[String: KeyPolicy]>([:])
     /// Each key's grants, read once and kept until one of them changes.
     let grantCache = Mutex(GrantCache())
     /// The identity policies in force (replaced whole on reload).

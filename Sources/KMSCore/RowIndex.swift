@@ -37,18 +37,26 @@ public enum RowIndex {
     /// The bucket of a row: FNV-1a of its table and key (not secret, only spreads rows).
     static func bucket(table: String, rowKey: String) -> UInt8 {
         var h: UInt32 = 2_166_136_261
-        for b in Array(table.utf8) + [0] + Array(rowKey.utf8) { h = (h ^ UInt32(b)) &* 16_777_619 }
+        for b in table.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
+        h = (h ^ 0) &* 16_777_619
+        for b in rowKey.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
         return UInt8(truncatingIfNeeded: h ^ (h >> 8) ^ (h >> 16) ^ (h >> 24))
+    }
+
+    /// What an entry's leaf MACs: lp(table) ‖ lp(row key) ‖ u64be generation ‖ live.
+    static func leafInput(_ e: IndexEntry, into data: inout [UInt8]) {
+        data.removeAll(keepingCapacity: true)
+        data.appendBigEndian(UInt32(e.table.utf8.count))
+        data.append(contentsOf: e.table.utf8)
+        data.appendBigEndian(UInt32(e.rowKey.utf8.count))
+        data.append(contentsOf: e.rowKey.utf8)
+        data.appendBigEndian(e.generation)
+        data.append(e.live ? 1 : 0)
     }
 
     static func leaf(_ e: IndexEntry, key: SecureBytes) throws -> [UInt8] {
         var data: [UInt8] = []
-        data.appendLengthPrefixed(Array(e.table.utf8))
-        data.appendLengthPrefixed(Array(e.rowKey.utf8))
-        var g: [UInt8] = []
-        g.appendBigEndian(e.generation)
-        data += g
-        data.append(e.live ? 1 : 0)
+        leafInput(e, into: &data)
         return try HMAC.authenticate(key: key, data: data)
     }
 
@@ -57,10 +65,18 @@ public enum RowIndex {
         var computed = IntegrityState()
         var entries = 0
         var newestEntry: UInt64 = 0
+        // One keyed context and one scratch buffer for every entry (a keystore of a million
+        // keys has two million or more): this scan is most of the time to READY.
+        let mac = try KeyedHMAC(key: key)
+        var input: [UInt8] = []
+        input.reserveCapacity(256)
+        var leaf = [UInt8](repeating: 0, count: 32)
         try storage.forEachIndexEntry { e in
             entries += 1
             newestEntry = max(newestEntry, e.generation)
-            computed.xor(try leaf(e, key: key), into: bucket(table: e.table, rowKey: e.rowKey))
+            leafInput(e, into: &input)
+            try input.withUnsafeBytes { i in try leaf.withUnsafeMutableBytes { try mac.authenticate(i, into: $0) } }
+            computed.xor(leaf, into: bucket(table: e.table, rowKey: e.rowKey))
         }
         guard let meta = try storage.meta("integrity") else {
             let rows = try storage.allRowKeys()

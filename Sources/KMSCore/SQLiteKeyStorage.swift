@@ -12,10 +12,40 @@ public final class SQLiteKeyStorage: KeyStorage {
     private let db: Mutex<Connection>
     private let readers: ConnectionPool
 
+    /// One SQLite connection, used by one thread at a time (the writer's mutex, the reader
+    /// pool). Its prepared statements are kept by SQL text and reused: preparing a statement
+    /// (parsing the SQL) costs more than running it.
     final class Connection: @unchecked Sendable {
         let handle: OpaquePointer
+        private var statements: [String: OpaquePointer] = [:]
+        /// Statements kept per connection at most (kmsd's SQL is a fixed set well below it).
+        static let statementCacheLimit = 128
+
         init(_ h: OpaquePointer) { handle = h }
-        deinit { sqlite3_close_v2(handle) }
+
+        /// A prepared statement for `sql`, reset and unbound; hand it back with `finish`.
+        func statement(_ sql: String) -> (OpaquePointer?, Int32) {
+            if let cached = statements.removeValue(forKey: sql) { return (cached, SQLITE_OK) }
+            var stmt: OpaquePointer?
+            let rc = sqlite3_prepare_v2(handle, sql, -1, &stmt, nil)
+            return (stmt, rc)
+        }
+
+        /// Resets `stmt` (ending its read, releasing its snapshot) and keeps it for reuse.
+        func finish(_ stmt: OpaquePointer, sql: String) {
+            sqlite3_reset(stmt)
+            sqlite3_clear_bindings(stmt)
+            if statements.count < Self.statementCacheLimit, statements[sql] == nil {
+                statements[sql] = stmt
+            } else {
+                sqlite3_finalize(stmt)
+            }
+        }
+
+        deinit {
+            for stmt in statements.values { sqlite3_finalize(stmt) }
+            sqlite3_close_v2(handle)
+        }
     }
 
     /// Opens (creating if needed) the database at `path` with mode 0600.
@@ -384,8 +414,9 @@ public final class SQLiteKeyStorage: KeyStorage {
 
     public func forEachIndexEntry(_ body: (IndexEntry) throws -> Void) throws {
         try write { conn in
-            let stmt = try Self.prepare(conn, "SELECT tbl, row_key, gen, live FROM row_index", [], path: path)
-            defer { sqlite3_finalize(stmt) }
+            let sql = "SELECT tbl, row_key, gen, live FROM row_index"
+            let stmt = try Self.prepare(conn, sql, [], path: path)
+            defer { conn.finish(stmt, sql: sql) }
             while true {
                 let rc = sqlite3_step(stmt)
                 if rc == SQLITE_DONE { return }
@@ -483,8 +514,9 @@ public final class SQLiteKeyStorage: KeyStorage {
     }
 
     private static func prepare(_ conn: Connection, _ sql: String, _ values: [Value], path: String) throws -> OpaquePointer {
-        var stmt: OpaquePointer?
-        guard sqlite3_prepare_v2(conn.handle, sql, -1, &stmt, nil) == SQLITE_OK, let stmt else {
+        let (prepared, rc) = conn.statement(sql)
+        guard rc == SQLITE_OK, let stmt = prepared else {
+            if let prepared { sqlite3_finalize(prepared) }
             throw StorageError("keystore \(path): \(String(cString: sqlite3_errmsg(conn.handle)))")
         }
         for (i, v) in values.enumerated() {
@@ -501,7 +533,7 @@ public final class SQLiteKeyStorage: KeyStorage {
 
     private static func run(_ conn: Connection, _ sql: String, _ values: [Value], path: String) throws {
         let stmt = try prepare(conn, sql, values, path: path)
-        defer { sqlite3_finalize(stmt) }
+        defer { conn.finish(stmt, sql: sql) }
         let rc = sqlite3_step(stmt)
         guard rc == SQLITE_DONE else {
             throw StorageError("keystore \(path): \(String(cString: sqlite3_errmsg(conn.handle))) (code \(rc))")
@@ -511,7 +543,7 @@ public final class SQLiteKeyStorage: KeyStorage {
     private static func query<T>(_ conn: Connection, _ sql: String, _ values: [Value], path: String,
                                  _ row: (OpaquePointer) -> T) throws -> [T] {
         let stmt = try prepare(conn, sql, values, path: path)
-        defer { sqlite3_finalize(stmt) }
+        defer { conn.finish(stmt, sql: sql) }
         var out: [T] = []
         while true {
             let rc = sqlite3_step(stmt)

@@ -78,3 +78,34 @@ public enum HMAC {
         ConstantTime.equals(try authenticate(digest: digest, key: key, data: data), mac)
     }
 }
+
+/// Many HMACs under one key in a row (a startup scan of the keystore): the key is set once.
+/// OpenSSL keeps the key in its secure heap and frees the context with its memory cleansed;
+/// hold one only for the span of the work (never for the daemon's life).
+public final class KeyedHMAC {
+    private let ctx: OpaquePointer
+    public let digest: Digest
+
+    public init(key: SecureBytes, digest: Digest = .sha256) throws {
+        self.digest = digest
+        let made = key.withUnsafeBytes { k in kms_hmac_keyed_new(digest.openSSLName, k.bytes, k.count) }
+        guard let made else {
+            ERR_clear_error()
+            throw CryptoError.openSSL("EVP_MAC_init(HMAC)")
+        }
+        ctx = made
+    }
+
+    deinit { EVP_MAC_CTX_free(ctx) }
+
+    /// The MAC of `data` into `out` (at least `digest.byteCount` bytes).
+    public func authenticate(_ data: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer) throws {
+        precondition(out.count >= digest.byteCount)
+        var len = 0
+        guard kms_hmac_keyed_compute(ctx, data.bytes, data.count, out.baseAddress!.assumingMemoryBound(to: UInt8.self), out.count, &len) == 1,
+              len == digest.byteCount else {
+            ERR_clear_error()
+            throw CryptoError.openSSL("EVP_MAC(HMAC)")
+        }
+    }
+}

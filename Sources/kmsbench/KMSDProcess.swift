@@ -73,6 +73,19 @@ final class KMSDProcess {
         throw BenchError("kmsd did not accept connections on \(socketPath) within \(Int(timeoutSeconds)) s (\(lastError))\n\(logExcerpt())")
     }
 
+    /// Seconds from `since` (monotonic ns) until kmsd logged that it is ready (READY=1).
+    func waitUntilReady(timeoutSeconds: Double, since: UInt64) throws -> Double {
+        let deadline = monotonicNanos() + UInt64(timeoutSeconds * 1e9)
+        while monotonicNanos() < deadline {
+            if let text = try? String(contentsOfFile: logPath, encoding: .utf8), text.contains("kmsd: ready") {
+                return Double(monotonicNanos() - since) / 1e9
+            }
+            guard process.isRunning else { throw BenchError("kmsd exited before it was ready\n\(logExcerpt())") }
+            usleep(5_000)
+        }
+        throw BenchError("kmsd was not ready within \(Int(timeoutSeconds)) s\n\(logExcerpt())")
+    }
+
     /// Creates a symmetric key (the caller must be a kmsd administrator; root is by default)
     /// and returns its id.
     func createKey() throws -> String {

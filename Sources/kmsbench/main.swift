@@ -55,6 +55,9 @@ struct KMSBench: ParsableCommand {
     @Flag(name: .customLong("profile-audit"), help: "With --profile-scenario: the kmsd that audits to journald (default: audit off).")
     var profileAudit = false
 
+    @Option(name: .long, help: ArgumentHelp("Only the scale run: create this many keys in a kmsd of its own, restart it, and measure readiness, memory, Encrypt across random keys and ListKeys through all.", valueName: "keys"))
+    var scale: Int?
+
     @Option(name: .customLong("echo-server"), help: .hidden)
     var echoServer: String?
 
@@ -88,6 +91,16 @@ struct KMSBench: ParsableCommand {
         }
         let work = try WorkDirectory(requested: workDir)
         defer { work.remove() }
+        if let scale {
+            guard scale > 0 else { throw BenchError("--scale takes a number of keys") }
+            let r = try ScaleBench.run(executable: try kmsd ?? Self.defaultKMSDPath(), work: work.path, keys: scale, duration: duration,
+                                       warmup: warmup, kmsdArguments: kmsdArguments) { target, scenario, pid in
+                try measure(target, scenario, label: target.name) { LoadDriver.processCPUNanos(pid: pid) }
+            }
+            print(r.markdown())
+            if json { print(""); print(String(decoding: try JSONEncoder().encode(r), as: UTF8.self)) }
+            return
+        }
         _ = try UnixSocket.address(work.path + "/audit-off/kmsd.sock")  // fail early if the path is too long
         try JournaldIngest.ensureRunning()
         let executable = try kmsd ?? Self.defaultKMSDPath()

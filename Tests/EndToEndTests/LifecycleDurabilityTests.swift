@@ -4,8 +4,8 @@ import KMSClient
 import Testing
 
 /// Every lifecycle change is one transaction: kmsd killed with SIGKILL at random moments while
-/// it rotates keys, moves aliases, enables, disables, schedules or cancels deletions and
-/// really deletes keys (a "day" is a second here, so a 7-day window ends during the run) keeps
+/// it creates keys, rotates them, replaces their policies, moves aliases, enables, disables,
+/// schedules or cancels deletions and really deletes keys (a "day" is a second here, so a 7-day window ends during the run) keeps
 /// every change it acknowledged, decrypts every ciphertext made before the kill unless its
 /// key's deletion was acknowledged, and its keystore passes its integrity check (every key
 /// and alias reads back; deleted keys are gone for good).
@@ -17,10 +17,13 @@ struct LifecycleDurabilityTests {
         var state = "Enabled"
         var version: UInt32 = 1
         var blobs: [(blob: [UInt8], plaintext: [UInt8])] = []
+        /// The key policy last acknowledged (nil: the default one).
+        var policy: String? = nil
     }
 
     enum Op {
         case rotate(Int), disable(Int), enable(Int), schedule(Int), cancel(Int), alias(String, Int), encrypt(Int), destroy(Int)
+        case create, policy(Int)
     }
 
     /// A key whose 7-day (7-second) deletion was acknowledged: it must be gone once the window
@@ -31,7 +34,13 @@ struct LifecycleDurabilityTests {
         var gone = false
     }
 
-    static let kills = 200
+    /// SIGKILLs in the run: 200 in `make test`; `make crash` sets KMSD_KILLS=500.
+    static let kills = ProcessInfo.processInfo.environment["KMSD_KILLS"].flatMap(Int.init) ?? 200
+
+    /// A policy that keeps the test's caller (root, uid 0) in charge, unique per round.
+    static func policy(round: Int, key: Int) -> String {
+        #"{"Version": "2012-10-17", "Statement": [{"Sid": "Round\#(round)Key\#(key)", "Effect": "Allow", "Principal": {"Uid": "0"}, "Action": "kms:*", "Resource": "*"}]}"#
+    }
 
     @Test func acknowledgedChangesSurviveSIGKILL() async throws {
         let dir = try Paths.tempDir("lifecycle-kill")
@@ -49,6 +58,10 @@ struct LifecycleDurabilityTests {
         var acknowledged = 0
         var doomed: [Doomed] = []
         var deletions = 0
+        /// Keys whose CreateKey was acknowledged (each must exist after every restart), and how
+        /// many CreateKeys were cut off by a kill (those may or may not exist).
+        var created: [String] = []
+        var createsInFlight = 0
 
         for round in 0..<Self.kills {
             let client = daemon!.client()
@@ -57,8 +70,10 @@ struct LifecycleDurabilityTests {
             // or may not have happened.
             let ops: [Op] = (0..<6).map { _ in
                 let k = Int.random(in: 0..<keys.count, using: &generator)
-                switch Int.random(in: 0..<8, using: &generator) {
+                switch Int.random(in: 0..<10, using: &generator) {
                 case 7 where doomed.filter({ !$0.gone }).count < 4: return .destroy(k)
+                case 8: return .create
+                case 9: return .policy(k)
                 case 0: return .rotate(k)
                 case 1: return .disable(k)
                 case 2: return .enable(k)
@@ -78,8 +93,9 @@ struct LifecycleDurabilityTests {
                 // A key whose deletion this round acknowledged takes no further part in it.
                 switch op {
                 case .rotate(let k), .disable(let k), .enable(let k), .schedule(let k), .cancel(let k), .alias(_, let k), .encrypt(let k),
-                     .destroy(let k):
+                     .destroy(let k), .policy(let k):
                     if doomedNow.contains(k) { continue }
+                case .create: break
                 }
                 inFlight = op
                 do {
@@ -109,6 +125,12 @@ struct LifecycleDurabilityTests {
                     case .encrypt(let k):
                         let p = Array("round-\(round)-\(k)".utf8)
                         keys[k].blobs.append((Array(try await client.encrypt(keyID: keys[k].id, plaintext: p).ciphertextBlob), p))
+                    case .create:
+                        created.append(try await client.createKey(description: "round \(round)").keyID)
+                    case .policy(let k):
+                        let text = Self.policy(round: round, key: k)
+                        try await client.putKeyPolicy(keyID: keys[k].id, policy: text)
+                        keys[k].policy = text
                     }
                     acknowledged += 1
                     inFlight = nil
@@ -122,6 +144,7 @@ struct LifecycleDurabilityTests {
                 }
             }
             await client.close()
+            if case .create = inFlight { createsInFlight += 1 }
             killed.wait()  // every round ends in a SIGKILL, early or late
             daemon!.process.waitUntilExit()
             try daemon!.restart()
@@ -168,6 +191,17 @@ struct LifecycleDurabilityTests {
                 default: break
                 }
                 #expect(states.contains(m.keyState), "round \(round): key \(k) is \(m.keyState), acknowledged \(key.state)")
+                // The policy is the one last acknowledged, or the one in flight.
+                if let acknowledgedPolicy = key.policy {
+                    let stored = try await check.getKeyPolicy(keyID: key.id)
+                    var policies: Set<String> = [acknowledgedPolicy]
+                    if case .policy(k) = inFlight { policies.insert(Self.policy(round: round, key: k)) }
+                    #expect(policies.contains(stored), "round \(round): key \(k) lost its acknowledged policy")
+                    keys[k].policy = stored
+                } else if case .policy(k) = inFlight, let stored = try? await check.getKeyPolicy(keyID: key.id),
+                          stored == Self.policy(round: round, key: k) {
+                    keys[k].policy = stored
+                }
                 #expect(versions.contains(m.currentKeyVersion), "round \(round): key \(k) at version \(m.currentKeyVersion), acknowledged \(key.version)")
                 // Bring the model up to what actually happened to the in-flight op.
                 keys[k].state = m.keyState
@@ -192,6 +226,10 @@ struct LifecycleDurabilityTests {
                 #expect(listed.map { targets.contains($0.targetKeyID) } == true, "round \(round): alias \(name) lost its acknowledged target")
                 if let listed { aliasTarget[name] = listed.targetKeyID }
             }
+            // Every acknowledged CreateKey made a key that is there.
+            for id in created.suffix(20) {
+                #expect((try? await check.describeKey(keyID: id)) != nil, "round \(round): acknowledged key \(id) is missing")
+            }
             if case .alias(let name, _) = inFlight, aliasTarget[name] == nil,
                let listed = try await check.listAliases().aliases.first(where: { $0.aliasName == name }) {
                 aliasTarget[name] = listed.targetKeyID
@@ -202,12 +240,21 @@ struct LifecycleDurabilityTests {
         // whose deletion was acknowledged is gone once its window ended.
         let final = daemon!.client()
         try await Task.sleep(for: .seconds(max(0, (doomed.map(\.due).max() ?? Date()).timeIntervalSinceNow + 3)))
-        let listed = try await final.listKeys(limit: 1000)
-        #expect(Set(listed.keys.map(\.keyID)) == Set(keys.map(\.id)))
+        var listedIDs: Set<String> = []
+        var marker = ""
+        repeat {
+            let page = try await final.listKeys(limit: 1000, marker: marker)
+            listedIDs.formUnion(page.keys.map(\.keyID))
+            marker = page.truncated ? page.nextMarker : ""
+        } while !marker.isEmpty
+        let expected = Set(keys.map(\.id)).union(created)
+        #expect(expected.isSubset(of: listedIDs), "\(expected.subtracting(listedIDs).count) acknowledged keys are missing")
+        #expect(listedIDs.count <= expected.count + createsInFlight, "keys nobody created: \(listedIDs.count) listed, \(expected.count) acknowledged, \(createsInFlight) CreateKeys cut off")
+        for id in created { #expect((try? await final.describeKey(keyID: id)) != nil, "acknowledged key \(id) is missing") }
         for d in doomed { await expectKMSError(.notFound) { try await final.describeKey(keyID: d.model.id) } }
         #expect(acknowledged > Self.kills, "changes were acknowledged between kills (\(acknowledged))")
         #expect(deletions >= 5, "keys were really deleted during the run (\(deletions))")
-        print("lifecycle kill loop: \(Self.kills) SIGKILLs, \(acknowledged) acknowledged changes, \(deletions) keys deleted by kmsd")
+        print("lifecycle kill loop: \(Self.kills) SIGKILLs, \(acknowledged) acknowledged changes (\(created.count) keys created), \(deletions) keys deleted by kmsd")
         daemon?.stop()
         daemon = nil
     }

@@ -1,0 +1,136 @@
+import Foundation
+import KMSCore
+import KMSCrypto
+import KMSProtocol
+import NIOCore
+import NIOEmbedded
+import Synchronization
+
+/// What the fuzzers drive (`kmsfuzz`, `make fuzz`): the server's own code for untrusted bytes,
+/// exactly as a connection runs it, without sockets. Each function takes any bytes and must
+/// neither crash, hang, nor leak; a finding becomes a file in Tests/FuzzRegressions.
+public enum FuzzTargets {
+    public static let names = ["frames", "request", "ciphertext", "policy"]
+
+    /// Runs the target called `name` (one of `names`) on one input.
+    public static func run(_ name: String, _ data: UnsafeRawBufferPointer) {
+        switch name {
+        case "frames": frames(data)
+        case "request": request(data)
+        case "ciphertext": ciphertext(data)
+        case "policy": policy(data)
+        default: preconditionFailure("no fuzz target \(name); targets: \(names.joined(separator: ", "))")
+        }
+    }
+
+    /// The frame splitter (`FrameReader`) over the input delivered in chunks whose sizes the
+    /// input's first bytes choose, as a socket may deliver them.
+    public static func frames(_ data: UnsafeRawBufferPointer) {
+        let channel = EmbeddedChannel()
+        let collected = FrameCollector()
+        do {
+            try channel.pipeline.syncOperations.addHandlers([FrameReader(maxFrameBytes: 4096), collected])
+        } catch { fatalError("kmsfuzz: cannot build the pipeline: \(error)") }
+        var rest = data.count > 0 ? UnsafeRawBufferPointer(rebasing: data[1...]) : data
+        let step = data.first.map { Int($0 % 64) + 1 } ?? 1
+        while !rest.isEmpty, !collected.failed {
+            let n = min(step, rest.count)
+            var buffer = channel.allocator.buffer(capacity: n)
+            buffer.writeBytes(UnsafeRawBufferPointer(rebasing: rest[..<n]))
+            do { try channel.writeInbound(buffer) } catch { collected.failed = true }
+            rest = UnsafeRawBufferPointer(rebasing: rest[n...])
+        }
+        // Every frame that came out is one the length prefix announced, within the limit.
+        for frame in collected.frames { precondition((1...4096).contains(frame), "FrameReader passed on a frame of \(frame) bytes") }
+        _ = try? channel.finish()
+    }
+
+    /// One request frame body: decoded, authorized, handled and answered (the response frame
+    /// built) by a real dispatcher over an in-memory keystore, as an administrator or as
+    /// another local user (the input's first byte chooses).
+    public static func request(_ data: UnsafeRawBufferPointer) {
+        _ = requestAnswer(data)
+    }
+
+    /// `request`, returning the kind of answer: "error", "hello", "result" (any other), "none".
+    @discardableResult
+    public static func requestAnswer(_ data: UnsafeRawBufferPointer) -> String {
+        guard let first = data.first else { return "none" }
+        let body = UnsafeRawBufferPointer(rebasing: data[1...])
+        let dispatcher = FuzzState.shared.dispatcher()
+        let principal = first & 1 == 0 ? FuzzState.administrator : FuzzState.user
+        var buffer = ByteBufferAllocator().buffer(capacity: body.count)
+        buffer.writeBytes(body)
+        let decoded = Result { () throws(KMSError) in try IncomingRequest(frameBody: buffer) }
+        let outgoing = dispatcher.handle(decoded, principal: principal)
+        _ = try? ConnectionHandler.frame(outgoing, allocator: ByteBufferAllocator())
+        switch outgoing.response.result {
+        case .error?: return "error"
+        case .hello?: return "hello"
+        case _?: return "result"
+        case nil: return "none"
+        }
+    }
+}
+
+extension FuzzTargets {
+    static let versionKey = try! SecureBytes.random(count: 32)
+
+    /// The ciphertext parser; then opening under a random key, which must fail, with and
+    /// without a context.
+    public static func ciphertext(_ data: UnsafeRawBufferPointer) {
+        guard let parsed = try? SymmetricCiphertext(parsing: Array(data)) else { return }
+        precondition(parsed.serialized == Array(data), "a parsed blob does not serialize back to its bytes")
+        for context in [[:], ["k": "v"]] {
+            guard let ctx = try? EncryptionContext(context) else { continue }
+            precondition((try? parsed.open(versionKey: versionKey, context: ctx)) == nil, "a fuzzed blob opened under a random key")
+        }
+    }
+
+    /// Key-policy (strict and lenient) and identity-policy parsing.
+    public static func policy(_ data: UnsafeRawBufferPointer) {
+        let text = String(decoding: data, as: UTF8.self)
+        _ = try? KeyPolicy.parse(text, strict: true)
+        _ = try? KeyPolicy.parse(text, strict: false)
+        _ = try? IdentityPolicy.parse(text, name: "fuzz")
+    }
+}
+
+/// Collects the sizes of the frames FrameReader passes on.
+private final class FrameCollector: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    var frames: [Int] = []
+    var failed = false
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) { frames.append(unwrapInboundIn(data).readableBytes) }
+    func errorCaught(context: ChannelHandlerContext, error: Error) { failed = true }
+}
+
+/// The dispatcher the request fuzzer drives: a fresh in-memory keystore every 20,000 inputs,
+/// so keys created by fuzz inputs cannot grow without bound.
+private final class FuzzState: Sendable {
+    static let shared = FuzzState()
+    static let administrator = Principal(uid: 0, gid: 0, pid: 1, userName: "root", groups: [], executable: "/usr/bin/kmsctl")
+    static let user = Principal(uid: 1000, gid: 1000, pid: 2, userName: "user", groups: [100], executable: "/usr/bin/app")
+
+    private let state = Mutex<(dispatcher: Dispatcher?, uses: Int)>((nil, 0))
+
+    func dispatcher() -> Dispatcher {
+        state.withLock { s in
+            if let d = s.dispatcher, s.uses < 20_000 {
+                s.uses += 1
+                return d
+            }
+            do {
+                let repository = try KeyRepository(storage: SQLiteKeyStorage(path: ":memory:", readConnections: 1),
+                                                   root: RootKey(material: SecureBytes.random(count: 32)), cacheCapacity: 64)
+                let service = KeyService(repository: repository, administrators: Administrators(uids: [0]))
+                let d = Dispatcher(service: service, audit: AuditLog(failClosed: false, disabled: true),
+                                   settings: ServerSettings(maxFrameBytes: 65_536, maxInFlight: 64))
+                s = (d, 1)
+                return d
+            } catch {
+                fatalError("kmsfuzz: cannot open an in-memory keystore: \(error)")
+            }
+        }
+    }
+}
