@@ -117,7 +117,7 @@ extension KeyService {
             // A grant changed while this read ran (a revocation, say): what was read may be
             // stale, so it is used for this request only, never cached.
             guard cache.changes == seen else { return }
-            if cache.entries.count >= 8192 { cache.entries.removeAll(keepingCapacity: true) }
+            if cache.entries.count >= derivedCacheLimit { cache.entries.removeAll(keepingCapacity: true) }
             cache.entries[id] = grants
         }
         return grants

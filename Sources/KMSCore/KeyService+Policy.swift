@@ -42,7 +42,7 @@ extension KeyService {
             }
         }
         compiledPolicies.withLock { cache in
-            if cache.count >= 8192 { cache.removeAll(keepingCapacity: true) }
+            if cache.count >= derivedCacheLimit { cache.removeAll(keepingCapacity: true) }
             cache[record.keyID] = CompiledPolicy(text: record.policy, owner: record.ownerUID, policy: policy)
         }
         return policy

@@ -29,6 +29,11 @@ public final class KeyService: Sendable {
     let importTokens = ImportTokens()
     /// Compiled key policies, so a request does not parse JSON.
     let compiledPolicies = Mutex<[KeyID: CompiledPolicy]>([:])
+    /// Most keys the per-key caches derived from records (compiled policies, grants) hold
+    /// before they are emptied: twice the key cache (at least 8192), so they are not emptied
+    /// while the working set fits the key cache, and a key that is cached is cached whole.
+    var derivedCacheLimit: Int { max(8192, 2 * repository.cacheCapacity) }
+
     /// Compiled policies by their text (bounded), shared by the keys whose policy it is.
     let policiesByText = Mutex<[String: KeyPolicy]>([:])
     /// Each key's grants, read once and kept until one of them changes.

@@ -2,6 +2,21 @@
 public enum Hex {
     static let digits = Array("0123456789abcdef".utf8)
 
+    /// Bytes in an array (the common case: no generic collection walk, one allocation).
+    public static func encode(_ bytes: [UInt8]) -> String {
+        bytes.withUnsafeBufferPointer { input in
+            String(unsafeUninitializedCapacity: input.count * 2) { out in
+                digits.withUnsafeBufferPointer { d in
+                    for (i, b) in input.enumerated() {
+                        out[2 * i] = d[Int(b >> 4)]
+                        out[2 * i + 1] = d[Int(b & 15)]
+                    }
+                }
+                return input.count * 2
+            }
+        }
+    }
+
     public static func encode<C: Collection>(_ bytes: C) -> String where C.Element == UInt8 {
         var out = [UInt8]()
         out.reserveCapacity(bytes.count * 2)

@@ -149,7 +149,7 @@ final class AuditLog: Sendable {
             guard let eq = f.firstIndex(of: equals), isChained(f[..<eq]) else { continue }
             chained.append((f, eq))
         }
-        chained.sort { $0.bytes[..<$0.eq].lexicographicallyPrecedes($1.bytes[..<$1.eq]) }
+        chained.sort { namePrecedes($0.bytes, $0.eq, $1.bytes, $1.eq) }
         var out = [UInt8]()
         out.reserveCapacity(fields.reduce(64) { $0 + $1.count + 8 })
         out += chainLabel
@@ -164,6 +164,16 @@ final class AuditLog: Sendable {
             lp(c.bytes[(c.eq + 1)...])
         }
         return out
+    }
+
+    /// Bytewise order of two field names (`a[..<ae]`, `b[..<be]`), as lexicographicallyPrecedes.
+    static func namePrecedes(_ a: [UInt8], _ ae: Int, _ b: [UInt8], _ be: Int) -> Bool {
+        a.withUnsafeBufferPointer { pa in
+            b.withUnsafeBufferPointer { pb in
+                let c = memcmp(pa.baseAddress!, pb.baseAddress!, min(ae, be))
+                return c != 0 ? c < 0 : ae < be
+            }
+        }
     }
 
     static let chainLabel = Array("kmsd/v1/audit-chain".utf8)
@@ -263,19 +273,19 @@ final class AuditLog: Sendable {
     /// One field in journald's native protocol: `NAME=value\n`, or, when the value holds a
     /// newline or NUL, `NAME\n` + 64-bit little-endian length + value + `\n`.
     static func append(encoded field: [UInt8], to out: inout [UInt8]) {
-        var utf8 = field
-        guard let eq = utf8.firstIndex(of: UInt8(ascii: "=")) else { return }
-        if utf8.contains(10) || utf8.contains(0) {
-            let value = utf8[(eq + 1)...]
-            out += utf8[..<eq]
+        guard let eq = field.firstIndex(of: UInt8(ascii: "=")) else { return }
+        let plain = field.withUnsafeBytes { memchr($0.baseAddress!, 10, $0.count) == nil && memchr($0.baseAddress!, 0, $0.count) == nil }
+        if plain {
+            out += field
+            out.append(10)
+        } else {
+            let value = field[(eq + 1)...]
+            out += field[..<eq]
             out.append(10)
             var n = UInt64(value.count).littleEndian
             withUnsafeBytes(of: &n) { out += $0 }
             out += value
             out.append(10)
-        } else {
-            utf8.append(10)
-            out += utf8
         }
     }
 }

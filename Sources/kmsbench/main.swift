@@ -58,6 +58,12 @@ struct KMSBench: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Only the scale run: create this many keys in a kmsd of its own, restart it, and measure readiness, memory, Encrypt across random keys and ListKeys through all.", valueName: "keys"))
     var scale: Int?
 
+    @Flag(name: .customLong("many-clients"), help: "Only the many-clients run: a well-behaved client's latency alone and beside 2,000 active and 500 stalled connections; stalled connections dropped; the per-uid limit.")
+    var manyClients = false
+
+    @Option(name: .long, help: ArgumentHelp("Only the soak run: Encrypt for this many seconds, sampling kmsd's memory and descriptors.", valueName: "seconds"))
+    var soak: Double?
+
     @Option(name: .customLong("echo-server"), help: .hidden)
     var echoServer: String?
 
@@ -91,6 +97,24 @@ struct KMSBench: ParsableCommand {
         }
         let work = try WorkDirectory(requested: workDir)
         defer { work.remove() }
+        if manyClients {
+            let r = try ClientsBench.run(executable: try kmsd ?? Self.defaultKMSDPath(), work: work.path, duration: duration,
+                                         warmup: warmup, kmsdArguments: kmsdArguments) { target, scenario, pid in
+                try measure(target, scenario, label: target.name) { LoadDriver.processCPUNanos(pid: pid) }
+            }
+            print(r.markdown())
+            if json { print(""); print(String(decoding: try JSONEncoder().encode(r), as: UTF8.self)) }
+            return
+        }
+        if let soak {
+            let r = try SoakBench.run(executable: try kmsd ?? Self.defaultKMSDPath(), work: work.path, seconds: soak,
+                                      kmsdArguments: kmsdArguments) { target, scenario, seconds, pid in
+                try LoadDriver.run(target: target, scenario: scenario, warmup: 0.2, duration: seconds) { LoadDriver.processCPUNanos(pid: pid) }
+            }
+            print(r.markdown())
+            if json { print(""); print(String(decoding: try JSONEncoder().encode(r), as: UTF8.self)) }
+            return
+        }
         if let scale {
             guard scale > 0 else { throw BenchError("--scale takes a number of keys") }
             let r = try ScaleBench.run(executable: try kmsd ?? Self.defaultKMSDPath(), work: work.path, keys: scale, duration: duration,

@@ -74,6 +74,9 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("admin-reserved-connections"), help: ArgumentHelp("Connections only administrators may take. Default 16.", valueName: "n"))
     var adminReservedConnections: Int?
 
+    @Option(name: .customLong("key-cache-capacity"), help: ArgumentHelp("Keys whose unwrapped material (locked memory) and record are kept in memory. Default 4096.", valueName: "n"))
+    var keyCacheCapacity: Int?
+
     @Option(name: .customLong("frame-timeout"), help: ArgumentHelp("Seconds a client may take to send a whole frame once it started one. Default 10.", valueName: "s"))
     var frameTimeout: Int?
 
@@ -156,6 +159,7 @@ struct KMSD: ParsableCommand {
         if let requestBurstPerUID { c.requestBurstPerUID = requestBurstPerUID }
         if let adminReservedConnections { c.adminReservedConnections = adminReservedConnections }
         if let frameTimeout { c.frameTimeoutSeconds = frameTimeout }
+        if let keyCacheCapacity { c.keyCacheCapacity = keyCacheCapacity }
         if let auditTimeoutMilliseconds { c.auditTimeoutMilliseconds = auditTimeoutMilliseconds }
         if allowUnlockedMemory { c.allowUnlockedMemory = true }
         if let identityPolicyDir { c.identityPolicyDirectory = identityPolicyDir }
