@@ -77,7 +77,7 @@ let package = Package(
         .testTarget(name: "KMSCoreTests", dependencies: ["KMSCore", "KMSCrypto", "KMSProtocol", "CSQLite"]),
         .testTarget(
             name: "KMSServerTests",
-            dependencies: ["KMSServer", "KMSCore", "CKMSLinux", .product(name: "NIOCore", package: "swift-nio"),
+            dependencies: ["KMSServer", "KMSCore", "KMSProtocol", "CKMSLinux", .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio")]
         ),
         .testTarget(

@@ -29,16 +29,20 @@ extension KeyService {
         }
         let text = record.policy ?? DefaultKeyPolicy.text(owner: record.ownerUID)
         // Keys share policy texts (every key of one creator without a policy of its own has
-        // the same default): a text is parsed once, not once per key entering the cache.
+        // the same default): a text is parsed once, not once per key entering the cache. Not a
+        // text that names users or groups: parsing looks those up (a user deleted and another
+        // given the uid), so each key parses it afresh when it enters the cache, as before.
         let policy: KeyPolicy
         if let shared = policiesByText.withLock({ $0[text] }) {
             policy = shared
         } else {
             // A policy kmsd stored always parses leniently; should it not, it allows nothing.
             policy = (try? KeyPolicy.parse(text, strict: false)) ?? KeyPolicy(id: nil, statements: [])
-            policiesByText.withLock { cache in
-                if cache.count >= 1024 { cache.removeAll(keepingCapacity: true) }
-                cache[text] = policy
+            if !Self.namesAccounts(text) {
+                policiesByText.withLock { cache in
+                    if cache.count >= 1024 { cache.removeAll(keepingCapacity: true) }
+                    cache[text] = policy
+                }
             }
         }
         compiledPolicies.withLock { cache in
@@ -46,6 +50,13 @@ extension KeyService {
             cache[record.keyID] = CompiledPolicy(text: record.policy, owner: record.ownerUID, policy: policy)
         }
         return policy
+    }
+
+    /// True when a policy text may name a user or group (`"User"`, `"Group"` in any case, as
+    /// a principal or condition key): its parse depends on the account database.
+    static func namesAccounts(_ text: String) -> Bool {
+        let lower = text.lowercased()
+        return lower.contains("\"user\"") || lower.contains("\"group\"")
     }
 
     /// The facts of `action` by `caller` on `record`: the request's encryption context (none

@@ -112,7 +112,19 @@ private final class FuzzState: Sendable {
     static let administrator = Principal(uid: 0, gid: 0, pid: 1, userName: "root", groups: [], executable: "/usr/bin/kmsctl")
     static let user = Principal(uid: 1000, gid: 1000, pid: 2, userName: "user", groups: [100], executable: "/usr/bin/app")
 
-    private let state = Mutex<(dispatcher: Dispatcher?, uses: Int)>((nil, 0))
+    private let state = Mutex<(dispatcher: Dispatcher?, uses: Int, generation: Int)>((nil, 0, 0))
+
+    /// The keystore file of one generation: on /dev/shm when there is one (a tmpfs: fsync is
+    /// free), else the temporary directory. A file, not ":memory:": every SQLite connection to
+    /// ":memory:" is a database of its own, so kmsd's readers would see none of the writes.
+    static func keystorePath(_ generation: Int) -> String {
+        let dir = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : NSTemporaryDirectory()
+        return "\(dir)/kmsfuzz-\(getpid())-\(generation).sqlite3"
+    }
+
+    static func remove(_ path: String) {
+        for suffix in ["", "-wal", "-shm"] { unlink(path + suffix) }
+    }
 
     func dispatcher() -> Dispatcher {
         state.withLock { s in
@@ -121,12 +133,18 @@ private final class FuzzState: Sendable {
                 return d
             }
             do {
-                let repository = try KeyRepository(storage: SQLiteKeyStorage(path: ":memory:", readConnections: 1),
+                s.dispatcher = nil
+                Self.remove(Self.keystorePath(s.generation))
+                s.generation += 1
+                let path = Self.keystorePath(s.generation)
+                Self.remove(path)
+                let repository = try KeyRepository(storage: SQLiteKeyStorage(path: path, readConnections: 1),
                                                    root: RootKey(material: SecureBytes.random(count: 32)), cacheCapacity: 64)
                 let service = KeyService(repository: repository, administrators: Administrators(uids: [0]))
                 let d = Dispatcher(service: service, audit: AuditLog(failClosed: false, disabled: true),
                                    settings: ServerSettings(maxFrameBytes: 65_536, maxInFlight: 64))
-                s = (d, 1)
+                s.dispatcher = d
+                s.uses = 1
                 return d
             } catch {
                 fatalError("kmsfuzz: cannot open an in-memory keystore: \(error)")

@@ -76,7 +76,7 @@ public final class Server: @unchecked Sendable {
                                  daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400)
         let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds,
                              socketPath: c.developmentAuditSocket ?? AuditLog.journalSocket, chainKey: try repository.auditChainKey(),
-                             disabled: c.developmentAuditOff)
+                             disabled: c.development && c.developmentAuditOff)
         if c.developmentAuditOff {
             StandardError.write("kmsd: WARNING: NO AUDIT RECORDS are written (developmentAuditOff; benchmarks only)\n")
         }

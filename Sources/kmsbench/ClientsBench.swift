@@ -184,7 +184,7 @@ enum SoakBench {
                 String(format: "Soak (audit off): %d requests in %.0f s (%.0f/s), Encrypt 32 in flight on a new connection every 10 s", requests, last.seconds, Double(requests) / max(1, last.seconds)),
                 String(format: "- kmsd RSS: %.1f MB at %.0f s (after warm-up), %.1f MB at the end: %+.1f%% (target < 10%%: %@)",
                        w.rssKilobytes / 1024, w.seconds, last.rssKilobytes / 1024, 100 * rssGrowth, rssGrowth < 0.1 ? "met" : "NOT met"),
-                "- kmsd open descriptors: \(first.descriptors) at the start, \(last.descriptors) at the end (\(last.descriptors <= first.descriptors ? "no leak" : "GREW"))",
+                "- kmsd open descriptors: \(first.descriptors) before any load, \(w.descriptors) after warm-up, \(last.descriptors) at the end, at most \(samples.map(\.descriptors).max() ?? 0) (\(last.descriptors <= w.descriptors ? "no leak" : "GREW after warm-up"))",
             ].joined(separator: "\n")
         }
     }

@@ -1,4 +1,5 @@
 import Foundation
+import KMSProtocol
 import KMSServer
 import Testing
 
@@ -33,5 +34,18 @@ import Testing
         #expect(answer == "hello")
         let garbage = ([1] + [0xff, 0xff]).withUnsafeBytes { FuzzTargets.requestAnswer($0) }
         #expect(garbage == "error")
+        // And the keystore behind it: a key created, then listed (a read through the reader
+        // connections, which must see what the writer wrote).
+        func send(_ caller: UInt8, _ operation: Kmsd_V1_Request.OneOf_Operation) throws -> String {
+            var request = Kmsd_V1_Request()
+            request.id = 7
+            request.operation = operation
+            let body: [UInt8] = try request.serializedBytes()
+            return ([caller] + body).withUnsafeBytes { FuzzTargets.requestAnswer($0) }
+        }
+        #expect(try send(0, .createKey(.with { $0.description_p = "fuzz" })) == "result")
+        #expect(try send(0, .listKeys(.with { $0.limit = 10 })) == "result")
+        // Another user may not create keys: denied, not a crash.
+        #expect(try send(1, .createKey(.init())) == "error")
     }
 }
