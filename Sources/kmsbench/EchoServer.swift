@@ -5,8 +5,8 @@ import Synchronization
 
 /// The transport baseline ("how fast can a Unix socket carry these frames"): a server that
 /// answers every 4-byte-length frame with the same frame. Blocking POSIX sockets, one thread
-/// per connection (on this 2-core machine faster than an epoll loop: no readiness round trip);
-/// no protobuf, no crypto, no allocation per frame: C speed. Runs in a process of its own
+/// per connection (no epoll round trip per request); no protobuf, no crypto, no allocation per
+/// frame: C speed. Runs in a process of its own
 /// (`EchoProcess`), so its CPU time is measured as kmsd's is.
 ///
 /// Sendable: every stored property is immutable or thread-safe.
