@@ -67,7 +67,7 @@ let package = Package(
 
         // Fuzz targets (`make fuzz`: built with -sanitize=fuzzer and -DKMSFUZZ_LIBFUZZER); the
         // ordinary build replays corpora and regressions through the same targets.
-        .executableTarget(name: "kmsfuzz", dependencies: ["KMSServer"]),
+        .executableTarget(name: "kmsfuzz", dependencies: ["KMSServer", "KMSProtocol"]),
 
         .testTarget(
             name: "KMSProtocolTests",

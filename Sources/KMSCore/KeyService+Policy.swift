@@ -38,7 +38,7 @@ extension KeyService {
         } else {
             // A policy kmsd stored always parses leniently; should it not, it allows nothing.
             policy = (try? KeyPolicy.parse(text, strict: false)) ?? KeyPolicy(id: nil, statements: [])
-            if !Self.namesAccounts(text) {
+            if !policy.namesAccounts {
                 policiesByText.withLock { cache in
                     if cache.count >= 1024 { cache.removeAll(keepingCapacity: true) }
                     cache[text] = policy
@@ -50,13 +50,6 @@ extension KeyService {
             cache[record.keyID] = CompiledPolicy(text: record.policy, owner: record.ownerUID, policy: policy)
         }
         return policy
-    }
-
-    /// True when a policy text may name a user or group (`"User"`, `"Group"` in any case, as
-    /// a principal or condition key): its parse depends on the account database.
-    static func namesAccounts(_ text: String) -> Bool {
-        let lower = text.lowercased()
-        return lower.contains("\"user\"") || lower.contains("\"group\"")
     }
 
     /// The facts of `action` by `caller` on `record`: the request's encryption context (none

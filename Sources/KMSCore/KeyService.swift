@@ -32,7 +32,7 @@ public final class KeyService: Sendable {
     /// Most keys the per-key caches derived from records (compiled policies, grants) hold
     /// before they are emptied: twice the key cache (at least 8192), so they are not emptied
     /// while the working set fits the key cache, and a key that is cached is cached whole.
-    var derivedCacheLimit: Int { max(8192, 2 * repository.cacheCapacity) }
+    let derivedCacheLimit: Int
 
     /// Compiled policies by their text (bounded), shared by the keys whose policy it is.
     let policiesByText = Mutex<[String: KeyPolicy]>([:])
@@ -44,6 +44,7 @@ public final class KeyService: Sendable {
     public init(repository: KeyRepository, administrators: Administrators,
                 clock: @escaping @Sendable () -> Date = { Date() }, daySeconds: Int = 86_400) {
         self.repository = repository
+        derivedCacheLimit = max(8192, 2 * repository.cacheCapacity)
         self.administratorSet = Mutex(administrators)
         self.clock = clock
         self.daySeconds = daySeconds

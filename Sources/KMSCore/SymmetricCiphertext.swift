@@ -54,10 +54,10 @@ public struct SymmetricCiphertext: Sendable, Equatable {
     public static func seal(versionKey: SecureBytes, keyID: KeyID, keyVersion: UInt32,
                             plaintext: UnsafeRawBufferPointer, context: EncryptionContext,
                             salt: [UInt8]? = nil, nonce: [UInt8]? = nil) throws -> SymmetricCiphertext {
-        // Salt and nonce from one call to the generator when neither is given.
-        let fresh = salt == nil && nonce == nil ? try SecureRandom.bytes(saltBytes + AESGCM.nonceBytes) : []
-        let salt = try salt ?? (fresh.isEmpty ? SecureRandom.bytes(saltBytes) : Array(fresh[..<saltBytes]))
-        let nonce = try nonce ?? (fresh.isEmpty ? SecureRandom.bytes(AESGCM.nonceBytes) : Array(fresh[saltBytes...]))
+        // Salt and nonce from one call to the generator (given ones are for test vectors).
+        let fresh = try SecureRandom.bytes(saltBytes + AESGCM.nonceBytes)
+        let salt = salt ?? Array(fresh[..<saltBytes])
+        let nonce = nonce ?? Array(fresh[saltBytes...])
         precondition(salt.count == saltBytes && nonce.count == AESGCM.nonceBytes)
         let shell = SymmetricCiphertext(keyID: keyID, keyVersion: keyVersion, salt: salt, nonce: nonce, sealed: [])
         let header = shell.header

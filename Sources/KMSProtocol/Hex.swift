@@ -2,7 +2,7 @@
 public enum Hex {
     static let digits = Array("0123456789abcdef".utf8)
 
-    /// Bytes in an array (the common case: no generic collection walk, one allocation).
+    /// Lower-case hex of `bytes` (one allocation, no generic collection walk).
     public static func encode(_ bytes: [UInt8]) -> String {
         bytes.withUnsafeBufferPointer { input in
             String(unsafeUninitializedCapacity: input.count * 2) { out in
@@ -15,13 +15,6 @@ public enum Hex {
                 return input.count * 2
             }
         }
-    }
-
-    public static func encode<C: Collection>(_ bytes: C) -> String where C.Element == UInt8 {
-        var out = [UInt8]()
-        out.reserveCapacity(bytes.count * 2)
-        for b in bytes { out.append(digits[Int(b >> 4)]); out.append(digits[Int(b & 15)]) }
-        return String(decoding: out, as: UTF8.self)
     }
 
     /// The bytes of an even-length hex string (either case); nil for anything else.

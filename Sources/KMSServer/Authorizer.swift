@@ -63,7 +63,9 @@ struct Authorizer {
             try a.blobKey(r.ciphertextBlob, "Decrypt", &d, context: context, alias: alias)
             op = .decrypt(r)
         case .reEncrypt(var r):
+            // Both contexts are read first: an ambiguous one is refused before any decision.
             let source = try ctx.contextPairs(operation: 32, field: 2, decoded: r.sourceEncryptionContext)
+            let destination = try ctx.contextPairs(operation: 32, field: 5, decoded: r.destinationEncryptionContext)
             let alias = KeyService.aliasName(r.sourceKeyID)
             if alias != nil {
                 var scratch = AuditDetails()
@@ -81,7 +83,7 @@ struct Authorizer {
             try a.blobKey(r.ciphertextBlob, "ReEncryptFrom", &d, context: source, alias: alias)
             d.sourceContextValues = d.contextValues
             let from = d.decidedBy
-            r.destinationKeyID = try a.key(r.destinationKeyID, "ReEncryptTo", &d, aliases: true, context: ctx.contextPairs(operation: 32, field: 5, decoded: r.destinationEncryptionContext))
+            r.destinationKeyID = try a.key(r.destinationKeyID, "ReEncryptTo", &d, aliases: true, context: destination)
             d.decidedBy = from.isEmpty ? d.decidedBy : "from \(from); to \(d.decidedBy)"
             op = .reEncrypt(r)
         case .createAlias(let r):

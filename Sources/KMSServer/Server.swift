@@ -188,6 +188,7 @@ public final class Server: @unchecked Sendable {
         StandardError.write("kmsd: stopping: no new connections or requests; answering those in flight\n")
         tracker.draining.store(true, ordering: .relaxed)
         try? listening.close().wait()
+        provider?.stop()  // no new credential loads either
         let drain = configuration.drainTimeoutSeconds
         let deadline = Date().addingTimeInterval(Double(drain))
         while tracker.pending.load(ordering: .relaxed) > 0, Date() < deadline { usleep(10_000) }
@@ -196,7 +197,6 @@ public final class Server: @unchecked Sendable {
             StandardError.write("kmsd: drain deadline (\(drain) s) passed with \(unanswered) requests unanswered\n")
         }
         if !activated { unlink(c.effectiveSocketPath) }
-        provider?.stop()
         if passed.credentials == nil, let path = c.effectiveCredentialSocketPath { unlink(path) }
         pool.shutdown()
         try? group.syncShutdownGracefully()
@@ -491,7 +491,12 @@ public final class Server: @unchecked Sendable {
         }
         service.setAdministrators(next.administrators)
         service.setIdentityPolicies(policies ?? IdentityPolicySet())
-        dispatcher.rateLimiter.set(rate: next.maxRequestsPerSecondPerUID, burst: next.requestBurstPerUID)
+        // Only a changed rate or burst resets the buckets: a reload must not hand every uid
+        // (a throttled flooder too) a full bucket again.
+        let previous = live.withLock { $0 }
+        if previous.maxRequestsPerSecondPerUID != next.maxRequestsPerSecondPerUID || previous.requestBurstPerUID != next.requestBurstPerUID {
+            dispatcher.rateLimiter.set(rate: next.maxRequestsPerSecondPerUID, burst: next.requestBurstPerUID)
+        }
         dispatcher.alarms.setRules(next.alarms)
         live.withLock { $0 = next }
         if let dir = next.identityPolicyDirectory, let policies {

@@ -35,23 +35,17 @@ enum ClientsBench {
 
     static let active = 2000, stalled = 500, frameTimeout = 5
 
-    static func run(executable: String, work: String, duration: Double, warmup: Double, kmsdArguments: [String],
+    static func run(executable: String, work: String, kmsdArguments: [String],
                     measure: (any BenchTarget, Scenario, Int32) throws -> LoadResult) throws -> Result {
         raiseDescriptorLimit()
-        let dir = work + "/clients"
-        mkdir(dir, 0o700)
         let perUID = active + stalled + 8
-        let daemon = KMSDProcess(executable: executable, workDirectory: dir, extraArguments: kmsdArguments + [
+        let bench = try BenchDaemon.launch(executable: executable, workDirectory: work + "/clients", arguments: kmsdArguments + [
             "--dev-audit-off", "--max-connections", "\(perUID + 64)", "--max-connections-per-uid", "\(perUID)",
             "--admin-reserved-connections", "0", "--frame-timeout", "\(frameTimeout)", "--idle-timeout", "60",
         ])
-        try daemon.start()
+        let daemon = bench.process
         defer { daemon.stop() }
-        try daemon.waitUntilListening(timeoutSeconds: 30)
-        let key = try daemon.createKey()
-        let plaintext = [UInt8](repeating: 0x61, count: 64)
-        let bytes = try RequestFrames.operationBytes { BenchOperation.encrypt.request(id: $0, keyID: key, plaintext: plaintext, blob: []) }
-        let target = KMSDTarget(socketPath: daemon.socketPath, operation: .encrypt, operationBytes: bytes)
+        let target = try bench.target(.encrypt, plaintext: KMSBench.plaintext)
         let pid = daemon.pid
         let unloaded = try measure(target, Scenario.all[0], pid)
 
@@ -127,7 +121,13 @@ enum ClientsBench {
         for fd in stalledFDs { close(fd) }
         stalledFDs = []
 
-        // The per-uid limit: fill it, then one more connection is refused with an error frame.
+        // The per-uid limit: once kmsd has let go of the connections above (Status counts open
+        // connections; this one included), fill it, then one more is refused with an error frame.
+        let settled = monotonicNanos() + 30_000_000_000
+        while monotonicNanos() < settled {
+            if case .status(let st)? = try? daemon.call(.status(.init())), st.connections <= 1 { break }
+            usleep(100_000)
+        }
         var held: [Int32] = []
         defer { for fd in held { close(fd) } }
         var refusal = "not refused"
@@ -191,16 +191,10 @@ enum SoakBench {
 
     static func run(executable: String, work: String, seconds: Double, kmsdArguments: [String],
                     measure: (any BenchTarget, Scenario, Double, Int32) throws -> LoadResult) throws -> Result {
-        let dir = work + "/soak"
-        mkdir(dir, 0o700)
-        let daemon = KMSDProcess(executable: executable, workDirectory: dir, extraArguments: kmsdArguments + ["--dev-audit-off"])
-        try daemon.start()
+        let bench = try BenchDaemon.launch(executable: executable, workDirectory: work + "/soak", arguments: kmsdArguments + ["--dev-audit-off"])
+        let daemon = bench.process
         defer { daemon.stop() }
-        try daemon.waitUntilListening(timeoutSeconds: 30)
-        let key = try daemon.createKey()
-        let plaintext = [UInt8](repeating: 0x73, count: 64)
-        let target = KMSDTarget(socketPath: daemon.socketPath, operation: .encrypt, operationBytes:
-            try RequestFrames.operationBytes { BenchOperation.encrypt.request(id: $0, keyID: key, plaintext: plaintext, blob: []) })
+        let target = try bench.target(.encrypt, plaintext: KMSBench.plaintext)
         let pid = daemon.pid
         let start = monotonicNanos()
         var samples: [Sample] = []

@@ -89,39 +89,14 @@ final class KMSDProcess {
     /// Creates a symmetric key (the caller must be a kmsd administrator; root is by default)
     /// and returns its id.
     func createKey() throws -> String {
-        let fd = try UnixSocket.connect(to: socketPath)
-        defer { close(fd) }
-        UnixSocket.setTimeouts(fd, seconds: 10)
-
-        var create = Kmsd_V1_CreateKeyRequest()
-        create.description_p = "kmsbench Encrypt benchmark"
-        var request = Kmsd_V1_Request()
-        request.id = 1
-        request.operation = .createKey(create)
-        let body: [UInt8] = try request.serializedBytes()
-        try UnixSocket.writeAll(fd, lengthPrefixed(body))
-
-        var reader = FrameReader(fd: fd)
-        let range: Range<Int>
+        let result: Kmsd_V1_Response.OneOf_Result
         do {
-            range = try reader.nextFrame()
+            result = try call(.createKey(.with { $0.description_p = "kmsbench" }))
         } catch {
-            throw BenchError("CreateKey got no answer: \(error)")
+            throw BenchError("\(error) (kmsbench must run as a kmsd administrator; by default root)")
         }
-        let response: Kmsd_V1_Response
-        do {
-            response = try Kmsd_V1_Response(serializedBytes: Array(reader.buffer[range]))
-        } catch {
-            throw BenchError("CreateKey: the answer does not decode as kmsd.v1.Response")
-        }
-        switch response.result {
-        case .createKey(let r)? where response.id == 1 && !r.keyMetadata.keyID.isEmpty:
-            return r.keyMetadata.keyID
-        case .error(let e)?:
-            throw BenchError("CreateKey failed with \(e.code): \(e.message) (kmsbench must run as a kmsd administrator; by default root)")
-        default:
-            throw BenchError("CreateKey: unexpected answer (id \(response.id))")
-        }
+        guard case .createKey(let r) = result, !r.keyMetadata.keyID.isEmpty else { throw BenchError("CreateKey: unexpected answer") }
+        return r.keyMetadata.keyID
     }
 
     /// Sends one request on a connection of its own and returns its result (an error result
@@ -154,17 +129,7 @@ final class KMSDProcess {
 
     /// Replaces a key's policy (PutKeyPolicy), for the policy-evaluation scenario.
     func putKeyPolicy(keyID: String, policy: String) throws {
-        let fd = try UnixSocket.connect(to: socketPath)
-        defer { close(fd) }
-        UnixSocket.setTimeouts(fd, seconds: 10)
-        var request = Kmsd_V1_Request()
-        request.id = 2
-        request.operation = .putKeyPolicy(.with { $0.keyID = keyID; $0.policy = policy })
-        try UnixSocket.writeAll(fd, lengthPrefixed(try request.serializedBytes()))
-        var reader = FrameReader(fd: fd)
-        let range = try reader.nextFrame()
-        let response = try Kmsd_V1_Response(serializedBytes: Array(reader.buffer[range]))
-        if case .error(let e)? = response.result { throw BenchError("PutKeyPolicy failed with \(e.code): \(e.message)") }
+        _ = try call(.putKeyPolicy(.with { $0.keyID = keyID; $0.policy = policy }))
     }
 
     /// Sends SIGTERM and waits for kmsd to exit (SIGKILL after `timeoutSeconds`).
@@ -198,6 +163,21 @@ final class KMSDProcess {
 
 /// A kmsd started by the benchmark, with the key and Decrypt blob its requests use.
 struct BenchDaemon {
+    /// Starts kmsd in `workDirectory` with `arguments` after the benchmark's own, waits until it
+    /// listens, and creates a key (no Decrypt blob: `blob` is filled where Decrypt is measured).
+    static func launch(executable: String, workDirectory: String, arguments: [String], audit: Bool = false) throws -> BenchDaemon {
+        mkdir(workDirectory, 0o700)
+        let process = KMSDProcess(executable: executable, workDirectory: workDirectory, extraArguments: arguments)
+        try process.start()
+        do {
+            try process.waitUntilListening(timeoutSeconds: 120)
+            return BenchDaemon(audit: audit, process: process, key: try process.createKey())
+        } catch {
+            process.stop()
+            throw error
+        }
+    }
+
     let audit: Bool
     let process: KMSDProcess
     var key = ""

@@ -120,24 +120,22 @@ struct EchoTarget: BenchTarget {
 
 /// kmsd: one operation's requests; answers come back in any order and are matched by id.
 struct KMSDTarget: BenchTarget {
-    let name: String
+    let name = "kmsd"
     let socketPath: String
     let operation: BenchOperation
     /// The serialized request without id (see `RequestFrames`).
     let operationBytes: [UInt8]
-
-    init(socketPath: String, operation: BenchOperation, operationBytes: [UInt8], name: String = "kmsd") {
-        self.socketPath = socketPath
-        self.operation = operation
-        self.operationBytes = operationBytes
-        self.name = name
-    }
 
     func makeFrame(id: UInt64, into frame: inout [UInt8]) {
         RequestFrames.build(id: id, operationBytes: operationBytes, into: &frame)
     }
 
     func answeredID(body: ArraySlice<UInt8>, position: UInt64) throws -> UInt64 {
+        try Self.answeredID(body: body, operation: operation)
+    }
+
+    /// The id of the answer `body`, which must be `operation`'s result.
+    static func answeredID(body: ArraySlice<UInt8>, operation: BenchOperation) throws -> UInt64 {
         let response: Kmsd_V1_Response
         do {
             response = try Kmsd_V1_Response(serializedBytes: Array(body))

@@ -37,7 +37,7 @@ enum ScaleBench {
         }
     }
 
-    static func run(executable: String, work: String, keys: Int, duration: Double, warmup: Double, kmsdArguments: [String],
+    static func run(executable: String, work: String, keys: Int, kmsdArguments: [String],
                     measure: (any BenchTarget, Scenario, Int32) throws -> LoadResult) throws -> Result {
         let dir = work + "/scale"
         mkdir(dir, 0o700)
@@ -64,13 +64,14 @@ enum ScaleBench {
         progress(String(format: "scale: ready after %.2f s", readySeconds))
 
         let pid = daemon.pid
-        let plaintext = [UInt8](repeating: 0x42, count: 64)
-        let same = try KMSDTarget(socketPath: daemon.socketPath, operation: .encrypt,
-                                  operationBytes: RequestFrames.operationBytes { BenchOperation.encrypt.request(id: $0, keyID: ids[0], plaintext: plaintext, blob: []) })
+        let plaintext = KMSBench.plaintext
+        let same = try BenchDaemon(audit: false, process: daemon, key: ids[0]).target(.encrypt, plaintext: plaintext)
         let sameResult = try measure(same, Scenario.all[2], pid)
         // Random keys from a set the key cache can hold (--kmsd-arg=--key-cache-capacity=N), so
-        // that "warm" means cached: at most the cache's capacity and at most 100,000.
-        let cacheCapacity = kmsdArguments.compactMap { $0.hasPrefix("--key-cache-capacity=") ? Int($0.dropFirst("--key-cache-capacity=".count)) : nil }.last ?? 4096
+        // that "warm" means cached: at most the cache's capacity (as kmsd reports it) and at
+        // most 100,000.
+        guard case .status(let status) = try daemon.call(.status(.init())) else { throw BenchError("Status: unexpected answer") }
+        let cacheCapacity = Int(status.keyCacheCapacity)
         let sampleSize = min(ids.count, 100_000, cacheCapacity)
         let sample = Array(ids.shuffled().prefix(sampleSize))
         let random = try RandomKeyTarget(socketPath: daemon.socketPath, keyIDs: sample, plaintext: plaintext)
@@ -196,6 +197,6 @@ struct RandomKeyTarget: BenchTarget {
     }
 
     func answeredID(body: ArraySlice<UInt8>, position: UInt64) throws -> UInt64 {
-        try KMSDTarget(socketPath: socketPath, operation: .encrypt, operationBytes: []).answeredID(body: body, position: position)
+        try KMSDTarget.answeredID(body: body, operation: .encrypt)
     }
 }

@@ -70,6 +70,9 @@ struct KMSBench: ParsableCommand {
     var profileOperation: BenchOperation { BenchOperation(rawValue: profileOperationName) ?? .encrypt }
 
     func validate() throws {
+        guard BenchOperation(rawValue: profileOperationName) != nil else {
+            throw ValidationError("--profile-operation takes \(BenchOperation.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
         guard duration > 0, duration <= 3600 else { throw ValidationError("--duration takes seconds, more than 0 and at most 3600") }
         guard warmup >= 0, warmup <= 600 else { throw ValidationError("--warmup takes seconds, from 0 to 600") }
     }
@@ -98,9 +101,9 @@ struct KMSBench: ParsableCommand {
         let work = try WorkDirectory(requested: workDir)
         defer { work.remove() }
         if manyClients {
-            let r = try ClientsBench.run(executable: try kmsd ?? Self.defaultKMSDPath(), work: work.path, duration: duration,
-                                         warmup: warmup, kmsdArguments: kmsdArguments) { target, scenario, pid in
-                try measure(target, scenario, label: target.name) { LoadDriver.processCPUNanos(pid: pid) }
+            let r = try ClientsBench.run(executable: try kmsd ?? Self.defaultKMSDPath(), work: work.path,
+                                         kmsdArguments: kmsdArguments) { target, scenario, pid in
+                try measure(target, scenario) { LoadDriver.processCPUNanos(pid: pid) }
             }
             print(r.markdown())
             if json { print(""); print(String(decoding: try JSONEncoder().encode(r), as: UTF8.self)) }
@@ -117,9 +120,9 @@ struct KMSBench: ParsableCommand {
         }
         if let scale {
             guard scale > 0 else { throw BenchError("--scale takes a number of keys") }
-            let r = try ScaleBench.run(executable: try kmsd ?? Self.defaultKMSDPath(), work: work.path, keys: scale, duration: duration,
-                                       warmup: warmup, kmsdArguments: kmsdArguments) { target, scenario, pid in
-                try measure(target, scenario, label: target.name) { LoadDriver.processCPUNanos(pid: pid) }
+            let r = try ScaleBench.run(executable: try kmsd ?? Self.defaultKMSDPath(), work: work.path, keys: scale,
+                                       kmsdArguments: kmsdArguments) { target, scenario, pid in
+                try measure(target, scenario) { LoadDriver.processCPUNanos(pid: pid) }
             }
             print(r.markdown())
             if json { print(""); print(String(decoding: try JSONEncoder().encode(r), as: UTF8.self)) }
@@ -140,15 +143,11 @@ struct KMSBench: ParsableCommand {
         }
         for audit in [false, true] {
             let dir = work.path + (audit ? "/audit-on" : "/audit-off")
-            mkdir(dir, 0o700)
-            let process = KMSDProcess(executable: executable, workDirectory: dir, extraArguments: kmsdArguments + (audit ? [] : ["--dev-audit-off"]))
-            progress("starting \(process.executable), audit \(audit ? "to journald" : "off") (work directory \(dir))")
-            try process.start()
-            var d = BenchDaemon(audit: audit, process: process)
+            progress("starting \(executable), audit \(audit ? "to journald" : "off") (work directory \(dir))")
+            var d = try BenchDaemon.launch(executable: executable, workDirectory: dir,
+                                           arguments: kmsdArguments + (audit ? [] : ["--dev-audit-off"]), audit: audit)
             daemons.append(d)
-            try process.waitUntilListening(timeoutSeconds: 30)
-            d.key = try process.createKey()
-            d.blob = try process.encrypt(keyID: d.key, plaintext: Self.plaintext)
+            d.blob = try d.process.encrypt(keyID: d.key, plaintext: Self.plaintext)
             daemons[daemons.count - 1] = d
         }
 

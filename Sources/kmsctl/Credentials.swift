@@ -125,7 +125,7 @@ struct LoadCredential: ParsableCommand {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw ValidationError("cannot create a socket") }
         defer { close(fd) }
-        let random = (0..<8).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
+        let random = Hex.encode((0..<8).map { _ in UInt8.random(in: 0...255) })
         let local = [UInt8(0)] + Array("\(random)/unit/\(credential.unit)/\(credential.name)".utf8)
         guard try connectUnix(fd, bind: local, to: Array(path.utf8)) else {
             reportError(code: "KMSInternalException", message: "cannot reach \(path): \(String(cString: strerror(errno)))")

@@ -34,36 +34,18 @@ struct Fuzz {
     }
 }
 #else
-/// The ordinary build: `kmsfuzz TARGET PATH...` runs every file (or every file in every
-/// directory) through a target once, as regression tests do; `kmsfuzz seeds DIR VECTORS_DIR`
-/// writes seed corpora from Protocol/vectors for `make fuzz`.
+/// The ordinary build: `kmsfuzz seeds DIR VECTORS_DIR` writes the seed corpora `make fuzz`
+/// starts from (Protocol/vectors and a few policies). FuzzRegressionTests replays
+/// Tests/FuzzRegressions; a libFuzzer build replays any input file given to it.
 @main
 struct Replay {
     static func main() throws {
         let args = Array(CommandLine.arguments.dropFirst())
-        if args.first == "seeds", args.count == 3 {
-            try Seeds.write(to: args[1], vectors: args[2])
-            return
-        }
-        guard args.count >= 2, FuzzTargets.names.contains(args[0]) else {
-            FileHandle.standardError.write(Data("usage: kmsfuzz TARGET PATH... (targets: \(FuzzTargets.names.joined(separator: ", "))) | kmsfuzz seeds DIR VECTORS_DIR\n".utf8))
+        guard args.count == 3, args[0] == "seeds" else {
+            FileHandle.standardError.write(Data("usage: kmsfuzz seeds DIR VECTORS_DIR (the fuzzer itself: make fuzz)\n".utf8))
             exit(2)
         }
-        var files: [String] = []
-        for path in args.dropFirst() {
-            var isDirectory: ObjCBool = false
-            guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else { continue }
-            if isDirectory.boolValue {
-                for name in try FileManager.default.contentsOfDirectory(atPath: path).sorted() { files.append(path + "/" + name) }
-            } else {
-                files.append(path)
-            }
-        }
-        for file in files {
-            let data = try Data(contentsOf: URL(fileURLWithPath: file))
-            data.withUnsafeBytes { FuzzTargets.run(args[0], $0) }
-        }
-        print("kmsfuzz: \(args[0]): \(files.count) inputs, no crash")
+        try Seeds.write(to: args[1], vectors: args[2])
     }
 }
 #endif

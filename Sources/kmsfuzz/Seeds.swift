@@ -1,4 +1,5 @@
 import Foundation
+import KMSProtocol
 import KMSServer
 
 /// Seed corpora for `make fuzz`, from Protocol/vectors (the request frames and the ciphertext
@@ -13,7 +14,7 @@ enum Seeds {
         let frames = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: vectors + "/frames.json"))) as? [String: Any]
         var n = 0
         for case let v as [String: Any] in frames?["vectors"] as? [Any] ?? [] {
-            guard v["direction"] as? String == "request", let hex = v["frame_hex"] as? String, let frame = decodeHex(hex) else { continue }
+            guard v["direction"] as? String == "request", let hex = v["frame_hex"] as? String, let frame = Hex.decode(hex) else { continue }
             n += 1
             try save("frames", "vector-\(n)", [7] + frame + frame)
             try save("request", "vector-\(n)", [UInt8(n & 1)] + Array(frame.dropFirst(4)))
@@ -22,7 +23,7 @@ enum Seeds {
         var m = 0
         for case let v as [String: Any] in (blobs?["vectors"] as? [Any] ?? []) + (blobs?["invalid"] as? [Any] ?? []) {
             for case let hex as String in v.values where hex.count > 100 {
-                guard let blob = decodeHex(hex) else { continue }
+                guard let blob = Hex.decode(hex) else { continue }
                 m += 1
                 try save("ciphertext", "vector-\(m)", blob)
             }
@@ -34,28 +35,5 @@ enum Seeds {
         ]
         for (i, p) in policies.enumerated() { try save("policy", "policy-\(i + 1)", Array(p.utf8)) }
         print("kmsfuzz: seeds in \(directory): \(n) request frames, \(m) ciphertext blobs, \(policies.count) policies")
-    }
-
-    static func decodeHex(_ hex: String) -> [UInt8]? {
-        let chars = Array(hex.utf8)
-        guard chars.count % 2 == 0 else { return nil }
-        var out: [UInt8] = []
-        out.reserveCapacity(chars.count / 2)
-        var i = 0
-        while i < chars.count {
-            guard let hi = nibble(chars[i]), let lo = nibble(chars[i + 1]) else { return nil }
-            out.append(hi << 4 | lo)
-            i += 2
-        }
-        return out
-    }
-
-    static func nibble(_ c: UInt8) -> UInt8? {
-        switch c {
-        case 48...57: c - 48
-        case 97...102: c - 87
-        case 65...70: c - 55
-        default: nil
-        }
     }
 }

@@ -22,6 +22,10 @@ public struct KeyPolicy: Sendable {
     /// sensitive).
     public var auditContextValues = false
 
+    /// True when a statement names a user or group: the parse looked them up in the account
+    /// database, so it holds only as long as that database does (never shared between keys).
+    public var namesAccounts: Bool { statements.contains { $0.principal.namesAccounts } }
+
     /// AWS's limit on a key policy document.
     public static let maxBytes = 32_768
 
@@ -250,6 +254,9 @@ struct PrincipalPattern: Sendable {
     var gids: Set<UInt32> = []
     var units: [Glob] = []
     var executables: [Glob] = []
+    /// Named a user or group, looked up in the account database while parsing: what the
+    /// pattern matches depends on that database at the time of the parse.
+    var namesAccounts = false
 
     static func parse(_ value: Any, at: String, strict: Bool) throws(KMSError) -> PrincipalPattern {
         var p = PrincipalPattern()
@@ -271,10 +278,12 @@ struct PrincipalPattern: Sendable {
                     guard let uid = UInt32(v) else { throw KeyPolicy.invalid("\(place) \"\(v.prefix(40))\" is not a uid") }
                     p.uids.insert(uid)
                 case "User":
+                    p.namesAccounts = true
                     if let uid = Self.uid(of: v) { p.uids.insert(uid) } else if strict {
                         throw KeyPolicy.invalid("\(place): there is no user \"\(v.prefix(40))\" on this host")
                     }
                 case "Group":
+                    p.namesAccounts = true
                     if let gid = Self.gid(of: v) ?? UInt32(v) { p.gids.insert(gid) } else if strict {
                         throw KeyPolicy.invalid("\(place): there is no group \"\(v.prefix(40))\" on this host")
                     }
