@@ -1,4 +1,5 @@
 import CKMSSystemd
+import CKMSLinux
 import Foundation
 import Glibc
 import KMSCore
@@ -128,26 +129,36 @@ public final class Server: @unchecked Sendable {
         let c = configuration
         // Deletions that came due while kmsd was down happen before it serves anyone.
         housekeeping()
-        let bootstrap = ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 512)
-            .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .childChannelInitializer { [self] channel in self.initialize(channel) }
         let passed = Self.activatedSockets()
         let activated = passed.main != nil
-        let listening: Channel
-        if let fd = passed.main {
-            listening = try bootstrap.withBoundSocket(fd).wait()
-        } else {
-            listening = try bindSafely(path: c.effectiveSocketPath, mode: c.socketMode, group: c.socketGroup,
-                                       { try bootstrap.bind(unixDomainSocketPath: $0, cleanupExistingSocketFile: false).wait() },
-                                       close: { try? $0.close().wait() })
+        // kmsd binds its socket itself (or adopts systemd's), so the listening descriptor is
+        // known to the handler that refuses connections when descriptors run out.
+        let listenFD = try passed.main ?? bindSafely(path: c.effectiveSocketPath, mode: c.socketMode, group: c.socketGroup,
+                                                     { try Self.listenRaw($0, backlog: 512) }, close: { _ = Glibc.close($0) })
+        let (pool, dispatcher, auditLoop) = (self.pool, self.dispatcher, group.next())
+        let refuse: @Sendable (kms_ucred) -> Void = { cred in
+            let raw = PeerCredentials.Raw(cred: cred, groups: nil, pidfd: -1, pidfdFromSocket: false,
+                                          acceptedAtTicks: PeerCredentials.boottimeTicks())
+            _ = pool.run(uid: cred.uid, eventLoop: auditLoop) {
+                dispatcher.auditRejected(action: "Connect", principal: PeerCredentials.resolve(raw),
+                                         error: KMSError(.limitExceeded, DescriptorExhaustionHandler.message))
+            }
         }
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(DescriptorExhaustionHandler(listenFD: listenFD, onRefused: refuse))
+                }
+            }
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .childChannelInitializer { [self] channel in self.initialize(channel) }
+        let listening = try bootstrap.withBoundSocket(listenFD).wait()
         // The credential provider: the passed socket named "credentials", else its own.
         var provider: CredentialProvider? = nil
         var credentialSocket = passed.credentials.map { _ in "socket-activated fd" }
         var credentialFD = passed.credentials
         if credentialFD == nil, let path = c.effectiveCredentialSocketPath {
-            credentialFD = try bindSafely(path: path, mode: 0o666, group: nil, Self.listenRaw, close: { _ = Glibc.close($0) })
+            credentialFD = try bindSafely(path: path, mode: 0o666, group: nil, { try Self.listenRaw($0) }, close: { _ = Glibc.close($0) })
             credentialSocket = path
         }
         if let fd = credentialFD {
@@ -159,7 +170,7 @@ public final class Server: @unchecked Sendable {
         _ = sd_notify(0, "READY=1\nSTATUS=\(status)")
         StandardError.write("kmsd: ready: \(status)\n")
         startWatchdog()
-        let dispatcher = self.dispatcher, pool = self.pool, loop = group.next()
+        let loop = group.next()
         loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [self] _ in
             dispatcher.flushThrottleSummaries()
             // Scheduled work, off the event loop (it writes storage).
@@ -274,14 +285,14 @@ public final class Server: @unchecked Sendable {
     }
 
     /// A listening stream socket bound at `path` (for the credential provider's accept loop).
-    static func listenRaw(_ path: String) throws -> Int32 {
+    static func listenRaw(_ path: String, backlog: Int32 = 64) throws -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw ConfigurationError("cannot create a socket: \(String(cString: strerror(errno)))") }
         guard let bound = withUnixAddress(path, { Glibc.bind(fd, $0, $1) }) else {
             Glibc.close(fd)
             throw ConfigurationError("socket path too long: \(path)")
         }
-        guard bound == 0, listen(fd, 64) == 0 else {
+        guard bound == 0, listen(fd, backlog) == 0 else {
             let e = String(cString: strerror(errno))
             Glibc.close(fd)
             throw ConfigurationError("cannot listen on \(path): \(e)")
