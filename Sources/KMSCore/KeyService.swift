@@ -683,12 +683,12 @@ public final class KeyService: Sendable {
         public var keyVersion: UInt32
     }
 
-    /// Encrypts up to 4096 bytes under the key's current version.
-    public func encrypt(keyID: String, plaintext: UnsafeRawBufferPointer, context ctx: EncryptionContext, caller: Principal) throws(KMSError) -> Sealed {
+    /// Encrypts under the key `record` describes (the record an access decision was made on).
+    public func encrypt(record: KeyRecord, plaintext: UnsafeRawBufferPointer, context ctx: EncryptionContext) throws(KMSError) -> Sealed {
         guard (1...KMSLimits.maxPlaintextBytes).contains(plaintext.count) else {
             throw KMSError(.validation, "Plaintext must be 1...\(KMSLimits.maxPlaintextBytes) bytes; use envelope encryption (GenerateDataKey) for more")
         }
-        let record = try usableRecord(resolve(keyID, caller: caller), caller: caller, needsEnabled: true)
+        try checkUsable(record, needsEnabled: true)
         return try seal(plaintext, record: record, context: ctx)
     }
 
@@ -709,7 +709,7 @@ public final class KeyService: Sendable {
             if let gone = try repository.tombstone(parsed.keyID) { throw Self.deleted(gone) }
             throw SymmetricCiphertext.invalid
         }
-        try checkUsable(record, caller: caller, needsEnabled: true)
+        try checkUsable(record, needsEnabled: true)
         if let minimum = record.minimumDecryptionVersion, parsed.keyVersion < minimum {
             throw KMSError(.invalidState, "version \(parsed.keyVersion) of key \(record.keyID) is retired: its minimum decryption version is \(minimum)")
         }
@@ -732,14 +732,26 @@ public final class KeyService: Sendable {
         return (sealed, opened)
     }
 
-    /// A fresh data key: its plaintext (locked) and its ciphertext under the key.
-    public func generateDataKey(keyID: String, keySpec: String, numberOfBytes: UInt32, context ctx: EncryptionContext,
-                                caller: Principal) throws(KMSError) -> (plaintext: SecureBytes, sealed: Sealed) {
-        let count: Int
+    /// A data key sealed under the key `record` describes (the record an access decision was
+    /// made on).
+    public func generateDataKey(record: KeyRecord, keySpec: String, numberOfBytes: UInt32,
+                                context ctx: EncryptionContext) throws(KMSError) -> (plaintext: SecureBytes, sealed: Sealed) {
+        let count = try Self.dataKeyBytes(keySpec: keySpec, numberOfBytes: numberOfBytes)
+        try checkUsable(record, needsEnabled: true)
+        let dataKey: SecureBytes
+        do { dataKey = try SecureBytes.random(count: count) } catch {
+            throw KMSError(.internalError, "could not generate random bytes inside kmsd")
+        }
+        let sealed = try dataKey.withUnsafeBytes { (p) throws(KMSError) in try seal(p, record: record, context: ctx) }
+        return (dataKey, sealed)
+    }
+
+    /// The size of a data key: KeySpec or NumberOfBytes, exactly one of them.
+    static func dataKeyBytes(keySpec: String, numberOfBytes: UInt32) throws(KMSError) -> Int {
         switch (keySpec, numberOfBytes) {
-        case ("AES_256", 0): count = 32
-        case ("AES_128", 0): count = 16
-        case ("", 1...UInt32(KMSLimits.maxDataKeyBytes)): count = Int(numberOfBytes)
+        case ("AES_256", 0): return 32
+        case ("AES_128", 0): return 16
+        case ("", 1...UInt32(KMSLimits.maxDataKeyBytes)): return Int(numberOfBytes)
         case ("", 0):
             throw KMSError(.validation, "give KeySpec (AES_128 or AES_256) or NumberOfBytes (1...\(KMSLimits.maxDataKeyBytes))")
         case ("", _):
@@ -749,13 +761,6 @@ public final class KeyService: Sendable {
         default:
             throw KMSError(.validation, "give KeySpec or NumberOfBytes, not both")
         }
-        let record = try usableRecord(resolve(keyID, caller: caller), caller: caller, needsEnabled: true)
-        let dataKey: SecureBytes
-        do { dataKey = try SecureBytes.random(count: count) } catch {
-            throw KMSError(.internalError, "could not generate random bytes inside kmsd")
-        }
-        let sealed = try dataKey.withUnsafeBytes { (p) throws(KMSError) in try seal(p, record: record, context: ctx) }
-        return (dataKey, sealed)
     }
 
     /// Random bytes from OpenSSL's CSPRNG. Any caller.
@@ -792,13 +797,13 @@ public final class KeyService: Sendable {
             if let gone = try repository.tombstone(id) { throw Self.deleted(gone) }
             throw KMSError(.notFound, "key \(id) does not exist; list keys with kmsctl list-keys")
         }
-        try checkUsable(record, caller: caller, needsEnabled: needsEnabled)
+        try checkUsable(record, needsEnabled: needsEnabled)
         return record
     }
 
     /// Whether the key's state allows the operation. Access was decided before the operation
     /// started, once, by the key's policy (`KeyService.decide`); nothing here checks it again.
-    private func checkUsable(_ record: KeyRecord, caller: Principal, needsEnabled: Bool) throws(KMSError) {
+    private func checkUsable(_ record: KeyRecord, needsEnabled: Bool) throws(KMSError) {
         guard needsEnabled else { return }
         switch record.state {
         case .enabled: return

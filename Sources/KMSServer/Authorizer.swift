@@ -8,15 +8,25 @@ import KMSProtocol
 /// needs there, and the facts a policy may test (encryption context, alias, and so on). The key's
 /// policy decides (`KeyService.decide`); a refusal is AccessDeniedException naming what decided,
 /// or, for a key named through an alias, NotFoundException as if the alias did not exist. The
-/// request is then rewritten to name the key by the id that was decided on, so the handler acts
-/// on exactly that key even if an alias moves meanwhile. No handler checks access itself.
+/// request is then rewritten to name the key by the id that was decided on (Encrypt and
+/// GenerateDataKey instead hand their handler the record decided on, `Decided`), so the handler
+/// acts on exactly that key even if an alias moves meanwhile. No handler checks access itself.
 struct Authorizer {
     let ctx: HandlerContext
     var service: KeyService { ctx.service }
 
+    /// What a decision found that the handler would otherwise look up again: the key record
+    /// decided on and the encryption context as read off the wire (Encrypt and
+    /// GenerateDataKey(WithoutPlaintext), the hottest paths).
+    struct Decided: Sendable {
+        var record: KeyRecord? = nil
+        var context: [WirePair]? = nil
+    }
+
     /// Decides `op`; on return the key identifiers in it are key ids, and `d` names the key(s)
     /// and the deciding statement(s).
-    static func authorize(_ op: inout KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) {
+    @discardableResult
+    static func authorize(_ op: inout KMSRequest.OneOf_Operation, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Decided {
         let a = Authorizer(ctx: ctx)
         switch op {
         case .hello, .whoAmI, .generateRandom, .listKeys:
@@ -28,7 +38,7 @@ struct Authorizer {
                 throw KMSError(.accessDenied, "uid \(ctx.principal.uid) (\(ctx.principal.userName)) may not create keys: only administrators may (configure administrators in kmsd's configuration)")
             }
         case .listAliases(var r):
-            guard !r.keyID.isEmpty else { d.decidedBy = "open"; return }
+            guard !r.keyID.isEmpty else { d.decidedBy = "open"; return Decided() }
             r.keyID = try a.key(r.keyID, "ListAliases", &d, aliases: false)
             op = .listAliases(r)
         case .describeKey(var r): r.keyID = try a.key(r.keyID, "DescribeKey", &d, aliases: true); op = .describeKey(r)
@@ -40,16 +50,15 @@ struct Authorizer {
             op = .scheduleKeyDeletion(r)
         case .cancelKeyDeletion(var r): r.keyID = try a.key(r.keyID, "CancelKeyDeletion", &d); op = .cancelKeyDeletion(r)
         case .updateKeyDescription(var r): r.keyID = try a.key(r.keyID, "UpdateKeyDescription", &d); op = .updateKeyDescription(r)
-        case .encrypt(var r):
-            r.keyID = try a.key(r.keyID, "Encrypt", &d, aliases: true, context: ctx.contextPairs(operation: 30, field: 3, decoded: r.encryptionContext))
-            op = .encrypt(r)
-        case .generateDataKey(var r):
-            r.keyID = try a.key(r.keyID, "GenerateDataKey", &d, aliases: true, context: ctx.contextPairs(operation: 33, field: 4, decoded: r.encryptionContext))
-            op = .generateDataKey(r)
-        case .generateDataKeyWithoutPlaintext(var r):
-            r.keyID = try a.key(r.keyID, "GenerateDataKeyWithoutPlaintext", &d, aliases: true,
-                                context: ctx.contextPairs(operation: 34, field: 4, decoded: r.encryptionContext))
-            op = .generateDataKeyWithoutPlaintext(r)
+        // The handlers of these use the decided record and context; the request keeps the
+        // identifier as sent (it is not read again).
+        case .encrypt(let r):
+            return try a.sealing(r.keyID, "Encrypt", &d, context: ctx.context(operation: 30, field: 3, decoded: r.encryptionContext))
+        case .generateDataKey(let r):
+            return try a.sealing(r.keyID, "GenerateDataKey", &d, context: ctx.context(operation: 33, field: 4, decoded: r.encryptionContext))
+        case .generateDataKeyWithoutPlaintext(let r):
+            return try a.sealing(r.keyID, "GenerateDataKeyWithoutPlaintext", &d,
+                                 context: ctx.context(operation: 34, field: 4, decoded: r.encryptionContext))
         case .decrypt(var r):
             let context = try ctx.contextPairs(operation: 31, field: 2, decoded: r.encryptionContext)
             let alias = KeyService.aliasName(r.keyID)
@@ -178,12 +187,27 @@ struct Authorizer {
                 op = .reviewAccess(r)
             }
         }
+        return Decided()
+    }
+
+    /// Decides `action` on the key an Encrypt or GenerateDataKey names, for the handler to
+    /// seal under.
+    func sealing(_ text: String, _ action: String, _ d: inout AuditDetails, context: [WirePair]) throws(KMSError) -> Decided {
+        let pairs: ContextPairs = context.map { (key: String(decoding: $0.key, as: UTF8.self), value: String(decoding: $0.value, as: UTF8.self)) }
+        let record = try keyRecord(text, action, &d, aliases: true, context: pairs)
+        return Decided(record: record, context: context)
     }
 
     /// Decides `action` on the key `text` names and returns its key id. `aliases`: whether the
     /// operation accepts `alias/NAME` (else the text must be a key id or ARN).
     func key(_ text: String, _ action: String, _ d: inout AuditDetails, aliases: Bool = false, context: ContextPairs? = nil,
              facts adjust: (inout RequestFacts) -> Void = { _ in }) throws(KMSError) -> String {
+        try keyRecord(text, action, &d, aliases: aliases, context: context, facts: adjust).keyID.description
+    }
+
+    /// As `key`, returning the record decided on.
+    func keyRecord(_ text: String, _ action: String, _ d: inout AuditDetails, aliases: Bool = false, context: ContextPairs? = nil,
+                   facts adjust: (inout RequestFacts) -> Void = { _ in }) throws(KMSError) -> KeyRecord {
         var alias: String? = nil
         let id: KeyID
         d.keyID = ""
@@ -204,7 +228,7 @@ struct Authorizer {
         d.keyID = id.description
         let record = try existing(id)
         try decide(action, record, &d, context: context, alias: alias, adjust)
-        return id.description
+        return record
     }
 
     /// Decides `action` on the key a ciphertext blob names. A blob that does not parse, or that

@@ -68,6 +68,21 @@ struct HandlerContext: Sendable {
     var audit: AuditLog? = nil
     var metrics: Metrics? = nil
     var alarms: Alarms? = nil
+    /// What the access decision found (the key record, the context as read), for the handler.
+    var decided = Authorizer.Decided()
+
+    /// The key record the access decision was made on; every operation that seals under a key
+    /// has one (an internal error otherwise, never a silent second lookup).
+    func decidedRecord() throws(KMSError) -> KeyRecord {
+        guard let record = decided.record else { throw KMSError(.internalError, "no access decision was made for this request") }
+        return record
+    }
+
+    /// The encryption context the access decision read, else read now.
+    func decidedContext(operation: Int, field: Int, decoded: [String: String]) throws(KMSError) -> [WirePair] {
+        if let pairs = decided.context { return pairs }
+        return try context(operation: operation, field: field, decoded: decoded)
+    }
 
     /// The pairs of one context field as sent (duplicates and byte-distinct spellings kept);
     /// from the decoded map when the request did not come off the wire.
@@ -356,10 +371,10 @@ final class Dispatcher: Sendable {
         }
         if var op = request.operation {
             do {
-                let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit, metrics: metrics, alarms: alarms)
+                var ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit, metrics: metrics, alarms: alarms)
                 // One access decision, then the handler, which checks no access itself.
                 do throws(KMSError) {
-                    try Authorizer.authorize(&op, ctx, &details)
+                    ctx.decided = try Authorizer.authorize(&op, ctx, &details)
                     outcome = .success(try Self.route(op, ctx, &details, &secret))
                 } catch { outcome = .failure(error) }
             }

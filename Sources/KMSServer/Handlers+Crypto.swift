@@ -16,8 +16,9 @@ enum CryptoHandlers {
     }
 
     static func encrypt(_ r: Kmsd_V1_EncryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_EncryptResponse {
-        d.noteKey(requested: r.keyID)
-        let pairs = try ctx.context(operation: 30, field: 3, decoded: r.encryptionContext)
+        // The key and context the access decision was made on (Authorizer.sealing).
+        let record = try ctx.decidedRecord()
+        let pairs = try ctx.decidedContext(operation: 30, field: 3, decoded: r.encryptionContext)
         d.contextKeys = EncryptionContext.auditText(pairs, values: d.contextValues)
         try checkAlgorithm(r.encryptionAlgorithm)
         // The request's plaintext is used where SwiftProtobuf put it (Dispatcher zeroes it).
@@ -25,7 +26,7 @@ enum CryptoHandlers {
         let sealed: KeyService.Sealed
         do {
             sealed = try r.plaintext.withUnsafeBytes { p in
-                try ctx.service.encrypt(keyID: r.keyID, plaintext: p, context: context, caller: ctx.principal)
+                try ctx.service.encrypt(record: record, plaintext: p, context: context)
             }
         } catch let error as KMSError { throw error } catch { throw KMSError(.internalError, "encryption failed inside kmsd") }
         d.keyID = sealed.keyID.description
@@ -79,12 +80,14 @@ enum CryptoHandlers {
     }
 
     /// The shared half of GenerateDataKey and GenerateDataKeyWithoutPlaintext.
-    static func dataKey(keyID: String, keySpec: String, numberOfBytes: UInt32, context pairs: [WirePair],
-                        _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> (plaintext: SecureBytes, sealed: KeyService.Sealed) {
-        d.noteKey(requested: keyID)
+    static func dataKey(keySpec: String, numberOfBytes: UInt32, _ ctx: HandlerContext, _ d: inout AuditDetails,
+                        operation: Int, context decoded: [String: String]) throws(KMSError) -> (plaintext: SecureBytes, sealed: KeyService.Sealed) {
+        // The key and context the access decision was made on (Authorizer.sealing).
+        let record = try ctx.decidedRecord()
+        let pairs = try ctx.decidedContext(operation: operation, field: 4, decoded: decoded)
         d.contextKeys = EncryptionContext.auditText(pairs, values: d.contextValues)
-        let result = try ctx.service.generateDataKey(keyID: keyID, keySpec: keySpec, numberOfBytes: numberOfBytes,
-                                                     context: EncryptionContext(pairs: pairs), caller: ctx.principal)
+        let result = try ctx.service.generateDataKey(record: record, keySpec: keySpec, numberOfBytes: numberOfBytes,
+                                                     context: EncryptionContext(pairs: pairs))
         d.keyID = result.sealed.keyID.description
         d.keyVersion = result.sealed.keyVersion
         return result
@@ -92,8 +95,7 @@ enum CryptoHandlers {
 
     static func generateDataKey(_ r: Kmsd_V1_GenerateDataKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails,
                                 _ secret: inout ResponseSecret?) throws(KMSError) -> Kmsd_V1_GenerateDataKeyResponse {
-        let result = try dataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes,
-                                 context: try ctx.context(operation: 33, field: 4, decoded: r.encryptionContext), ctx, &d)
+        let result = try dataKey(keySpec: r.keySpec, numberOfBytes: r.numberOfBytes, ctx, &d, operation: 33, context: r.encryptionContext)
         secret = ResponseSecret(operationField: 33, field: 2, bytes: result.plaintext)
         return .with {
             $0.ciphertextBlob = .init(result.sealed.blob)
@@ -103,8 +105,7 @@ enum CryptoHandlers {
 
     static func generateDataKeyWithoutPlaintext(_ r: Kmsd_V1_GenerateDataKeyWithoutPlaintextRequest, _ ctx: HandlerContext,
                                                 _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse {
-        let result = try dataKey(keyID: r.keyID, keySpec: r.keySpec, numberOfBytes: r.numberOfBytes,
-                                 context: try ctx.context(operation: 34, field: 4, decoded: r.encryptionContext), ctx, &d)
+        let result = try dataKey(keySpec: r.keySpec, numberOfBytes: r.numberOfBytes, ctx, &d, operation: 34, context: r.encryptionContext)
         return .with {
             $0.ciphertextBlob = .init(result.sealed.blob)
             $0.keyID = result.sealed.keyID.description
