@@ -9,6 +9,8 @@
                    every intermediate value, and invalid blobs that must not decrypt.
   frames.json      length-prefixed protobuf frames (PROTOCOL.md sections 3 and 7) with the same
                    message in the canonical proto3 JSON mapping.
+  backup.json      the backup file format v1 (PROTOCOL.md section 14): one valid file with its
+                   parts, and damaged or foreign files that must be refused.
 
 It shares no code with the Swift implementation. AES-256-GCM, HKDF-SHA256, RSA decryption and
 AES key wrap with padding (for the self-checks) come from the `cryptography` package; protobuf
@@ -804,6 +806,105 @@ def to_text_format(msg, value, indent=""):
     return "\n".join(l for l in lines if l)
 
 
+# Backup files (PROTOCOL.md section 14).
+BACKUP_MAGIC = b"KMSDBKUP"
+BACKUP_VERSION = 1
+
+
+def backup_keys(root_key):
+    """The root key's fingerprint (8 bytes) and backup MAC key (32 bytes)."""
+    return (hkdf_sha256(root_key, b"", b"kmsd/v2/root-key-fingerprint", 8),
+            hkdf_sha256(root_key, b"", b"kmsd/v1/backup-mac", 32))
+
+
+def build_backup(root_key, created_at, payload):
+    fingerprint, mac_key = backup_keys(root_key)
+    header = (BACKUP_MAGIC + struct.pack(">H", BACKUP_VERSION) + fingerprint
+              + struct.pack(">QQ", created_at, len(payload)))
+    assert len(header) == 34
+    body = header + payload
+    return {"fingerprint": fingerprint, "mac_key": mac_key, "header": header,
+            "tag": hmac.new(mac_key, body, hashlib.sha256).digest(),
+            "file": body + hmac.new(mac_key, body, hashlib.sha256).digest(),
+            "created_at": created_at, "payload": payload}
+
+
+class BackupRefused(Exception):
+    pass
+
+
+def open_backup(root_key, data):
+    """A separate reader: the payload of an authentic backup under root_key, else raises."""
+    if len(data) < 34:
+        raise BackupRefused("truncated")
+    if data[:8] != BACKUP_MAGIC:
+        raise BackupRefused("not a kmsd backup")
+    (version,) = struct.unpack(">H", data[8:10])
+    if version != BACKUP_VERSION:
+        raise BackupRefused("version")
+    fingerprint, mac_key = backup_keys(root_key)
+    if data[10:18] != fingerprint:
+        raise BackupRefused("root key")
+    _, length = struct.unpack(">QQ", data[18:34])
+    if len(data) < 34 + length + 32:
+        raise BackupRefused("truncated")
+    if len(data) > 34 + length + 32:
+        raise BackupRefused("after its authentication tag")
+    expected = hmac.new(mac_key, data[:34 + length], hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, data[34 + length:]):
+        raise BackupRefused("authentication tag")
+    return data[34:34 + length]
+
+
+BACKUP_ROOT_KEY = fixed_bytes("backup/root-key", 32)
+# The payload stands in for a keystore (an SQLite file); the format does not look inside it.
+BACKUP = build_backup(BACKUP_ROOT_KEY, 1700003600, b"SQLite format 3\x00" + fixed_bytes("backup/payload", 100))
+BACKUP_ID = fixed_bytes("backup/id", 16).hex()
+
+
+def build_backup_vectors():
+    good = BACKUP["file"]
+    n = len(good)
+
+    def flip(at):
+        b = bytearray(good)
+        b[at] ^= 0x01
+        return bytes(b)
+    other_root = fixed_bytes("backup/other-root-key", 32)
+    invalid = [
+        ("truncated-header", good[:20], BACKUP_ROOT_KEY, "truncated"),
+        ("truncated-payload", good[:34 + 50], BACKUP_ROOT_KEY, "truncated"),
+        ("truncated-tag", good[:n - 1], BACKUP_ROOT_KEY, "truncated"),
+        ("extended", good + b"\x00", BACKUP_ROOT_KEY, "after its authentication tag"),
+        ("bad-magic", b"KMSDBKUQ" + good[8:], BACKUP_ROOT_KEY, "not a kmsd backup"),
+        ("version-2", good[:8] + b"\x00\x02" + good[10:], BACKUP_ROOT_KEY, "version"),
+        ("flipped-created-at", flip(20), BACKUP_ROOT_KEY, "authentication tag"),
+        ("flipped-payload", flip(34 + 40), BACKUP_ROOT_KEY, "authentication tag"),
+        ("flipped-tag", flip(n - 1), BACKUP_ROOT_KEY, "authentication tag"),
+        ("other-root-key", good, other_root, "root key"),
+    ]
+    assert open_backup(BACKUP_ROOT_KEY, good) == BACKUP["payload"]
+    out = []
+    for name, data, root, reason in invalid:
+        try:
+            open_backup(root, data)
+            raise AssertionError(name + " opened")
+        except BackupRefused as e:
+            assert reason in str(e), (name, str(e))
+        out.append({"name": name, "root_key_hex": root.hex(), "backup_hex": data.hex(), "fails_with": reason})
+    valid = {
+        "root_key_hex": BACKUP_ROOT_KEY.hex(),
+        "root_key_fingerprint_hex": BACKUP["fingerprint"].hex(),
+        "backup_mac_key_hex": BACKUP["mac_key"].hex(),
+        "created_at": BACKUP["created_at"],
+        "payload_hex": BACKUP["payload"].hex(),
+        "header_hex": BACKUP["header"].hex(),
+        "tag_hex": BACKUP["tag"].hex(),
+        "backup_hex": good.hex(),
+    }
+    return valid, out
+
+
 def frame(body):
     return u32be(len(body)) + body
 
@@ -1147,9 +1248,10 @@ def build_frames(valid_ciphertexts):
                   "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy",
                   "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant",
                   "RevokeGrant", "ReviewAccess", "VerifyAuditRecords", "Status",
+                  "CreateBackup", "GetBackupChunk",
                   "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
                   "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
-    assert len(operations) == 44 and len(set(operations)) == 44
+    assert len(operations) == 46 and len(set(operations)) == 46
     metadata = {
         "key_id": KEY_A,
         "arn": "kmsd:key/" + KEY_A,
@@ -1532,6 +1634,20 @@ def build_frames(valid_ciphertexts):
         # encoding conventions in README.md).
         ("status-request", R, {"id": 63, "status": {}}),
         ("status-response", S, {"id": 63, "status": status}),
+        # Backups (sections 7.46, 7.47, 14): the backup of backup.json, read in two chunks.
+        ("create-backup-request", R, {"id": 64, "create_backup": {}}),
+        ("create-backup-response", S, {"id": 64, "create_backup": {
+            "backup_id": BACKUP_ID, "size": len(BACKUP["file"]),
+            "root_key_fingerprint": BACKUP["fingerprint"].hex(), "created_at": BACKUP["created_at"],
+            "key_count": 1, "expires_at": BACKUP["created_at"] + 900}}),
+        ("get-backup-chunk-request", R, {"id": 65, "get_backup_chunk": {
+            "backup_id": BACKUP_ID, "offset": 0}}),
+        ("get-backup-chunk-response", S, {"id": 65, "get_backup_chunk": {
+            "data": BACKUP["file"][:64], "size": len(BACKUP["file"])}}),
+        ("get-backup-chunk-request-2", R, {"id": 66, "get_backup_chunk": {
+            "backup_id": BACKUP_ID, "offset": 64}}),
+        ("get-backup-chunk-response-2", S, {"id": 66, "get_backup_chunk": {
+            "data": BACKUP["file"][64:], "size": len(BACKUP["file"])}}),
     ]
     out = []
     for name, direction, value, *extra in vectors:
@@ -1721,6 +1837,13 @@ def main():
     write_json(os.path.join(HERE, "frames.json"), {
         "vectors": [v for v, _, _, _ in built],
     })
+    backup_valid, backup_invalid = build_backup_vectors()
+    write_json(os.path.join(HERE, "backup.json"), {
+        "format": "kmsd backup file v1",
+        "valid": backup_valid,
+        "invalid": backup_invalid,
+    })
+    print("backup.json: 1 valid, %d invalid backup files (all self-checked)" % len(backup_invalid))
     print("ciphertext.json: %d valid, %d invalid vectors (all self-checked)"
           % (len(valid), len(invalid)))
     print("frames.json: %d frames (decoded back and compared with their JSON; protoc: %s; "

@@ -337,4 +337,19 @@ extension KMSClient {
         guard case .status(let r) = try await send(.status(.init())) else { throw Self.mismatch }
         return r
     }
+
+    /// Beyond AWS: a consistent snapshot of the keystore, kept by kmsd as a backup file to be
+    /// read with `getBackupChunk` (administrators).
+    public func createBackup() async throws -> Kmsd_V1_CreateBackupResponse {
+        guard case .createBackup(let r) = try await send(.createBackup(.init())) else { throw Self.mismatch }
+        return r
+    }
+
+    /// Bytes of backup file `backupID` from `offset` on (empty at its end).
+    public func getBackupChunk(backupID: String, offset: UInt64) async throws -> Kmsd_V1_GetBackupChunkResponse {
+        guard case .getBackupChunk(let r) = try await send(.getBackupChunk(.with { $0.backupID = backupID; $0.offset = offset })) else {
+            throw Self.mismatch
+        }
+        return r
+    }
 }

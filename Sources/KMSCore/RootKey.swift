@@ -15,6 +15,7 @@ public final class RootKey: Sendable {
     static let macLabel = Array("kmsd/v1/keystore-record-mac".utf8)
     static let keystoreKeyWrapLabel = Array("kmsd/v2/keystore-key-wrap".utf8)
     static let fingerprintLabel = Array("kmsd/v2/root-key-fingerprint".utf8)
+    static let backupLabel = Array("kmsd/v1/backup-mac".utf8)
 
     /// Wraps key material at rest.
     public let wrappingKey: SecureBytes
@@ -22,6 +23,8 @@ public final class RootKey: Sendable {
     public let recordMACKey: SecureBytes
     /// Wraps the keystore key (used when this is the root key).
     let keystoreKeyWrappingKey: SecureBytes
+    /// Authenticates backup files (PROTOCOL.md §14; used when this is the root key).
+    public let backupMACKey: SecureBytes
     /// Names this key without showing anything of it (16 hex digits of a one-way derivation):
     /// which root key a keystore is under, in messages and the audit trail.
     public var fingerprint: String { Hex.encode(fingerprintBytes) }
@@ -34,6 +37,7 @@ public final class RootKey: Sendable {
         wrappingKey = try HKDF.deriveKey(from: material, salt: [], info: Self.wrapLabel)
         recordMACKey = try HKDF.deriveKey(from: material, salt: [], info: Self.macLabel)
         keystoreKeyWrappingKey = try HKDF.deriveKey(from: material, salt: [], info: Self.keystoreKeyWrapLabel)
+        backupMACKey = try HKDF.deriveKey(from: material, salt: [], info: Self.backupLabel)
         // Public by design: a one-way 64-bit name, not a check value an attacker could use.
         fingerprintBytes = try HKDF.deriveKey(from: material, salt: [], info: Self.fingerprintLabel, count: 8).unsafeCopyToArray()
     }

@@ -347,6 +347,18 @@ public final class SQLiteKeyStorage: KeyStorage {
         return Dictionary(rows, uniquingKeysWith: +)
     }
 
+    /// A consistent copy of the whole keystore at `path` (a new file), taken in one read
+    /// transaction (`VACUUM INTO`) while writes go on; for backups.
+    public func snapshot(to path: String) throws {
+        try readers.with { conn in try Self.run(conn, "VACUUM INTO ?1", [.text(path)], path: self.path) }
+    }
+
+    /// The number of keys (every state) in a snapshot file, read without touching the keystore.
+    public static func keyCount(snapshot path: String) throws -> Int {
+        let conn = try open(path, flags: SQLITE_OPEN_READONLY)
+        return try query(conn, "SELECT count(*) FROM keys", [], path: path) { Int(sqlite3_column_int64($0, 0)) }.first ?? 0
+    }
+
     // MARK: - Grants
 
     public func insertGrant(id: String, keyID: String, retiring: String?, row: StoredRow, integrity: IntegrityWrite) throws {

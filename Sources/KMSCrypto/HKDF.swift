@@ -98,6 +98,35 @@ public final class KeyedHMAC {
 
     deinit { EVP_MAC_CTX_free(ctx) }
 
+    /// Starts a MAC over data given in pieces (`update`, then `finish`).
+    public func begin() throws {
+        guard EVP_MAC_init(ctx, nil, 0, nil) == 1 else {
+            ERR_clear_error()
+            throw CryptoError.openSSL("EVP_MAC_init(HMAC)")
+        }
+    }
+
+    public func update(_ data: UnsafeRawBufferPointer) throws {
+        guard data.count > 0 else { return }
+        guard EVP_MAC_update(ctx, data.bytes, data.count) == 1 else {
+            ERR_clear_error()
+            throw CryptoError.openSSL("EVP_MAC_update(HMAC)")
+        }
+    }
+
+    public func update(_ data: [UInt8]) throws { try data.withUnsafeBytes { try update($0) } }
+
+    /// The MAC of everything given since `begin`.
+    public func finish() throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: digest.byteCount)
+        var len = 0
+        guard EVP_MAC_final(ctx, &out, &len, out.count) == 1, len == digest.byteCount else {
+            ERR_clear_error()
+            throw CryptoError.openSSL("EVP_MAC_final(HMAC)")
+        }
+        return out
+    }
+
     /// The MAC of `data` into `out` (at least `digest.byteCount` bytes).
     public func authenticate(_ data: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer) throws {
         precondition(out.count >= digest.byteCount)

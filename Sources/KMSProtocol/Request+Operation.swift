@@ -51,6 +51,8 @@ extension Kmsd_V1_Request.OneOf_Operation {
         case .reviewAccess: "ReviewAccess"
         case .verifyAuditRecords: "VerifyAuditRecords"
         case .status: "Status"
+        case .createBackup: "CreateBackup"
+        case .getBackupChunk: "GetBackupChunk"
         }
     }
 }

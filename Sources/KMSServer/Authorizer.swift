@@ -168,11 +168,16 @@ struct Authorizer {
             r.grantToken = ""
             op = .retireGrant(r)
         case .revokeGrant(var r): r.keyID = try a.key(r.keyID, "RevokeGrant", &d); op = .revokeGrant(r)
-        case .verifyAuditRecords, .status:
+        case .verifyAuditRecords, .status, .createBackup, .getBackupChunk:
             let decision = a.service.mayCreateKeys(ctx.principal)
             d.decidedBy = decision.decidedBy
             guard decision.allowed else {
-                throw KMSError(.accessDenied, "uid \(ctx.principal.uid) (\(ctx.principal.userName)) may not \(op.name == "Status" ? "see kmsd's status" : "verify the audit trail"): only administrators may")
+                let what = switch op {
+                case .status: "see kmsd's status"
+                case .createBackup, .getBackupChunk: "back up the keystore"
+                default: "verify the audit trail"
+                }
+                throw KMSError(.accessDenied, "uid \(ctx.principal.uid) (\(ctx.principal.userName)) may not \(what): only administrators may")
             }
         case .reviewAccess(var r):
             if r.keyID.isEmpty {

@@ -68,6 +68,8 @@ struct HandlerContext: Sendable {
     var audit: AuditLog? = nil
     var metrics: Metrics? = nil
     var alarms: Alarms? = nil
+    /// Backup files (CreateBackup, GetBackupChunk); nil where kmsd keeps none.
+    var backups: BackupStore? = nil
     /// What the access decision found (the key record, the context as read), for the handler.
     var decided = Authorizer.Decided()
 
@@ -153,10 +155,13 @@ final class Dispatcher: Sendable {
     let throttleLog = ThrottleLog()
     let metrics = Metrics()
     let alarms: Alarms
+    let backups: BackupStore?
 
     init(service: KeyService, audit: AuditLog, settings: ServerSettings,
-         rateLimiter: RequestRateLimiter = RequestRateLimiter(rate: 0, burst: 0), alarms: AlarmRules = AlarmRules()) {
+         rateLimiter: RequestRateLimiter = RequestRateLimiter(rate: 0, burst: 0), alarms: AlarmRules = AlarmRules(),
+         backups: BackupStore? = nil) {
         self.alarms = Alarms(rules: alarms)
+        self.backups = backups
         self.service = service
         self.audit = audit
         self.settings = settings
@@ -173,6 +178,7 @@ final class Dispatcher: Sendable {
                              "GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial",
                              "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy",
                              "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant", "ReviewAccess", "VerifyAuditRecords", "Status",
+                             "CreateBackup", "GetBackupChunk",
                              "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
@@ -226,6 +232,8 @@ final class Dispatcher: Sendable {
         case .reviewAccess(let r): .reviewAccess(try ReviewHandlers.reviewAccess(r, ctx, &details))
         case .verifyAuditRecords(let r): .verifyAuditRecords(try AuditHandlers.verifyAuditRecords(r, ctx))
         case .status: .status(try AuditHandlers.status(ctx))
+        case .createBackup: .createBackup(try BackupHandlers.createBackup(ctx))
+        case .getBackupChunk(let r): .getBackupChunk(try BackupHandlers.getBackupChunk(r, ctx))
         }
     }
 
@@ -256,7 +264,8 @@ final class Dispatcher: Sendable {
              .listResourceTags, .enableKeyRotation, .disableKeyRotation, .getKeyRotationStatus, .rotateKeyOnDemand,
              .listKeyRotations, .setMinimumDecryptionVersion, .getParametersForImport, .importKeyMaterial,
              .deleteImportedKeyMaterial, .getKeyPolicy, .putKeyPolicy, .listKeyPolicies, .simulatePolicy, .createGrant, .listGrants,
-             .listRetirableGrants, .retireGrant, .revokeGrant, .reviewAccess, .verifyAuditRecords, .status: return false
+             .listRetirableGrants, .retireGrant, .revokeGrant, .reviewAccess, .verifyAuditRecords, .status,
+             .createBackup, .getBackupChunk: return false
         }
     }
 
@@ -355,6 +364,7 @@ final class Dispatcher: Sendable {
         "CreateGrant": "GrantCreated", "RetireGrant": "GrantRetired", "RevokeGrant": "GrantRevoked",
         "ImportKeyMaterial": "KeyMaterialImported", "DeleteImportedKeyMaterial": "KeyMaterialDeleted",
         "CreateAlias": "AliasCreated", "UpdateAlias": "AliasUpdated", "DeleteAlias": "AliasDeleted",
+        "CreateBackup": "BackupCreated",
     ]
 
     /// Handles one request end to end; the audit record is written before this returns.
@@ -371,7 +381,8 @@ final class Dispatcher: Sendable {
         }
         if var op = request.operation {
             do {
-                var ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit, metrics: metrics, alarms: alarms)
+                var ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit, metrics: metrics, alarms: alarms,
+                                         backups: backups)
                 // One access decision, then the handler, which checks no access itself.
                 do throws(KMSError) {
                     ctx.decided = try Authorizer.authorize(&op, ctx, &details)

@@ -113,7 +113,8 @@ public final class Server: @unchecked Sendable {
         dispatcher = Dispatcher(service: service, audit: audit,
                                 settings: ServerSettings(maxFrameBytes: c.maxFrameBytes, maxInFlight: c.maxInFlightPerConnection),
                                 rateLimiter: RequestRateLimiter(rate: c.maxRequestsPerSecondPerUID, burst: c.requestBurstPerUID),
-                                alarms: c.alarms)
+                                alarms: c.alarms,
+                                backups: try BackupStore(directory: c.stateDirectory + "/backups", storage: storage, root: root))
         limits = ConnectionLimits(maxTotal: c.maxConnections, maxPerUID: c.maxConnectionsPerUID,
                                   reservedForAdministrators: c.effectiveAdminReservedConnections)
         group = MultiThreadedEventLoopGroup(numberOfThreads: c.eventLoops > 0 ? c.eventLoops : System.coreCount)
@@ -392,6 +393,7 @@ public final class Server: @unchecked Sendable {
         let service = dispatcher.service, audit = dispatcher.audit
         guard !sweeping.exchange(true, ordering: .acquiring) else { return }
         defer { sweeping.store(false, ordering: .releasing) }
+        dispatcher.backups?.discardExpired()
         let sequence = audit.lastSequence
         if sequence != checkpointed.load(ordering: .relaxed), Self.saveAuditCheckpoint(audit, service.repository) {
             checkpointed.store(sequence, ordering: .relaxed)

@@ -61,6 +61,7 @@ struct KMSCtl: AsyncParsableCommand {
             Audit.self,
             Status.self,
             Metrics.self,
+            Backup.self,
             Encrypt.self,
             Decrypt.self,
             ReEncrypt.self,

@@ -17,6 +17,7 @@ struct KMSD: ParsableCommand {
         Flags override the configuration file. Clients find the socket through KMSD_SOCKET.
 
         Root-key rotation (kmsd stopped): kmsd rewrap --help.
+        Restoring a backup (kmsd stopped): kmsd restore --help.
         """
     )
 
@@ -174,10 +175,13 @@ struct KMSD: ParsableCommand {
     }
 }
 
-// `kmsd rewrap …` is its own command; anything else runs the daemon. (Not an ArgumentParser
-// subcommand: the daemon's options would shadow rewrap's options of the same names.)
+// `kmsd rewrap …` and `kmsd restore …` are commands of their own; anything else runs the
+// daemon. (Not ArgumentParser subcommands: the daemon's options would shadow theirs of the
+// same names.)
 if CommandLine.arguments.count > 1, CommandLine.arguments[1] == "rewrap" {
     Rewrap.main(Array(CommandLine.arguments.dropFirst(2)))
+} else if CommandLine.arguments.count > 1, CommandLine.arguments[1] == "restore" {
+    Restore.main(Array(CommandLine.arguments.dropFirst(2)))
 } else {
     KMSD.main()
 }

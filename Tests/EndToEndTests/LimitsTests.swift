@@ -129,6 +129,7 @@ final class Shared<T: Sendable>: @unchecked Sendable {
     init(_ v: T) { value = v }
     func load() -> T { lock.withLock { value } }
     func store(_ v: T) { lock.withLock { value = v } }
+    func update(_ change: (inout T) -> Void) { lock.withLock { change(&value) } }
 }
 
 extension Shared where T == Int {
