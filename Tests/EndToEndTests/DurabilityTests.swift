@@ -93,9 +93,14 @@ struct DurabilityTests {
         let key = try await client.createKey()
         var dataKeys: [Data] = []
         for _ in 0..<20 { dataKeys.append(try await client.generateDataKey(keyID: key.keyID, keySpec: "AES_256").plaintext) }
+        _ = try await client.createBackup()  // a snapshot in STATE_DIR/backups, searched too
         daemon.kill9()
         var all = Data()
-        for name in try FileManager.default.contentsOfDirectory(atPath: daemon.stateDir) where !name.hasSuffix(".sock") {
+        // Every file under the state directory (the backups directory too), sockets aside.
+        let files = FileManager.default.enumerator(atPath: daemon.stateDir)?.compactMap { $0 as? String } ?? []
+        for name in files where !name.hasSuffix(".sock") {
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: daemon.stateDir + "/" + name, isDirectory: &isDirectory), !isDirectory.boolValue else { continue }
             all += try Data(contentsOf: URL(fileURLWithPath: daemon.stateDir + "/" + name))
         }
         #expect(all.count > 1000)
