@@ -207,3 +207,62 @@ static inline int kms_aes_wrap_pad(int encrypt, const unsigned char *key, size_t
     *outlen = (size_t)len + (size_t)fin;
     return 1;
 }
+
+// X25519 (key agreement) and Ed25519 (signatures) with raw 32-byte keys: replication identities.
+// Private keys live in OpenSSL's secure heap once kms_secure_heap_init ran (ECX keys are
+// allocated there); callers pass them in from locked memory and free the EVP_PKEY right after.
+static inline int kms_ecx_nid(int ed) { return ed ? EVP_PKEY_ED25519 : EVP_PKEY_X25519; }
+// A new key pair: its raw private and public keys into priv[32], pub[32].
+static inline int kms_ecx_generate(int ed, unsigned char *priv, unsigned char *pub) {
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_id(kms_ecx_nid(ed), NULL);
+    EVP_PKEY *pkey = NULL;
+    size_t plen = 32, qlen = 32;
+    int ok = ctx != NULL && EVP_PKEY_keygen_init(ctx) > 0 && EVP_PKEY_keygen(ctx, &pkey) > 0
+        && EVP_PKEY_get_raw_private_key(pkey, priv, &plen) > 0 && plen == 32
+        && EVP_PKEY_get_raw_public_key(pkey, pub, &qlen) > 0 && qlen == 32;
+    EVP_PKEY_free(pkey);
+    EVP_PKEY_CTX_free(ctx);
+    return ok;
+}
+// The public key of a raw private key.
+static inline int kms_ecx_public(int ed, const unsigned char *priv, unsigned char *pub) {
+    EVP_PKEY *pkey = EVP_PKEY_new_raw_private_key(kms_ecx_nid(ed), NULL, priv, 32);
+    size_t qlen = 32;
+    int ok = pkey != NULL && EVP_PKEY_get_raw_public_key(pkey, pub, &qlen) > 0 && qlen == 32;
+    EVP_PKEY_free(pkey);
+    return ok;
+}
+// X25519(priv, peer) into shared[32]; fails for a low-order peer key (all-zero result).
+static inline int kms_x25519(const unsigned char *priv, const unsigned char *peer, unsigned char *shared) {
+    EVP_PKEY *mine = EVP_PKEY_new_raw_private_key(EVP_PKEY_X25519, NULL, priv, 32);
+    EVP_PKEY *theirs = EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, NULL, peer, 32);
+    EVP_PKEY_CTX *ctx = mine ? EVP_PKEY_CTX_new(mine, NULL) : NULL;
+    size_t len = 32;
+    int ok = ctx != NULL && theirs != NULL && EVP_PKEY_derive_init(ctx) > 0
+        && EVP_PKEY_derive_set_peer(ctx, theirs) > 0 && EVP_PKEY_derive(ctx, shared, &len) > 0 && len == 32;
+    EVP_PKEY_CTX_free(ctx);
+    EVP_PKEY_free(theirs);
+    EVP_PKEY_free(mine);
+    return ok;
+}
+static inline int kms_ed25519_sign(const unsigned char *priv, const unsigned char *msg, size_t msglen, unsigned char *sig) {
+    EVP_PKEY *pkey = EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, NULL, priv, 32);
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    size_t siglen = 64;
+    int ok = pkey != NULL && ctx != NULL && EVP_DigestSignInit(ctx, NULL, NULL, NULL, pkey) > 0
+        && EVP_DigestSign(ctx, sig, &siglen, msg, msglen) > 0 && siglen == 64;
+    EVP_MD_CTX_free(ctx);
+    EVP_PKEY_free(pkey);
+    return ok;
+}
+static inline int kms_ed25519_verify(const unsigned char *pub, const unsigned char *msg, size_t msglen,
+                                     const unsigned char *sig, size_t siglen) {
+    EVP_PKEY *pkey = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL, pub, 32);
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    int ok = pkey != NULL && ctx != NULL && EVP_DigestVerifyInit(ctx, NULL, NULL, NULL, pkey) > 0
+        && EVP_DigestVerify(ctx, sig, siglen, msg, msglen) == 1;
+    EVP_MD_CTX_free(ctx);
+    EVP_PKEY_free(pkey);
+    ERR_clear_error();
+    return ok;
+}
