@@ -856,6 +856,33 @@ def open_backup(root_key, data):
     return data[34:34 + length]
 
 
+def identity_fingerprint(region, agreement_public, signing_public):
+    """Section 15.1: the first 16 bytes of HMAC-SHA256 under a fixed label, as hex."""
+    data = struct.pack(">I", len(region.encode())) + region.encode() + agreement_public + signing_public
+    return hmac.new(b"kmsd/v1/replication-identity", data, hashlib.sha256).digest()[:16].hex()
+
+
+def identity_of(region, label):
+    """A replication identity with keys derived from a label (X25519 and Ed25519 private keys)."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+    from cryptography.hazmat.primitives import serialization
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    agreement = x25519.X25519PrivateKey.from_private_bytes(fixed_bytes(label + "/agreement", 32))
+    signing = ed25519.Ed25519PrivateKey.from_private_bytes(fixed_bytes(label + "/signing", 32))
+    a, g = agreement.public_key().public_bytes(*raw), signing.public_key().public_bytes(*raw)
+    return {"region": region, "agreement_public_key": a, "signing_public_key": g,
+            "fingerprint": identity_fingerprint(region, a, g)}
+
+
+def identity_message(identity):
+    return dict(identity)
+
+
+EAST = identity_of("east", "identity/east")
+WEST = identity_of("west", "identity/west")
+assert EAST["fingerprint"] != WEST["fingerprint"] and len(EAST["fingerprint"]) == 32
+
+
 BACKUP_ROOT_KEY = fixed_bytes("backup/root-key", 32)
 # The payload stands in for a keystore (an SQLite file); the format does not look inside it.
 BACKUP = build_backup(BACKUP_ROOT_KEY, 1700003600, b"SQLite format 3\x00" + fixed_bytes("backup/payload", 100))
@@ -1248,10 +1275,10 @@ def build_frames(valid_ciphertexts):
                   "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy",
                   "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant",
                   "RevokeGrant", "ReviewAccess", "VerifyAuditRecords", "Status",
-                  "CreateBackup", "GetBackupChunk",
-                  "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
+                  "CreateBackup", "GetBackupChunk", "GetReplicationIdentity",
+                  "PinReplicationIdentity", "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
                   "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
-    assert len(operations) == 46 and len(set(operations)) == 46
+    assert len(operations) == 48 and len(set(operations)) == 48
     metadata = {
         "key_id": KEY_A,
         "arn": "kmsd:key/" + KEY_A,
@@ -1648,6 +1675,15 @@ def build_frames(valid_ciphertexts):
             "backup_id": BACKUP_ID, "offset": 64}}),
         ("get-backup-chunk-response-2", S, {"id": 66, "get_backup_chunk": {
             "data": BACKUP["file"][64:], "size": len(BACKUP["file"])}}),
+        # Replication identities (sections 7.48, 7.49, 15.1): host "east" shows its identity and
+        # its pin of "west", then pins "west" again (the same keys: a replacement).
+        ("get-replication-identity-request", R, {"id": 67, "get_replication_identity": {}}),
+        ("get-replication-identity-response", S, {"id": 67, "get_replication_identity": {
+            "identity": identity_message(EAST), "pinned": [identity_message(WEST)]}}),
+        ("pin-replication-identity-request", R, {"id": 68, "pin_replication_identity": {
+            "identity": identity_message(WEST)}}),
+        ("pin-replication-identity-response", S, {"id": 68, "pin_replication_identity": {
+            "identity": identity_message(WEST), "replaced": True}}),
     ]
     out = []
     for name, direction, value, *extra in vectors:

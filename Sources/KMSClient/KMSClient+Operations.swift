@@ -345,6 +345,20 @@ extension KMSClient {
         return r
     }
 
+    /// Beyond AWS: this kmsd's replication identity and the identities pinned here (administrators).
+    public func getReplicationIdentity() async throws -> Kmsd_V1_GetReplicationIdentityResponse {
+        guard case .getReplicationIdentity(let r) = try await send(.getReplicationIdentity(.init())) else { throw Self.mismatch }
+        return r
+    }
+
+    /// Beyond AWS: trusts `identity` as the kmsd of its region (administrators).
+    public func pinReplicationIdentity(_ identity: Kmsd_V1_ReplicationIdentity) async throws -> Kmsd_V1_PinReplicationIdentityResponse {
+        guard case .pinReplicationIdentity(let r) = try await send(.pinReplicationIdentity(.with { $0.identity = identity })) else {
+            throw Self.mismatch
+        }
+        return r
+    }
+
     /// Bytes of backup file `backupID` from `offset` on (empty at its end).
     public func getBackupChunk(backupID: String, offset: UInt64) async throws -> Kmsd_V1_GetBackupChunkResponse {
         guard case .getBackupChunk(let r) = try await send(.getBackupChunk(.with { $0.backupID = backupID; $0.offset = offset })) else {

@@ -53,6 +53,8 @@ extension Kmsd_V1_Request.OneOf_Operation {
         case .status: "Status"
         case .createBackup: "CreateBackup"
         case .getBackupChunk: "GetBackupChunk"
+        case .getReplicationIdentity: "GetReplicationIdentity"
+        case .pinReplicationIdentity: "PinReplicationIdentity"
         }
     }
 }

@@ -168,13 +168,14 @@ struct Authorizer {
             r.grantToken = ""
             op = .retireGrant(r)
         case .revokeGrant(var r): r.keyID = try a.key(r.keyID, "RevokeGrant", &d); op = .revokeGrant(r)
-        case .verifyAuditRecords, .status, .createBackup, .getBackupChunk:
+        case .verifyAuditRecords, .status, .createBackup, .getBackupChunk, .getReplicationIdentity, .pinReplicationIdentity:
             let decision = a.service.mayCreateKeys(ctx.principal)
             d.decidedBy = decision.decidedBy
             guard decision.allowed else {
                 let what = switch op {
                 case .status: "see kmsd's status"
                 case .createBackup, .getBackupChunk: "back up the keystore"
+                case .getReplicationIdentity, .pinReplicationIdentity: "see or pin replication identities"
                 default: "verify the audit trail"
                 }
                 throw KMSError(.accessDenied, "uid \(ctx.principal.uid) (\(ctx.principal.userName)) may not \(what): only administrators may")

@@ -70,6 +70,8 @@ struct HandlerContext: Sendable {
     var alarms: Alarms? = nil
     /// Backup files (CreateBackup, GetBackupChunk); nil where kmsd keeps none.
     var backups: BackupStore? = nil
+    /// This kmsd's replication identity; nil where it has none.
+    var identity: ReplicationIdentity? = nil
     /// What the access decision found (the key record, the context as read), for the handler.
     var decided = Authorizer.Decided()
 
@@ -156,12 +158,14 @@ final class Dispatcher: Sendable {
     let metrics = Metrics()
     let alarms: Alarms
     let backups: BackupStore?
+    let identity: ReplicationIdentity?
 
     init(service: KeyService, audit: AuditLog, settings: ServerSettings,
          rateLimiter: RequestRateLimiter = RequestRateLimiter(rate: 0, burst: 0), alarms: AlarmRules = AlarmRules(),
-         backups: BackupStore? = nil) {
+         backups: BackupStore? = nil, identity: ReplicationIdentity? = nil) {
         self.alarms = Alarms(rules: alarms)
         self.backups = backups
+        self.identity = identity
         self.service = service
         self.audit = audit
         self.settings = settings
@@ -178,7 +182,7 @@ final class Dispatcher: Sendable {
                              "GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial",
                              "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy",
                              "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant", "ReviewAccess", "VerifyAuditRecords", "Status",
-                             "CreateBackup", "GetBackupChunk",
+                             "CreateBackup", "GetBackupChunk", "GetReplicationIdentity", "PinReplicationIdentity",
                              "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
@@ -234,6 +238,8 @@ final class Dispatcher: Sendable {
         case .status: .status(try AuditHandlers.status(ctx))
         case .createBackup: .createBackup(try BackupHandlers.createBackup(ctx))
         case .getBackupChunk(let r): .getBackupChunk(try BackupHandlers.getBackupChunk(r, ctx))
+        case .getReplicationIdentity: .getReplicationIdentity(try ReplicationHandlers.getReplicationIdentity(ctx))
+        case .pinReplicationIdentity(let r): .pinReplicationIdentity(try ReplicationHandlers.pinReplicationIdentity(r, ctx))
         }
     }
 
@@ -265,7 +271,7 @@ final class Dispatcher: Sendable {
              .listKeyRotations, .setMinimumDecryptionVersion, .getParametersForImport, .importKeyMaterial,
              .deleteImportedKeyMaterial, .getKeyPolicy, .putKeyPolicy, .listKeyPolicies, .simulatePolicy, .createGrant, .listGrants,
              .listRetirableGrants, .retireGrant, .revokeGrant, .reviewAccess, .verifyAuditRecords, .status,
-             .createBackup, .getBackupChunk: return false
+             .createBackup, .getBackupChunk, .getReplicationIdentity, .pinReplicationIdentity: return false
         }
     }
 
@@ -364,7 +370,7 @@ final class Dispatcher: Sendable {
         "CreateGrant": "GrantCreated", "RetireGrant": "GrantRetired", "RevokeGrant": "GrantRevoked",
         "ImportKeyMaterial": "KeyMaterialImported", "DeleteImportedKeyMaterial": "KeyMaterialDeleted",
         "CreateAlias": "AliasCreated", "UpdateAlias": "AliasUpdated", "DeleteAlias": "AliasDeleted",
-        "CreateBackup": "BackupCreated",
+        "CreateBackup": "BackupCreated", "PinReplicationIdentity": "ReplicationIdentityPinned",
     ]
 
     /// Handles one request end to end; the audit record is written before this returns.
@@ -382,7 +388,7 @@ final class Dispatcher: Sendable {
         if var op = request.operation {
             do {
                 var ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit, metrics: metrics, alarms: alarms,
-                                         backups: backups)
+                                         backups: backups, identity: identity)
                 // One access decision, then the handler, which checks no access itself.
                 do throws(KMSError) {
                     ctx.decided = try Authorizer.authorize(&op, ctx, &details)

@@ -114,7 +114,8 @@ public final class Server: @unchecked Sendable {
                                 settings: ServerSettings(maxFrameBytes: c.maxFrameBytes, maxInFlight: c.maxInFlightPerConnection),
                                 rateLimiter: RequestRateLimiter(rate: c.maxRequestsPerSecondPerUID, burst: c.requestBurstPerUID),
                                 alarms: c.alarms,
-                                backups: try BackupStore(directory: c.stateDirectory + "/backups", storage: storage, root: root))
+                                backups: try BackupStore(directory: c.stateDirectory + "/backups", storage: storage, root: root),
+                                identity: try repository.replicationIdentity(region: c.region))
         limits = ConnectionLimits(maxTotal: c.maxConnections, maxPerUID: c.maxConnectionsPerUID,
                                   reservedForAdministrators: c.effectiveAdminReservedConnections)
         group = MultiThreadedEventLoopGroup(numberOfThreads: c.eventLoops > 0 ? c.eventLoops : System.coreCount)

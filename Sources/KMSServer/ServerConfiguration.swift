@@ -51,6 +51,9 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var auditTimeoutMilliseconds = 250
     /// A directory of identity policies (`*.json`), reloaded on SIGHUP; nil: none.
     public var identityPolicyDirectory: String? = nil
+    /// This kmsd's region (multi-region keys, PROTOCOL.md §15): lowercase letters, digits and
+    /// hyphens, 1 to 63 characters, beginning with a letter or digit.
+    public var region = "local"
     /// The credential provider's socket (systemd's LoadCredential=ID:PATH); nil: the default,
     /// "": none.
     public var credentialSocketPath: String? = nil
@@ -116,6 +119,9 @@ public struct ServerConfiguration: Sendable, Equatable {
         guard developmentClockFile == nil || development else { throw fail("developmentClockFile is allowed only in development mode") }
         guard developmentAuditSocket == nil || development else { throw fail("developmentAuditSocket is allowed only in development mode") }
         guard !developmentAuditOff || development else { throw fail("developmentAuditOff is allowed only in development mode") }
+        guard Self.isValidRegion(region) else {
+            throw fail("region '\(region.prefix(64))' is not a region name: 1 to 63 lowercase letters, digits and hyphens, beginning with a letter or digit")
+        }
         guard !allowUnlockedMemory || development else {
             throw fail("allowUnlockedMemory is allowed only in development mode")
         }
@@ -164,6 +170,7 @@ public struct ServerConfiguration: Sendable, Equatable {
         fixed("developmentClockFile", \.developmentClockFile)
         fixed("developmentAuditSocket", \.developmentAuditSocket)
         fixed("developmentAuditOff", \.developmentAuditOff)
+        fixed("region", \.region)
         return (applied, changed, restart)
     }
 
@@ -220,6 +227,7 @@ public struct ServerConfiguration: Sendable, Equatable {
             case "developmentClockFile": c.developmentClockFile = try str()
             case "developmentAuditSocket": c.developmentAuditSocket = try str()
             case "developmentAuditOff": c.developmentAuditOff = try bool()
+            case "region": c.region = try str()
             case "keyCacheCapacity": c.keyCacheCapacity = try int()
             case "drainTimeoutSeconds": c.drainTimeoutSeconds = try int()
             case "maxRequestsPerSecondPerUid": c.maxRequestsPerSecondPerUID = try int()
@@ -288,3 +296,13 @@ public struct ConfigurationError: Error, CustomStringConvertible {
     public let description: String
     public init(_ d: String) { description = d }
 }
+
+extension ServerConfiguration {
+    /// A region name: 1 to 63 of a-z, 0-9 and '-', not beginning with '-'.
+    public static func isValidRegion(_ name: String) -> Bool {
+        let bytes = Array(name.utf8)
+        guard (1...63).contains(bytes.count), bytes[0] != UInt8(ascii: "-") else { return false }
+        return bytes.allSatisfy { ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == UInt8(ascii: "-") }
+    }
+}
+

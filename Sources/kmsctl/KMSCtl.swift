@@ -62,6 +62,8 @@ struct KMSCtl: AsyncParsableCommand {
             Status.self,
             Metrics.self,
             Backup.self,
+            GetReplicationIdentity.self,
+            PinReplicationIdentity.self,
             Encrypt.self,
             Decrypt.self,
             ReEncrypt.self,

@@ -75,6 +75,9 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("admin-reserved-connections"), help: ArgumentHelp("Connections only administrators may take. Default 16.", valueName: "n"))
     var adminReservedConnections: Int?
 
+    @Option(name: .long, help: ArgumentHelp("This kmsd's region, for multi-region keys (lowercase letters, digits, hyphens). Default local.", valueName: "name"))
+    var region: String?
+
     @Option(name: .customLong("key-cache-capacity"), help: ArgumentHelp("Keys whose unwrapped material (locked memory) and record are kept in memory. Default 4096.", valueName: "n"))
     var keyCacheCapacity: Int?
 
@@ -161,6 +164,7 @@ struct KMSD: ParsableCommand {
         if let adminReservedConnections { c.adminReservedConnections = adminReservedConnections }
         if let frameTimeout { c.frameTimeoutSeconds = frameTimeout }
         if let keyCacheCapacity { c.keyCacheCapacity = keyCacheCapacity }
+        if let region { c.region = region }
         if let auditTimeoutMilliseconds { c.auditTimeoutMilliseconds = auditTimeoutMilliseconds }
         if allowUnlockedMemory { c.allowUnlockedMemory = true }
         if let identityPolicyDir { c.identityPolicyDirectory = identityPolicyDir }

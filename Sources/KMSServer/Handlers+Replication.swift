@@ -1,0 +1,56 @@
+import Foundation
+import KMSCore
+import KMSProtocol
+
+/// GetReplicationIdentity and PinReplicationIdentity (administrators only, decided in
+/// Authorizer): which kmsd this is, and which others may send it keys.
+enum ReplicationHandlers {
+    static func message(_ p: ReplicationPeer) -> Kmsd_V1_ReplicationIdentity {
+        .with {
+            $0.region = p.region
+            $0.agreementPublicKey = Data(p.agreementPublicKey)
+            $0.signingPublicKey = Data(p.signingPublicKey)
+            $0.fingerprint = p.fingerprint
+        }
+    }
+
+    static func identity(_ ctx: HandlerContext) throws(KMSError) -> ReplicationIdentity {
+        guard let identity = ctx.identity else { throw KMSError(.unsupportedOperation, "this server has no replication identity") }
+        return identity
+    }
+
+    static func getReplicationIdentity(_ ctx: HandlerContext) throws(KMSError) -> Kmsd_V1_GetReplicationIdentityResponse {
+        let mine = try identity(ctx)
+        let pinned = try ctx.service.repository.replicationPeers()
+        return .with {
+            $0.identity = message(mine.peer)
+            $0.pinned = pinned.map(message)
+        }
+    }
+
+    static func pinReplicationIdentity(_ r: Kmsd_V1_PinReplicationIdentityRequest, _ ctx: HandlerContext) throws(KMSError) -> Kmsd_V1_PinReplicationIdentityResponse {
+        let mine = try identity(ctx)
+        let given = r.identity
+        guard ServerConfiguration.isValidRegion(given.region) else {
+            throw KMSError(.validation, "Region '\(given.region.prefix(64))' is not a region name: 1 to 63 lowercase letters, digits and hyphens")
+        }
+        guard given.agreementPublicKey.count == 32, given.signingPublicKey.count == 32 else {
+            throw KMSError(.validation, "AgreementPublicKey and SigningPublicKey must be 32 bytes each (X25519 and Ed25519), as get-replication-identity prints them")
+        }
+        let peer = ReplicationPeer(region: given.region, agreementPublicKey: Array(given.agreementPublicKey), signingPublicKey: Array(given.signingPublicKey))
+        guard given.fingerprint.isEmpty || given.fingerprint.lowercased() == peer.fingerprint else {
+            throw KMSError(.validation, "the fingerprint given (\(given.fingerprint.prefix(40))) is not that of these keys and region (\(peer.fingerprint)): the identity was altered or copied wrongly")
+        }
+        guard peer.region != mine.region else {
+            throw KMSError(.validation, "region \(peer.region) is this kmsd's own region; pin the identities of other regions")
+        }
+        let replaced: ReplicationPeer?
+        do { replaced = try ctx.service.repository.pin(peer) } catch let e as KMSError { throw e } catch {
+            throw KMSError(.internalError, "the pin could not be stored: \(error)")
+        }
+        return .with {
+            $0.identity = message(peer)
+            $0.replaced = replaced != nil
+        }
+    }
+}
