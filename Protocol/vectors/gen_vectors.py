@@ -11,6 +11,8 @@
                    message in the canonical proto3 JSON mapping.
   backup.json      the backup file format v1 (PROTOCOL.md section 14): one valid file with its
                    parts, and damaged or foreign files that must be refused.
+  replication.json a replication bundle v1 (PROTOCOL.md section 15.4) with the keys that make,
+                   sign, verify and unwrap it.
 
 It shares no code with the Swift implementation. AES-256-GCM, HKDF-SHA256, RSA decryption and
 AES key wrap with padding (for the self-checks) come from the `cryptography` package; protobuf
@@ -871,16 +873,131 @@ def identity_of(region, label):
     signing = ed25519.Ed25519PrivateKey.from_private_bytes(fixed_bytes(label + "/signing", 32))
     a, g = agreement.public_key().public_bytes(*raw), signing.public_key().public_bytes(*raw)
     return {"region": region, "agreement_public_key": a, "signing_public_key": g,
-            "fingerprint": identity_fingerprint(region, a, g)}
+            "fingerprint": identity_fingerprint(region, a, g),
+            "agreement_private": fixed_bytes(label + "/agreement", 32), "signing_private": signing}
+
+
+# Replication bundles (PROTOCOL.md section 15.4).
+BUNDLE_SIGNATURE_LABEL = b"kmsd/v1/replication-bundle"
+BUNDLE_WRAP_LABEL = b"kmsd/v1/replication-wrap"
+BUNDLE_VERSION_LABEL = b"kmsd/v1/replicated-version"
+
+
+def bundle_key(shared, ephemeral_public, target_public, key_id, sequence):
+    return hkdf_sha256(shared, ephemeral_public + target_public,
+                       BUNDLE_WRAP_LABEL + lp(key_id.encode()) + struct.pack(">Q", sequence))
+
+
+def version_aad(key_id, version):
+    return BUNDLE_VERSION_LABEL + lp(key_id.encode()) + struct.pack(">I", version)
+
+
+def build_bundle(source, target, key_id, sequence, versions, label, description="", tags=(), policy=""):
+    """A signed bundle of `versions` [(number, created_at, rotation_type, material)]."""
+    from cryptography.hazmat.primitives.asymmetric import x25519
+    from cryptography.hazmat.primitives import serialization
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    eph = x25519.X25519PrivateKey.from_private_bytes(fixed_bytes(label + "/ephemeral", 32))
+    eph_public = eph.public_key().public_bytes(*raw)
+    shared = eph.exchange(x25519.X25519PublicKey.from_public_bytes(target["agreement_public_key"]))
+    kek = bundle_key(shared, eph_public, target["agreement_public_key"], key_id, sequence)
+    wrapped = []
+    for number, created_at, rotation_type, material in versions:
+        nonce = fixed_bytes(label + "/nonce/%d" % number, 12)
+        wrapped.append({"version": number, "created_at": created_at, "rotation_type": rotation_type,
+                        "nonce": nonce,
+                        "wrapped_material": AESGCM(kek).encrypt(nonce, material, version_aad(key_id, number))})
+    bundle = {"format": 1, "source_region": source["region"],
+              "source_signing_public_key": source["signing_public_key"],
+              "target_region": target["region"], "target_agreement_public_key": target["agreement_public_key"],
+              "sequence": sequence, "key_id": key_id, "creation_date": 1700000000,
+              "description": description, "tags": list(tags), "policy": policy,
+              "ephemeral_public_key": eph_public, "versions": wrapped}
+    body = encode_message("ReplicationBundle", bundle)
+    signature = source["signing_private"].sign(BUNDLE_SIGNATURE_LABEL + body)
+    signed = encode_message("SignedReplicationBundle", {"bundle": body, "signature": signature})
+    return signed, bundle, kek
+
+
+def open_bundle(signed, target, pinned_source):
+    """A separate reader: verifies and unwraps; returns {version: material}."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+    outer, _ = decode_message("SignedReplicationBundle", signed)
+    body, signature = outer["bundle"], outer["signature"]
+    ed25519.Ed25519PublicKey.from_public_bytes(pinned_source["signing_public_key"]).verify(
+        signature, BUNDLE_SIGNATURE_LABEL + body)
+    b, _ = decode_message("ReplicationBundle", body)
+    assert b["target_region"] == target["region"]
+    assert b["target_agreement_public_key"] == target["agreement_public_key"]
+    mine = x25519.X25519PrivateKey.from_private_bytes(target["agreement_private"])
+    shared = mine.exchange(x25519.X25519PublicKey.from_public_bytes(b["ephemeral_public_key"]))
+    kek = bundle_key(shared, b["ephemeral_public_key"], target["agreement_public_key"], b["key_id"], int(b["sequence"]))
+    return {v["version"]: AESGCM(kek).decrypt(v["nonce"], v["wrapped_material"], version_aad(b["key_id"], v["version"]))
+            for v in b["versions"]}
 
 
 def identity_message(identity):
-    return dict(identity)
+    return {k: identity[k] for k in ("region", "agreement_public_key", "signing_public_key", "fingerprint")}
+
+
+def lp(b):
+    return struct.pack(">I", len(b)) + b
 
 
 EAST = identity_of("east", "identity/east")
 WEST = identity_of("west", "identity/west")
 assert EAST["fingerprint"] != WEST["fingerprint"] and len(EAST["fingerprint"]) == 32
+# An mrk- key id: 16 bytes with 8 in the high nibble of byte 6 (section 15.3).
+_mrk = bytearray(fixed_bytes("mrk/key-id", 16))
+_mrk[6] = (_mrk[6] & 0x0F) | 0x80
+MRK_KEY_ID = "mrk-" + bytes(_mrk).hex()
+MRK_VERSIONS = [(1, 1700000000, "", fixed_bytes("mrk/material/1", 32)),
+                (2, 1700086400, "ON_DEMAND", fixed_bytes("mrk/material/2", 32))]
+
+
+def build_replication_vectors():
+    signed, bundle, kek = build_bundle(EAST, WEST, MRK_KEY_ID, 1700090000000000, MRK_VERSIONS, "bundle/1",
+                                       description="orders")
+    opened = open_bundle(signed, WEST, EAST)
+    assert opened == {n: m for n, _, _, m in MRK_VERSIONS}
+    # A bundle altered anywhere must not verify.
+    for at in (10, len(signed) // 2, len(signed) - 1):
+        b = bytearray(signed)
+        b[at] ^= 1
+        try:
+            open_bundle(bytes(b), WEST, EAST)
+            raise AssertionError("an altered bundle opened")
+        except Exception as e:
+            if isinstance(e, AssertionError) and "altered bundle opened" in str(e):
+                raise
+    return {
+        "key_id": MRK_KEY_ID,
+        "source_region": EAST["region"],
+        "source_signing_public_key_hex": EAST["signing_public_key"].hex(),
+        "source_agreement_public_key_hex": EAST["agreement_public_key"].hex(),
+        "target_region": WEST["region"],
+        "target_agreement_private_key_hex": WEST["agreement_private"].hex(),
+        "target_signing_public_key_hex": WEST["signing_public_key"].hex(),
+        "sequence": bundle["sequence"],
+        "wrapping_key_hex": kek.hex(),
+        "versions": [{"version": n, "material_hex": m.hex()} for n, _, _, m in MRK_VERSIONS],
+        "signed_bundle_hex": signed.hex(),
+    }, signed
+
+
+REPLICATION, REPLICATION_BUNDLE = build_replication_vectors()
+
+
+def mrk_metadata(kind, replicas):
+    arn = "kmsd:key/" + MRK_KEY_ID
+    return {"key_id": MRK_KEY_ID, "arn": arn, "creation_date": 1700000000, "enabled": True,
+            "description": "orders", "key_usage": "ENCRYPT_DECRYPT", "key_state": "Enabled",
+            "key_spec": "SYMMETRIC_DEFAULT", "origin": "AWS_KMS", "key_manager": "CUSTOMER",
+            "encryption_algorithms": ["SYMMETRIC_DEFAULT"], "owner_uid": 0, "current_key_version": 2,
+            "minimum_decryption_version": 1, "multi_region": True,
+            "multi_region_configuration": {
+                "multi_region_key_type": kind, "primary_key": {"arn": arn, "region": "east"},
+                "replica_keys": [{"arn": arn, "region": r} for r in replicas]}}
 
 
 BACKUP_ROOT_KEY = fixed_bytes("backup/root-key", 32)
@@ -1276,9 +1393,9 @@ def build_frames(valid_ciphertexts):
                   "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant",
                   "RevokeGrant", "ReviewAccess", "VerifyAuditRecords", "Status",
                   "CreateBackup", "GetBackupChunk", "GetReplicationIdentity",
-                  "PinReplicationIdentity", "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
+                  "PinReplicationIdentity", "ReplicateKey", "ImportReplica", "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
                   "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
-    assert len(operations) == 48 and len(set(operations)) == 48
+    assert len(operations) == 50 and len(set(operations)) == 50
     metadata = {
         "key_id": KEY_A,
         "arn": "kmsd:key/" + KEY_A,
@@ -1684,6 +1801,16 @@ def build_frames(valid_ciphertexts):
             "identity": identity_message(WEST)}}),
         ("pin-replication-identity-response", S, {"id": 68, "pin_replication_identity": {
             "identity": identity_message(WEST), "replaced": True}}),
+        # Multi-region keys (sections 7.50, 7.51, 15.3, 15.4): east replicates the key of
+        # replication.json to west; west imports it.
+        ("replicate-key-request", R, {"id": 69, "replicate_key": {
+            "key_id": MRK_KEY_ID, "replica_region": "west"}}),
+        ("replicate-key-response", S, {"id": 69, "replicate_key": {
+            "replication_bundle": REPLICATION_BUNDLE, "key_metadata": mrk_metadata("PRIMARY", ["west"])}}),
+        ("import-replica-request", R, {"id": 70, "import_replica": {
+            "replication_bundle": REPLICATION_BUNDLE}}),
+        ("import-replica-response", S, {"id": 70, "import_replica": {
+            "key_metadata": mrk_metadata("REPLICA", []), "imported_versions": 2}}),
     ]
     out = []
     for name, direction, value, *extra in vectors:
@@ -1873,6 +2000,10 @@ def main():
     write_json(os.path.join(HERE, "frames.json"), {
         "vectors": [v for v, _, _, _ in built],
     })
+    write_json(os.path.join(HERE, "replication.json"), {
+        "format": "kmsd replication bundle v1",
+        "bundle": REPLICATION,
+    })
     backup_valid, backup_invalid = build_backup_vectors()
     write_json(os.path.join(HERE, "backup.json"), {
         "format": "kmsd backup file v1",
@@ -1880,6 +2011,7 @@ def main():
         "invalid": backup_invalid,
     })
     print("backup.json: 1 valid, %d invalid backup files (all self-checked)" % len(backup_invalid))
+    print("replication.json: 1 bundle (verified and unwrapped again; 3 altered copies refused)")
     print("ciphertext.json: %d valid, %d invalid vectors (all self-checked)"
           % (len(valid), len(invalid)))
     print("frames.json: %d frames (decoded back and compared with their JSON; protoc: %s; "

@@ -21,8 +21,9 @@ extension KMSClient {
 
     public func createKey(description: String = "", keySpec: String = "", keyUsage: String = "",
                           tags: [String: String] = [:], origin: String = "", policy: String = "",
-                          bypassPolicyLockoutSafetyCheck: Bool = false) async throws -> Kmsd_V1_KeyMetadata {
+                          bypassPolicyLockoutSafetyCheck: Bool = false, multiRegion: Bool = false) async throws -> Kmsd_V1_KeyMetadata {
         let req = Kmsd_V1_CreateKeyRequest.with {
+            $0.multiRegion = multiRegion
             $0.origin = origin
             $0.policy = policy
             $0.bypassPolicyLockoutSafetyCheck = bypassPolicyLockoutSafetyCheck
@@ -356,6 +357,26 @@ extension KMSClient {
         guard case .pinReplicationIdentity(let r) = try await send(.pinReplicationIdentity(.with { $0.identity = identity })) else {
             throw Self.mismatch
         }
+        return r
+    }
+
+    /// A replication bundle of primary multi-region key `keyID` for `replicaRegion`.
+    public func replicateKey(keyID: String, replicaRegion: String, policy: String = "", description: String = "",
+                             tags: [String: String] = [:]) async throws -> Kmsd_V1_ReplicateKeyResponse {
+        let req = Kmsd_V1_ReplicateKeyRequest.with {
+            $0.keyID = keyID
+            $0.replicaRegion = replicaRegion
+            $0.policy = policy
+            $0.description_p = description
+            $0.tags = tags.sorted { $0.key < $1.key }.map { t in .with { $0.tagKey = t.key; $0.tagValue = t.value } }
+        }
+        guard case .replicateKey(let r) = try await send(.replicateKey(req)) else { throw Self.mismatch }
+        return r
+    }
+
+    /// Takes a replication bundle made for this kmsd (administrators).
+    public func importReplica(bundle: [UInt8]) async throws -> Kmsd_V1_ImportReplicaResponse {
+        guard case .importReplica(let r) = try await send(.importReplica(.with { $0.replicationBundle = Data(bundle) })) else { throw Self.mismatch }
         return r
     }
 

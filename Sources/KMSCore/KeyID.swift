@@ -1,7 +1,10 @@
 import Foundation
 import KMSProtocol
 
-/// A key's identifier: a random UUID, written lowercase (`1234abcd-12ab-34cd-56ef-1234567890ab`).
+/// A key's identifier: a random UUID, written lowercase (`1234abcd-12ab-34cd-56ef-1234567890ab`),
+/// or for a multi-region key `mrk-` and 32 lowercase hex digits (PROTOCOL.md §15.3). Both are
+/// 16 bytes; a multi-region key's have 8 in the high nibble of byte 6 (where a UUID has its
+/// version, 4 for kmsd's random ids), so the two forms never name the same bytes.
 ///
 /// Parsed and printed by hand (every request names a key, and Foundation's UUID goes through
 /// sscanf/printf); stored as its text.
@@ -21,9 +24,13 @@ public struct KeyID: Hashable, Sendable, Comparable, CustomStringConvertible, Co
         return out
     }
 
+    /// True for a multi-region key's id (`mrk-…`).
+    public var isMultiRegion: Bool { (high >> 12) & 0xf == 8 }
+
     /// The lowercase textual form.
     public var description: String {
-        String(unsafeUninitializedCapacity: 36) { out in
+        if isMultiRegion { return multiRegionDescription }
+        return String(unsafeUninitializedCapacity: 36) { out in
             let hex: StaticString = "0123456789abcdef"
             let digits = hex.utf8Start
             var n = 0
@@ -39,9 +46,32 @@ public struct KeyID: Hashable, Sendable, Comparable, CustomStringConvertible, Co
         }
     }
 
+    /// `mrk-` and the 16 bytes as 32 lowercase hex digits.
+    private var multiRegionDescription: String {
+        String(unsafeUninitializedCapacity: 36) { out in
+            let hex: StaticString = "0123456789abcdef"
+            let digits = hex.utf8Start
+            for (i, c) in "mrk-".utf8.enumerated() { out[i] = c }
+            for i in 0..<16 {
+                let word = i < 8 ? high : low
+                let b = UInt8(truncatingIfNeeded: word >> (56 - 8 * UInt64(i & 7)))
+                out[4 + 2 * i] = digits[Int(b >> 4)]
+                out[5 + 2 * i] = digits[Int(b & 0x0f)]
+            }
+            return 36
+        }
+    }
+
     /// A fresh random key id (version 4 UUID).
     public static func random() -> KeyID {
         KeyID(bytes: withUnsafeBytes(of: UUID().uuid) { Array($0) })
+    }
+
+    /// A fresh random multi-region key id (`mrk-…`).
+    public static func randomMultiRegion() -> KeyID {
+        var bytes = withUnsafeBytes(of: UUID().uuid) { Array($0) }
+        bytes[6] = bytes[6] & 0x0f | 0x80
+        return KeyID(bytes: bytes)
     }
 
     /// Parses a key id or a key ARN (`kmsd:key/<uuid>`).
@@ -57,7 +87,7 @@ public struct KeyID: Hashable, Sendable, Comparable, CustomStringConvertible, Co
         if text.hasPrefix(Self.arnPrefix + "alias/") || text.hasPrefix("alias/") {
             throw KMSError(.notFound, "an alias names no key here; this operation takes a key id or key ARN")
         }
-        throw KMSError(.notFound, "that is not a key id; key ids look like 1234abcd-12ab-34cd-56ef-1234567890ab")
+        throw KMSError(.notFound, "that is not a key id; key ids look like 1234abcd-12ab-34cd-56ef-1234567890ab (multi-region keys: mrk- and 32 hex digits)")
     }
 
     /// A key id or key ARN, or nil.
@@ -68,7 +98,31 @@ public struct KeyID: Hashable, Sendable, Comparable, CustomStringConvertible, Co
             if body.count == 36 + arnPrefixUTF8.count, body.starts(with: arnPrefixUTF8) {
                 body = UnsafeRawBufferPointer(rebasing: body[arnPrefixUTF8.count...])
             }
-            return parseUUID(body)
+            return parseID(body)
+        }
+    }
+
+    /// A UUID (not of version 8) or `mrk-` and 32 hex digits with 8 in byte 6's high nibble.
+    static func parseID(_ utf8: UnsafeRawBufferPointer) -> KeyID? {
+        if utf8.count == 36, utf8.starts(with: "mrk-".utf8) {
+            var h: UInt64 = 0, l: UInt64 = 0
+            for i in 0..<32 {
+                guard let v = hexValue(utf8[4 + i]) else { return nil }
+                if i < 16 { h = h << 4 | UInt64(v) } else { l = l << 4 | UInt64(v) }
+            }
+            let id = KeyID(high: h, low: l)
+            return id.isMultiRegion ? id : nil
+        }
+        guard let id = parseUUID(utf8), !id.isMultiRegion else { return nil }
+        return id
+    }
+
+    static func hexValue(_ c: UInt8) -> UInt8? {
+        switch c {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): c &- UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): c &- UInt8(ascii: "a") &+ 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): c &- UInt8(ascii: "A") &+ 10
+        default: nil
         }
     }
 
@@ -93,13 +147,7 @@ public struct KeyID: Hashable, Sendable, Comparable, CustomStringConvertible, Co
                 guard c == UInt8(ascii: "-") else { return nil }
                 continue
             }
-            let v: UInt8
-            switch c {
-            case UInt8(ascii: "0")...UInt8(ascii: "9"): v = c &- UInt8(ascii: "0")
-            case UInt8(ascii: "a")...UInt8(ascii: "f"): v = c &- UInt8(ascii: "a") &+ 10
-            case UInt8(ascii: "A")...UInt8(ascii: "F"): v = c &- UInt8(ascii: "A") &+ 10
-            default: return nil
-            }
+            guard let v = hexValue(c) else { return nil }
             if digits < 16 { h = h << 4 | UInt64(v) } else { l = l << 4 | UInt64(v) }
             digits += 1
         }
@@ -124,7 +172,7 @@ public struct KeyID: Hashable, Sendable, Comparable, CustomStringConvertible, Co
 
     public init(from decoder: any Decoder) throws {
         var text = try decoder.singleValueContainer().decode(String.self)
-        guard let id = text.withUTF8({ Self.parseUUID(UnsafeRawBufferPointer($0)) }) else {
+        guard let id = text.withUTF8({ Self.parseID(UnsafeRawBufferPointer($0)) }) else {
             throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a key id"))
         }
         self = id

@@ -66,6 +66,14 @@ public struct KeyRecord: Codable, Sendable, Equatable {
     public var importedMaterialCheck: Data? = nil
     /// The key policy (JSON) set by PutKeyPolicy or CreateKey; nil: the default policy.
     public var policy: String? = nil
+    /// Multi-region keys (`mrk-` ids, PROTOCOL.md §15.3): PRIMARY or REPLICA (nil: a
+    /// single-region key), the primary's region, and on the primary the regions it was
+    /// replicated to.
+    public var multiRegionKeyType: String? = nil
+    public var primaryRegion: String? = nil
+    public var replicaRegions: [String]? = nil
+    /// A replica: the sequence of the newest replication bundle it took (older ones are refused).
+    public var replicationSequence: UInt64? = nil
 
     /// An EXTERNAL key whose material is not there (never imported, expired or deleted).
     public var awaitsMaterial: Bool { origin == KeyRecord.externalOrigin && expirationModel == nil }

@@ -17,6 +17,8 @@ struct GrantCache {
 
 public final class KeyService: Sendable {
     public let repository: KeyRepository
+    /// This kmsd's region (multi-region keys).
+    public let region: String
     /// Who administers kmsd (replaced whole when SIGHUP reloads the configuration).
     public var administrators: Administrators { administratorSet.withLock { $0 } }
     let administratorSet: Mutex<Administrators>
@@ -42,8 +44,9 @@ public final class KeyService: Sendable {
     let identityPolicySet = Mutex(IdentityPolicySet())
 
     public init(repository: KeyRepository, administrators: Administrators,
-                clock: @escaping @Sendable () -> Date = { Date() }, daySeconds: Int = 86_400) {
+                clock: @escaping @Sendable () -> Date = { Date() }, daySeconds: Int = 86_400, region: String = "local") {
         self.repository = repository
+        self.region = region
         derivedCacheLimit = max(8192, 2 * repository.cacheCapacity)
         self.administratorSet = Mutex(administrators)
         self.clock = clock
@@ -66,6 +69,8 @@ public final class KeyService: Sendable {
         /// A key policy; empty: the default (creator and administrators).
         public var policy = ""
         public var bypassPolicyLockoutSafetyCheck = false
+        /// A multi-region key (`mrk-` id), primary in this kmsd's region.
+        public var multiRegion = false
         public init() {}
     }
 
@@ -93,11 +98,19 @@ public final class KeyService: Sendable {
         default:
             throw KMSError(.validation, "Origin '\(input.origin.prefix(64))' is not a known value; use AWS_KMS or EXTERNAL")
         }
-        var record = KeyRecord(keyID: .random(), createdAt: Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down)),
+        if input.multiRegion && external {
+            throw KMSError(.unsupportedOperation, "multi-region keys with imported material (Origin EXTERNAL) are not supported by kmsd")
+        }
+        var record = KeyRecord(keyID: input.multiRegion ? .randomMultiRegion() : .random(), createdAt: Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down)),
                                description: input.description, keyUsage: usage, keySpec: spec,
                                state: external ? .pendingImport : .enabled,
                                ownerUID: caller.uid, currentVersion: 1, tags: input.tags,
                                origin: external ? KeyRecord.externalOrigin : KeyRecord.kmsOrigin)
+        if input.multiRegion {
+            record.multiRegionKeyType = "PRIMARY"
+            record.primaryRegion = region
+            record.replicaRegions = []
+        }
         if !input.policy.isEmpty {
             try checkNewPolicy(input.policy, for: record, caller: caller, bypass: input.bypassPolicyLockoutSafetyCheck)
             record.policy = input.policy
@@ -433,6 +446,9 @@ public final class KeyService: Sendable {
         guard r.origin != KeyRecord.externalOrigin else {
             throw KMSError(.unsupportedOperation, "key \(r.keyID) holds imported material (Origin EXTERNAL); kmsd cannot rotate it. Create a new key and re-encrypt instead")
         }
+        guard r.multiRegionKeyType != "REPLICA" else {
+            throw KMSError(.unsupportedOperation, "key \(r.keyID) is a replica: rotate its primary in region \(r.primaryRegion ?? "?"), then bring the replica up to date (kmsctl sync-replica)")
+        }
         try requireEnabled(r)
     }
 
@@ -712,6 +728,9 @@ public final class KeyService: Sendable {
         try checkUsable(record, needsEnabled: true)
         if let minimum = record.minimumDecryptionVersion, parsed.keyVersion < minimum {
             throw KMSError(.invalidState, "version \(parsed.keyVersion) of key \(record.keyID) is retired: its minimum decryption version is \(minimum)")
+        }
+        if record.multiRegionKeyType == "REPLICA", parsed.keyVersion > record.currentVersion {
+            throw KMSError(.invalidState, "version \(parsed.keyVersion) of key \(record.keyID) has not reached this replica yet (it has versions 1 to \(record.currentVersion)): run kmsctl sync-replica on the primary in region \(record.primaryRegion ?? "?") and import the bundle here")
         }
         guard let material = try repository.material(parsed.keyID, version: parsed.keyVersion) else {
             throw SymmetricCiphertext.invalid

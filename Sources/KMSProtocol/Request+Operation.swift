@@ -55,6 +55,8 @@ extension Kmsd_V1_Request.OneOf_Operation {
         case .getBackupChunk: "GetBackupChunk"
         case .getReplicationIdentity: "GetReplicationIdentity"
         case .pinReplicationIdentity: "PinReplicationIdentity"
+        case .replicateKey: "ReplicateKey"
+        case .importReplica: "ImportReplica"
         }
     }
 }

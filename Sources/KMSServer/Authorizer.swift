@@ -168,7 +168,8 @@ struct Authorizer {
             r.grantToken = ""
             op = .retireGrant(r)
         case .revokeGrant(var r): r.keyID = try a.key(r.keyID, "RevokeGrant", &d); op = .revokeGrant(r)
-        case .verifyAuditRecords, .status, .createBackup, .getBackupChunk, .getReplicationIdentity, .pinReplicationIdentity:
+        case .replicateKey(var r): r.keyID = try a.key(r.keyID, "ReplicateKey", &d, aliases: true); op = .replicateKey(r)
+        case .verifyAuditRecords, .status, .createBackup, .getBackupChunk, .getReplicationIdentity, .pinReplicationIdentity, .importReplica:
             let decision = a.service.mayCreateKeys(ctx.principal)
             d.decidedBy = decision.decidedBy
             guard decision.allowed else {
@@ -176,6 +177,7 @@ struct Authorizer {
                 case .status: "see kmsd's status"
                 case .createBackup, .getBackupChunk: "back up the keystore"
                 case .getReplicationIdentity, .pinReplicationIdentity: "see or pin replication identities"
+                case .importReplica: "import replica keys"
                 default: "verify the audit trail"
                 }
                 throw KMSError(.accessDenied, "uid \(ctx.principal.uid) (\(ctx.principal.userName)) may not \(what): only administrators may")

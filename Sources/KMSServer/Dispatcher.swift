@@ -183,6 +183,7 @@ final class Dispatcher: Sendable {
                              "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy",
                              "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant", "ReviewAccess", "VerifyAuditRecords", "Status",
                              "CreateBackup", "GetBackupChunk", "GetReplicationIdentity", "PinReplicationIdentity",
+                             "ReplicateKey", "ImportReplica",
                              "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
@@ -240,6 +241,8 @@ final class Dispatcher: Sendable {
         case .getBackupChunk(let r): .getBackupChunk(try BackupHandlers.getBackupChunk(r, ctx))
         case .getReplicationIdentity: .getReplicationIdentity(try ReplicationHandlers.getReplicationIdentity(ctx))
         case .pinReplicationIdentity(let r): .pinReplicationIdentity(try ReplicationHandlers.pinReplicationIdentity(r, ctx))
+        case .replicateKey(let r): .replicateKey(try ReplicationHandlers.replicateKey(r, ctx, &details))
+        case .importReplica(let r): .importReplica(try ReplicationHandlers.importReplica(r, ctx, &details))
         }
     }
 
@@ -271,7 +274,8 @@ final class Dispatcher: Sendable {
              .listKeyRotations, .setMinimumDecryptionVersion, .getParametersForImport, .importKeyMaterial,
              .deleteImportedKeyMaterial, .getKeyPolicy, .putKeyPolicy, .listKeyPolicies, .simulatePolicy, .createGrant, .listGrants,
              .listRetirableGrants, .retireGrant, .revokeGrant, .reviewAccess, .verifyAuditRecords, .status,
-             .createBackup, .getBackupChunk, .getReplicationIdentity, .pinReplicationIdentity: return false
+             .createBackup, .getBackupChunk, .getReplicationIdentity, .pinReplicationIdentity,
+             .replicateKey, .importReplica: return false
         }
     }
 
@@ -371,6 +375,7 @@ final class Dispatcher: Sendable {
         "ImportKeyMaterial": "KeyMaterialImported", "DeleteImportedKeyMaterial": "KeyMaterialDeleted",
         "CreateAlias": "AliasCreated", "UpdateAlias": "AliasUpdated", "DeleteAlias": "AliasDeleted",
         "CreateBackup": "BackupCreated", "PinReplicationIdentity": "ReplicationIdentityPinned",
+        "ReplicateKey": "KeyReplicated", "ImportReplica": "ReplicaImported",
     ]
 
     /// Handles one request end to end; the audit record is written before this returns.

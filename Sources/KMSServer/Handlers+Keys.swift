@@ -13,6 +13,7 @@ enum KeyHandlers {
         input.origin = r.origin
         input.policy = r.policy
         input.bypassPolicyLockoutSafetyCheck = r.bypassPolicyLockoutSafetyCheck
+        input.multiRegion = r.multiRegion
         let record = try ctx.service.createKey(input, caller: ctx.principal)
         d.keyID = record.keyID.description
         d.keyVersion = record.currentVersion
@@ -114,6 +115,15 @@ enum KeyHandlers {
             if k.state == .pendingDeletion {
                 $0.deletionDate = Int64(k.deletionDate?.timeIntervalSince1970 ?? 0)
                 $0.pendingDeletionWindowInDays = k.pendingWindowInDays ?? 0
+            }
+            $0.multiRegion = k.keyID.isMultiRegion
+            if let type = k.multiRegionKeyType {
+                let arn = k.keyID.arn
+                $0.multiRegionConfiguration = .with {
+                    $0.multiRegionKeyType = type
+                    $0.primaryKey = .with { $0.arn = arn; $0.region = k.primaryRegion ?? "" }
+                    $0.replicaKeys = (k.replicaRegions ?? []).map { region in .with { $0.arn = arn; $0.region = region } }
+                }
             }
         }
     }

@@ -53,4 +53,33 @@ enum ReplicationHandlers {
             $0.replaced = replaced != nil
         }
     }
+
+    static func replicateKey(_ r: Kmsd_V1_ReplicateKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ReplicateKeyResponse {
+        let mine = try identity(ctx)
+        let id = try KeyID(parsing: r.keyID)  // the authorizer named the key by its id
+        guard let record = try ctx.service.repository.record(id) else { throw KMSError(.notFound, "key \(id) does not exist") }
+        d.keyID = id.description
+        var input = KeyService.ReplicateInput()
+        input.replicaRegion = r.replicaRegion
+        input.policy = r.policy
+        input.description = r.description_p
+        input.tags = r.tags.map { Tag(key: $0.tagKey, value: $0.tagValue) }
+        let (bundle, primary) = try ctx.service.replicate(record, input, identity: mine)
+        d.keyVersion = primary.currentVersion
+        return .with {
+            $0.replicationBundle = Data(bundle)
+            $0.keyMetadata = KeyHandlers.metadata(primary)
+        }
+    }
+
+    static func importReplica(_ r: Kmsd_V1_ImportReplicaRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ImportReplicaResponse {
+        let mine = try identity(ctx)
+        let (record, added) = try ctx.service.importReplica(Array(r.replicationBundle), identity: mine, caller: ctx.principal)
+        d.keyID = record.keyID.description
+        d.keyVersion = record.currentVersion
+        return .with {
+            $0.keyMetadata = KeyHandlers.metadata(record)
+            $0.importedVersions = UInt32(added)
+        }
+    }
 }

@@ -74,7 +74,7 @@ public final class Server: @unchecked Sendable {
         var clock: @Sendable () -> Date = { Date() }
         if c.development, let file = c.developmentClockFile { clock = Self.offsetClock(file) }
         let service = KeyService(repository: repository, administrators: c.administrators, clock: clock,
-                                 daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400)
+                                 daySeconds: c.development ? (c.developmentDaySeconds ?? 86_400) : 86_400, region: c.region)
         let audit = AuditLog(failClosed: c.auditFailClosed, timeoutMilliseconds: c.auditTimeoutMilliseconds,
                              socketPath: c.developmentAuditSocket ?? AuditLog.journalSocket, chainKey: try repository.auditChainKey(),
                              disabled: c.development && c.developmentAuditOff)

@@ -27,6 +27,9 @@ struct CreateKey: AsyncParsableCommand {
     @Flag(name: .customLong("bypass-policy-lockout-safety-check"), help: "Accept a policy that does not let you change it later.")
     var bypass = false
 
+    @Flag(name: .customLong("multi-region"), help: "A multi-region key (mrk- id), primary in this kmsd's region; see replicate-key.")
+    var multiRegion = false
+
     @Option(name: .customLong("tag"), help: ArgumentHelp("A tag KEY=VALUE (split at the first '='). Repeatable.", valueName: "key=value"))
     var tags: [String] = []
 
@@ -52,7 +55,7 @@ struct CreateKey: AsyncParsableCommand {
         let policyText = try policy.map { try readTextArgument($0, option: "--policy") } ?? ""
         let metadata = try await global.withClient {
             try await $0.createKey(description: keyDescription, keySpec: keySpec, keyUsage: keyUsage, tags: tagMap, origin: origin,
-                                   policy: policyText, bypassPolicyLockoutSafetyCheck: bypass)
+                                   policy: policyText, bypassPolicyLockoutSafetyCheck: bypass, multiRegion: multiRegion)
         }
         try printKeyMetadata(metadata, json: global.json)
     }

@@ -140,6 +140,15 @@ func keyMetadataDictionary(_ m: Kmsd_V1_KeyMetadata) -> [String: Any] {
     }
     if !m.expirationModel.isEmpty { d["ExpirationModel"] = m.expirationModel }
     if m.validTo != 0 { d["ValidTo"] = Int(m.validTo) }
+    d["MultiRegion"] = m.multiRegion
+    if m.hasMultiRegionConfiguration {
+        let c = m.multiRegionConfiguration
+        d["MultiRegionConfiguration"] = [
+            "MultiRegionKeyType": c.multiRegionKeyType,
+            "PrimaryKey": ["Arn": c.primaryKey.arn, "Region": c.primaryKey.region],
+            "ReplicaKeys": c.replicaKeys.map { ["Arn": $0.arn, "Region": $0.region] },
+        ] as [String: Any]
+    }
     return d
 }
 
@@ -157,6 +166,15 @@ private func keyMetadataFields(_ m: Kmsd_V1_KeyMetadata) -> [String: Any] {
         "KeyManager": m.keyManager,
         "EncryptionAlgorithms": m.encryptionAlgorithms,
     ]
+}
+
+/// "PRIMARY, primary in east, replicas in west" for a multi-region key; nothing for others.
+private func multiRegionFields(_ m: Kmsd_V1_KeyMetadata) -> [(String, String)] {
+    guard m.hasMultiRegionConfiguration else { return [] }
+    let c = m.multiRegionConfiguration
+    var text = "\(c.multiRegionKeyType), primary in \(c.primaryKey.region)"
+    if !c.replicaKeys.isEmpty { text += ", replicas in " + c.replicaKeys.map(\.region).joined(separator: ", ") }
+    return [("MultiRegion", text)]
 }
 
 /// Prints key metadata: `{"KeyMetadata": {...}}` with --json, else a table.
@@ -182,7 +200,8 @@ func printKeyMetadata(_ m: Kmsd_V1_KeyMetadata, json: Bool) throws {
     ] + (m.deletionDate != 0 ? [("DeletionDate", formatUnixTime(m.deletionDate)),
                                 ("PendingDeletionWindowInDays", String(m.pendingDeletionWindowInDays))] : [])
       + (m.expirationModel.isEmpty ? [] : [("ExpirationModel", m.expirationModel)])
-      + (m.validTo != 0 ? [("ValidTo", formatUnixTime(m.validTo))] : []))
+      + (m.validTo != 0 ? [("ValidTo", formatUnixTime(m.validTo))] : [])
+      + multiRegionFields(m))
 }
 
 /// `2025-01-31T12:00:00Z (1738324800)`.

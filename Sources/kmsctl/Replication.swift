@@ -3,6 +3,10 @@ import Foundation
 import KMSClient
 import KMSProtocol
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The JSON form of a replication identity: what get-replication-identity --json prints and
 /// pin-replication-identity --identity reads.
 func identityJSON(_ i: Kmsd_V1_ReplicationIdentity) -> [String: Any] {
@@ -78,6 +82,98 @@ struct PinReplicationIdentity: AsyncParsableCommand {
             try printJSON(out)
         } else {
             printFields([("Region", r.identity.region), ("Fingerprint", r.identity.fingerprint), ("Replaced", r.replaced ? "yes" : "no")])
+        }
+    }
+}
+
+/// The options of replicate-key and sync-replica.
+struct ReplicaTarget: ParsableArguments {
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("The primary multi-region key: key id, ARN or alias.", valueName: "id"))
+    var keyID: String
+
+    @Option(name: .customLong("replica-region"), help: ArgumentHelp("The replica's region (its identity pinned here).", valueName: "name"))
+    var replicaRegion: String
+}
+
+/// Writes a bundle to standard output (binary), refusing a terminal.
+func writeBundle(_ bundle: Data) throws {
+    if isatty(STDOUT_FILENO) == 1 {
+        throw ValidationError("the replication bundle is binary: redirect standard output to a file or pipe it (| ssh host kmsctl import-replica)")
+    }
+    writeStdout(bundle)
+}
+
+struct ReplicateKey: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "replicate-key",
+        abstract: "Make a replication bundle of a multi-region key for another region's kmsd (bundle on standard output).",
+        discussion: """
+        Every version of the key, wrapped to the replica region's pinned identity and signed with \
+        this kmsd's identity: `kmsctl replicate-key --key-id K --replica-region west | ssh west \
+        kmsctl import-replica`. --policy, --description and --tags are the replica's (default: \
+        the default policy there, the primary's description and tags). Needs kms:ReplicateKey.
+        """)
+
+    @OptionGroup var global: GlobalOptions
+    @OptionGroup var target: ReplicaTarget
+
+    @Option(name: .customLong("policy"), help: ArgumentHelp("The replica's key policy: file://PATH, -, or the JSON.", valueName: "file://path"))
+    var policy: String?
+
+    @Option(name: .customLong("description"), help: ArgumentHelp("The replica's description.", valueName: "text"))
+    var replicaDescription = ""
+
+    @Option(name: .customLong("tags"), parsing: .upToNextOption,
+            help: ArgumentHelp("The replica's tags: TagKey=KEY,TagValue=VALUE ...", valueName: "TagKey=k,TagValue=v"))
+    var tags: [String] = []
+
+    func run() async throws {
+        let policyText = try policy.map { try readTextArgument($0, option: "--policy") } ?? ""
+        let tagMap = Dictionary(try parseTagShorthand(tags).map { ($0.key, $0.value) }, uniquingKeysWith: { _, b in b })
+        let r = try await global.withClient {
+            try await $0.replicateKey(keyID: target.keyID, replicaRegion: target.replicaRegion, policy: policyText,
+                                      description: replicaDescription, tags: tagMap)
+        }
+        try writeBundle(r.replicationBundle)
+    }
+}
+
+struct SyncReplica: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sync-replica",
+        abstract: "A bundle that brings a replica up to the primary's versions (bundle on standard output).",
+        discussion: "After rotating the primary: `kmsctl sync-replica --key-id K --replica-region west | ssh west kmsctl import-replica`. The replica keeps its own policy, tags, description, aliases and state.")
+
+    @OptionGroup var global: GlobalOptions
+    @OptionGroup var target: ReplicaTarget
+
+    func run() async throws {
+        let r = try await global.withClient { try await $0.replicateKey(keyID: target.keyID, replicaRegion: target.replicaRegion) }
+        try writeBundle(r.replicationBundle)
+    }
+}
+
+struct ImportReplica: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "import-replica",
+        abstract: "Take a replication bundle made for this kmsd by a pinned identity (administrators).",
+        discussion: "The bundle comes from standard input, or --replication-bundle fileb://PATH. A new key becomes a replica here; an existing replica gets the versions it lacks.")
+
+    @OptionGroup var global: GlobalOptions
+
+    @Option(name: .customLong("replication-bundle"), help: ArgumentHelp("fileb://PATH; default standard input.", valueName: "fileb://path"))
+    var bundle: String?
+
+    func run() async throws {
+        let bytes = try bundle.map { try readBlobArgument($0, option: "--replication-bundle") } ?? Array(FileHandle.standardInput.readDataToEndOfFile())
+        let r = try await global.withClient { try await $0.importReplica(bundle: bytes) }
+        if global.json {
+            var object = keyMetadataDictionary(r.keyMetadata)
+            object = ["KeyMetadata": object, "ImportedVersions": Int(r.importedVersions)]
+            try printJSON(object)
+        } else {
+            try printKeyMetadata(r.keyMetadata, json: false)
+            printFields([("ImportedVersions", String(r.importedVersions))])
         }
     }
 }

@@ -427,6 +427,22 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     set {operation = .pinReplicationIdentity(newValue)}
   }
 
+  public var replicateKey: Kmsd_V1_ReplicateKeyRequest {
+    get {
+      if case .replicateKey(let v)? = operation {return v}
+      return Kmsd_V1_ReplicateKeyRequest()
+    }
+    set {operation = .replicateKey(newValue)}
+  }
+
+  public var importReplica: Kmsd_V1_ImportReplicaRequest {
+    get {
+      if case .importReplica(let v)? = operation {return v}
+      return Kmsd_V1_ImportReplicaRequest()
+    }
+    set {operation = .importReplica(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Operation: Equatable, Sendable {
@@ -478,6 +494,8 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     case getBackupChunk(Kmsd_V1_GetBackupChunkRequest)
     case getReplicationIdentity(Kmsd_V1_GetReplicationIdentityRequest)
     case pinReplicationIdentity(Kmsd_V1_PinReplicationIdentityRequest)
+    case replicateKey(Kmsd_V1_ReplicateKeyRequest)
+    case importReplica(Kmsd_V1_ImportReplicaRequest)
 
   }
 
@@ -886,6 +904,22 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     set {result = .pinReplicationIdentity(newValue)}
   }
 
+  public var replicateKey: Kmsd_V1_ReplicateKeyResponse {
+    get {
+      if case .replicateKey(let v)? = result {return v}
+      return Kmsd_V1_ReplicateKeyResponse()
+    }
+    set {result = .replicateKey(newValue)}
+  }
+
+  public var importReplica: Kmsd_V1_ImportReplicaResponse {
+    get {
+      if case .importReplica(let v)? = result {return v}
+      return Kmsd_V1_ImportReplicaResponse()
+    }
+    set {result = .importReplica(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Result: Equatable, Sendable {
@@ -938,6 +972,8 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     case getBackupChunk(Kmsd_V1_GetBackupChunkResponse)
     case getReplicationIdentity(Kmsd_V1_GetReplicationIdentityResponse)
     case pinReplicationIdentity(Kmsd_V1_PinReplicationIdentityResponse)
+    case replicateKey(Kmsd_V1_ReplicateKeyResponse)
+    case importReplica(Kmsd_V1_ImportReplicaResponse)
 
   }
 
@@ -1158,11 +1194,68 @@ public nonisolated struct Kmsd_V1_KeyMetadata: @unchecked Sendable {
     set {_uniqueStorage()._expirationModel = newValue}
   }
 
+  /// an mrk- key (PROTOCOL.md section 15.3)
+  public var multiRegion: Bool {
+    get {_storage._multiRegion}
+    set {_uniqueStorage()._multiRegion = newValue}
+  }
+
+  /// multi-region keys only
+  public var multiRegionConfiguration: Kmsd_V1_MultiRegionConfiguration {
+    get {_storage._multiRegionConfiguration ?? Kmsd_V1_MultiRegionConfiguration()}
+    set {_uniqueStorage()._multiRegionConfiguration = newValue}
+  }
+  /// Returns true if `multiRegionConfiguration` has been explicitly set.
+  public var hasMultiRegionConfiguration: Bool {_storage._multiRegionConfiguration != nil}
+  /// Clears the value of `multiRegionConfiguration`. Subsequent reads from it will return its default value.
+  public mutating func clearMultiRegionConfiguration() {_uniqueStorage()._multiRegionConfiguration = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+public nonisolated struct Kmsd_V1_MultiRegionConfiguration: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// PRIMARY | REPLICA
+  public var multiRegionKeyType: String = String()
+
+  public var primaryKey: Kmsd_V1_MultiRegionKey {
+    get {_primaryKey ?? Kmsd_V1_MultiRegionKey()}
+    set {_primaryKey = newValue}
+  }
+  /// Returns true if `primaryKey` has been explicitly set.
+  public var hasPrimaryKey: Bool {self._primaryKey != nil}
+  /// Clears the value of `primaryKey`. Subsequent reads from it will return its default value.
+  public mutating func clearPrimaryKey() {self._primaryKey = nil}
+
+  /// the primary's: the regions it was replicated to
+  public var replicaKeys: [Kmsd_V1_MultiRegionKey] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _primaryKey: Kmsd_V1_MultiRegionKey? = nil
+}
+
+public nonisolated struct Kmsd_V1_MultiRegionKey: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var arn: String = String()
+
+  public var region: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
 }
 
 public nonisolated struct Kmsd_V1_CreateKeyRequest: Sendable {
@@ -1187,6 +1280,9 @@ public nonisolated struct Kmsd_V1_CreateKeyRequest: Sendable {
   public var policy: String = String()
 
   public var bypassPolicyLockoutSafetyCheck: Bool = false
+
+  /// an mrk- key, primary in this server's region (section 15.3)
+  public var multiRegion: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -2939,13 +3035,185 @@ public nonisolated struct Kmsd_V1_PinReplicationIdentityResponse: Sendable {
   fileprivate var _identity: Kmsd_V1_ReplicationIdentity? = nil
 }
 
+/// Multi-region keys (PROTOCOL.md sections 7.50, 7.51 and 15.3, 15.4).
+public nonisolated struct Kmsd_V1_ReplicateKeyRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// a primary multi-region key (key id, ARN or alias)
+  public var keyID: String = String()
+
+  /// a region whose identity is pinned here
+  public var replicaRegion: String = String()
+
+  /// the replica's key policy; empty: the default policy there
+  public var policy: String = String()
+
+  /// the replica's description; empty: the primary's
+  public var description_p: String = String()
+
+  /// the replica's tags; none: the primary's
+  public var tags: [Kmsd_V1_Tag] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ReplicateKeyResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// a serialized SignedReplicationBundle, for ImportReplica there
+  public var replicationBundle: Data = Data()
+
+  /// the primary, with the new replica region
+  public var keyMetadata: Kmsd_V1_KeyMetadata {
+    get {_keyMetadata ?? Kmsd_V1_KeyMetadata()}
+    set {_keyMetadata = newValue}
+  }
+  /// Returns true if `keyMetadata` has been explicitly set.
+  public var hasKeyMetadata: Bool {self._keyMetadata != nil}
+  /// Clears the value of `keyMetadata`. Subsequent reads from it will return its default value.
+  public mutating func clearKeyMetadata() {self._keyMetadata = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _keyMetadata: Kmsd_V1_KeyMetadata? = nil
+}
+
+public nonisolated struct Kmsd_V1_ImportReplicaRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var replicationBundle: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ImportReplicaResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// the replica
+  public var keyMetadata: Kmsd_V1_KeyMetadata {
+    get {_keyMetadata ?? Kmsd_V1_KeyMetadata()}
+    set {_keyMetadata = newValue}
+  }
+  /// Returns true if `keyMetadata` has been explicitly set.
+  public var hasKeyMetadata: Bool {self._keyMetadata != nil}
+  /// Clears the value of `keyMetadata`. Subsequent reads from it will return its default value.
+  public mutating func clearKeyMetadata() {self._keyMetadata = nil}
+
+  /// versions this bundle added (0: it had nothing new)
+  public var importedVersions: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _keyMetadata: Kmsd_V1_KeyMetadata? = nil
+}
+
+/// A replication bundle (section 15.4): a primary's versions wrapped to one replica's identity.
+public nonisolated struct Kmsd_V1_SignedReplicationBundle: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// a serialized ReplicationBundle
+  public var bundle: Data = Data()
+
+  /// Ed25519 of "kmsd/v1/replication-bundle" || bundle
+  public var signature: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ReplicationBundle: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// 1
+  public var format: UInt32 = 0
+
+  public var sourceRegion: String = String()
+
+  public var sourceSigningPublicKey: Data = Data()
+
+  public var targetRegion: String = String()
+
+  public var targetAgreementPublicKey: Data = Data()
+
+  /// the source's Unix time in microseconds: increases per key
+  public var sequence: UInt64 = 0
+
+  /// mrk-...
+  public var keyID: String = String()
+
+  /// the primary's, Unix seconds
+  public var creationDate: Int64 = 0
+
+  public var description_p: String = String()
+
+  public var tags: [Kmsd_V1_Tag] = []
+
+  /// empty: the default policy on the replica
+  public var policy: String = String()
+
+  /// X25519, 32 bytes
+  public var ephemeralPublicKey: Data = Data()
+
+  /// 1 ... the primary's current version, in order
+  public var versions: [Kmsd_V1_ReplicatedVersion] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_ReplicatedVersion: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var version: UInt32 = 0
+
+  /// Unix seconds
+  public var createdAt: Int64 = 0
+
+  /// empty for version 1; AUTOMATIC | ON_DEMAND
+  public var rotationType: String = String()
+
+  /// 12 bytes
+  public var nonce: Data = Data()
+
+  /// AES-256-GCM of the 32-byte material, then the 16-byte tag
+  public var wrappedMaterial: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "kmsd.v1"
 
 nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Request"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0\u{1}status\0\u{3}create_backup\0\u{3}get_backup_chunk\0\u{3}get_replication_identity\0\u{3}pin_replication_identity\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0\u{1}status\0\u{3}create_backup\0\u{3}get_backup_chunk\0\u{3}get_replication_identity\0\u{3}pin_replication_identity\0\u{3}replicate_key\0\u{3}import_replica\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3578,6 +3846,32 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
           self.operation = .pinReplicationIdentity(v)
         }
       }()
+      case 86: try {
+        var v: Kmsd_V1_ReplicateKeyRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .replicateKey(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .replicateKey(v)
+        }
+      }()
+      case 87: try {
+        var v: Kmsd_V1_ImportReplicaRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .importReplica(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .importReplica(v)
+        }
+      }()
       default: break
       }
     }
@@ -3784,6 +4078,14 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
       guard case .pinReplicationIdentity(let v)? = self.operation else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 85)
     }()
+    case .replicateKey?: try {
+      guard case .replicateKey(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 86)
+    }()
+    case .importReplica?: try {
+      guard case .importReplica(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 87)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -3799,7 +4101,7 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
 
 nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Response"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0\u{1}status\0\u{3}create_backup\0\u{3}get_backup_chunk\0\u{3}get_replication_identity\0\u{3}pin_replication_identity\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0\u{1}status\0\u{3}create_backup\0\u{3}get_backup_chunk\0\u{3}get_replication_identity\0\u{3}pin_replication_identity\0\u{3}replicate_key\0\u{3}import_replica\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -4445,6 +4747,32 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
           self.result = .pinReplicationIdentity(v)
         }
       }()
+      case 86: try {
+        var v: Kmsd_V1_ReplicateKeyResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .replicateKey(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .replicateKey(v)
+        }
+      }()
+      case 87: try {
+        var v: Kmsd_V1_ImportReplicaResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .importReplica(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .importReplica(v)
+        }
+      }()
       default: break
       }
     }
@@ -4654,6 +4982,14 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
     case .pinReplicationIdentity?: try {
       guard case .pinReplicationIdentity(let v)? = self.result else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 85)
+    }()
+    case .replicateKey?: try {
+      guard case .replicateKey(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 86)
+    }()
+    case .importReplica?: try {
+      guard case .importReplica(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 87)
     }()
     case nil: break
     }
@@ -4909,7 +5245,7 @@ nonisolated extension Kmsd_V1_Tag: SwiftProtobuf.Message, SwiftProtobuf._Message
 
 nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".KeyMetadata"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}arn\0\u{3}creation_date\0\u{1}enabled\0\u{1}description\0\u{3}key_usage\0\u{3}key_state\0\u{3}key_spec\0\u{1}origin\0\u{3}key_manager\0\u{3}encryption_algorithms\0\u{3}owner_uid\0\u{3}current_key_version\0\u{3}deletion_date\0\u{3}pending_deletion_window_in_days\0\u{3}minimum_decryption_version\0\u{3}valid_to\0\u{3}expiration_model\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{1}arn\0\u{3}creation_date\0\u{1}enabled\0\u{1}description\0\u{3}key_usage\0\u{3}key_state\0\u{3}key_spec\0\u{1}origin\0\u{3}key_manager\0\u{3}encryption_algorithms\0\u{3}owner_uid\0\u{3}current_key_version\0\u{3}deletion_date\0\u{3}pending_deletion_window_in_days\0\u{3}minimum_decryption_version\0\u{3}valid_to\0\u{3}expiration_model\0\u{3}multi_region\0\u{3}multi_region_configuration\0")
 
   fileprivate class _StorageClass {
     var _keyID: String = String()
@@ -4930,6 +5266,8 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
     var _minimumDecryptionVersion: UInt32 = 0
     var _validTo: Int64 = 0
     var _expirationModel: String = String()
+    var _multiRegion: Bool = false
+    var _multiRegionConfiguration: Kmsd_V1_MultiRegionConfiguration? = nil
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -4958,6 +5296,8 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
       _minimumDecryptionVersion = source._minimumDecryptionVersion
       _validTo = source._validTo
       _expirationModel = source._expirationModel
+      _multiRegion = source._multiRegion
+      _multiRegionConfiguration = source._multiRegionConfiguration
     }
   }
 
@@ -4994,6 +5334,8 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
         case 16: try { try decoder.decodeSingularUInt32Field(value: &_storage._minimumDecryptionVersion) }()
         case 17: try { try decoder.decodeSingularInt64Field(value: &_storage._validTo) }()
         case 18: try { try decoder.decodeSingularStringField(value: &_storage._expirationModel) }()
+        case 19: try { try decoder.decodeSingularBoolField(value: &_storage._multiRegion) }()
+        case 20: try { try decoder.decodeSingularMessageField(value: &_storage._multiRegionConfiguration) }()
         default: break
         }
       }
@@ -5002,6 +5344,10 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
       if !_storage._keyID.isEmpty {
         try visitor.visitSingularStringField(value: _storage._keyID, fieldNumber: 1)
       }
@@ -5056,6 +5402,12 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
       if !_storage._expirationModel.isEmpty {
         try visitor.visitSingularStringField(value: _storage._expirationModel, fieldNumber: 18)
       }
+      if _storage._multiRegion != false {
+        try visitor.visitSingularBoolField(value: _storage._multiRegion, fieldNumber: 19)
+      }
+      try { if let v = _storage._multiRegionConfiguration {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+      } }()
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -5083,6 +5435,8 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
         if _storage._minimumDecryptionVersion != rhs_storage._minimumDecryptionVersion {return false}
         if _storage._validTo != rhs_storage._validTo {return false}
         if _storage._expirationModel != rhs_storage._expirationModel {return false}
+        if _storage._multiRegion != rhs_storage._multiRegion {return false}
+        if _storage._multiRegionConfiguration != rhs_storage._multiRegionConfiguration {return false}
         return true
       }
       if !storagesAreEqual {return false}
@@ -5092,9 +5446,88 @@ nonisolated extension Kmsd_V1_KeyMetadata: SwiftProtobuf.Message, SwiftProtobuf.
   }
 }
 
+nonisolated extension Kmsd_V1_MultiRegionConfiguration: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".MultiRegionConfiguration"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}multi_region_key_type\0\u{3}primary_key\0\u{3}replica_keys\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.multiRegionKeyType) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._primaryKey) }()
+      case 3: try { try decoder.decodeRepeatedMessageField(value: &self.replicaKeys) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.multiRegionKeyType.isEmpty {
+      try visitor.visitSingularStringField(value: self.multiRegionKeyType, fieldNumber: 1)
+    }
+    try { if let v = self._primaryKey {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    if !self.replicaKeys.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.replicaKeys, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_MultiRegionConfiguration, rhs: Kmsd_V1_MultiRegionConfiguration) -> Bool {
+    if lhs.multiRegionKeyType != rhs.multiRegionKeyType {return false}
+    if lhs._primaryKey != rhs._primaryKey {return false}
+    if lhs.replicaKeys != rhs.replicaKeys {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_MultiRegionKey: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".MultiRegionKey"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}arn\0\u{1}region\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.arn) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.region) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.arn.isEmpty {
+      try visitor.visitSingularStringField(value: self.arn, fieldNumber: 1)
+    }
+    if !self.region.isEmpty {
+      try visitor.visitSingularStringField(value: self.region, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_MultiRegionKey, rhs: Kmsd_V1_MultiRegionKey) -> Bool {
+    if lhs.arn != rhs.arn {return false}
+    if lhs.region != rhs.region {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Kmsd_V1_CreateKeyRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CreateKeyRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}description\0\u{3}key_usage\0\u{3}key_spec\0\u{1}tags\0\u{1}origin\0\u{1}policy\0\u{3}bypass_policy_lockout_safety_check\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}description\0\u{3}key_usage\0\u{3}key_spec\0\u{1}tags\0\u{1}origin\0\u{1}policy\0\u{3}bypass_policy_lockout_safety_check\0\u{3}multi_region\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -5109,6 +5542,7 @@ nonisolated extension Kmsd_V1_CreateKeyRequest: SwiftProtobuf.Message, SwiftProt
       case 5: try { try decoder.decodeSingularStringField(value: &self.origin) }()
       case 6: try { try decoder.decodeSingularStringField(value: &self.policy) }()
       case 7: try { try decoder.decodeSingularBoolField(value: &self.bypassPolicyLockoutSafetyCheck) }()
+      case 8: try { try decoder.decodeSingularBoolField(value: &self.multiRegion) }()
       default: break
       }
     }
@@ -5136,6 +5570,9 @@ nonisolated extension Kmsd_V1_CreateKeyRequest: SwiftProtobuf.Message, SwiftProt
     if self.bypassPolicyLockoutSafetyCheck != false {
       try visitor.visitSingularBoolField(value: self.bypassPolicyLockoutSafetyCheck, fieldNumber: 7)
     }
+    if self.multiRegion != false {
+      try visitor.visitSingularBoolField(value: self.multiRegion, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -5147,6 +5584,7 @@ nonisolated extension Kmsd_V1_CreateKeyRequest: SwiftProtobuf.Message, SwiftProt
     if lhs.origin != rhs.origin {return false}
     if lhs.policy != rhs.policy {return false}
     if lhs.bypassPolicyLockoutSafetyCheck != rhs.bypassPolicyLockoutSafetyCheck {return false}
+    if lhs.multiRegion != rhs.multiRegion {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -8955,6 +9393,339 @@ nonisolated extension Kmsd_V1_PinReplicationIdentityResponse: SwiftProtobuf.Mess
   public static func ==(lhs: Kmsd_V1_PinReplicationIdentityResponse, rhs: Kmsd_V1_PinReplicationIdentityResponse) -> Bool {
     if lhs._identity != rhs._identity {return false}
     if lhs.replaced != rhs.replaced {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ReplicateKeyRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ReplicateKeyRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}replica_region\0\u{1}policy\0\u{1}description\0\u{1}tags\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.replicaRegion) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.policy) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.description_p) }()
+      case 5: try { try decoder.decodeRepeatedMessageField(value: &self.tags) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if !self.replicaRegion.isEmpty {
+      try visitor.visitSingularStringField(value: self.replicaRegion, fieldNumber: 2)
+    }
+    if !self.policy.isEmpty {
+      try visitor.visitSingularStringField(value: self.policy, fieldNumber: 3)
+    }
+    if !self.description_p.isEmpty {
+      try visitor.visitSingularStringField(value: self.description_p, fieldNumber: 4)
+    }
+    if !self.tags.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.tags, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ReplicateKeyRequest, rhs: Kmsd_V1_ReplicateKeyRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.replicaRegion != rhs.replicaRegion {return false}
+    if lhs.policy != rhs.policy {return false}
+    if lhs.description_p != rhs.description_p {return false}
+    if lhs.tags != rhs.tags {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ReplicateKeyResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ReplicateKeyResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}replication_bundle\0\u{3}key_metadata\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.replicationBundle) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._keyMetadata) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.replicationBundle.isEmpty {
+      try visitor.visitSingularBytesField(value: self.replicationBundle, fieldNumber: 1)
+    }
+    try { if let v = self._keyMetadata {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ReplicateKeyResponse, rhs: Kmsd_V1_ReplicateKeyResponse) -> Bool {
+    if lhs.replicationBundle != rhs.replicationBundle {return false}
+    if lhs._keyMetadata != rhs._keyMetadata {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ImportReplicaRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ImportReplicaRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}replication_bundle\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.replicationBundle) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.replicationBundle.isEmpty {
+      try visitor.visitSingularBytesField(value: self.replicationBundle, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ImportReplicaRequest, rhs: Kmsd_V1_ImportReplicaRequest) -> Bool {
+    if lhs.replicationBundle != rhs.replicationBundle {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ImportReplicaResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ImportReplicaResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_metadata\0\u{3}imported_versions\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._keyMetadata) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.importedVersions) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._keyMetadata {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if self.importedVersions != 0 {
+      try visitor.visitSingularUInt32Field(value: self.importedVersions, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ImportReplicaResponse, rhs: Kmsd_V1_ImportReplicaResponse) -> Bool {
+    if lhs._keyMetadata != rhs._keyMetadata {return false}
+    if lhs.importedVersions != rhs.importedVersions {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_SignedReplicationBundle: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SignedReplicationBundle"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}bundle\0\u{1}signature\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.bundle) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.signature) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.bundle.isEmpty {
+      try visitor.visitSingularBytesField(value: self.bundle, fieldNumber: 1)
+    }
+    if !self.signature.isEmpty {
+      try visitor.visitSingularBytesField(value: self.signature, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_SignedReplicationBundle, rhs: Kmsd_V1_SignedReplicationBundle) -> Bool {
+    if lhs.bundle != rhs.bundle {return false}
+    if lhs.signature != rhs.signature {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ReplicationBundle: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ReplicationBundle"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}format\0\u{3}source_region\0\u{3}source_signing_public_key\0\u{3}target_region\0\u{3}target_agreement_public_key\0\u{1}sequence\0\u{3}key_id\0\u{3}creation_date\0\u{1}description\0\u{1}tags\0\u{1}policy\0\u{3}ephemeral_public_key\0\u{1}versions\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.format) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.sourceRegion) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.sourceSigningPublicKey) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.targetRegion) }()
+      case 5: try { try decoder.decodeSingularBytesField(value: &self.targetAgreementPublicKey) }()
+      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.sequence) }()
+      case 7: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 8: try { try decoder.decodeSingularInt64Field(value: &self.creationDate) }()
+      case 9: try { try decoder.decodeSingularStringField(value: &self.description_p) }()
+      case 10: try { try decoder.decodeRepeatedMessageField(value: &self.tags) }()
+      case 11: try { try decoder.decodeSingularStringField(value: &self.policy) }()
+      case 12: try { try decoder.decodeSingularBytesField(value: &self.ephemeralPublicKey) }()
+      case 13: try { try decoder.decodeRepeatedMessageField(value: &self.versions) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.format != 0 {
+      try visitor.visitSingularUInt32Field(value: self.format, fieldNumber: 1)
+    }
+    if !self.sourceRegion.isEmpty {
+      try visitor.visitSingularStringField(value: self.sourceRegion, fieldNumber: 2)
+    }
+    if !self.sourceSigningPublicKey.isEmpty {
+      try visitor.visitSingularBytesField(value: self.sourceSigningPublicKey, fieldNumber: 3)
+    }
+    if !self.targetRegion.isEmpty {
+      try visitor.visitSingularStringField(value: self.targetRegion, fieldNumber: 4)
+    }
+    if !self.targetAgreementPublicKey.isEmpty {
+      try visitor.visitSingularBytesField(value: self.targetAgreementPublicKey, fieldNumber: 5)
+    }
+    if self.sequence != 0 {
+      try visitor.visitSingularUInt64Field(value: self.sequence, fieldNumber: 6)
+    }
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 7)
+    }
+    if self.creationDate != 0 {
+      try visitor.visitSingularInt64Field(value: self.creationDate, fieldNumber: 8)
+    }
+    if !self.description_p.isEmpty {
+      try visitor.visitSingularStringField(value: self.description_p, fieldNumber: 9)
+    }
+    if !self.tags.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.tags, fieldNumber: 10)
+    }
+    if !self.policy.isEmpty {
+      try visitor.visitSingularStringField(value: self.policy, fieldNumber: 11)
+    }
+    if !self.ephemeralPublicKey.isEmpty {
+      try visitor.visitSingularBytesField(value: self.ephemeralPublicKey, fieldNumber: 12)
+    }
+    if !self.versions.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.versions, fieldNumber: 13)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ReplicationBundle, rhs: Kmsd_V1_ReplicationBundle) -> Bool {
+    if lhs.format != rhs.format {return false}
+    if lhs.sourceRegion != rhs.sourceRegion {return false}
+    if lhs.sourceSigningPublicKey != rhs.sourceSigningPublicKey {return false}
+    if lhs.targetRegion != rhs.targetRegion {return false}
+    if lhs.targetAgreementPublicKey != rhs.targetAgreementPublicKey {return false}
+    if lhs.sequence != rhs.sequence {return false}
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.creationDate != rhs.creationDate {return false}
+    if lhs.description_p != rhs.description_p {return false}
+    if lhs.tags != rhs.tags {return false}
+    if lhs.policy != rhs.policy {return false}
+    if lhs.ephemeralPublicKey != rhs.ephemeralPublicKey {return false}
+    if lhs.versions != rhs.versions {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_ReplicatedVersion: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ReplicatedVersion"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}version\0\u{3}created_at\0\u{3}rotation_type\0\u{1}nonce\0\u{3}wrapped_material\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.version) }()
+      case 2: try { try decoder.decodeSingularInt64Field(value: &self.createdAt) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.rotationType) }()
+      case 4: try { try decoder.decodeSingularBytesField(value: &self.nonce) }()
+      case 5: try { try decoder.decodeSingularBytesField(value: &self.wrappedMaterial) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.version != 0 {
+      try visitor.visitSingularUInt32Field(value: self.version, fieldNumber: 1)
+    }
+    if self.createdAt != 0 {
+      try visitor.visitSingularInt64Field(value: self.createdAt, fieldNumber: 2)
+    }
+    if !self.rotationType.isEmpty {
+      try visitor.visitSingularStringField(value: self.rotationType, fieldNumber: 3)
+    }
+    if !self.nonce.isEmpty {
+      try visitor.visitSingularBytesField(value: self.nonce, fieldNumber: 4)
+    }
+    if !self.wrappedMaterial.isEmpty {
+      try visitor.visitSingularBytesField(value: self.wrappedMaterial, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_ReplicatedVersion, rhs: Kmsd_V1_ReplicatedVersion) -> Bool {
+    if lhs.version != rhs.version {return false}
+    if lhs.createdAt != rhs.createdAt {return false}
+    if lhs.rotationType != rhs.rotationType {return false}
+    if lhs.nonce != rhs.nonce {return false}
+    if lhs.wrappedMaterial != rhs.wrappedMaterial {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,220 @@
+import Foundation
+import KMSCrypto
+import KMSProtocol
+
+/// Multi-region keys (PROTOCOL.md §15.3, §15.4): a primary's versions travel to a replica's
+/// kmsd in a replication bundle, wrapped to the replica's pinned X25519 identity and signed with
+/// the primary's Ed25519 identity; the material is never unwrapped outside a kmsd.
+extension KeyService {
+    static let bundleSignatureLabel = Array("kmsd/v1/replication-bundle".utf8)
+    static let bundleWrapLabel = Array("kmsd/v1/replication-wrap".utf8)
+    static let bundleVersionLabel = Array("kmsd/v1/replicated-version".utf8)
+
+    /// The key that wraps a bundle's versions: HKDF-SHA256(X25519 shared secret, salt =
+    /// ephemeral public ‖ target agreement public, info = label ‖ lp(key id) ‖ u64be(sequence)).
+    static func bundleKey(shared: SecureBytes, ephemeralPublic: [UInt8], targetPublic: [UInt8], keyID: String, sequence: UInt64) throws -> SecureBytes {
+        var info = bundleWrapLabel
+        info.appendLengthPrefixed(Array(keyID.utf8))
+        info.appendBigEndian(sequence)
+        return try HKDF.deriveKey(from: shared, salt: ephemeralPublic + targetPublic, info: info)
+    }
+
+    static func versionAAD(keyID: String, version: UInt32) -> [UInt8] {
+        var aad = bundleVersionLabel
+        aad.appendLengthPrefixed(Array(keyID.utf8))
+        aad.appendBigEndian(version)
+        return aad
+    }
+
+    public struct ReplicateInput: Sendable {
+        public var replicaRegion = ""
+        public var policy = ""
+        public var description = ""
+        public var tags: [Tag] = []
+        public init() {}
+    }
+
+    /// A bundle of every version of the primary `record` for `input.replicaRegion`, signed by
+    /// `identity`; the primary's record then lists the replica region. Access was decided before
+    /// (kms:ReplicateKey on the key).
+    public func replicate(_ record: KeyRecord, _ input: ReplicateInput, identity: ReplicationIdentity) throws(KMSError) -> (bundle: [UInt8], primary: KeyRecord) {
+        guard record.keyID.isMultiRegion, record.multiRegionKeyType == "PRIMARY" else {
+            throw KMSError(.unsupportedOperation, record.keyID.isMultiRegion
+                ? "key \(record.keyID) is a replica; replicate its primary (in region \(record.primaryRegion ?? "?"))"
+                : "key \(record.keyID) is not a multi-region key; only keys made with MultiRegion (kmsctl create-key --multi-region) can be replicated")
+        }
+        switch record.state {
+        case .enabled, .disabled: break
+        case .pendingDeletion, .pendingImport:
+            throw KMSError(.invalidState, "key \(record.keyID) is \(record.state.rawValue) and cannot be replicated")
+        }
+        guard input.replicaRegion != region else {
+            throw KMSError(.validation, "ReplicaRegion \(input.replicaRegion) is this kmsd's own region")
+        }
+        guard let target = try repository.replicationPeers().first(where: { $0.region == input.replicaRegion }) else {
+            throw KMSError(.validation, "no identity is pinned for region '\(input.replicaRegion.prefix(64))': pin the replica's identity first (kmsctl pin-replication-identity)")
+        }
+        if !input.description.isEmpty, input.description.utf8.count > KMSLimits.maxDescriptionBytes {
+            throw KMSError(.validation, "Description is \(input.description.utf8.count) bytes; at most \(KMSLimits.maxDescriptionBytes) are allowed")
+        }
+        try Self.validate(tags: input.tags)
+        if !input.policy.isEmpty { _ = try KeyPolicy.parse(input.policy, strict: true) }
+        let keyID = record.keyID.description
+        let sequence = UInt64(max(0, clock().timeIntervalSince1970 * 1_000_000))
+        var bundle = Kmsd_V1_ReplicationBundle()
+        do {
+            let ephemeral = try X25519.generate()
+            let shared = try X25519.sharedSecret(ephemeral.privateKey, peer: target.agreementPublicKey)
+            let kek = try Self.bundleKey(shared: shared, ephemeralPublic: ephemeral.publicKey, targetPublic: target.agreementPublicKey,
+                                         keyID: keyID, sequence: sequence)
+            bundle.format = 1
+            bundle.sourceRegion = region
+            bundle.sourceSigningPublicKey = Data(identity.peer.signingPublicKey)
+            bundle.targetRegion = target.region
+            bundle.targetAgreementPublicKey = Data(target.agreementPublicKey)
+            bundle.sequence = sequence
+            bundle.keyID = keyID
+            bundle.creationDate = Int64(record.createdAt.timeIntervalSince1970)
+            bundle.description_p = input.description.isEmpty ? record.description : input.description
+            bundle.tags = (input.tags.isEmpty ? record.tags : input.tags).map { t in .with { $0.tagKey = t.key; $0.tagValue = t.value } }
+            bundle.policy = input.policy
+            bundle.ephemeralPublicKey = Data(ephemeral.publicKey)
+            for v in try repository.versions(record.keyID) {
+                guard let material = try repository.material(record.keyID, version: v.version) else { throw KeyRepository.tampered(record.keyID) }
+                let nonce = try SecureRandom.bytes(AESGCM.nonceBytes)
+                let sealed = try material.withUnsafeBytes {
+                    try AESGCM.seal(key: kek, nonce: nonce, plaintext: $0, aad: Self.versionAAD(keyID: keyID, version: v.version))
+                }
+                bundle.versions.append(.with {
+                    $0.version = v.version
+                    $0.createdAt = Int64(v.createdAt.timeIntervalSince1970)
+                    $0.rotationType = v.rotationType ?? ""
+                    $0.nonce = Data(nonce)
+                    $0.wrappedMaterial = Data(sealed)
+                })
+            }
+        } catch let error as KMSError { throw error } catch {
+            throw KMSError(.internalError, "the replication bundle could not be made: \(error)")
+        }
+        let signed: [UInt8]
+        do {
+            let bytes: [UInt8] = try bundle.serializedBytes()
+            let signature = try identity.sign(Self.bundleSignatureLabel + bytes)
+            signed = try Kmsd_V1_SignedReplicationBundle.with { $0.bundle = Data(bytes); $0.signature = Data(signature) }.serializedBytes()
+        } catch { throw KMSError(.internalError, "the replication bundle could not be signed: \(error)") }
+        var primary = record
+        if !(primary.replicaRegions ?? []).contains(target.region) {
+            primary.replicaRegions = ((primary.replicaRegions ?? []) + [target.region]).sorted()
+            do { try repository.update(primary) } catch let e as KMSError { throw e } catch {
+                throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
+            }
+        }
+        return (signed, primary)
+    }
+
+    /// A bundle's contents and its versions' material, once it is shown to be made for
+    /// `identity` (in `region`) by one of `pinned`, unaltered; else why not.
+    public static func openBundle(_ signedBytes: [UInt8], identity: ReplicationIdentity, region: String,
+                                  pinned: [ReplicationPeer]) throws(KMSError) -> (bundle: Kmsd_V1_ReplicationBundle, keyID: KeyID, materials: [SecureBytes]) {
+        func invalid(_ why: String) -> KMSError { KMSError(.validation, "the replication bundle was refused: \(why)") }
+        guard let signed = try? Kmsd_V1_SignedReplicationBundle(serializedBytes: signedBytes), !signed.bundle.isEmpty else {
+            throw invalid("it is not a replication bundle (truncated or not kmsctl replicate-key output)")
+        }
+        guard let bundle = try? Kmsd_V1_ReplicationBundle(serializedBytes: Array(signed.bundle)) else {
+            throw invalid("its contents do not decode (truncated or altered)")
+        }
+        guard bundle.format == 1 else { throw invalid("format \(bundle.format) is not one this kmsd reads (1)") }
+        guard bundle.targetRegion == region, Array(bundle.targetAgreementPublicKey) == identity.peer.agreementPublicKey else {
+            throw invalid("it is addressed to region \(bundle.targetRegion.prefix(64)) with another identity, not to this kmsd (region \(region), fingerprint \(identity.fingerprint))")
+        }
+        guard let source = pinned.first(where: { $0.region == bundle.sourceRegion }),
+              source.signingPublicKey == Array(bundle.sourceSigningPublicKey) else {
+            throw KMSError(.accessDenied, "the replication bundle was refused: it comes from region \(bundle.sourceRegion.prefix(64)) with an identity not pinned here (kmsctl pin-replication-identity)")
+        }
+        guard Ed25519.verify(Array(signed.signature), of: Self.bundleSignatureLabel + Array(signed.bundle), publicKey: source.signingPublicKey) else {
+            throw invalid("its signature does not verify under region \(source.region)'s pinned identity: it was altered")
+        }
+        guard let keyID = KeyID.parse(bundle.keyID), keyID.isMultiRegion, keyID.description == bundle.keyID else {
+            throw invalid("it names no multi-region key (\(bundle.keyID.prefix(64)))")
+        }
+        let numbers = bundle.versions.map(\.version)
+        guard !numbers.isEmpty, numbers == Array(1...UInt32(numbers.count)) else {
+            throw invalid("its versions are not 1 ... n in order")
+        }
+        var materials: [SecureBytes] = []
+        do {
+            let shared = try X25519.sharedSecret(identity.agreementKey, peer: Array(bundle.ephemeralPublicKey))
+            let kek = try Self.bundleKey(shared: shared, ephemeralPublic: Array(bundle.ephemeralPublicKey),
+                                         targetPublic: identity.peer.agreementPublicKey, keyID: bundle.keyID, sequence: bundle.sequence)
+            for v in bundle.versions {
+                let m = try AESGCM.open(key: kek, nonce: Array(v.nonce), sealed: Array(v.wrappedMaterial),
+                                        aad: Self.versionAAD(keyID: bundle.keyID, version: v.version))
+                guard m.count == 32 else { throw CryptoError.authenticationFailure }
+                materials.append(m)
+            }
+        } catch { throw invalid("its key material does not unwrap with this kmsd's identity") }
+        return (bundle, keyID, materials)
+    }
+
+    /// Takes a bundle made for this kmsd by a pinned identity: creates the replica with every
+    /// version, or adds to an existing replica the versions it lacks. Returns the replica and how
+    /// many versions were added. Every version is unwrapped before anything is stored: a bundle
+    /// is taken whole or not at all.
+    public func importReplica(_ signedBytes: [UInt8], identity: ReplicationIdentity, caller: Principal) throws(KMSError) -> (record: KeyRecord, added: Int) {
+        let (bundle, keyID, materials) = try Self.openBundle(signedBytes, identity: identity, region: region, pinned: try repository.replicationPeers())
+        let existing = try repository.record(keyID)
+        if let existing {
+            guard existing.multiRegionKeyType == "REPLICA", existing.primaryRegion == bundle.sourceRegion else {
+                throw KMSError(.alreadyExists, "key \(keyID) already exists here as \(existing.multiRegionKeyType == "PRIMARY" ? "the primary" : "a key not replicated from \(bundle.sourceRegion)"); a bundle cannot replace it")
+            }
+            if let last = existing.replicationSequence, bundle.sequence < last {
+                throw KMSError(.validation, "the replication bundle was refused: it is older than the newest bundle already taken for key \(keyID) (a replay)")
+            }
+        } else if try repository.tombstone(keyID) != nil {
+            throw KMSError(.alreadyExists, "key \(keyID) was deleted here; a deleted key id is not used again")
+        }
+        let tags = bundle.tags.map { Tag(key: $0.tagKey, value: $0.tagValue) }
+
+        do {
+            if var record = existing {
+                // The replica's own policy, tags, description, aliases and state stay.
+                let had = Int(record.currentVersion)
+                record.replicationSequence = max(record.replicationSequence ?? 0, bundle.sequence)
+                guard materials.count > had else {
+                    try repository.update(record)
+                    return (record, 0)
+                }
+                for (i, material) in materials.enumerated() where i >= had {
+                    record.currentVersion = UInt32(i + 1)
+                    try repository.rotate(record, material: material, rotationType: bundle.versions[i].rotationType.isEmpty ? nil : bundle.versions[i].rotationType,
+                                          at: Date(timeIntervalSince1970: TimeInterval(bundle.versions[i].createdAt)))
+                }
+                return (record, materials.count - had)
+            }
+            try Self.validate(tags: tags)
+            var record = KeyRecord(keyID: keyID, createdAt: Date(timeIntervalSince1970: TimeInterval(bundle.creationDate)),
+                                   description: bundle.description_p, keyUsage: .encryptDecrypt, keySpec: .symmetricDefault, state: .enabled,
+                                   ownerUID: caller.uid, currentVersion: 1, tags: tags, origin: KeyRecord.kmsOrigin)
+            record.multiRegionKeyType = "REPLICA"
+            record.primaryRegion = bundle.sourceRegion
+            record.replicationSequence = bundle.sequence
+            if !bundle.policy.isEmpty {
+                _ = try KeyPolicy.parse(bundle.policy, strict: true)
+                record.policy = bundle.policy
+            }
+            try repository.create(record, material: materials[0])
+            for i in 1..<materials.count {
+                record.currentVersion = UInt32(i + 1)
+                try repository.rotate(record, material: materials[i], rotationType: bundle.versions[i].rotationType.isEmpty ? nil : bundle.versions[i].rotationType,
+                                      at: Date(timeIntervalSince1970: TimeInterval(bundle.versions[i].createdAt)))
+            }
+            return (record, materials.count)
+        } catch let error as KMSError { throw error } catch {
+            throw KMSError(.internalError, "the replica could not be stored (\(error))")
+        }
+    }
+}
+
+extension ReplicationIdentity {
+    func sign(_ message: [UInt8]) throws -> [UInt8] { try Ed25519.sign(message, privateKey: signingKey) }
+}

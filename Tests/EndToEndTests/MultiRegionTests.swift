@@ -1,0 +1,127 @@
+import Foundation
+import Glibc
+import KMSClient
+import KMSProtocol
+import Testing
+
+/// Multi-region keys (issue 11, items 2 to 5 and 7): an mrk- key made on "east" is replicated to
+/// "west" through kmsctl (bundle on a pipe); ciphertexts made on either decrypt on the other;
+/// each host applies its own policy; a rotation reaches the replica through sync-replica and
+/// until then the replica says so; damaged, replayed, misaddressed and unpinned bundles are
+/// refused and change nothing.
+@Suite(.serialized)
+struct MultiRegionTests {
+    /// Two daemons of two regions that have pinned each other.
+    static func pair(_ a: String, _ b: String) async throws -> (Daemon, Daemon) {
+        let first = try Daemon(arguments: ["--region", a]), second = try Daemon(arguments: ["--region", b])
+        let ia = try await first.client().getReplicationIdentity().identity, ib = try await second.client().getReplicationIdentity().identity
+        _ = try await first.client().pinReplicationIdentity(ib)
+        _ = try await second.client().pinReplicationIdentity(ia)
+        return (first, second)
+    }
+
+    /// `kmsctl replicate-key` (or sync-replica) on `from`, its output piped into `kmsctl import-replica` on `to`.
+    static func ship(_ command: String, key: String, from: Daemon, to: Daemon, region: String) throws -> (bundle: Data, imported: [String: Any]) {
+        let made = try run(Paths.kmsctl, [command, "--key-id", key, "--replica-region", region, "--socket", from.socket])
+        try #require(made.status == 0, "\(command): \(made.stderr)")
+        let taken = try run(Paths.kmsctl, ["import-replica", "--json", "--socket", to.socket], stdin: made.stdout)
+        try #require(taken.status == 0, "import-replica: \(taken.stderr)")
+        return (made.stdout, try #require(try JSONSerialization.jsonObject(with: taken.stdout) as? [String: Any]))
+    }
+
+    @Test func aKeyReplicatedToAnotherRegionDecryptsTheSameCiphertexts() async throws {
+        let (east, west) = try await Self.pair("east", "west")
+        defer { east.stop(); west.stop() }
+        let e = east.client(), w = west.client()
+        let meta = try await e.createKey(description: "orders", multiRegion: true)
+        let key = meta.keyID
+        #expect(key.hasPrefix("mrk-") && key.count == 36 && meta.multiRegion)
+        #expect(meta.multiRegionConfiguration.multiRegionKeyType == "PRIMARY" && meta.multiRegionConfiguration.primaryKey.region == "east")
+        let context = ["app": "orders"]
+        let fromEast = try await e.encrypt(keyID: key, plaintext: Array("made in east".utf8), context: context).ciphertextBlob
+
+        let (first, imported) = try Self.ship("replicate-key", key: key, from: east, to: west, region: "west")
+        #expect(imported["ImportedVersions"] as? Int == 1)
+        let replica = try await w.describeKey(keyID: key)
+        #expect(replica.keyID == key && replica.description_p == "orders")
+        #expect(replica.multiRegionConfiguration.multiRegionKeyType == "REPLICA" && replica.multiRegionConfiguration.primaryKey.region == "east")
+        #expect(try await e.describeKey(keyID: key).multiRegionConfiguration.replicaKeys.map(\.region) == ["west"])
+
+        // Interchangeable ciphertexts, with the same context (and not without it).
+        #expect(Array(try await w.decrypt(ciphertextBlob: Array(fromEast), context: context).plaintext) == Array("made in east".utf8))
+        let fromWest = try await w.encrypt(keyID: key, plaintext: Array("made in west".utf8), context: context).ciphertextBlob
+        #expect(Array(try await e.decrypt(ciphertextBlob: Array(fromWest), context: context).plaintext) == Array("made in west".utf8))
+        await expectKMSError(.invalidCiphertext) { _ = try await w.decrypt(ciphertextBlob: Array(fromEast)) }
+
+        // A replica does not rotate; the primary does, and the replica says what is missing.
+        await expectKMSError(.unsupportedOperation) { _ = try await w.rotateKeyOnDemand(keyID: key) }
+        _ = try await e.rotateKeyOnDemand(keyID: key)
+        let v2 = try await e.encrypt(keyID: key, plaintext: [2], context: context).ciphertextBlob
+        do {
+            _ = try await w.decrypt(ciphertextBlob: Array(v2), context: context)
+            Issue.record("a version the replica does not have decrypted")
+        } catch let error as KMSError {
+            #expect(error.code == .invalidState && error.message.contains("sync-replica"), "\(error)")
+        }
+        let (_, synced) = try Self.ship("sync-replica", key: key, from: east, to: west, region: "west")
+        #expect(synced["ImportedVersions"] as? Int == 1)
+        #expect(Array(try await w.decrypt(ciphertextBlob: Array(v2), context: context).plaintext) == [2])
+        #expect(try await w.describeKey(keyID: key).currentKeyVersion == 2)
+
+        // The first bundle again, after a newer one: a replay, refused; nothing changes.
+        let replay = try run(Paths.kmsctl, ["import-replica", "--socket", west.socket], stdin: first)
+        #expect(replay.status == 1 && replay.stderr.contains("ValidationException") && replay.stderr.contains("replay"), "\(replay.stderr)")
+        #expect(try await w.describeKey(keyID: key).currentKeyVersion == 2)
+    }
+
+    @Test(.enabled(if: isRoot, "needs root to act as another uid with setpriv"))
+    func eachRegionAppliesItsOwnPolicy() async throws {
+        let (east, west) = try await Self.pair("east", "west")
+        defer { east.stop(); west.stop() }
+        let user: UInt32 = 64104
+        let allow = #"{"Sid": "User", "Effect": "Allow", "Principal": {"Uid": "\#(user)"}, "Action": ["kms:Decrypt", "kms:Encrypt"], "Resource": "*"}"#
+        let key = try await east.client().createKey(policy: keyPolicy(allow), multiRegion: true).keyID
+        let blob = try await east.client().encrypt(keyID: key, plaintext: [7]).ciphertextBlob
+        // The replica gets the default policy (administrators and its importer) unless given one.
+        _ = try Self.ship("replicate-key", key: key, from: east, to: west, region: "west")
+        let onEast = try runAs(uid: user, [Paths.kmsctl, "decrypt", "--socket", east.socket], stdin: blob)
+        #expect(onEast.status == 0 && onEast.stdout == Data([7]), "\(onEast.stderr)")
+        let onWest = try runAs(uid: user, [Paths.kmsctl, "decrypt", "--socket", west.socket], stdin: blob)
+        #expect(onWest.status == 1 && onWest.stderr.contains("AccessDeniedException"), "\(onWest.stderr)")
+    }
+
+    @Test func damagedMisaddressedAndUnpinnedBundlesAreRefused() async throws {
+        let (east, west) = try await Self.pair("east", "west")
+        defer { east.stop(); west.stop() }
+        let key = try await east.client().createKey(multiRegion: true).keyID
+        let made = try run(Paths.kmsctl, ["replicate-key", "--key-id", key, "--replica-region", "west", "--socket", east.socket])
+        try #require(made.status == 0, "\(made.stderr)")
+        let good = [UInt8](made.stdout)
+        func refused(_ bytes: [UInt8], at daemon: Daemon, _ expected: String, _ what: String) throws {
+            let r = try run(Paths.kmsctl, ["import-replica", "--socket", daemon.socket], stdin: Data(bytes))
+            #expect(r.status == 1 && r.stderr.contains(expected), "\(what): \(r.stderr)")
+        }
+        var flipped = good
+        flipped[good.count / 2] ^= 0x01
+        try refused(flipped, at: west, "ValidationException", "a bit flipped")
+        try refused(Array(good.prefix(good.count - 10)), at: west, "ValidationException", "truncated")
+        try refused(Array(repeating: 0x41, count: 50), at: west, "ValidationException", "not a bundle")
+        try refused(good, at: east, "addressed to region west", "sent back to its maker")
+        // A third region that west has not pinned sends one: refused as not from a pinned identity.
+        let south = try Daemon(arguments: ["--region", "south"])
+        defer { south.stop() }
+        _ = try await south.client().pinReplicationIdentity(try await west.client().getReplicationIdentity().identity)
+        let southKey = try await south.client().createKey(multiRegion: true).keyID
+        let fromSouth = try run(Paths.kmsctl, ["replicate-key", "--key-id", southKey, "--replica-region", "west", "--socket", south.socket])
+        try #require(fromSouth.status == 0, "\(fromSouth.stderr)")
+        try refused([UInt8](fromSouth.stdout), at: west, "AccessDeniedException", "from an unpinned identity")
+        // Nothing was created on west; the good bundle still works.
+        #expect(try await west.client().listKeys().keys.isEmpty)
+        let ok = try run(Paths.kmsctl, ["import-replica", "--socket", west.socket], stdin: Data(good))
+        #expect(ok.status == 0, "\(ok.stderr)")
+        // Only multi-region primaries replicate.
+        let plain = try await east.client().createKey().keyID
+        await expectKMSError(.unsupportedOperation) { _ = try await east.client().replicateKey(keyID: plain, replicaRegion: "west") }
+        await expectKMSError(.validation) { _ = try await east.client().replicateKey(keyID: key, replicaRegion: "nowhere") }
+    }
+}
