@@ -912,7 +912,8 @@ def build_bundle(source, target, key_id, sequence, versions, label, description=
               "target_region": target["region"], "target_agreement_public_key": target["agreement_public_key"],
               "sequence": sequence, "key_id": key_id, "creation_date": 1700000000,
               "description": description, "tags": list(tags), "policy": policy,
-              "ephemeral_public_key": eph_public, "versions": wrapped}
+              "ephemeral_public_key": eph_public, "versions": wrapped,
+              "primary_region": source["region"], "replica_regions": []}
     body = encode_message("ReplicationBundle", bundle)
     signature = source["signing_private"].sign(BUNDLE_SIGNATURE_LABEL + body)
     signed = encode_message("SignedReplicationBundle", {"bundle": body, "signature": signature})
@@ -1393,9 +1394,10 @@ def build_frames(valid_ciphertexts):
                   "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant",
                   "RevokeGrant", "ReviewAccess", "VerifyAuditRecords", "Status",
                   "CreateBackup", "GetBackupChunk", "GetReplicationIdentity",
-                  "PinReplicationIdentity", "ReplicateKey", "ImportReplica", "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
+                  "PinReplicationIdentity", "ReplicateKey", "ImportReplica",
+                  "UpdatePrimaryRegion", "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey",
                   "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
-    assert len(operations) == 50 and len(set(operations)) == 50
+    assert len(operations) == 51 and len(set(operations)) == 51
     metadata = {
         "key_id": KEY_A,
         "arn": "kmsd:key/" + KEY_A,

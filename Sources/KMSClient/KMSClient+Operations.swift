@@ -374,6 +374,15 @@ extension KMSClient {
         return r
     }
 
+    /// Moves the primary of multi-region key `keyID` to `primaryRegion`; returns the bundle that
+    /// makes the replica there the primary.
+    public func updatePrimaryRegion(keyID: String, primaryRegion: String) async throws -> Kmsd_V1_UpdatePrimaryRegionResponse {
+        guard case .updatePrimaryRegion(let r) = try await send(.updatePrimaryRegion(.with { $0.keyID = keyID; $0.primaryRegion = primaryRegion })) else {
+            throw Self.mismatch
+        }
+        return r
+    }
+
     /// Takes a replication bundle made for this kmsd (administrators).
     public func importReplica(bundle: [UInt8]) async throws -> Kmsd_V1_ImportReplicaResponse {
         guard case .importReplica(let r) = try await send(.importReplica(.with { $0.replicationBundle = Data(bundle) })) else { throw Self.mismatch }

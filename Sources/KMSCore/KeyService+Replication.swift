@@ -59,6 +59,22 @@ extension KeyService {
         }
         try Self.validate(tags: input.tags)
         if !input.policy.isEmpty { _ = try KeyPolicy.parse(input.policy, strict: true) }
+        let signed = try makeBundle(record, for: target, identity: identity, primaryRegion: region, replicaRegions: [],
+                                    policy: input.policy, description: input.description.isEmpty ? record.description : input.description,
+                                    tags: input.tags.isEmpty ? record.tags : input.tags)
+        var primary = record
+        if !(primary.replicaRegions ?? []).contains(target.region) {
+            primary.replicaRegions = ((primary.replicaRegions ?? []) + [target.region]).sorted()
+            do { try repository.update(primary) } catch let e as KMSError { throw e } catch {
+                throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
+            }
+        }
+        return (signed, primary)
+    }
+
+    /// A signed bundle of every version of `record` for `target` (PROTOCOL.md §15.4).
+    func makeBundle(_ record: KeyRecord, for target: ReplicationPeer, identity: ReplicationIdentity, primaryRegion: String,
+                    replicaRegions: [String], policy: String, description: String, tags: [Tag]) throws(KMSError) -> [UInt8] {
         let keyID = record.keyID.description
         let sequence = UInt64(max(0, clock().timeIntervalSince1970 * 1_000_000))
         var bundle = Kmsd_V1_ReplicationBundle()
@@ -75,9 +91,11 @@ extension KeyService {
             bundle.sequence = sequence
             bundle.keyID = keyID
             bundle.creationDate = Int64(record.createdAt.timeIntervalSince1970)
-            bundle.description_p = input.description.isEmpty ? record.description : input.description
-            bundle.tags = (input.tags.isEmpty ? record.tags : input.tags).map { t in .with { $0.tagKey = t.key; $0.tagValue = t.value } }
-            bundle.policy = input.policy
+            bundle.description_p = description
+            bundle.tags = tags.map { t in .with { $0.tagKey = t.key; $0.tagValue = t.value } }
+            bundle.policy = policy
+            bundle.primaryRegion = primaryRegion
+            bundle.replicaRegions = replicaRegions
             bundle.ephemeralPublicKey = Data(ephemeral.publicKey)
             for v in try repository.versions(record.keyID) {
                 guard let material = try repository.material(record.keyID, version: v.version) else { throw KeyRepository.tampered(record.keyID) }
@@ -96,20 +114,46 @@ extension KeyService {
         } catch let error as KMSError { throw error } catch {
             throw KMSError(.internalError, "the replication bundle could not be made: \(error)")
         }
-        let signed: [UInt8]
         do {
             let bytes: [UInt8] = try bundle.serializedBytes()
             let signature = try identity.sign(Self.bundleSignatureLabel + bytes)
-            signed = try Kmsd_V1_SignedReplicationBundle.with { $0.bundle = Data(bytes); $0.signature = Data(signature) }.serializedBytes()
+            return try Kmsd_V1_SignedReplicationBundle.with { $0.bundle = Data(bytes); $0.signature = Data(signature) }.serializedBytes()
         } catch { throw KMSError(.internalError, "the replication bundle could not be signed: \(error)") }
-        var primary = record
-        if !(primary.replicaRegions ?? []).contains(target.region) {
-            primary.replicaRegions = ((primary.replicaRegions ?? []) + [target.region]).sorted()
-            do { try repository.update(primary) } catch let e as KMSError { throw e } catch {
-                throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
-            }
+    }
+
+    /// Makes the replica in `newPrimary` the primary: this key becomes its replica at once, and
+    /// the returned bundle (every version), imported there, makes that copy the primary.
+    public func updatePrimaryRegion(_ record: KeyRecord, to newPrimary: String, identity: ReplicationIdentity) throws(KMSError) -> (bundle: [UInt8], record: KeyRecord) {
+        guard record.keyID.isMultiRegion, record.multiRegionKeyType == "PRIMARY" else {
+            throw KMSError(.unsupportedOperation, record.keyID.isMultiRegion
+                ? "key \(record.keyID) is a replica; update the primary region on its primary (in region \(record.primaryRegion ?? "?"))"
+                : "key \(record.keyID) is not a multi-region key")
         }
-        return (signed, primary)
+        switch record.state {
+        case .enabled, .disabled: break
+        case .pendingDeletion, .pendingImport:
+            throw KMSError(.invalidState, "key \(record.keyID) is \(record.state.rawValue); its primary region cannot move")
+        }
+        let replicas = record.replicaRegions ?? []
+        guard replicas.contains(newPrimary) else {
+            throw KMSError(.validation, "PrimaryRegion '\(newPrimary.prefix(64))' is not a replica region of key \(record.keyID) (\(replicas.isEmpty ? "it has none" : replicas.joined(separator: ", "))): replicate it there first")
+        }
+        guard let target = try repository.replicationPeers().first(where: { $0.region == newPrimary }) else {
+            throw KMSError(.validation, "no identity is pinned for region '\(newPrimary)'")
+        }
+        let others = (replicas.filter { $0 != newPrimary } + [region]).sorted()
+        let signed = try makeBundle(record, for: target, identity: identity, primaryRegion: newPrimary, replicaRegions: others,
+                                    policy: record.policy ?? "", description: record.description, tags: record.tags)
+        var now = record
+        now.multiRegionKeyType = "REPLICA"
+        now.primaryRegion = newPrimary
+        now.replicaRegions = nil
+        now.rotationPeriodDays = nil  // a replica does not rotate; the new primary decides
+        now.nextRotationDate = nil
+        do { try repository.update(now) } catch let e as KMSError { throw e } catch {
+            throw KMSError(.internalError, "the key could not be stored as a replica: \(error)")
+        }
+        return (signed, now)
     }
 
     /// A bundle's contents and its versions' material, once it is shown to be made for
@@ -162,9 +206,14 @@ extension KeyService {
     /// is taken whole or not at all.
     public func importReplica(_ signedBytes: [UInt8], identity: ReplicationIdentity, caller: Principal) throws(KMSError) -> (record: KeyRecord, added: Int) {
         let (bundle, keyID, materials) = try Self.openBundle(signedBytes, identity: identity, region: region, pinned: try repository.replicationPeers())
+        // The region that is primary once this bundle is taken: the sender, or (UpdatePrimaryRegion) this one.
+        let primary = bundle.primaryRegion.isEmpty ? bundle.sourceRegion : bundle.primaryRegion
+        guard primary == bundle.sourceRegion || primary == region else {
+            throw KMSError(.validation, "the replication bundle was refused: it names region \(primary.prefix(64)) as the primary, neither its sender nor this kmsd")
+        }
         let existing = try repository.record(keyID)
         if let existing {
-            guard existing.multiRegionKeyType == "REPLICA", existing.primaryRegion == bundle.sourceRegion else {
+            guard existing.multiRegionKeyType == "REPLICA", existing.primaryRegion == bundle.sourceRegion || primary == bundle.sourceRegion else {
                 throw KMSError(.alreadyExists, "key \(keyID) already exists here as \(existing.multiRegionKeyType == "PRIMARY" ? "the primary" : "a key not replicated from \(bundle.sourceRegion)"); a bundle cannot replace it")
             }
             if let last = existing.replicationSequence, bundle.sequence < last {
@@ -180,6 +229,11 @@ extension KeyService {
                 // The replica's own policy, tags, description, aliases and state stay.
                 let had = Int(record.currentVersion)
                 record.replicationSequence = max(record.replicationSequence ?? 0, bundle.sequence)
+                record.primaryRegion = primary
+                if primary == region {
+                    record.multiRegionKeyType = "PRIMARY"
+                    record.replicaRegions = bundle.replicaRegions.sorted()
+                }
                 guard materials.count > had else {
                     try repository.update(record)
                     return (record, 0)
@@ -195,8 +249,9 @@ extension KeyService {
             var record = KeyRecord(keyID: keyID, createdAt: Date(timeIntervalSince1970: TimeInterval(bundle.creationDate)),
                                    description: bundle.description_p, keyUsage: .encryptDecrypt, keySpec: .symmetricDefault, state: .enabled,
                                    ownerUID: caller.uid, currentVersion: 1, tags: tags, origin: KeyRecord.kmsOrigin)
-            record.multiRegionKeyType = "REPLICA"
-            record.primaryRegion = bundle.sourceRegion
+            record.multiRegionKeyType = primary == region ? "PRIMARY" : "REPLICA"
+            record.primaryRegion = primary
+            record.replicaRegions = primary == region ? bundle.replicaRegions.sorted() : nil
             record.replicationSequence = bundle.sequence
             if !bundle.policy.isEmpty {
                 _ = try KeyPolicy.parse(bundle.policy, strict: true)

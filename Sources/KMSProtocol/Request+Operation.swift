@@ -57,6 +57,7 @@ extension Kmsd_V1_Request.OneOf_Operation {
         case .pinReplicationIdentity: "PinReplicationIdentity"
         case .replicateKey: "ReplicateKey"
         case .importReplica: "ImportReplica"
+        case .updatePrimaryRegion: "UpdatePrimaryRegion"
         }
     }
 }

@@ -22,7 +22,7 @@ public struct WireContexts: Sendable {
     /// Context fields per operation field of `Request` (see kmsd.proto).
     static let contextFields: [Int: [Int]] = [30: [3], 31: [2], 32: [2, 5], 33: [4], 34: [4], 73: [4]]
     /// Every field number of `Request.operation`, context-bearing or not.
-    static let operationFields: Set<Int> = [10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 30, 31, 32, 33, 34, 35, 40, 41, 42, 43, 44, 45, 46, 50, 51, 52, 53, 54, 55, 60, 61, 62, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87]
+    static let operationFields: Set<Int> = [10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 30, 31, 32, 33, 34, 35, 40, 41, 42, 43, 44, 45, 46, 50, 51, 52, 53, 54, 55, 60, 61, 62, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88]
 
     public init() {}
 

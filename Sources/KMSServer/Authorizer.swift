@@ -169,6 +169,9 @@ struct Authorizer {
             op = .retireGrant(r)
         case .revokeGrant(var r): r.keyID = try a.key(r.keyID, "RevokeGrant", &d); op = .revokeGrant(r)
         case .replicateKey(var r): r.keyID = try a.key(r.keyID, "ReplicateKey", &d, aliases: true); op = .replicateKey(r)
+        case .updatePrimaryRegion(var r):
+            r.keyID = try a.key(r.keyID, "UpdatePrimaryRegion", &d, aliases: true)
+            op = .updatePrimaryRegion(r)
         case .verifyAuditRecords, .status, .createBackup, .getBackupChunk, .getReplicationIdentity, .pinReplicationIdentity, .importReplica:
             let decision = a.service.mayCreateKeys(ctx.principal)
             d.decidedBy = decision.decidedBy

@@ -183,7 +183,7 @@ final class Dispatcher: Sendable {
                              "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "SimulatePolicy",
                              "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant", "ReviewAccess", "VerifyAuditRecords", "Status",
                              "CreateBackup", "GetBackupChunk", "GetReplicationIdentity", "PinReplicationIdentity",
-                             "ReplicateKey", "ImportReplica",
+                             "ReplicateKey", "ImportReplica", "UpdatePrimaryRegion",
                              "Encrypt", "Decrypt",
                              "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom"]
 
@@ -243,6 +243,7 @@ final class Dispatcher: Sendable {
         case .pinReplicationIdentity(let r): .pinReplicationIdentity(try ReplicationHandlers.pinReplicationIdentity(r, ctx))
         case .replicateKey(let r): .replicateKey(try ReplicationHandlers.replicateKey(r, ctx, &details))
         case .importReplica(let r): .importReplica(try ReplicationHandlers.importReplica(r, ctx, &details))
+        case .updatePrimaryRegion(let r): .updatePrimaryRegion(try ReplicationHandlers.updatePrimaryRegion(r, ctx, &details))
         }
     }
 
@@ -275,7 +276,7 @@ final class Dispatcher: Sendable {
              .deleteImportedKeyMaterial, .getKeyPolicy, .putKeyPolicy, .listKeyPolicies, .simulatePolicy, .createGrant, .listGrants,
              .listRetirableGrants, .retireGrant, .revokeGrant, .reviewAccess, .verifyAuditRecords, .status,
              .createBackup, .getBackupChunk, .getReplicationIdentity, .pinReplicationIdentity,
-             .replicateKey, .importReplica: return false
+             .replicateKey, .importReplica, .updatePrimaryRegion: return false
         }
     }
 
@@ -376,6 +377,7 @@ final class Dispatcher: Sendable {
         "CreateAlias": "AliasCreated", "UpdateAlias": "AliasUpdated", "DeleteAlias": "AliasDeleted",
         "CreateBackup": "BackupCreated", "PinReplicationIdentity": "ReplicationIdentityPinned",
         "ReplicateKey": "KeyReplicated", "ImportReplica": "ReplicaImported",
+        "UpdatePrimaryRegion": "PrimaryRegionUpdated",
     ]
 
     /// Handles one request end to end; the audit record is written before this returns.

@@ -82,4 +82,17 @@ enum ReplicationHandlers {
             $0.importedVersions = UInt32(added)
         }
     }
+
+    static func updatePrimaryRegion(_ r: Kmsd_V1_UpdatePrimaryRegionRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_UpdatePrimaryRegionResponse {
+        let mine = try identity(ctx)
+        let id = try KeyID(parsing: r.keyID)  // the authorizer named the key by its id
+        guard let record = try ctx.service.repository.record(id) else { throw KMSError(.notFound, "key \(id) does not exist") }
+        d.keyID = id.description
+        let (bundle, now) = try ctx.service.updatePrimaryRegion(record, to: r.primaryRegion, identity: mine)
+        d.keyVersion = now.currentVersion
+        return .with {
+            $0.replicationBundle = Data(bundle)
+            $0.keyMetadata = KeyHandlers.metadata(now)
+        }
+    }
 }

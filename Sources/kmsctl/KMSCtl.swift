@@ -67,6 +67,7 @@ struct KMSCtl: AsyncParsableCommand {
             ReplicateKey.self,
             SyncReplica.self,
             ImportReplica.self,
+            UpdatePrimaryRegion.self,
             Encrypt.self,
             Decrypt.self,
             ReEncrypt.self,

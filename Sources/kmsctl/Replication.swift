@@ -177,3 +177,23 @@ struct ImportReplica: AsyncParsableCommand {
         }
     }
 }
+
+struct UpdatePrimaryRegion: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "update-primary-region",
+        abstract: "Make a replica region the primary of a multi-region key (bundle on standard output).",
+        discussion: "Run on the primary: it becomes a replica at once, and the bundle, imported in the new primary region, makes the replica there the primary: `kmsctl update-primary-region --key-id K --primary-region west | ssh west kmsctl import-replica`. Needs kms:UpdatePrimaryRegion.")
+
+    @OptionGroup var global: GlobalOptions
+
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("The primary multi-region key: key id, ARN or alias.", valueName: "id"))
+    var keyID: String
+
+    @Option(name: .customLong("primary-region"), help: ArgumentHelp("One of its replica regions.", valueName: "name"))
+    var primaryRegion: String
+
+    func run() async throws {
+        let r = try await global.withClient { try await $0.updatePrimaryRegion(keyID: keyID, primaryRegion: primaryRegion) }
+        try writeBundle(r.replicationBundle)
+    }
+}

@@ -72,6 +72,24 @@ struct MultiRegionTests {
         let replay = try run(Paths.kmsctl, ["import-replica", "--socket", west.socket], stdin: first)
         #expect(replay.status == 1 && replay.stderr.contains("ValidationException") && replay.stderr.contains("replay"), "\(replay.stderr)")
         #expect(try await w.describeKey(keyID: key).currentKeyVersion == 2)
+
+        // The primary moves to west: east is a replica at once, west the primary once it imports.
+        let moved = try run(Paths.kmsctl, ["update-primary-region", "--key-id", key, "--primary-region", "west", "--socket", east.socket])
+        try #require(moved.status == 0, "\(moved.stderr)")
+        let demoted = try await e.describeKey(keyID: key).multiRegionConfiguration
+        #expect(demoted.multiRegionKeyType == "REPLICA" && demoted.primaryKey.region == "west")
+        await expectKMSError(.unsupportedOperation) { _ = try await e.rotateKeyOnDemand(keyID: key) }
+        let promoted = try run(Paths.kmsctl, ["import-replica", "--socket", west.socket], stdin: moved.stdout)
+        #expect(promoted.status == 0, "\(promoted.stderr)")
+        let now = try await w.describeKey(keyID: key).multiRegionConfiguration
+        #expect(now.multiRegionKeyType == "PRIMARY" && now.primaryKey.region == "west" && now.replicaKeys.map(\.region) == ["east"])
+        // West rotates and sends the new version back to east.
+        _ = try await w.rotateKeyOnDemand(keyID: key)
+        let v3 = try await w.encrypt(keyID: key, plaintext: [3], context: context).ciphertextBlob
+        let (_, back) = try Self.ship("sync-replica", key: key, from: west, to: east, region: "east")
+        #expect(back["ImportedVersions"] as? Int == 1)
+        #expect(Array(try await e.decrypt(ciphertextBlob: Array(v3), context: context).plaintext) == [3])
+        #expect(Array(try await e.decrypt(ciphertextBlob: Array(fromEast), context: context).plaintext) == Array("made in east".utf8))
     }
 
     @Test(.enabled(if: isRoot, "needs root to act as another uid with setpriv"))

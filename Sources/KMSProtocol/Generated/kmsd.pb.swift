@@ -443,6 +443,14 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     set {operation = .importReplica(newValue)}
   }
 
+  public var updatePrimaryRegion: Kmsd_V1_UpdatePrimaryRegionRequest {
+    get {
+      if case .updatePrimaryRegion(let v)? = operation {return v}
+      return Kmsd_V1_UpdatePrimaryRegionRequest()
+    }
+    set {operation = .updatePrimaryRegion(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Operation: Equatable, Sendable {
@@ -496,6 +504,7 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
     case pinReplicationIdentity(Kmsd_V1_PinReplicationIdentityRequest)
     case replicateKey(Kmsd_V1_ReplicateKeyRequest)
     case importReplica(Kmsd_V1_ImportReplicaRequest)
+    case updatePrimaryRegion(Kmsd_V1_UpdatePrimaryRegionRequest)
 
   }
 
@@ -920,6 +929,14 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     set {result = .importReplica(newValue)}
   }
 
+  public var updatePrimaryRegion: Kmsd_V1_UpdatePrimaryRegionResponse {
+    get {
+      if case .updatePrimaryRegion(let v)? = result {return v}
+      return Kmsd_V1_UpdatePrimaryRegionResponse()
+    }
+    set {result = .updatePrimaryRegion(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Result: Equatable, Sendable {
@@ -974,6 +991,7 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
     case pinReplicationIdentity(Kmsd_V1_PinReplicationIdentityResponse)
     case replicateKey(Kmsd_V1_ReplicateKeyResponse)
     case importReplica(Kmsd_V1_ImportReplicaResponse)
+    case updatePrimaryRegion(Kmsd_V1_UpdatePrimaryRegionResponse)
 
   }
 
@@ -3086,6 +3104,47 @@ public nonisolated struct Kmsd_V1_ReplicateKeyResponse: Sendable {
   fileprivate var _keyMetadata: Kmsd_V1_KeyMetadata? = nil
 }
 
+public nonisolated struct Kmsd_V1_UpdatePrimaryRegionRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// the primary multi-region key (key id, ARN or alias)
+  public var keyID: String = String()
+
+  /// one of its replica regions, to become the primary
+  public var primaryRegion: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kmsd_V1_UpdatePrimaryRegionResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// for ImportReplica in primary_region: makes it the primary
+  public var replicationBundle: Data = Data()
+
+  /// this key, now a replica of primary_region
+  public var keyMetadata: Kmsd_V1_KeyMetadata {
+    get {_keyMetadata ?? Kmsd_V1_KeyMetadata()}
+    set {_keyMetadata = newValue}
+  }
+  /// Returns true if `keyMetadata` has been explicitly set.
+  public var hasKeyMetadata: Bool {self._keyMetadata != nil}
+  /// Clears the value of `keyMetadata`. Subsequent reads from it will return its default value.
+  public mutating func clearKeyMetadata() {self._keyMetadata = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _keyMetadata: Kmsd_V1_KeyMetadata? = nil
+}
+
 public nonisolated struct Kmsd_V1_ImportReplicaRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -3178,6 +3237,12 @@ public nonisolated struct Kmsd_V1_ReplicationBundle: Sendable {
   /// 1 ... the primary's current version, in order
   public var versions: [Kmsd_V1_ReplicatedVersion] = []
 
+  /// the key's primary region once this bundle is taken
+  public var primaryRegion: String = String()
+
+  /// the primary's replica regions (when primary_region is the target)
+  public var replicaRegions: [String] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -3213,7 +3278,7 @@ fileprivate nonisolated let _protobuf_package = "kmsd.v1"
 
 nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Request"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0\u{1}status\0\u{3}create_backup\0\u{3}get_backup_chunk\0\u{3}get_replication_identity\0\u{3}pin_replication_identity\0\u{3}replicate_key\0\u{3}import_replica\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0\u{1}status\0\u{3}create_backup\0\u{3}get_backup_chunk\0\u{3}get_replication_identity\0\u{3}pin_replication_identity\0\u{3}replicate_key\0\u{3}import_replica\0\u{3}update_primary_region\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3872,6 +3937,19 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
           self.operation = .importReplica(v)
         }
       }()
+      case 88: try {
+        var v: Kmsd_V1_UpdatePrimaryRegionRequest?
+        var hadOneofValue = false
+        if let current = self.operation {
+          hadOneofValue = true
+          if case .updatePrimaryRegion(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.operation = .updatePrimaryRegion(v)
+        }
+      }()
       default: break
       }
     }
@@ -4086,6 +4164,10 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
       guard case .importReplica(let v)? = self.operation else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 87)
     }()
+    case .updatePrimaryRegion?: try {
+      guard case .updatePrimaryRegion(let v)? = self.operation else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 88)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -4101,7 +4183,7 @@ nonisolated extension Kmsd_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Mes
 
 nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Response"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0\u{1}status\0\u{3}create_backup\0\u{3}get_backup_chunk\0\u{3}get_replication_identity\0\u{3}pin_replication_identity\0\u{3}replicate_key\0\u{3}import_replica\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0\u{1}status\0\u{3}create_backup\0\u{3}get_backup_chunk\0\u{3}get_replication_identity\0\u{3}pin_replication_identity\0\u{3}replicate_key\0\u{3}import_replica\0\u{3}update_primary_region\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -4773,6 +4855,19 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
           self.result = .importReplica(v)
         }
       }()
+      case 88: try {
+        var v: Kmsd_V1_UpdatePrimaryRegionResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .updatePrimaryRegion(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .updatePrimaryRegion(v)
+        }
+      }()
       default: break
       }
     }
@@ -4990,6 +5085,10 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
     case .importReplica?: try {
       guard case .importReplica(let v)? = self.result else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 87)
+    }()
+    case .updatePrimaryRegion?: try {
+      guard case .updatePrimaryRegion(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 88)
     }()
     case nil: break
     }
@@ -9487,6 +9586,80 @@ nonisolated extension Kmsd_V1_ReplicateKeyResponse: SwiftProtobuf.Message, Swift
   }
 }
 
+nonisolated extension Kmsd_V1_UpdatePrimaryRegionRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".UpdatePrimaryRegionRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}primary_region\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.keyID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.primaryRegion) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.keyID.isEmpty {
+      try visitor.visitSingularStringField(value: self.keyID, fieldNumber: 1)
+    }
+    if !self.primaryRegion.isEmpty {
+      try visitor.visitSingularStringField(value: self.primaryRegion, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_UpdatePrimaryRegionRequest, rhs: Kmsd_V1_UpdatePrimaryRegionRequest) -> Bool {
+    if lhs.keyID != rhs.keyID {return false}
+    if lhs.primaryRegion != rhs.primaryRegion {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kmsd_V1_UpdatePrimaryRegionResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".UpdatePrimaryRegionResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}replication_bundle\0\u{3}key_metadata\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.replicationBundle) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._keyMetadata) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.replicationBundle.isEmpty {
+      try visitor.visitSingularBytesField(value: self.replicationBundle, fieldNumber: 1)
+    }
+    try { if let v = self._keyMetadata {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kmsd_V1_UpdatePrimaryRegionResponse, rhs: Kmsd_V1_UpdatePrimaryRegionResponse) -> Bool {
+    if lhs.replicationBundle != rhs.replicationBundle {return false}
+    if lhs._keyMetadata != rhs._keyMetadata {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Kmsd_V1_ImportReplicaRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ImportReplicaRequest"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}replication_bundle\0")
@@ -9593,7 +9766,7 @@ nonisolated extension Kmsd_V1_SignedReplicationBundle: SwiftProtobuf.Message, Sw
 
 nonisolated extension Kmsd_V1_ReplicationBundle: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReplicationBundle"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}format\0\u{3}source_region\0\u{3}source_signing_public_key\0\u{3}target_region\0\u{3}target_agreement_public_key\0\u{1}sequence\0\u{3}key_id\0\u{3}creation_date\0\u{1}description\0\u{1}tags\0\u{1}policy\0\u{3}ephemeral_public_key\0\u{1}versions\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}format\0\u{3}source_region\0\u{3}source_signing_public_key\0\u{3}target_region\0\u{3}target_agreement_public_key\0\u{1}sequence\0\u{3}key_id\0\u{3}creation_date\0\u{1}description\0\u{1}tags\0\u{1}policy\0\u{3}ephemeral_public_key\0\u{1}versions\0\u{3}primary_region\0\u{3}replica_regions\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -9614,6 +9787,8 @@ nonisolated extension Kmsd_V1_ReplicationBundle: SwiftProtobuf.Message, SwiftPro
       case 11: try { try decoder.decodeSingularStringField(value: &self.policy) }()
       case 12: try { try decoder.decodeSingularBytesField(value: &self.ephemeralPublicKey) }()
       case 13: try { try decoder.decodeRepeatedMessageField(value: &self.versions) }()
+      case 14: try { try decoder.decodeSingularStringField(value: &self.primaryRegion) }()
+      case 15: try { try decoder.decodeRepeatedStringField(value: &self.replicaRegions) }()
       default: break
       }
     }
@@ -9659,6 +9834,12 @@ nonisolated extension Kmsd_V1_ReplicationBundle: SwiftProtobuf.Message, SwiftPro
     if !self.versions.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.versions, fieldNumber: 13)
     }
+    if !self.primaryRegion.isEmpty {
+      try visitor.visitSingularStringField(value: self.primaryRegion, fieldNumber: 14)
+    }
+    if !self.replicaRegions.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.replicaRegions, fieldNumber: 15)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -9676,6 +9857,8 @@ nonisolated extension Kmsd_V1_ReplicationBundle: SwiftProtobuf.Message, SwiftPro
     if lhs.policy != rhs.policy {return false}
     if lhs.ephemeralPublicKey != rhs.ephemeralPublicKey {return false}
     if lhs.versions != rhs.versions {return false}
+    if lhs.primaryRegion != rhs.primaryRegion {return false}
+    if lhs.replicaRegions != rhs.replicaRegions {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
