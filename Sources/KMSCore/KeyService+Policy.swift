@@ -58,6 +58,7 @@ extension KeyService {
         var facts = RequestFacts(action: action, caller: caller, isAdministrator: isAdministrator(caller), key: record)
         facts.encryptionContext = (context?.isEmpty ?? true) ? nil : context
         facts.requestAlias = alias
+        facts.region = region
         let repository = self.repository, id = record.keyID
         facts.resourceAliases = { (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? [] }
         return facts

@@ -92,20 +92,39 @@ struct MultiRegionTests {
         #expect(Array(try await e.decrypt(ciphertextBlob: Array(fromEast), context: context).plaintext) == Array("made in east".utf8))
     }
 
-    @Test(.enabled(if: isRoot, "needs root to act as another uid with setpriv"))
+    @Test(.enabled(if: isRoot, "needs root to act as other uids with setpriv"))
     func eachRegionAppliesItsOwnPolicy() async throws {
         let (east, west) = try await Self.pair("east", "west")
         defer { east.stop(); west.stop() }
-        let user: UInt32 = 64104
-        let allow = #"{"Sid": "User", "Effect": "Allow", "Principal": {"Uid": "\#(user)"}, "Action": ["kms:Decrypt", "kms:Encrypt"], "Resource": "*"}"#
-        let key = try await east.client().createKey(policy: keyPolicy(allow), multiRegion: true).keyID
+        // One policy on both copies: uid 64104 may decrypt only in east (kms:Region), 64105 in
+        // east and west; the replica made without --policy has the default policy instead.
+        let eastOnly = #"{"Sid": "EastOnly", "Effect": "Allow", "Principal": {"Uid": "64104"}, "Action": "kms:Decrypt", "Resource": "*", "Condition": {"StringEquals": {"kms:Region": "east"}}}"#
+        let both = #"{"Sid": "Both", "Effect": "Allow", "Principal": {"Uid": "64105"}, "Action": "kms:Decrypt", "Resource": "*", "Condition": {"StringEquals": {"kms:Region": ["east", "west"]}, "Bool": {"kms:MultiRegion": "true"}}}"#
+        let policy = keyPolicy(eastOnly, both)
+        let key = try await east.client().createKey(policy: policy, multiRegion: true).keyID
         let blob = try await east.client().encrypt(keyID: key, plaintext: [7]).ciphertextBlob
-        // The replica gets the default policy (administrators and its importer) unless given one.
-        _ = try Self.ship("replicate-key", key: key, from: east, to: west, region: "west")
-        let onEast = try runAs(uid: user, [Paths.kmsctl, "decrypt", "--socket", east.socket], stdin: blob)
-        #expect(onEast.status == 0 && onEast.stdout == Data([7]), "\(onEast.stderr)")
-        let onWest = try runAs(uid: user, [Paths.kmsctl, "decrypt", "--socket", west.socket], stdin: blob)
-        #expect(onWest.status == 1 && onWest.stderr.contains("AccessDeniedException"), "\(onWest.stderr)")
+        let dir = try Paths.tempDir("mrk-policy")
+        FileManager.default.createFile(atPath: dir + "/policy.json", contents: Data(policy.utf8))
+        let made = try run(Paths.kmsctl, ["replicate-key", "--key-id", key, "--replica-region", "west", "--policy", "file://" + dir + "/policy.json", "--socket", east.socket])
+        try #require(made.status == 0, "\(made.stderr)")
+        let taken = try run(Paths.kmsctl, ["import-replica", "--socket", west.socket], stdin: made.stdout)
+        try #require(taken.status == 0, "\(taken.stderr)")
+        #expect(try await west.client().getKeyPolicy(keyID: key) == policy)
+        func decrypt(_ uid: UInt32, on d: Daemon) throws -> ProcessResult {
+            try runAs(uid: uid, [Paths.kmsctl, "decrypt", "--socket", d.socket], stdin: blob)
+        }
+        let aEast = try decrypt(64104, on: east), aWest = try decrypt(64104, on: west)
+        #expect(aEast.status == 0 && aEast.stdout == Data([7]), "\(aEast.stderr)")
+        #expect(aWest.status == 1 && aWest.stderr.contains("AccessDeniedException"), "\(aWest.stderr)")
+        let bEast = try decrypt(64105, on: east), bWest = try decrypt(64105, on: west)
+        #expect(bEast.status == 0 && bWest.status == 0 && bWest.stdout == Data([7]), "\(bEast.stderr) \(bWest.stderr)")
+        // Replicated without --policy, the copy in a third region has the default policy: neither user.
+        let north = try Daemon(arguments: ["--region", "north"])
+        defer { north.stop() }
+        _ = try await north.client().pinReplicationIdentity(try await east.client().getReplicationIdentity().identity)
+        _ = try await east.client().pinReplicationIdentity(try await north.client().getReplicationIdentity().identity)
+        _ = try Self.ship("replicate-key", key: key, from: east, to: north, region: "north")
+        #expect(try decrypt(64105, on: north).stderr.contains("AccessDeniedException"))
     }
 
     @Test func damagedMisaddressedAndUnpinnedBundlesAreRefused() async throws {

@@ -28,6 +28,8 @@ public struct RequestFacts: @unchecked Sendable {
     public var grantOperations: [String]? = nil
     public var granteePrincipal: String? = nil
     public var retiringPrincipal: String? = nil
+    /// The region of the kmsd deciding (multi-region keys: each replica's policy can test it).
+    public var region: String? = nil
 
     public init(action: Int, caller: Principal, isAdministrator: Bool, key: KeyRecord?) {
         self.action = action
@@ -320,6 +322,7 @@ enum ConditionKey: Sendable, Equatable {
     case encryptionContextKeys, callerUnit, callerExecutable, callerUid, callerUser, requestAlias, resourceAliases
     case keySpec, keyOrigin, keyUsage, bypassPolicyLockoutSafetyCheck, pendingWindowInDays
     case grantOperations, granteePrincipal, retiringPrincipal
+    case region, multiRegion, multiRegionKeyType
 
     static let simple: [String: ConditionKey] = [
         "kms:encryptioncontextkeys": .encryptionContextKeys, "kms:callerunit": .callerUnit,
@@ -330,9 +333,10 @@ enum ConditionKey: Sendable, Equatable {
         "kms:schedulekeydeletionpendingwindowindays": .pendingWindowInDays,
         "kms:grantoperations": .grantOperations, "kms:granteeprincipal": .granteePrincipal,
         "kms:retiringprincipal": .retiringPrincipal,
+        "kms:region": .region, "kms:multiregion": .multiRegion, "kms:multiregionkeytype": .multiRegionKeyType,
     ]
 
-    static let names = "kms:EncryptionContext:KEY, kms:EncryptionContextKeys, kms:CallerUnit, kms:CallerExecutable, kms:CallerUid, kms:CallerUser, kms:RequestAlias, kms:ResourceAliases, kms:ResourceTag/KEY, kms:KeySpec, kms:KeyOrigin, kms:KeyUsage, kms:BypassPolicyLockoutSafetyCheck, kms:ScheduleKeyDeletionPendingWindowInDays, kms:GrantOperations, kms:GranteePrincipal, kms:RetiringPrincipal"
+    static let names = "kms:EncryptionContext:KEY, kms:EncryptionContextKeys, kms:CallerUnit, kms:CallerExecutable, kms:CallerUid, kms:CallerUser, kms:RequestAlias, kms:ResourceAliases, kms:ResourceTag/KEY, kms:KeySpec, kms:KeyOrigin, kms:KeyUsage, kms:BypassPolicyLockoutSafetyCheck, kms:ScheduleKeyDeletionPendingWindowInDays, kms:GrantOperations, kms:GranteePrincipal, kms:RetiringPrincipal, kms:Region, kms:MultiRegion, kms:MultiRegionKeyType"
 
     /// Condition key names are case-insensitive (as in AWS); the part after
     /// `kms:EncryptionContext:` or `kms:ResourceTag/` is kept exactly.
@@ -377,6 +381,9 @@ enum ConditionKey: Sendable, Equatable {
         case .pendingWindowInDays: return f.pendingWindowInDays.map { String($0) }
         case .granteePrincipal: return f.granteePrincipal
         case .retiringPrincipal: return f.retiringPrincipal
+        case .region: return f.region
+        case .multiRegion: return f.key.map { $0.keyID.isMultiRegion ? "true" : "false" }
+        case .multiRegionKeyType: return f.key?.multiRegionKeyType
         case .encryptionContextKeys, .resourceAliases, .grantOperations: return values(in: f)?.first
         }
     }
@@ -401,6 +408,9 @@ enum ConditionKey: Sendable, Equatable {
         case .grantOperations: return f.grantOperations
         case .granteePrincipal: return f.granteePrincipal.map { [$0] }
         case .retiringPrincipal: return f.retiringPrincipal.map { [$0] }
+        case .region: return f.region.map { [$0] }
+        case .multiRegion: return f.key.map { [$0.keyID.isMultiRegion ? "true" : "false"] }
+        case .multiRegionKeyType: return f.key?.multiRegionKeyType.map { [$0] }
         }
     }
 }
