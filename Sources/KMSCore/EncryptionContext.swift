@@ -51,7 +51,9 @@ public struct EncryptionContext: Sendable, Equatable {
     /// The keys of pairs as they arrived (duplicates included), for the audit record of a
     /// request whose context may not even be valid; same format as `auditKeys(_:)`.
     public static func auditKeys(pairs: [WirePair]) -> String {
-        pairs.map(\.key).sorted { $0.lexicographicallyPrecedes($1) }
+        // Every Encrypt and Decrypt builds this: the usual single pair costs one String.
+        if pairs.count == 1 { return escape(String(decoding: pairs[0].key, as: UTF8.self)) }
+        return pairs.map(\.key).sorted { $0.lexicographicallyPrecedes($1) }
             .map { escape(String(decoding: $0, as: UTF8.self)) }.joined(separator: ",")
     }
 

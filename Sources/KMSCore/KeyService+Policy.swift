@@ -59,8 +59,7 @@ extension KeyService {
         facts.encryptionContext = (context?.isEmpty ?? true) ? nil : context
         facts.requestAlias = alias
         facts.region = region
-        let repository = self.repository, id = record.keyID
-        facts.resourceAliases = { (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? [] }
+        facts.aliasSource = repository
         return facts
     }
 

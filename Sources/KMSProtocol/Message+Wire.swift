@@ -22,26 +22,34 @@ extension SwiftProtobuf.Message {
 }
 
 /// A decoded request and its encryption contexts exactly as they were on the wire.
-public struct IncomingRequest: Sendable {
+///
+/// A class: the request waits in queues and batches on its way to a handler, and a `Request`
+/// value (its operation inline) is hundreds of bytes to move each time; a reference is 8.
+public final class IncomingRequest: Sendable {
     public let message: KMSRequest
     public let contexts: WireContexts
 
-    public init(_ message: KMSRequest, contexts: WireContexts = WireContexts()) {
+    public convenience init(_ message: KMSRequest, contexts: WireContexts = WireContexts()) {
+        self.init(message: message, contexts: contexts)
+    }
+
+    private init(message: KMSRequest, contexts: WireContexts) {
         self.message = message
         self.contexts = contexts
     }
 
     /// Decodes a frame body; throws ValidationException when it is not a Request. The
     /// temporary copy of the body (which may hold a plaintext) is zeroed before returning.
-    public init(frameBody: ByteBuffer) throws(KMSError) {
+    public convenience init(frameBody: ByteBuffer) throws(KMSError) {
         var bytes = Array(frameBody.readableBytesView)
         defer { bytes.withUnsafeMutableBytes { zeroize($0) } }
+        let message: KMSRequest
         do {
             message = try KMSRequest(serializedBytes: bytes)
         } catch {
             throw KMSError(.validation, "the frame body is not a valid kmsd.v1 message (\(frameBody.readableBytes) bytes); check the client encodes kmsd.proto")
         }
-        contexts = bytes.withUnsafeBytes { WireContexts(scanning: $0) }
+        self.init(message: message, contexts: bytes.withUnsafeBytes { WireContexts(scanning: $0) })
     }
 }
 

@@ -23,6 +23,9 @@ public struct RequestFacts: @unchecked Sendable {
     public var requestAlias: String? = nil
     /// The key's aliases, looked up only when a condition asks.
     public var resourceAliases: (() -> [String])? = nil
+    /// Else where the key's aliases are read from (a reference, not a closure: every decision
+    /// sets it, and a closure would be an allocation each time).
+    public var aliasSource: KeyRepository? = nil
     public var bypassPolicyLockoutSafetyCheck: Bool? = nil
     public var pendingWindowInDays: UInt32? = nil
     public var grantOperations: [String]? = nil
@@ -398,7 +401,10 @@ enum ConditionKey: Sendable, Equatable {
         case .callerUid: return [String(f.caller.uid)]
         case .callerUser: return f.caller.userName.isEmpty ? nil : [f.caller.userName]
         case .requestAlias: return f.requestAlias.map { [$0] }
-        case .resourceAliases: return f.resourceAliases?()
+        case .resourceAliases:
+            if let lookup = f.resourceAliases { return lookup() }
+            guard let repository = f.aliasSource, let id = f.key?.keyID else { return nil }
+            return (try? repository.aliasNames(keyID: id, after: nil, limit: 100)) ?? []
         case .resourceTag(let k): return f.key?.tags.first { $0.key.utf8.elementsEqual(k.utf8) }.map { [$0.value] }
         case .keySpec: return f.key.map { [$0.keySpec.rawValue] }
         case .keyOrigin: return f.key.map { [$0.origin] }
