@@ -74,7 +74,8 @@ extension KeyService {
 
     /// A signed bundle of every version of `record` for `target` (PROTOCOL.md §15.4).
     func makeBundle(_ record: KeyRecord, for target: ReplicationPeer, identity: ReplicationIdentity, primaryRegion: String,
-                    replicaRegions: [String], policy: String, description: String, tags: [Tag]) throws(KMSError) -> [UInt8] {
+                    replicaRegions: [String], policy: String, description: String, tags: [Tag],
+                    deletionNotice: Bool = false) throws(KMSError) -> [UInt8] {
         let keyID = record.keyID.description
         let sequence = UInt64(max(0, clock().timeIntervalSince1970 * 1_000_000))
         var bundle = Kmsd_V1_ReplicationBundle()
@@ -97,7 +98,8 @@ extension KeyService {
             bundle.primaryRegion = primaryRegion
             bundle.replicaRegions = replicaRegions
             bundle.ephemeralPublicKey = Data(ephemeral.publicKey)
-            for v in try repository.versions(record.keyID) {
+            bundle.replicaDeleted = deletionNotice
+            for v in try (deletionNotice ? [] : repository.versions(record.keyID)) {
                 guard let material = try repository.material(record.keyID, version: v.version) else { throw KeyRepository.tampered(record.keyID) }
                 let nonce = try SecureRandom.bytes(AESGCM.nonceBytes)
                 let sealed = try material.withUnsafeBytes {
@@ -156,6 +158,16 @@ extension KeyService {
         return (signed, now)
     }
 
+    /// For a replica scheduled for deletion: a signed notice (a bundle without versions) that
+    /// lets its primary forget this region, so the primary can be deleted once every replica
+    /// is; nil when the primary's identity is not pinned here.
+    public func replicaDeletionNotice(_ record: KeyRecord, identity: ReplicationIdentity) throws(KMSError) -> [UInt8]? {
+        guard record.multiRegionKeyType == "REPLICA", let primary = record.primaryRegion,
+              let target = try repository.replicationPeers().first(where: { $0.region == primary }) else { return nil }
+        return try makeBundle(record, for: target, identity: identity, primaryRegion: primary, replicaRegions: [],
+                              policy: "", description: "", tags: [], deletionNotice: true)
+    }
+
     /// A bundle's contents and its versions' material, once it is shown to be made for
     /// `identity` (in `region`) by one of `pinned`, unaltered; else why not.
     public static func openBundle(_ signedBytes: [UInt8], identity: ReplicationIdentity, region: String,
@@ -180,6 +192,10 @@ extension KeyService {
         }
         guard let keyID = KeyID.parse(bundle.keyID), keyID.isMultiRegion, keyID.description == bundle.keyID else {
             throw invalid("it names no multi-region key (\(bundle.keyID.prefix(64)))")
+        }
+        if bundle.replicaDeleted {
+            guard bundle.versions.isEmpty else { throw invalid("a replica deletion notice carries no versions") }
+            return (bundle, keyID, [])
         }
         let numbers = bundle.versions.map(\.version)
         guard !numbers.isEmpty, numbers == Array(1...UInt32(numbers.count)) else {
@@ -206,6 +222,7 @@ extension KeyService {
     /// is taken whole or not at all.
     public func importReplica(_ signedBytes: [UInt8], identity: ReplicationIdentity, caller: Principal) throws(KMSError) -> (record: KeyRecord, added: Int) {
         let (bundle, keyID, materials) = try Self.openBundle(signedBytes, identity: identity, region: region, pinned: try repository.replicationPeers())
+        if bundle.replicaDeleted { return (try forgetReplica(keyID, region: bundle.sourceRegion), 0) }
         // The region that is primary once this bundle is taken: the sender, or (UpdatePrimaryRegion) this one.
         let primary = bundle.primaryRegion.isEmpty ? bundle.sourceRegion : bundle.primaryRegion
         guard primary == bundle.sourceRegion || primary == region else {
@@ -267,6 +284,21 @@ extension KeyService {
         } catch let error as KMSError { throw error } catch {
             throw KMSError(.internalError, "the replica could not be stored (\(error))")
         }
+    }
+}
+
+extension KeyService {
+    /// A replica deletion notice taken: the primary no longer lists `replicaRegion`.
+    func forgetReplica(_ keyID: KeyID, region replicaRegion: String) throws(KMSError) -> KeyRecord {
+        guard var record = try repository.record(keyID), record.multiRegionKeyType == "PRIMARY" else {
+            throw KMSError(.validation, "the replica deletion notice was refused: key \(keyID) is not a primary here")
+        }
+        guard let replicas = record.replicaRegions, replicas.contains(replicaRegion) else { return record }
+        record.replicaRegions = replicas.filter { $0 != replicaRegion }
+        do { try repository.update(record) } catch let e as KMSError { throw e } catch {
+            throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
+        }
+        return record
     }
 }
 

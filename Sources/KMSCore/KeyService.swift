@@ -215,6 +215,9 @@ public final class KeyService: Sendable {
             guard r.state != .pendingDeletion else {
                 throw KMSError(.invalidState, "key \(r.keyID) is already pending deletion (on \(Self.date(r.deletionDate))); cancel it first to change the window")
             }
+            if r.multiRegionKeyType == "PRIMARY", let replicas = r.replicaRegions, !replicas.isEmpty {
+                throw KMSError(.invalidState, "key \(r.keyID) is the primary of replicas in \(replicas.joined(separator: ", ")): schedule their deletion there first and import each one's replica deletion notice here (kmsctl import-replica), or make another region the primary")
+            }
             r.state = .pendingDeletion
             r.pendingWindowInDays = days
             r.deletionDate = date(days, after: now)

@@ -1,3 +1,4 @@
+import Foundation
 import KMSCore
 import KMSProtocol
 
@@ -71,11 +72,14 @@ enum KeyHandlers {
         d.noteKey(requested: r.keyID)
         let change = try ctx.service.scheduleKeyDeletion(r.keyID, windowDays: r.pendingWindowInDays, caller: ctx.principal)
         note(change, ctx, &d)
+        // A replica's notice for its primary, which cannot be deleted while it lists replicas.
+        let notice = try ctx.identity.flatMap { identity throws(KMSError) in try ctx.service.replicaDeletionNotice(change.after, identity: identity) }
         return .with {
             $0.keyID = change.after.keyID.description
             $0.deletionDate = Int64(change.after.deletionDate?.timeIntervalSince1970 ?? 0)
             $0.keyState = change.after.state.rawValue
             $0.pendingWindowInDays = change.after.pendingWindowInDays ?? 0
+            if let notice { $0.replicaDeletionNotice = Data(notice) }
         }
     }
 

@@ -166,6 +166,8 @@ struct ImportReplica: AsyncParsableCommand {
 
     func run() async throws {
         let bytes = try bundle.map { try readBlobArgument($0, option: "--replication-bundle") } ?? Array(FileHandle.standardInput.readDataToEndOfFile())
+        // A replica deletion notice is taken the same way: --replication-bundle with the base64
+        // schedule-key-deletion printed (ReplicaDeletionNotice) on the replica's host.
         let r = try await global.withClient { try await $0.importReplica(bundle: bytes) }
         if global.json {
             var object = keyMetadataDictionary(r.keyMetadata)

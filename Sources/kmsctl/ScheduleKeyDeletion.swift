@@ -20,12 +20,16 @@ struct ScheduleKeyDeletion: AsyncParsableCommand {
 
     func run() async throws {
         let r = try await global.withClient { try await $0.scheduleKeyDeletion(keyID: key.keyID, pendingWindowInDays: pendingWindowInDays) }
+        // A replica's deletion notice, for import-replica at its primary (base64).
+        let notice = r.replicaDeletionNotice.isEmpty ? nil : r.replicaDeletionNotice.base64EncodedString()
         if global.json {
-            try printJSON(["KeyId": r.keyID, "DeletionDate": Int(r.deletionDate), "KeyState": r.keyState,
-                           "PendingWindowInDays": Int(r.pendingWindowInDays)])
+            var object: [String: Any] = ["KeyId": r.keyID, "DeletionDate": Int(r.deletionDate), "KeyState": r.keyState,
+                                         "PendingWindowInDays": Int(r.pendingWindowInDays)]
+            if let notice { object["ReplicaDeletionNotice"] = notice }
+            try printJSON(object)
         } else {
             printFields([("KeyId", r.keyID), ("DeletionDate", formatUnixTime(r.deletionDate)), ("KeyState", r.keyState),
-                         ("PendingWindowInDays", String(r.pendingWindowInDays))])
+                         ("PendingWindowInDays", String(r.pendingWindowInDays))] + (notice.map { [("ReplicaDeletionNotice", $0)] } ?? []))
         }
     }
 }

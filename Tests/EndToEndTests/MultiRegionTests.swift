@@ -127,6 +127,33 @@ struct MultiRegionTests {
         #expect(try decrypt(64105, on: north).stderr.contains("AccessDeniedException"))
     }
 
+    /// As AWS: a primary is not deleted while it has replicas. Each replica's deletion hands
+    /// back a signed notice; once the primary has taken them, it can be deleted.
+    @Test func aPrimaryWithReplicasIsDeletedOnlyAfterThem() async throws {
+        let (east, west) = try await Self.pair("east", "west")
+        defer { east.stop(); west.stop() }
+        let key = try await east.client().createKey(multiRegion: true).keyID
+        _ = try Self.ship("replicate-key", key: key, from: east, to: west, region: "west")
+        let refused = try run(Paths.kmsctl, ["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--socket", east.socket])
+        #expect(refused.status == 1 && refused.stderr.contains("KMSInvalidStateException") && refused.stderr.contains("west"), "\(refused.stderr)")
+        #expect(try await east.client().describeKey(keyID: key).keyState == "Enabled")
+        let scheduled = try run(Paths.kmsctl, ["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--json", "--socket", west.socket])
+        try #require(scheduled.status == 0, "\(scheduled.stderr)")
+        let answer = try #require(try JSONSerialization.jsonObject(with: scheduled.stdout) as? [String: Any])
+        let notice = try #require(answer["ReplicaDeletionNotice"] as? String)
+        // The notice is signed: altered, it is refused; as made, the primary forgets west.
+        var bad = try #require(Data(base64Encoded: notice))
+        bad[bad.count / 2] ^= 1
+        let altered = try run(Paths.kmsctl, ["import-replica", "--replication-bundle", bad.base64EncodedString(), "--socket", east.socket])
+        #expect(altered.status == 1 && altered.stderr.contains("ValidationException"), "\(altered.stderr)")
+        let taken = try run(Paths.kmsctl, ["import-replica", "--replication-bundle", notice, "--socket", east.socket])
+        #expect(taken.status == 0, "\(taken.stderr)")
+        #expect(try await east.client().describeKey(keyID: key).multiRegionConfiguration.replicaKeys.isEmpty)
+        let now = try run(Paths.kmsctl, ["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--socket", east.socket])
+        #expect(now.status == 0, "\(now.stderr)")
+        #expect(try await east.client().describeKey(keyID: key).keyState == "PendingDeletion")
+    }
+
     @Test func damagedMisaddressedAndUnpinnedBundlesAreRefused() async throws {
         let (east, west) = try await Self.pair("east", "west")
         defer { east.stop(); west.stop() }

@@ -1481,6 +1481,9 @@ public nonisolated struct Kmsd_V1_ScheduleKeyDeletionResponse: Sendable {
 
   public var pendingWindowInDays: UInt32 = 0
 
+  /// a replica's: for ImportReplica at its primary (PROTOCOL.md section 7.9)
+  public var replicaDeletionNotice: Data = Data()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -3242,6 +3245,9 @@ public nonisolated struct Kmsd_V1_ReplicationBundle: Sendable {
 
   /// the primary's replica regions (when primary_region is the target)
   public var replicaRegions: [String] = []
+
+  /// a replica deletion notice: no versions; the primary forgets the sender
+  public var replicaDeleted: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -6032,7 +6038,7 @@ nonisolated extension Kmsd_V1_ScheduleKeyDeletionRequest: SwiftProtobuf.Message,
 
 nonisolated extension Kmsd_V1_ScheduleKeyDeletionResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ScheduleKeyDeletionResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}deletion_date\0\u{3}key_state\0\u{3}pending_window_in_days\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}key_id\0\u{3}deletion_date\0\u{3}key_state\0\u{3}pending_window_in_days\0\u{3}replica_deletion_notice\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -6044,6 +6050,7 @@ nonisolated extension Kmsd_V1_ScheduleKeyDeletionResponse: SwiftProtobuf.Message
       case 2: try { try decoder.decodeSingularInt64Field(value: &self.deletionDate) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.keyState) }()
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.pendingWindowInDays) }()
+      case 5: try { try decoder.decodeSingularBytesField(value: &self.replicaDeletionNotice) }()
       default: break
       }
     }
@@ -6062,6 +6069,9 @@ nonisolated extension Kmsd_V1_ScheduleKeyDeletionResponse: SwiftProtobuf.Message
     if self.pendingWindowInDays != 0 {
       try visitor.visitSingularUInt32Field(value: self.pendingWindowInDays, fieldNumber: 4)
     }
+    if !self.replicaDeletionNotice.isEmpty {
+      try visitor.visitSingularBytesField(value: self.replicaDeletionNotice, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -6070,6 +6080,7 @@ nonisolated extension Kmsd_V1_ScheduleKeyDeletionResponse: SwiftProtobuf.Message
     if lhs.deletionDate != rhs.deletionDate {return false}
     if lhs.keyState != rhs.keyState {return false}
     if lhs.pendingWindowInDays != rhs.pendingWindowInDays {return false}
+    if lhs.replicaDeletionNotice != rhs.replicaDeletionNotice {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -9766,7 +9777,7 @@ nonisolated extension Kmsd_V1_SignedReplicationBundle: SwiftProtobuf.Message, Sw
 
 nonisolated extension Kmsd_V1_ReplicationBundle: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReplicationBundle"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}format\0\u{3}source_region\0\u{3}source_signing_public_key\0\u{3}target_region\0\u{3}target_agreement_public_key\0\u{1}sequence\0\u{3}key_id\0\u{3}creation_date\0\u{1}description\0\u{1}tags\0\u{1}policy\0\u{3}ephemeral_public_key\0\u{1}versions\0\u{3}primary_region\0\u{3}replica_regions\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}format\0\u{3}source_region\0\u{3}source_signing_public_key\0\u{3}target_region\0\u{3}target_agreement_public_key\0\u{1}sequence\0\u{3}key_id\0\u{3}creation_date\0\u{1}description\0\u{1}tags\0\u{1}policy\0\u{3}ephemeral_public_key\0\u{1}versions\0\u{3}primary_region\0\u{3}replica_regions\0\u{3}replica_deleted\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -9789,6 +9800,7 @@ nonisolated extension Kmsd_V1_ReplicationBundle: SwiftProtobuf.Message, SwiftPro
       case 13: try { try decoder.decodeRepeatedMessageField(value: &self.versions) }()
       case 14: try { try decoder.decodeSingularStringField(value: &self.primaryRegion) }()
       case 15: try { try decoder.decodeRepeatedStringField(value: &self.replicaRegions) }()
+      case 16: try { try decoder.decodeSingularBoolField(value: &self.replicaDeleted) }()
       default: break
       }
     }
@@ -9840,6 +9852,9 @@ nonisolated extension Kmsd_V1_ReplicationBundle: SwiftProtobuf.Message, SwiftPro
     if !self.replicaRegions.isEmpty {
       try visitor.visitRepeatedStringField(value: self.replicaRegions, fieldNumber: 15)
     }
+    if self.replicaDeleted != false {
+      try visitor.visitSingularBoolField(value: self.replicaDeleted, fieldNumber: 16)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -9859,6 +9874,7 @@ nonisolated extension Kmsd_V1_ReplicationBundle: SwiftProtobuf.Message, SwiftPro
     if lhs.versions != rhs.versions {return false}
     if lhs.primaryRegion != rhs.primaryRegion {return false}
     if lhs.replicaRegions != rhs.replicaRegions {return false}
+    if lhs.replicaDeleted != rhs.replicaDeleted {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
