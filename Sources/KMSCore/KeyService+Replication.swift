@@ -302,6 +302,14 @@ extension KeyService {
     }
 }
 
+extension KeyService {
+    /// The key a bundle names, read without checking it (to know whether it exists here yet).
+    public static func bundleKeyID(_ signedBytes: [UInt8]) throws -> KeyID? {
+        let signed = try Kmsd_V1_SignedReplicationBundle(serializedBytes: signedBytes)
+        return KeyID.parse(try Kmsd_V1_ReplicationBundle(serializedBytes: Array(signed.bundle)).keyID)
+    }
+}
+
 extension ReplicationIdentity {
     func sign(_ message: [UInt8]) throws -> [UInt8] { try Ed25519.sign(message, privateKey: signingKey) }
 }

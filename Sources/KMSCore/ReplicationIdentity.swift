@@ -105,6 +105,15 @@ extension KeyRepository {
         return replaced
     }
 
+    /// Takes back the pin of `region`, putting `restoring` (the pin it replaced) back if any.
+    public func unpin(region: String, restoring: ReplicationPeer?) throws {
+        var peers = try replicationPeers().filter { $0.region != region }
+        if let restoring { peers.append(restoring) }
+        peers.sort { $0.region < $1.region }
+        let json = Array(try JSONEncoder().encode(peers))
+        try storage.setMeta("replication_peers", try peersMAC(json) + json)
+    }
+
     private func peersMAC(_ json: [UInt8]) throws -> [UInt8] {
         try HMAC.authenticate(key: root.recordMACKey, data: Self.peersLabel + json)
     }

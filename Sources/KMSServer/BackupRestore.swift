@@ -16,6 +16,11 @@ public enum BackupRestore {
         if FileManager.default.fileExists(atPath: keystore) {
             throw ConfigurationError("\(c.stateDirectory) already has a keystore (\(keystore)); restore only into a state directory without one (move it away first: a restore never replaces a keystore)")
         }
+        // A write-ahead log left by a keystore that was moved away would be replayed into the
+        // restored one (and belongs with the keystore it came from).
+        for suffix in ["-wal", "-shm", "-journal"] where FileManager.default.fileExists(atPath: keystore + suffix) {
+            throw ConfigurationError("\(keystore + suffix) is left from an earlier keystore; move it away with that keystore (it may hold its last changes) before restoring")
+        }
         // A state directory this command creates is removed again when the restore fails, so a
         // refused backup leaves nothing behind.
         let created = !FileManager.default.fileExists(atPath: c.stateDirectory)

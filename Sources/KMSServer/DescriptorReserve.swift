@@ -14,8 +14,9 @@ import NIOCore
 /// changes: connections already open keep being served, and new ones are served again as soon
 /// as descriptors are free.
 ///
-/// It sits on the listening channel ahead of SwiftNIO's `AcceptBackoffHandler`, and passes the
-/// error on (so NIO pauses accepting for a second) only when it could not take the reserve back.
+/// It sits on the listening channel ahead of SwiftNIO's `AcceptBackoffHandler` (Server adds
+/// one), and passes the error on (so accepting pauses for a second) only when it could not take
+/// the reserve back.
 final class DescriptorExhaustionHandler: ChannelInboundHandler {
     typealias InboundIn = Channel
     typealias InboundOut = Channel

@@ -240,7 +240,7 @@ final class Dispatcher: Sendable {
         case .createBackup: .createBackup(try BackupHandlers.createBackup(ctx))
         case .getBackupChunk(let r): .getBackupChunk(try BackupHandlers.getBackupChunk(r, ctx))
         case .getReplicationIdentity: .getReplicationIdentity(try ReplicationHandlers.getReplicationIdentity(ctx))
-        case .pinReplicationIdentity(let r): .pinReplicationIdentity(try ReplicationHandlers.pinReplicationIdentity(r, ctx))
+        case .pinReplicationIdentity(let r): .pinReplicationIdentity(try ReplicationHandlers.pinReplicationIdentity(r, ctx, &details))
         case .replicateKey(let r): .replicateKey(try ReplicationHandlers.replicateKey(r, ctx, &details))
         case .importReplica(let r): .importReplica(try ReplicationHandlers.importReplica(r, ctx, &details))
         case .updatePrimaryRegion(let r): .updatePrimaryRegion(try ReplicationHandlers.updatePrimaryRegion(r, ctx, &details))

@@ -73,7 +73,8 @@ enum KeyHandlers {
         let change = try ctx.service.scheduleKeyDeletion(r.keyID, windowDays: r.pendingWindowInDays, caller: ctx.principal)
         note(change, ctx, &d)
         // A replica's notice for its primary, which cannot be deleted while it lists replicas.
-        let notice = try ctx.identity.flatMap { identity throws(KMSError) in try ctx.service.replicaDeletionNotice(change.after, identity: identity) }
+        // The key is scheduled by now: a notice that cannot be made is left out, not an error.
+        let notice = ctx.identity.flatMap { identity in try? ctx.service.replicaDeletionNotice(change.after, identity: identity) } ?? nil
         return .with {
             $0.keyID = change.after.keyID.description
             $0.deletionDate = Int64(change.after.deletionDate?.timeIntervalSince1970 ?? 0)

@@ -28,7 +28,7 @@ enum ReplicationHandlers {
         }
     }
 
-    static func pinReplicationIdentity(_ r: Kmsd_V1_PinReplicationIdentityRequest, _ ctx: HandlerContext) throws(KMSError) -> Kmsd_V1_PinReplicationIdentityResponse {
+    static func pinReplicationIdentity(_ r: Kmsd_V1_PinReplicationIdentityRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_PinReplicationIdentityResponse {
         let mine = try identity(ctx)
         let given = r.identity
         guard ServerConfiguration.isValidRegion(given.region) else {
@@ -45,9 +45,12 @@ enum ReplicationHandlers {
             throw KMSError(.validation, "region \(peer.region) is this kmsd's own region; pin the identities of other regions")
         }
         let replaced: ReplicationPeer?
-        do { replaced = try ctx.service.repository.pin(peer) } catch let e as KMSError { throw e } catch {
+        let repository = ctx.service.repository
+        do { replaced = try repository.pin(peer) } catch let e as KMSError { throw e } catch {
             throw KMSError(.internalError, "the pin could not be stored: \(error)")
         }
+        // Unaudited, the pin is taken back (the earlier one of its region restored).
+        d.undo = { try repository.unpin(region: peer.region, restoring: replaced) }
         return .with {
             $0.identity = message(peer)
             $0.replaced = replaced != nil
@@ -66,6 +69,8 @@ enum ReplicationHandlers {
         input.tags = r.tags.map { Tag(key: $0.tagKey, value: $0.tagValue) }
         let (bundle, primary) = try ctx.service.replicate(record, input, identity: mine)
         d.keyVersion = primary.currentVersion
+        let repository = ctx.service.repository
+        if primary.replicaRegions != record.replicaRegions { d.undo = { try repository.update(record) } }
         return .with {
             $0.replicationBundle = Data(bundle)
             $0.keyMetadata = KeyHandlers.metadata(primary)
@@ -74,8 +79,16 @@ enum ReplicationHandlers {
 
     static func importReplica(_ r: Kmsd_V1_ImportReplicaRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ImportReplicaResponse {
         let mine = try identity(ctx)
+        let id = try? KeyService.bundleKeyID(Array(r.replicationBundle))
+        let existed = try id.map { id throws(KMSError) in try ctx.service.repository.record(id) != nil } ?? true
         let (record, added) = try ctx.service.importReplica(Array(r.replicationBundle), identity: mine, caller: ctx.principal)
         d.keyID = record.keyID.description
+        // Unaudited, a replica this bundle created is removed again (versions added to an
+        // existing replica stay: they are the primary's, and the next bundle brings them anyway).
+        if !existed {
+            let repository = ctx.service.repository, created = record.keyID
+            d.undo = { try repository.delete(created) }
+        }
         d.keyVersion = record.currentVersion
         return .with {
             $0.keyMetadata = KeyHandlers.metadata(record)
@@ -90,6 +103,9 @@ enum ReplicationHandlers {
         d.keyID = id.description
         let (bundle, now) = try ctx.service.updatePrimaryRegion(record, to: r.primaryRegion, identity: mine)
         d.keyVersion = now.currentVersion
+        // Unaudited, the key stays the primary (nobody got the bundle that promotes the other).
+        let repository = ctx.service.repository
+        d.undo = { try repository.update(record) }
         return .with {
             $0.replicationBundle = Data(bundle)
             $0.keyMetadata = KeyHandlers.metadata(now)

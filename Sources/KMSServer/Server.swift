@@ -139,17 +139,25 @@ public final class Server: @unchecked Sendable {
                                                      { try Self.listenRaw($0, backlog: 512) }, close: { _ = Glibc.close($0) })
         let (pool, dispatcher, auditLoop) = (self.pool, self.dispatcher, group.next())
         let refuse: @Sendable (kms_ucred) -> Void = { cred in
-            let raw = PeerCredentials.Raw(cred: cred, groups: nil, pidfd: -1, pidfdFromSocket: false,
-                                          acceptedAtTicks: PeerCredentials.boottimeTicks())
+            // Audited from the kernel's credentials alone: resolving a user name or reading
+            // /proc would take a descriptor, the one the reserve needs back.
+            var known = Principal(uid: cred.uid, gid: cred.gid, pid: cred.pid, userName: "uid:\(cred.uid)")
+            known.groupsKnown = false
+            let principal = known
             _ = pool.run(uid: cred.uid, eventLoop: auditLoop) {
-                dispatcher.auditRejected(action: "Connect", principal: PeerCredentials.resolve(raw),
+                dispatcher.auditRejected(action: "Connect", principal: principal,
                                          error: KMSError(.limitExceeded, DescriptorExhaustionHandler.message))
             }
         }
         let bootstrap = ServerBootstrap(group: group)
+            // NIO listens again on the socket it is given: with this backlog, not its default 128.
+            .serverChannelOption(.backlog, value: 512)
             .serverChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    // Out of descriptors: refuse what waits (the reserve), else pause accepting
+                    // for a second rather than spin (this bind path adds no backoff of its own).
                     try channel.pipeline.syncOperations.addHandler(DescriptorExhaustionHandler(listenFD: listenFD, onRefused: refuse))
+                    try channel.pipeline.syncOperations.addHandler(AcceptBackoffHandler(shouldForwardIOErrorCaught: false))
                 }
             }
             .childChannelOption(.allowRemoteHalfClosure, value: true)

@@ -30,7 +30,8 @@ struct Backup: AsyncParsableCommand {
             let made = try await client.createBackup()
             let toStdout = out == "-"
             let partial = out + ".partial"
-            let fd = toStdout ? STDOUT_FILENO : open(partial, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            if !toStdout { unlink(partial) }  // a fresh file of mode 0600, never one a link points to
+            let fd = toStdout ? STDOUT_FILENO : open(partial, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
             guard fd >= 0 else { throw KMSError(.validation, "--out: cannot create \(partial): \(String(cString: strerror(errno)))") }
             var offset: UInt64 = 0
             do {

@@ -168,6 +168,11 @@ struct MultiRegionTests {
         var flipped = good
         flipped[good.count / 2] ^= 0x01
         try refused(flipped, at: west, "ValidationException", "a bit flipped")
+        // The signature is the envelope's last field: a flipped bit there decodes, unwraps and
+        // is refused only by the signature check.
+        var badSignature = good
+        badSignature[good.count - 1] ^= 0x01
+        try refused(badSignature, at: west, "signature does not verify", "a bit flipped in the signature")
         try refused(Array(good.prefix(good.count - 10)), at: west, "ValidationException", "truncated")
         try refused(Array(repeating: 0x41, count: 50), at: west, "ValidationException", "not a bundle")
         try refused(good, at: east, "addressed to region west", "sent back to its maker")
