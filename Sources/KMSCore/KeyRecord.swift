@@ -74,6 +74,9 @@ public struct KeyRecord: Codable, Sendable, Equatable {
     public var replicaRegions: [String]? = nil
     /// A replica: the sequence of the newest replication bundle it took (older ones are refused).
     public var replicationSequence: UInt64? = nil
+    /// A primary: per replica region, the sequence of the newest bundle made for it; a replica
+    /// deletion notice older than that is stale (the replica was made or synced again since).
+    public var replicatedSequences: [String: UInt64]? = nil
 
     /// An EXTERNAL key whose material is not there (never imported, expired or deleted).
     public var awaitsMaterial: Bool { origin == KeyRecord.externalOrigin && expirationModel == nil }

@@ -59,15 +59,14 @@ extension KeyService {
         }
         try Self.validate(tags: input.tags)
         if !input.policy.isEmpty { _ = try KeyPolicy.parse(input.policy, strict: true) }
-        let signed = try makeBundle(record, for: target, identity: identity, primaryRegion: region, replicaRegions: [],
-                                    policy: input.policy, description: input.description.isEmpty ? record.description : input.description,
-                                    tags: input.tags.isEmpty ? record.tags : input.tags)
+        let (signed, sequence) = try makeBundle(record, for: target, identity: identity, primaryRegion: region, replicaRegions: [],
+                                                policy: input.policy, description: input.description.isEmpty ? record.description : input.description,
+                                                tags: input.tags.isEmpty ? record.tags : input.tags)
         var primary = record
-        if !(primary.replicaRegions ?? []).contains(target.region) {
-            primary.replicaRegions = ((primary.replicaRegions ?? []) + [target.region]).sorted()
-            do { try repository.update(primary) } catch let e as KMSError { throw e } catch {
-                throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
-            }
+        primary.replicaRegions = Array(Set((primary.replicaRegions ?? []) + [target.region])).sorted()
+        primary.replicatedSequences = (primary.replicatedSequences ?? [:]).merging([target.region: sequence]) { max($0, $1) }
+        do { try repository.update(primary) } catch let e as KMSError { throw e } catch {
+            throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
         }
         return (signed, primary)
     }
@@ -75,7 +74,7 @@ extension KeyService {
     /// A signed bundle of every version of `record` for `target` (PROTOCOL.md §15.4).
     func makeBundle(_ record: KeyRecord, for target: ReplicationPeer, identity: ReplicationIdentity, primaryRegion: String,
                     replicaRegions: [String], policy: String, description: String, tags: [Tag],
-                    deletionNotice: Bool = false) throws(KMSError) -> [UInt8] {
+                    deletionNotice: Bool = false) throws(KMSError) -> (bundle: [UInt8], sequence: UInt64) {
         let keyID = record.keyID.description
         let sequence = UInt64(max(0, clock().timeIntervalSince1970 * 1_000_000))
         var bundle = Kmsd_V1_ReplicationBundle()
@@ -119,7 +118,7 @@ extension KeyService {
         do {
             let bytes: [UInt8] = try bundle.serializedBytes()
             let signature = try identity.sign(Self.bundleSignatureLabel + bytes)
-            return try Kmsd_V1_SignedReplicationBundle.with { $0.bundle = Data(bytes); $0.signature = Data(signature) }.serializedBytes()
+            return (try Kmsd_V1_SignedReplicationBundle.with { $0.bundle = Data(bytes); $0.signature = Data(signature) }.serializedBytes(), sequence)
         } catch { throw KMSError(.internalError, "the replication bundle could not be signed: \(error)") }
     }
 
@@ -145,11 +144,12 @@ extension KeyService {
         }
         let others = (replicas.filter { $0 != newPrimary } + [region]).sorted()
         let signed = try makeBundle(record, for: target, identity: identity, primaryRegion: newPrimary, replicaRegions: others,
-                                    policy: record.policy ?? "", description: record.description, tags: record.tags)
+                                    policy: record.policy ?? "", description: record.description, tags: record.tags).bundle
         var now = record
         now.multiRegionKeyType = "REPLICA"
         now.primaryRegion = newPrimary
         now.replicaRegions = nil
+        now.replicatedSequences = nil
         now.rotationPeriodDays = nil  // a replica does not rotate; the new primary decides
         now.nextRotationDate = nil
         do { try repository.update(now) } catch let e as KMSError { throw e } catch {
@@ -165,7 +165,7 @@ extension KeyService {
         guard record.multiRegionKeyType == "REPLICA", let primary = record.primaryRegion,
               let target = try repository.replicationPeers().first(where: { $0.region == primary }) else { return nil }
         return try makeBundle(record, for: target, identity: identity, primaryRegion: primary, replicaRegions: [],
-                              policy: "", description: "", tags: [], deletionNotice: true)
+                              policy: "", description: "", tags: [], deletionNotice: true).bundle
     }
 
     /// A bundle's contents and its versions' material, once it is shown to be made for
@@ -222,7 +222,7 @@ extension KeyService {
     /// is taken whole or not at all.
     public func importReplica(_ signedBytes: [UInt8], identity: ReplicationIdentity, caller: Principal) throws(KMSError) -> (record: KeyRecord, added: Int) {
         let (bundle, keyID, materials) = try Self.openBundle(signedBytes, identity: identity, region: region, pinned: try repository.replicationPeers())
-        if bundle.replicaDeleted { return (try forgetReplica(keyID, region: bundle.sourceRegion), 0) }
+        if bundle.replicaDeleted { return (try forgetReplica(keyID, region: bundle.sourceRegion, sequence: bundle.sequence), 0) }
         // The region that is primary once this bundle is taken: the sender, or (UpdatePrimaryRegion) this one.
         let primary = bundle.primaryRegion.isEmpty ? bundle.sourceRegion : bundle.primaryRegion
         guard primary == bundle.sourceRegion || primary == region else {
@@ -289,12 +289,16 @@ extension KeyService {
 
 extension KeyService {
     /// A replica deletion notice taken: the primary no longer lists `replicaRegion`.
-    func forgetReplica(_ keyID: KeyID, region replicaRegion: String) throws(KMSError) -> KeyRecord {
+    func forgetReplica(_ keyID: KeyID, region replicaRegion: String, sequence: UInt64) throws(KMSError) -> KeyRecord {
         guard var record = try repository.record(keyID), record.multiRegionKeyType == "PRIMARY" else {
             throw KMSError(.validation, "the replica deletion notice was refused: key \(keyID) is not a primary here")
         }
         guard let replicas = record.replicaRegions, replicas.contains(replicaRegion) else { return record }
+        if let last = record.replicatedSequences?[replicaRegion], sequence < last {
+            throw KMSError(.validation, "the replica deletion notice was refused: it is older than the latest bundle made for region \(replicaRegion) (the replica was made or synced again since; a stale notice)")
+        }
         record.replicaRegions = replicas.filter { $0 != replicaRegion }
+        record.replicatedSequences?[replicaRegion] = nil
         do { try repository.update(record) } catch let e as KMSError { throw e } catch {
             throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
         }

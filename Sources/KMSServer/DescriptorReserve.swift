@@ -17,9 +17,11 @@ import NIOCore
 /// It sits on the listening channel ahead of SwiftNIO's `AcceptBackoffHandler` (Server adds
 /// one), and passes the error on (so accepting pauses for a second) only when it could not take
 /// the reserve back.
-final class DescriptorExhaustionHandler: ChannelInboundHandler {
+final class DescriptorExhaustionHandler: ChannelDuplexHandler {
     typealias InboundIn = Channel
     typealias InboundOut = Channel
+    typealias OutboundIn = Channel
+    typealias OutboundOut = Channel
 
     /// The listening socket (kmsd's own, or the one systemd passed).
     private let listenFD: Int32
@@ -47,9 +49,17 @@ final class DescriptorExhaustionHandler: ChannelInboundHandler {
         frame = framed
     }
 
-    deinit { if reserve >= 0 { close(reserve) } }
+    deinit { if reserve >= 0 { Glibc.close(reserve) } }
 
     private static func openReserve() -> Int32 { open("/dev/null", O_RDONLY | O_CLOEXEC) }
+
+    /// Before every accept: a reserve lost to another thread (it took the descriptor the
+    /// reserve freed) is taken back first, so a descriptor that comes free goes to the reserve,
+    /// not to the next waiting connection; that one is then refused from the reserve.
+    func read(context: ChannelHandlerContext) {
+        if reserve < 0 { reserve = Self.openReserve() }
+        context.read()
+    }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         guard let io = error as? IOError, io.errnoCode == EMFILE || io.errnoCode == ENFILE else {
@@ -63,7 +73,7 @@ final class DescriptorExhaustionHandler: ChannelInboundHandler {
             context.fireErrorCaught(error)
             return
         }
-        close(reserve)
+        Glibc.close(reserve)
         reserve = -1
         var refused = 0
         // Each accepted connection is closed before the next accept, so the one descriptor
@@ -83,7 +93,7 @@ final class DescriptorExhaustionHandler: ChannelInboundHandler {
             for _ in 0..<16 {
                 guard withUnsafeMutableBytes(of: &scratch, { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }) > 0 else { break }
             }
-            close(fd)
+            Glibc.close(fd)
             refused += 1
             if !known { cred = kms_ucred(pid: 0, uid: UInt32.max, gid: UInt32.max) }
             onRefused(cred)

@@ -70,7 +70,7 @@ enum ReplicationHandlers {
         let (bundle, primary) = try ctx.service.replicate(record, input, identity: mine)
         d.keyVersion = primary.currentVersion
         let repository = ctx.service.repository
-        if primary.replicaRegions != record.replicaRegions { d.undo = { try repository.update(record) } }
+        d.undo = { try repository.update(record) }
         return .with {
             $0.replicationBundle = Data(bundle)
             $0.keyMetadata = KeyHandlers.metadata(primary)

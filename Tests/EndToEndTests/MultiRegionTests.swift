@@ -141,12 +141,23 @@ struct MultiRegionTests {
         try #require(scheduled.status == 0, "\(scheduled.stderr)")
         let answer = try #require(try JSONSerialization.jsonObject(with: scheduled.stdout) as? [String: Any])
         let notice = try #require(answer["ReplicaDeletionNotice"] as? String)
+        // A notice older than the primary's latest bundle for that region is stale: west cancels,
+        // east syncs it again, and the first notice no longer counts.
+        _ = try await west.client().cancelKeyDeletion(keyID: key)
+        _ = try await west.client().enableKey(keyID: key)
+        _ = try Self.ship("sync-replica", key: key, from: east, to: west, region: "west")
+        let stale = try run(Paths.kmsctl, ["import-replica", "--replication-bundle", notice, "--socket", east.socket])
+        #expect(stale.status == 1 && stale.stderr.contains("stale"), "\(stale.stderr)")
+        #expect(try await east.client().describeKey(keyID: key).multiRegionConfiguration.replicaKeys.map(\.region) == ["west"])
+        let second = try run(Paths.kmsctl, ["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--json", "--socket", west.socket])
+        try #require(second.status == 0, "\(second.stderr)")
+        let fresh = try #require((try JSONSerialization.jsonObject(with: second.stdout) as? [String: Any])?["ReplicaDeletionNotice"] as? String)
         // The notice is signed: altered, it is refused; as made, the primary forgets west.
-        var bad = try #require(Data(base64Encoded: notice))
+        var bad = try #require(Data(base64Encoded: fresh))
         bad[bad.count / 2] ^= 1
         let altered = try run(Paths.kmsctl, ["import-replica", "--replication-bundle", bad.base64EncodedString(), "--socket", east.socket])
         #expect(altered.status == 1 && altered.stderr.contains("ValidationException"), "\(altered.stderr)")
-        let taken = try run(Paths.kmsctl, ["import-replica", "--replication-bundle", notice, "--socket", east.socket])
+        let taken = try run(Paths.kmsctl, ["import-replica", "--replication-bundle", fresh, "--socket", east.socket])
         #expect(taken.status == 0, "\(taken.stderr)")
         #expect(try await east.client().describeKey(keyID: key).multiRegionConfiguration.replicaKeys.isEmpty)
         let now = try run(Paths.kmsctl, ["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--socket", east.socket])
