@@ -95,10 +95,16 @@ struct ReplicaTarget: ParsableArguments {
     var replicaRegion: String
 }
 
-/// Writes a bundle to standard output (binary), refusing a terminal.
-func writeBundle(_ bundle: Data) throws {
+/// Writes a bundle to standard output: binary (refusing a terminal), or with --json an object
+/// with the bundle in base64 (`import-replica --replication-bundle` takes that text) and the
+/// key's metadata.
+func writeBundle(_ bundle: Data, metadata: Kmsd_V1_KeyMetadata, json: Bool) throws {
+    if json {
+        try printJSON(["ReplicationBundle": bundle.base64EncodedString(), "KeyMetadata": keyMetadataDictionary(metadata)])
+        return
+    }
     if isatty(STDOUT_FILENO) == 1 {
-        throw ValidationError("the replication bundle is binary: redirect standard output to a file or pipe it (| ssh host kmsctl import-replica)")
+        throw ValidationError("the replication bundle is binary: redirect standard output to a file or pipe it (| ssh host kmsctl import-replica), or give --json for base64")
     }
     writeStdout(bundle)
 }
@@ -134,7 +140,7 @@ struct ReplicateKey: AsyncParsableCommand {
             try await $0.replicateKey(keyID: target.keyID, replicaRegion: target.replicaRegion, policy: policyText,
                                       description: replicaDescription, tags: tagMap)
         }
-        try writeBundle(r.replicationBundle)
+        try writeBundle(r.replicationBundle, metadata: r.keyMetadata, json: global.json)
     }
 }
 
@@ -149,7 +155,7 @@ struct SyncReplica: AsyncParsableCommand {
 
     func run() async throws {
         let r = try await global.withClient { try await $0.replicateKey(keyID: target.keyID, replicaRegion: target.replicaRegion) }
-        try writeBundle(r.replicationBundle)
+        try writeBundle(r.replicationBundle, metadata: r.keyMetadata, json: global.json)
     }
 }
 
@@ -196,6 +202,6 @@ struct UpdatePrimaryRegion: AsyncParsableCommand {
 
     func run() async throws {
         let r = try await global.withClient { try await $0.updatePrimaryRegion(keyID: keyID, primaryRegion: primaryRegion) }
-        try writeBundle(r.replicationBundle)
+        try writeBundle(r.replicationBundle, metadata: r.keyMetadata, json: global.json)
     }
 }

@@ -199,6 +199,12 @@ struct MultiRegionTests {
         #expect(try await west.client().listKeys().keys.isEmpty)
         let ok = try run(Paths.kmsctl, ["import-replica", "--socket", west.socket], stdin: Data(good))
         #expect(ok.status == 0, "\(ok.stderr)")
+        // --json carries the bundle as base64, which import-replica takes as --replication-bundle.
+        let asJSON = try run(Paths.kmsctl, ["sync-replica", "--key-id", key, "--replica-region", "west", "--json", "--socket", east.socket])
+        let object = try #require(try JSONSerialization.jsonObject(with: asJSON.stdout) as? [String: Any])
+        #expect((object["KeyMetadata"] as? [String: Any])?["KeyId"] as? String == key)
+        let viaText = try run(Paths.kmsctl, ["import-replica", "--replication-bundle", try #require(object["ReplicationBundle"] as? String), "--socket", west.socket])
+        #expect(viaText.status == 0, "\(viaText.stderr)")
         // Only multi-region primaries replicate.
         let plain = try await east.client().createKey().keyID
         await expectKMSError(.unsupportedOperation) { _ = try await east.client().replicateKey(keyID: plain, replicaRegion: "west") }
