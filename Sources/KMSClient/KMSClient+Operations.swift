@@ -30,7 +30,7 @@ extension KMSClient {
             $0.description_p = description
             $0.keySpec = keySpec
             $0.keyUsage = keyUsage
-            $0.tags = tags.sorted { $0.key < $1.key }.map { t in .with { $0.tagKey = t.key; $0.tagValue = t.value } }
+            $0.tags = Self.tagMessages(tags)
         }
         guard case .createKey(let r) = try await send(.createKey(req)) else { throw Self.mismatch }
         return r.keyMetadata
@@ -368,7 +368,7 @@ extension KMSClient {
             $0.replicaRegion = replicaRegion
             $0.policy = policy
             $0.description_p = description
-            $0.tags = tags.sorted { $0.key < $1.key }.map { t in .with { $0.tagKey = t.key; $0.tagValue = t.value } }
+            $0.tags = Self.tagMessages(tags)
         }
         guard case .replicateKey(let r) = try await send(.replicateKey(req)) else { throw Self.mismatch }
         return r
@@ -395,5 +395,12 @@ extension KMSClient {
             throw Self.mismatch
         }
         return r
+    }
+}
+
+extension KMSClient {
+    /// Tags as the protocol carries them, ordered by key.
+    static func tagMessages(_ tags: [String: String]) -> [Kmsd_V1_Tag] {
+        tags.sorted { $0.key < $1.key }.map { t in .with { $0.tagKey = t.key; $0.tagValue = t.value } }
     }
 }

@@ -38,16 +38,7 @@ extension KeyService {
     /// `identity`; the primary's record then lists the replica region. Access was decided before
     /// (kms:ReplicateKey on the key).
     public func replicate(_ record: KeyRecord, _ input: ReplicateInput, identity: ReplicationIdentity) throws(KMSError) -> (bundle: [UInt8], primary: KeyRecord) {
-        guard record.keyID.isMultiRegion, record.multiRegionKeyType == "PRIMARY" else {
-            throw KMSError(.unsupportedOperation, record.keyID.isMultiRegion
-                ? "key \(record.keyID) is a replica; replicate its primary (in region \(record.primaryRegion ?? "?"))"
-                : "key \(record.keyID) is not a multi-region key; only keys made with MultiRegion (kmsctl create-key --multi-region) can be replicated")
-        }
-        switch record.state {
-        case .enabled, .disabled: break
-        case .pendingDeletion, .pendingImport:
-            throw KMSError(.invalidState, "key \(record.keyID) is \(record.state.rawValue) and cannot be replicated")
-        }
+        try Self.requirePrimary(record, "replicate it")
         guard input.replicaRegion != region else {
             throw KMSError(.validation, "ReplicaRegion \(input.replicaRegion) is this kmsd's own region")
         }
@@ -69,6 +60,20 @@ extension KeyService {
             throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
         }
         return (signed, primary)
+    }
+
+    /// ReplicateKey and UpdatePrimaryRegion act on an Enabled or Disabled multi-region primary.
+    static func requirePrimary(_ record: KeyRecord, _ what: String) throws(KMSError) {
+        guard record.keyID.isMultiRegion, record.multiRegionKeyType == "PRIMARY" else {
+            throw KMSError(.unsupportedOperation, record.keyID.isMultiRegion
+                ? "key \(record.keyID) is a replica; \(what) on its primary (in region \(record.primaryRegion ?? "?"))"
+                : "key \(record.keyID) is not a multi-region key; only keys made with MultiRegion (kmsctl create-key --multi-region) can")
+        }
+        switch record.state {
+        case .enabled, .disabled: return
+        case .pendingDeletion, .pendingImport:
+            throw KMSError(.invalidState, "key \(record.keyID) is \(record.state.rawValue); cannot \(what)")
+        }
     }
 
     /// A signed bundle of every version of `record` for `target` (PROTOCOL.md §15.4).
@@ -125,16 +130,7 @@ extension KeyService {
     /// Makes the replica in `newPrimary` the primary: this key becomes its replica at once, and
     /// the returned bundle (every version), imported there, makes that copy the primary.
     public func updatePrimaryRegion(_ record: KeyRecord, to newPrimary: String, identity: ReplicationIdentity) throws(KMSError) -> (bundle: [UInt8], record: KeyRecord) {
-        guard record.keyID.isMultiRegion, record.multiRegionKeyType == "PRIMARY" else {
-            throw KMSError(.unsupportedOperation, record.keyID.isMultiRegion
-                ? "key \(record.keyID) is a replica; update the primary region on its primary (in region \(record.primaryRegion ?? "?"))"
-                : "key \(record.keyID) is not a multi-region key")
-        }
-        switch record.state {
-        case .enabled, .disabled: break
-        case .pendingDeletion, .pendingImport:
-            throw KMSError(.invalidState, "key \(record.keyID) is \(record.state.rawValue); its primary region cannot move")
-        }
+        try Self.requirePrimary(record, "move its primary region")
         let replicas = record.replicaRegions ?? []
         guard replicas.contains(newPrimary) else {
             throw KMSError(.validation, "PrimaryRegion '\(newPrimary.prefix(64))' is not a replica region of key \(record.keyID) (\(replicas.isEmpty ? "it has none" : replicas.joined(separator: ", "))): replicate it there first")
@@ -220,9 +216,9 @@ extension KeyService {
     /// version, or adds to an existing replica the versions it lacks. Returns the replica and how
     /// many versions were added. Every version is unwrapped before anything is stored: a bundle
     /// is taken whole or not at all.
-    public func importReplica(_ signedBytes: [UInt8], identity: ReplicationIdentity, caller: Principal) throws(KMSError) -> (record: KeyRecord, added: Int) {
+    public func importReplica(_ signedBytes: [UInt8], identity: ReplicationIdentity, caller: Principal) throws(KMSError) -> (record: KeyRecord, added: Int, created: Bool) {
         let (bundle, keyID, materials) = try Self.openBundle(signedBytes, identity: identity, region: region, pinned: try repository.replicationPeers())
-        if bundle.replicaDeleted { return (try forgetReplica(keyID, region: bundle.sourceRegion, sequence: bundle.sequence), 0) }
+        if bundle.replicaDeleted { return (try forgetReplica(keyID, region: bundle.sourceRegion, sequence: bundle.sequence), 0, false) }
         // The region that is primary once this bundle is taken: the sender, or (UpdatePrimaryRegion) this one.
         let primary = bundle.primaryRegion.isEmpty ? bundle.sourceRegion : bundle.primaryRegion
         guard primary == bundle.sourceRegion || primary == region else {
@@ -253,14 +249,14 @@ extension KeyService {
                 }
                 guard materials.count > had else {
                     try repository.update(record)
-                    return (record, 0)
+                    return (record, 0, false)
                 }
                 for (i, material) in materials.enumerated() where i >= had {
                     record.currentVersion = UInt32(i + 1)
                     try repository.rotate(record, material: material, rotationType: bundle.versions[i].rotationType.isEmpty ? nil : bundle.versions[i].rotationType,
                                           at: Date(timeIntervalSince1970: TimeInterval(bundle.versions[i].createdAt)))
                 }
-                return (record, materials.count - had)
+                return (record, materials.count - had, false)
             }
             try Self.validate(tags: tags)
             var record = KeyRecord(keyID: keyID, createdAt: Date(timeIntervalSince1970: TimeInterval(bundle.creationDate)),
@@ -280,7 +276,7 @@ extension KeyService {
                 try repository.rotate(record, material: materials[i], rotationType: bundle.versions[i].rotationType.isEmpty ? nil : bundle.versions[i].rotationType,
                                       at: Date(timeIntervalSince1970: TimeInterval(bundle.versions[i].createdAt)))
             }
-            return (record, materials.count)
+            return (record, materials.count, true)
         } catch let error as KMSError { throw error } catch {
             throw KMSError(.internalError, "the replica could not be stored (\(error))")
         }
@@ -303,14 +299,6 @@ extension KeyService {
             throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
         }
         return record
-    }
-}
-
-extension KeyService {
-    /// The key a bundle names, read without checking it (to know whether it exists here yet).
-    public static func bundleKeyID(_ signedBytes: [UInt8]) throws -> KeyID? {
-        let signed = try Kmsd_V1_SignedReplicationBundle(serializedBytes: signedBytes)
-        return KeyID.parse(try Kmsd_V1_ReplicationBundle(serializedBytes: Array(signed.bundle)).keyID)
     }
 }
 

@@ -17,7 +17,8 @@ struct Authorizer {
 
     /// What a decision found that the handler would otherwise look up again: the key record
     /// decided on and the encryption context as read off the wire (Encrypt and
-    /// GenerateDataKey(WithoutPlaintext), the hottest paths).
+    /// GenerateDataKey(WithoutPlaintext), the hottest paths; ReplicateKey and
+    /// UpdatePrimaryRegion the record only).
     struct Decided: Sendable {
         var record: KeyRecord? = nil
         var context: [WirePair]? = nil
@@ -168,10 +169,9 @@ struct Authorizer {
             r.grantToken = ""
             op = .retireGrant(r)
         case .revokeGrant(var r): r.keyID = try a.key(r.keyID, "RevokeGrant", &d); op = .revokeGrant(r)
-        case .replicateKey(var r): r.keyID = try a.key(r.keyID, "ReplicateKey", &d, aliases: true); op = .replicateKey(r)
-        case .updatePrimaryRegion(var r):
-            r.keyID = try a.key(r.keyID, "UpdatePrimaryRegion", &d, aliases: true)
-            op = .updatePrimaryRegion(r)
+        // Their handlers act on the record decided on (as Encrypt's do).
+        case .replicateKey(let r): return Decided(record: try a.keyRecord(r.keyID, "ReplicateKey", &d, aliases: true))
+        case .updatePrimaryRegion(let r): return Decided(record: try a.keyRecord(r.keyID, "UpdatePrimaryRegion", &d, aliases: true))
         case .verifyAuditRecords, .status, .createBackup, .getBackupChunk, .getReplicationIdentity, .pinReplicationIdentity, .importReplica:
             let decision = a.service.mayCreateKeys(ctx.principal)
             d.decidedBy = decision.decidedBy

@@ -59,9 +59,7 @@ enum ReplicationHandlers {
 
     static func replicateKey(_ r: Kmsd_V1_ReplicateKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ReplicateKeyResponse {
         let mine = try identity(ctx)
-        let id = try KeyID(parsing: r.keyID)  // the authorizer named the key by its id
-        guard let record = try ctx.service.repository.record(id) else { throw KMSError(.notFound, "key \(id) does not exist") }
-        d.keyID = id.description
+        let record = try ctx.decidedRecord()
         var input = KeyService.ReplicateInput()
         input.replicaRegion = r.replicaRegion
         input.policy = r.policy
@@ -79,13 +77,11 @@ enum ReplicationHandlers {
 
     static func importReplica(_ r: Kmsd_V1_ImportReplicaRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ImportReplicaResponse {
         let mine = try identity(ctx)
-        let id = try? KeyService.bundleKeyID(Array(r.replicationBundle))
-        let existed = try id.map { id throws(KMSError) in try ctx.service.repository.record(id) != nil } ?? true
-        let (record, added) = try ctx.service.importReplica(Array(r.replicationBundle), identity: mine, caller: ctx.principal)
+        let (record, added, created) = try ctx.service.importReplica(Array(r.replicationBundle), identity: mine, caller: ctx.principal)
         d.keyID = record.keyID.description
         // Unaudited, a replica this bundle created is removed again (versions added to an
         // existing replica stay: they are the primary's, and the next bundle brings them anyway).
-        if !existed {
+        if created {
             let repository = ctx.service.repository, created = record.keyID
             d.undo = { try repository.delete(created) }
         }
@@ -98,9 +94,7 @@ enum ReplicationHandlers {
 
     static func updatePrimaryRegion(_ r: Kmsd_V1_UpdatePrimaryRegionRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_UpdatePrimaryRegionResponse {
         let mine = try identity(ctx)
-        let id = try KeyID(parsing: r.keyID)  // the authorizer named the key by its id
-        guard let record = try ctx.service.repository.record(id) else { throw KMSError(.notFound, "key \(id) does not exist") }
-        d.keyID = id.description
+        let record = try ctx.decidedRecord()
         let (bundle, now) = try ctx.service.updatePrimaryRegion(record, to: r.primaryRegion, identity: mine)
         d.keyVersion = now.currentVersion
         // Unaudited, the key stays the primary (nobody got the bundle that promotes the other).

@@ -32,11 +32,7 @@ struct Restore: ParsableCommand {
     var from: String
 
     func run() throws {
-        var c = ServerConfiguration()
-        if let config { c = try ServerConfiguration.load(file: config) }
-        if dev { c.development = true }
-        if let stateDir { c.stateDirectory = stateDir }
-        if let rootKeyFile { c.rootKeyFile = rootKeyFile }
+        let c = try offlineConfiguration(config: config, dev: dev, stateDir: stateDir, rootKeyFile: rootKeyFile)
         do {
             print("kmsd restore: \(try BackupRestore.run(configuration: c, from: from))")
         } catch {

@@ -33,11 +33,7 @@ struct Rewrap: ParsableCommand {
     var newRootKeyFile: String?
 
     func run() throws {
-        var c = ServerConfiguration()
-        if let config { c = try ServerConfiguration.load(file: config) }
-        if dev { c.development = true }
-        if let stateDir { c.stateDirectory = stateDir }
-        if let rootKeyFile { c.rootKeyFile = rootKeyFile }
+        let c = try offlineConfiguration(config: config, dev: dev, stateDir: stateDir, rootKeyFile: rootKeyFile)
         do {
             let message = try RootKeyRotation.run(configuration: c, newKeyFile: newRootKeyFile)
             print("kmsd rewrap: \(message)")
@@ -46,4 +42,14 @@ struct Rewrap: ParsableCommand {
             throw ExitCode(1)
         }
     }
+}
+
+/// The configuration of an offline command (rewrap, restore): the file, then its flags.
+func offlineConfiguration(config: String?, dev: Bool, stateDir: String?, rootKeyFile: String?) throws -> ServerConfiguration {
+    var c = ServerConfiguration()
+    if let config { c = try ServerConfiguration.load(file: config) }
+    if dev { c.development = true }
+    if let stateDir { c.stateDirectory = stateDir }
+    if let rootKeyFile { c.rootKeyFile = rootKeyFile }
+    return c
 }
