@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 SWIFT ?= swift
 DEV_DIR := $(CURDIR)/.dev
-APT_PACKAGES := libssl-dev libsystemd-dev libsqlite3-dev sqlite3 pkg-config protobuf-compiler systemd util-linux
+APT_PACKAGES := libssl-dev libsystemd-dev libsqlite3-dev sqlite3 pkg-config protobuf-compiler systemd util-linux python3-cryptography openssl
 BUILD_FLAGS := --explicit-target-dependency-import-check error
 
 .PHONY: all deps build run test proto check-proto bench install clean fuzz fuzz-build fuzz-seeds fuzz-smoke crash

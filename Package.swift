@@ -2,7 +2,8 @@
 import PackageDescription
 
 // Arrows point down: executables -> KMSServer/KMSClient -> KMSCore -> KMSCrypto -> C shims.
-// KMSClient depends only on KMSProtocol and its transport (SwiftNIO); the build checks it
+// KMSClient depends only on KMSProtocol, KMSCrypto (file envelopes and cached data keys: AES-GCM
+// and locked memory in the client) and its transport (SwiftNIO); the build checks it
 // (`--explicit-target-dependency-import-check error` in the Makefile).
 let package = Package(
     name: "kmsd",
@@ -47,7 +48,7 @@ let package = Package(
         .target(
             name: "KMSClient",
             dependencies: [
-                "KMSProtocol",
+                "KMSProtocol", "KMSCrypto",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
@@ -80,6 +81,7 @@ let package = Package(
             dependencies: ["KMSServer", "KMSCore", "KMSProtocol", "CKMSLinux", .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio")]
         ),
+        .testTarget(name: "KMSClientTests", dependencies: ["KMSClient", "KMSCrypto"]),
         .testTarget(
             name: "EndToEndTests",
             dependencies: ["KMSClient", "KMSProtocol", "KMSCrypto", .product(name: "NIOCore", package: "swift-nio")]

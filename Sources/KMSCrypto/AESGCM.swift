@@ -127,3 +127,85 @@ public enum AESGCM {
 extension UnsafeRawBufferPointer {
     var bytes: UnsafePointer<UInt8>? { baseAddress?.assumingMemoryBound(to: UInt8.self) }
 }
+
+/// One AES-GCM key kept expanded in an OpenSSL context, for many messages in a row under the
+/// same key (the chunks of a file envelope): the key schedule is computed once, each message
+/// only sets its nonce. Encrypts and decrypts in place. OpenSSL cleanses the context when it
+/// is freed; hold one only for the span of the work.
+public final class AESGCMKey {
+    private let ctx: OpaquePointer
+    private let encrypting: Bool
+    public static let nonceBytes = 12
+
+    /// `key` is 16, 24 or 32 bytes; `encrypting` chooses seal or open for the key's life.
+    public init(key: SecureBytes, encrypting: Bool) throws {
+        guard let cipher = kms_aes_gcm(key.count) else { throw CryptoError.invalidParameter("AES-GCM key must be 16, 24 or 32 bytes") }
+        guard let ctx = EVP_CIPHER_CTX_new() else { throw CryptoError.openSSL("EVP_CIPHER_CTX_new") }
+        let initFn = encrypting ? EVP_EncryptInit_ex : EVP_DecryptInit_ex
+        let ok = key.withUnsafeBytes { k in
+            initFn(ctx, cipher, nil, nil, nil) == 1
+                && kms_gcm_set_ivlen(ctx, Int32(Self.nonceBytes)) == 1
+                && initFn(ctx, nil, nil, k.bytes, nil) == 1
+        }
+        guard ok else {
+            EVP_CIPHER_CTX_free(ctx)
+            ERR_clear_error()
+            throw CryptoError.invalidParameter("AES-GCM rejected the key")
+        }
+        self.ctx = ctx
+        self.encrypting = encrypting
+    }
+
+    deinit { EVP_CIPHER_CTX_free(ctx) }
+
+    /// Encrypts `data` in place and writes the 16-byte tag into `tag`.
+    public func seal(nonce: UnsafeRawBufferPointer, aad: UnsafeRawBufferPointer,
+                     inPlace data: UnsafeMutableRawBufferPointer, tag: UnsafeMutableRawBufferPointer) throws {
+        precondition(encrypting && nonce.count == Self.nonceBytes && tag.count == AESGCM.tagBytes)
+        var outLen: Int32 = 0
+        guard EVP_EncryptInit_ex(ctx, nil, nil, nil, nonce.bytes) == 1 else { throw CryptoError.openSSL("EVP_EncryptInit_ex(iv)") }
+        if aad.count > 0 {
+            guard EVP_EncryptUpdate(ctx, nil, &outLen, aad.bytes, Int32(aad.count)) == 1 else { throw CryptoError.openSSL("EVP_EncryptUpdate(aad)") }
+        }
+        if data.count > 0 {
+            let p = data.baseAddress!.assumingMemoryBound(to: UInt8.self)
+            guard EVP_EncryptUpdate(ctx, p, &outLen, p, Int32(data.count)) == 1 else { throw CryptoError.openSSL("EVP_EncryptUpdate") }
+        }
+        var scratch: (UInt64, UInt64) = (0, 0)
+        let finalOK = withUnsafeMutableBytes(of: &scratch) { s in
+            EVP_EncryptFinal_ex(ctx, s.baseAddress!.assumingMemoryBound(to: UInt8.self), &outLen) == 1
+        }
+        guard finalOK else { throw CryptoError.openSSL("EVP_EncryptFinal_ex") }
+        guard kms_gcm_get_tag(ctx, Int32(AESGCM.tagBytes), tag.baseAddress!) == 1 else { throw CryptoError.openSSL("EVP_CTRL_GCM_GET_TAG") }
+    }
+
+    /// Decrypts `data` in place after checking `tag`; on a tag mismatch zeroes `data` and
+    /// throws `authenticationFailure`.
+    public func open(nonce: UnsafeRawBufferPointer, aad: UnsafeRawBufferPointer,
+                     inPlace data: UnsafeMutableRawBufferPointer, tag: UnsafeRawBufferPointer) throws {
+        precondition(!encrypting && nonce.count == Self.nonceBytes)
+        guard tag.count == AESGCM.tagBytes else { throw CryptoError.authenticationFailure }
+        var outLen: Int32 = 0
+        guard EVP_DecryptInit_ex(ctx, nil, nil, nil, nonce.bytes) == 1 else { throw CryptoError.openSSL("EVP_DecryptInit_ex(iv)") }
+        if aad.count > 0 {
+            guard EVP_DecryptUpdate(ctx, nil, &outLen, aad.bytes, Int32(aad.count)) == 1 else { throw CryptoError.openSSL("EVP_DecryptUpdate(aad)") }
+        }
+        if data.count > 0 {
+            let p = data.baseAddress!.assumingMemoryBound(to: UInt8.self)
+            guard EVP_DecryptUpdate(ctx, p, &outLen, p, Int32(data.count)) == 1 else { throw CryptoError.openSSL("EVP_DecryptUpdate") }
+        }
+        var tagCopy: (UInt64, UInt64) = (0, 0)
+        withUnsafeMutableBytes(of: &tagCopy) { $0.copyMemory(from: tag) }
+        let tagSet = withUnsafeMutableBytes(of: &tagCopy) { kms_gcm_set_tag(ctx, Int32(AESGCM.tagBytes), $0.baseAddress!) == 1 }
+        guard tagSet else { throw CryptoError.openSSL("EVP_CTRL_GCM_SET_TAG") }
+        var scratch: (UInt64, UInt64) = (0, 0)
+        let verified = withUnsafeMutableBytes(of: &scratch) { s in
+            EVP_DecryptFinal_ex(ctx, s.baseAddress!.assumingMemoryBound(to: UInt8.self), &outLen) == 1
+        }
+        guard verified else {
+            if let base = data.baseAddress { kms_explicit_bzero(base, data.count) }
+            ERR_clear_error()
+            throw CryptoError.authenticationFailure
+        }
+    }
+}

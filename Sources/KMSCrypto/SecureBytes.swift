@@ -90,3 +90,9 @@ public enum ConstantTime {
         a.withUnsafeBytes { pa in b.withUnsafeBytes { pb in equals(pa, pb) } }
     }
 }
+
+/// Zeroes `buffer` in a way the compiler cannot drop (explicit_bzero), for ordinary memory
+/// that held plaintext (a file envelope's chunk buffer).
+public func kmsExplicitBzero(_ buffer: UnsafeMutableRawBufferPointer) {
+    if let base = buffer.baseAddress, buffer.count > 0 { kms_explicit_bzero(base, buffer.count) }
+}

@@ -20,6 +20,8 @@ struct KMSCtl: AsyncParsableCommand {
           kmsctl create-key --description app
           echo -n secret | kmsctl encrypt --key-id ID --context app=web > blob
           kmsctl decrypt --context app=web < blob
+          kmsctl encrypt-file --key-id ID --context app=web < big.tar > big.tar.kms
+          kmsctl decrypt-file --context app=web < big.tar.kms > big.tar
         """,
         subcommands: [
             Hello.self,
@@ -70,6 +72,8 @@ struct KMSCtl: AsyncParsableCommand {
             UpdatePrimaryRegion.self,
             Encrypt.self,
             Decrypt.self,
+            EncryptFile.self,
+            DecryptFile.self,
             ReEncrypt.self,
             GenerateDataKey.self,
             GenerateDataKeyWithoutPlaintext.self,
@@ -109,6 +113,12 @@ struct KMSCtl: AsyncParsableCommand {
         switch error {
         case let e as KMSError:
             reportError(code: e.code.rawValue, message: e.message)
+            terminate(ExitStatus.serviceError)
+        case let e as EnvelopeError:
+            reportError(code: e.code.rawValue, message: e.message)
+            terminate(ExitStatus.serviceError)
+        case let e as EnvelopeIOError:
+            reportError(code: "IOError", message: e.description)
             terminate(ExitStatus.serviceError)
         case let e as KMSTransportError:
             reportError(code: "ConnectionError", message: e.description)

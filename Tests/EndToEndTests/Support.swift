@@ -115,6 +115,17 @@ final class ChildProcess: @unchecked Sendable {
 
     var terminationStatus: Int32 { status ?? -1 }
 
+    /// Waits for it to exit; its exit code and the largest resident set (KiB) of it or any
+    /// descendant it waited for (wait4's rusage).
+    func waitWithMaxRSS() -> (status: Int32, maxRSSKiB: Int) {
+        var raw: Int32 = 0
+        var usage = rusage()
+        while wait4(processIdentifier, &raw, 0, &usage) < 0 && errno == EINTR {}
+        let decoded = Self.decode(raw)
+        status = decoded
+        return (decoded, usage.ru_maxrss)
+    }
+
     static func decode(_ raw: Int32) -> Int32 {
         raw & 0x7f == 0 ? (raw >> 8) & 0xff : raw & 0x7f
     }
@@ -412,4 +423,19 @@ func expectKMSError<T>(_ code: KMSErrorCode, sourceLocation: SourceLocation = #_
     } catch {
         Issue.record("expected \(code.rawValue), got \(error)", sourceLocation: sourceLocation)
     }
+}
+
+/// A Python 3 that has the `cryptography` package, for the independent references in
+/// Protocol/vectors: the one on PATH if it has it, else Debian's (`make deps` installs
+/// python3-cryptography).
+let referencePython: String = {
+    if (try? run("/usr/bin/env", ["python3", "-c", "import cryptography"]))?.status == 0 { return "python3" }
+    return "/usr/bin/python3"
+}()
+
+/// Runs one of the Python references in Protocol/vectors.
+func runReference(_ script: String, _ args: [String], stdin: Data = Data()) throws -> ProcessResult {
+    let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("Protocol/vectors/\(script)").path
+    return try run("/usr/bin/env", [referencePython, path] + args, stdin: stdin)
 }

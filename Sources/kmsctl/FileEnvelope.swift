@@ -1,0 +1,152 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import KMSClient
+
+/// Where encrypt-file and decrypt-file read and write: standard input and output, or paths.
+struct StreamOptions: ParsableArguments {
+    @Option(name: .customLong("in"), help: ArgumentHelp("Read this file instead of standard input.", valueName: "path"))
+    var inPath: String?
+
+    @Option(name: .customLong("out"), help: ArgumentHelp("Write this file instead of standard output: written beside it under a temporary name and renamed into place only when complete (removed on failure).", valueName: "path"))
+    var outPath: String?
+
+    func openInput() throws -> FileDescriptorInput {
+        guard let inPath else { return FileDescriptorInput(fd: STDIN_FILENO) }
+        let fd = open(inPath, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw EnvelopeIOError("cannot open \(inPath): \(String(cString: strerror(errno)))") }
+        return FileDescriptorInput(fd: fd)
+    }
+
+    /// Runs `body` with the output; for --out, the file appears at its path only if `body`
+    /// returned, with `mode` (less the umask).
+    func withOutput<T>(mode: mode_t, _ body: (inout FileDescriptorOutput) async throws -> T) async throws -> T {
+        guard let outPath else {
+            var out = FileDescriptorOutput(fd: STDOUT_FILENO)
+            return try await body(&out)
+        }
+        let url = URL(fileURLWithPath: outPath)
+        var template = Array(url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).kmsctl-XXXXXX").path.utf8CString)
+        let fd = mkstemp(&template)
+        guard fd >= 0 else { throw EnvelopeIOError("cannot create a file beside \(outPath): \(String(cString: strerror(errno)))") }
+        let temporary = String(cString: template)
+        do {
+            let mask = umask(0)
+            umask(mask)
+            fchmod(fd, mode & ~mask)
+            var out = FileDescriptorOutput(fd: fd)
+            let result = try await body(&out)
+            guard fsync(fd) == 0 else { throw EnvelopeIOError("cannot write \(outPath): \(String(cString: strerror(errno)))") }
+            close(fd)
+            guard rename(temporary, outPath) == 0 else { throw EnvelopeIOError("cannot rename the output into \(outPath): \(String(cString: strerror(errno)))") }
+            return result
+        } catch {
+            close(fd)
+            unlink(temporary)
+            throw error
+        }
+    }
+}
+
+func printEnvelopeSummary(_ s: FileEnvelope.Summary) throws {
+    try printJSON([
+        "KeyId": s.keyID,
+        "MessageId": s.messageID.map { String(format: "%02x", $0) }.joined(),
+        "EncryptionContext": s.encryptionContext,
+        "ChunkSize": s.chunkSize,
+        "Chunks": s.chunks,
+        "PlaintextBytes": s.plaintextBytes,
+    ])
+}
+
+struct EncryptFile: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "encrypt-file",
+        abstract: "Encrypt a stream of any size under a fresh data key from a KMS key (file envelope, PROTOCOL.md §16).",
+        discussion: """
+        Reads standard input (or --in) and writes the envelope to standard output (or --out) in \
+        constant memory: a header holding the data key encrypted by kmsd with the encryption \
+        context, then AES-256-GCM chunks. decrypt-file reverses it.
+
+          kmsctl encrypt-file --key-id alias/backups --context host=db1 < dump.sql > dump.sql.kms
+        """)
+
+    @OptionGroup var global: GlobalOptions
+
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("The key that encrypts the data key: key id, key ARN or alias/NAME.", valueName: "id"))
+    var keyID: String
+
+    @Option(name: .customLong("context"), help: ArgumentHelp("Encryption context pair KEY=VALUE (split at the first '='), stored in the header and bound to the data key. Repeatable.", valueName: "key=value"))
+    var context: [String] = []
+
+    @Option(name: .customLong("chunk-size"), help: ArgumentHelp("Plaintext bytes per chunk, 1...16777216.", valueName: "bytes"))
+    var chunkSize: Int = FileEnvelope.defaultChunkSize
+
+    @OptionGroup var streams: StreamOptions
+
+    func validate() throws {
+        _ = try parseKeyValuePairs(context, option: "--context")
+        guard (1...FileEnvelope.maxChunkSize).contains(chunkSize) else {
+            throw ValidationError("--chunk-size must be 1...\(FileEnvelope.maxChunkSize)")
+        }
+        if global.json && streams.outPath == nil {
+            throw ValidationError("--json prints a summary on standard output: give --out for the envelope")
+        }
+    }
+
+    func run() async throws {
+        let contextMap = try parseKeyValuePairs(context, option: "--context")
+        var input = try streams.openInput()
+        defer { if streams.inPath != nil { close(input.fd) } }
+        let summary = try await streams.withOutput(mode: 0o666) { output in
+            try await global.withClient { client in
+                try await client.encryptFile(keyID: keyID, context: contextMap, chunkSize: chunkSize, from: &input, to: &output)
+            }
+        }
+        if global.json { try printEnvelopeSummary(summary) }
+    }
+}
+
+struct DecryptFile: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "decrypt-file",
+        abstract: "Decrypt a file envelope made by encrypt-file.",
+        discussion: """
+        Reads the envelope from standard input (or --in) and writes the plaintext to standard \
+        output (or --out), chunk by chunk, each only after its tag verified. Any damage \
+        (truncation, reordered, duplicated or altered chunks, appended bytes) fails with \
+        InvalidCiphertextException and exit status 1: on standard output the plaintext written \
+        so far is then incomplete and must be discarded; with --out nothing is left behind.
+
+          kmsctl decrypt-file --context host=db1 < dump.sql.kms > dump.sql
+        """)
+
+    @OptionGroup var global: GlobalOptions
+
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("Fail unless the data key was encrypted under this key.", valueName: "id"))
+    var keyID: String?
+
+    @Option(name: .customLong("context"), help: ArgumentHelp("Expected encryption context pair KEY=VALUE: the file's context must hold it. Repeatable.", valueName: "key=value"))
+    var context: [String] = []
+
+    @OptionGroup var streams: StreamOptions
+
+    func validate() throws {
+        _ = try parseKeyValuePairs(context, option: "--context")
+        if global.json && streams.outPath == nil {
+            throw ValidationError("--json prints a summary on standard output: give --out for the plaintext")
+        }
+    }
+
+    func run() async throws {
+        let contextMap = try parseKeyValuePairs(context, option: "--context")
+        var input = try streams.openInput()
+        defer { if streams.inPath != nil { close(input.fd) } }
+        let summary = try await streams.withOutput(mode: 0o600) { output in
+            try await global.withClient { client in
+                try await client.decryptFile(expectedContext: contextMap, keyID: keyID ?? "", from: &input, to: &output)
+            }
+        }
+        if global.json { try printEnvelopeSummary(summary) }
+    }
+}
