@@ -38,6 +38,58 @@ extension KMSClient {
                                     chunkSize: header.chunkSize, chunks: read.chunks, plaintextBytes: read.plaintextBytes)
     }
 
+    // MARK: - Messages in memory, with an optional data-key cache
+
+    /// Encrypts one message in memory as a file envelope (PROTOCOL.md §16). With `cache`, the
+    /// data key may come from an earlier message for the same `keyID` and `context` (within the
+    /// cache's limits) instead of a GenerateDataKey round trip.
+    public func encryptMessage(keyID: String, plaintext: [UInt8], context: [String: String] = [:],
+                               cache: DataKeyCache? = nil) async throws -> [UInt8] {
+        let canonical = try FileEnvelope.canonicalContext(context)
+        let slot = DataKeyCache.encryptionSlot(keyID: keyID, canonicalContext: canonical)
+        let size = UInt64(plaintext.count)
+        let entry: DataKeyCache.Entry
+        if let cache, let cached = cache.takeForEncryption(slot: slot, bytes: size) {
+            entry = cached
+        } else {
+            var response = try await generateDataKey(keyID: keyID, keySpec: "AES_256", context: context)
+            entry = DataKeyCache.Entry(dataKey: try Self.takeSecret(&response.plaintext), encryptedDataKey: Array(response.ciphertextBlob),
+                                       keyID: response.keyID, created: .now)
+            cache?.storeForEncryption(slot: slot, entry: entry, bytes: size)
+        }
+        var input = BytesInput(plaintext)
+        var output = BytesOutput()
+        output.bytes.reserveCapacity(plaintext.count + 160 + canonical.count + entry.encryptedDataKey.count)
+        _ = try FileEnvelope.encrypt(dataKey: entry.dataKey, encryptedDataKey: entry.encryptedDataKey, context: context,
+                                     chunkSize: FileEnvelope.defaultChunkSize, from: &input, to: &output)
+        return output.bytes
+    }
+
+    /// Decrypts a message made by `encryptMessage` (or any file envelope held in memory).
+    /// With `cache`, a data key opened for an earlier message with the same encrypted data
+    /// key, context and `keyID` is reused (within the cache's age limit) instead of a Decrypt
+    /// round trip.
+    public func decryptMessage(_ message: [UInt8], expectedContext: [String: String] = [:], keyID: String = "",
+                               cache: DataKeyCache? = nil) async throws -> [UInt8] {
+        var input = BytesInput(message)
+        let header = try FileEnvelope.readHeader(from: &input)
+        try FileEnvelope.checkExpectedContext(expectedContext, in: header)
+        let slot = DataKeyCache.decryptionSlot(encryptedDataKey: header.encryptedDataKey, canonicalContext: header.canonicalContext, keyID: keyID)
+        let dataKey: SecureBytes
+        if let cache, let cached = cache.takeForDecryption(slot: slot) {
+            dataKey = cached.dataKey
+        } else {
+            var response = try await decrypt(ciphertextBlob: header.encryptedDataKey, context: header.encryptionContext, keyID: keyID)
+            dataKey = try Self.takeSecret(&response.plaintext)
+            cache?.storeForDecryption(slot: slot, entry: .init(dataKey: dataKey, encryptedDataKey: header.encryptedDataKey,
+                                                              keyID: response.keyID, created: .now))
+        }
+        var output = BytesOutput()
+        output.bytes.reserveCapacity(message.count)
+        _ = try FileEnvelope.decrypt(header: header, dataKey: dataKey, from: &input, to: &output)
+        return output.bytes
+    }
+
     /// Moves secret bytes out of a decoded response into locked memory and zeroes the
     /// response's copy (in place: the response is the only owner here).
     static func takeSecret(_ data: inout Data) throws -> SecureBytes {
