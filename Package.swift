@@ -59,7 +59,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "kmsctl",
-            dependencies: ["KMSClient", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["KMSClient", "KMSCrypto", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(
             name: "kmsbench",

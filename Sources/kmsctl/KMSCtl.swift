@@ -78,6 +78,7 @@ struct KMSCtl: AsyncParsableCommand {
             GenerateDataKey.self,
             GenerateDataKeyWithoutPlaintext.self,
             GenerateRandom.self,
+            Exec.self,
             PutCredential.self,
             DeleteCredential.self,
             LoadCredential.self,
