@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 SWIFT ?= swift
 DEV_DIR := $(CURDIR)/.dev
-APT_PACKAGES := libssl-dev libsystemd-dev libsqlite3-dev sqlite3 pkg-config protobuf-compiler systemd util-linux python3-cryptography openssl
+APT_PACKAGES := libssl-dev libsystemd-dev libsqlite3-dev sqlite3 pkg-config protobuf-compiler systemd util-linux python3-cryptography openssl cryptsetup-bin
 BUILD_FLAGS := --explicit-target-dependency-import-check error
 
 .PHONY: all deps build run test proto check-proto bench install clean fuzz fuzz-build fuzz-seeds fuzz-smoke crash
@@ -145,6 +145,9 @@ install:
 	install -m 0644 systemd/kmsd.socket "$$d$(UNITDIR)/kmsd.socket"; \
 	sed -e 's|file:///usr/share/doc/kmsd/|file://$(DOCDIR)/|' systemd/kmsd-credentials.socket > "$$d$(UNITDIR)/kmsd-credentials.socket"; \
 	chmod 0644 "$$d$(UNITDIR)/kmsd-credentials.socket"; \
+	sed -e 's|/usr/local/bin/kmsctl|$(BINDIR)/kmsctl|g' -e 's|/etc/kmsd/|$(SYSCONFDIR)/kmsd/|g' \
+	    -e 's|file:///usr/share/doc/kmsd/|file://$(DOCDIR)/|' systemd/kmsd-luks@.service > "$$d$(UNITDIR)/kmsd-luks@.service"; \
+	chmod 0644 "$$d$(UNITDIR)/kmsd-luks@.service"; \
 	install -m 0644 systemd/kmsd.sysusers "$$d$(SYSUSERSDIR)/kmsd.conf"; \
 	sed -e 's|/etc/kmsd|$(SYSCONFDIR)/kmsd|g' systemd/kmsd.tmpfiles > "$$d$(TMPFILESDIR)/kmsd.conf"; \
 	chmod 0644 "$$d$(TMPFILESDIR)/kmsd.conf"; \

@@ -29,7 +29,7 @@ struct InstallTests {
         let expected: [(String, mode_t)] = [
             ("/usr/bin/kmsd", 0o755), ("/usr/bin/kmsctl", 0o755),
             ("/usr/lib/systemd/system/kmsd.service", 0o644), ("/usr/lib/systemd/system/kmsd.socket", 0o644),
-            ("/usr/lib/systemd/system/kmsd-credentials.socket", 0o644),
+            ("/usr/lib/systemd/system/kmsd-credentials.socket", 0o644), ("/usr/lib/systemd/system/kmsd-luks@.service", 0o644),
             ("/usr/lib/sysusers.d/kmsd.conf", 0o644), ("/usr/lib/tmpfiles.d/kmsd.conf", 0o644),
             ("/usr/share/doc/kmsd/README.md", 0o644), ("/usr/share/doc/kmsd/kmsd.json.example", 0o644),
             ("/etc/kmsd/kmsd.json", 0o644), ("/etc/kmsd/identity-policies", 0o755), ("/etc/kmsd/credentials", 0o755),
@@ -89,7 +89,9 @@ struct InstallTests {
         #expect(r.status == 0, "\(r.stderr)")
         let units = prefix + "/lib/systemd/system"
         #expect(text(units + "/kmsd.service").contains("\nExecStart=\(prefix)/bin/kmsd --config \(prefix)/etc/kmsd/kmsd.json\n"))
-        let verify = try run("/usr/bin/systemd-analyze", ["verify", "--man=no", units + "/kmsd.service", units + "/kmsd.socket", units + "/kmsd-credentials.socket"])
+        #expect(text(units + "/kmsd-luks@.service").contains("\(prefix)/bin/kmsctl decrypt --context volume=%i < \(prefix)/etc/kmsd/luks/%i.key.enc"))
+        let verify = try run("/usr/bin/systemd-analyze", ["verify", "--man=no", units + "/kmsd.service", units + "/kmsd.socket", units + "/kmsd-credentials.socket",
+                                                                   units + "/kmsd-luks@data.service"])
         #expect(verify.status == 0, "\(verify.text)\(verify.stderr)")
         let exposure = try UnitExposure.rate(units + "/kmsd.service")
         #expect(exposure <= 1.0, "systemd-analyze security rates the installed kmsd.service \(exposure)")
