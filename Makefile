@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 SWIFT ?= swift
 DEV_DIR := $(CURDIR)/.dev
-APT_PACKAGES := libssl-dev libsystemd-dev libsqlite3-dev sqlite3 pkg-config protobuf-compiler systemd util-linux python3-cryptography openssl cryptsetup-bin
+APT_PACKAGES := libssl-dev libsystemd-dev libsqlite3-dev sqlite3 pkg-config protobuf-compiler systemd util-linux python3-cryptography openssl cryptsetup-bin python3-protobuf
 BUILD_FLAGS := --explicit-target-dependency-import-check error
 
 .PHONY: all deps build run test proto check-proto bench install clean fuzz fuzz-build fuzz-seeds fuzz-smoke crash
@@ -106,6 +106,7 @@ proto: deps
 	$(SWIFT) build --product protoc-gen-swift
 	protoc --plugin=protoc-gen-swift=$$($(SWIFT) build --show-bin-path)/protoc-gen-swift \
 	  --swift_opt=Visibility=Public --swift_out=Sources/KMSProtocol/Generated -IProtocol Protocol/kmsd.proto
+	protoc --python_out=clients/python/kmsd -IProtocol Protocol/kmsd.proto
 
 # Fails when the committed generated code is not what Protocol/kmsd.proto generates.
 check-proto: deps
@@ -117,6 +118,12 @@ check-proto: deps
 	  echo "check-proto: generated code matches Protocol/kmsd.proto"; rm -rf $$tmp; \
 	else \
 	  head -40 $$tmp/diff; echo "check-proto: Sources/KMSProtocol/Generated is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; \
+	fi
+	@tmp=$$(mktemp -d); protoc --python_out=$$tmp -IProtocol Protocol/kmsd.proto; \
+	if cmp -s clients/python/kmsd/kmsd_pb2.py $$tmp/kmsd_pb2.py; then \
+	  echo "check-proto: clients/python/kmsd/kmsd_pb2.py matches Protocol/kmsd.proto"; rm -rf $$tmp; \
+	else \
+	  echo "check-proto: clients/python/kmsd/kmsd_pb2.py is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; \
 	fi
 
 # Release build; kmsd against a raw Unix-socket echo baseline in the same run.
