@@ -129,8 +129,9 @@ check-proto: deps
 # Release build; kmsd against a raw Unix-socket echo baseline in the same run.
 bench: deps
 	$(SWIFT) build -c release --product kmsd
+	$(SWIFT) build -c release --product kmsctl
 	$(SWIFT) build -c release --product kmsbench
-	@bin=$$($(SWIFT) build -c release --show-bin-path); $$bin/kmsbench --kmsd $$bin/kmsd $(BENCH_ARGS)
+	@bin=$$($(SWIFT) build -c release --show-bin-path); $$bin/kmsbench --kmsd $$bin/kmsd --kmsctl $$bin/kmsctl $(BENCH_ARGS)
 
 # Binaries, units, sysusers.d and tmpfiles.d snippets, the example configuration (copied to
 # SYSCONFDIR/kmsd/kmsd.json only when none is there: an existing one is never overwritten) and

@@ -63,7 +63,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "kmsbench",
-            dependencies: ["KMSProtocol", "KMSCore", "KMSCrypto", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["KMSProtocol", "KMSCore", "KMSCrypto", "KMSClient", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
         // Fuzz targets (`make fuzz`: built with -sanitize=fuzzer and -DKMSFUZZ_LIBFUZZER); the

@@ -64,6 +64,12 @@ struct KMSBench: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Only the soak run: Encrypt for this many seconds, sampling kmsd's memory and descriptors.", valueName: "seconds"))
     var soak: Double?
 
+    @Flag(name: .customLong("envelope-only"), help: "Only issue 12's figures: file envelope throughput against openssl, and the data-key cache (one kmsd, audit off).")
+    var envelopeOnly = false
+
+    @Option(name: .long, help: ArgumentHelp("kmsctl binary for the file envelope figures. Default: kmsctl next to kmsbench.", valueName: "path"))
+    var kmsctl: String?
+
     @Option(name: .customLong("echo-server"), help: .hidden)
     var echoServer: String?
 
@@ -124,6 +130,18 @@ struct KMSBench: ParsableCommand {
                                        kmsdArguments: kmsdArguments) { target, scenario, pid in
                 try measure(target, scenario) { LoadDriver.processCPUNanos(pid: pid) }
             }
+            print(r.markdown())
+            if json { print(""); print(String(decoding: try JSONEncoder().encode(r), as: UTF8.self)) }
+            return
+        }
+        if envelopeOnly {
+            let dir = work.path + "/envelope"
+            progress("starting \(try kmsd ?? Self.defaultKMSDPath()), audit off (work directory \(dir))")
+            let d = try BenchDaemon.launch(executable: try kmsd ?? Self.defaultKMSDPath(), workDirectory: dir,
+                                           arguments: kmsdArguments + ["--dev-audit-off"])
+            defer { _ = d.process.stop() }
+            let r = try EnvelopeBench.run(socket: d.process.socketPath, keyID: d.key, kmsctl: try kmsctl ?? Self.sibling("kmsctl"),
+                                          work: dir, seconds: duration)
             print(r.markdown())
             if json { print(""); print(String(decoding: try JSONEncoder().encode(r), as: UTF8.self)) }
             return
@@ -215,14 +233,19 @@ struct KMSBench: ParsableCommand {
         let policy = PolicyReport(inProcess: inProcess, scenario: scenario.name,
                                   defaultPolicy: defaultPolicy.kmsd, twentyStatementPolicy: TargetFigures(withPolicy))
 
+        let envelope = try EnvelopeBench.run(socket: daemons[0].process.socketPath, keyID: daemons[0].key,
+                                             kmsctl: try kmsctl ?? Self.sibling("kmsctl"), work: work.path, seconds: duration)
+
         let report = BenchReport(
             environment: .current(duration: duration, warmup: warmup,
                                   plaintextBytes: Self.plaintext.count, requestFrameBytes: sampleFrame.count),
             echo: echoResults, kmsd: results, crypto: crypto, journald: ingest, policy: policy)
         print(report.markdown())
+        print(envelope.markdown())
         if json {
             print("")
             print(try report.json())
+            print(String(decoding: try JSONEncoder().encode(envelope), as: UTF8.self))
         }
     }
 
@@ -240,7 +263,10 @@ struct KMSBench: ParsableCommand {
     }
 
     /// `kmsd` in the directory of this executable.
-    static func defaultKMSDPath() throws -> String {
+    static func defaultKMSDPath() throws -> String { try sibling("kmsd") }
+
+    /// `name` in the directory of this executable.
+    static func sibling(_ name: String) throws -> String {
         var buffer = [CChar](repeating: 0, count: 4097)
         let capacity = buffer.count - 1
         let n = readlink("/proc/self/exe", &buffer, capacity)
@@ -248,7 +274,7 @@ struct KMSBench: ParsableCommand {
             throw BenchError("cannot read /proc/self/exe (\(errnoDescription(errno))); pass --kmsd PATH")
         }
         let exe = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("kmsd").path
+        return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent(name).path
     }
 }
 
