@@ -302,11 +302,20 @@ def build():
     # the commitment check (step 4) can refuse it.
     other_commit = keys(fixed("another data key", 32), fixed("envelope/three-chunks/message-id", 32))[1]
     forged_commit = reseal(head[:commit_off] + other_commit, parts["envelope_key"]) + c1 + c2 + c3
-    # The final chunk re-marked as full: the AAD no longer matches.
+    # The final chunk re-marked as full: read as a full chunk it needs S + 16 bytes, more than
+    # the file has left, so it is refused as truncated before any tag is checked.
     final_as_full = head + c1 + c2 + bytes([FULL]) + c3[5:]
     pairs = [(b"tenant", b"42"), (b"app", b"billing")]
     unsorted_ctx = struct.pack(">I", 2) + b"".join(
         struct.pack(">I", len(k)) + k + struct.pack(">I", len(v)) + v for k, v in pairs)
+
+    def with_context(c):
+        """The base file with the context field replaced by the bytes `c` (length fixed up)."""
+        return base[:48] + struct.pack(">I", len(c)) + c + base[edk_len_off:]
+
+    def pairs_bytes(pairs):
+        return struct.pack(">I", len(pairs)) + b"".join(
+            struct.pack(">I", len(k)) + k + struct.pack(">I", len(v)) + v for k, v in pairs)
 
     invalid = [
         ("bad-magic", b"KMSDENVX" + base[8:], "header"),
@@ -316,7 +325,15 @@ def build():
         ("chunk-size-too-big", base[:12] + struct.pack(">I", MAX_CHUNK + 1) + base[16:], "header"),
         ("context-length-too-big", base[:48] + struct.pack(">I", MAX_CONTEXT_BYTES + 1) + base[52:], "header"),
         ("context-unsorted", base[:48] + struct.pack(">I", len(unsorted_ctx)) + unsorted_ctx + base[edk_len_off:], "header"),
+        ("context-length-below-4", base[:48] + struct.pack(">I", 3) + base[52:], "header"),
+        ("context-too-many-pairs", with_context(pairs_bytes([(b"k%02d" % i, b"") for i in range(MAX_PAIRS + 1)])), "header"),
+        ("context-empty-key", with_context(pairs_bytes([(b"", b"v")])), "header"),
+        ("context-bytes-after-pairs", with_context(pairs_bytes([(b"app", b"billing")]) + b"\x00"), "header"),
+        ("context-length-past-field", with_context(struct.pack(">I", 1) + struct.pack(">I", 50) + b"app"), "header"),
+        ("context-not-utf8", with_context(pairs_bytes([(b"app", b"\xff\xfe")])), "header"),
+        ("context-count-too-high", with_context(struct.pack(">I", 2) + pairs_bytes([(b"app", b"x")])[4:]), "header"),
         ("edk-length-zero", base[:edk_len_off] + b"\x00\x00" + base[edk_len_off + 2:], "header"),
+        ("edk-length-too-big", base[:edk_len_off] + struct.pack(">H", MAX_EDK + 1) + base[edk_len_off + 2:], "header"),
         ("header-cut", base[:hl - 1], "header"),
         ("commitment-flipped", flip(base, commit_off), "commitment"),
         ("commitment-of-another-key", forged_commit, "commitment"),

@@ -19,7 +19,9 @@ struct Exec: AsyncParsableCommand {
         discussion: """
         Each --secret NAME=PATH names a ciphertext blob made by `kmsctl encrypt`; kmsctl decrypts \
         them all (with the --context pairs, as given at encryption), then replaces itself with \
-        COMMAND (execvp), so COMMAND's exit status is kmsctl's and signals reach it directly. \
+        COMMAND (execvp), so COMMAND's exit status is kmsctl's and signals reach it directly \
+        (it starts with no signal blocked and SIGPIPE at its default). --key-id makes every \
+        secret's key a requirement. \
         NAME=value goes into COMMAND's environment; a secret containing a NUL byte must use \
         --secret-file. --secret-file NAME=PATH puts the plaintext in a sealed memfd (a file in \
         the kernel's memory-backed tmpfs, never on a disk, gone when the last process holding it \
@@ -42,6 +44,9 @@ struct Exec: AsyncParsableCommand {
 
     @Option(name: .customLong("context"), help: ArgumentHelp("Encryption context pair KEY=VALUE for every secret (split at the first '='). Repeatable.", valueName: "key=value"))
     var context: [String] = []
+
+    @Option(name: .customLong("key-id"), help: ArgumentHelp("Fail unless every secret was encrypted under this key (so a blob of another key with the same context cannot be swapped in).", valueName: "id"))
+    var keyID: String?
 
     @Argument(parsing: .postTerminator, help: ArgumentHelp("The command and its arguments, after --.", valueName: "command"))
     var command: [String] = []
@@ -91,7 +96,7 @@ struct Exec: AsyncParsableCommand {
         var plaintexts = try await global.withClient { client in
             try await client.pipeline(blobs.map { blob in
                 var r = KMSRequest()
-                r.operation = .decrypt(.with { $0.ciphertextBlob = Data(blob); $0.encryptionContext = contextMap })
+                r.operation = .decrypt(.with { $0.ciphertextBlob = Data(blob); $0.encryptionContext = contextMap; $0.keyID = keyID ?? "" })
                 return r
             })
         }.enumerated().map { i, response -> [UInt8] in
@@ -116,6 +121,12 @@ struct Exec: AsyncParsableCommand {
                 guard ok else { throw ValidationError("cannot set the environment variable \(s.name)") }
             }
         }
+        // The command starts with default signal handling: SwiftNIO ignores SIGPIPE in this
+        // process and this thread may block signals, and both would pass through exec.
+        signal(SIGPIPE, SIG_DFL)
+        var none = sigset_t()
+        sigemptyset(&none)
+        pthread_sigmask(SIG_SETMASK, &none, nil)
         let argv = command.map { strdup($0) } + [nil]
         execvp(command[0], argv)
         let error = errno

@@ -18,34 +18,73 @@ struct StreamOptions: ParsableArguments {
         return FileDescriptorInput(fd: fd)
     }
 
-    /// Runs `body` with the output; for --out, the file appears at its path only if `body`
-    /// returned, with `mode` (less the umask).
+    /// Runs `body` with the output; for --out, the file appears at its path (with `mode`
+    /// less the umask) only if `body` returned. It is written as an anonymous O_TMPFILE in
+    /// the target's directory, so a kill leaves nothing behind, then linked under a temporary
+    /// name and renamed over the target; where the file system has no O_TMPFILE, a mkstemp
+    /// file beside the target, removed on failure.
     func withOutput<T>(mode: mode_t, _ body: (inout FileDescriptorOutput) async throws -> T) async throws -> T {
         guard let outPath else {
             var out = FileDescriptorOutput(fd: STDOUT_FILENO)
             return try await body(&out)
         }
         let url = URL(fileURLWithPath: outPath)
-        var template = Array(url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).kmsctl-XXXXXX").path.utf8CString)
-        let fd = mkstemp(&template)
-        guard fd >= 0 else { throw EnvelopeIOError("cannot create a file beside \(outPath): \(String(cString: strerror(errno)))") }
-        let temporary = String(cString: template)
+        let dir = url.deletingLastPathComponent().path
+        let hidden = dir + "/.\(url.lastPathComponent).kmsctl-"
+        var named: String?
+        var fd = open(dir, oTmpFile | O_WRONLY | O_CLOEXEC, mode)
+        if fd < 0 {
+            guard [EOPNOTSUPP, EISDIR, EINVAL].contains(errno) else {
+                throw EnvelopeIOError("cannot create a file in \(dir): \(String(cString: strerror(errno)))")
+            }
+            var template = Array((hidden + "XXXXXX").utf8CString)
+            fd = mkstemp(&template)
+            guard fd >= 0 else { throw EnvelopeIOError("cannot create a file beside \(outPath): \(String(cString: strerror(errno)))") }
+            named = String(cString: template)
+            guard fchmod(fd, mode & ~currentUmask()) == 0 else {
+                let e = errno
+                close(fd)
+                unlink(named!)
+                throw EnvelopeIOError("cannot set the mode of \(named!): \(String(cString: strerror(e)))")
+            }
+        }
+        var open = true
         do {
-            let mask = umask(0)
-            umask(mask)
-            fchmod(fd, mode & ~mask)
             var out = FileDescriptorOutput(fd: fd)
             let result = try await body(&out)
             guard fsync(fd) == 0 else { throw EnvelopeIOError("cannot write \(outPath): \(String(cString: strerror(errno)))") }
+            if named == nil {
+                let link = hidden + String(UInt64.random(in: 0...UInt64.max), radix: 16)
+                guard linkat(AT_FDCWD, "/proc/self/fd/\(fd)", AT_FDCWD, link, AT_SYMLINK_FOLLOW) == 0 else {
+                    throw EnvelopeIOError("cannot name the output in \(dir): \(String(cString: strerror(errno)))")
+                }
+                named = link
+            }
             close(fd)
-            guard rename(temporary, outPath) == 0 else { throw EnvelopeIOError("cannot rename the output into \(outPath): \(String(cString: strerror(errno)))") }
+            open = false
+            guard rename(named!, outPath) == 0 else { throw EnvelopeIOError("cannot rename the output into \(outPath): \(String(cString: strerror(errno)))") }
+            named = nil
+            let dirFD = Glibc.open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            if dirFD >= 0 { fsync(dirFD); close(dirFD) }
             return result
         } catch {
-            close(fd)
-            unlink(temporary)
+            if open { close(fd) }
+            if let named { unlink(named) }
             throw error
         }
     }
+}
+
+/// O_TMPFILE (Linux 3.11+; not exported to Swift): __O_TMPFILE | O_DIRECTORY.
+private let oTmpFile: Int32 = 0o20000000 | O_DIRECTORY
+
+/// The process's umask, read without changing it (Linux 4.7+: /proc/self/status); 022 if
+/// it cannot be read.
+func currentUmask() -> mode_t {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+          let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Umask:") }),
+          let value = mode_t(line.dropFirst("Umask:".count).trimmingCharacters(in: .whitespaces), radix: 8) else { return 0o022 }
+    return value
 }
 
 func printEnvelopeSummary(_ s: FileEnvelope.Summary) throws {

@@ -25,8 +25,10 @@ final class DataKeyCacheTests {
         let cache = try DataKeyCache(limits: .init(maxMessages: 5, maxBytes: 1 << 20, maxAge: .seconds(600), capacity: 10))
         let before = try await served("GenerateDataKey")
         var sealed: [[UInt8]] = []
-        for i in 0..<12 { sealed.append(try await client.encryptMessage(keyID: key, plaintext: message(i), context: ["tenant": "a"], cache: cache)) }
-        // 12 messages, 5 per data key: 3 data keys.
+        for i in 0..<10 { sealed.append(try await client.encryptMessage(keyID: key, plaintext: message(i), context: ["tenant": "a"], cache: cache)) }
+        // 10 messages, 5 per data key: exactly 2 data keys (4 per key would make 3, 6 would make 2 only with 12).
+        #expect(try await served("GenerateDataKey") - before == 2)
+        for i in 10..<12 { sealed.append(try await client.encryptMessage(keyID: key, plaintext: message(i), context: ["tenant": "a"], cache: cache)) }
         #expect(try await served("GenerateDataKey") - before == 3)
         // Another context is another partition: its own data key.
         for i in 0..<2 { sealed.append(try await client.encryptMessage(keyID: key, plaintext: message(100 + i), context: ["tenant": "b"], cache: cache)) }
@@ -59,24 +61,30 @@ final class DataKeyCacheTests {
         // 400-byte messages under a 1000-byte limit: two per data key.
         for i in 0..<6 { _ = try await client.encryptMessage(keyID: key, plaintext: message(i, size: 400), cache: bytes) }
         #expect(try await served("GenerateDataKey") - before == 3)
+        // The limit is inclusive: two 500-byte messages fill one data key exactly.
+        for i in 0..<4 { _ = try await client.encryptMessage(keyID: key, plaintext: message(i, size: 500), cache: bytes) }
+        #expect(try await served("GenerateDataKey") - before == 5)
         // A message as large as the limit is never cached: each gets its own data key.
         for i in 0..<2 { _ = try await client.encryptMessage(keyID: key, plaintext: message(i, size: 1000), cache: bytes) }
-        #expect(try await served("GenerateDataKey") - before == 5)
+        #expect(try await served("GenerateDataKey") - before == 7)
 
         let aged = try DataKeyCache(limits: .init(maxMessages: 100, maxBytes: 1 << 20, maxAge: .milliseconds(300), capacity: 10))
         let beforeAge = try await served("GenerateDataKey")
         _ = try await client.encryptMessage(keyID: key, plaintext: message(1), cache: aged)
         _ = try await client.encryptMessage(keyID: key, plaintext: message(2), cache: aged)
         #expect(try await served("GenerateDataKey") - beforeAge == 1)
+        _ = try await client.encryptMessage(keyID: key, plaintext: message(2), context: ["other": "slot"], cache: aged)
+        #expect(aged.statistics.entries == 2)
         try await Task.sleep(for: .milliseconds(400))
         _ = try await client.encryptMessage(keyID: key, plaintext: message(3), cache: aged)
-        #expect(try await served("GenerateDataKey") - beforeAge == 2, "an expired data key was reused")
+        #expect(try await served("GenerateDataKey") - beforeAge == 3, "an expired data key was reused")
+        // Expired entries of other slots were swept out by that call: only the fresh one is left.
+        #expect(aged.statistics.entries == 1)
     }
 
     @Test func theCacheIsBoundedAndItsKeysAreLocked() async throws {
         let client = daemon.client()
         let key = try await client.createKey().keyID
-        let lockedBefore = SecureArena.shared.lockedBytes
         let cache = try DataKeyCache(limits: .init(maxMessages: 100, maxBytes: 1 << 20, maxAge: .seconds(600), capacity: 3))
         for tenant in 0..<10 { _ = try await client.encryptMessage(keyID: key, plaintext: message(tenant), context: ["tenant": "\(tenant)"], cache: cache) }
         #expect(cache.statistics.entries == 3)
@@ -86,8 +94,8 @@ final class DataKeyCacheTests {
         #expect(try await served("GenerateDataKey") == before)
         _ = try await client.encryptMessage(keyID: key, plaintext: message(0), context: ["tenant": "0"], cache: cache)
         #expect(try await served("GenerateDataKey") == before + 1)
-        // The cached data keys live in the locked arena.
-        #expect(SecureArena.shared.lockedBytes > 0 && SecureArena.shared.lockedBytes >= lockedBefore)
+        // The cached data keys live in the locked arena (SecureBytes); none fell back to unlocked memory.
+        #expect(SecureArena.shared.lockedBytes > 0)
         #expect(SecureArena.shared.unlockedBytes == 0)
         cache.removeAll()
         #expect(cache.statistics.entries == 0)

@@ -61,6 +61,36 @@ final class ExecTests {
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir).sorted() == ["bin.enc", "pw.enc"])
     }
 
+    /// The command starts with no signal blocked and SIGPIPE at its default (kmsctl's own
+    /// runtime ignores SIGPIPE and may block signals on its threads), so `systemctl stop`,
+    /// Ctrl-C and broken pipes reach it as they would without kmsctl in front.
+    @Test func theCommandStartsWithDefaultSignals() async throws {
+        let key = try await daemon.client().createKey(description: "exec").keyID
+        let pw = try seal(Array("x".utf8), name: "sig", key: key)
+        let r = try kmsctl(["exec", "--context", "app=web", "--secret", "S=\(pw)", "--", "/bin/grep", "-E", "^Sig(Blk|Ign):", "/proc/self/status"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let fields = Dictionary(uniqueKeysWithValues: r.text.split(separator: "\n").compactMap { line -> (String, UInt64)? in
+            let parts = line.split(separator: ":")
+            guard parts.count == 2 else { return nil }
+            return (String(parts[0]), UInt64(parts[1].trimmingCharacters(in: .whitespaces), radix: 16) ?? .max)
+        })
+        #expect(fields["SigBlk"] == 0, "blocked signals: \(r.text)")
+        let sigpipe: UInt64 = 1 << (UInt64(SIGPIPE) - 1)
+        #expect(fields["SigIgn"].map { $0 & sigpipe } == 0, "SIGPIPE ignored: \(r.text)")
+    }
+
+    /// --key-id: a blob of another key with the same context cannot be swapped in.
+    @Test func keyIDPinsTheSecretsKey() async throws {
+        let key = try await daemon.client().createKey(description: "exec").keyID
+        let other = try await daemon.client().createKey(description: "exec other").keyID
+        let mine = try seal(Array("mine".utf8), name: "mine", key: key)
+        let swapped = try seal(Array("theirs".utf8), name: "theirs", key: other)
+        let ok = try kmsctl(["exec", "--key-id", key, "--context", "app=web", "--secret", "S=\(mine)", "--", "sh", "-c", "test \"$S\" = mine"])
+        #expect(ok.status == 0, "\(ok.stderr)")
+        let refused = try kmsctl(["exec", "--key-id", key, "--context", "app=web", "--secret", "S=\(swapped)", "--", "/bin/true"])
+        #expect(refused.status == 1 && refused.stderr.contains("IncorrectKeyException"), "\(refused.stderr)")
+    }
+
     @Test func aSecretThatDoesNotDecryptMeansTheCommandNeverRuns() async throws {
         let key = try await daemon.client().createKey(description: "exec").keyID
         let good = try seal(Array("a".utf8), name: "good", key: key)

@@ -41,7 +41,7 @@ final class FileEnvelopeTests {
         let enc = try kmsctl(["encrypt-file", "--key-id", id, "--context", "app=web", "--context", "tier=db", "--chunk-size", "4096"], stdin: plaintext)
         #expect(enc.status == 0, "\(enc.stderr)")
         #expect(enc.stdout.starts(with: Array("KMSDENVL".utf8)))
-        // Chunks: size / 4096 full ones (22 bytes of framing and tag each) and one final (21).
+        // Chunks: size / 4096 full ones (17 bytes of type and tag each) and one final (21).
         let header = enc.stdout.count - size - (size / 4096) * 17 - 21
         #expect(header > 102 && header < 400, "header of \(header) bytes")
         let dec = try kmsctl(["decrypt-file", "--context", "tier=db"], stdin: enc.stdout)
@@ -133,10 +133,13 @@ final class FileEnvelopeTests {
         let id = try await createKey()
         let enc = try kmsctl(["encrypt-file", "--key-id", id, "--context", "dept=payroll"], stdin: Data("salaries".utf8))
         #expect(enc.status == 0)
+        let decrypts = { try await self.daemon.client().status().requests.filter { $0.action == "Decrypt" }.reduce(0) { $0 + $1.count } }
+        let before = try await decrypts()
         for expected in ["dept=finance", "owner=alice"] {
             let r = try kmsctl(["decrypt-file", "--context", expected], stdin: enc.stdout)
             #expect(r.status == 1 && r.stderr.contains("InvalidCiphertextException") && r.stdout.isEmpty, "\(r.stderr)")
         }
+        #expect(try await decrypts() == before, "an unexpected context is refused before kmsd is asked")
         // Rewrite "payroll" to "finance" in the stored context (same length).
         var bytes = [UInt8](enc.stdout)
         let at = try #require(bytes.firstRange(of: Array("payroll".utf8)))

@@ -7,11 +7,14 @@ import Synchronization
 /// message (`KMSClient.encryptMessage(..., cache:)`).
 ///
 /// A data key made for one kmsd key and one encryption context is used for at most
-/// `maxMessages` messages, `maxBytes` bytes of plaintext and `maxAge`, whichever comes first;
+/// `maxMessages` messages, `maxBytes` bytes of plaintext (in all) and `maxAge`, whichever comes first;
 /// then the next message gets a fresh one from GenerateDataKey. Data keys opened for
 /// decryption are kept (by encrypted data key and context) for at most `maxAge`. The cache
-/// holds at most `capacity` entries of each kind, dropping the least recently used. Every data
-/// key is in locked memory (`SecureBytes`) and zeroed when its entry goes.
+/// holds at most `capacity` entries of each kind, dropping the least recently used; an entry
+/// leaves as soon as it is used up, and expired entries are swept out at the next call after
+/// they expire. Every data key is in locked memory (`SecureBytes`) and zeroed when its entry
+/// goes (and no message still uses it). A cached data key skips kmsd: a key disabled or a
+/// policy changed there takes effect for cached data keys only when they expire.
 ///
 /// Reuse is safe for the format: each message still has its own random message id, so its own
 /// derived key (PROTOCOL.md §16.2). The trade is the AWS one: fewer calls to kmsd (cheaper, and
@@ -71,6 +74,34 @@ public final class DataKeyCache: Sendable {
         var decrypting: [[UInt8]: Usage] = [:]
         var tick: UInt64 = 0
         var statistics = Statistics()
+        /// When the oldest entry expires: the next call from then on sweeps every expired entry
+        /// out, so no data key outlives maxAge by more than the gap between two calls.
+        var sweepAt: ContinuousClock.Instant?
+    }
+
+    /// Drops every expired entry (both tables) once the oldest is due; returns them, to be
+    /// released outside the lock.
+    private func sweep(_ st: inout State, now: ContinuousClock.Instant) -> [Entry] {
+        guard let due = st.sweepAt, now >= due else { return [] }
+        var dropped: [Entry] = []
+        var oldest: ContinuousClock.Instant?
+        for table in [\State.encrypting, \State.decrypting] {
+            for (slot, usage) in st[keyPath: table] {
+                if now - usage.entry.created >= limits.maxAge {
+                    dropped.append(usage.entry)
+                    st[keyPath: table][slot] = nil
+                } else if oldest.map({ usage.entry.created < $0 }) ?? true {
+                    oldest = usage.entry.created
+                }
+            }
+        }
+        st.sweepAt = oldest.map { $0 + limits.maxAge }
+        return dropped
+    }
+
+    private func scheduleSweep(_ st: inout State, for entry: Entry) {
+        let due = entry.created + limits.maxAge
+        if st.sweepAt.map({ due < $0 }) ?? true { st.sweepAt = due }
     }
 
     public let limits: Limits
@@ -127,26 +158,30 @@ public final class DataKeyCache: Sendable {
 
     /// A cached data key for one more message of `bytes` bytes, counted against its limits;
     /// nil when there is none usable (expired or used up entries are dropped).
+    /// An entry that reaches a limit with this message is dropped at once (the caller's
+    /// reference keeps its key for this one message).
     func takeForEncryption(slot: [UInt8], bytes: UInt64) -> Entry? {
         let now = ContinuousClock.now
-        let (entry, dropped): (Entry?, Entry?) = state.withLock { st in
-            guard var usage = st.encrypting[slot] else {
+        let (entry, dropped): (Entry?, [Entry]) = state.withLock { st in
+            var dropped = sweep(&st, now: now)
+            // usage.bytes <= maxBytes always, so the subtraction cannot wrap.
+            guard var usage = st.encrypting[slot], now - usage.entry.created < limits.maxAge,
+                  usage.messages < limits.maxMessages, bytes <= limits.maxBytes - usage.bytes else {
+                if let stale = st.encrypting.removeValue(forKey: slot) { dropped.append(stale.entry) }
                 st.statistics.encryptMisses += 1
-                return (nil, nil)
-            }
-            let expired = now - usage.entry.created >= limits.maxAge
-            if expired || usage.messages >= limits.maxMessages || usage.bytes + bytes > limits.maxBytes {
-                st.encrypting[slot] = nil
-                st.statistics.encryptMisses += 1
-                return (nil, usage.entry)
+                return (nil, dropped)
             }
             st.tick += 1
             usage.messages += 1
             usage.bytes += bytes
             usage.lastUse = st.tick
-            st.encrypting[slot] = usage
+            if usage.messages >= limits.maxMessages || usage.bytes >= limits.maxBytes {
+                st.encrypting[slot] = nil
+            } else {
+                st.encrypting[slot] = usage
+            }
             st.statistics.encryptHits += 1
-            return (usage.entry, nil)
+            return (usage.entry, dropped)
         }
         _ = dropped
         return entry
@@ -157,6 +192,7 @@ public final class DataKeyCache: Sendable {
     func storeForEncryption(slot: [UInt8], entry: Entry, bytes: UInt64) {
         guard limits.maxMessages > 1, bytes < limits.maxBytes else { return }
         let evicted: [Entry] = state.withLock { st in
+            scheduleSweep(&st, for: entry)
             st.tick += 1
             let old = st.encrypting.updateValue(Usage(entry: entry, messages: 1, bytes: bytes, lastUse: st.tick), forKey: slot)
             return (old.map { [$0.entry] } ?? []) + Self.evict(&st.encrypting, capacity: limits.capacity)
@@ -166,22 +202,19 @@ public final class DataKeyCache: Sendable {
 
     func takeForDecryption(slot: [UInt8]) -> Entry? {
         let now = ContinuousClock.now
-        let (entry, dropped): (Entry?, Entry?) = state.withLock { st in
-            guard var usage = st.decrypting[slot] else {
+        let (entry, dropped): (Entry?, [Entry]) = state.withLock { st in
+            var dropped = sweep(&st, now: now)
+            guard var usage = st.decrypting[slot], now - usage.entry.created < limits.maxAge else {
+                if let stale = st.decrypting.removeValue(forKey: slot) { dropped.append(stale.entry) }
                 st.statistics.decryptMisses += 1
-                return (nil, nil)
-            }
-            if now - usage.entry.created >= limits.maxAge {
-                st.decrypting[slot] = nil
-                st.statistics.decryptMisses += 1
-                return (nil, usage.entry)
+                return (nil, dropped)
             }
             st.tick += 1
             usage.lastUse = st.tick
             usage.messages += 1
             st.decrypting[slot] = usage
             st.statistics.decryptHits += 1
-            return (usage.entry, nil)
+            return (usage.entry, dropped)
         }
         _ = dropped
         return entry
@@ -189,6 +222,7 @@ public final class DataKeyCache: Sendable {
 
     func storeForDecryption(slot: [UInt8], entry: Entry) {
         let evicted: [Entry] = state.withLock { st in
+            scheduleSweep(&st, for: entry)
             st.tick += 1
             let old = st.decrypting.updateValue(Usage(entry: entry, messages: 1, bytes: 0, lastUse: st.tick), forKey: slot)
             return (old.map { [$0.entry] } ?? []) + Self.evict(&st.decrypting, capacity: limits.capacity)

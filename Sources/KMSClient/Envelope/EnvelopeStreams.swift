@@ -1,4 +1,5 @@
 import Glibc
+import KMSCrypto
 
 /// Where a file envelope reads from: `read` fills some of `buffer` and returns how many bytes
 /// it wrote, 0 only at the end of the input.
@@ -65,7 +66,12 @@ public final class FileDescriptorInput: EnvelopeInput {
         storage = .allocate(byteCount: bufferSize, alignment: 16)
     }
 
-    deinit { storage.deallocate() }
+    deinit {
+        // It held chunks of plaintext on their way through (decrypted files are not read
+        // through it, but encrypted inputs are).
+        kmsExplicitBzero(storage)
+        storage.deallocate()
+    }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         guard buffer.count > 0 else { return 0 }

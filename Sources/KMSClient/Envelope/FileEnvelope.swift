@@ -90,8 +90,20 @@ public enum FileEnvelope {
         return out
     }
 
+    /// The pairs of C(ctx) as bytes, in canonical order.
+    static func contextPairs(_ c: [UInt8]) -> [(key: [UInt8], value: [UInt8])] {
+        var reader = ByteCursor(c)
+        guard let count = reader.u32() else { return [] }
+        return (0..<count).compactMap { _ in
+            guard let kn = reader.u32(), let k = reader.take(Int(kn)), let vn = reader.u32(), let v = reader.take(Int(vn)) else { return nil }
+            return (k, v)
+        }
+    }
+
     /// Reads C(ctx) strictly (§16.1): count, lengths inside the field, non-empty keys in
-    /// strictly ascending byte order, UTF-8, every byte used.
+    /// strictly ascending byte order, UTF-8, every byte used. Two keys whose bytes differ but
+    /// that are the same text to Swift (NFC and NFD spellings) are refused: kmsd's Decrypt
+    /// request carries the context as a map keyed by text (§16.1 allows this refusal).
     static func parseContext(_ c: [UInt8]) throws(EnvelopeError) -> [String: String] {
         var reader = ByteCursor(c)
         guard let count = reader.u32(), count <= UInt32(maxContextPairs) else {
@@ -156,13 +168,19 @@ public enum FileEnvelope {
                       encryptedDataKey: Array(rest[0..<e]), commitment: Array(rest[e..<e + 32]), tag: Array(rest[(e + 32)...]))
     }
 
-    /// §16.4 step 2: every expected pair must be in the file's context with the same value.
+    /// §16.4 step 2: every expected pair must be in the file's context with the same value,
+    /// compared as UTF-8 bytes (as C(ctx) holds them; no Unicode normalisation).
     public static func checkExpectedContext(_ expected: [String: String], in header: Header) throws(EnvelopeError) {
-        for (k, v) in expected.sorted(by: { $0.key < $1.key }) where header.encryptionContext[k] != v {
-            if header.encryptionContext[k] == nil {
-                throw EnvelopeError(.context, "the file's encryption context has no key '\(k)' (its keys: \(header.encryptionContext.keys.sorted().joined(separator: ", ")))")
+        let pairs = contextPairs(header.canonicalContext)
+        for (k, v) in expected.sorted(by: { Array($0.key.utf8).lexicographicallyPrecedes(Array($1.key.utf8)) }) {
+            let key = Array(k.utf8)
+            guard let pair = pairs.first(where: { $0.key == key }) else {
+                let names = pairs.map { String(decoding: $0.key, as: UTF8.self) }.joined(separator: ", ")
+                throw EnvelopeError(.context, "the file's encryption context has no key '\(k)' (its keys: \(names))")
             }
-            throw EnvelopeError(.context, "the file's encryption context has another value for '\(k)' than the one expected")
+            guard pair.value == Array(v.utf8) else {
+                throw EnvelopeError(.context, "the file's encryption context has another value for '\(k)' than the one expected")
+            }
         }
     }
 

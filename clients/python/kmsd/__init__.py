@@ -187,40 +187,49 @@ class Client:
         getattr(request, operation).SetInParent()
         return request
 
+    # At most this many requests written ahead of their answers: below kmsd's default
+    # max_in_flight (64, section 4), so neither side's socket buffer can fill up with frames the
+    # other is not reading.
+    WINDOW = 32
+
     def pipeline(self, requests):
-        """Sends every request before reading any answer; returns the answers in the order of
-        `requests` (matched by id: kmsd may answer in any order), each a dict or a KMSError
-        instance (not raised)."""
+        """Sends the requests ahead of their answers (WINDOW at a time) and returns the answers
+        in the order of `requests` (matched by id: kmsd may answer in any order), each a dict
+        or a KMSError instance (not raised)."""
         with self._lock:
             sock = self._connect()
             ids = []
-            frames = []
             for r in requests:
                 r.id = self._next_id
                 self._next_id += 1
                 ids.append(r.id)
-                body = r.SerializeToString()
-                frames.append(struct.pack(">I", len(body)) + body)
+            answers = {}
             try:
-                sock.sendall(b"".join(frames))
-                answers = {}
-                while len(answers) < len(ids):
-                    response = self._read_response()
-                    if response.id == 0:
-                        # A connection-level error (section 3): nothing more can be trusted here.
-                        err = response.error
-                        raise ConnectionError_(f"kmsd reported a connection error: {err.code}: {err.message}")
-                    answers[response.id] = response
+                for start in range(0, len(requests), self.WINDOW):
+                    window = requests[start:start + self.WINDOW]
+                    frames = []
+                    for r in window:
+                        body = r.SerializeToString()
+                        frames.append(struct.pack(">I", len(body)) + body)
+                    sock.sendall(b"".join(frames))
+                    waiting = {r.id for r in window}
+                    while waiting:
+                        response = self._read_response()
+                        if response.id == 0:
+                            # A connection-level error (section 3): nothing more can be trusted here.
+                            err = response.error
+                            raise ConnectionError_(f"kmsd reported a connection error: {err.code}: {err.message}")
+                        if response.id not in waiting:
+                            raise ConnectionError_(f"kmsd answered request id {response.id}, which is not outstanding")
+                        waiting.discard(response.id)
+                        answers[response.id] = response
             except (OSError, ConnectionError_):
                 self._sock.close()
                 self._sock = None
                 raise
         out = []
         for i, r in zip(ids, requests):
-            response = answers.get(i)
-            if response is None:
-                out.append(ConnectionError_("no answer"))
-                continue
+            response = answers[i]
             which = response.WhichOneof("result")
             if which == "error":
                 out.append(_error(response.error.code, response.error.message))

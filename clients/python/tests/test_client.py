@@ -78,7 +78,8 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(len(self.kms.generate_random(NumberOfBytes=48)["Plaintext"]), 48)
 
     def test_pipelined_requests_are_matched_by_id(self):
-        plaintexts = [f"message {i}".encode() for i in range(40)]
+        # 200 requests: more than one window (kmsd.Client.WINDOW) and more than kmsd's in-flight limit.
+        plaintexts = [f"message {i}".encode() for i in range(200)]
         requests = [self.kms.request("encrypt", KeyId=self.key, Plaintext=p) for p in plaintexts]
         requests.insert(7, self.kms.request("describe_key", KeyId="00000000-0000-4000-8000-000000000000"))
         answers = self.kms.pipeline(requests)
