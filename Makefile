@@ -58,7 +58,7 @@ test: build check-proto
 	$(SWIFT) test --skip-build --no-parallel
 	$(MAKE) --no-print-directory fuzz-smoke
 
-# Fuzzing (libFuzzer): four targets (frames, request, ciphertext, policy: see
+# Fuzzing (libFuzzer): five targets (frames, request, ciphertext, policy, envelope: see
 # Sources/KMSServer/FuzzTargets.swift), seeded from Protocol/vectors and Tests/FuzzRegressions.
 #   make fuzz                      10 million executions per target (FUZZ_RUNS), no time limit
 #   make fuzz FUZZ_TARGETS=request FUZZ_SECONDS=3600
@@ -69,7 +69,7 @@ test: build check-proto
 FUZZ_SANITIZE ?=
 comma := ,
 FUZZ_DIR := $(CURDIR)/.build-fuzz$(if $(FUZZ_SANITIZE),-$(FUZZ_SANITIZE))
-FUZZ_TARGETS ?= frames request ciphertext policy
+FUZZ_TARGETS ?= frames request ciphertext policy envelope
 FUZZ_RUNS ?= 10000000
 FUZZ_SECONDS ?= 0
 FUZZ_FLAGS := $(if $(filter address,$(FUZZ_SANITIZE)),-detect_leaks=1)

@@ -2,8 +2,9 @@
 import PackageDescription
 
 // Arrows point down: executables -> KMSServer/KMSClient -> KMSCore -> KMSCrypto -> C shims.
-// KMSClient depends only on KMSProtocol, KMSCrypto (file envelopes and cached data keys: AES-GCM
-// and locked memory in the client) and its transport (SwiftNIO); the build checks it
+// KMSClient depends only on KMSProtocol, KMSEnvelope and KMSCrypto (file envelopes and cached
+// data keys: AES-GCM and locked memory in the client) and its transport (SwiftNIO); the build
+// checks it
 // (`--explicit-target-dependency-import-check error` in the Makefile).
 let package = Package(
     name: "kmsd",
@@ -36,10 +37,13 @@ let package = Package(
         ),
         .target(name: "KMSCrypto", dependencies: ["CKMSOpenSSL", "CKMSLinux"]),
         .target(name: "KMSCore", dependencies: ["KMSCrypto", "KMSProtocol", "CSQLite"]),
+        // The file envelope format (PROTOCOL.md §16) without transport: KMSClient adds kmsd,
+        // KMSServer's fuzz targets drive its reader.
+        .target(name: "KMSEnvelope", dependencies: ["KMSCrypto", "KMSProtocol"]),
         .target(
             name: "KMSServer",
             dependencies: [
-                "KMSCore", "KMSCrypto", "KMSProtocol", "CKMSSystemd", "CKMSLinux",
+                "KMSCore", "KMSCrypto", "KMSProtocol", "KMSEnvelope", "CKMSSystemd", "CKMSLinux",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
@@ -48,7 +52,7 @@ let package = Package(
         .target(
             name: "KMSClient",
             dependencies: [
-                "KMSProtocol", "KMSCrypto",
+                "KMSProtocol", "KMSCrypto", "KMSEnvelope",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
@@ -68,7 +72,7 @@ let package = Package(
 
         // Fuzz targets (`make fuzz`: built with -sanitize=fuzzer and -DKMSFUZZ_LIBFUZZER); the
         // ordinary build replays corpora and regressions through the same targets.
-        .executableTarget(name: "kmsfuzz", dependencies: ["KMSServer", "KMSProtocol"]),
+        .executableTarget(name: "kmsfuzz", dependencies: ["KMSServer", "KMSProtocol", "KMSEnvelope", "KMSCrypto"]),
 
         .testTarget(
             name: "KMSProtocolTests",
@@ -81,7 +85,7 @@ let package = Package(
             dependencies: ["KMSServer", "KMSCore", "KMSProtocol", "CKMSLinux", .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio")]
         ),
-        .testTarget(name: "KMSClientTests", dependencies: ["KMSClient", "KMSCrypto"]),
+        .testTarget(name: "KMSClientTests", dependencies: ["KMSClient", "KMSEnvelope", "KMSCrypto"]),
         .testTarget(
             name: "EndToEndTests",
             dependencies: ["KMSClient", "KMSProtocol", "KMSCrypto", .product(name: "NIOCore", package: "swift-nio")]

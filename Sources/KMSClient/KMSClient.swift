@@ -1,4 +1,5 @@
 import Foundation
+@_exported import KMSEnvelope
 @_exported import KMSProtocol
 import NIOCore
 import NIOPosix

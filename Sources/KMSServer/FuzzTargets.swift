@@ -1,6 +1,7 @@
 import Foundation
 import KMSCore
 import KMSCrypto
+import KMSEnvelope
 import KMSProtocol
 import NIOCore
 import NIOEmbedded
@@ -10,7 +11,7 @@ import Synchronization
 /// exactly as a connection runs it, without sockets. Each function takes any bytes and must
 /// neither crash, hang, nor leak; a finding becomes a file in Tests/FuzzRegressions.
 public enum FuzzTargets {
-    public static let names = ["frames", "request", "ciphertext", "policy"]
+    public static let names = ["frames", "request", "ciphertext", "policy", "envelope"]
 
     /// Runs the target called `name` (one of `names`) on one input.
     public static func run(_ name: String, _ data: UnsafeRawBufferPointer) {
@@ -19,6 +20,7 @@ public enum FuzzTargets {
         case "request": request(data)
         case "ciphertext": ciphertext(data)
         case "policy": policy(data)
+        case "envelope": envelope(data)
         default: preconditionFailure("no fuzz target \(name); targets: \(names.joined(separator: ", "))")
         }
     }
@@ -85,6 +87,36 @@ extension FuzzTargets {
             guard let ctx = try? EncryptionContext(context) else { continue }
             precondition((try? parsed.open(versionKey: versionKey, context: ctx)) == nil, "a fuzzed blob opened under a random key")
         }
+    }
+
+    /// The data key of the envelope target's seeds (Seeds: files made with it), so mutations
+    /// get past the commitment and header tag into the chunk reader.
+    public static let envelopeDataKey: SecureBytes = {
+        var k = (0..<32).map { UInt8($0) &* 7 &+ 1 }
+        return try! SecureBytes(consuming: &k)
+    }()
+
+    /// The file envelope reader (PROTOCOL.md §16.4) on any bytes, with the seeds' data key: it
+    /// may refuse (EnvelopeError) but never crash; and what it accepts must be exactly what
+    /// the writer makes from the plaintext it returned (same message id, context, data key and
+    /// encrypted data key), so no accepted file has a second form.
+    public static func envelope(_ data: UnsafeRawBufferPointer) {
+        var input = BytesInput(Array(data), maxRead: 1 + Int(data.first ?? 0) % 97)
+        guard let header = try? FileEnvelope.readHeader(from: &input) else { return }
+        _ = try? FileEnvelope.checkExpectedContext(["k": "v"], in: header)
+        var output = BytesOutput()
+        do {
+            _ = try FileEnvelope.decrypt(header: header, dataKey: envelopeDataKey, from: &input, to: &output)
+        } catch is EnvelopeError {
+            return
+        } catch {
+            preconditionFailure("the envelope reader failed with something other than EnvelopeError: \(error)")
+        }
+        var again = BytesInput(output.bytes)
+        var rewritten = BytesOutput()
+        _ = try! FileEnvelope.encrypt(dataKey: envelopeDataKey, encryptedDataKey: header.encryptedDataKey, context: header.encryptionContext,
+                                      chunkSize: header.chunkSize, messageID: header.messageID, from: &again, to: &rewritten)
+        precondition(rewritten.bytes == Array(data), "an accepted envelope is not what the writer makes of its plaintext")
     }
 
     /// Key-policy (strict and lenient) and identity-policy parsing.

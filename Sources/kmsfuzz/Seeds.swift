@@ -1,4 +1,6 @@
 import Foundation
+import KMSCrypto
+import KMSEnvelope
 import KMSProtocol
 import KMSServer
 
@@ -34,6 +36,23 @@ enum Seeds {
             #"{"Version": "2012-10-17", "Statement": [{"Sid": "Delegate", "Effect": "Allow", "Principal": {"Role": "IdentityPolicies"}, "Action": "kms:*", "Resource": "*"}]}"#,
         ]
         for (i, p) in policies.enumerated() { try save("policy", "policy-\(i + 1)", Array(p.utf8)) }
-        print("kmsfuzz: seeds in \(directory): \(n) request frames, \(m) ciphertext blobs, \(policies.count) policies")
+        // File envelopes: the vectors (other data keys: they stop at the commitment) and files
+        // under the fuzz target's data key, which mutations can take into the chunk reader.
+        let envelopes = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: vectors + "/envelope.json"))) as? [String: Any]
+        var e = 0
+        for case let v as [String: Any] in (envelopes?["vectors"] as? [Any] ?? []) + (envelopes?["invalid"] as? [Any] ?? []) {
+            guard let hex = v["file_hex"] as? String, let file = Hex.decode(hex) else { continue }
+            e += 1
+            try save("envelope", "vector-\(e)", file)
+        }
+        for (size, chunk, context) in [(0, 16, [:]), (5, 1, ["k": "v"]), (40, 16, ["k": "v", "a": "b"]), (300, 64, ["k": "w"])] as [(Int, Int, [String: String])] {
+            var input = BytesInput((0..<size).map { UInt8(truncatingIfNeeded: $0) })
+            var output = BytesOutput()
+            _ = try FileEnvelope.encrypt(dataKey: FuzzTargets.envelopeDataKey, encryptedDataKey: Array(repeating: 0xed, count: 20 + size % 7),
+                                         context: context, chunkSize: chunk, from: &input, to: &output)
+            e += 1
+            try save("envelope", "keyed-\(size)-\(chunk)", output.bytes)
+        }
+        print("kmsfuzz: seeds in \(directory): \(n) request frames, \(m) ciphertext blobs, \(policies.count) policies, \(e) file envelopes")
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import KMSCrypto
+import KMSEnvelope
 import Synchronization
 
 /// Reuses data keys across messages, as the AWS Encryption SDK's caching cryptographic

@@ -1,5 +1,6 @@
 import Foundation
 import KMSCrypto
+import KMSEnvelope
 
 /// File envelope encryption (PROTOCOL.md §16) with a kmsd key: one GenerateDataKey per file to
 /// encrypt, one Decrypt per file to decrypt; the bulk work is AES-256-GCM in this process.

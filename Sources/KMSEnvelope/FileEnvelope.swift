@@ -1,10 +1,12 @@
 import KMSCrypto
+import KMSProtocol
 
 /// The file envelope format v1 (PROTOCOL.md §16): a stream of any length encrypted in chunks
 /// of AES-256-GCM under a per-file data key, which travels in the header encrypted by kmsd.
 ///
-/// This type knows the format only (header, keys, chunks); `KMSClient.encryptFile` and
-/// `decryptFile` add kmsd (GenerateDataKey, Decrypt). Everything here is synchronous.
+/// This module knows the format only (header, keys, chunks), with no transport: KMSClient's
+/// `encryptFile`/`decryptFile` add kmsd (GenerateDataKey, Decrypt), and the fuzz target
+/// (KMSServer's FuzzTargets) drives the reader. Everything here is synchronous.
 public enum FileEnvelope {
     public static let magic: [UInt8] = Array("KMSDENVL".utf8)
     public static let version: UInt16 = 1
@@ -32,6 +34,15 @@ public enum FileEnvelope {
         public var chunkSize: Int
         public var chunks: UInt64
         public var plaintextBytes: UInt64
+
+        public init(keyID: String, messageID: [UInt8], encryptionContext: [String: String], chunkSize: Int, chunks: UInt64, plaintextBytes: UInt64) {
+            self.keyID = keyID
+            self.messageID = messageID
+            self.encryptionContext = encryptionContext
+            self.chunkSize = chunkSize
+            self.chunks = chunks
+            self.plaintextBytes = plaintextBytes
+        }
     }
 
     /// The header fields of §16.1 (the tag is checked separately, once the key is known).
@@ -389,7 +400,7 @@ struct ByteCursor {
 }
 
 extension Array where Element == UInt8 {
-    mutating func appendBE<T: FixedWidthInteger>(_ v: T) {
+    package mutating func appendBE<T: FixedWidthInteger>(_ v: T) {
         Swift.withUnsafeBytes(of: v.bigEndian) { append(contentsOf: $0) }
     }
 }
