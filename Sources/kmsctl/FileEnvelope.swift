@@ -8,7 +8,7 @@ struct StreamOptions: ParsableArguments {
     @Option(name: .customLong("in"), help: ArgumentHelp("Read this file instead of standard input.", valueName: "path"))
     var inPath: String?
 
-    @Option(name: .customLong("out"), help: ArgumentHelp("Write this file instead of standard output: written beside it under a temporary name and renamed into place only when complete (removed on failure).", valueName: "path"))
+    @Option(name: .customLong("out"), help: ArgumentHelp("Write this file instead of standard output: it appears at PATH only when complete (written as an anonymous file in PATH's directory, then renamed into place); on failure nothing is left.", valueName: "path"))
     var outPath: String?
 
     func openInput() throws -> FileDescriptorInput {
