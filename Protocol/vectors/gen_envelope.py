@@ -20,6 +20,7 @@ with the refusing step on stderr.
 """
 
 import hashlib
+import hmac
 import json
 import os
 import struct
@@ -216,7 +217,6 @@ class Reader:
 
 
 def hmac_compare(a, b):
-    import hmac
     return hmac.compare_digest(a, b)
 
 

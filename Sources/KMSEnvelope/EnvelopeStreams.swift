@@ -58,8 +58,6 @@ public final class FileDescriptorInput: EnvelopeInput {
     private let storage: UnsafeMutableRawBufferPointer
     private var start = 0
     private var end = 0
-    /// Bytes read from the descriptor so far.
-    public private(set) var bytesRead: UInt64 = 0
 
     public init(fd: Int32, bufferSize: Int = 256 * 1024) {
         self.fd = fd
@@ -91,10 +89,7 @@ public final class FileDescriptorInput: EnvelopeInput {
     private func rawRead(_ buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         while true {
             let n = Glibc.read(fd, buffer.baseAddress, buffer.count)
-            if n >= 0 {
-                bytesRead += UInt64(n)
-                return n
-            }
+            if n >= 0 { return n }
             if errno == EINTR { continue }
             throw EnvelopeIOError("cannot read the input: \(String(cString: strerror(errno)))")
         }
@@ -104,7 +99,6 @@ public final class FileDescriptorInput: EnvelopeInput {
 /// Writes everything to a file descriptor, retrying short writes. Does not close it.
 public struct FileDescriptorOutput: EnvelopeOutput {
     public let fd: Int32
-    public private(set) var bytesWritten: UInt64 = 0
 
     public init(fd: Int32) { self.fd = fd }
 
@@ -118,7 +112,6 @@ public struct FileDescriptorOutput: EnvelopeOutput {
             }
             done += n
         }
-        bytesWritten += UInt64(done)
     }
 }
 

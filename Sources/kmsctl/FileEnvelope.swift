@@ -87,6 +87,27 @@ func currentUmask() -> mode_t {
     return value
 }
 
+extension StreamOptions {
+    /// --json prints the summary on standard output, so the data must go to --out.
+    func validate(json: Bool, what: String) throws {
+        if json && outPath == nil {
+            throw ValidationError("--json prints a summary on standard output: give --out for the \(what)")
+        }
+    }
+
+    /// The common run of encrypt-file and decrypt-file: input, output (`mode` for --out), a
+    /// client, `body`, and the --json summary.
+    func run(_ global: GlobalOptions, mode: mode_t,
+             _ body: (KMSClient, inout FileDescriptorInput, inout FileDescriptorOutput) async throws -> FileEnvelope.Summary) async throws {
+        var input = try openInput()
+        defer { if inPath != nil { close(input.fd) } }
+        let summary = try await withOutput(mode: mode) { output in
+            try await global.withClient { client in try await body(client, &input, &output) }
+        }
+        if global.json { try printEnvelopeSummary(summary) }
+    }
+}
+
 func printEnvelopeSummary(_ s: FileEnvelope.Summary) throws {
     try printJSON([
         "KeyId": s.keyID,
@@ -128,21 +149,14 @@ struct EncryptFile: AsyncParsableCommand {
         guard (1...FileEnvelope.maxChunkSize).contains(chunkSize) else {
             throw ValidationError("--chunk-size must be 1...\(FileEnvelope.maxChunkSize)")
         }
-        if global.json && streams.outPath == nil {
-            throw ValidationError("--json prints a summary on standard output: give --out for the envelope")
-        }
+        try streams.validate(json: global.json, what: "envelope")
     }
 
     func run() async throws {
         let contextMap = try parseKeyValuePairs(context, option: "--context")
-        var input = try streams.openInput()
-        defer { if streams.inPath != nil { close(input.fd) } }
-        let summary = try await streams.withOutput(mode: 0o666) { output in
-            try await global.withClient { client in
-                try await client.encryptFile(keyID: keyID, context: contextMap, chunkSize: chunkSize, from: &input, to: &output)
-            }
+        try await streams.run(global, mode: 0o666) { client, input, output in
+            try await client.encryptFile(keyID: keyID, context: contextMap, chunkSize: chunkSize, from: &input, to: &output)
         }
-        if global.json { try printEnvelopeSummary(summary) }
     }
 }
 
@@ -172,20 +186,13 @@ struct DecryptFile: AsyncParsableCommand {
 
     func validate() throws {
         _ = try parseKeyValuePairs(context, option: "--context")
-        if global.json && streams.outPath == nil {
-            throw ValidationError("--json prints a summary on standard output: give --out for the plaintext")
-        }
+        try streams.validate(json: global.json, what: "plaintext")
     }
 
     func run() async throws {
         let contextMap = try parseKeyValuePairs(context, option: "--context")
-        var input = try streams.openInput()
-        defer { if streams.inPath != nil { close(input.fd) } }
-        let summary = try await streams.withOutput(mode: 0o600) { output in
-            try await global.withClient { client in
-                try await client.decryptFile(expectedContext: contextMap, keyID: keyID ?? "", from: &input, to: &output)
-            }
+        try await streams.run(global, mode: 0o600) { client, input, output in
+            try await client.decryptFile(expectedContext: contextMap, keyID: keyID ?? "", from: &input, to: &output)
         }
-        if global.json { try printEnvelopeSummary(summary) }
     }
 }

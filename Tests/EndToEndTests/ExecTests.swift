@@ -21,9 +21,7 @@ final class ExecTests {
         try? FileManager.default.removeItem(atPath: dir)
     }
 
-    func kmsctl(_ args: [String], stdin: Data = Data()) throws -> ProcessResult {
-        try run(Paths.kmsctl, args, stdin: stdin, env: ["KMSD_SOCKET": daemon.socket])
-    }
+    func kmsctl(_ args: [String], stdin: Data = Data()) throws -> ProcessResult { try daemon.kmsctl(args, stdin: stdin) }
 
     /// Encrypts `secret` with `kmsctl encrypt` into a file in the test directory.
     func seal(_ secret: [UInt8], name: String, key: String, context: String = "app=web") throws -> String {

@@ -22,9 +22,7 @@ final class FileEnvelopeTests {
         try? FileManager.default.removeItem(atPath: dir)
     }
 
-    func kmsctl(_ args: [String], stdin: Data = Data()) throws -> ProcessResult {
-        try run(Paths.kmsctl, args, stdin: stdin, env: ["KMSD_SOCKET": daemon.socket])
-    }
+    func kmsctl(_ args: [String], stdin: Data = Data()) throws -> ProcessResult { try daemon.kmsctl(args, stdin: stdin) }
 
     func createKey() async throws -> String {
         try await daemon.client().createKey(description: "files").keyID

@@ -8,17 +8,12 @@ struct PythonClientTests {
     static let clientDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().appendingPathComponent("clients/python").path
 
-    /// A Python 3 with the protobuf package: the one on PATH if it has it, else Debian's
-    /// (`make deps` installs python3-protobuf).
-    static let python: String = {
-        if (try? run("/usr/bin/env", ["python3", "-c", "import google.protobuf"]))?.status == 0 { return "python3" }
-        return "/usr/bin/python3"
-    }()
+    static let interpreter = python(importing: "google.protobuf")
 
     @Test func thePythonSuitePassesAgainstARealKMSD() throws {
         let daemon = try Daemon()
         defer { daemon.stop() }
-        let r = try run("/usr/bin/env", [Self.python, "-B", "-m", "unittest", "discover", "-v", "-s", Self.clientDir + "/tests", "-t", Self.clientDir + "/tests"],
+        let r = try run("/usr/bin/env", [Self.interpreter, "-B", "-m", "unittest", "discover", "-v", "-s", Self.clientDir + "/tests", "-t", Self.clientDir + "/tests"],
                         env: ["KMSD_SOCKET": daemon.socket, "KMSCTL": Paths.kmsctl, "PYTHONPATH": Self.clientDir])
         // unittest reports on stderr.
         #expect(r.status == 0, "\(r.stderr)")

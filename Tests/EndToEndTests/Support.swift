@@ -195,6 +195,11 @@ final class Daemon: @unchecked Sendable {
 
     func client() -> KMSClient { KMSClient(socketPath: socket) }
 
+    /// Runs kmsctl (as this process's user) against this daemon.
+    func kmsctl(_ args: [String], stdin: Data = Data()) throws -> ProcessResult {
+        try run(Paths.kmsctl, args, stdin: stdin, env: ["KMSD_SOCKET": socket])
+    }
+
     /// SIGKILL, no chance to flush anything.
     func kill9() {
         kill(pid, SIGKILL)
@@ -425,13 +430,15 @@ func expectKMSError<T>(_ code: KMSErrorCode, sourceLocation: SourceLocation = #_
     }
 }
 
-/// A Python 3 that has the `cryptography` package, for the independent references in
-/// Protocol/vectors: the one on PATH if it has it, else Debian's (`make deps` installs
-/// python3-cryptography).
-let referencePython: String = {
-    if (try? run("/usr/bin/env", ["python3", "-c", "import cryptography"]))?.status == 0 { return "python3" }
+/// A Python 3 that can import `module`: the one on PATH if it can, else Debian's (`make deps`
+/// installs python3-cryptography and python3-protobuf for the references in Protocol/vectors
+/// and the client in clients/python).
+func python(importing module: String) -> String {
+    if (try? run("/usr/bin/env", ["python3", "-c", "import \(module)"]))?.status == 0 { return "python3" }
     return "/usr/bin/python3"
-}()
+}
+
+let referencePython = python(importing: "cryptography")
 
 /// Runs one of the Python references in Protocol/vectors.
 func runReference(_ script: String, _ args: [String], stdin: Data = Data()) throws -> ProcessResult {

@@ -52,13 +52,11 @@ public final class DataKeyCache: Sendable {
     final class Entry: Sendable {
         let dataKey: SecureBytes
         let encryptedDataKey: [UInt8]
-        let keyID: String
         let created: ContinuousClock.Instant
 
-        init(dataKey: SecureBytes, encryptedDataKey: [UInt8], keyID: String, created: ContinuousClock.Instant) {
+        init(dataKey: SecureBytes, encryptedDataKey: [UInt8], created: ContinuousClock.Instant = .now) {
             self.dataKey = dataKey
             self.encryptedDataKey = encryptedDataKey
-            self.keyID = keyID
             self.created = created
         }
     }

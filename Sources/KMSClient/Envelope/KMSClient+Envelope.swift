@@ -54,8 +54,7 @@ extension KMSClient {
             entry = cached
         } else {
             var response = try await generateDataKey(keyID: keyID, keySpec: "AES_256", context: context)
-            entry = DataKeyCache.Entry(dataKey: try Self.takeSecret(&response.plaintext), encryptedDataKey: Array(response.ciphertextBlob),
-                                       keyID: response.keyID, created: .now)
+            entry = DataKeyCache.Entry(dataKey: try Self.takeSecret(&response.plaintext), encryptedDataKey: Array(response.ciphertextBlob))
             cache?.storeForEncryption(slot: slot, entry: entry, bytes: size)
         }
         var input = BytesInput(plaintext)
@@ -82,8 +81,7 @@ extension KMSClient {
         } else {
             var response = try await decrypt(ciphertextBlob: header.encryptedDataKey, context: header.encryptionContext, keyID: keyID)
             dataKey = try Self.takeSecret(&response.plaintext)
-            cache?.storeForDecryption(slot: slot, entry: .init(dataKey: dataKey, encryptedDataKey: header.encryptedDataKey,
-                                                              keyID: response.keyID, created: .now))
+            cache?.storeForDecryption(slot: slot, entry: .init(dataKey: dataKey, encryptedDataKey: header.encryptedDataKey))
         }
         var output = BytesOutput()
         output.bytes.reserveCapacity(message.count)
