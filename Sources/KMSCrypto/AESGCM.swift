@@ -112,9 +112,13 @@ public enum AESGCM {
             }
             guard let ctx = EVP_CIPHER_CTX_new() else { throw CryptoError.openSSL("EVP_CIPHER_CTX_new") }
             let initFn = encrypt ? EVP_EncryptInit_ex : EVP_DecryptInit_ex
-            guard initFn(ctx, cipher, nil, nil, nil) == 1,
-                  kms_gcm_set_ivlen(ctx, Int32(nonce.count)) == 1,
-                  initFn(ctx, nil, nil, key.bytes, nonce.bytes) == 1 else {
+            // 12 bytes is GCM's default nonce length: cipher, key and nonce in one call (each
+            // control call is a parameter lookup by name in OpenSSL 3).
+            let ready = nonce.count == nonceBytes
+                ? initFn(ctx, cipher, nil, key.bytes, nonce.bytes) == 1
+                : initFn(ctx, cipher, nil, nil, nil) == 1 && kms_gcm_set_ivlen(ctx, Int32(nonce.count)) == 1
+                    && initFn(ctx, nil, nil, key.bytes, nonce.bytes) == 1
+            guard ready else {
                 EVP_CIPHER_CTX_free(ctx)
                 ERR_clear_error()
                 throw CryptoError.invalidParameter("AES-GCM rejected the key or nonce length")

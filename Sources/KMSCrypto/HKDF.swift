@@ -21,7 +21,7 @@ public enum Digest: Sendable {
     }
 }
 
-/// HKDF (RFC 5869) through OpenSSL's EVP_KDF.
+/// HKDF (RFC 5869): HMACs on OpenSSL's digest (`kms_hkdf_derive` in CKMSOpenSSL's shim).
 public enum HKDF {
     /// Derives `count` bytes into `out` from `ikm`, `salt` (empty = none) and `info`.
     ///
@@ -35,6 +35,20 @@ public enum HKDF {
                                  info.bytes, info.count,
                                  out.baseAddress!.assumingMemoryBound(to: UInt8.self), out.count)
         guard ok == 1 else {
+            ERR_clear_error()
+            throw CryptoError.openSSL("HKDF")
+        }
+    }
+
+    /// The same derivation through OpenSSL's EVP_KDF "HKDF" instead of kmsd's HMACs: a
+    /// reference for kmsbench (the C cost of HKDF as OpenSSL's API offers it) and for tests.
+    public static func deriveWithOpenSSLKDF(digest: Digest = .sha256, ikm: UnsafeRawBufferPointer, salt: UnsafeRawBufferPointer,
+                                            info: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer) throws {
+        guard out.count > 0, out.count <= 255 * digest.byteCount else {
+            throw CryptoError.invalidParameter("HKDF output length must be 1...\(255 * digest.byteCount)")
+        }
+        guard kms_hkdf_evp_kdf(digest.openSSLName, ikm.bytes, ikm.count, salt.bytes, salt.count, info.bytes, info.count,
+                               out.baseAddress!.assumingMemoryBound(to: UInt8.self), out.count) == 1 else {
             ERR_clear_error()
             throw CryptoError.openSSL("EVP_KDF_derive(HKDF)")
         }

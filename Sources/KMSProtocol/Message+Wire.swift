@@ -41,6 +41,11 @@ public final class IncomingRequest: Sendable {
     /// Decodes a frame body; throws ValidationException when it is not a Request. The
     /// temporary copy of the body (which may hold a plaintext) is zeroed before returning.
     public convenience init(frameBody: ByteBuffer) throws(KMSError) {
+        // Encrypt, Decrypt and GenerateDataKey in their plain shape: one pass, no copy.
+        if let (message, contexts) = frameBody.withUnsafeReadableBytes({ HotRequestDecoder.decode($0) }) {
+            self.init(message: message, contexts: contexts)
+            return
+        }
         var bytes = Array(frameBody.readableBytesView)
         defer { bytes.withUnsafeMutableBytes { zeroize($0) } }
         let message: KMSRequest

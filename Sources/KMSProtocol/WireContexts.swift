@@ -24,7 +24,17 @@ public struct WireContexts: Sendable {
     /// Every field number of `Request.operation`, context-bearing or not.
     static let operationFields: Set<Int> = [10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 30, 31, 32, 33, 34, 35, 40, 41, 42, 43, 44, 45, 46, 50, 51, 52, 53, 54, 55, 60, 61, 62, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88]
 
+    /// True when the request and these pairs came from one reading of the same bytes
+    /// (`HotRequestDecoder`): they agree by construction, with nothing to cross-check.
+    public private(set) var fromOneReading = false
+
     public init() {}
+
+    /// The pairs `HotRequestDecoder` read for the request it decoded alongside.
+    init(operation: Int, field: Int, pairs: [WirePair]) {
+        if !pairs.isEmpty { self.pairs[operation * 100 + field] = pairs }
+        fromOneReading = true
+    }
 
     /// Scans a frame body that already decoded as a Request (so its structure is valid).
     public init(scanning body: UnsafeRawBufferPointer) {

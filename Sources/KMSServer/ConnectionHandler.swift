@@ -248,6 +248,15 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// The whole frame: length prefix, the serialized response, and (when there is one) the
     /// secret as one more occurrence of the operation field, copied from locked memory.
     static func frame(_ outgoing: Outgoing, allocator: ByteBufferAllocator) throws -> ByteBuffer {
+        // Encrypt, Decrypt and GenerateDataKey answers go straight into the buffer.
+        if let plan = HotResponseEncoder.plan(outgoing.response) {
+            let outer = outgoing.secret.map { secretSize($0) } ?? 0
+            var frame = allocator.buffer(capacity: 4 + plan.size + outer)
+            frame.writeInteger(UInt32(plan.size + outer), endianness: .big)
+            HotResponseEncoder.write(plan, into: &frame)
+            if let secret = outgoing.secret { append(secret, to: &frame) }
+            return frame
+        }
         let body: [UInt8] = try outgoing.response.serializedBytes()
         guard let secret = outgoing.secret else {
             var frame = allocator.buffer(capacity: 4 + body.count)
@@ -255,18 +264,30 @@ final class ConnectionHandler: ChannelDuplexHandler {
             frame.writeBytes(body)
             return frame
         }
-        let n = secret.bytes.count
-        let inner = 1 + varintSize(n) + n
-        let outer = varintSize(secret.operationField << 3 | 2) + varintSize(inner) + inner
+        let outer = secretSize(secret)
         var frame = allocator.buffer(capacity: 4 + body.count + outer)
         frame.writeInteger(UInt32(body.count + outer), endianness: .big)
         frame.writeBytes(body)
+        append(secret, to: &frame)
+        return frame
+    }
+
+    /// The size of the secret's extra occurrence of the operation field.
+    static func secretSize(_ secret: ResponseSecret) -> Int {
+        let n = secret.bytes.count
+        let inner = 1 + varintSize(n) + n
+        return varintSize(secret.operationField << 3 | 2) + varintSize(inner) + inner
+    }
+
+    /// Appends the secret as one more occurrence of the operation field holding only its bytes
+    /// field, copied from locked memory.
+    static func append(_ secret: ResponseSecret, to frame: inout ByteBuffer) {
+        let n = secret.bytes.count
         writeVarint(secret.operationField << 3 | 2, to: &frame)
-        writeVarint(inner, to: &frame)
+        writeVarint(1 + varintSize(n) + n, to: &frame)
         frame.writeInteger(UInt8(secret.field << 3 | 2))
         writeVarint(n, to: &frame)
         secret.bytes.withUnsafeBytes { _ = frame.writeBytes($0) }
-        return frame
     }
 
     static func varintSize(_ v: Int) -> Int {

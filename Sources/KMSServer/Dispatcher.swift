@@ -96,6 +96,7 @@ struct HandlerContext: Sendable {
     func context(operation: Int, field: Int, decoded: [String: String]) throws(KMSError) -> [WirePair] {
         guard let contexts else { return decoded.map { WirePair(key: Array($0.key.utf8), value: Array($0.value.utf8)) } }
         let pairs = contexts.context(operation: operation, field: field)
+        if contexts.fromOneReading { return pairs }
         // Every decoded pair must be among the scanned ones, which the decoder can only have
         // collapsed (repeated or canonically equal keys), never added to or changed.
         var last: [String: [UInt8]] = [:]

@@ -49,7 +49,8 @@ public enum FuzzTargets {
 
     /// One request frame body: decoded, authorized, handled and answered (the response frame
     /// built) by a real dispatcher over an in-memory keystore, as an administrator or as
-    /// another local user (the input's first byte chooses).
+    /// another local user (the input's first byte chooses). Also checks that the request
+    /// path's shortcut (`HotRequestDecoder`) reads it as SwiftProtobuf does, or not at all.
     public static func request(_ data: UnsafeRawBufferPointer) {
         _ = requestAnswer(data)
     }
@@ -61,6 +62,7 @@ public enum FuzzTargets {
         let body = UnsafeRawBufferPointer(rebasing: data[1...])
         let dispatcher = FuzzState.shared.dispatcher()
         let principal = first & 1 == 0 ? FuzzState.administrator : FuzzState.user
+        precondition(HotRequestDecoder.agreesWithSwiftProtobuf(body), "the request shortcut and SwiftProtobuf read a frame differently")
         var buffer = ByteBufferAllocator().buffer(capacity: body.count)
         buffer.writeBytes(body)
         let decoded = Result { () throws(KMSError) in try IncomingRequest(frameBody: buffer) }
