@@ -34,32 +34,40 @@ extension KeyService {
         public init() {}
     }
 
-    /// A bundle of every version of the primary `record` for `input.replicaRegion`, signed by
+    /// A bundle of every version of the primary `id` for `input.replicaRegion`, signed by
     /// `identity`; the primary's record then lists the replica region. Access was decided before
     /// (kms:ReplicateKey on the key).
-    public func replicate(_ record: KeyRecord, _ input: ReplicateInput, identity: ReplicationIdentity) throws(KMSError) -> (bundle: [UInt8], primary: KeyRecord) {
-        try Self.requirePrimary(record, "replicate it")
-        guard input.replicaRegion != region else {
-            throw KMSError(.validation, "ReplicaRegion \(input.replicaRegion) is this kmsd's own region")
+    ///
+    /// The key is read, changed and written under its lock, from its record as stored now, not
+    /// the one the access decision read: a change that came in between (TagResource,
+    /// DisableKey) is kept, not overwritten with an older record. The returned change is undone
+    /// with `restore(_:ifCurrentIs:)`, so an undo does not revert a later change either.
+    public func replicate(_ id: KeyID, _ input: ReplicateInput, identity: ReplicationIdentity, caller: Principal) throws(KMSError) -> (bundle: [UInt8], change: Change) {
+        try locked(id) { () throws(KMSError) -> (bundle: [UInt8], change: Change) in
+            let record = try usableRecord(id, caller: caller, needsEnabled: false)
+            try Self.requirePrimary(record, "replicate it")
+            guard input.replicaRegion != region else {
+                throw KMSError(.validation, "ReplicaRegion \(input.replicaRegion) is this kmsd's own region")
+            }
+            guard let target = try repository.replicationPeers().first(where: { $0.region == input.replicaRegion }) else {
+                throw KMSError(.validation, "no identity is pinned for region '\(input.replicaRegion.prefix(64))': pin the replica's identity first (kmsctl pin-replication-identity)")
+            }
+            if !input.description.isEmpty, input.description.utf8.count > KMSLimits.maxDescriptionBytes {
+                throw KMSError(.validation, "Description is \(input.description.utf8.count) bytes; at most \(KMSLimits.maxDescriptionBytes) are allowed")
+            }
+            try Self.validate(tags: input.tags)
+            if !input.policy.isEmpty { _ = try KeyPolicy.parse(input.policy, strict: true) }
+            let (signed, sequence) = try makeBundle(record, for: target, identity: identity, primaryRegion: region, replicaRegions: [],
+                                                    policy: input.policy, description: input.description.isEmpty ? record.description : input.description,
+                                                    tags: input.tags.isEmpty ? record.tags : input.tags)
+            var primary = record
+            primary.replicaRegions = Array(Set((primary.replicaRegions ?? []) + [target.region])).sorted()
+            primary.replicatedSequences = (primary.replicatedSequences ?? [:]).merging([target.region: sequence]) { max($0, $1) }
+            do { try repository.update(primary) } catch let e as KMSError { throw e } catch {
+                throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
+            }
+            return (signed, Change(before: record, after: primary))
         }
-        guard let target = try repository.replicationPeers().first(where: { $0.region == input.replicaRegion }) else {
-            throw KMSError(.validation, "no identity is pinned for region '\(input.replicaRegion.prefix(64))': pin the replica's identity first (kmsctl pin-replication-identity)")
-        }
-        if !input.description.isEmpty, input.description.utf8.count > KMSLimits.maxDescriptionBytes {
-            throw KMSError(.validation, "Description is \(input.description.utf8.count) bytes; at most \(KMSLimits.maxDescriptionBytes) are allowed")
-        }
-        try Self.validate(tags: input.tags)
-        if !input.policy.isEmpty { _ = try KeyPolicy.parse(input.policy, strict: true) }
-        let (signed, sequence) = try makeBundle(record, for: target, identity: identity, primaryRegion: region, replicaRegions: [],
-                                                policy: input.policy, description: input.description.isEmpty ? record.description : input.description,
-                                                tags: input.tags.isEmpty ? record.tags : input.tags)
-        var primary = record
-        primary.replicaRegions = Array(Set((primary.replicaRegions ?? []) + [target.region])).sorted()
-        primary.replicatedSequences = (primary.replicatedSequences ?? [:]).merging([target.region: sequence]) { max($0, $1) }
-        do { try repository.update(primary) } catch let e as KMSError { throw e } catch {
-            throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
-        }
-        return (signed, primary)
     }
 
     /// ReplicateKey and UpdatePrimaryRegion act on an Enabled or Disabled multi-region primary.
@@ -81,7 +89,12 @@ extension KeyService {
                     replicaRegions: [String], policy: String, description: String, tags: [Tag],
                     deletionNotice: Bool = false) throws(KMSError) -> (bundle: [UInt8], sequence: UInt64) {
         let keyID = record.keyID.description
-        let sequence = UInt64(max(0, clock().timeIntervalSince1970 * 1_000_000))
+        // A replica deletion notice carries, as its sequence, the sequence of the newest bundle
+        // the replica took from its primary (0: none): a value of the primary's clock, which the
+        // primary compares with the newest bundle it made for this region (`forgetReplica`).
+        // This host's own clock would mean nothing there. A notice wraps nothing, so the wrap
+        // key derived from it below is never used.
+        let sequence = deletionNotice ? (record.replicationSequence ?? 0) : UInt64(max(0, clock().timeIntervalSince1970 * 1_000_000))
         var bundle = Kmsd_V1_ReplicationBundle()
         do {
             let ephemeral = try X25519.generate()
@@ -129,29 +142,34 @@ extension KeyService {
 
     /// Makes the replica in `newPrimary` the primary: this key becomes its replica at once, and
     /// the returned bundle (every version), imported there, makes that copy the primary.
-    public func updatePrimaryRegion(_ record: KeyRecord, to newPrimary: String, identity: ReplicationIdentity) throws(KMSError) -> (bundle: [UInt8], record: KeyRecord) {
-        try Self.requirePrimary(record, "move its primary region")
-        let replicas = record.replicaRegions ?? []
-        guard replicas.contains(newPrimary) else {
-            throw KMSError(.validation, "PrimaryRegion '\(newPrimary.prefix(64))' is not a replica region of key \(record.keyID) (\(replicas.isEmpty ? "it has none" : replicas.joined(separator: ", "))): replicate it there first")
+    /// Read, changed and written under the key's lock from its record as stored now, as
+    /// `replicate` is (a change made since the access decision is kept).
+    public func updatePrimaryRegion(_ id: KeyID, to newPrimary: String, identity: ReplicationIdentity, caller: Principal) throws(KMSError) -> (bundle: [UInt8], change: Change) {
+        try locked(id) { () throws(KMSError) -> (bundle: [UInt8], change: Change) in
+            let record = try usableRecord(id, caller: caller, needsEnabled: false)
+            try Self.requirePrimary(record, "move its primary region")
+            let replicas = record.replicaRegions ?? []
+            guard replicas.contains(newPrimary) else {
+                throw KMSError(.validation, "PrimaryRegion '\(newPrimary.prefix(64))' is not a replica region of key \(record.keyID) (\(replicas.isEmpty ? "it has none" : replicas.joined(separator: ", "))): replicate it there first")
+            }
+            guard let target = try repository.replicationPeers().first(where: { $0.region == newPrimary }) else {
+                throw KMSError(.validation, "no identity is pinned for region '\(newPrimary)'")
+            }
+            let others = (replicas.filter { $0 != newPrimary } + [region]).sorted()
+            let signed = try makeBundle(record, for: target, identity: identity, primaryRegion: newPrimary, replicaRegions: others,
+                                        policy: record.policy ?? "", description: record.description, tags: record.tags).bundle
+            var now = record
+            now.multiRegionKeyType = "REPLICA"
+            now.primaryRegion = newPrimary
+            now.replicaRegions = nil
+            now.replicatedSequences = nil
+            now.rotationPeriodDays = nil  // a replica does not rotate; the new primary decides
+            now.nextRotationDate = nil
+            do { try repository.update(now) } catch let e as KMSError { throw e } catch {
+                throw KMSError(.internalError, "the key could not be stored as a replica: \(error)")
+            }
+            return (signed, Change(before: record, after: now))
         }
-        guard let target = try repository.replicationPeers().first(where: { $0.region == newPrimary }) else {
-            throw KMSError(.validation, "no identity is pinned for region '\(newPrimary)'")
-        }
-        let others = (replicas.filter { $0 != newPrimary } + [region]).sorted()
-        let signed = try makeBundle(record, for: target, identity: identity, primaryRegion: newPrimary, replicaRegions: others,
-                                    policy: record.policy ?? "", description: record.description, tags: record.tags).bundle
-        var now = record
-        now.multiRegionKeyType = "REPLICA"
-        now.primaryRegion = newPrimary
-        now.replicaRegions = nil
-        now.replicatedSequences = nil
-        now.rotationPeriodDays = nil  // a replica does not rotate; the new primary decides
-        now.nextRotationDate = nil
-        do { try repository.update(now) } catch let e as KMSError { throw e } catch {
-            throw KMSError(.internalError, "the key could not be stored as a replica: \(error)")
-        }
-        return (signed, now)
     }
 
     /// For a replica scheduled for deletion: a signed notice (a bundle without versions) that
@@ -215,10 +233,14 @@ extension KeyService {
     /// Takes a bundle made for this kmsd by a pinned identity: creates the replica with every
     /// version, or adds to an existing replica the versions it lacks. Returns the replica and how
     /// many versions were added. Every version is unwrapped before anything is stored: a bundle
-    /// is taken whole or not at all.
-    public func importReplica(_ signedBytes: [UInt8], identity: ReplicationIdentity, caller: Principal) throws(KMSError) -> (record: KeyRecord, added: Int, created: Bool) {
+    /// is taken whole or not at all. For a replica deletion notice, `forgotten` is the change to
+    /// the primary (undone with `restore(_:ifCurrentIs:)` when its audit record is refused).
+    public func importReplica(_ signedBytes: [UInt8], identity: ReplicationIdentity, caller: Principal) throws(KMSError) -> (record: KeyRecord, added: Int, created: Bool, forgotten: Change?) {
         let (bundle, keyID, materials) = try Self.openBundle(signedBytes, identity: identity, region: region, pinned: try repository.replicationPeers())
-        if bundle.replicaDeleted { return (try forgetReplica(keyID, region: bundle.sourceRegion, sequence: bundle.sequence), 0, false) }
+        if bundle.replicaDeleted {
+            let change = try forgetReplica(keyID, region: bundle.sourceRegion, replicationSequence: bundle.sequence)
+            return (change.after, 0, false, change)
+        }
         // The region that is primary once this bundle is taken: the sender, or (UpdatePrimaryRegion) this one.
         let primary = bundle.primaryRegion.isEmpty ? bundle.sourceRegion : bundle.primaryRegion
         guard primary == bundle.sourceRegion || primary == region else {
@@ -249,14 +271,14 @@ extension KeyService {
                 }
                 guard materials.count > had else {
                     try repository.update(record)
-                    return (record, 0, false)
+                    return (record, 0, false, nil)
                 }
                 for (i, material) in materials.enumerated() where i >= had {
                     record.currentVersion = UInt32(i + 1)
                     try repository.rotate(record, material: material, rotationType: bundle.versions[i].rotationType.isEmpty ? nil : bundle.versions[i].rotationType,
                                           at: Date(timeIntervalSince1970: TimeInterval(bundle.versions[i].createdAt)))
                 }
-                return (record, materials.count - had, false)
+                return (record, materials.count - had, false, nil)
             }
             try Self.validate(tags: tags)
             var record = KeyRecord(keyID: keyID, createdAt: Date(timeIntervalSince1970: TimeInterval(bundle.creationDate)),
@@ -276,7 +298,7 @@ extension KeyService {
                 try repository.rotate(record, material: materials[i], rotationType: bundle.versions[i].rotationType.isEmpty ? nil : bundle.versions[i].rotationType,
                                       at: Date(timeIntervalSince1970: TimeInterval(bundle.versions[i].createdAt)))
             }
-            return (record, materials.count, true)
+            return (record, materials.count, true, nil)
         } catch let error as KMSError { throw error } catch {
             throw KMSError(.internalError, "the replica could not be stored (\(error))")
         }
@@ -285,20 +307,30 @@ extension KeyService {
 
 extension KeyService {
     /// A replica deletion notice taken: the primary no longer lists `replicaRegion`.
-    func forgetReplica(_ keyID: KeyID, region replicaRegion: String, sequence: UInt64) throws(KMSError) -> KeyRecord {
-        guard var record = try repository.record(keyID), record.multiRegionKeyType == "PRIMARY" else {
-            throw KMSError(.validation, "the replica deletion notice was refused: key \(keyID) is not a primary here")
+    ///
+    /// `replicationSequence` is the notice's sequence: the newest bundle the replica had taken
+    /// from this primary when it made the notice, so a value of this host's clock, compared with
+    /// the newest bundle made here for that region (never with the replica's own clock). Lower
+    /// means the notice is stale: the replica was made or synced again since (or has yet to take
+    /// the bundle made for it). Read, changed and written under the key's lock; the change is
+    /// returned so that it can be undone with `restore(_:ifCurrentIs:)`.
+    func forgetReplica(_ keyID: KeyID, region replicaRegion: String, replicationSequence: UInt64) throws(KMSError) -> Change {
+        try locked(keyID) { () throws(KMSError) -> Change in
+            guard let record = try repository.record(keyID), record.multiRegionKeyType == "PRIMARY" else {
+                throw KMSError(.validation, "the replica deletion notice was refused: key \(keyID) is not a primary here")
+            }
+            guard let replicas = record.replicaRegions, replicas.contains(replicaRegion) else { return Change(before: record, after: record) }
+            if let last = record.replicatedSequences?[replicaRegion], replicationSequence < last {
+                throw KMSError(.validation, "the replica deletion notice was refused: it was made before the replica in region \(replicaRegion) took the latest bundle made here for it (the replica was made or synced again since, or has yet to import that bundle; a stale notice)")
+            }
+            var after = record
+            after.replicaRegions = replicas.filter { $0 != replicaRegion }
+            after.replicatedSequences?[replicaRegion] = nil
+            do { try repository.update(after) } catch let e as KMSError { throw e } catch {
+                throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
+            }
+            return Change(before: record, after: after)
         }
-        guard let replicas = record.replicaRegions, replicas.contains(replicaRegion) else { return record }
-        if let last = record.replicatedSequences?[replicaRegion], sequence < last {
-            throw KMSError(.validation, "the replica deletion notice was refused: it is older than the latest bundle made for region \(replicaRegion) (the replica was made or synced again since; a stale notice)")
-        }
-        record.replicaRegions = replicas.filter { $0 != replicaRegion }
-        record.replicatedSequences?[replicaRegion] = nil
-        do { try repository.update(record) } catch let e as KMSError { throw e } catch {
-            throw KMSError(.internalError, "the key's replica regions could not be stored: \(error)")
-        }
-        return record
     }
 }
 

@@ -14,7 +14,7 @@ import SwiftProtobuf
 /// no unknown field. Anything else returns nil and takes SwiftProtobuf's path, which
 /// decides what it means (merging repeated messages, keeping unknown fields, refusing bad
 /// UTF-8). So whenever this returns a request, it is the request SwiftProtobuf would have
-/// decoded (`HotRequestDecoderTests` and the `request` fuzz target compare the two).
+/// decoded (`HotPathCodecTests` and the `request` fuzz target compare the two).
 public enum HotRequestDecoder {
     public static func decode(_ body: UnsafeRawBufferPointer) -> (KMSRequest, WireContexts)? {
         var reader = WireReader(body)
@@ -72,7 +72,11 @@ public enum HotRequestDecoder {
             }
             return true
         }
-        guard ok else { return nil }
+        guard ok else {
+            // The plaintext copied before the shape turned out unusual: zeroed where it is.
+            r.plaintext.withUnsafeBytes { zeroizeInPlace($0) }
+            return nil
+        }
         r.encryptionContext = dictionary(pairs)
         return r
     }

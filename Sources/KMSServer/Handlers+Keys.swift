@@ -73,8 +73,15 @@ enum KeyHandlers {
         let change = try ctx.service.scheduleKeyDeletion(r.keyID, windowDays: r.pendingWindowInDays, caller: ctx.principal)
         note(change, ctx, &d)
         // A replica's notice for its primary, which cannot be deleted while it lists replicas.
-        // The key is scheduled by now: a notice that cannot be made is left out, not an error.
-        let notice = ctx.identity.flatMap { identity in try? ctx.service.replicaDeletionNotice(change.after, identity: identity) } ?? nil
+        // The key is scheduled by now: a notice that cannot be made is left out, not an error,
+        // but not silently either: the operator reads in kmsd's log that the primary will not
+        // get one (the error's code and message name no secret).
+        var notice: [UInt8]? = nil
+        if let identity = ctx.identity {
+            do throws(KMSError) { notice = try ctx.service.replicaDeletionNotice(change.after, identity: identity) } catch {
+                StandardError.write("kmsd: WARNING: key \(change.after.keyID) is scheduled for deletion, but its replica deletion notice for its primary (region \(change.after.primaryRegion ?? "?")) could not be made (\(error.code.rawValue): \(error.message)); the primary keeps listing this region until it gets one (cancel the deletion and schedule it again to retry)\n")
+            }
+        }
         return .with {
             $0.keyID = change.after.keyID.description
             $0.deletionDate = Int64(change.after.deletionDate?.timeIntervalSince1970 ?? 0)

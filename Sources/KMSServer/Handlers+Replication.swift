@@ -59,26 +59,31 @@ enum ReplicationHandlers {
 
     static func replicateKey(_ r: Kmsd_V1_ReplicateKeyRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ReplicateKeyResponse {
         let mine = try identity(ctx)
-        let record = try ctx.decidedRecord()
+        let decided = try ctx.decidedRecord()
         var input = KeyService.ReplicateInput()
         input.replicaRegion = r.replicaRegion
         input.policy = r.policy
         input.description = r.description_p
         input.tags = r.tags.map { Tag(key: $0.tagKey, value: $0.tagValue) }
-        let (bundle, primary) = try ctx.service.replicate(record, input, identity: mine)
-        d.keyVersion = primary.currentVersion
-        let repository = ctx.service.repository
-        d.undo = { try repository.update(record) }
+        // The service changes the key's record as it is now (under the key's lock), not the
+        // decision's copy, so a change made in between is not lost; unaudited, the replica
+        // region is taken back only if nothing changed the key since (KeyHandlers.note).
+        let (bundle, change) = try ctx.service.replicate(decided.keyID, input, identity: mine, caller: ctx.principal)
+        KeyHandlers.note(change, ctx, &d)
+        d.keyVersion = change.after.currentVersion
         return .with {
             $0.replicationBundle = Data(bundle)
-            $0.keyMetadata = KeyHandlers.metadata(primary)
+            $0.keyMetadata = KeyHandlers.metadata(change.after)
         }
     }
 
     static func importReplica(_ r: Kmsd_V1_ImportReplicaRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ImportReplicaResponse {
         let mine = try identity(ctx)
-        let (record, added, created) = try ctx.service.importReplica(Array(r.replicationBundle), identity: mine, caller: ctx.principal)
+        let (record, added, created, forgotten) = try ctx.service.importReplica(Array(r.replicationBundle), identity: mine, caller: ctx.principal)
         d.keyID = record.keyID.description
+        // Unaudited, a replica deletion notice taken is undone: the primary lists the region
+        // again (unless the key changed since).
+        if let forgotten { KeyHandlers.note(forgotten, ctx, &d) }
         // Unaudited, a replica this bundle created is removed again (versions added to an
         // existing replica stay: they are the primary's, and the next bundle brings them anyway).
         if created {
@@ -94,15 +99,16 @@ enum ReplicationHandlers {
 
     static func updatePrimaryRegion(_ r: Kmsd_V1_UpdatePrimaryRegionRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_UpdatePrimaryRegionResponse {
         let mine = try identity(ctx)
-        let record = try ctx.decidedRecord()
-        let (bundle, now) = try ctx.service.updatePrimaryRegion(record, to: r.primaryRegion, identity: mine)
-        d.keyVersion = now.currentVersion
-        // Unaudited, the key stays the primary (nobody got the bundle that promotes the other).
-        let repository = ctx.service.repository
-        d.undo = { try repository.update(record) }
+        let decided = try ctx.decidedRecord()
+        // Changed as stored now, under the key's lock, as ReplicateKey.
+        let (bundle, change) = try ctx.service.updatePrimaryRegion(decided.keyID, to: r.primaryRegion, identity: mine, caller: ctx.principal)
+        // Unaudited, the key stays the primary (nobody got the bundle that promotes the other),
+        // unless it changed again since (KeyHandlers.note: compare and restore).
+        KeyHandlers.note(change, ctx, &d)
+        d.keyVersion = change.after.currentVersion
         return .with {
             $0.replicationBundle = Data(bundle)
-            $0.keyMetadata = KeyHandlers.metadata(now)
+            $0.keyMetadata = KeyHandlers.metadata(change.after)
         }
     }
 }

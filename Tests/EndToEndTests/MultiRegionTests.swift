@@ -165,6 +165,29 @@ struct MultiRegionTests {
         #expect(try await east.client().describeKey(keyID: key).keyState == "PendingDeletion")
     }
 
+    /// A replica deletion notice that cannot be made does not fail ScheduleKeyDeletion (the key
+    /// is scheduled by then), but is not hidden either: kmsd's log names the key and the error.
+    /// Here west pinned east with its real signing key (so it takes east's bundles) but an
+    /// all-zero agreement key, of low order: X25519 refuses it, so nothing can be made for east.
+    @Test func aNoticeThatCannotBeMadeIsReportedNotHidden() async throws {
+        let east = try Daemon(arguments: ["--region", "east"]), west = try Daemon(arguments: ["--region", "west"])
+        defer { east.stop(); west.stop() }
+        _ = try await east.client().pinReplicationIdentity(try await west.client().getReplicationIdentity().identity)
+        var unusable = try await east.client().getReplicationIdentity().identity
+        unusable.agreementPublicKey = Data(count: 32)
+        unusable.fingerprint = ""
+        _ = try await west.client().pinReplicationIdentity(unusable)
+        let key = try await east.client().createKey(multiRegion: true).keyID
+        _ = try Self.ship("replicate-key", key: key, from: east, to: west, region: "west")
+        let scheduled = try run(Paths.kmsctl, ["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--json", "--socket", west.socket])
+        try #require(scheduled.status == 0, "\(scheduled.stderr)")
+        let answer = try #require(try JSONSerialization.jsonObject(with: scheduled.stdout) as? [String: Any])
+        #expect(answer["ReplicaDeletionNotice"] == nil && answer["KeyState"] as? String == "PendingDeletion", "\(answer)")
+        #expect(try await west.client().describeKey(keyID: key).keyState == "PendingDeletion")
+        let warning = west.log.split(separator: "\n").first { $0.contains("WARNING") && $0.contains(key) }
+        #expect(warning?.contains("replica deletion notice") == true && warning?.contains("KMSInternalException") == true, "\(west.log)")
+    }
+
     @Test func damagedMisaddressedAndUnpinnedBundlesAreRefused() async throws {
         let (east, west) = try await Self.pair("east", "west")
         defer { east.stop(); west.stop() }
