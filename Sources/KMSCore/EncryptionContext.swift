@@ -33,12 +33,7 @@ public struct EncryptionContext: Sendable, Equatable {
         guard !sorted.contains(where: { $0.key.isEmpty }) else {
             throw KMSError(.validation, "encryption context keys must not be empty")
         }
-        var canonical: [UInt8] = []
-        canonical.appendBigEndian(UInt32(sorted.count))
-        for p in sorted {
-            canonical.appendBigEndian(UInt32(p.key.count)); canonical += p.key
-            canonical.appendBigEndian(UInt32(p.value.count)); canonical += p.value
-        }
+        let canonical = WirePair.canonicalBytes(sorted: sorted)
         guard canonical.count <= KMSLimits.maxCanonicalContextBytes else {
             throw KMSError(.validation, "encryption context is \(canonical.count) bytes in canonical form; at most \(KMSLimits.maxCanonicalContextBytes) are allowed")
         }

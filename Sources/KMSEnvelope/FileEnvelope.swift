@@ -87,14 +87,9 @@ public enum FileEnvelope {
         guard context.count <= maxContextPairs else {
             throw EnvelopeError(.header, "the encryption context has \(context.count) pairs; a file envelope holds at most \(maxContextPairs)")
         }
-        let pairs = context.map { (Array($0.key.utf8), Array($0.value.utf8)) }.sorted { $0.0.lexicographicallyPrecedes($1.0) }
-        var out: [UInt8] = []
-        out.appendBE(UInt32(pairs.count))
-        for (k, v) in pairs {
-            guard !k.isEmpty else { throw EnvelopeError(.header, "encryption context keys must not be empty") }
-            out.appendBE(UInt32(k.count)); out += k
-            out.appendBE(UInt32(v.count)); out += v
-        }
+        let pairs = context.map { WirePair(key: Array($0.key.utf8), value: Array($0.value.utf8)) }.sorted { $0.key.lexicographicallyPrecedes($1.key) }
+        guard !pairs.contains(where: { $0.key.isEmpty }) else { throw EnvelopeError(.header, "encryption context keys must not be empty") }
+        let out = WirePair.canonicalBytes(sorted: pairs)
         guard out.count <= maxContextBytes else {
             throw EnvelopeError(.header, "the encryption context is \(out.count) bytes in canonical form; at most \(maxContextBytes) fit a file envelope")
         }

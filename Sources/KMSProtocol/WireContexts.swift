@@ -5,6 +5,23 @@ public struct WirePair: Sendable, Equatable {
     public init(key: [UInt8], value: [UInt8]) { self.key = key; self.value = value }
 }
 
+extension WirePair {
+    /// C(ctx) of PROTOCOL.md §9.3, the form a ciphertext and a file envelope bind:
+    /// u32be(count) ‖ for each pair: u32be(len k) ‖ k ‖ u32be(len v) ‖ v, with `sorted` already
+    /// in ascending key-byte order (callers check their own limits first).
+    public static func canonicalBytes(sorted: [WirePair]) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(4 + sorted.reduce(0) { $0 + 8 + $1.key.count + $1.value.count })
+        func u32(_ v: Int) { withUnsafeBytes(of: UInt32(v).bigEndian) { out += $0 } }
+        u32(sorted.count)
+        for p in sorted {
+            u32(p.key.count); out += p.key
+            u32(p.value.count); out += p.value
+        }
+        return out
+    }
+}
+
 /// The encryption contexts of a request as they are on the wire, before protobuf's map
 /// decoding can collapse them: a key sent twice, or two keys that Swift's String considers
 /// equal (NFC and NFD forms of the same text) but whose bytes differ, all stay visible here.

@@ -143,6 +143,9 @@ public final class Server: @unchecked Sendable {
             // /proc would take a descriptor, the one the reserve needs back.
             var known = Principal(uid: cred.uid, gid: cred.gid, pid: cred.pid, userName: "uid:\(cred.uid)")
             known.groupsKnown = false
+            known.executableKnown = false
+            known.unitKnown = false
+            known.unresolved = "groups, executable and unit not resolved: the connection was refused for want of a file descriptor, which resolving them needs"
             let principal = known
             _ = pool.run(uid: cred.uid, eventLoop: auditLoop) {
                 dispatcher.auditRejected(action: "Connect", principal: principal,

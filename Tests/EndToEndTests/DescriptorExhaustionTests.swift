@@ -66,5 +66,7 @@ struct DescriptorExhaustionTests {
         }
         #expect(records.count >= refusals.count, "\(records.count) Connect records for \(refusals.count) refusals")
         #expect(records.allSatisfy { $0["KMS_PEER_UID"] as? String == "\(getuid())" })
+        // Nothing but the kernel's credentials was resolved, and the record says so.
+        #expect(records.allSatisfy { ($0["KMS_PEER_UNRESOLVED"] as? String ?? "").contains("executable and unit not resolved") })
     }
 }
