@@ -246,61 +246,65 @@ extension KeyService {
         guard primary == bundle.sourceRegion || primary == region else {
             throw KMSError(.validation, "the replication bundle was refused: it names region \(primary.prefix(64)) as the primary, neither its sender nor this kmsd")
         }
-        let existing = try repository.record(keyID)
-        if let existing {
-            guard existing.multiRegionKeyType == "REPLICA", existing.primaryRegion == bundle.sourceRegion || primary == bundle.sourceRegion else {
-                throw KMSError(.alreadyExists, "key \(keyID) already exists here as \(existing.multiRegionKeyType == "PRIMARY" ? "the primary" : "a key not replicated from \(bundle.sourceRegion)"); a bundle cannot replace it")
+        // Read, checked and written under the key's lock: a change made to the replica at the
+        // same moment (TagResource, DisableKey, another bundle) is not overwritten.
+        return try locked(keyID) { () throws(KMSError) -> (record: KeyRecord, added: Int, created: Bool, forgotten: Change?) in
+            let existing = try repository.record(keyID)
+            if let existing {
+                guard existing.multiRegionKeyType == "REPLICA", existing.primaryRegion == bundle.sourceRegion || primary == bundle.sourceRegion else {
+                    throw KMSError(.alreadyExists, "key \(keyID) already exists here as \(existing.multiRegionKeyType == "PRIMARY" ? "the primary" : "a key not replicated from \(bundle.sourceRegion)"); a bundle cannot replace it")
+                }
+                if let last = existing.replicationSequence, bundle.sequence < last {
+                    throw KMSError(.validation, "the replication bundle was refused: it is older than the newest bundle already taken for key \(keyID) (a replay)")
+                }
+            } else if try repository.tombstone(keyID) != nil {
+                throw KMSError(.alreadyExists, "key \(keyID) was deleted here; a deleted key id is not used again")
             }
-            if let last = existing.replicationSequence, bundle.sequence < last {
-                throw KMSError(.validation, "the replication bundle was refused: it is older than the newest bundle already taken for key \(keyID) (a replay)")
-            }
-        } else if try repository.tombstone(keyID) != nil {
-            throw KMSError(.alreadyExists, "key \(keyID) was deleted here; a deleted key id is not used again")
-        }
-        let tags = bundle.tags.map { Tag(key: $0.tagKey, value: $0.tagValue) }
+            let tags = bundle.tags.map { Tag(key: $0.tagKey, value: $0.tagValue) }
 
-        do {
-            if var record = existing {
-                // The replica's own policy, tags, description, aliases and state stay.
-                let had = Int(record.currentVersion)
-                record.replicationSequence = max(record.replicationSequence ?? 0, bundle.sequence)
+            do {
+                if var record = existing {
+                    // The replica's own policy, tags, description, aliases and state stay.
+                    let had = Int(record.currentVersion)
+                    record.replicationSequence = max(record.replicationSequence ?? 0, bundle.sequence)
+                    record.primaryRegion = primary
+                    if primary == region {
+                        record.multiRegionKeyType = "PRIMARY"
+                        record.replicaRegions = bundle.replicaRegions.sorted()
+                    }
+                    guard materials.count > had else {
+                        try repository.update(record)
+                        return (record, 0, false, nil)
+                    }
+                    for (i, material) in materials.enumerated() where i >= had {
+                        record.currentVersion = UInt32(i + 1)
+                        try repository.rotate(record, material: material, rotationType: bundle.versions[i].rotationType.isEmpty ? nil : bundle.versions[i].rotationType,
+                                              at: Date(timeIntervalSince1970: TimeInterval(bundle.versions[i].createdAt)))
+                    }
+                    return (record, materials.count - had, false, nil)
+                }
+                try Self.validate(tags: tags)
+                var record = KeyRecord(keyID: keyID, createdAt: Date(timeIntervalSince1970: TimeInterval(bundle.creationDate)),
+                                       description: bundle.description_p, keyUsage: .encryptDecrypt, keySpec: .symmetricDefault, state: .enabled,
+                                       ownerUID: caller.uid, currentVersion: 1, tags: tags, origin: KeyRecord.kmsOrigin)
+                record.multiRegionKeyType = primary == region ? "PRIMARY" : "REPLICA"
                 record.primaryRegion = primary
-                if primary == region {
-                    record.multiRegionKeyType = "PRIMARY"
-                    record.replicaRegions = bundle.replicaRegions.sorted()
+                record.replicaRegions = primary == region ? bundle.replicaRegions.sorted() : nil
+                record.replicationSequence = bundle.sequence
+                if !bundle.policy.isEmpty {
+                    _ = try KeyPolicy.parse(bundle.policy, strict: true)
+                    record.policy = bundle.policy
                 }
-                guard materials.count > had else {
-                    try repository.update(record)
-                    return (record, 0, false, nil)
-                }
-                for (i, material) in materials.enumerated() where i >= had {
+                try repository.create(record, material: materials[0])
+                for i in 1..<materials.count {
                     record.currentVersion = UInt32(i + 1)
-                    try repository.rotate(record, material: material, rotationType: bundle.versions[i].rotationType.isEmpty ? nil : bundle.versions[i].rotationType,
+                    try repository.rotate(record, material: materials[i], rotationType: bundle.versions[i].rotationType.isEmpty ? nil : bundle.versions[i].rotationType,
                                           at: Date(timeIntervalSince1970: TimeInterval(bundle.versions[i].createdAt)))
                 }
-                return (record, materials.count - had, false, nil)
+                return (record, materials.count, true, nil)
+            } catch let error as KMSError { throw error } catch {
+                throw KMSError(.internalError, "the replica could not be stored (\(error))")
             }
-            try Self.validate(tags: tags)
-            var record = KeyRecord(keyID: keyID, createdAt: Date(timeIntervalSince1970: TimeInterval(bundle.creationDate)),
-                                   description: bundle.description_p, keyUsage: .encryptDecrypt, keySpec: .symmetricDefault, state: .enabled,
-                                   ownerUID: caller.uid, currentVersion: 1, tags: tags, origin: KeyRecord.kmsOrigin)
-            record.multiRegionKeyType = primary == region ? "PRIMARY" : "REPLICA"
-            record.primaryRegion = primary
-            record.replicaRegions = primary == region ? bundle.replicaRegions.sorted() : nil
-            record.replicationSequence = bundle.sequence
-            if !bundle.policy.isEmpty {
-                _ = try KeyPolicy.parse(bundle.policy, strict: true)
-                record.policy = bundle.policy
-            }
-            try repository.create(record, material: materials[0])
-            for i in 1..<materials.count {
-                record.currentVersion = UInt32(i + 1)
-                try repository.rotate(record, material: materials[i], rotationType: bundle.versions[i].rotationType.isEmpty ? nil : bundle.versions[i].rotationType,
-                                      at: Date(timeIntervalSince1970: TimeInterval(bundle.versions[i].createdAt)))
-            }
-            return (record, materials.count, true, nil)
-        } catch let error as KMSError { throw error } catch {
-            throw KMSError(.internalError, "the replica could not be stored (\(error))")
         }
     }
 }

@@ -11,9 +11,10 @@ import Testing
 /// refused and change nothing.
 @Suite(.serialized)
 struct MultiRegionTests {
-    /// Two daemons of two regions that have pinned each other.
-    static func pair(_ a: String, _ b: String) async throws -> (Daemon, Daemon) {
-        let first = try Daemon(arguments: ["--region", a]), second = try Daemon(arguments: ["--region", b])
+    /// Two daemons of two regions that have pinned each other (`firstArguments`: more kmsd
+    /// arguments for the first one).
+    static func pair(_ a: String, _ b: String, firstArguments: [String] = []) async throws -> (Daemon, Daemon) {
+        let first = try Daemon(arguments: ["--region", a] + firstArguments), second = try Daemon(arguments: ["--region", b])
         let ia = try await first.client().getReplicationIdentity().identity, ib = try await second.client().getReplicationIdentity().identity
         _ = try await first.client().pinReplicationIdentity(ib)
         _ = try await second.client().pinReplicationIdentity(ia)
@@ -128,27 +129,48 @@ struct MultiRegionTests {
     }
 
     /// As AWS: a primary is not deleted while it has replicas. Each replica's deletion hands
-    /// back a signed notice; once the primary has taken them, it can be deleted.
+    /// back a signed notice; once the primary has taken them, it can be deleted, and is when its
+    /// window ends (a "day" is one second on east here, --dev-day-seconds 1; west's are real).
     @Test func aPrimaryWithReplicasIsDeletedOnlyAfterThem() async throws {
-        let (east, west) = try await Self.pair("east", "west")
+        let (east, west) = try await Self.pair("east", "west", firstArguments: ["--dev-day-seconds", "1"])
         defer { east.stop(); west.stop() }
         let key = try await east.client().createKey(multiRegion: true).keyID
+        let blob = Array(try await east.client().encrypt(keyID: key, plaintext: [5]).ciphertextBlob)
         _ = try Self.ship("replicate-key", key: key, from: east, to: west, region: "west")
         let refused = try run(Paths.kmsctl, ["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--socket", east.socket])
         #expect(refused.status == 1 && refused.stderr.contains("KMSInvalidStateException") && refused.stderr.contains("west"), "\(refused.stderr)")
+        #expect(refused.stderr.hasPrefix("kmsctl: KMSInvalidStateException: key \(key) is the primary of replicas in west:"), "\(refused.stderr)")
         #expect(try await east.client().describeKey(keyID: key).keyState == "Enabled")
+        let untouched = try await east.client().describeKey(keyID: key)
+        #expect(untouched.deletionDate == 0 && untouched.multiRegionConfiguration.replicaKeys.map(\.region) == ["west"], "\(untouched)")
+        let westBefore = Int(Date().timeIntervalSince1970)
         let scheduled = try run(Paths.kmsctl, ["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--json", "--socket", west.socket])
+        let westAfter = Int(Date().timeIntervalSince1970)
         try #require(scheduled.status == 0, "\(scheduled.stderr)")
         let answer = try #require(try JSONSerialization.jsonObject(with: scheduled.stdout) as? [String: Any])
+        // The replica itself is scheduled, in seven real days.
+        #expect(answer["KeyId"] as? String == key && answer["KeyState"] as? String == "PendingDeletion" && answer["PendingWindowInDays"] as? Int == 7, "\(answer)")
+        #expect((westBefore + 7 * 86_400...westAfter + 7 * 86_400 + 1).contains(answer["DeletionDate"] as? Int ?? 0), "\(answer)")
+        #expect(try await west.client().describeKey(keyID: key).keyState == "PendingDeletion")
         let notice = try #require(answer["ReplicaDeletionNotice"] as? String)
+        #expect(Data(base64Encoded: notice)?.isEmpty == false, "the notice is base64: \(notice)")
+        // The replica's deletion alone does not free the primary: until east takes the notice, it
+        // still refuses, and still lists west.
+        let early = try run(Paths.kmsctl, ["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--socket", east.socket])
+        #expect(early.status == 1 && early.stderr.hasPrefix("kmsctl: KMSInvalidStateException: key \(key) is the primary of replicas in west:"), "\(early.stderr)")
+        #expect(try await east.client().describeKey(keyID: key).keyState == "Enabled")
         // A notice older than the primary's latest bundle for that region is stale: west cancels,
         // east syncs it again, and the first notice no longer counts.
         _ = try await west.client().cancelKeyDeletion(keyID: key)
         _ = try await west.client().enableKey(keyID: key)
-        _ = try Self.ship("sync-replica", key: key, from: east, to: west, region: "west")
+        #expect(try await west.client().describeKey(keyID: key).keyState == "Enabled")
+        let (_, resynced) = try Self.ship("sync-replica", key: key, from: east, to: west, region: "west")
+        #expect(resynced["ImportedVersions"] as? Int == 0, "no version was missing: \(resynced)")
         let stale = try run(Paths.kmsctl, ["import-replica", "--replication-bundle", notice, "--socket", east.socket])
         #expect(stale.status == 1 && stale.stderr.contains("stale"), "\(stale.stderr)")
+        #expect(stale.stderr.hasPrefix("kmsctl: ValidationException: the replica deletion notice was refused:") && stale.stderr.contains("a stale notice"), "\(stale.stderr)")
         #expect(try await east.client().describeKey(keyID: key).multiRegionConfiguration.replicaKeys.map(\.region) == ["west"])
+        #expect(try await east.client().describeKey(keyID: key).keyState == "Enabled")
         let second = try run(Paths.kmsctl, ["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--json", "--socket", west.socket])
         try #require(second.status == 0, "\(second.stderr)")
         let fresh = try #require((try JSONSerialization.jsonObject(with: second.stdout) as? [String: Any])?["ReplicaDeletionNotice"] as? String)
@@ -157,12 +179,35 @@ struct MultiRegionTests {
         bad[bad.count / 2] ^= 1
         let altered = try run(Paths.kmsctl, ["import-replica", "--replication-bundle", bad.base64EncodedString(), "--socket", east.socket])
         #expect(altered.status == 1 && altered.stderr.contains("ValidationException"), "\(altered.stderr)")
+        #expect(altered.stderr.hasPrefix("kmsctl: ValidationException: the replication bundle was refused: "), "\(altered.stderr)")
+        #expect(try await east.client().describeKey(keyID: key).multiRegionConfiguration.replicaKeys.map(\.region) == ["west"], "an altered notice changed nothing")
         let taken = try run(Paths.kmsctl, ["import-replica", "--replication-bundle", fresh, "--socket", east.socket])
         #expect(taken.status == 0, "\(taken.stderr)")
         #expect(try await east.client().describeKey(keyID: key).multiRegionConfiguration.replicaKeys.isEmpty)
-        let now = try run(Paths.kmsctl, ["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--socket", east.socket])
+        // Taking the notice forgets west and nothing else: the primary is still Enabled and usable.
+        #expect(try await east.client().describeKey(keyID: key).keyState == "Enabled")
+        #expect(Array(try await east.client().decrypt(ciphertextBlob: blob).plaintext) == [5])
+        let eastBefore = Int64(Date().timeIntervalSince1970)
+        let now = try run(Paths.kmsctl, ["schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7", "--json", "--socket", east.socket])
+        let eastAfter = Int64(Date().timeIntervalSince1970)
         #expect(now.status == 0, "\(now.stderr)")
         #expect(try await east.client().describeKey(keyID: key).keyState == "PendingDeletion")
+        let deletion = try #require(try JSONSerialization.jsonObject(with: now.stdout) as? [String: Any])
+        let deletionDate = Int64(deletion["DeletionDate"] as? Int ?? 0)
+        #expect(deletion["KeyState"] as? String == "PendingDeletion" && deletion["PendingWindowInDays"] as? Int == 7, "\(deletion)")
+        #expect((eastBefore + 7...eastAfter + 8).contains(deletionDate), "seven one-second days: \(deletionDate - eastBefore)")
+        #expect(deletion["ReplicaDeletionNotice"] == nil, "a primary sends no notice: \(deletion)")
+        let pending = try await east.client().describeKey(keyID: key)
+        #expect(pending.deletionDate == deletionDate && pending.pendingDeletionWindowInDays == 7 && !pending.enabled, "\(pending)")
+        // When the window ends, east really deletes the primary.
+        var gone: KMSError?
+        for _ in 0..<40 where gone == nil {
+            try await Task.sleep(nanoseconds: 500_000_000)
+            do { _ = try await east.client().describeKey(keyID: key) } catch let e as KMSError where e.code == .notFound { gone = e }
+        }
+        #expect(gone?.message.contains("was deleted") == true, "the primary was still there 20 s after its 7 s window began: \(String(describing: gone))")
+        await expectKMSError(.notFound) { try await east.client().decrypt(ciphertextBlob: blob) }
+        #expect(!(try await east.client().listKeys(limit: 1000).keys.map(\.keyID).contains(key)))
     }
 
     /// A replica deletion notice that cannot be made does not fail ScheduleKeyDeletion (the key
@@ -188,28 +233,54 @@ struct MultiRegionTests {
         #expect(warning?.contains("replica deletion notice") == true && warning?.contains("KMSInternalException") == true, "\(west.log)")
     }
 
+    /// Each refused bundle is refused with its own code and reason, and changes nothing on the
+    /// host that refused it (its keys, their metadata, its aliases); the bundle from an unpinned
+    /// host is taken once that host is pinned.
     @Test func damagedMisaddressedAndUnpinnedBundlesAreRefused() async throws {
         let (east, west) = try await Self.pair("east", "west")
         defer { east.stop(); west.stop() }
         let key = try await east.client().createKey(multiRegion: true).keyID
+        try await east.client().createAlias(aliasName: "alias/orders", targetKeyID: key)
         let made = try run(Paths.kmsctl, ["replicate-key", "--key-id", key, "--replica-region", "west", "--socket", east.socket])
         try #require(made.status == 0, "\(made.stderr)")
         let good = [UInt8](made.stdout)
-        func refused(_ bytes: [UInt8], at daemon: Daemon, _ expected: String, _ what: String) throws {
+        // What a refused bundle must leave as it was: every key's metadata and every alias.
+        func state(_ daemon: Daemon) async throws -> (keys: [Kmsd_V1_KeyMetadata], aliases: [Kmsd_V1_AliasListEntry]) {
+            let client = daemon.client()
+            let listed = try await client.listKeys(limit: 1000).keys
+            var keys: [Kmsd_V1_KeyMetadata] = []
+            for entry in listed { keys.append(try await client.describeKey(keyID: entry.keyID)) }
+            let aliases = try await client.listAliases().aliases
+            return (keys, aliases)
+        }
+        func refused(_ bytes: [UInt8], at daemon: Daemon, _ code: KMSErrorCode, _ reason: String, _ what: String) async throws {
+            let before = try await state(daemon)
             let r = try run(Paths.kmsctl, ["import-replica", "--socket", daemon.socket], stdin: Data(bytes))
-            #expect(r.status == 1 && r.stderr.contains(expected), "\(what): \(r.stderr)")
+            #expect(r.status == 1 && r.stderr.hasPrefix("kmsctl: \(code.rawValue): ") && r.stderr.contains(reason), "\(what): \(r.stderr)")
+            #expect(r.stdout.isEmpty, "\(what): \(r.text)")
+            let after = try await state(daemon)
+            #expect(after.keys == before.keys, "\(what) changed the keys: \(before.keys) -> \(after.keys)")
+            #expect(after.aliases == before.aliases, "\(what) changed the aliases: \(before.aliases) -> \(after.aliases)")
         }
         var flipped = good
         flipped[good.count / 2] ^= 0x01
-        try refused(flipped, at: west, "ValidationException", "a bit flipped")
+        try await refused(flipped, at: west, .validation, "the replication bundle was refused: ", "a bit flipped")
         // The signature is the envelope's last field: a flipped bit there decodes, unwraps and
         // is refused only by the signature check.
         var badSignature = good
         badSignature[good.count - 1] ^= 0x01
-        try refused(badSignature, at: west, "signature does not verify", "a bit flipped in the signature")
-        try refused(Array(good.prefix(good.count - 10)), at: west, "ValidationException", "truncated")
-        try refused(Array(repeating: 0x41, count: 50), at: west, "ValidationException", "not a bundle")
-        try refused(good, at: east, "addressed to region west", "sent back to its maker")
+        try await refused(badSignature, at: west, .validation, "signature does not verify", "a bit flipped in the signature")
+        try await refused(Array(good.prefix(good.count - 10)), at: west, .validation, "it is not a replication bundle", "truncated")
+        try await refused(Array(repeating: 0x41, count: 50), at: west, .validation, "it is not a replication bundle", "not a bundle")
+        try await refused(good, at: east, .validation, "addressed to region west", "sent back to its maker")
+        #expect(try await east.client().describeKey(keyID: key).multiRegionConfiguration.multiRegionKeyType == "PRIMARY")
+        // Another kmsd of region west (another host, or west reinstalled) that has pinned east:
+        // the bundle is addressed to the west identity east pinned, not to it.
+        let otherWest = try Daemon(arguments: ["--region", "west"])
+        defer { otherWest.stop() }
+        _ = try await otherWest.client().pinReplicationIdentity(try await east.client().getReplicationIdentity().identity)
+        try await refused(good, at: otherWest, .validation, "addressed to region west with another identity, not to this kmsd", "for another kmsd of the same region")
+        #expect(try await otherWest.client().listKeys().keys.isEmpty)
         // A third region that west has not pinned sends one: refused as not from a pinned identity.
         let south = try Daemon(arguments: ["--region", "south"])
         defer { south.stop() }
@@ -217,17 +288,32 @@ struct MultiRegionTests {
         let southKey = try await south.client().createKey(multiRegion: true).keyID
         let fromSouth = try run(Paths.kmsctl, ["replicate-key", "--key-id", southKey, "--replica-region", "west", "--socket", south.socket])
         try #require(fromSouth.status == 0, "\(fromSouth.stderr)")
-        try refused([UInt8](fromSouth.stdout), at: west, "AccessDeniedException", "from an unpinned identity")
+        try await refused([UInt8](fromSouth.stdout), at: west, .accessDenied, "from region south with an identity not pinned here", "from an unpinned identity")
         // Nothing was created on west; the good bundle still works.
         #expect(try await west.client().listKeys().keys.isEmpty)
+        #expect(try await west.client().listAliases().aliases.isEmpty)
         let ok = try run(Paths.kmsctl, ["import-replica", "--socket", west.socket], stdin: Data(good))
         #expect(ok.status == 0, "\(ok.stderr)")
+        let replica = try await west.client().describeKey(keyID: key)
+        #expect(replica.multiRegionConfiguration.multiRegionKeyType == "REPLICA" && replica.multiRegionConfiguration.primaryKey.region == "east" && replica.currentKeyVersion == 1, "\(replica)")
+        #expect(try await west.client().listKeys().keys.map(\.keyID) == [key])
+        // Aliases are each host's own: east's does not travel with the key.
+        #expect(try await west.client().listAliases().aliases.isEmpty)
         // --json carries the bundle as base64, which import-replica takes as --replication-bundle.
         let asJSON = try run(Paths.kmsctl, ["sync-replica", "--key-id", key, "--replica-region", "west", "--json", "--socket", east.socket])
+        try #require(asJSON.status == 0, "\(asJSON.stderr)")
         let object = try #require(try JSONSerialization.jsonObject(with: asJSON.stdout) as? [String: Any])
         #expect((object["KeyMetadata"] as? [String: Any])?["KeyId"] as? String == key)
         let viaText = try run(Paths.kmsctl, ["import-replica", "--replication-bundle", try #require(object["ReplicationBundle"] as? String), "--socket", west.socket])
         #expect(viaText.status == 0, "\(viaText.stderr)")
+        // South's very bundle, refused above only because south was not pinned, is taken once it is.
+        _ = try await west.client().pinReplicationIdentity(try await south.client().getReplicationIdentity().identity)
+        let pinnedNow = try run(Paths.kmsctl, ["import-replica", "--json", "--socket", west.socket], stdin: fromSouth.stdout)
+        #expect(pinnedNow.status == 0, "\(pinnedNow.stderr)")
+        let pinnedAnswer = try #require(try JSONSerialization.jsonObject(with: pinnedNow.stdout) as? [String: Any])
+        #expect(pinnedAnswer["ImportedVersions"] as? Int == 1, "\(pinnedAnswer)")
+        let fromSouthReplica = try await west.client().describeKey(keyID: southKey).multiRegionConfiguration
+        #expect(fromSouthReplica.multiRegionKeyType == "REPLICA" && fromSouthReplica.primaryKey.region == "south", "\(fromSouthReplica)")
         // Only multi-region primaries replicate.
         let plain = try await east.client().createKey().keyID
         await expectKMSError(.unsupportedOperation) { _ = try await east.client().replicateKey(keyID: plain, replicaRegion: "west") }

@@ -59,12 +59,53 @@ struct ReplicationIdentityTests {
         #expect((try Self.identity(east)["Pinned"] as? [[String: Any]])?.first?["Fingerprint"] as? String == w["Fingerprint"] as? String)
     }
 
+    /// A user who is not an administrator neither sees this kmsd's identity nor pins another's:
+    /// the pin they try leaves nothing pinned, so a bundle from that host is still refused; the
+    /// same pin made by an administrator is listed and lets the very same bundle in.
     @Test(.enabled(if: isRoot, "needs root to act as another uid with setpriv"))
-    func onlyAdministratorsSeeOrPinIdentities() throws {
+    func onlyAdministratorsSeeOrPinIdentities() async throws {
         let east = try Daemon(arguments: ["--region", "east"])
         defer { east.stop() }
         let other = try runAs(uid: 64103, [Paths.kmsctl, "get-replication-identity"], env: ["KMSD_SOCKET": east.socket])
         #expect(other.status == 1 && other.stderr.contains("AccessDeniedException"), "\(other.stderr)")
+        #expect(other.stderr.hasPrefix("kmsctl: AccessDeniedException: ") && other.stderr.contains("see or pin replication identities"), "\(other.stderr)")
+        #expect(other.stdout.isEmpty, "nothing of the identity is shown: \(other.text)")
+
+        // West, which has pinned east, makes a bundle for east.
+        let west = try Daemon(arguments: ["--region", "west"])
+        defer { west.stop() }
+        _ = try await west.client().pinReplicationIdentity(try await east.client().getReplicationIdentity().identity)
+        let key = try await west.client().createKey(multiRegion: true).keyID
+        let made = try run(Paths.kmsctl, ["replicate-key", "--key-id", key, "--replica-region", "east", "--socket", west.socket])
+        try #require(made.status == 0, "\(made.stderr)")
+        let w = try Self.identity(west)
+        let westJSON = try JSONSerialization.data(withJSONObject: w)
+        func importBundle() throws -> ProcessResult {
+            try run(Paths.kmsctl, ["import-replica", "--json", "--socket", east.socket], stdin: made.stdout)
+        }
+
+        // Not an administrator: the pin is refused, and nothing is pinned.
+        let pinArgs = ["pin-replication-identity", "--region", "west", "--identity", "-"]
+        let denied = try runAs(uid: 64103, [Paths.kmsctl] + pinArgs, stdin: westJSON, env: ["KMSD_SOCKET": east.socket])
+        #expect(denied.status == 1 && denied.stderr.hasPrefix("kmsctl: AccessDeniedException: ") && denied.stderr.contains("see or pin replication identities"), "\(denied.stderr)")
+        #expect((try Self.identity(east)["Pinned"] as? [Any])?.isEmpty == true)
+        let unpinned = try importBundle()
+        #expect(unpinned.status == 1 && unpinned.stderr.hasPrefix("kmsctl: AccessDeniedException: ") && unpinned.stderr.contains("not pinned here"), "\(unpinned.stderr)")
+        await expectKMSError(.notFound) { try await east.client().describeKey(keyID: key) }
+
+        // An administrator (this user): the pin is made, listed, and takes effect.
+        let pinned = try run(Paths.kmsctl, pinArgs + ["--json", "--socket", east.socket], stdin: westJSON)
+        #expect(pinned.status == 0, "\(pinned.stderr)")
+        let answer = try #require(try JSONSerialization.jsonObject(with: pinned.stdout) as? [String: Any])
+        #expect(answer["Region"] as? String == "west" && answer["Fingerprint"] as? String == w["Fingerprint"] as? String && answer["Replaced"] as? Bool == false, "\(answer)")
+        let listed = try #require(try Self.identity(east)["Pinned"] as? [[String: Any]])
+        #expect(listed.count == 1 && listed.first?["Region"] as? String == "west" && listed.first?["Fingerprint"] as? String == w["Fingerprint"] as? String, "\(listed)")
+        let taken = try importBundle()
+        #expect(taken.status == 0, "\(taken.stderr)")
+        let imported = try #require(try JSONSerialization.jsonObject(with: taken.stdout) as? [String: Any])
+        #expect(imported["ImportedVersions"] as? Int == 1 && (imported["KeyMetadata"] as? [String: Any])?["KeyId"] as? String == key, "\(imported)")
+        let replica = try await east.client().describeKey(keyID: key).multiRegionConfiguration
+        #expect(replica.multiRegionKeyType == "REPLICA" && replica.primaryKey.region == "west", "\(replica)")
     }
 
     @Test func anInvalidRegionIsRefusedAtStart() throws {
