@@ -333,8 +333,8 @@ final class Dispatcher: Sendable {
     /// whatever became of the request. Through a read-only view on purpose: a mutating one
     /// would copy the shared storage and zero only the copy. (Swift keeps payloads of 14 bytes
     /// or less inside the Data value itself; those copies are beyond reach here.)
-    static func zeroSecrets(of request: KMSRequest) {
-        if case .encrypt(let r)? = request.operation {
+    static func zeroSecrets(of operation: KMSRequest.OneOf_Operation?) {
+        if case .encrypt(let r)? = operation {
             r.plaintext.withUnsafeBytes { zeroizeInPlace($0) }
         }
     }
@@ -383,17 +383,19 @@ final class Dispatcher: Sendable {
 
     /// Handles one request end to end; the audit record is written before this returns.
     func handle(_ request: KMSRequest, contexts: WireContexts? = nil, principal: Principal, extraAuditFields: [String] = []) -> Outgoing {
-        defer { Self.zeroSecrets(of: request) }
+        // The operation read out of the request once (each read copies it, payload and all).
+        let operation = request.operation
+        defer { Self.zeroSecrets(of: operation) }
         let start = DispatchTime.now().uptimeNanoseconds
         var details = AuditDetails()
         var secret: ResponseSecret? = nil
         let outcome: Result<OperationResult, KMSError>
-        let action = request.operation?.name ?? "Unknown"
+        let action = operation?.name ?? "Unknown"
         // Every request takes a token, whatever it asks; a throttled one does nothing else.
         guard rateLimiter.allow(uid: principal.uid) else {
             return throttled(id: request.id, action: action, principal: principal, extraFields: extraAuditFields)
         }
-        if var op = request.operation {
+        if var op = operation {
             do {
                 var ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit, metrics: metrics, alarms: alarms,
                                          backups: backups, identity: identity)

@@ -7,6 +7,7 @@ enum CryptoHandlers {
     static let algorithm = "SYMMETRIC_DEFAULT"
 
     static func checkAlgorithm(_ a: String) throws(KMSError) {
+        if a.isEmpty || a == algorithm { return }  // every symmetric request
         if ["RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256", "SM2PKE"].contains(a) {
             throw KMSError(.invalidKeyUsage, "EncryptionAlgorithm \(a) needs an asymmetric key; symmetric keys use SYMMETRIC_DEFAULT")
         }
@@ -29,11 +30,12 @@ enum CryptoHandlers {
                 try ctx.service.encrypt(record: record, plaintext: p, context: context)
             }
         } catch let error as KMSError { throw error } catch { throw KMSError(.internalError, "encryption failed inside kmsd") }
-        d.keyID = sealed.keyID.description
+        let keyID = sealed.keyID.description
+        d.keyID = keyID
         d.keyVersion = sealed.keyVersion
         return .with {
             $0.ciphertextBlob = .init(sealed.blob)
-            $0.keyID = sealed.keyID.description
+            $0.keyID = keyID
             $0.encryptionAlgorithm = algorithm
         }
     }
@@ -97,18 +99,20 @@ enum CryptoHandlers {
                                 _ secret: inout ResponseSecret?) throws(KMSError) -> Kmsd_V1_GenerateDataKeyResponse {
         let result = try dataKey(keySpec: r.keySpec, numberOfBytes: r.numberOfBytes, ctx, &d, operation: 33, context: r.encryptionContext)
         secret = ResponseSecret(operationField: 33, field: 2, bytes: result.plaintext)
+        let keyID = d.keyID  // the sealing key's id, as dataKey noted it
         return .with {
             $0.ciphertextBlob = .init(result.sealed.blob)
-            $0.keyID = result.sealed.keyID.description
+            $0.keyID = keyID
         }
     }
 
     static func generateDataKeyWithoutPlaintext(_ r: Kmsd_V1_GenerateDataKeyWithoutPlaintextRequest, _ ctx: HandlerContext,
                                                 _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse {
         let result = try dataKey(keySpec: r.keySpec, numberOfBytes: r.numberOfBytes, ctx, &d, operation: 34, context: r.encryptionContext)
+        let keyID = d.keyID
         return .with {
             $0.ciphertextBlob = .init(result.sealed.blob)
-            $0.keyID = result.sealed.keyID.description
+            $0.keyID = keyID
         }
     }
 
