@@ -99,9 +99,7 @@ extension KeyRepository {
         let replaced = peers.first { $0.region == peer.region }
         peers.removeAll { $0.region == peer.region }
         peers.append(peer)
-        peers.sort { $0.region < $1.region }
-        let json = Array(try JSONEncoder().encode(peers))
-        try storage.setMeta("replication_peers", try peersMAC(json) + json)
+        try store(peers)
         return replaced
     }
 
@@ -109,8 +107,12 @@ extension KeyRepository {
     public func unpin(region: String, restoring: ReplicationPeer?) throws {
         var peers = try replicationPeers().filter { $0.region != region }
         if let restoring { peers.append(restoring) }
-        peers.sort { $0.region < $1.region }
-        let json = Array(try JSONEncoder().encode(peers))
+        try store(peers)
+    }
+
+    /// Stores the pinned identities in region order, authenticated under the record MAC key.
+    private func store(_ peers: [ReplicationPeer]) throws {
+        let json = Array(try JSONEncoder().encode(peers.sorted { $0.region < $1.region }))
         try storage.setMeta("replication_peers", try peersMAC(json) + json)
     }
 

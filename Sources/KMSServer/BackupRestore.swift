@@ -7,6 +7,10 @@ import KMSCore
 /// its place: a backup made under another root key, or truncated, altered or extended, is
 /// refused and nothing is left behind.
 public enum BackupRestore {
+    /// The files SQLite keeps beside a database (write-ahead log, its index, a rollback journal):
+    /// they belong with the keystore they were made for, never with another.
+    static let sqliteSidecars = ["-wal", "-shm", "-journal"]
+
     /// The root key comes from where kmsd itself would load it ($CREDENTIALS_DIRECTORY/root-key,
     /// else rootKeyFile, else in development mode STATE_DIR/root-key). `from` is a path, or "-"
     /// for standard input. Returns what happened, for the administrator.
@@ -18,7 +22,7 @@ public enum BackupRestore {
         }
         // A write-ahead log left by a keystore that was moved away would be replayed into the
         // restored one (and belongs with the keystore it came from).
-        for suffix in ["-wal", "-shm", "-journal"] where FileManager.default.fileExists(atPath: keystore + suffix) {
+        for suffix in sqliteSidecars where FileManager.default.fileExists(atPath: keystore + suffix) {
             throw ConfigurationError("\(keystore + suffix) is left from an earlier keystore; move it away with that keystore (it may hold its last changes) before restoring")
         }
         // A state directory this command creates is removed again when the restore fails, so a
@@ -46,7 +50,7 @@ public enum BackupRestore {
         guard input >= 0 else { throw ConfigurationError("cannot open \(source): \(String(cString: strerror(errno)))") }
         defer { if input != STDIN_FILENO { close(input) } }
         let staging = keystore + ".restoring"
-        let discard = { for suffix in ["", "-wal", "-shm", "-journal"] { unlink(staging + suffix) } }
+        let discard = { for suffix in [""] + sqliteSidecars { unlink(staging + suffix) } }
         discard()
         let out = open(staging, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard out >= 0 else { throw ConfigurationError("cannot create \(staging): \(String(cString: strerror(errno)))") }
@@ -91,7 +95,7 @@ public enum BackupRestore {
             }
             keys = repository.keyCountsByState().values.reduce(0, +)
         } catch {
-            for suffix in ["", "-wal", "-shm"] { unlink(keystore + suffix) }
+            for suffix in [""] + sqliteSidecars { unlink(keystore + suffix) }
             throw ConfigurationError("\(source) was not restored: \(error)")
         }
         restored = true

@@ -125,6 +125,10 @@ public final class Server: @unchecked Sendable {
         pool = FairWorkerPool(threads: c.workerThreads)
     }
 
+    /// Connections the kernel queues for the main socket before kmsd accepts them (NIO listens
+    /// again on the socket it is given, with its own default of 128 unless told this).
+    static let listenBacklog: Int32 = 512
+
     /// Binds (or adopts the socket-activated fd), reports READY=1, and serves until a
     /// termination signal. Returns after the drain.
     public func run() throws {
@@ -136,7 +140,7 @@ public final class Server: @unchecked Sendable {
         // kmsd binds its socket itself (or adopts systemd's), so the listening descriptor is
         // known to the handler that refuses connections when descriptors run out.
         let listenFD = try passed.main ?? bindSafely(path: c.effectiveSocketPath, mode: c.socketMode, group: c.socketGroup,
-                                                     { try Self.listenRaw($0, backlog: 512) }, close: { _ = Glibc.close($0) })
+                                                     { try Self.listenRaw($0, backlog: Self.listenBacklog) }, close: { _ = Glibc.close($0) })
         let (pool, dispatcher, auditLoop) = (self.pool, self.dispatcher, group.next())
         let refuse: @Sendable (kms_ucred) -> Void = { cred in
             // Audited from the kernel's credentials alone: resolving a user name or reading
@@ -154,7 +158,7 @@ public final class Server: @unchecked Sendable {
         }
         let bootstrap = ServerBootstrap(group: group)
             // NIO listens again on the socket it is given: with this backlog, not its default 128.
-            .serverChannelOption(.backlog, value: 512)
+            .serverChannelOption(.backlog, value: Self.listenBacklog)
             .serverChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     // Out of descriptors: refuse what waits (the reserve), else pause accepting
