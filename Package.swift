@@ -63,7 +63,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "kmsctl",
-            dependencies: ["KMSClient", "KMSCrypto", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["KMSClient", "KMSCrypto", "CKMSSystemd", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(
             name: "kmsbench",

@@ -18,6 +18,11 @@ struct AlarmRules: Sendable, Equatable {
     /// Any integrity failure: a tampered or rolled-back row (KeyUnavailableException), a record
     /// left out of a listing for failing its check.
     var integrityFailure = true
+    /// A Decrypt (allowed) of a key by an executable or a systemd unit never seen decrypting
+    /// that key before. The callers seen are kept in the state directory, so a restart does
+    /// not make every caller new again. Off by default: a key's first decrypting program is
+    /// new too, so this is for keys whose users are settled.
+    var newDecryptCaller = false
 }
 
 final class Alarms: Sendable {
@@ -37,7 +42,13 @@ final class Alarms: Sendable {
     }
     private let state = Mutex(State())
 
-    init(rules: AlarmRules) { ruleSet = Mutex(rules) }
+    /// Executables and units seen decrypting each key (for `newDecryptCaller`).
+    let decryptCallers: DecryptCallers
+
+    init(rules: AlarmRules, decryptCallersFile: String? = nil) {
+        ruleSet = Mutex(rules)
+        decryptCallers = DecryptCallers(path: decryptCallersFile)
+    }
 
     /// Alarms fired since kmsd started, by rule.
     var counts: [String: UInt64] { state.withLock { $0.counts } }
@@ -51,7 +62,8 @@ final class Alarms: Sendable {
         let keyUse = (rules.pendingDeletionUse && keyState == KeyState.pendingDeletion.rawValue)
             || (rules.disabledKeyUse && keyState == KeyState.disabled.rawValue)
         let integrity = rules.integrityFailure && (record.error == .keyUnavailable || !record.details.integrityFailures.isEmpty)
-        guard denied || keyUse || integrity else { return [] }
+        let decrypt = rules.newDecryptCaller && record.result == .allowed && record.action == "Decrypt" && !record.details.keyID.isEmpty
+        guard denied || keyUse || integrity || decrypt else { return [] }
         let minute = Int(Date().timeIntervalSince1970 / 60)
         var due: [(rule: String, subject: String, message: String)] = []
         let who = "uid \(record.principal.uid) (\(record.principal.userName))"
@@ -80,6 +92,22 @@ final class Alarms: Sendable {
             let subject = record.details.keyID.isEmpty ? "keystore" : record.details.keyID
             due.append(("IntegrityFailure", "integrity:\(subject)", "\(record.action) by \(who) met a keystore record that failed its integrity check\(record.details.keyID.isEmpty ? "" : " (key \(record.details.keyID))")"))
         }
+        if decrypt {
+            let p = record.principal
+            let callers = [("executable", p.executableKnown ? p.executable ?? "(none)" : "(unknown)"),
+                           ("unit", p.unitKnown ? p.systemdUnit ?? "(none)" : "(unknown)")]
+            for (kind, value) in callers {
+                switch decryptCallers.see(keyID: record.details.keyID, kind: kind, value: value) {
+                case .known: break
+                case .new:
+                    due.append(("NewDecryptCaller", "key:\(record.details.keyID)/\(kind):\(value)",
+                                "\(who) decrypted with key \(record.details.keyID) from \(kind) \(value), never seen decrypting with it before"))
+                case .overLimit:
+                    due.append(("NewDecryptCaller", "key:\(record.details.keyID)/over-limit",
+                                "\(who) decrypted with key \(record.details.keyID) from \(kind) \(value); the key already has \(DecryptCallers.perKeyLimit) callers on record, so new ones are no longer remembered"))
+                }
+            }
+        }
         guard !due.isEmpty else { return [] }
         return state.withLock { s in
             var out: [(rule: String, message: String)] = []
@@ -91,5 +119,55 @@ final class Alarms: Sendable {
             if s.fired.count > 10_000 { s.fired = s.fired.filter { $0.value == minute } }
             return out
         }
+    }
+}
+
+/// The executables and units seen decrypting each key, remembered across restarts in an
+/// append-only file of the state directory (`decrypt-callers`): one line per (key, kind,
+/// value), the value in hex (a path may hold any byte). A damaged line is skipped with a
+/// warning; losing the file costs only alarms for callers seen again. Bounded per key.
+final class DecryptCallers: Sendable {
+    enum Sighting { case known, new, overLimit }
+    static let perKeyLimit = 256
+    private let path: String?
+    private let seen = Mutex<[String: Set<String>]>([:])
+
+    init(path: String?) {
+        self.path = path
+        guard let path, let data = FileManager.default.contents(atPath: path) else { return }
+        var table: [String: Set<String>] = [:]
+        var damaged = 0
+        for line in data.split(separator: UInt8(ascii: "\n")) {
+            let parts = line.split(separator: UInt8(ascii: "\t"), omittingEmptySubsequences: false)
+            guard parts.count == 3, let key = String(bytes: parts[0], encoding: .utf8), (try? KeyID(parsing: key))?.description == key,
+                  let kind = String(bytes: parts[1], encoding: .utf8), kind == "executable" || kind == "unit",
+                  let value = Hex.decode(String(decoding: parts[2], as: UTF8.self)) else { damaged += 1; continue }
+            table[key, default: []].insert(kind + ":" + String(decoding: value, as: UTF8.self))
+        }
+        if damaged > 0 { StandardError.write("kmsd: WARNING: \(path): skipped \(damaged) damaged line(s)\n") }
+        seen.withLock { $0 = table }
+    }
+
+    /// Whether `value` (of `kind`) was seen decrypting with `keyID` before; remembers it now.
+    func see(keyID: String, kind: String, value: String) -> Sighting {
+        let entry = kind + ":" + value
+        let result: Sighting = seen.withLock { table in
+            if table[keyID]?.contains(entry) == true { return .known }
+            if table[keyID, default: []].count >= Self.perKeyLimit { return .overLimit }
+            table[keyID, default: []].insert(entry)
+            return .new
+        }
+        if result == .new, let path {
+            let line = Array("\(keyID)\t\(kind)\t\(Hex.encode(Array(value.utf8)))\n".utf8)
+            let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+            if fd >= 0 {
+                let written = line.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+                close(fd)
+                if written != line.count { StandardError.write("kmsd: WARNING: cannot record a decrypting caller in \(path)\n") }
+            } else {
+                StandardError.write("kmsd: WARNING: cannot open \(path): \(String(cString: strerror(errno)))\n")
+            }
+        }
+        return result
     }
 }

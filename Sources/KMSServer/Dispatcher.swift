@@ -163,8 +163,8 @@ final class Dispatcher: Sendable {
 
     init(service: KeyService, audit: AuditLog, settings: ServerSettings,
          rateLimiter: RequestRateLimiter = RequestRateLimiter(rate: 0, burst: 0), alarms: AlarmRules = AlarmRules(),
-         backups: BackupStore? = nil, identity: ReplicationIdentity? = nil) {
-        self.alarms = Alarms(rules: alarms)
+         backups: BackupStore? = nil, identity: ReplicationIdentity? = nil, decryptCallersFile: String? = nil) {
+        self.alarms = Alarms(rules: alarms, decryptCallersFile: decryptCallersFile)
         self.backups = backups
         self.identity = identity
         self.service = service

@@ -115,7 +115,8 @@ public final class Server: @unchecked Sendable {
                                 rateLimiter: RequestRateLimiter(rate: c.maxRequestsPerSecondPerUID, burst: c.requestBurstPerUID),
                                 alarms: c.alarms,
                                 backups: try BackupStore(directory: c.stateDirectory + "/backups", storage: storage, root: root),
-                                identity: try repository.replicationIdentity(region: c.region))
+                                identity: try repository.replicationIdentity(region: c.region),
+                                decryptCallersFile: c.stateDirectory + "/decrypt-callers")
         limits = ConnectionLimits(maxTotal: c.maxConnections, maxPerUID: c.maxConnectionsPerUID,
                                   reservedForAdministrators: c.effectiveAdminReservedConnections)
         group = MultiThreadedEventLoopGroup(numberOfThreads: c.eventLoops > 0 ? c.eventLoops : System.coreCount)

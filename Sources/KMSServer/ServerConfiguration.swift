@@ -61,6 +61,10 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var credentialDirectory: String? = nil
     /// Alarm rules (on by default: AccessDenied rate, use of keys pending deletion, integrity failures).
     var alarms = AlarmRules()
+    public var alarmNewDecryptCaller: Bool {
+        get { alarms.newDecryptCaller }
+        set { alarms.newDecryptCaller = newValue }
+    }
     public var alarmAccessDeniedPerMinute: Int {
         get { alarms.accessDeniedPerMinute }
         set { alarms.accessDeniedPerMinute = newValue }
@@ -246,9 +250,14 @@ public struct ServerConfiguration: Sendable, Equatable {
                     case "accessDeniedPerMinute":
                         guard !isBool, let n = v as? Int, n >= 0 else { throw ConfigurationError("\(file): alarms.accessDeniedPerMinute must be a whole number (0: off)") }
                         c.alarms.accessDeniedPerMinute = n
-                    case "pendingDeletionUse", "disabledKeyUse", "integrityFailure":
+                    case "pendingDeletionUse", "disabledKeyUse", "integrityFailure", "newDecryptCaller":
                         guard isBool, let b = v as? Bool else { throw ConfigurationError("\(file): alarms.\(k) must be true or false") }
-                        if k == "pendingDeletionUse" { c.alarms.pendingDeletionUse = b } else if k == "disabledKeyUse" { c.alarms.disabledKeyUse = b } else { c.alarms.integrityFailure = b }
+                        switch k {
+                        case "pendingDeletionUse": c.alarms.pendingDeletionUse = b
+                        case "disabledKeyUse": c.alarms.disabledKeyUse = b
+                        case "newDecryptCaller": c.alarms.newDecryptCaller = b
+                        default: c.alarms.integrityFailure = b
+                        }
                     default: throw ConfigurationError("\(file): unknown setting alarms.\(k)")
                     }
                 }

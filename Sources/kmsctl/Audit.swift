@@ -10,8 +10,9 @@ struct Audit: AsyncParsableCommand {
         defaultSubcommand: AuditQuery.self)
 }
 
-/// Filters shared by `kmsctl audit` and `kmsctl audit report`, as journalctl matches (which
-/// use the journal's field indexes, so a large journal costs what the answer costs).
+/// Filters shared by `kmsctl audit` and `kmsctl audit report`, as journal field matches
+/// (applied by sd_journal with the journal's field indexes, so a large journal costs what the
+/// answer costs).
 struct AuditFilters: ParsableArguments {
     @Option(name: .customLong("key-id"), help: ArgumentHelp("Records of this key (key id, ARN or alias).", valueName: "id"))
     var keyID: String?
@@ -27,17 +28,23 @@ struct AuditFilters: ParsableArguments {
     var action: String?
     @Option(name: .customLong("result"), help: ArgumentHelp("Allowed, Denied or Failed.", valueName: "result"))
     var result: String?
-    @Option(name: .customLong("since"), help: ArgumentHelp("From this time (journalctl's syntax: \"today\", \"1 hour ago\", \"@UNIX\"; write a leading - as --since=-1h).", valueName: "time"))
+    @Option(name: .customLong("since"), help: ArgumentHelp("From this time (journalctl's syntax: \"today\", \"2026-12-01 10:00\", \"1 hour ago\", \"@UNIX\"; write a leading - as --since=-1h).", valueName: "time"))
     var since: String?
-    @Option(name: .customLong("until"), help: ArgumentHelp("Up to this time.", valueName: "time"))
+    @Option(name: .customLong("until"), help: ArgumentHelp("Up to this time (the same syntax).", valueName: "time"))
     var until: String?
 
     func validate() throws {
         if let result, !["Allowed", "Denied", "Failed"].contains(result) { throw ValidationError("--result takes Allowed, Denied or Failed") }
+        _ = try timeWindow()
     }
 
-    /// journalctl arguments; an alias is resolved to its key through kmsd when possible.
-    func journalctlArguments(socket: String) async -> [String] {
+    /// --since and --until in µs since the epoch.
+    func timeWindow() throws -> (since: UInt64?, until: UInt64?) {
+        try (auditTime(since, "--since"), auditTime(until, "--until"))
+    }
+
+    /// The journal query; an alias is resolved to its key through kmsd when possible.
+    func journalQuery(socket: String, follow: Bool = false) async throws -> JournalQuery {
         var args = ["SYSLOG_IDENTIFIER=kmsd"]
         if let keyID {
             if keyID.hasPrefix("alias/") || keyID.contains(":alias/") {
@@ -56,49 +63,25 @@ struct AuditFilters: ParsableArguments {
         if let executable { args.append("KMS_PEER_EXE=\(executable)") }
         if let action { args.append("KMS_ACTION=\(action)") }
         if let result { args.append("KMS_RESULT=\(result)") }
-        if let since { args += ["--since", since] }
-        if let until { args += ["--until", until] }
-        return args
+        let window = try timeWindow()
+        return JournalQuery(matches: args, since: window.since, until: window.until, follow: follow)
     }
 }
 
-/// Runs journalctl -o json with `args`, handing each kmsd record to `body` as it comes.
-func readJournal(_ args: [String], follow: Bool = false, _ body: (JournalRecord) throws -> Void) throws {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/journalctl")
-    process.arguments = ["-o", "json", "--all", "--no-pager"] + (follow ? ["--follow", "--lines=0"] : []) + args
-    // stderr to a file, not a pipe: a pipe nobody reads while stdout streams could fill and stall journalctl.
-    let errPath = FileManager.default.temporaryDirectory.appendingPathComponent("kmsctl-journalctl-\(getpid()).err").path
-    FileManager.default.createFile(atPath: errPath, contents: nil)
-    defer { try? FileManager.default.removeItem(atPath: errPath) }
-    let out = Pipe()
-    process.standardOutput = out
-    process.standardError = FileHandle(forWritingAtPath: errPath)
-    do { try process.run() } catch { throw ValidationError("cannot run journalctl: \(error)") }
-    var pending = Data()
-    let handle = out.fileHandleForReading
-    while true {
-        let chunk = handle.availableData
-        if chunk.isEmpty { break }
-        pending += chunk
-        while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
-            let line = pending[pending.startIndex..<newline]
-            pending = Data(pending[pending.index(after: newline)...])
-            for r in JournalRecord.parse(Data(line), requireChain: false) { try body(r) }
-        }
+/// A --since or --until value in µs since the epoch (nil when not given).
+func auditTime(_ text: String?, _ option: String) throws -> UInt64? {
+    guard let text else { return nil }
+    guard let t = JournalTime.parse(text) else {
+        throw ValidationError("\(option): cannot read '\(text)' as a time (e.g. \"2026-12-01 10:00\", \"today\", \"1 hour ago\", \"-30min\", \"@1764547200\")")
     }
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-        let errors = String(decoding: FileManager.default.contents(atPath: errPath) ?? Data(), as: UTF8.self)
-        throw ValidationError("journalctl failed (\(errors.trimmingCharacters(in: .whitespacesAndNewlines))); run as root or a member of systemd-journal")
-    }
+    return t
 }
 
 struct AuditQuery: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "query",
         abstract: "Show kmsd's audit records (the default: kmsctl audit --key-id K ...).",
-        discussion: "Reads the journal with journalctl (root or a member of systemd-journal). --json prints one object per line.")
+        discussion: "Reads the journal through sd_journal (root or a member of systemd-journal). --json prints one object per line.")
 
     @OptionGroup var global: GlobalOptions
     @OptionGroup var filters: AuditFilters
@@ -107,11 +90,11 @@ struct AuditQuery: AsyncParsableCommand {
     var follow = false
 
     func run() async throws {
-        let args = await filters.journalctlArguments(socket: global.socket)
+        let query = try await filters.journalQuery(socket: global.socket, follow: follow)
         if !global.json {
             writeStdout("TIME                 ACTION                RESULT   ERROR                        KEY                                   CALLER           DECIDED BY\n")
         }
-        try readJournal(args, follow: follow) { r in
+        try readJournal(query) { r in
             if global.json {
                 let data = try JSONSerialization.data(withJSONObject: r.awsStyle, options: [.sortedKeys, .withoutEscapingSlashes])
                 writeStdout(data)
@@ -136,10 +119,11 @@ struct AuditReport: AsyncParsableCommand {
     @OptionGroup var filters: AuditFilters
 
     func run() async throws {
-        let args = await filters.journalctlArguments(socket: global.socket) + ["MESSAGE_ID=\(JournalRecord.requestMessageID)"]
+        var query = try await filters.journalQuery(socket: global.socket)
+        query.matches.append("MESSAGE_ID=\(JournalRecord.requestMessageID)")
         var byKey: [String: [String: Int]] = [:], byCaller: [String: [String: Int]] = [:]
         var total = 0
-        try readJournal(args) { r in
+        try readJournal(query) { r in
             let f = r.fields
             let cell = "\(f["KMS_ACTION"] ?? "?")/\(f["KMS_RESULT"] ?? "?")"
             if let key = f["KMS_KEY_ID"], !key.isEmpty, key != "invalid" { byKey[key, default: [:]][cell, default: 0] += 1 }
@@ -161,9 +145,17 @@ struct AuditReport: AsyncParsableCommand {
     }
 }
 
-/// One audit record as read from `journalctl -o json`.
+/// One audit record, as read from the journal or from `journalctl -o json` output.
 struct JournalRecord {
     let fields: [String: String]
+
+    /// A kmsd record from an entry's fields (nil for anything else, and when `requireChain`,
+    /// for records without KMS_RUN_ID, KMS_SEQ and KMS_CHAIN).
+    init?(fields: [String: String], requireChain: Bool) {
+        guard fields["KMS_ACTION"] != nil,
+              !requireChain || (fields["KMS_RUN_ID"] != nil && fields["KMS_SEQ"] != nil && fields["KMS_CHAIN"] != nil) else { return nil }
+        self.fields = fields
+    }
     var runID: String { fields["KMS_RUN_ID"] ?? "" }
     var seq: UInt64 { UInt64(fields["KMS_SEQ"] ?? "") ?? 0 }
     var chain: String { fields["KMS_CHAIN"] ?? "" }
@@ -219,8 +211,7 @@ struct JournalRecord {
                     fields[k] = String(decoding: bytes.map { UInt8($0) }, as: UTF8.self)
                 }
             }
-            guard fields["KMS_ACTION"] != nil, !requireChain || (fields["KMS_RUN_ID"] != nil && fields["KMS_SEQ"] != nil && fields["KMS_CHAIN"] != nil) else { return nil }
-            return JournalRecord(fields: fields)
+            return JournalRecord(fields: fields, requireChain: requireChain)
         }
     }
 }
@@ -230,7 +221,7 @@ struct AuditVerify: AsyncParsableCommand {
         commandName: "verify",
         abstract: "Check that no audit record was removed or altered (KMS_SEQ gap-free, KMS_CHAIN intact, runs linked).",
         discussion: """
-        Reads kmsd's records from journald (journalctl; root or a member of systemd-journal), or from \
+        Reads kmsd's records from journald (sd_journal; root or a member of systemd-journal), or from \
         --file (the output of journalctl -o json), and has kmsd check each record's KMS_CHAIN (its key \
         never leaves kmsd; administrators only). Follows the chain of runs back from kmsd's current run. \
         Exit status 0 when everything checks out, 1 at the first problem found.
@@ -283,11 +274,9 @@ struct AuditVerify: AsyncParsableCommand {
             guard let data = FileManager.default.contents(atPath: file) else { throw ValidationError("--file: cannot read \(file)") }
             return JournalRecord.parse(data)
         }
-        var args = ["SYSLOG_IDENTIFIER=kmsd"]
-        if let since { args += ["--since", since] }
-        if let until { args += ["--until", until] }
+        let query = JournalQuery(since: try auditTime(since, "--since"), until: try auditTime(until, "--until"))
         var records: [JournalRecord] = []
-        try readJournal(args) { r in
+        try readJournal(query) { r in
             if r.fields["KMS_RUN_ID"] != nil, r.fields["KMS_SEQ"] != nil, r.fields["KMS_CHAIN"] != nil { records.append(r) }
         }
         return records

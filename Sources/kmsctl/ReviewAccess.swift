@@ -8,7 +8,7 @@ struct ReviewAccess: AsyncParsableCommand {
         abstract: "List who may do what with each key (key policies, identity policies, grants); flag wildcards and unused permissions. (beyond AWS)",
         discussion: """
         Without --key-id, every key (administrators only). --unused-days N reads kmsd's audit records of the \
-        last N days from journald (journalctl; root or a member of systemd-journal) and flags each Allow that \
+        last N days from journald (sd_journal; root or a member of systemd-journal) and flags each Allow that \
         decided no request in that time.
         """)
 
@@ -59,9 +59,9 @@ struct ReviewAccess: AsyncParsableCommand {
 
     /// Every KMS_DECIDED_BY of an allowed request in the last `days` days.
     static func decidersInAuditTrail(days: Int) throws -> Set<String> {
-        let since = Int(Date().timeIntervalSince1970) - days * 86_400
+        let since = UInt64(max(0, Int(Date().timeIntervalSince1970) - days * 86_400)) * 1_000_000
         var deciders = Set<String>()
-        try readJournal(["SYSLOG_IDENTIFIER=kmsd", "KMS_RESULT=Allowed", "--since", "@\(since)"]) { r in
+        try readJournal(JournalQuery(matches: ["SYSLOG_IDENTIFIER=kmsd", "KMS_RESULT=Allowed"], since: since)) { r in
             guard let by = r.fields["KMS_DECIDED_BY"] else { return }
             // ReEncrypt and UpdateAlias: "from X; to Y".
             for part in by.split(separator: ";") {

@@ -106,7 +106,7 @@ struct Metrics: AsyncParsableCommand {
         family("kmsd_audit_records_total", "counter", "Audit records journald took in this run.")
         out += "kmsd_audit_records_total \(s.auditSequence)\n"
         family("kmsd_alarms_total", "counter", "Alarms fired since kmsd started, by rule.")
-        for rule in ["AccessDeniedRate", "PendingDeletionKeyUse", "DisabledKeyUse", "IntegrityFailure"] {
+        for rule in ["AccessDeniedRate", "PendingDeletionKeyUse", "DisabledKeyUse", "IntegrityFailure", "NewDecryptCaller"] {
             out += "kmsd_alarms_total{rule=\"\(rule)\"} \(s.alarms[rule] ?? 0)\n"
         }
         family("kmsd_identity_policies", "gauge", "Identity policies in force.")

@@ -105,6 +105,9 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("alarm-access-denied-per-minute"), help: ArgumentHelp("Alarm when one uid is denied more than this many times in a minute (0: off). Default 20.", valueName: "n"))
     var alarmAccessDeniedPerMinute: Int?
 
+    @Flag(name: .customLong("alarm-new-decrypt-caller"), help: "Alarm when an executable or systemd unit decrypts with a key for the first time (remembered in the state directory). Default off.")
+    var alarmNewDecryptCaller = false
+
     @Option(name: .customLong("identity-policy-dir"), help: ArgumentHelp("A directory of identity policies (*.json), reloaded on SIGHUP.", valueName: "dir"))
     var identityPolicyDir: String?
 
@@ -172,6 +175,7 @@ struct KMSD: ParsableCommand {
             guard alarmAccessDeniedPerMinute >= 0 else { throw ValidationError("--alarm-access-denied-per-minute takes 0 (off) or more") }
             c.alarmAccessDeniedPerMinute = alarmAccessDeniedPerMinute
         }
+        if alarmNewDecryptCaller { c.alarmNewDecryptCaller = true }
         if let auditFailClosed { c.auditFailClosed = auditFailClosed }
         if let credentialSocket { c.credentialSocketPath = credentialSocket }
         if let credentialDir { c.credentialDirectory = credentialDir }

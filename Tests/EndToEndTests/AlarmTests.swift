@@ -92,4 +92,61 @@ final class AlarmTests {
         usleep(300_000)
         #expect(try Journal.query(["_PID=\(daemon.pid)", "KMS_ALARM=DisabledKeyUse"], since: daemon.startedAt, atLeast: 1, timeout: 1).isEmpty)
     }
+
+    /// The opt-in rule for a new program decrypting: each executable once per key, remembered
+    /// across a restart, and a copy of a known program under another path is new.
+    @Test func aNewExecutableDecryptingRaisesAnAlarmOncePerKey() async throws {
+        let watched = try Daemon(arguments: ["--alarm-new-decrypt-caller"])
+        defer { watched.stop() }
+        let c = watched.client()
+        let key = try await c.createKey().keyID
+        let blob = try await c.encrypt(keyID: key, plaintext: Array("new-caller".utf8)).ciphertextBlob
+        for _ in 0..<3 { _ = try await c.decrypt(ciphertextBlob: Array(blob)) }   // this test binary, three times
+        await c.close()
+        for _ in 0..<2 {                                                             // kmsctl, twice
+            let r = try watched.kmsctl(["decrypt"], stdin: Data(blob))
+            #expect(r.status == 0 && r.text == "new-caller", "\(r.stderr)")
+        }
+        usleep(500_000)
+        func newCallers(_ d: Daemon, atLeast: Int, timeout: TimeInterval = 5) throws -> [[String: Any]] {
+            try Journal.query(["_PID=\(d.pid)", "MESSAGE_ID=\(Self.alarmID)", "KMS_ALARM=NewDecryptCaller"], since: d.startedAt,
+                              atLeast: atLeast, timeout: timeout)
+                .filter { ($0["MESSAGE"] as? String)?.contains("from executable") == true }
+        }
+        let first = try newCallers(watched, atLeast: 2)
+        let kmsctlPath = URL(fileURLWithPath: Paths.kmsctl).resolvingSymlinksInPath().path
+        let selfPath = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+        #expect(first.count == 2, "one alarm per new executable, not per request: \(first.map { $0["MESSAGE"] ?? "" })")
+        #expect(Set(first.compactMap { $0["KMS_PEER_EXE"] as? String }) == [kmsctlPath, selfPath])
+        #expect(first.allSatisfy { $0["PRIORITY"] as? String == "1" && $0["KMS_KEY_ID"] as? String == key })
+        let metrics = try watched.kmsctl(["metrics"])
+        let counted = metrics.text.split(separator: "\n").first { $0.hasPrefix("kmsd_alarms_total{rule=\"NewDecryptCaller\"} ") }
+        #expect((counted?.split(separator: " ").last).flatMap { Int($0) }.map { $0 >= 2 } == true, "\(metrics.text)")
+
+        // After a restart both are known; a copy of kmsctl elsewhere is a new executable.
+        try watched.restart()
+        #expect(try watched.kmsctl(["decrypt"], stdin: Data(blob)).status == 0)
+        let copy = watched.stateDir + "-bin/kmsctl-copy"
+        try FileManager.default.createDirectory(atPath: watched.stateDir + "-bin", withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: kmsctlPath, toPath: copy)
+        #expect(try run(copy, ["decrypt"], stdin: Data(blob), env: ["KMSD_SOCKET": watched.socket]).status == 0)
+        let later = try newCallers(watched, atLeast: 1)
+        usleep(500_000)
+        let settled = try newCallers(watched, atLeast: 2, timeout: 1)
+        #expect(later.first?["KMS_PEER_EXE"] as? String == copy && settled.count == 1,
+                "only the copy is new after the restart: \(settled.map { $0["KMS_PEER_EXE"] ?? "" })")
+        #expect(FileManager.default.fileExists(atPath: watched.stateDir + "/decrypt-callers"))
+
+        // A damaged line costs a warning, not the start.
+        watched.stop()
+        let f = try #require(FileHandle(forWritingAtPath: watched.stateDir + "/decrypt-callers"))
+        f.seekToEndOfFile()
+        f.write(Data("not\ta line\n".utf8))
+        try f.close()
+        try watched.restart()
+        #expect(try watched.kmsctl(["decrypt"], stdin: Data(blob)).status == 0)
+        #expect(watched.log.contains("skipped 1 damaged line"))
+        usleep(500_000)
+        #expect(try newCallers(watched, atLeast: 1, timeout: 1).isEmpty, "what was remembered survives a damaged line")
+    }
 }

@@ -55,6 +55,45 @@ final class AuditQueryTests {
         #expect(perCaller.first { $0.key.hasPrefix("uid:64201") }?.value["Encrypt/Denied"] == 1)
     }
 
+    /// --since and --until as journalctl takes them (relative, named days, local dates), a
+    /// time that cannot be read refused by name, and a caller who cannot read the system
+    /// journal told so instead of shown an empty trail.
+    @Test func timesAndAccessAsJournalctlHasThem() async throws {
+        let c = daemon.client()
+        let key = try await c.createKey().keyID
+        _ = try await c.encrypt(keyID: key, plaintext: [1])
+        await c.close()
+        _ = try Journal.query(["_PID=\(daemon.pid)", "KMS_KEY_ID=\(key)", "KMS_ACTION=Encrypt"], since: daemon.startedAt, atLeast: 1)
+        func count(_ window: [String]) throws -> Int {
+            let r = try kmsctl(["audit", "--key-id", key, "--action", "Encrypt", "--json"] + window)
+            #expect(r.status == 0, "\(window): \(r.stderr)")
+            return lines(r).count
+        }
+        let local = DateFormatter()
+        local.locale = Locale(identifier: "en_US_POSIX")
+        local.dateFormat = "yyyy-MM-dd HH:mm:ss"
+        let utc = DateFormatter()
+        utc.locale = Locale(identifier: "en_US_POSIX")
+        utc.timeZone = TimeZone(identifier: "UTC")
+        utc.dateFormat = "yyyy-MM-dd HH:mm"
+        let before = Date().addingTimeInterval(-300), after = Date().addingTimeInterval(300)
+        for since in ["--since=-5min", "--since=5 minutes ago", "--since=-1h 30min", "--since=today", "--since=yesterday",
+                      "--since=\(local.string(from: before))", "--since=\(utc.string(from: before)) UTC",
+                      "--until=\(local.string(from: after))", "--until=+5min", "--until=now", "--until=tomorrow"] {
+            #expect(try count([since]) == 1, "\(since) includes the record")
+        }
+        for window in ["--until=-5min", "--until=10 minutes ago", "--until=\(local.string(from: before))", "--since=+5min",
+                       "--since=\(utc.string(from: after)) UTC", "--until=yesterday"] {
+            #expect(try count([window]) == 0, "\(window) leaves the record out")
+        }
+        for bad in ["--since=last tuesdayish", "--until=2026-02-31", "--since=25:00", "--since=-5 fortnights"] {
+            let r = try kmsctl(["audit", bad])
+            #expect(r.status != 0 && r.stderr.contains("cannot read") && r.stdout.isEmpty, "\(bad): \(r.status) \(r.stderr)")
+        }
+        let outsider = try runAs(uid: 64201, [Paths.kmsctl, "audit", "--since=-5min"], env: ["KMSD_SOCKET": daemon.socket])
+        #expect(outsider.status != 0 && outsider.stderr.contains("systemd-journal"), "\(outsider.status) \(outsider.stderr)")
+    }
+
     @Test func followShowsNewRecords() async throws {
         let out = daemon.stateDir + "-follow.json"
         let follower = try ChildProcess(Paths.kmsctl, ["audit", "--follow", "--json", "--action", "GenerateRandom"],

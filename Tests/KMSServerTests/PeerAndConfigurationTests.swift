@@ -85,8 +85,11 @@ struct ConfigurationTests {
          "maxConnectionsPerUid": 2, "maxInFlightPerConnection": 8, "idleTimeoutSeconds": 60, "auditFailClosed": false,
          "workerThreads": 2, "keyCacheCapacity": 100, "drainTimeoutSeconds": 5, "maxRequestsPerSecondPerUid": 50,
          "requestBurstPerUid": 70, "adminReservedConnections": 3, "frameTimeoutSeconds": 4, "auditTimeoutMilliseconds": 250,
-         "eventLoops": 1}
+         "eventLoops": 1, "alarms": {"accessDeniedPerMinute": 5, "pendingDeletionUse": false, "disabledKeyUse": true,
+         "integrityFailure": false, "newDecryptCaller": true}}
         """)
+        #expect(c.alarms == AlarmRules(accessDeniedPerMinute: 5, pendingDeletionUse: false, disabledKeyUse: true,
+                                       integrityFailure: false, newDecryptCaller: true))
         #expect(c.maxRequestsPerSecondPerUID == 50 && c.requestBurstPerUID == 70 && c.effectiveAdminReservedConnections == 3)
         #expect(c.frameTimeoutSeconds == 4 && c.auditTimeoutMilliseconds == 250 && c.eventLoops == 1)
         #expect(c.stateDirectory == "/s" && c.effectiveSocketPath == "/r/k.sock" && c.socketMode == 0o660)
@@ -104,6 +107,8 @@ struct ConfigurationTests {
         #expect(c.socketMode == 0o666)
         #expect(c.maxRequestsPerSecondPerUID == 10_000 && c.requestBurstPerUID == 20_000)
         #expect(c.effectiveAdminReservedConnections == 16 && c.frameTimeoutSeconds == 10 && c.auditTimeoutMilliseconds == 250)
+        #expect(c.alarms == AlarmRules(accessDeniedPerMinute: 20, pendingDeletionUse: true, disabledKeyUse: false,
+                                       integrityFailure: true, newDecryptCaller: false))
     }
 
     @Test(arguments: [
@@ -128,6 +133,7 @@ struct ConfigurationTests {
         (#"{"developmentAuditOff": true}"#, "only in development mode"),
         (#"{"alarms": {"accessDeniedPerMinute": -1}}"#, "alarms.accessDeniedPerMinute"),
         (#"{"alarms": {"colour": true}}"#, "unknown setting alarms.colour"),
+        (#"{"alarms": {"newDecryptCaller": 1}}"#, "alarms.newDecryptCaller must be true or false"),
         (#"{"development": true, "developmentDaySeconds": 0}"#, "developmentDaySeconds must be 1...86400"),
         (#"{"workerThreads": true}"#, "whole number"),
     ])
