@@ -141,13 +141,13 @@ extension KeyService {
     }
 
     /// Deletes the imported material: the key goes to PendingImport until the same material is
-    /// imported again. Not while PendingDeletion; nothing to do while PendingImport.
+    /// imported again; a key PendingDeletion stays so (as AWS KMS: its deletion still comes,
+    /// and a cancelled deletion leaves it PendingImport). Nothing to do while PendingImport.
     public func deleteImportedKeyMaterial(_ keyID: String, caller: Principal) throws(KMSError) -> KeyService.Change {
         let id = try KeyID(parsing: keyID)
         return try locked(id) { () throws(KMSError) -> Change in
             let before = try usableRecord(id, caller: caller, needsEnabled: false)
             try Self.requireExternal(before)
-            guard before.state != .pendingDeletion else { throw Self.invalidState(before, "changed") }
             guard !before.awaitsMaterial else { return Change(before: before, after: before) }
             let after = Self.withoutMaterial(before)
             do { try repository.removeMaterial(after) } catch {

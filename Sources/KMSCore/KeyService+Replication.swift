@@ -156,10 +156,14 @@ extension KeyService {
                 throw KMSError(.validation, "no identity is pinned for region '\(newPrimary)'")
             }
             let others = (replicas.filter { $0 != newPrimary } + [region]).sorted()
-            let signed = try makeBundle(record, for: target, identity: identity, primaryRegion: newPrimary, replicaRegions: others,
-                                        policy: record.policy ?? "", description: record.description, tags: record.tags).bundle
+            let (signed, sequence) = try makeBundle(record, for: target, identity: identity, primaryRegion: newPrimary, replicaRegions: others,
+                                                    policy: record.policy ?? "", description: record.description, tags: record.tags)
             var now = record
             now.multiRegionKeyType = "REPLICA"
+            // The newest bundle this copy has seen is the one it just made: an older bundle that
+            // once made it primary (an earlier UpdatePrimaryRegion towards here), replayed, is
+            // then older than this and refused, instead of making a second primary.
+            now.replicationSequence = max(record.replicationSequence ?? 0, sequence)
             now.primaryRegion = newPrimary
             now.replicaRegions = nil
             now.replicatedSequences = nil
@@ -254,8 +258,10 @@ extension KeyService {
                 guard existing.multiRegionKeyType == "REPLICA", existing.primaryRegion == bundle.sourceRegion || primary == bundle.sourceRegion else {
                     throw KMSError(.alreadyExists, "key \(keyID) already exists here as \(existing.multiRegionKeyType == "PRIMARY" ? "the primary" : "a key not replicated from \(bundle.sourceRegion)"); a bundle cannot replace it")
                 }
-                if let last = existing.replicationSequence, bundle.sequence < last {
-                    throw KMSError(.validation, "the replication bundle was refused: it is older than the newest bundle already taken for key \(keyID) (a replay)")
+                // A bundle that makes this copy the primary must be newer than every bundle it
+                // has seen; one that only brings versions may be taken again (it adds nothing).
+                if let last = existing.replicationSequence, bundle.sequence < last || (primary == region && bundle.sequence == last) {
+                    throw KMSError(.validation, "the replication bundle was refused: it is \(bundle.sequence == last ? "the newest bundle already taken" : "older than the newest bundle already taken") for key \(keyID) (a replay)")
                 }
             } else if try repository.tombstone(keyID) != nil {
                 throw KMSError(.alreadyExists, "key \(keyID) was deleted here; a deleted key id is not used again")

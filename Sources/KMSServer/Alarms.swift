@@ -53,6 +53,9 @@ final class Alarms: Sendable {
     /// Alarms fired since kmsd started, by rule.
     var counts: [String: UInt64] { state.withLock { $0.counts } }
 
+    /// Counts an alarm raised outside `check` (the IntegrityFailure of a rollback found at start).
+    func noteFired(_ rule: String) { state.withLock { $0.counts[rule, default: 0] += 1 } }
+
     /// The alarms `record` sets off (rule, subject, message), each at most once a minute per subject.
     func check(_ record: AuditRecord) -> [(rule: String, message: String)] {
         let keyState = record.details.keyState

@@ -256,6 +256,22 @@ final class AuditLog: Sendable {
         }
     }
 
+    /// Why a record could not be written now (nil: it could, or audit is not fail-closed).
+    /// Asked before a change that cannot be undone once made (RotateKeyOnDemand,
+    /// DeleteImportedKeyMaterial), so that, while journald is unreachable or not reading, such
+    /// a change is refused before it is made instead of made and then answered
+    /// AuditUnavailableException. journald can still fail between this check and the record.
+    func unableToRecord() -> String? {
+        if disabled || !failClosed { return nil }
+        return state.withLock { journal in
+            if journal.stalled { return "journald is not reading its socket" }
+            if journal.fd < 0, let error = journal.connectSocket() { return error }
+            var pfd = pollfd(fd: journal.fd, events: Int16(POLLOUT), revents: 0)
+            guard poll(&pfd, 1, 0) == 1, pfd.revents & Int16(POLLOUT) != 0 else { return "journald's socket is full" }
+            return nil
+        }
+    }
+
     /// A record of something kmsd did by itself (no caller): `action` on `keyID`.
     @discardableResult
     func writeEvent(action: String, keyID: String, version: UInt32? = nil, failure: KMSErrorCode? = nil, message: String,
@@ -342,7 +358,7 @@ struct JournalSocket: ~Copyable {
         return "journald is unreachable"
     }
 
-    private mutating func connectSocket() -> String? {
+    mutating func connectSocket() -> String? {
         let now = RequestRateLimiter.nowNanoseconds()
         guard now >= retryConnectAt else { return "journald was unreachable moments ago (\(path))" }
         retryConnectAt = now + 100_000_000

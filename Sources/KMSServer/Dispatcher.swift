@@ -75,6 +75,14 @@ struct HandlerContext: Sendable {
     /// What the access decision found (the key record, the context as read), for the handler.
     var decided = Authorizer.Decided()
 
+    /// Refuses (AuditUnavailableException) a change that cannot be undone when its audit record
+    /// is refused, while journald is known not to take records (AuditLog.unableToRecord).
+    func requireAuditable(_ what: String) throws(KMSError) {
+        if let why = audit?.unableToRecord() {
+            throw KMSError(.auditUnavailable, "cannot \(what) while its audit record cannot be written (\(why)); nothing was changed")
+        }
+    }
+
     /// The key record the access decision was made on; every operation that seals under a key
     /// has one (an internal error otherwise, never a silent second lookup).
     func decidedRecord() throws(KMSError) -> KeyRecord {

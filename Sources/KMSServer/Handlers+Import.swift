@@ -35,7 +35,9 @@ enum ImportHandlers {
                                           _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_DeleteImportedKeyMaterialResponse {
         d.noteKey(requested: r.keyID)
         // Not undone when its record is refused: the material is gone (the same material can be
-        // imported again). The answer still says the audit failed.
+        // imported again). So refused before anything changes while journald is known not to
+        // take records; should it fail in between, the answer still says the audit failed.
+        try ctx.requireAuditable("delete imported key material")
         let change = try ctx.service.deleteImportedKeyMaterial(r.keyID, caller: ctx.principal)
         d.keyID = change.after.keyID.description
         return .init()

@@ -32,11 +32,13 @@ enum RotationHandlers {
 
     static func rotateKeyOnDemand(_ r: Kmsd_V1_RotateKeyOnDemandRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_RotateKeyOnDemandResponse {
         d.noteKey(requested: r.keyID)
+        try ctx.requireAuditable("rotate a key")
         let k = try ctx.service.rotateKeyOnDemand(r.keyID, caller: ctx.principal)
         d.keyID = k.keyID.description
         d.keyVersion = k.currentVersion
         // A rotation is not undone when its record is refused: the new version may already
-        // have encrypted data. The answer still says the audit failed.
+        // have encrypted data. So it is refused up front while journald is known not to take
+        // records; should journald fail in between, the answer still says the audit failed.
         return .with { $0.keyID = k.keyID.description; $0.keyVersion = k.currentVersion }
     }
 

@@ -110,6 +110,12 @@ enum PeerCredentials {
             guard let started = startTicks(pid: pid), started < raw.acceptedAtTicks else {
                 return .failure(Unverified(description: "pid \(pid) now belongs to a process started after the connection (pid reused)"))
             }
+            // The start time bounds the process by the accept, not by the connect: one that took
+            // the pid while the connection waited to be accepted would pass. It must at least run
+            // as the user the kernel reported for the connection.
+            guard effectiveUID(pid: pid) == raw.cred.uid else {
+                return .failure(Unverified(description: "pid \(pid) now belongs to a process of another user than the connection's (pid reused)"))
+            }
         }
         let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")
         let cgroup = readProcFile("/proc/\(pid)/cgroup")
@@ -130,6 +136,14 @@ enum PeerCredentials {
         clock_gettime(CLOCK_BOOTTIME, &ts)
         let hz = UInt64(max(1, kms_clock_ticks_per_second()))
         return UInt64(ts.tv_sec) * hz + UInt64(ts.tv_nsec) * hz / 1_000_000_000
+    }
+
+    /// The effective uid on /proc/PID/status's `Uid:` line (real, effective, saved, fs).
+    static func effectiveUID(pid: Int32) -> UInt32? {
+        guard let status = readProcFile("/proc/\(pid)/status"),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Uid:") }) else { return nil }
+        let ids = line.dropFirst(4).split(whereSeparator: { $0 == "\t" || $0 == " " })
+        return ids.count > 1 ? UInt32(ids[1]) : nil
     }
 
     /// Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.

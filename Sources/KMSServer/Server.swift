@@ -99,6 +99,7 @@ public final class Server: @unchecked Sendable {
             StandardError.write("kmsd: \(service.identityPolicies.policies.count) identity policies from \(dir)\n")
         }
         let report = repository.integrityReport
+        var rollbackAlarm = false
         if let problem = report.problem {
             let message = "keystore rollback detected: \(problem); every row in \(report.suspectBuckets) of \(RowIndex.bucketCount) row-index buckets is refused (KeyUnavailableException). Restore the keystore from its latest backup"
             StandardError.write("kmsd: ERROR: \(message)\n")
@@ -106,6 +107,7 @@ public final class Server: @unchecked Sendable {
             if c.alarms.integrityFailure {
                 audit.writeEvent(action: "Alarm", keyID: "", failure: .keyUnavailable, message: "ALARM IntegrityFailure: \(message)",
                                  alarm: "IntegrityFailure")
+                rollbackAlarm = true
             }
         } else if report.built {
             StandardError.write("kmsd: built the keystore's row index (\(report.entries) rows) for rollback detection\n")
@@ -117,6 +119,7 @@ public final class Server: @unchecked Sendable {
                                 backups: try BackupStore(directory: c.stateDirectory + "/backups", storage: storage, root: root),
                                 identity: try repository.replicationIdentity(region: c.region),
                                 decryptCallersFile: c.stateDirectory + "/decrypt-callers")
+        if rollbackAlarm { dispatcher.alarms.noteFired("IntegrityFailure") }  // in kmsd_alarms_total and Status too
         limits = ConnectionLimits(maxTotal: c.maxConnections, maxPerUID: c.maxConnectionsPerUID,
                                   reservedForAdministrators: c.effectiveAdminReservedConnections)
         group = MultiThreadedEventLoopGroup(numberOfThreads: c.eventLoops > 0 ? c.eventLoops : System.coreCount)
@@ -184,17 +187,8 @@ public final class Server: @unchecked Sendable {
             p.start()
             provider = p
         }
-        let status = "serving on \(activated ? "socket-activated fd" : c.effectiveSocketPath)\(credentialSocket.map { ", credentials on \($0)" } ?? ""); root key from \(rootKeySource) (fingerprint \(dispatcher.service.repository.rootKeyFingerprint))"
-        _ = sd_notify(0, "READY=1\nSTATUS=\(status)")
-        StandardError.write("kmsd: ready: \(status)\n")
-        startWatchdog()
-        let loop = group.next()
-        loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [self] _ in
-            dispatcher.flushThrottleSummaries()
-            // Scheduled work, off the event loop (it writes storage).
-            _ = pool.run(uid: geteuid(), eventLoop: loop) { self.housekeeping() }
-        }
-
+        // Signals are taken before READY=1: a SIGTERM or SIGHUP that systemd sends the moment
+        // kmsd is ready is handled (drain, reload), never the default action (death, unaudited).
         let terminate = DispatchSemaphore(value: 0)
         var sources: [DispatchSourceSignal] = []
         for sig in [SIGTERM, SIGINT] {
@@ -211,6 +205,16 @@ public final class Server: @unchecked Sendable {
         hup.setEventHandler { [self] in self.reload() }
         hup.resume()
         sources.append(hup)
+        let status = "serving on \(activated ? "socket-activated fd" : c.effectiveSocketPath)\(credentialSocket.map { ", credentials on \($0)" } ?? ""); root key from \(rootKeySource) (fingerprint \(dispatcher.service.repository.rootKeyFingerprint))"
+        _ = sd_notify(0, "READY=1\nSTATUS=\(status)")
+        StandardError.write("kmsd: ready: \(status)\n")
+        startWatchdog()
+        let loop = group.next()
+        loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [self] _ in
+            dispatcher.flushThrottleSummaries()
+            // Scheduled work, off the event loop (it writes storage).
+            _ = pool.run(uid: geteuid(), eventLoop: loop) { self.housekeeping() }
+        }
 
         terminate.wait()
         _ = sd_notify(0, "STOPPING=1\nSTATUS=draining in-flight requests")

@@ -24,8 +24,11 @@ final class KMSDProcess {
 
     var arguments: [String] {
         // The per-uid request rate limit would measure the limit, not kmsd: it is off here.
-        ["--dev", "--state-dir", stateDirectory, "--socket", socketPath,
-         "--audit-fail-closed", "false", "--max-in-flight", "64", "--max-requests-per-second-per-uid", "0"] + extraArguments
+        // Audit fails open unless the caller says otherwise (the audit-on daemon says true, so
+        // that every request it answers had its record taken by journald).
+        let failClosed = extraArguments.contains("--audit-fail-closed") ? [] : ["--audit-fail-closed", "false"]
+        return ["--dev", "--state-dir", stateDirectory, "--socket", socketPath] + failClosed
+            + ["--max-in-flight", "64", "--max-requests-per-second-per-uid", "0"] + extraArguments
     }
 
     /// The daemon's pid, once started.

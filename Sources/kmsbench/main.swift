@@ -11,7 +11,9 @@ struct KMSBench: ParsableCommand {
         discussion: """
         Starts two kmsd daemons of its own (--dev, state and sockets in the work directory): one \
         writing no audit records (--dev-audit-off: the request path alone) and one auditing to \
-        journald (a private systemd-journald is started when none runs). Runs three scenarios \
+        journald fail-closed (a request whose record journald does not take fails and stops the \
+        run, so every request counted was audited; a private systemd-journald is started when \
+        none runs). Runs three scenarios \
         (1 connection with 1 request in flight, 8 connections with 1 each, 1 connection with 32 in \
         flight) against each operation of each daemon and against an echo server (its own \
         process, a thread per connection) that sends back every 4-byte-length frame unchanged; \
@@ -163,7 +165,7 @@ struct KMSBench: ParsableCommand {
             let dir = work.path + (audit ? "/audit-on" : "/audit-off")
             progress("starting \(executable), audit \(audit ? "to journald" : "off") (work directory \(dir))")
             var d = try BenchDaemon.launch(executable: executable, workDirectory: dir,
-                                           arguments: kmsdArguments + (audit ? [] : ["--dev-audit-off"]), audit: audit)
+                                           arguments: kmsdArguments + (audit ? ["--audit-fail-closed", "true"] : ["--dev-audit-off"]), audit: audit)
             daemons.append(d)
             d.blob = try d.process.encrypt(keyID: d.key, plaintext: Self.plaintext)
             daemons[daemons.count - 1] = d

@@ -54,7 +54,7 @@ struct CreateKey: AsyncParsableCommand {
         let tagMap = try allTags()
         let policyText = try policy.map { try readTextArgument($0, option: "--policy") } ?? ""
         let metadata = try await global.withClient {
-            try await $0.createKey(description: keyDescription, keySpec: keySpec, keyUsage: keyUsage, tags: tagMap, origin: origin,
+            try await $0.createKey(description: try readTextParameter(keyDescription, option: "--description"), keySpec: keySpec, keyUsage: keyUsage, tags: tagMap, origin: origin,
                                    policy: policyText, bypassPolicyLockoutSafetyCheck: bypass, multiRegion: multiRegion)
         }
         try printKeyMetadata(metadata, json: global.json)

@@ -246,6 +246,12 @@ func parseTimeArgument(_ value: String, option: String) throws -> Int64 {
     throw ValidationError("\(option) must be Unix seconds or an ISO 8601 time such as 2026-12-31T00:00:00Z")
 }
 
+/// A plain text parameter (a description) as the aws CLI reads one: `file://PATH` for the
+/// file's text, else the value itself (`-` too).
+func readTextParameter(_ value: String, option: String) throws -> String {
+    value.hasPrefix("file://") ? try readTextArgument(value, option: option) : value
+}
+
 /// A text argument as the aws CLI reads one: `file://PATH` for the file's text, `-` for
 /// standard input, else the value itself.
 func readTextArgument(_ value: String, option: String) throws -> String {

@@ -138,7 +138,7 @@ struct ReplicateKey: AsyncParsableCommand {
         let tagMap = Dictionary(try parseTagShorthand(tags).map { ($0.key, $0.value) }, uniquingKeysWith: { _, b in b })
         let r = try await global.withClient {
             try await $0.replicateKey(keyID: target.keyID, replicaRegion: target.replicaRegion, policy: policyText,
-                                      description: replicaDescription, tags: tagMap)
+                                      description: try readTextParameter(replicaDescription, option: "--description"), tags: tagMap)
         }
         try writeBundle(r.replicationBundle, metadata: r.keyMetadata, json: global.json)
     }

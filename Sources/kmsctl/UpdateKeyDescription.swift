@@ -14,6 +14,7 @@ struct UpdateKeyDescription: AsyncParsableCommand {
     var keyDescription: String
 
     func run() async throws {
-        try await global.withClient { try await $0.updateKeyDescription(keyID: key.keyID, description: keyDescription) }
+        let text = try readTextParameter(keyDescription, option: "--description")
+        try await global.withClient { try await $0.updateKeyDescription(keyID: key.keyID, description: text) }
     }
 }

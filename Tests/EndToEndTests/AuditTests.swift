@@ -1,5 +1,6 @@
 import Foundation
 import KMSClient
+import KMSCrypto
 import Testing
 
 /// Every request leaves one journald record, read back with `journalctl -o json`; no secret
@@ -125,19 +126,29 @@ struct AuditTests {
         let dir = try Paths.tempDir("noaudit-lifecycle")
         let first = try Daemon(stateDir: dir + "/s")
         let key = try await first.client().createKey(description: "before").keyID
+        // An imported key, to see DeleteImportedKeyMaterial refused (it cannot be undone, so it
+        // is refused before it changes anything, as is RotateKeyOnDemand).
+        let imported = try await first.client().createKey(origin: "EXTERNAL").keyID
+        let p = try await first.client().getParametersForImport(keyID: imported, wrappingAlgorithm: "RSAES_OAEP_SHA_256", wrappingKeySpec: "RSA_2048")
+        let wrapped = try [UInt8](repeating: 0x5a, count: 32).withUnsafeBytes { try RSAPublicKey(der: Array(p.publicKey)).encryptOAEP($0, digest: .sha256) }
+        try await first.client().importKeyMaterial(keyID: imported, importToken: Array(p.importToken), encryptedKeyMaterial: wrapped,
+                                                   expirationModel: "KEY_MATERIAL_DOES_NOT_EXPIRE")
         first.stop()
         let script = "mkdir -p /run/systemd/journal && mount -t tmpfs tmpfs /run/systemd/journal && exec \(Paths.kmsd) --dev --state-dir \(dir)/s --audit-fail-closed true"
-        let p = try launchKMSD("/usr/bin/unshare", ["-m", "--propagation", "private", "/bin/sh", "-c", script], log: dir + "/log")
+        let daemon = try launchKMSD("/usr/bin/unshare", ["-m", "--propagation", "private", "/bin/sh", "-c", script], log: dir + "/log")
         let blind = KMSClient(socketPath: dir + "/s/kmsd.sock")
         await expectKMSError(.auditUnavailable) { try await blind.disableKey(keyID: key) }
         await expectKMSError(.auditUnavailable) { try await blind.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 7) }
         await expectKMSError(.auditUnavailable) { try await blind.updateKeyDescription(keyID: key, description: "after") }
-        kill(p.processIdentifier, SIGTERM)
-        p.waitUntilExit()
+        await expectKMSError(.auditUnavailable) { _ = try await blind.rotateKeyOnDemand(keyID: key) }
+        await expectKMSError(.auditUnavailable) { try await blind.deleteImportedKeyMaterial(keyID: imported) }
+        kill(daemon.processIdentifier, SIGTERM)
+        daemon.waitUntilExit()
         let again = try Daemon(stateDir: dir + "/s")
         defer { again.stop() }
         let m = try await again.client().describeKey(keyID: key)
-        #expect(m.keyState == "Enabled" && m.description_p == "before", "\(m)")
+        #expect(m.keyState == "Enabled" && m.description_p == "before" && m.currentKeyVersion == 1, "\(m)")
+        #expect(try await again.client().describeKey(keyID: imported).keyState == "Enabled")
     }
 
     /// A scheduled deletion leaves a record of its own, with the events MESSAGE_ID.

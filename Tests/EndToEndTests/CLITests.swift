@@ -38,6 +38,53 @@ final class CLITests {
         #expect(table.status == 0 && table.text.contains("KeyState") && table.text.contains("Enabled"))
     }
 
+    /// The lifecycle subcommands as an administrator scripts them: descriptions from
+    /// file://, rotation on and off with its period and next date, on-demand rotation and the
+    /// list of versions, and an alias moved to another key with update-alias.
+    @Test func rotationAliasAndDescriptionSubcommands() throws {
+        let dir = try Paths.tempDir("cli-lifecycle")
+        try "from a file\n".write(toFile: dir + "/d.txt", atomically: true, encoding: .utf8)
+        let meta = try #require(try json(try kmsctl(["create-key", "--json", "--description", "file://" + dir + "/d.txt"]))["KeyMetadata"] as? [String: Any])
+        let id = try #require(meta["KeyId"] as? String)
+        #expect(meta["Description"] as? String == "from a file\n")
+        #expect(try kmsctl(["update-key-description", "--key-id", id, "--description", "file://" + dir + "/missing"]).status != 0)
+        try "renamed".write(toFile: dir + "/d.txt", atomically: true, encoding: .utf8)
+        #expect(try kmsctl(["update-key-description", "--key-id", id, "--description", "file://" + dir + "/d.txt"]).status == 0)
+        #expect(try json(try kmsctl(["describe-key", "--key-id", id, "--json"]))["KeyMetadata"].flatMap { ($0 as? [String: Any])?["Description"] as? String } == "renamed")
+
+        let off = try json(try kmsctl(["get-key-rotation-status", "--key-id", id, "--json"]))
+        #expect(off["KeyRotationEnabled"] as? Bool == false && off["NextRotationDate"] == nil)
+        let short = try kmsctl(["enable-key-rotation", "--key-id", id, "--rotation-period-in-days", "89"])
+        #expect(short.status == 2 && short.stderr.contains("90...2560"), "a usage error: \(short.stderr)")
+        #expect(try kmsctl(["enable-key-rotation", "--key-id", id]).status == 0)
+        let on = try json(try kmsctl(["get-key-rotation-status", "--key-id", id, "--json"]))
+        let next = try #require(on["NextRotationDate"] as? Int)
+        #expect(on["KeyRotationEnabled"] as? Bool == true && on["RotationPeriodInDays"] as? Int == 365, "the default period: \(on)")
+        #expect(abs(next - Int(Date().timeIntervalSince1970) - 365 * 86_400) < 120, "\(next)")
+        #expect(try kmsctl(["enable-key-rotation", "--key-id", id, "--rotation-period-in-days", "90"]).status == 0)
+        #expect(try json(try kmsctl(["get-key-rotation-status", "--key-id", id, "--json"]))["RotationPeriodInDays"] as? Int == 90)
+        #expect(try kmsctl(["disable-key-rotation", "--key-id", id]).status == 0)
+        #expect(try json(try kmsctl(["get-key-rotation-status", "--key-id", id, "--json"]))["KeyRotationEnabled"] as? Bool == false)
+
+        let blob = try kmsctl(["encrypt", "--key-id", id], stdin: Data("v1".utf8))
+        let rotated = try json(try kmsctl(["rotate-key-on-demand", "--key-id", id, "--json"]))
+        #expect(rotated["KeyId"] as? String == id && rotated["KeyVersion"] as? Int == 2)
+        let list = try json(try kmsctl(["list-key-rotations", "--key-id", id, "--json"]))
+        let rotations = try #require(list["Rotations"] as? [[String: Any]])
+        #expect(rotations.map { $0["KeyVersion"] as? Int } == [2] && rotations.first?["RotationType"] as? String == "ON_DEMAND", "\(rotations)")
+        #expect(try kmsctl(["decrypt"], stdin: blob.stdout).stdout == Data("v1".utf8), "the old version still decrypts")
+
+        let other = try createKey()
+        let alias = "alias/cli-\(UUID().uuidString.prefix(8))"
+        #expect(try kmsctl(["create-alias", "--alias-name", alias, "--target-key-id", id]).status == 0)
+        #expect(try kmsctl(["update-alias", "--alias-name", alias, "--target-key-id", other]).status == 0)
+        let aliases = try #require(try json(try kmsctl(["list-aliases", "--key-id", other, "--json"]))["Aliases"] as? [[String: Any]])
+        #expect(aliases.map { $0["AliasName"] as? String } == [alias])
+        #expect((try json(try kmsctl(["list-aliases", "--key-id", id, "--json"]))["Aliases"] as? [Any])?.isEmpty == true)
+        let missing = try kmsctl(["update-alias", "--alias-name", "alias/none-\(UUID().uuidString.prefix(8))", "--target-key-id", other])
+        #expect(missing.status == 1 && missing.stderr.contains("NotFoundException"), "\(missing.stderr)")
+    }
+
     @Test func rawBytesRoundTripThroughStdinAndStdout() throws {
         let id = try createKey()
         var binary = Data((0...255).map { UInt8($0) })

@@ -139,6 +139,64 @@ final class LifecycleTests {
         }
     }
 
+    /// The same table for keys with Origin EXTERNAL whose material is imported, in the states
+    /// such a key shares with others: import operations work until PendingDeletion, where only
+    /// DeleteImportedKeyMaterial still does (as AWS: the material goes, the key stays
+    /// PendingDeletion, and a cancelled deletion leaves it PendingImport); rotation never.
+    static let importedOps: [Op] = [.encrypt, .decrypt, .enableKey, .disableKey, .cancelKeyDeletion, .enableKeyRotation,
+                                    .rotateKeyOnDemand, .getParametersForImport, .importKeyMaterial, .deleteImportedKeyMaterial]
+
+    static func expectedImported(_ op: Op, _ state: State) -> KMSErrorCode? {
+        switch (op, state) {
+        case (.enableKeyRotation, _), (.rotateKeyOnDemand, _): .unsupportedOperation
+        case (.deleteImportedKeyMaterial, _): nil
+        case (.cancelKeyDeletion, .pendingDeletion): nil
+        case (.cancelKeyDeletion, _), (_, .pendingDeletion): .invalidState
+        case (.encrypt, .disabled), (.decrypt, .disabled): .disabled
+        default: nil
+        }
+    }
+
+    @Test(arguments: [State.enabled, .disabled, .pendingDeletion], importedOps)
+    func everyOperationOnAnImportedKeyInEveryState(_ state: State, _ op: Op) async throws {
+        let key = try await client.createKey(description: "imported state table", origin: "EXTERNAL").keyID
+        try await importMaterial(into: key, from: key)
+        let blob = Array(try await client.encrypt(keyID: key, plaintext: [9, 9]).ciphertextBlob)
+        // Parameters for the import under test, got while the key still gives them.
+        let p = try await client.getParametersForImport(keyID: key, wrappingAlgorithm: "RSAES_OAEP_SHA_256", wrappingKeySpec: "RSA_2048")
+        switch state {
+        case .disabled: try await client.disableKey(keyID: key)
+        case .pendingDeletion: _ = try await client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 30)
+        default: break
+        }
+        #expect(try await client.describeKey(keyID: key).keyState == state.rawValue)
+        func run() async throws {
+            guard op == .importKeyMaterial else { return try await perform(op, key: key, blob: blob) }
+            let wrapped = try [UInt8](repeating: 0x5a, count: 32).withUnsafeBytes {
+                try RSAPublicKey(der: Array(p.publicKey)).encryptOAEP($0, digest: .sha256)
+            }
+            try await client.importKeyMaterial(keyID: key, importToken: Array(p.importToken), encryptedKeyMaterial: wrapped,
+                                               expirationModel: "KEY_MATERIAL_DOES_NOT_EXPIRE")
+        }
+        if let code = Self.expectedImported(op, state) {
+            await expectKMSError(code) { try await run() }
+            #expect(try await client.describeKey(keyID: key).keyState == state.rawValue, "a refused \(op) changed nothing")
+            return
+        }
+        try await run()
+        let now = try await client.describeKey(keyID: key).keyState
+        switch (op, state) {
+        case (.deleteImportedKeyMaterial, .pendingDeletion):
+            #expect(now == "PendingDeletion")
+            _ = try await client.cancelKeyDeletion(keyID: key)
+            #expect(try await client.describeKey(keyID: key).keyState == "PendingImport")
+            await expectKMSError(.invalidState) { _ = try await self.client.decrypt(ciphertextBlob: blob) }
+        case (.deleteImportedKeyMaterial, _): #expect(now == "PendingImport")
+        case (.importKeyMaterial, _): #expect(now == state.rawValue, "the same material again leaves the state as it was")
+        default: #expect(now == Self.after(op, state).rawValue)
+        }
+    }
+
     @Test func pendingWindowIsSevenToThirtyDaysAndDescribeShowsTheDate() async throws {
         let key = try await client.createKey().keyID
         await expectKMSError(.validation) { try await self.client.scheduleKeyDeletion(keyID: key, pendingWindowInDays: 6) }

@@ -132,4 +132,36 @@ struct ReplicationServiceTests {
         try east.service.restore(forgotten.before, ifCurrentIs: forgotten.after)
         #expect(try east.service.repository.record(id) == tagged)
     }
+
+    /// An UpdatePrimaryRegion bundle is taken once: after the primary moved on, the old bundle
+    /// replayed to the host it once promoted (same sequence as the newest that host had taken)
+    /// made it primary again, two primaries of one key. Now it is refused and nothing changes.
+    @Test func anOldPrimaryMoveReplayedMakesNoSecondPrimary() throws {
+        let (east, west) = try Self.pair()
+        let id = try multiRegionKey(on: east)
+        try ship(id, from: east, to: west)
+        let (toWest, _) = try east.service.updatePrimaryRegion(id, to: "west", identity: east.identity, caller: admin)
+        _ = try west.service.importReplica(toWest, identity: west.identity, caller: admin)
+        #expect(try west.service.repository.record(id)?.multiRegionKeyType == "PRIMARY")
+        let (toEast, _) = try west.service.updatePrimaryRegion(id, to: "east", identity: west.identity, caller: admin)
+        _ = try east.service.importReplica(toEast, identity: east.identity, caller: admin)
+        #expect(try east.service.repository.record(id)?.multiRegionKeyType == "PRIMARY")
+        let before = try #require(try west.service.repository.record(id))
+        #expect(before.multiRegionKeyType == "REPLICA" && before.primaryRegion == "east")
+        do throws(KMSError) {
+            _ = try west.service.importReplica(toWest, identity: west.identity, caller: admin)
+            Issue.record("an old UpdatePrimaryRegion bundle replayed was taken")
+        } catch {
+            #expect(error.code == .validation && error.message.contains("replay"), "\(error.message)")
+        }
+        #expect(try west.service.repository.record(id) == before)
+        // The newest bundle again, to the host it promoted (now the primary): refused as well.
+        do throws(KMSError) {
+            _ = try east.service.importReplica(toEast, identity: east.identity, caller: admin)
+            Issue.record("an UpdatePrimaryRegion bundle was taken twice")
+        } catch {
+            #expect(error.code == .alreadyExists, "\(error.message)")
+        }
+        #expect(try east.service.repository.record(id)?.multiRegionKeyType == "PRIMARY")
+    }
 }

@@ -37,9 +37,9 @@ struct PeerParsingTests {
         defer { child.terminate(); child.waitUntilExit() }
         usleep(30_000)
         let after = PeerCredentials.boottimeTicks()
-        func identity(acceptedAt: UInt64) -> Result<(String?, String?, Bool), PeerCredentials.Unverified> {
+        func identity(acceptedAt: UInt64, uid: UInt32 = getuid()) -> Result<(String?, String?, Bool), PeerCredentials.Unverified> {
             let fd = kms_pidfd_open(child.processIdentifier)
-            let raw = PeerCredentials.Raw(cred: kms_ucred(pid: child.processIdentifier, uid: getuid(), gid: getgid()), groups: [],
+            let raw = PeerCredentials.Raw(cred: kms_ucred(pid: child.processIdentifier, uid: uid, gid: getgid()), groups: [],
                                           pidfd: fd, pidfdFromSocket: false, acceptedAtTicks: acceptedAt)
             defer { close(fd) }
             return PeerCredentials.processIdentity(raw)
@@ -49,6 +49,12 @@ struct PeerParsingTests {
             return
         }
         #expect(why.description.contains("started after the connection"))
+        // Old enough, but running as another user than the connection's: not the caller either.
+        guard case .failure(let other) = identity(acceptedAt: after, uid: getuid() &+ 1) else {
+            Issue.record("a process of another user was taken for the caller")
+            return
+        }
+        #expect(other.description.contains("another user"))
         guard case .success(let (exe, _, _)) = identity(acceptedAt: after) else {
             Issue.record("the connecting process itself was not identified")
             return
