@@ -209,16 +209,18 @@ extension KeyService {
     }
 
     public func reviewAccess(_ record: KeyRecord) throws(KMSError) -> [AccessEntry] {
-        func flags(_ s: KeyPolicy.Statement) -> [String] {
+        // An identity policy's statements have no Principal of their own: they apply to the
+        // identities the policy is attached to, so they are never a wildcard principal.
+        func flags(_ s: KeyPolicy.Statement, attached: Bool = false) -> [String] {
             var f: [String] = []
-            if s.wildcardPrincipal { f.append("wildcard-principal") }
+            if s.wildcardPrincipal, !attached { f.append("wildcard-principal") }
             if s.wildcardAction { f.append("wildcard-action") }
             if s.delegatesToIdentityPolicies { f.append("delegates-to-identity-policies") }
             return f
         }
-        func entry(_ s: KeyPolicy.Statement, source: String, principals: [String]) -> AccessEntry {
+        func entry(_ s: KeyPolicy.Statement, source: String, principals: [String], attached: Bool = false) -> AccessEntry {
             AccessEntry(source: source, effect: s.effect == .allow ? "Allow" : "Deny", principals: principals, notPrincipal: s.isNotPrincipal,
-                        actions: s.actionText, notAction: s.isNotAction, conditions: s.conditionText ?? "", flags: flags(s))
+                        actions: s.actionText, notAction: s.isNotAction, conditions: s.conditionText ?? "", flags: flags(s, attached: attached))
         }
         let keyPolicy = compiledPolicy(record)
         var entries = keyPolicy.statements.map { entry($0, source: "key-policy:\($0.name)", principals: $0.principalText) }
@@ -226,7 +228,7 @@ extension KeyService {
         for p in identityPolicies.policies {
             // An Allow counts only where the key policy lets identity policies decide; a Deny always.
             for s in p.statements(covering: record.keyID) where s.effect == .deny || delegates {
-                entries.append(entry(s, source: "identity-policy:\(p.name):\(s.name)", principals: p.attachText))
+                entries.append(entry(s, source: "identity-policy:\(p.name):\(s.name)", principals: p.attachText, attached: true))
             }
         }
         for g in try repository.grants(of: record.keyID) {

@@ -41,7 +41,7 @@ struct ReviewAccess: AsyncParsableCommand {
             var entries: [[String: Any]] = []
             for e in k.entries {
                 var flags = e.flags
-                if let used, e.effect == "Allow", !used.contains(e.source) { flags.append("unused-\(unusedDays!)d") }
+                if let used, e.effect == "Allow", !used.contains(Self.use(key: k.keyID, decider: e.source)) { flags.append("unused-\(unusedDays!)d") }
                 rows.append([k.keyID, e.source, e.effect, (e.notPrincipal ? "NOT " : "") + e.principals.joined(separator: ","),
                              (e.notAction ? "NOT " : "") + e.actions.joined(separator: ","), e.conditions, flags.joined(separator: ",")])
                 var entry: [String: Any] = ["Source": e.source, "Effect": e.effect, "Principals": e.principals, "Actions": e.actions, "Flags": flags]
@@ -57,19 +57,33 @@ struct ReviewAccess: AsyncParsableCommand {
         }
     }
 
-    /// Every KMS_DECIDED_BY of an allowed request in the last `days` days.
+    /// A permission used on a key: the key id and the statement or grant that decided.
+    static func use(key: String, decider: String) -> String { key + "\u{1F}" + decider }
+
+    /// Every (key, KMS_DECIDED_BY) of an allowed request in the last `days` days: a statement
+    /// counts as used on the key it decided for, not on every key whose policy has a statement
+    /// of that name (identity policies and copied key policies name theirs alike).
     static func decidersInAuditTrail(days: Int) throws -> Set<String> {
         let since = UInt64(max(0, Int(Date().timeIntervalSince1970) - days * 86_400)) * 1_000_000
-        var deciders = Set<String>()
+        var uses = Set<String>()
         try readJournal(JournalQuery(matches: ["SYSLOG_IDENTIFIER=kmsd", "KMS_RESULT=Allowed"], since: since)) { r in
             guard let by = r.fields["KMS_DECIDED_BY"] else { return }
-            // ReEncrypt and UpdateAlias: "from X; to Y".
+            let key = r.fields["KMS_KEY_ID"] ?? ""
+            // ReEncrypt: "from X; to Y", X decided on the source key (KMS_SOURCE_KEY_ID).
+            // UpdateAlias: "from X; to Y" on the alias's old and new keys; the record names the
+            // new one, so X counts for the old key where the record names it, else for the new.
             for part in by.split(separator: ";") {
                 var p = part.trimmingCharacters(in: .whitespaces)
-                for prefix in ["from ", "to "] where p.hasPrefix(prefix) { p = String(p.dropFirst(prefix.count)) }
-                deciders.insert(p)
+                var on = key
+                if p.hasPrefix("from ") {
+                    p = String(p.dropFirst(5))
+                    if let source = r.fields["KMS_SOURCE_KEY_ID"], !source.isEmpty { on = source }
+                } else if p.hasPrefix("to ") {
+                    p = String(p.dropFirst(3))
+                }
+                uses.insert(use(key: on, decider: p))
             }
         }
-        return deciders
+        return uses
     }
 }

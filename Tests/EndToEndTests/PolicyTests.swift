@@ -317,6 +317,13 @@ final class PolicyTests {
         // The audit record of bob's request must be in the journal before the review reads it.
         try expectRecord(uid: Self.bob, action: "Encrypt", ["KMS_DECIDED_BY": "key-policy:BobEncrypts"])
 
+        // The same statement on a second key bob never used: unused there, although used on the first.
+        let twin = try await client.createKey(policy: try await client.getKeyPolicy(keyID: key)).keyID
+        let t = try run(Paths.kmsctl, ["review-access", "--key-id", twin, "--unused-days", "1", "--json"], env: ["KMSD_SOCKET": daemon.socket])
+        let twinPermissions = try #require(((try JSONSerialization.jsonObject(with: t.stdout) as? [String: Any])?["Keys"] as? [[String: Any]])?.first?["Permissions"] as? [[String: Any]])
+        #expect((twinPermissions.first { $0["Source"] as? String == "key-policy:BobEncrypts" }?["Flags"] as? [String])?.contains("unused-1d") == true,
+                "a statement used on one key is not used on another")
+
         let r = try run(Paths.kmsctl, ["review-access", "--key-id", key, "--unused-days", "1", "--json"], env: ["KMSD_SOCKET": daemon.socket])
         #expect(r.status == 0, "\(r.stderr)")
         let keys = try #require((try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any])?["Keys"] as? [[String: Any]])
