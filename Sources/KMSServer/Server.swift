@@ -93,13 +93,16 @@ public final class Server: @unchecked Sendable {
 
             """)
         }
+        // A stored checkpoint that fails its check (KMS_PREVIOUS_STOP=unknown): altered, or
+        // written under another root key. Looked at before the start replaces it.
+        let checkpointFailed = repository.auditCheckpoint().map { audit.parseCheckpoint($0) == nil } ?? false
         checkpointed = Atomic(Self.startAuditChain(audit, repository))
         if let dir = c.identityPolicyDirectory {
             service.setIdentityPolicies(try Self.loadIdentityPolicies(dir))
             StandardError.write("kmsd: \(service.identityPolicies.policies.count) identity policies from \(dir)\n")
         }
         let report = repository.integrityReport
-        var rollbackAlarm = false
+        var integrityAlarms: UInt64 = 0
         if let problem = report.problem {
             let message = "keystore rollback detected: \(problem); every row in \(report.suspectBuckets) of \(RowIndex.bucketCount) row-index buckets is refused (KeyUnavailableException). Restore the keystore from its latest backup"
             StandardError.write("kmsd: ERROR: \(message)\n")
@@ -107,10 +110,16 @@ public final class Server: @unchecked Sendable {
             if c.alarms.integrityFailure {
                 audit.writeEvent(action: "Alarm", keyID: "", failure: .keyUnavailable, message: "ALARM IntegrityFailure: \(message)",
                                  alarm: "IntegrityFailure")
-                rollbackAlarm = true
+                integrityAlarms += 1
             }
         } else if report.built {
             StandardError.write("kmsd: built the keystore's row index (\(report.entries) rows) for rollback detection\n")
+        }
+        if checkpointFailed, c.alarms.integrityFailure {
+            audit.writeEvent(action: "Alarm", keyID: "", failure: .keyUnavailable,
+                             message: "ALARM IntegrityFailure: the audit chain's checkpoint in the keystore failed its integrity check (KMS_PREVIOUS_STOP=unknown): this run's chain does not link to the previous run",
+                             alarm: "IntegrityFailure")
+            integrityAlarms += 1
         }
         dispatcher = Dispatcher(service: service, audit: audit,
                                 settings: ServerSettings(maxFrameBytes: c.maxFrameBytes, maxInFlight: c.maxInFlightPerConnection),
@@ -119,7 +128,8 @@ public final class Server: @unchecked Sendable {
                                 backups: try BackupStore(directory: c.stateDirectory + "/backups", storage: storage, root: root),
                                 identity: try repository.replicationIdentity(region: c.region),
                                 decryptCallersFile: c.stateDirectory + "/decrypt-callers")
-        if rollbackAlarm { dispatcher.alarms.noteFired("IntegrityFailure") }  // in kmsd_alarms_total and Status too
+        // Alarms raised at start count in kmsd_alarms_total and Status too.
+        for _ in 0..<integrityAlarms { dispatcher.alarms.noteFired("IntegrityFailure") }
         limits = ConnectionLimits(maxTotal: c.maxConnections, maxPerUID: c.maxConnectionsPerUID,
                                   reservedForAdministrators: c.effectiveAdminReservedConnections)
         group = MultiThreadedEventLoopGroup(numberOfThreads: c.eventLoops > 0 ? c.eventLoops : System.coreCount)

@@ -306,6 +306,16 @@ struct AuditVerify: AsyncParsableCommand {
             report.problems.append("no kmsd audit records found")
             return
         }
+        // kmsd says its current run wrote records, yet none of them is in what was read: they
+        // were removed (or never reached journald), not merely outside the window, since
+        // `currentSequence` is only given when reading up to now.
+        if currentSequence > 0, byRun[currentRun] == nil {
+            if since == nil {
+                report.problems.append("missing records: run \(currentRun) (kmsd's current run) KMS_SEQ 1...\(currentSequence): none is in the journal")
+            } else {
+                report.warnings.append("kmsd's current run \(currentRun) wrote \(currentSequence) records, none of them in the window read (all before --since?)")
+            }
+        }
         // The runs of this keystore: back from the current run (else the newest) by their links.
         var chain: [String] = []
         var next: String? = byRun[currentRun] != nil ? currentRun : order.last

@@ -54,6 +54,22 @@ final class AlarmTests {
         #expect(fired.count == 1 && fired.first?["KMS_KEY_ID"] as? String == key, "\(fired.count)")
     }
 
+    /// The audit chain's checkpoint altered in the keystore: the next start says
+    /// KMS_PREVIOUS_STOP=unknown and raises the IntegrityFailure alarm, counted in Status.
+    @Test func anAlteredAuditCheckpointRaisesAnAlarmAtStart() async throws {
+        daemon.stop()
+        let r = try run("/usr/bin/sqlite3", [daemon.stateDir + "/keystore.sqlite3", "UPDATE meta SET value = zeroblob(length(value)) WHERE name = 'audit_chain'"])
+        #expect(r.status == 0, "\(r.stderr)")
+        try daemon.restart()
+        let fired = try alarms("IntegrityFailure")
+        #expect((fired.first?["MESSAGE"] as? String)?.contains("checkpoint") == true, "\(fired)")
+        let started = try Journal.query(["_PID=\(daemon.pid)", "KMS_ACTION=KmsdStarted"], since: daemon.startedAt, atLeast: 1)
+        #expect(started.first?["KMS_PREVIOUS_STOP"] as? String == "unknown")
+        let c = daemon.client()
+        #expect(try await c.status().alarms["IntegrityFailure"] == 1)
+        await c.close()
+    }
+
     @Test func anIntegrityFailureRaisesAnAlarm() async throws {
         var c = daemon.client()
         let key = try await c.createKey().keyID

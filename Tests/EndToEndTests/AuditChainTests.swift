@@ -92,4 +92,28 @@ final class AuditChainTests {
         let bob = try runAs(uid: 64201, [Paths.kmsctl, "audit", "verify", "--file", dir + "/all.json"], env: ["KMSD_SOCKET": daemon.socket])
         #expect(bob.status != 0 && bob.stderr.contains("AccessDeniedException"), "\(bob.stderr)")
     }
+
+    /// kmsd's current run wrote records, yet none is in the journal (here they went to another
+    /// socket, as if every one had been removed): verify, reading up to now, says so instead of
+    /// checking only the runs it found.
+    @Test func aCurrentRunWithNoRecordInTheJournalIsAProblem() async throws {
+        let dir = try Paths.tempDir("audit-elsewhere")
+        let sink = dir + "/sink.sock"
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: Array(sink.utf8)) }
+        let bound = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        try #require(bound == 0)
+        let daemon = try Daemon(arguments: ["--dev-audit-socket", sink])
+        defer { daemon.stop() }
+        let c = daemon.client()
+        _ = try await c.createKey()
+        await c.close()
+        let r = try verify(daemon, [])
+        let problems = r.json["Problems"] as? [String] ?? []
+        #expect(r.status == 1 && problems.contains { $0.contains("kmsd's current run") && $0.contains("none is in the journal") }, "\(r.json)")
+    }
 }

@@ -45,6 +45,11 @@ final class OperationsTests {
         let described = try await client.describeKey(keyID: key.keyID)
         #expect(described == key)
         #expect(try await client.describeKey(keyID: key.arn).keyID == key.keyID)
+        // PROTOCOL.md §4: the ARN prefix is lower case only; any other spelling names no key.
+        for other in ["KMSD:KEY/", "Kmsd:key/", "kmsd:KEY/", " kmsd:key/", "kmsd:key/alias/"] {
+            await expectKMSError(.notFound) { try await self.client.describeKey(keyID: other + key.keyID) }
+        }
+        #expect(try await client.describeKey(keyID: key.keyID.uppercased()).keyID == key.keyID, "hex digits in either case")
         await expectKMSError(.notFound) { try await self.client.describeKey(keyID: UUID().uuidString.lowercased()) }
         await expectKMSError(.unsupportedOperation) { try await self.client.createKey(keySpec: "RSA_2048") }
         await expectKMSError(.validation) { try await self.client.createKey(keySpec: "AES_999") }
