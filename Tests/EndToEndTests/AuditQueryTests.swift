@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import KMSClient
+import KMSCrypto
 import KMSProtocol
 import Testing
 
@@ -46,6 +47,32 @@ final class AuditQueryTests {
         #expect(lines(try kmsctl(["audit", "--result", "Denied", "--json", "--since", since])).count == 1)
         let table = try kmsctl(["audit", "--key-id", key, "--since", since])
         #expect(table.status == 0 && table.text.contains("Encrypt") && table.text.contains("AccessDeniedException"), "\(table.stderr)")
+
+        // By user name, executable and unit: a copy of kmsctl run as root from a cgroup named
+        // like a unit; the other requests came from this test process, in no such unit.
+        if let root = AuditRobustnessTests.cgroup2Root() {
+            let unit = "kmsd-audit-\(UUID().uuidString.prefix(8).lowercased()).service"
+            let cgroup = root + "/" + unit
+            try FileManager.default.createDirectory(atPath: cgroup, withIntermediateDirectories: false)
+            defer { rmdir(cgroup) }
+            let dir = try Paths.tempDir("audit-exe")
+            let app = dir + "/report-app"
+            try FileManager.default.copyItem(atPath: Paths.kmsctl, toPath: app)
+            chmod(app, 0o755)
+            let inUnit = try run("/bin/sh", ["-c", "echo $$ > '\(cgroup)/cgroup.procs' && exec '\(app)' describe-key --key-id \(other)"],
+                                 env: ["KMSD_SOCKET": daemon.socket])
+            #expect(inUnit.status == 0, "\(inUnit.stderr)")
+            _ = try Journal.query(["_PID=\(daemon.pid)", "KMS_PEER_UNIT=\(unit)"], since: daemon.startedAt, atLeast: 1)
+            let byUnit = lines(try kmsctl(["audit", "--unit", unit, "--json", "--since", since]))
+            #expect(byUnit.count == 1 && byUnit.first?["EventName"] as? String == "DescribeKey", "\(byUnit)")
+            let byExe = lines(try kmsctl(["audit", "--executable", app, "--json", "--since", since]))
+            #expect(byExe.count == 1 && (byExe.first?["UserIdentity"] as? [String: Any])?["Unit"] as? String == unit, "\(byExe)")
+            #expect(lines(try kmsctl(["audit", "--unit", "none-such.service", "--json", "--since", since])).isEmpty)
+        }
+        let rootName = getpwuid(0).map { String(cString: $0.pointee.pw_name) } ?? "root"
+        let byUser = lines(try kmsctl(["audit", "--user", rootName, "--json", "--since", since, "--key-id", other]))
+        #expect(!byUser.isEmpty && byUser.allSatisfy { ($0["UserIdentity"] as? [String: Any])?["Uid"] as? Int == 0 }, "\(byUser.count)")
+        #expect(lines(try kmsctl(["audit", "--user", "no-such-user-\(getpid())", "--json", "--since", since])).isEmpty)
 
         let report = try kmsctl(["audit", "report", "--since", since, "--json"])
         let r = try #require(try JSONSerialization.jsonObject(with: report.stdout) as? [String: Any], "\(report.stderr)")
@@ -132,17 +159,28 @@ final class AuditCompletenessTests {
         _ = try await c.generateDataKeyWithoutPlaintext(keyID: key, keySpec: "AES_256")   // 6
         let random = try await c.generateRandom(numberOfBytes: 32)                         // 7
         await expectKMSError(.invalidCiphertext) { try await c.decrypt(ciphertextBlob: [1, 2, 3]) }  // 8 failed
+        // Imported material and a backup's bytes: secrets too (the backup is wrapped, but its
+        // bytes have no business in the journal either).
+        let material = try SecureRandom.bytes(32)
+        let external = try await c.createKey(origin: "EXTERNAL").keyID                    // 9
+        let p = try await c.getParametersForImport(keyID: external, wrappingAlgorithm: "RSAES_OAEP_SHA_256", wrappingKeySpec: "RSA_2048")  // 10
+        let wrapped = try material.withUnsafeBytes { try RSAPublicKey(der: Array(p.publicKey)).encryptOAEP($0, digest: .sha256) }
+        try await c.importKeyMaterial(keyID: external, importToken: Array(p.importToken), encryptedKeyMaterial: wrapped,
+                                      expirationModel: "KEY_MATERIAL_DOES_NOT_EXPIRE")  // 11
+        let backup = try await c.createBackup()                                           // 12
+        let chunk = try await c.getBackupChunk(backupID: backup.backupID, offset: 0)     // 13
+        #expect(!chunk.data.isEmpty)
         await c.close()
-        var expected = 8
-        for uid: UInt32 in [64201, 64202] {                                               // 9, 10 denied
+        var expected = 13
+        for uid: UInt32 in [64201, 64202] {                                               // 14, 15 denied
             let r = try runAs(uid: uid, [Paths.kmsctl, "encrypt", "--key-id", key], stdin: Data("x".utf8), env: ["KMSD_SOCKET": daemon.socket])
             #expect(r.stderr.contains("AccessDeniedException"))
             expected += 1
         }
-        let whoami = try runAs(uid: 64203, [Paths.kmsctl, "whoami"], env: ["KMSD_SOCKET": daemon.socket])  // 11
+        let whoami = try runAs(uid: 64203, [Paths.kmsctl, "whoami"], env: ["KMSD_SOCKET": daemon.socket])  // 16
         #expect(whoami.status == 0)
         expected += 1
-        let raw = try RawConnection(path: daemon.socket)                                  // 12: undecodable
+        let raw = try RawConnection(path: daemon.socket)                                  // 17: undecodable
         raw.send(RawConnection.frame([0xff, 0xff, 0xff]))
         _ = try raw.receive()
         expected += 1
@@ -160,9 +198,11 @@ final class AuditCompletenessTests {
 
         // No secret anywhere in what kmsd wrote, raw, hex or base64.
         let export = try run("/usr/bin/journalctl", ["-o", "export", "--no-pager", "_PID=\(daemon.pid)"]).stdout
-        var secrets: [[UInt8]] = [plaintext, Array(dk.plaintext), random, Array("value-5e1d".utf8), Array(blob.suffix(32)), Array(moved.ciphertextBlob.suffix(32))]
+        var secrets: [[UInt8]] = [plaintext, Array(dk.plaintext), random, Array("value-5e1d".utf8), Array(blob.suffix(32)), Array(moved.ciphertextBlob.suffix(32)),
+                                  material, Array(wrapped.suffix(32)), Array(p.importToken.suffix(32)), Array(chunk.data.suffix(32))]
+        let rawCount = secrets.count
         secrets += secrets.map { Array($0.map { String(format: "%02x", $0) }.joined().utf8) }
-        secrets += secrets.prefix(6).map { Array(Data($0).base64EncodedString().utf8) }
+        secrets += secrets.prefix(rawCount).map { Array(Data($0).base64EncodedString().utf8) }
         for s in secrets { #expect(export.range(of: Data(s)) == nil, "a secret reached the journal") }
     }
 }

@@ -43,6 +43,7 @@ struct AuditTests {
         #expect(encrypt["KMS_KEY_ID"] as? String == key.keyID)
         #expect(encrypt["KMS_KEY_VERSION"] as? String == "1")
         #expect(encrypt["KMS_ENCRYPTION_CONTEXT"] as? String == "tenant")
+        #expect(encrypt["PRIORITY"] as? String == "6", "allowed: info")
         let failed = try #require(byAction["Decrypt"]?.first { $0["KMS_RESULT"] as? String == "Failed" })
         #expect(failed["KMS_ERROR"] as? String == "InvalidCiphertextException")
         #expect(failed["PRIORITY"] as? String == "3")
@@ -69,6 +70,7 @@ struct AuditTests {
         let records = try Journal.records(pid: daemon.pid, since: daemon.startedAt, atLeast: 2)
         let denied = try #require(records.first { $0["KMS_ACTION"] as? String == "DescribeKey" })
         #expect(denied["KMS_RESULT"] as? String == "Denied")
+        #expect(denied["PRIORITY"] as? String == "4", "denied: warning")
         #expect(denied["KMS_PEER_UID"] as? String == "64103")
         #expect(denied["KMS_ERROR"] as? String == "AccessDeniedException")
         #expect(denied["KMS_KEY_ID"] as? String == key.keyID)
@@ -190,6 +192,22 @@ struct AuditTests {
             #expect((e["MESSAGE"] as? String)?.contains("by uid \(getuid())") == true)
         }
         #expect(events.last?["KMS_GRANT_ID"] as? String != nil)
+
+        // The rest of the lifecycle: rotated, scheduled for deletion, a grant revoked, stopped.
+        let other = try await client.createKey().keyID
+        _ = try await client.rotateKeyOnDemand(keyID: other)
+        _ = try await client.scheduleKeyDeletion(keyID: other, pendingWindowInDays: 7)
+        let grant = try #require(events.last?["KMS_GRANT_ID"] as? String)
+        try await client.revokeGrant(keyID: key, grantID: grant)
+        await client.close()
+        let pid = daemon.pid, startedAt = daemon.startedAt
+        daemon.stop()
+        let more = try Journal.query(["_PID=\(pid)", "MESSAGE_ID=\(JournalIDs.event)"], since: startedAt, atLeast: 10)
+        let all = more.compactMap { $0["KMS_ACTION"] as? String }
+        #expect(Array(all.dropFirst(5)) == ["KeyCreated", "KeyRotated", "KeyDeletionScheduled", "GrantRevoked", "KmsdStopped"], "\(all)")
+        for e in more.dropFirst(5) { #expect(e["PRIORITY"] as? String == "5", "\(e["KMS_ACTION"] ?? "")") }
+        #expect(more.first { $0["KMS_ACTION"] as? String == "KeyRotated" }?["KMS_KEY_VERSION"] as? String == "2")
+        #expect(more.first { $0["KMS_ACTION"] as? String == "GrantRevoked" }?["KMS_GRANT_ID"] as? String == grant)
     }
 
     /// Encryption-context values stay out of audit records unless the key's policy opts in.
