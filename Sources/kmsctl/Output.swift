@@ -30,16 +30,40 @@ func terminate(_ status: Int32) -> Never {
 
 // MARK: - Raw output
 
+/// Writes all of `bytes` to `fd`; nil, or the errno that stopped it.
+private func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int32? {
+    var done = 0
+    while done < bytes.count {
+        let n = Glibc.write(fd, bytes.baseAddress! + done, bytes.count - done)
+        if n < 0 {
+            if errno == EINTR { continue }
+            return errno
+        }
+        done += n
+    }
+    return nil
+}
+
+/// Standard output as Unix tools write it: a reader that went away (`kmsctl ... | head`) ends
+/// kmsctl by SIGPIPE, as it would `cat` (SwiftNIO ignores the signal in-process, so the write
+/// fails with EPIPE instead); any other failure (a full disk) is an error, exit status 1.
 func writeStdout(_ data: Data) {
-    FileHandle.standardOutput.write(data)
+    guard !data.isEmpty, let error = data.withUnsafeBytes({ writeAll(1, $0) }) else { return }
+    if error == EPIPE {
+        signal(SIGPIPE, SIG_DFL)
+        raise(SIGPIPE)
+    }
+    writeStderr("kmsctl: cannot write standard output: \(String(cString: strerror(error)))\n")
+    exit(1)
 }
 
 func writeStdout(_ text: String) {
-    FileHandle.standardOutput.write(Data(text.utf8))
+    writeStdout(Data(text.utf8))
 }
 
 func writeStderr(_ text: String) {
-    FileHandle.standardError.write(Data(text.utf8))
+    var text = text
+    _ = text.withUTF8 { writeAll(2, UnsafeRawBufferPointer($0)) }
 }
 
 /// Prints `kmsctl: <code>: <message>` to standard error. Messages never contain plaintext or keys.

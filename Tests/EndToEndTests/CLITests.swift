@@ -85,6 +85,23 @@ final class CLITests {
         #expect(missing.status == 1 && missing.stderr.contains("NotFoundException"), "\(missing.stderr)")
     }
 
+    /// A reader that went away (`kmsctl ... | head`): kmsctl ends by SIGPIPE, as `cat` would,
+    /// not by a crash with a backtrace on standard error.
+    @Test func aClosedStandardOutputEndsKmsctlBySIGPIPE() throws {
+        let script = """
+        import os, subprocess, sys
+        r, w = os.pipe()
+        os.close(r)
+        p = subprocess.run(sys.argv[1:], stdout=w, stderr=subprocess.PIPE)
+        sys.stdout.write("%d\\n%s" % (p.returncode, p.stderr.decode(errors="replace")))
+        """
+        let r = try run("/usr/bin/python3", ["-c", script, Paths.kmsctl, "generate-random", "--number-of-bytes", "64", "--base64"],
+                        env: ["KMSD_SOCKET": daemon.socket])
+        let lines = r.text.split(separator: "\n", maxSplits: 1).map(String.init)
+        #expect(lines.first == "-13", "killed by SIGPIPE: \(r.text) \(r.stderr)")
+        #expect(!r.text.contains("Fatal error") && !r.text.contains("crashed"), "\(r.text)")
+    }
+
     @Test func rawBytesRoundTripThroughStdinAndStdout() throws {
         let id = try createKey()
         var binary = Data((0...255).map { UInt8($0) })

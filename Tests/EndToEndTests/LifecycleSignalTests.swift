@@ -107,4 +107,40 @@ struct LifecycleSignalTests {
         let stopping = notify.read(until: { $0.contains("STOPPING=1") }, timeout: 2)
         #expect(stopping.contains { $0.contains("STOPPING=1") }, "\(stopping)")
     }
+
+    /// The drain has a deadline (drainTimeoutSeconds): a request that cannot finish (its
+    /// keystore write waits on a lock another process holds) does not keep kmsd from stopping;
+    /// kmsd says how many it left unanswered and still exits 0.
+    @Test func theDrainStopsWaitingAtItsDeadline() throws {
+        let dir = try Paths.tempDir("drain")
+        try #"{"drainTimeoutSeconds": 1}"#.write(toFile: dir + "/kmsd.json", atomically: true, encoding: .utf8)
+        chmod(dir + "/kmsd.json", 0o600)
+        let notify = try NotifySocket()
+        let p = try ChildProcess(Paths.kmsd, ["--dev", "--state-dir", dir + "/state", "--config", dir + "/kmsd.json", "--admin-uid", "\(getuid())"],
+                                 env: ["NOTIFY_SOCKET": notify.path], stdout: dir + "/log", stderr: dir + "/log")
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL); _ = p.waitUntilExit() } }
+        #expect(notify.read { $0.contains("READY=1") }.contains { $0.contains("READY=1") })
+        // Another process holds the keystore's write lock for 3 s (kmsd waits up to 5 s for it).
+        let holder = try ChildProcess("/usr/bin/python3", ["-c", """
+            import sqlite3, sys, time
+            c = sqlite3.connect(sys.argv[1], isolation_level=None)
+            c.execute("BEGIN EXCLUSIVE")
+            print("locked", flush=True)
+            time.sleep(3)
+            c.execute("COMMIT")
+            """, dir + "/state/keystore.sqlite3"], stdout: dir + "/holder", stderr: dir + "/holder")
+        defer { _ = holder.waitUntilExit() }
+        for _ in 0..<100 where (try? String(contentsOfFile: dir + "/holder", encoding: .utf8))?.contains("locked") != true { usleep(20_000) }
+        let raw = try RawConnection(path: dir + "/state/kmsd.sock", receiveTimeoutSeconds: 10)
+        try raw.send(.with(id: 1, .createKey(.init())))
+        usleep(300_000)  // the CreateKey is in flight, waiting for the lock
+        let sent = Date()
+        kill(p.processIdentifier, SIGTERM)
+        for _ in 0..<100 where !((try? String(contentsOfFile: dir + "/log", encoding: .utf8))?.contains("drain deadline") ?? false) { usleep(20_000) }
+        let waited = Date().timeIntervalSince(sent)
+        let log = (try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? ""
+        #expect(log.contains("drain deadline (1 s) passed with 1 requests unanswered"), "\(log.suffix(500))")
+        #expect(waited < 2.5, "the drain gave up after about 1 s, not when the lock was released (\(waited) s)")
+        #expect(p.waitUntilExit() == 0)
+    }
 }
