@@ -20,6 +20,8 @@ public final class SecureArena: Sendable {
         var lockedBytes = 0
         var allowUnlocked = false
         var unlockedBytes = 0
+        /// Bytes of slots and regions handed out and not yet released.
+        var inUseBytes = 0
     }
 
     private let state = Mutex(State())
@@ -37,6 +39,11 @@ public final class SecureArena: Sendable {
     /// Bytes mapped without a lock (only when unlocked memory was allowed).
     public var unlockedBytes: Int { state.withLock { $0.unlockedBytes } }
 
+    /// Bytes of the arena's slots and regions that hold live secrets now (allocated, not yet
+    /// released and zeroed): what a cache of keys occupies, as opposed to `lockedBytes`, which
+    /// counts whole chunks and never shrinks while their slots are reused.
+    public var inUseBytes: Int { state.withLock { $0.inUseBytes } }
+
     /// Checks that locked memory can be had, by taking one slot of each size.
     ///
     /// Throws `CryptoError.cannotLockMemory` naming RLIMIT_MEMLOCK when it cannot.
@@ -50,18 +57,27 @@ public final class SecureArena: Sendable {
 
     func allocate(_ size: Int) throws -> UnsafeMutableRawPointer {
         guard let cls = Self.slotSizes.firstIndex(where: { $0 >= size }) else {
-            return try mapRegion(bytes: Self.roundToPage(size))
+            let bytes = Self.roundToPage(size)
+            let p = try mapRegion(bytes: bytes)
+            state.withLock { $0.inUseBytes += bytes }
+            return p
         }
-        if let p = state.withLock({ $0.freeSlots[cls].popLast() }) {
+        let slotBytes = Self.slotSizes[cls]
+        if let p = state.withLock({ st -> UInt? in
+            guard let p = st.freeSlots[cls].popLast() else { return nil }
+            st.inUseBytes += slotBytes
+            return p
+        }) {
             return UnsafeMutableRawPointer(bitPattern: p)!
         }
-        let slot = Self.slotSizes[cls]
+        let slot = slotBytes
         let base = try mapRegion(bytes: Self.chunkBytes)
         let baseBits = UInt(bitPattern: base)
         state.withLock { st in
             for offset in stride(from: slot, through: Self.chunkBytes - slot, by: slot) {
                 st.freeSlots[cls].append(baseBits + UInt(offset))
             }
+            st.inUseBytes += slot
         }
         return base
     }
@@ -72,12 +88,18 @@ public final class SecureArena: Sendable {
             kms_explicit_bzero(pointer, bytes)
             let wasLocked = munlock(pointer, bytes) == 0
             munmap(pointer, bytes)
-            state.withLock { if wasLocked { $0.lockedBytes -= bytes } else { $0.unlockedBytes -= bytes } }
+            state.withLock {
+                if wasLocked { $0.lockedBytes -= bytes } else { $0.unlockedBytes -= bytes }
+                $0.inUseBytes -= bytes
+            }
             return
         }
         kms_explicit_bzero(pointer, Self.slotSizes[cls])
         let bits = UInt(bitPattern: pointer)
-        state.withLock { $0.freeSlots[cls].append(bits) }
+        state.withLock {
+            $0.freeSlots[cls].append(bits)
+            $0.inUseBytes -= Self.slotSizes[cls]
+        }
     }
 
     private func mapRegion(bytes: Int) throws -> UnsafeMutableRawPointer {

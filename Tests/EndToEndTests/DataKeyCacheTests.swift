@@ -86,7 +86,11 @@ final class DataKeyCacheTests {
         let client = daemon.client()
         let key = try await client.createKey().keyID
         let cache = try DataKeyCache(limits: .init(maxMessages: 100, maxBytes: 1 << 20, maxAge: .seconds(600), capacity: 3))
-        for tenant in 0..<10 { _ = try await client.encryptMessage(keyID: key, plaintext: message(tenant), context: ["tenant": "\(tenant)"], cache: cache) }
+        let base = SecureArena.shared.inUseBytes
+        _ = try await client.encryptMessage(keyID: key, plaintext: message(0), context: ["tenant": "0"], cache: cache)
+        let perEntry = SecureArena.shared.inUseBytes - base
+        #expect(perEntry >= 32, "one entry's data key is in the arena: \(perEntry)")
+        for tenant in 1..<10 { _ = try await client.encryptMessage(keyID: key, plaintext: message(tenant), context: ["tenant": "\(tenant)"], cache: cache) }
         #expect(cache.statistics.entries == 3)
         // The least recently used went: tenant 9 is cached, tenant 0 is not.
         let before = try await served("GenerateDataKey")
@@ -94,11 +98,16 @@ final class DataKeyCacheTests {
         #expect(try await served("GenerateDataKey") == before)
         _ = try await client.encryptMessage(keyID: key, plaintext: message(0), context: ["tenant": "0"], cache: cache)
         #expect(try await served("GenerateDataKey") == before + 1)
-        // The cached data keys live in the locked arena (SecureBytes); none fell back to unlocked memory.
-        #expect(SecureArena.shared.lockedBytes > 0)
-        #expect(SecureArena.shared.unlockedBytes == 0)
+        // The cached data keys live in the locked arena (SecureBytes): the three entries hold at
+        // least their 32-byte keys there (and the seven evicted ones were given back), none fell
+        // back to unlocked memory, and emptying the cache gives the rest back (the arena zeroes
+        // a slot when it is released).
+        let held = SecureArena.shared.inUseBytes - base
+        #expect(held == 3 * perEntry, "arena bytes held by the cache: \(held), \(perEntry) per entry")
+        #expect(SecureArena.shared.lockedBytes > 0 && SecureArena.shared.unlockedBytes == 0)
         cache.removeAll()
         #expect(cache.statistics.entries == 0)
+        #expect(SecureArena.shared.inUseBytes == base, "the cache's locked memory was released")
         // Limits are checked.
         #expect(throws: KMSError.self) { try DataKeyCache(limits: .init(maxMessages: 0)) }
         #expect(throws: KMSError.self) { try DataKeyCache(limits: .init(capacity: 0)) }

@@ -93,6 +93,45 @@ struct MultiRegionTests {
         #expect(Array(try await e.decrypt(ciphertextBlob: Array(fromEast), context: context).plaintext) == Array("made in east".utf8))
     }
 
+    /// ReplicateKey's Description and Tags are the replica's (kmsctl create-key --multi-region,
+    /// replicate-key --description --tags); afterwards the replica's description, tags and
+    /// state are its own: a sync brings versions, not the primary's metadata, and a disabled
+    /// replica stays disabled.
+    @Test func aReplicaKeepsItsOwnDescriptionTagsAndStateThroughSyncs() async throws {
+        let (east, west) = try await Self.pair("east", "west")
+        defer { east.stop(); west.stop() }
+        let created = try run(Paths.kmsctl, ["create-key", "--multi-region", "--description", "east's", "--tags", "TagKey=team,TagValue=east", "--json", "--socket", east.socket])
+        try #require(created.status == 0, "\(created.stderr)")
+        let meta = try #require((try JSONSerialization.jsonObject(with: created.stdout) as? [String: Any])?["KeyMetadata"] as? [String: Any])
+        let key = try #require(meta["KeyId"] as? String)
+        #expect(key.hasPrefix("mrk-") && meta["MultiRegion"] as? Bool == true, "\(meta)")
+        let made = try run(Paths.kmsctl, ["replicate-key", "--key-id", key, "--replica-region", "west", "--description", "west's copy",
+                                          "--tags", "TagKey=team,TagValue=west", "TagKey=site,TagValue=dr", "--socket", east.socket])
+        try #require(made.status == 0, "\(made.stderr)")
+        let taken = try run(Paths.kmsctl, ["import-replica", "--socket", west.socket], stdin: made.stdout)
+        try #require(taken.status == 0, "\(taken.stderr)")
+        let w = west.client()
+        #expect(try await w.describeKey(keyID: key).description_p == "west's copy")
+        func tags(_ c: KMSClient) async throws -> [String: String] {
+            Dictionary(uniqueKeysWithValues: try await c.listResourceTags(keyID: key).tags.map { ($0.tagKey, $0.tagValue) })
+        }
+        #expect(try await tags(w) == ["team": "west", "site": "dr"])
+        #expect(try await tags(east.client()) == ["team": "east"], "the primary's own tags are unchanged")
+
+        // West changes its copy; east rotates and syncs: west gets the version, keeps the rest.
+        try await w.tagResource(keyID: key, tags: [(key: "owner", value: "ops")])
+        try await w.updateKeyDescription(keyID: key, description: "west, edited")
+        try await w.disableKey(keyID: key)
+        _ = try await east.client().rotateKeyOnDemand(keyID: key)
+        try await east.client().updateKeyDescription(keyID: key, description: "east, edited")
+        let (_, synced) = try Self.ship("sync-replica", key: key, from: east, to: west, region: "west")
+        #expect(synced["ImportedVersions"] as? Int == 1)
+        let replica = try await w.describeKey(keyID: key)
+        #expect(replica.currentKeyVersion == 2 && replica.keyState == "Disabled" && replica.description_p == "west, edited", "\(replica)")
+        #expect(try await tags(w) == ["team": "west", "site": "dr", "owner": "ops"])
+        await expectKMSError(.disabled) { _ = try await w.encrypt(keyID: key, plaintext: [1]) }
+    }
+
     @Test(.enabled(if: isRoot, "needs root to act as other uids with setpriv"))
     func eachRegionAppliesItsOwnPolicy() async throws {
         let (east, west) = try await Self.pair("east", "west")
@@ -237,6 +276,7 @@ struct MultiRegionTests {
     /// host that refused it (its keys, their metadata, its aliases); the bundle from an unpinned
     /// host is taken once that host is pinned.
     @Test func damagedMisaddressedAndUnpinnedBundlesAreRefused() async throws {
+        if isRoot { try Journal.ensureRunning() }  // the refusals' audit records are read below
         let (east, west) = try await Self.pair("east", "west")
         defer { east.stop(); west.stop() }
         let key = try await east.client().createKey(multiRegion: true).keyID
@@ -318,5 +358,19 @@ struct MultiRegionTests {
         let plain = try await east.client().createKey().keyID
         await expectKMSError(.unsupportedOperation) { _ = try await east.client().replicateKey(keyID: plain, replicaRegion: "west") }
         await expectKMSError(.validation) { _ = try await east.client().replicateKey(keyID: key, replicaRegion: "nowhere") }
+
+        // Every bundle west refused is audited with its error, and names no key (nothing in a
+        // bundle that was not shown authentic and addressed here is recorded); those it took
+        // name their key.
+        if isRoot {
+            let records = try Journal.query(["_PID=\(west.pid)", "KMS_ACTION=ImportReplica"], since: west.startedAt, atLeast: 8)
+            let refusedRecords = records.filter { $0["KMS_RESULT"] as? String != "Allowed" }
+            #expect(refusedRecords.count == 5, "\(records.map { $0["KMS_ERROR"] ?? "" })")
+            #expect(refusedRecords.filter { $0["KMS_ERROR"] as? String == "ValidationException" }.count == 4)
+            #expect(refusedRecords.contains { $0["KMS_ERROR"] as? String == "AccessDeniedException" && $0["KMS_RESULT"] as? String == "Denied" })
+            #expect(refusedRecords.allSatisfy { ($0["KMS_KEY_ID"] as? String ?? "").isEmpty })
+            let taken = records.filter { $0["KMS_RESULT"] as? String == "Allowed" }.compactMap { $0["KMS_KEY_ID"] as? String }
+            #expect(taken == [key, key, southKey], "\(taken)")
+        }
     }
 }

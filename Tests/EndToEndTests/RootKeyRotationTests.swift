@@ -154,6 +154,20 @@ struct RootKeyRotationTests {
             usleep(useconds_t(Int.random(in: 0...micros)))
             kill(p.processIdentifier, SIGKILL)
             _ = p.waitUntilExit()
+            if i % 5 == 0 {
+                // Right after the kill, before any recovery: kmsd starts under the old key or the
+                // new one (whichever the rewrap's one transaction left), never neither, and every
+                // ciphertext decrypts.
+                var served = false
+                for candidate in [current, next] where !served {
+                    if let daemon = try? start(candidate) {
+                        try await Self.expectAllDecrypt(socket, blobs)
+                        Self.stop(daemon)
+                        served = true
+                    }
+                }
+                #expect(served, "kill \(i): kmsd started under neither the old nor the new root key")
+            }
             let retry = try run(Paths.kmsd, args, env: ["CREDENTIALS_DIRECTORY": ""])
             #expect(retry.status == 0, "kill \(i): \(retry.stderr)")
             if retry.text.contains("already under the new root key") { finishedBeforeKill += 1 } else if retry.text.contains("moved from root key") { finishedByRetry += 1 }

@@ -92,8 +92,9 @@ struct ConfigurationTests {
          "workerThreads": 2, "keyCacheCapacity": 100, "drainTimeoutSeconds": 5, "maxRequestsPerSecondPerUid": 50,
          "requestBurstPerUid": 70, "adminReservedConnections": 3, "frameTimeoutSeconds": 4, "auditTimeoutMilliseconds": 250,
          "eventLoops": 1, "alarms": {"accessDeniedPerMinute": 5, "pendingDeletionUse": false, "disabledKeyUse": true,
-         "integrityFailure": false, "newDecryptCaller": true}}
+         "integrityFailure": false, "newDecryptCaller": true}, "region": "eu-west-2"}
         """)
+        #expect(c.region == "eu-west-2")
         #expect(c.alarms == AlarmRules(accessDeniedPerMinute: 5, pendingDeletionUse: false, disabledKeyUse: true,
                                        integrityFailure: false, newDecryptCaller: true))
         #expect(c.maxRequestsPerSecondPerUID == 50 && c.requestBurstPerUID == 70 && c.effectiveAdminReservedConnections == 3)
@@ -110,7 +111,7 @@ struct ConfigurationTests {
         #expect(c.auditFailClosed && !c.development && !c.allowUnlockedMemory)
         #expect(c.administrators == Administrators(uids: [0], gids: []))
         #expect(c.effectiveSocketPath == "/run/kmsd/kmsd.sock")
-        #expect(c.socketMode == 0o666)
+        #expect(c.socketMode == 0o666 && c.region == "local")
         #expect(c.maxRequestsPerSecondPerUID == 10_000 && c.requestBurstPerUID == 20_000)
         #expect(c.effectiveAdminReservedConnections == 16 && c.frameTimeoutSeconds == 10 && c.auditTimeoutMilliseconds == 250)
         #expect(c.alarms == AlarmRules(accessDeniedPerMinute: 20, pendingDeletionUse: true, disabledKeyUse: false,
@@ -131,6 +132,9 @@ struct ConfigurationTests {
         (#"{"maxConnections": 8, "adminReservedConnections": 8}"#, "adminReservedConnections must be 0...7"),
         (#"{"maxRequestsPerSecondPerUid": -1}"#, "maxRequestsPerSecondPerUid must be"),
         (#"{"frameTimeoutSeconds": 0}"#, "frameTimeoutSeconds must be"),
+        (#"{"region": "EU_West"}"#, "is not a region name"),
+        (#"{"region": "-east"}"#, "is not a region name"),
+        (#"{"region": ""}"#, "is not a region name"),
         (#"{"auditTimeoutMilliseconds": 0}"#, "auditTimeoutMilliseconds must be"),
         (#"{"auditFailClosed": 1}"#, "true or false"),
         (#"{"developmentDaySeconds": 1}"#, "only in development mode"),
