@@ -439,7 +439,7 @@ final class TurnScheduler: @unchecked Sendable {
 
     /// Most time one round may take; connections it did not reach go first next round. So
     /// however many connections flood a loop, it polls for I/O at least this often.
-    static let roundBudgetNanoseconds: UInt64 = 2_000_000
+    static let roundBudgetNanoseconds: UInt64 = 1_000_000
 
     private func round() {
         // `scheduled` stays set while the round runs: what the round defers goes to the next

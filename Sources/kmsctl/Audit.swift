@@ -242,6 +242,8 @@ struct AuditVerify: AsyncParsableCommand {
         let client = KMSClient(socketPath: global.socket)
         defer { Task { await client.close() } }
         let start = try await client.verifyAuditRecords([])
+        // When kmsd's current run began: with --since before it, the window holds the whole run.
+        let runStarted = UInt64(max(0, try await client.status().startedAt)) * 1_000_000
         var records = try readRecords()
         if file == nil && until == nil {
             // journald may take a moment to show the newest records.
@@ -252,7 +254,7 @@ struct AuditVerify: AsyncParsableCommand {
         }
         var report = VerifyReport()
         try await verify(records, currentRun: start.currentRunID, currentSequence: file == nil && until == nil ? start.currentSequence : 0,
-                         client: client, report: &report)
+                         currentRunInWindow: try auditTime(since, "--since").map { $0 <= runStarted } ?? true, client: client, report: &report)
         await client.close()
         if global.json {
             try printJSON(["Result": report.problems.isEmpty ? "OK" : "Failed", "Records": report.records, "Runs": report.runs,
@@ -274,7 +276,7 @@ struct AuditVerify: AsyncParsableCommand {
             guard let data = FileManager.default.contents(atPath: file) else { throw ValidationError("--file: cannot read \(file)") }
             return JournalRecord.parse(data)
         }
-        let query = JournalQuery(since: try auditTime(since, "--since"), until: try auditTime(until, "--until"))
+        let query = JournalQuery(matches: ["SYSLOG_IDENTIFIER=kmsd"], since: try auditTime(since, "--since"), until: try auditTime(until, "--until"))
         var records: [JournalRecord] = []
         try readJournal(query) { r in
             if r.fields["KMS_RUN_ID"] != nil, r.fields["KMS_SEQ"] != nil, r.fields["KMS_CHAIN"] != nil { records.append(r) }
@@ -291,7 +293,7 @@ struct AuditVerify: AsyncParsableCommand {
 
     /// Orders records by run and sequence, finds gaps and broken links between runs, and has
     /// kmsd check every KMS_CHAIN it can (each against the record before it).
-    func verify(_ all: [JournalRecord], currentRun: String, currentSequence: UInt64, client: KMSClient,
+    func verify(_ all: [JournalRecord], currentRun: String, currentSequence: UInt64, currentRunInWindow: Bool = true, client: KMSClient,
                 report: inout VerifyReport) async throws {
         var byRun: [String: [UInt64: JournalRecord]] = [:]
         var order: [String] = []
@@ -308,9 +310,10 @@ struct AuditVerify: AsyncParsableCommand {
         }
         // kmsd says its current run wrote records, yet none of them is in what was read: they
         // were removed (or never reached journald), not merely outside the window, since
-        // `currentSequence` is only given when reading up to now.
+        // `currentSequence` is only given when reading up to now, and the window began before
+        // the run did (no --since, or one before kmsd started).
         if currentSequence > 0, byRun[currentRun] == nil {
-            if since == nil {
+            if currentRunInWindow {
                 report.problems.append("missing records: run \(currentRun) (kmsd's current run) KMS_SEQ 1...\(currentSequence): none is in the journal")
             } else {
                 report.warnings.append("kmsd's current run \(currentRun) wrote \(currentSequence) records, none of them in the window read (all before --since?)")

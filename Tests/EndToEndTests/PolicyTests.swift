@@ -220,6 +220,47 @@ final class PolicyTests {
         try expectRecord(uid: getuid(), action: "RevokeGrant", ["KMS_GRANT_ID": grant])
     }
 
+    /// The policy and grant subcommands as an administrator scripts them: get-key-policy (text
+    /// and --json), list-key-policies, put-key-policy --policy - (standard input),
+    /// simulate-policy --unit, and a grant with EncryptionContextEquals listed by list-grants:
+    /// exactly that context, no more and no less.
+    @Test func policyAndGrantSubcommandsAndAnExactContextGrant() async throws {
+        let key = try await client.createKey().keyID
+        func ctl(_ args: [String], stdin: Data = Data()) throws -> ProcessResult {
+            try run(Paths.kmsctl, args, stdin: stdin, env: ["KMSD_SOCKET": daemon.socket])
+        }
+        let text = try ctl(["get-key-policy", "--key-id", key])
+        #expect(text.status == 0 && text.text.contains("KeyCreator"), "\(text.stderr)")
+        let asJSON = try #require(try JSONSerialization.jsonObject(with: try ctl(["get-key-policy", "--key-id", key, "--json"]).stdout) as? [String: Any])
+        #expect(asJSON["PolicyName"] as? String == "default" && (asJSON["Policy"] as? String)?.contains("KeyCreator") == true)
+        #expect(try ctl(["list-key-policies", "--key-id", key]).text == "default\n")
+
+        let unit = "orders-\(UUID().uuidString.prefix(6).lowercased()).service"
+        let policy = keyPolicy(#"{"Sid": "OrdersUnit", "Effect": "Allow", "Principal": {"Unit": "\#(unit)"}, "Action": "kms:Encrypt", "Resource": "*"}"#)
+        let put = try ctl(["put-key-policy", "--key-id", key, "--policy", "-"], stdin: Data(policy.utf8))
+        #expect(put.status == 0, "\(put.stderr)")
+        #expect(try await client.getKeyPolicy(keyID: key) == policy)
+        func simulate(_ args: [String]) throws -> [String: Any] {
+            let r = try ctl(["simulate-policy", "--key-id", key, "--json"] + args)
+            #expect(r.status == 0, "\(r.stderr)")
+            return (try? JSONSerialization.jsonObject(with: r.stdout) as? [String: Any]) ?? [:]
+        }
+        #expect(try simulate(["--action", "kms:Encrypt", "--unit", unit])["DecidedBy"] as? String == "key-policy:OrdersUnit")
+        #expect(try simulate(["--action", "kms:Encrypt", "--unit", "other.service"])["Decision"] as? String == "ImplicitDeny")
+        #expect(try simulate(["--action", "kms:Decrypt", "--unit", unit])["Decision"] as? String == "ImplicitDeny")
+
+        let created = try ctl(["create-grant", "--key-id", key, "--grantee-principal", "uid:\(Self.bob)", "--operations", "Encrypt",
+                               "--constraints", "EncryptionContextEquals={app=orders,tier=db}", "--json"])
+        let grant = try #require((try JSONSerialization.jsonObject(with: created.stdout) as? [String: Any])?["GrantId"] as? String, "\(created.stderr)")
+        let listed = try #require((try JSONSerialization.jsonObject(with: try ctl(["list-grants", "--key-id", key, "--json"]).stdout) as? [String: Any])?["Grants"] as? [[String: Any]])
+        #expect(listed.count == 1 && listed.first?["GrantId"] as? String == grant, "\(listed)")
+        #expect(((listed.first?["Constraints"] as? [String: Any])?["EncryptionContextEquals"] as? [String: String]) == ["app": "orders", "tier": "db"], "\(listed)")
+        #expect(try encrypt(Self.bob, key, context: ["app=orders", "tier=db"]).status == 0)
+        expectDenied(try encrypt(Self.bob, key, context: ["app=orders"]))
+        expectDenied(try encrypt(Self.bob, key, context: ["app=orders", "tier=db", "extra=1"]))
+        try expectRecord(uid: Self.bob, action: "Encrypt", ["KMS_RESULT": "Allowed", "KMS_DECIDED_BY": "grant:\(grant)"])
+    }
+
     @Test func theRetiringPrincipalRetires() async throws {
         let key = try await client.createKey().keyID
         let g = try await client.createGrant(keyID: key, granteePrincipal: "uid:\(Self.bob)", operations: ["Encrypt"],
