@@ -121,6 +121,7 @@ struct AuditReport: AsyncParsableCommand {
     func run() async throws {
         var query = try await filters.journalQuery(socket: global.socket)
         query.matches.append("MESSAGE_ID=\(JournalRecord.requestMessageID)")
+        query.fields = ["KMS_RESULT", "KMS_KEY_ID", "KMS_PEER_UID", "KMS_PEER_USER"]
         var byKey: [String: [String: Int]] = [:], byCaller: [String: [String: Int]] = [:]
         var total = 0
         try readJournal(query) { r in
