@@ -9,7 +9,7 @@ struct CreateKey: AsyncParsableCommand {
 
     @OptionGroup var global: GlobalOptions
 
-    @Option(name: .customLong("description"), help: ArgumentHelp("A description of the key (not secret).", valueName: "text"))
+    @Option(name: .customLong("description"), help: ArgumentHelp("A description of the key (not secret); file://PATH reads it from a file.", valueName: "text"))
     var keyDescription: String = ""
 
     @Option(name: .customLong("key-spec"), help: ArgumentHelp("Key spec; default SYMMETRIC_DEFAULT.", valueName: "spec"))
@@ -53,8 +53,9 @@ struct CreateKey: AsyncParsableCommand {
     func run() async throws {
         let tagMap = try allTags()
         let policyText = try policy.map { try readTextArgument($0, option: "--policy") } ?? ""
+        let descriptionText = try readTextParameter(keyDescription, option: "--description")
         let metadata = try await global.withClient {
-            try await $0.createKey(description: try readTextParameter(keyDescription, option: "--description"), keySpec: keySpec, keyUsage: keyUsage, tags: tagMap, origin: origin,
+            try await $0.createKey(description: descriptionText, keySpec: keySpec, keyUsage: keyUsage, tags: tagMap, origin: origin,
                                    policy: policyText, bypassPolicyLockoutSafetyCheck: bypass, multiRegion: multiRegion)
         }
         try printKeyMetadata(metadata, json: global.json)

@@ -126,7 +126,7 @@ struct ReplicateKey: AsyncParsableCommand {
     @Option(name: .customLong("policy"), help: ArgumentHelp("The replica's key policy: file://PATH, -, or the JSON.", valueName: "file://path"))
     var policy: String?
 
-    @Option(name: .customLong("description"), help: ArgumentHelp("The replica's description.", valueName: "text"))
+    @Option(name: .customLong("description"), help: ArgumentHelp("The replica's description; file://PATH reads it from a file.", valueName: "text"))
     var replicaDescription = ""
 
     @Option(name: .customLong("tags"), parsing: .upToNextOption,
@@ -136,9 +136,10 @@ struct ReplicateKey: AsyncParsableCommand {
     func run() async throws {
         let policyText = try policy.map { try readTextArgument($0, option: "--policy") } ?? ""
         let tagMap = Dictionary(try parseTagShorthand(tags).map { ($0.key, $0.value) }, uniquingKeysWith: { _, b in b })
+        let descriptionText = try readTextParameter(replicaDescription, option: "--description")
         let r = try await global.withClient {
             try await $0.replicateKey(keyID: target.keyID, replicaRegion: target.replicaRegion, policy: policyText,
-                                      description: try readTextParameter(replicaDescription, option: "--description"), tags: tagMap)
+                                      description: descriptionText, tags: tagMap)
         }
         try writeBundle(r.replicationBundle, metadata: r.keyMetadata, json: global.json)
     }

@@ -10,7 +10,7 @@ struct UpdateKeyDescription: AsyncParsableCommand {
 
     @OptionGroup var key: KeyOption
 
-    @Option(name: .customLong("description"), help: ArgumentHelp("The new description (not secret).", valueName: "text"))
+    @Option(name: .customLong("description"), help: ArgumentHelp("The new description (not secret); file://PATH reads it from a file.", valueName: "text"))
     var keyDescription: String
 
     func run() async throws {
