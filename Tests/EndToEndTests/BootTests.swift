@@ -113,9 +113,10 @@ struct BootTests {
             .flatMap { $0["KeyMetadata"] as? [String: Any] }?["KeyId"] as? String, "\(created.stderr) \(unitLog)")
         #expect(try inside(["systemctl", "is-active", "kmsd.service"]).text == "active\n")
         let mainPID = try inside(["systemctl", "show", "-p", "MainPID", "--value", "kmsd.service"]).text.trimmingCharacters(in: .whitespacesAndNewlines)
-        #expect(try inside(["ps", "-o", "user=", "-p", mainPID]).text.trimmingCharacters(in: .whitespacesAndNewlines) == "kmsd")
+        let kmsdUID = try inside(["id", "-u", "kmsd"]).text.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(!kmsdUID.isEmpty && kmsdUID != "0", "the kmsd user of sysusers.d")
         let status = try inside(["cat", "/proc/\(mainPID)/status"]).text
-        for line in ["NoNewPrivs:\t1", "Seccomp:\t2", "CapEff:\t0000000000000000"] {
+        for line in ["Uid:\t\(kmsdUID)\t\(kmsdUID)\t\(kmsdUID)\t\(kmsdUID)", "NoNewPrivs:\t1", "Seccomp:\t2", "CapEff:\t0000000000000000"] {
             #expect(status.contains(line), "kmsd.service's process: \(line)")
         }
         let sealed = try inside(["/usr/bin/kmsctl", "encrypt", "--key-id", key, "--context", "boot=test"], stdin: Data("booted secret".utf8))
