@@ -33,6 +33,12 @@ struct BootTests {
     mount -t overlay overlay -o "lowerdir=/,upperdir=$R/upper,workdir=$R/work" "$R/merged"
     M="$R/merged"
     mount -t proc proc "$M/proc"
+    # Read-only kernel settings, as container managers mount them: the guest's boot (sysctl,
+    # udev, modules) changes nothing on the host.
+    mount --bind "$M/proc/sys" "$M/proc/sys"
+    mount -o remount,bind,ro "$M/proc/sys"
+    mount -t sysfs -o ro sysfs "$M/sys"
+    mount -t tmpfs -o mode=0755 tmpfs "$M/sys/fs/cgroup"   # systemd mounts its hierarchies here
     # A /dev of its own, as a container manager gives one (devpts: PrivateDevices= needs it).
     mount -t tmpfs -o mode=0755 tmpfs "$M/dev"
     for n in null zero full random urandom tty; do touch "$M/dev/$n"; mount --bind "/dev/$n" "$M/dev/$n"; done
@@ -64,6 +70,23 @@ struct BootTests {
         let dir = try Paths.tempDir("boot")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try Self.script.write(toFile: dir + "/boot.sh", atomically: true, encoding: .utf8)
+        // The cgroups the guest's systemd makes where this process sits at a hierarchy's root
+        // (cgroup v1 controllers here) are removed again afterwards; the host keeps its own.
+        let cgroupRoot = "/sys/fs/cgroup"
+        func cgroups() -> Set<String> {
+            var all = Set<String>()
+            for h in (try? FileManager.default.contentsOfDirectory(atPath: cgroupRoot)) ?? [] {
+                for c in (try? FileManager.default.contentsOfDirectory(atPath: cgroupRoot + "/" + h)) ?? [] {
+                    var isDir: ObjCBool = false
+                    if FileManager.default.fileExists(atPath: "\(cgroupRoot)/\(h)/\(c)", isDirectory: &isDir), isDir.boolValue { all.insert("\(cgroupRoot)/\(h)/\(c)") }
+                }
+            }
+            return all
+        }
+        let hostCgroups = cgroups()
+        defer {
+            for d in cgroups().subtracting(hostCgroups) { _ = try? run("/usr/bin/find", [d, "-depth", "-type", "d", "-exec", "rmdir", "{}", "+"]) }
+        }
         let began = Date()
         let outer = try ChildProcess("/usr/bin/unshare", ["-m", "-p", "-f", "--cgroup", "--propagation", "private", "/bin/bash", dir + "/boot.sh",
                                                           dir, Paths.binDir.path, InstallTests.repo], stdout: dir + "/boot.log", stderr: dir + "/boot.log")
