@@ -70,14 +70,13 @@ public final class SecureArena: Sendable {
         }) {
             return UnsafeMutableRawPointer(bitPattern: p)!
         }
-        let slot = slotBytes
         let base = try mapRegion(bytes: Self.chunkBytes)
         let baseBits = UInt(bitPattern: base)
         state.withLock { st in
-            for offset in stride(from: slot, through: Self.chunkBytes - slot, by: slot) {
+            for offset in stride(from: slotBytes, through: Self.chunkBytes - slotBytes, by: slotBytes) {
                 st.freeSlots[cls].append(baseBits + UInt(offset))
             }
-            st.inUseBytes += slot
+            st.inUseBytes += slotBytes
         }
         return base
     }

@@ -93,33 +93,29 @@ public final class Server: @unchecked Sendable {
 
             """)
         }
-        // A stored checkpoint that fails its check (KMS_PREVIOUS_STOP=unknown): altered, or
-        // written under another root key. Looked at before the start replaces it.
-        let checkpointFailed = repository.auditCheckpoint().map { audit.parseCheckpoint($0) == nil } ?? false
-        checkpointed = Atomic(Self.startAuditChain(audit, repository))
+        let chain = Self.startAuditChain(audit, repository)
+        checkpointed = Atomic(chain.sequence)
         if let dir = c.identityPolicyDirectory {
             service.setIdentityPolicies(try Self.loadIdentityPolicies(dir))
             StandardError.write("kmsd: \(service.identityPolicies.policies.count) identity policies from \(dir)\n")
         }
         let report = repository.integrityReport
-        var integrityAlarms: UInt64 = 0
+        // Integrity failures kmsd finds by itself at start, each an IntegrityFailure alarm.
+        var integrityProblems: [String] = []
         if let problem = report.problem {
             let message = "keystore rollback detected: \(problem); every row in \(report.suspectBuckets) of \(RowIndex.bucketCount) row-index buckets is refused (KeyUnavailableException). Restore the keystore from its latest backup"
             StandardError.write("kmsd: ERROR: \(message)\n")
             _ = audit.writeEvent(action: "KeystoreRollbackDetected", keyID: "", failure: .keyUnavailable, message: message)
-            if c.alarms.integrityFailure {
-                audit.writeEvent(action: "Alarm", keyID: "", failure: .keyUnavailable, message: "ALARM IntegrityFailure: \(message)",
-                                 alarm: "IntegrityFailure")
-                integrityAlarms += 1
-            }
+            integrityProblems.append(message)
         } else if report.built {
             StandardError.write("kmsd: built the keystore's row index (\(report.entries) rows) for rollback detection\n")
         }
-        if checkpointFailed, c.alarms.integrityFailure {
-            audit.writeEvent(action: "Alarm", keyID: "", failure: .keyUnavailable,
-                             message: "ALARM IntegrityFailure: the audit chain's checkpoint in the keystore failed its integrity check (KMS_PREVIOUS_STOP=unknown): this run's chain does not link to the previous run",
-                             alarm: "IntegrityFailure")
-            integrityAlarms += 1
+        if chain.checkpointFailed {
+            integrityProblems.append("the audit chain's checkpoint in the keystore failed its integrity check (KMS_PREVIOUS_STOP=unknown): this run's chain does not link to the previous run")
+        }
+        if !c.alarms.integrityFailure { integrityProblems = [] }
+        for problem in integrityProblems {
+            audit.writeEvent(action: "Alarm", keyID: "", failure: .keyUnavailable, message: "ALARM IntegrityFailure: \(problem)", alarm: "IntegrityFailure")
         }
         dispatcher = Dispatcher(service: service, audit: audit,
                                 settings: ServerSettings(maxFrameBytes: c.maxFrameBytes, maxInFlight: c.maxInFlightPerConnection),
@@ -129,7 +125,7 @@ public final class Server: @unchecked Sendable {
                                 identity: try repository.replicationIdentity(region: c.region),
                                 decryptCallersFile: c.stateDirectory + "/decrypt-callers")
         // Alarms raised at start count in kmsd_alarms_total and Status too.
-        for _ in 0..<integrityAlarms { dispatcher.alarms.noteFired("IntegrityFailure") }
+        for _ in integrityProblems { dispatcher.alarms.noteFired("IntegrityFailure") }
         limits = ConnectionLimits(maxTotal: c.maxConnections, maxPerUID: c.maxConnectionsPerUID,
                                   reservedForAdministrators: c.effectiveAdminReservedConnections)
         group = MultiThreadedEventLoopGroup(numberOfThreads: c.eventLoops > 0 ? c.eventLoops : System.coreCount)
@@ -457,8 +453,9 @@ public final class Server: @unchecked Sendable {
     /// The run's first record links it to the previous run: the chain continues from the last
     /// checkpoint, and KmsdStarted says where that was and whether the previous run stopped
     /// cleanly (an unclean stop: its records after the checkpoint cannot be proven complete).
-    /// Returns the sequence number the start's checkpoint covers.
-    static func startAuditChain(_ audit: AuditLog, _ repository: KeyRepository) -> UInt64 {
+    /// Returns the sequence number the start's checkpoint covers (0: not saved), and whether
+    /// the stored checkpoint failed its check (KMS_PREVIOUS_STOP=unknown).
+    static func startAuditChain(_ audit: AuditLog, _ repository: KeyRepository) -> (sequence: UInt64, checkpointFailed: Bool) {
         let stored = repository.auditCheckpoint()
         let previous = stored.flatMap(audit.parseCheckpoint)
         audit.startChain(after: previous?.chain ?? [UInt8](repeating: 0, count: 32))
@@ -476,7 +473,7 @@ public final class Server: @unchecked Sendable {
         audit.writeEvent(action: "KmsdStarted", keyID: "", failure: stop == "unknown" ? .keyUnavailable : nil,
                          message: "kmsd started (run \(audit.runID), root key \(repository.rootKeyFingerprint)); \(note)", extraFields: fields)
         let sequence = audit.lastSequence
-        return saveAuditCheckpoint(audit, repository) ? sequence : 0
+        return (saveAuditCheckpoint(audit, repository) ? sequence : 0, stop == "unknown")
     }
 
     @discardableResult

@@ -243,8 +243,12 @@ struct AuditVerify: AsyncParsableCommand {
         let client = KMSClient(socketPath: global.socket)
         defer { Task { await client.close() } }
         let start = try await client.verifyAuditRecords([])
-        // When kmsd's current run began: with --since before it, the window holds the whole run.
-        let runStarted = UInt64(max(0, try await client.status().startedAt)) * 1_000_000
+        // Whether the window holds kmsd's whole current run: without --since, or with one
+        // before the run began (Status asked only then).
+        var currentRunInWindow = true
+        if file == nil, until == nil, let since = try auditTime(since, "--since") {
+            currentRunInWindow = since <= UInt64(max(0, try await client.status().startedAt)) * 1_000_000
+        }
         var records = try readRecords()
         if file == nil && until == nil {
             // journald may take a moment to show the newest records.
@@ -255,7 +259,7 @@ struct AuditVerify: AsyncParsableCommand {
         }
         var report = VerifyReport()
         try await verify(records, currentRun: start.currentRunID, currentSequence: file == nil && until == nil ? start.currentSequence : 0,
-                         currentRunInWindow: try auditTime(since, "--since").map { $0 <= runStarted } ?? true, client: client, report: &report)
+                         currentRunInWindow: currentRunInWindow, client: client, report: &report)
         await client.close()
         if global.json {
             try printJSON(["Result": report.problems.isEmpty ? "OK" : "Failed", "Records": report.records, "Runs": report.runs,
@@ -277,7 +281,7 @@ struct AuditVerify: AsyncParsableCommand {
             guard let data = FileManager.default.contents(atPath: file) else { throw ValidationError("--file: cannot read \(file)") }
             return JournalRecord.parse(data)
         }
-        let query = JournalQuery(matches: ["SYSLOG_IDENTIFIER=kmsd"], since: try auditTime(since, "--since"), until: try auditTime(until, "--until"))
+        let query = JournalQuery(since: try auditTime(since, "--since"), until: try auditTime(until, "--until"))
         var records: [JournalRecord] = []
         try readJournal(query) { r in
             if r.fields["KMS_RUN_ID"] != nil, r.fields["KMS_SEQ"] != nil, r.fields["KMS_CHAIN"] != nil { records.append(r) }

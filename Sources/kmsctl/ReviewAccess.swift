@@ -66,7 +66,7 @@ struct ReviewAccess: AsyncParsableCommand {
     static func decidersInAuditTrail(days: Int) throws -> Set<String> {
         let since = UInt64(max(0, Int(Date().timeIntervalSince1970) - days * 86_400)) * 1_000_000
         var uses = Set<String>()
-        try readJournal(JournalQuery(matches: ["SYSLOG_IDENTIFIER=kmsd", "KMS_RESULT=Allowed"], since: since,
+        try readJournal(JournalQuery(matches: JournalQuery().matches + ["KMS_RESULT=Allowed"], since: since,
                                      fields: ["KMS_DECIDED_BY", "KMS_KEY_ID", "KMS_SOURCE_KEY_ID"])) { r in
             guard let by = r.fields["KMS_DECIDED_BY"] else { return }
             let key = r.fields["KMS_KEY_ID"] ?? ""

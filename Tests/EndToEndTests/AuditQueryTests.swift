@@ -50,7 +50,8 @@ final class AuditQueryTests {
 
         // By user name, executable and unit: a copy of kmsctl run as root from a cgroup named
         // like a unit; the other requests came from this test process, in no such unit.
-        if let root = AuditRobustnessTests.cgroup2Root() {
+        do {
+            let root = try #require(AuditRobustnessTests.cgroup2Root(), "no cgroup2 hierarchy mounted")
             let unit = "kmsd-audit-\(UUID().uuidString.prefix(8).lowercased()).service"
             let cgroup = root + "/" + unit
             try FileManager.default.createDirectory(atPath: cgroup, withIntermediateDirectories: false)
