@@ -74,8 +74,13 @@ struct LimitsTests {
     /// on a connection that shares a loop with them, is still answered within 10 ms at the
     /// 99th percentile. (As root, kmsd runs where no journald is reachable, audit fail-open: a
     /// journald ingesting the flood would take a core of its own on this 2-core machine, and the
-    /// test would measure the CPU scheduler instead of kmsd's event loops.)
+    /// test would measure the CPU scheduler instead of kmsd's event loops.) The kmsd measured is
+    /// the release build `make test` makes (KMSD_RELEASE_BIN), as it ships; the debug build of
+    /// the tests stalls its loop for 10-60 ms at times under this flood (debug code only), and
+    /// is used only where no release build was given.
     @Test func aPipeliningFloodDoesNotStarveAnotherConnection() throws {
+        let kmsd = ProcessInfo.processInfo.environment["KMSD_RELEASE_BIN"] ?? Paths.kmsd
+        print("fairness: measuring \(kmsd)")
         let dir = try Paths.tempDir("fair")
         let socket = dir + "/state/kmsd.sock"
         // One event loop: the flood and the victim share it.
@@ -83,17 +88,16 @@ struct LimitsTests {
                     "--admin-uid", "0", "--admin-uid", "\(getuid())"]
         let p = isRoot
             ? try launchKMSD("/usr/bin/unshare", ["-m", "--propagation", "private", "/bin/sh", "-c",
-                                                  "mount -t tmpfs tmpfs /run/systemd/journal && exec \"$0\" \"$@\"", Paths.kmsd] + args, log: dir + "/log")
-            : try launchKMSD(Paths.kmsd, args, log: dir + "/log")
+                                                  "mount -t tmpfs tmpfs /run/systemd/journal && exec \"$0\" \"$@\"", kmsd] + args, log: dir + "/log")
+            : try launchKMSD(kmsd, args, log: dir + "/log")
         defer { kill(p.processIdentifier, SIGTERM); p.waitUntilExit() }
         let stop = Shared(false)
         let flooded = Shared(0)
         let conns = try (0..<4).map { _ in try RawConnection(path: socket) }
         let flooder = Thread {
             // The flooder thread yields the CPU to everything else (nice 19): kmsd's event loop
-            // stays saturated by its requests, but the victim's wake-ups on this 2-core machine
-            // do not wait for the flooder's time slice, so the figure is kmsd's fairness, not the
-            // CPU scheduler's.
+            // stays saturated by its requests, but on this 2-core machine the victim's wake-ups
+            // do not wait for the flooder's time slice.
             _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 19)  // 0: this thread, on Linux
             let batch = (1...64).flatMap { id in
                 RawConnection.frame((try? KMSRequest.with(id: UInt64(id), .whoAmI(.init())).serializedBytes()) ?? [])
@@ -109,8 +113,21 @@ struct LimitsTests {
         usleep(300_000)
         let victim = try RawConnection(path: socket)
         var nextID: UInt64 = 1
-        /// 1000 Hellos, one every 2 ms: their latencies (ms, sorted) and the flood meanwhile.
-        func measure() throws -> (latencies: [Double], during: Int) {
+        /// 1000 Hellos, one every 2 ms: their latencies (ms, sorted) and the flood meanwhile;
+        /// and, over the same time, how late a thread of this process that only sleeps 2 ms at
+        /// a time wakes up (ms, sorted): the delay this machine itself adds to any wake-up.
+        func measure() throws -> (latencies: [Double], machine: [Double], during: Int) {
+            let done = Shared(false), lateness = Shared<[Double]>([])
+            let control = Thread {
+                var late: [Double] = []
+                while !done.load() {
+                    let t0 = DispatchTime.now().uptimeNanoseconds
+                    usleep(2_000)
+                    late.append(max(0, Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6 - 2))
+                }
+                lateness.store(late.sorted())
+            }
+            control.start()
             var latencies: [Double] = []
             let before = flooded.load()
             for _ in 1...1000 {
@@ -121,17 +138,18 @@ struct LimitsTests {
                 latencies.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6)
                 usleep(2_000)
             }
-            return (latencies.sorted(), flooded.load() - before)
+            done.store(true)
+            while lateness.load().isEmpty { usleep(1_000) }
+            return (latencies.sorted(), lateness.load(), flooded.load() - before)
         }
-        // Another window only when one missed: stalls of this shared 2-core VM (other guests,
-        // the hypervisor; 25-135 ms at times, with kmsd idle in between) can spoil a window; a
-        // loop that lets a flood starve a connection misses every one (its p99 is the flood's
-        // whole round, far above 10 ms, in each).
+        // Up to three windows: the sleeping thread shows when the machine itself was slow to wake
+        // anyone. A loop that lets a flood starve a connection misses every window.
         var p99 = Double.infinity
         for attempt in 1...3 where p99 > 10 {
-            let (latencies, during) = try measure()
+            let (latencies, machine, during) = try measure()
             p99 = latencies[latencies.count * 99 / 100]
-            print("fairness (window \(attempt)): victim Hello p50 \(latencies[latencies.count / 2]) ms, p95 \(latencies[latencies.count * 95 / 100]) ms, p99 \(p99) ms, max \(latencies.last!) ms, during \(during) flood requests")
+            let machineP99 = machine[machine.count * 99 / 100]
+            print("fairness (window \(attempt)): victim Hello p50 \(latencies[latencies.count / 2]) ms, p95 \(latencies[latencies.count * 95 / 100]) ms, p99 \(p99) ms, max \(latencies.last!) ms; a sleeping thread's wake-up p99 \(machineP99) ms late; during \(during) flood requests")
             #expect(during > 2_000, "the flood ran (\(during) requests while the victim was measured)")
         }
         stop.store(true)
