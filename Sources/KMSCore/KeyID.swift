@@ -24,6 +24,13 @@ public struct KeyID: Hashable, Sendable, Comparable, CustomStringConvertible, Co
         return out
     }
 
+    /// Writes the 16 bytes (RFC 4122 order) into `out`, which holds at least 16.
+    public func write(into out: UnsafeMutableRawBufferPointer) {
+        precondition(out.count >= 16)
+        out.storeBytes(of: high.bigEndian, toByteOffset: 0, as: UInt64.self)
+        out.storeBytes(of: low.bigEndian, toByteOffset: 8, as: UInt64.self)
+    }
+
     /// True for a multi-region key's id (`mrk-…`).
     public var isMultiRegion: Bool { (high >> 12) & 0xf == 8 }
 

@@ -1,3 +1,4 @@
+import Foundation
 import KMSCrypto
 import KMSProtocol
 
@@ -16,22 +17,14 @@ public struct SymmetricCiphertext: Sendable, Equatable {
 
     public let keyID: KeyID
     public let keyVersion: UInt32
-    public let salt: [UInt8]
-    public let nonce: [UInt8]
+    /// The whole blob: header, ciphertext, tag.
+    public let serialized: [UInt8]
+
+    public var salt: [UInt8] { Array(serialized[22..<54]) }
+    public var nonce: [UInt8] { Array(serialized[54..<66]) }
     /// Ciphertext followed by the 16-byte tag.
-    public let sealed: [UInt8]
-
-    public var header: [UInt8] {
-        var h: [UInt8] = [Self.formatVersion, Self.algorithmAES256GCMHKDF]
-        h.reserveCapacity(Self.headerBytes)
-        h += keyID.bytes
-        h.appendBigEndian(keyVersion)
-        h += salt
-        h += nonce
-        return h
-    }
-
-    public var serialized: [UInt8] { header + sealed }
+    public var sealed: [UInt8] { Array(serialized[Self.headerBytes...]) }
+    public var header: [UInt8] { Array(serialized[..<Self.headerBytes]) }
 
     /// Parses a blob's header without decrypting.
     ///
@@ -44,26 +37,46 @@ public struct SymmetricCiphertext: Sendable, Equatable {
         keyID = KeyID(bytes: blob[2..<18])
         keyVersion = blob.readBigEndianUInt32(at: 18)
         guard keyVersion >= 1 else { throw Self.invalid }
-        salt = Array(blob[22..<54])
-        nonce = Array(blob[54..<66])
-        sealed = Array(blob[66...])
+        serialized = blob
+    }
+
+    /// The key and version a blob names, when it parses as `init(parsing:)` would accept it;
+    /// read in place (Decrypt's routing, access decision and audit record each need them).
+    public static func keyReference(of blob: some ContiguousBytes) -> (keyID: KeyID, keyVersion: UInt32)? {
+        blob.withUnsafeBytes { b -> (KeyID, UInt32)? in
+            guard b.count >= overheadBytes, b.count <= KMSLimits.maxCiphertextBlobBytes,
+                  b[0] == formatVersion, b[1] == algorithmAES256GCMHKDF else { return nil }
+            let version = UInt32(b[18]) << 24 | UInt32(b[19]) << 16 | UInt32(b[20]) << 8 | UInt32(b[21])
+            guard version >= 1 else { return nil }
+            return (KeyID(bytes: UnsafeRawBufferPointer(rebasing: b[2..<18])), version)
+        }
     }
 
     /// Encrypts `plaintext` under a key version's material, with fresh random salt and nonce
     /// unless given (fixed values are for test vectors only).
+    ///
+    /// The blob is written in place: the header, then HKDF and AES-GCM in one C call
+    /// (`kms_v1_seal`), the message key only in locked memory.
     public static func seal(versionKey: SecureBytes, keyID: KeyID, keyVersion: UInt32,
                             plaintext: UnsafeRawBufferPointer, context: EncryptionContext,
                             salt: [UInt8]? = nil, nonce: [UInt8]? = nil) throws -> SymmetricCiphertext {
-        // Salt and nonce from one call to the generator (given ones are for test vectors).
-        let fresh = try SecureRandom.bytes(saltBytes + AESGCM.nonceBytes)
-        let salt = salt ?? Array(fresh[..<saltBytes])
-        let nonce = nonce ?? Array(fresh[saltBytes...])
-        precondition(salt.count == saltBytes && nonce.count == AESGCM.nonceBytes)
-        let shell = SymmetricCiphertext(keyID: keyID, keyVersion: keyVersion, salt: salt, nonce: nonce, sealed: [])
-        let header = shell.header
-        let messageKey = try deriveMessageKey(versionKey: versionKey, salt: salt, header: header)
-        let sealed = try AESGCM.seal(key: messageKey, nonce: nonce, plaintext: plaintext, aad: header + context.canonicalBytes)
-        return SymmetricCiphertext(keyID: keyID, keyVersion: keyVersion, salt: salt, nonce: nonce, sealed: sealed)
+        precondition(salt.map { $0.count == saltBytes } ?? true && nonce.map { $0.count == AESGCM.nonceBytes } ?? true)
+        let total = overheadBytes + plaintext.count
+        let blob = try [UInt8](unsafeUninitializedCapacity: total) { out, count in
+            out[0] = formatVersion
+            out[1] = algorithmAES256GCMHKDF
+            keyID.write(into: UnsafeMutableRawBufferPointer(UnsafeMutableBufferPointer(rebasing: out[2..<18])))
+            for i in 0..<4 { out[18 + i] = UInt8(truncatingIfNeeded: keyVersion >> (24 - 8 * UInt32(i))) }
+            // Salt and nonce, public in the blob, from the thread's pool of generator output
+            // (given ones are for test vectors).
+            if salt == nil || nonce == nil { try SecureRandom.fillPublic(UnsafeMutableRawBufferPointer(UnsafeMutableBufferPointer(rebasing: out[22..<66]))) }
+            if let salt { UnsafeMutableBufferPointer(rebasing: out[22..<54]).update(fromContentsOf: salt) }
+            if let nonce { UnsafeMutableBufferPointer(rebasing: out[54..<66]).update(fromContentsOf: nonce) }
+            try V1MessageCrypto.seal(versionKey: versionKey, label: messageKeyLabel, aadTail: context.canonicalBytes,
+                                     plaintext: plaintext, blob: UnsafeMutableBufferPointer(rebasing: out[0..<total]))
+            count = total
+        }
+        return SymmetricCiphertext(keyID: keyID, keyVersion: keyVersion, serialized: blob)
     }
 
     /// Decrypts into secret memory.
@@ -72,28 +85,25 @@ public struct SymmetricCiphertext: Sendable, Equatable {
     /// forged blob: one answer for all, so none is an oracle.
     public func open(versionKey: SecureBytes, context: EncryptionContext) throws(KMSError) -> SecureBytes {
         do {
-            let header = self.header
-            let messageKey = try Self.deriveMessageKey(versionKey: versionKey, salt: salt, header: header)
-            return try AESGCM.open(key: messageKey, nonce: nonce, sealed: sealed, aad: header + context.canonicalBytes)
+            return try serialized.withUnsafeBufferPointer { b in
+                try V1MessageCrypto.open(versionKey: versionKey, label: Self.messageKeyLabel, aadTail: context.canonicalBytes, blob: b)
+            }
         } catch CryptoError.authenticationFailure {
             throw Self.invalid
-        } catch let error as CryptoError {
-            throw KMSError(.internalError, "decryption failed inside kmsd (\(error)); see the daemon's log")
         } catch {
-            throw KMSError(.internalError, "decryption failed inside kmsd")
+            throw KMSError(.internalError, "decryption failed inside kmsd (\(error)); see the daemon's log")
         }
     }
 
+    /// The message key alone, through the general HKDF (the tests compare it with the vectors').
     static func deriveMessageKey(versionKey: SecureBytes, salt: [UInt8], header: [UInt8]) throws -> SecureBytes {
         try HKDF.deriveKey(from: versionKey, salt: salt, info: messageKeyLabel + header, count: 32)
     }
 
-    private init(keyID: KeyID, keyVersion: UInt32, salt: [UInt8], nonce: [UInt8], sealed: [UInt8]) {
+    private init(keyID: KeyID, keyVersion: UInt32, serialized: [UInt8]) {
         self.keyID = keyID
         self.keyVersion = keyVersion
-        self.salt = salt
-        self.nonce = nonce
-        self.sealed = sealed
+        self.serialized = serialized
     }
 
     static let invalid = KMSError(.invalidCiphertext,

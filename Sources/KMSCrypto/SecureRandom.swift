@@ -16,4 +16,17 @@ public enum SecureRandom {
         try out.withUnsafeMutableBytes { try fill($0) }
         return out
     }
+
+    /// Fills `buffer` with random bytes that become public at once (a ciphertext's salt and
+    /// nonce), from a per-thread pool that OpenSSL's generator refills 4 KiB at a time
+    /// (`kms_public_random_bytes`): one generator call costs about as much as the request's
+    /// AES-GCM, whatever its size. Each byte is handed out once and then zeroed in the pool; a
+    /// fork makes every pool refill first. Never for keys, tokens or anything else that stays
+    /// secret: those take `fill` or `bytes`.
+    public static func fillPublic(_ buffer: UnsafeMutableRawBufferPointer) throws {
+        guard buffer.count > 0 else { return }
+        guard kms_public_random_bytes(buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), buffer.count) == 1 else {
+            throw CryptoError.openSSL("RAND_bytes")
+        }
+    }
 }

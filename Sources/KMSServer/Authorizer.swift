@@ -247,8 +247,8 @@ struct Authorizer {
     /// (InvalidCiphertextException) without a decision.
     func blobKey(_ blob: Data, _ action: String, _ d: inout AuditDetails, context: ContextPairs, alias: String?) throws(KMSError) {
         // No key decides these: no context values in their records either.
-        guard let parsed = try? SymmetricCiphertext(parsing: Array(blob)) else { d.decidedBy = "none: not a ciphertext"; d.contextValues = false; return }
-        guard let record = try service.repository.record(parsed.keyID) else {
+        guard let named = SymmetricCiphertext.keyReference(of: blob) else { d.decidedBy = "none: not a ciphertext"; d.contextValues = false; return }
+        guard let record = try service.repository.record(named.keyID) else {
             d.decidedBy = "none: no such key"
             d.contextValues = false
             return

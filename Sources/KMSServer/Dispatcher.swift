@@ -268,8 +268,8 @@ final class Dispatcher: Sendable {
             return repository.isCached(id) && service.grantsCached(id)
         }
         func cached(blob: Data) -> Bool {
-            guard let parsed = try? SymmetricCiphertext(parsing: Array(blob)) else { return true }
-            return repository.isCached(parsed.keyID, version: parsed.keyVersion) && service.grantsCached(parsed.keyID)
+            guard let named = SymmetricCiphertext.keyReference(of: blob) else { return true }
+            return repository.isCached(named.keyID, version: named.keyVersion) && service.grantsCached(named.keyID)
         }
         switch request.operation {
         case nil, .hello, .whoAmI, .generateRandom: return true

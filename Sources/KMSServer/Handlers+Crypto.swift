@@ -1,3 +1,4 @@
+import Foundation
 import KMSCore
 import KMSCrypto
 import KMSProtocol
@@ -30,8 +31,9 @@ enum CryptoHandlers {
                 try ctx.service.encrypt(record: record, plaintext: p, context: context)
             }
         } catch let error as KMSError { throw error } catch { throw KMSError(.internalError, "encryption failed inside kmsd") }
-        let keyID = sealed.keyID.description
-        d.keyID = keyID
+        // The decision noted the sealing key's id already (the record sealed under is the one decided on).
+        if d.keyID.isEmpty { d.keyID = sealed.keyID.description }
+        let keyID = d.keyID
         d.keyVersion = sealed.keyVersion
         return .with {
             $0.ciphertextBlob = .init(sealed.blob)
@@ -42,7 +44,7 @@ enum CryptoHandlers {
 
     static func decrypt(_ r: Kmsd_V1_DecryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails,
                         _ secret: inout ResponseSecret?) throws(KMSError) -> Kmsd_V1_DecryptResponse {
-        noteBlob(Array(r.ciphertextBlob), into: &d)
+        noteBlob(r.ciphertextBlob, into: &d)
         if case let a = AuditDetails.alias(requested: r.keyID), !a.isEmpty { d.alias = a }
         let pairs = try ctx.context(operation: 31, field: 2, decoded: r.encryptionContext)
         d.contextKeys = EncryptionContext.auditText(pairs, values: d.contextValues)
@@ -58,7 +60,7 @@ enum CryptoHandlers {
     }
 
     static func reEncrypt(_ r: Kmsd_V1_ReEncryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails) throws(KMSError) -> Kmsd_V1_ReEncryptResponse {
-        noteBlob(Array(r.ciphertextBlob), into: &d)
+        noteBlob(r.ciphertextBlob, into: &d)
         d.sourceKeyID = d.keyID
         d.sourceKeyVersion = d.keyVersion
         if case let a = AuditDetails.alias(requested: r.sourceKeyID), !a.isEmpty { d.sourceAlias = a }
@@ -122,10 +124,12 @@ enum CryptoHandlers {
     }
 
     /// Records the key id and version a blob names, for the audit record, when it parses.
-    static func noteBlob(_ blob: [UInt8], into d: inout AuditDetails) {
-        if let parsed = try? SymmetricCiphertext(parsing: blob) {
-            d.keyID = parsed.keyID.description
-            d.keyVersion = parsed.keyVersion
+    static func noteBlob(_ blob: Data, into d: inout AuditDetails) {
+        if let named = SymmetricCiphertext.keyReference(of: blob) {
+            // Usually the decision has named this key already (the same text, not made again).
+            let id = named.keyID.description
+            if d.keyID != id { d.keyID = id }
+            d.keyVersion = named.keyVersion
         }
     }
 }

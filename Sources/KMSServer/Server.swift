@@ -128,7 +128,7 @@ public final class Server: @unchecked Sendable {
         for _ in integrityProblems { dispatcher.alarms.noteFired("IntegrityFailure") }
         limits = ConnectionLimits(maxTotal: c.maxConnections, maxPerUID: c.maxConnectionsPerUID,
                                   reservedForAdministrators: c.effectiveAdminReservedConnections)
-        group = MultiThreadedEventLoopGroup(numberOfThreads: c.eventLoops > 0 ? c.eventLoops : System.coreCount)
+        group = MultiThreadedEventLoopGroup(numberOfThreads: c.effectiveEventLoops)
         var turns: [ObjectIdentifier: TurnScheduler] = [:]
         for loop in group.makeIterator() { turns[ObjectIdentifier(loop)] = TurnScheduler(loop: loop) }
         self.turns = turns

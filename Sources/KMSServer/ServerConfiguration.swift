@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import KMSCore
 import KMSProtocol
+import NIOCore
 
 /// Everything kmsd needs to start, from a JSON configuration file and/or command-line flags.
 public struct ServerConfiguration: Sendable, Equatable {
@@ -21,8 +22,14 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var development = false
     public var allowUnlockedMemory = false
     public var workerThreads = 4
-    /// Event-loop threads serving connections; 0 = one per core.
+    /// Event-loop threads serving connections; 0 = half the cores (`effectiveEventLoops`).
     public var eventLoops = 0
+
+    /// The event-loop threads kmsd runs: `eventLoops`, or when 0 half the cores (at least one).
+    /// kmsd's clients are local processes and every request needs a core on their side too; on
+    /// two cores, two loops spent 26 µs of kmsd's CPU per Encrypt (8 connections) against 20 µs
+    /// with one, for the same throughput (the difference is cross-core wake-ups).
+    public var effectiveEventLoops: Int { eventLoops > 0 ? eventLoops : max(1, System.coreCount / 2) }
     /// Development only: seconds in a "day" of a key deletion window, so tests can watch a
     /// deletion happen. nil = 86400.
     public var developmentDaySeconds: Int? = nil

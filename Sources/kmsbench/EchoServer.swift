@@ -79,7 +79,7 @@ final class EchoServer: @unchecked Sendable {
     /// goes quiet for `idleSeconds`, or sends a bad length. Frames that arrived together are
     /// written back with one write(2), as an event-loop server flushes them together.
     static func echoFrames(fd: Int32) {
-        var reader = FrameReader(fd: fd)
+        var reader = FrameReader(fd: fd, waitsInPoll: false)
         while let frames = try? reader.completeFrames() {
             let written = reader.buffer.withUnsafeBytes { p in
                 (try? UnixSocket.writeAll(fd, UnsafeRawBufferPointer(rebasing: p[frames]))) != nil
