@@ -10,6 +10,7 @@
 #include <openssl/x509.h>
 #include <openssl/sha.h>
 #include <pthread.h>
+#include <sys/mman.h>
 
 // Fetching an algorithm walks OpenSSL 3's provider tables under a lock; fetch each one once
 // and share it (fetched objects are reference counted and safe to use from many threads).
@@ -69,14 +70,17 @@ static inline int kms_gcm_set_tag(EVP_CIPHER_CTX *ctx, int len, void *tag) {
 static inline unsigned long *kms_fork_generation(void) { static unsigned long generation; return &generation; }
 static inline void kms_note_fork(void) { __atomic_add_fetch(kms_fork_generation(), 1, __ATOMIC_RELAXED); }
 static inline void kms_register_fork_note(void) { pthread_atfork(NULL, NULL, kms_note_fork); }
-static inline int kms_public_random_bytes(unsigned char *out, size_t n) {
+static inline void kms_fork_note_once(void) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, kms_register_fork_note);
+}
+static inline int kms_public_random_bytes(unsigned char *out, size_t n) {
     static __thread unsigned char pool[4096];
     static __thread size_t left;
     static __thread unsigned long generation;
     if (n == 0) return 1;
     if (n > 256) return RAND_bytes(out, (int)n);
-    pthread_once(&once, kms_register_fork_note);
+    kms_fork_note_once();
     unsigned long now = __atomic_load_n(kms_fork_generation(), __ATOMIC_RELAXED);
     if (left < n || generation != now) {
         OPENSSL_cleanse(pool, sizeof pool);
@@ -89,6 +93,56 @@ static inline int kms_public_random_bytes(unsigned char *out, size_t n) {
     memcpy(out, p, n);
     OPENSSL_cleanse(p, n);
     left -= n;
+    return 1;
+}
+
+// Random bytes for secrets (data keys) from a per-thread pool in its own page, locked
+// (mlock), left out of core dumps (MADV_DONTDUMP) and wiped in a forked child
+// (MADV_WIPEONFORK, and the fork note above): key material only ever in locked memory. The
+// page is cleansed and unmapped when its thread ends. Each byte is handed out once and zeroed
+// in the pool as it is. Where the page cannot be locked, and for requests over 512 bytes,
+// RAND_bytes writes straight into `out`. Returns 1, or 0 when the generator fails.
+typedef struct {
+    size_t left;
+    unsigned long generation;
+    unsigned char bytes[4096 - 2 * sizeof(size_t)];
+} kms_secret_pool;
+static inline void kms_secret_pool_free(void *p) {
+    OPENSSL_cleanse(p, 4096);
+    munlock(p, 4096);
+    munmap(p, 4096);
+}
+static inline pthread_key_t *kms_secret_pool_key(void) { static pthread_key_t key; return &key; }
+static inline void kms_secret_pool_key_create(void) { pthread_key_create(kms_secret_pool_key(), kms_secret_pool_free); }
+static inline int kms_secret_random_bytes(unsigned char *out, size_t n) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    static __thread kms_secret_pool *pool;
+    static __thread int unavailable;
+    if (n == 0) return 1;
+    if (n > 512 || unavailable) return RAND_bytes(out, (int)n);
+    kms_fork_note_once();
+    pthread_once(&once, kms_secret_pool_key_create);
+    if (pool == NULL) {
+        void *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) { unavailable = 1; return RAND_bytes(out, (int)n); }
+        if (mlock(p, 4096) != 0) { munmap(p, 4096); unavailable = 1; return RAND_bytes(out, (int)n); }
+        madvise(p, 4096, MADV_DONTDUMP);
+        madvise(p, 4096, MADV_WIPEONFORK);
+        pool = (kms_secret_pool *)p;
+        pthread_setspecific(*kms_secret_pool_key(), p);
+    }
+    unsigned long now = __atomic_load_n(kms_fork_generation(), __ATOMIC_RELAXED);
+    if (pool->left < n || pool->left > sizeof pool->bytes || pool->generation != now) {
+        OPENSSL_cleanse(pool->bytes, sizeof pool->bytes);
+        pool->left = 0;
+        if (RAND_bytes(pool->bytes, (int)sizeof pool->bytes) != 1) return 0;
+        pool->left = sizeof pool->bytes;
+        pool->generation = now;
+    }
+    unsigned char *p = pool->bytes + (sizeof pool->bytes - pool->left);
+    memcpy(out, p, n);
+    OPENSSL_cleanse(p, n);
+    pool->left -= n;
     return 1;
 }
 
@@ -310,6 +364,14 @@ static inline int kms_hmac_compute(const char *digest,
                                    const unsigned char *key, size_t keylen,
                                    const unsigned char *data, size_t datalen,
                                    unsigned char *out, size_t outcap, size_t *outlen) {
+    // SHA-256 (every audit record's chain link, every key row's MAC) on the block functions:
+    // EVP_MAC's context and digest fetch cost several times the hashing here.
+    if (strcmp(digest, "SHA256") == 0) {
+        if (outcap < 32) return 0;
+        kms_hmac_sha256_parts(key, keylen, data, datalen, NULL, 0, NULL, 0, out);
+        *outlen = 32;
+        return 1;
+    }
     EVP_MAC *alg = kms_hmac_alg();
     if (alg == NULL) return 0;
     EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(alg);

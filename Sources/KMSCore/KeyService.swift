@@ -761,7 +761,7 @@ public final class KeyService: Sendable {
         let count = try Self.dataKeyBytes(keySpec: keySpec, numberOfBytes: numberOfBytes)
         try checkUsable(record, needsEnabled: true)
         let dataKey: SecureBytes
-        do { dataKey = try SecureBytes.random(count: count) } catch {
+        do { dataKey = try SecureBytes.dataKey(count: count) } catch {
             throw KMSError(.internalError, "could not generate random bytes inside kmsd")
         }
         let sealed = try dataKey.withUnsafeBytes { (p) throws(KMSError) in try seal(p, record: record, context: ctx) }

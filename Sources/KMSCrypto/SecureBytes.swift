@@ -43,6 +43,14 @@ public final class SecureBytes: @unchecked Sendable {
         return s
     }
 
+    /// A data key: random bytes from the thread's locked pool (`SecureRandom.fillSecret`), so
+    /// a GenerateDataKey costs no generator call of its own.
+    public static func dataKey(count: Int) throws -> SecureBytes {
+        let s = try SecureBytes(zeroedCount: count)
+        try s.withUnsafeMutableBytes { try SecureRandom.fillSecret($0) }
+        return s
+    }
+
     deinit {
         SecureArena.shared.release(pointer, size: max(count, 1))
     }

@@ -29,4 +29,15 @@ public enum SecureRandom {
             throw CryptoError.openSSL("RAND_bytes")
         }
     }
+
+    /// Fills `buffer` (locked memory: a SecureBytes) with random bytes for a secret, from a
+    /// per-thread pool in a locked, dont-dump, wipe-on-fork page that OpenSSL's generator
+    /// refills 4 KiB at a time (`kms_secret_random_bytes`), for data keys (one per
+    /// GenerateDataKey). Each byte is handed out once and zeroed in the pool as it is.
+    public static func fillSecret(_ buffer: UnsafeMutableRawBufferPointer) throws {
+        guard buffer.count > 0 else { return }
+        guard kms_secret_random_bytes(buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), buffer.count) == 1 else {
+            throw CryptoError.openSSL("RAND_bytes")
+        }
+    }
 }

@@ -3,16 +3,23 @@ import Glibc
 @testable import KMSCrypto
 import Testing
 
-/// The per-thread pool behind `SecureRandom.fillPublic` (salts and nonces): every byte is
-/// handed out once, across refills and threads, and a forked child never repeats its parent.
+/// The per-thread pools behind `SecureRandom.fillPublic` (salts and nonces) and
+/// `SecureRandom.fillSecret` (data keys, in a locked page): every byte is handed out once,
+/// across refills and threads, and a forked child never repeats its parent.
+@Suite(.serialized)
 struct SecureRandomTests {
-    static func draw(_ n: Int = 44) throws -> [UInt8] {
+    enum Pool: CaseIterable, Sendable { case publicBytes, secret }
+
+    static func draw(_ n: Int = 44, from pool: Pool = .publicBytes) throws -> [UInt8] {
         var out = [UInt8](repeating: 0, count: n)
-        try out.withUnsafeMutableBytes { try SecureRandom.fillPublic($0) }
+        switch pool {
+        case .publicBytes: try out.withUnsafeMutableBytes { try SecureRandom.fillPublic($0) }
+        case .secret: try out.withUnsafeMutableBytes { try SecureRandom.fillSecret($0) }
+        }
         return out
     }
 
-    @Test func drawsNeverRepeatAcrossRefillsAndThreads() throws {
+    @Test(arguments: Pool.allCases) func drawsNeverRepeatAcrossRefillsAndThreads(_ pool: Pool) throws {
         // 4 threads × 2,000 draws of 44 bytes: each thread's pool refills about 20 times.
         let lock = NSLock()
         nonisolated(unsafe) var all: [[UInt8]] = []
@@ -20,7 +27,7 @@ struct SecureRandomTests {
         DispatchQueue.concurrentPerform(iterations: 4) { _ in
             var mine: [[UInt8]] = []
             for _ in 0..<2_000 {
-                guard let d = try? Self.draw() else { lock.withLock { failures += 1 }; return }
+                guard let d = try? Self.draw(from: pool) else { lock.withLock { failures += 1 }; return }
                 mine.append(d)
             }
             lock.withLock { all += mine }
@@ -36,28 +43,35 @@ struct SecureRandomTests {
         #expect(counts.allSatisfy { Double($0) > expected * 0.7 && Double($0) < expected * 1.3 })
     }
 
-    @Test func largeRequestsAndSizesAcrossTheRefillEdge() throws {
-        for n in [1, 12, 32, 44, 255, 256, 257, 4096, 10_000] {
-            let a = try Self.draw(n), b = try Self.draw(n)
-            #expect(a.count == n && a != b)
+    @Test(arguments: Pool.allCases) func largeRequestsAndSizesAcrossTheRefillEdge(_ pool: Pool) throws {
+        for n in [1, 12, 32, 44, 255, 256, 257, 512, 513, 4096, 10_000] {
+            let a = try Self.draw(n, from: pool), b = try Self.draw(n, from: pool)
+            #expect(a.count == n && b.count == n)
+            // Two draws of 8 bytes or more are equal with probability 2^-64 at most.
+            if n >= 8 { #expect(a != b) }
         }
     }
 
-    @Test func aForkedChildDoesNotRepeatItsParentsBytes() throws {
-        _ = try Self.draw()  // the pool is filled before the fork
+    @Test(arguments: Pool.allCases) func aForkedChildDoesNotRepeatItsParentsBytes(_ pool: Pool) throws {
+        _ = try Self.draw(from: pool)  // the pool is filled before the fork
         var fds: [Int32] = [0, 0]
         #expect(pipe(&fds) == 0)
         let pid = fork()
         if pid == 0 {
             // The child: only C calls until _exit.
             var out = [UInt8](repeating: 0, count: 44)
-            let ok = out.withUnsafeMutableBytes { (try? SecureRandom.fillPublic($0)) != nil }
+            let ok = out.withUnsafeMutableBytes { b in
+                switch pool {
+                case .publicBytes: (try? SecureRandom.fillPublic(b)) != nil
+                case .secret: (try? SecureRandom.fillSecret(b)) != nil
+                }
+            }
             if ok { _ = out.withUnsafeBytes { write(fds[1], $0.baseAddress, 44) } }
             _exit(ok ? 0 : 1)
         }
         #expect(pid > 0)
         close(fds[1])
-        let parentNext = try Self.draw()
+        let parentNext = try Self.draw(from: pool)
         var child = [UInt8](repeating: 0, count: 44)
         let n = child.withUnsafeMutableBytes { read(fds[0], $0.baseAddress, 44) }
         close(fds[0])

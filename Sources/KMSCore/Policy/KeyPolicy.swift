@@ -51,6 +51,8 @@ public struct KeyPolicy: Sendable {
         public let conditionText: String?
         /// How an audit record names it: its Sid, or `#index` when it has none.
         public let name: String
+        /// `key-policy:NAME`, how a key-policy decision by it is named (made once, not per request).
+        let keyPolicyDecidedBy: String
 
         init(sid: String?, index: Int, effect: Effect, principal: PrincipalPattern, notPrincipal: Bool, actions: ActionSet,
              notAction: Bool, conditions: [Condition], resources: [Glob]?, principalText: [String], actionText: [String],
@@ -68,6 +70,12 @@ public struct KeyPolicy: Sendable {
             self.actionText = actionText
             self.conditionText = conditionText
             self.name = (sid?.isEmpty ?? true) ? "#\(index)" : sid!
+            self.keyPolicyDecidedBy = "key-policy:\(self.name)"
+        }
+
+        /// `SOURCE:NAME`.
+        func decidedBy(_ source: String) -> String {
+            source == "key-policy" ? keyPolicyDecidedBy : "\(source):\(name)"
         }
         public var isNotPrincipal: Bool { notPrincipal }
         public var isNotAction: Bool { notAction }

@@ -97,10 +97,10 @@ extension KeyPolicy {
             guard applies else { continue }
             if s.effect == .allow, allow != nil { continue }  // already allowed; only a Deny can change that
             guard s.conditions.allSatisfy({ $0.holds(f) }) else { continue }
-            if s.effect == .deny { return PolicyDecision(effect: .explicitDeny, decidedBy: "\(source):\(s.name)") }
+            if s.effect == .deny { return PolicyDecision(effect: .explicitDeny, decidedBy: s.decidedBy(source)) }
             allow = s
         }
-        if let allow { return PolicyDecision(effect: .allow, decidedBy: "\(source):\(allow.name)") }
+        if let allow { return PolicyDecision(effect: .allow, decidedBy: allow.decidedBy(source)) }
         return PolicyDecision(effect: .implicitDeny, decidedBy: "implicit-deny", delegated: delegated)
     }
 }
