@@ -74,25 +74,41 @@ static inline void kms_fork_note_once(void) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, kms_register_fork_note);
 }
+// This thread's public pool. (Thread-local state lives in functions: Swift's importer emits
+// file-scope static variables of a header for no module.)
+typedef struct {
+    size_t left;
+    unsigned long generation;
+    unsigned char bytes[4096];
+} kms_public_pool_state;
+static inline kms_public_pool_state *kms_public_pool(void) { static __thread kms_public_pool_state pool; return &pool; }
+// Whether this thread's pool would hand out bytes without refilling (for the fork test: a
+// forked child's must not).
+// A pool is fresh when filled since the process's last fork.
+static inline int kms_pool_fresh(unsigned long generation) {
+    return generation == __atomic_load_n(kms_fork_generation(), __ATOMIC_RELAXED);
+}
+static inline int kms_public_pool_ready(void) {
+    kms_public_pool_state *pool = kms_public_pool();
+    return pool->left > 0 && kms_pool_fresh(pool->generation);
+}
 static inline int kms_public_random_bytes(unsigned char *out, size_t n) {
-    static __thread unsigned char pool[4096];
-    static __thread size_t left;
-    static __thread unsigned long generation;
     if (n == 0) return 1;
     if (n > 256) return RAND_bytes(out, (int)n);
     kms_fork_note_once();
-    unsigned long now = __atomic_load_n(kms_fork_generation(), __ATOMIC_RELAXED);
-    if (left < n || generation != now) {
-        OPENSSL_cleanse(pool, sizeof pool);
-        left = 0;
-        if (RAND_bytes(pool, (int)sizeof pool) != 1) return 0;
-        left = sizeof pool;
-        generation = now;
+    kms_public_pool_state *pool = kms_public_pool();
+    if (pool->left < n || !kms_pool_fresh(pool->generation)) {
+        unsigned long now = __atomic_load_n(kms_fork_generation(), __ATOMIC_RELAXED);
+        OPENSSL_cleanse(pool->bytes, sizeof pool->bytes);
+        pool->left = 0;
+        if (RAND_bytes(pool->bytes, (int)sizeof pool->bytes) != 1) return 0;
+        pool->left = sizeof pool->bytes;
+        pool->generation = now;
     }
-    unsigned char *p = pool + (sizeof pool - left);
+    unsigned char *p = pool->bytes + (sizeof pool->bytes - pool->left);
     memcpy(out, p, n);
     OPENSSL_cleanse(p, n);
-    left -= n;
+    pool->left -= n;
     return 1;
 }
 
@@ -114,25 +130,32 @@ static inline void kms_secret_pool_free(void *p) {
 }
 static inline pthread_key_t *kms_secret_pool_key(void) { static pthread_key_t key; return &key; }
 static inline void kms_secret_pool_key_create(void) { pthread_key_create(kms_secret_pool_key(), kms_secret_pool_free); }
+// This thread's page (NULL until its first use) and whether it could not be locked.
+static inline kms_secret_pool **kms_secret_pool_page(void) { static __thread kms_secret_pool *page; return &page; }
+static inline int *kms_secret_pool_unavailable(void) { static __thread int unavailable; return &unavailable; }
+static inline int kms_secret_pool_ready(void) {
+    kms_secret_pool *pool = *kms_secret_pool_page();
+    return pool != NULL && pool->left > 0 && pool->left <= sizeof pool->bytes && kms_pool_fresh(pool->generation);
+}
 static inline int kms_secret_random_bytes(unsigned char *out, size_t n) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
-    static __thread kms_secret_pool *pool;
-    static __thread int unavailable;
+    kms_secret_pool *pool = *kms_secret_pool_page();
     if (n == 0) return 1;
-    if (n > 512 || unavailable) return RAND_bytes(out, (int)n);
+    if (n > 512 || *kms_secret_pool_unavailable()) return RAND_bytes(out, (int)n);
     kms_fork_note_once();
     pthread_once(&once, kms_secret_pool_key_create);
     if (pool == NULL) {
         void *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (p == MAP_FAILED) { unavailable = 1; return RAND_bytes(out, (int)n); }
-        if (mlock(p, 4096) != 0) { munmap(p, 4096); unavailable = 1; return RAND_bytes(out, (int)n); }
+        if (p == MAP_FAILED) { *kms_secret_pool_unavailable() = 1; return RAND_bytes(out, (int)n); }
+        if (mlock(p, 4096) != 0) { munmap(p, 4096); *kms_secret_pool_unavailable() = 1; return RAND_bytes(out, (int)n); }
         madvise(p, 4096, MADV_DONTDUMP);
         madvise(p, 4096, MADV_WIPEONFORK);
         pool = (kms_secret_pool *)p;
+        *kms_secret_pool_page() = pool;
         pthread_setspecific(*kms_secret_pool_key(), p);
     }
-    unsigned long now = __atomic_load_n(kms_fork_generation(), __ATOMIC_RELAXED);
-    if (pool->left < n || pool->left > sizeof pool->bytes || pool->generation != now) {
+    if (pool->left < n || pool->left > sizeof pool->bytes || !kms_pool_fresh(pool->generation)) {
+        unsigned long now = __atomic_load_n(kms_fork_generation(), __ATOMIC_RELAXED);
         OPENSSL_cleanse(pool->bytes, sizeof pool->bytes);
         pool->left = 0;
         if (RAND_bytes(pool->bytes, (int)sizeof pool->bytes) != 1) return 0;

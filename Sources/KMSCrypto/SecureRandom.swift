@@ -40,4 +40,9 @@ public enum SecureRandom {
             throw CryptoError.openSSL("RAND_bytes")
         }
     }
+
+    /// Whether this thread's public pool, and its secret pool, would hand out bytes without
+    /// refilling from the generator (a forked child's must not: the fork test asks).
+    static var publicPoolReady: Bool { kms_public_pool_ready() == 1 }
+    static var secretPoolReady: Bool { kms_secret_pool_ready() == 1 }
 }

@@ -59,21 +59,38 @@ extension AuditDetails {
 
 /// Everything a handler may use: the caller, the key service, the server's settings, and the
 /// request's encryption contexts as they were on the wire.
-struct HandlerContext: Sendable {
+///
+/// A class: one per request, made by the dispatcher and passed down to the decision and the
+/// handler, used on one thread only; passing it costs one reference, not a copy of every field.
+final class HandlerContext: @unchecked Sendable {
     let principal: Principal
     let service: KeyService
     let settings: ServerSettings
-    var contexts: WireContexts? = nil
+    let contexts: WireContexts?
     /// The audit log (VerifyAuditRecords checks its chain) and the request metrics (Status).
-    var audit: AuditLog? = nil
-    var metrics: Metrics? = nil
-    var alarms: Alarms? = nil
+    let audit: AuditLog?
+    let metrics: Metrics?
+    let alarms: Alarms?
     /// Backup files (CreateBackup, GetBackupChunk); nil where kmsd keeps none.
-    var backups: BackupStore? = nil
+    let backups: BackupStore?
     /// This kmsd's replication identity; nil where it has none.
-    var identity: ReplicationIdentity? = nil
+    let identity: ReplicationIdentity?
     /// What the access decision found (the key record, the context as read), for the handler.
     var decided = Authorizer.Decided()
+
+    init(principal: Principal, service: KeyService, settings: ServerSettings, contexts: WireContexts? = nil,
+         audit: AuditLog? = nil, metrics: Metrics? = nil, alarms: Alarms? = nil, backups: BackupStore? = nil,
+         identity: ReplicationIdentity? = nil) {
+        self.principal = principal
+        self.service = service
+        self.settings = settings
+        self.contexts = contexts
+        self.audit = audit
+        self.metrics = metrics
+        self.alarms = alarms
+        self.backups = backups
+        self.identity = identity
+    }
 
     /// Refuses (AuditUnavailableException) a change that cannot be undone when its audit record
     /// is refused, while journald is known not to take records (AuditLog.unableToRecord).
@@ -405,7 +422,7 @@ final class Dispatcher: Sendable {
         }
         if var op = operation {
             do {
-                var ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit, metrics: metrics, alarms: alarms,
+                let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit, metrics: metrics, alarms: alarms,
                                          backups: backups, identity: identity)
                 // One access decision, then the handler, which checks no access itself.
                 do throws(KMSError) {
