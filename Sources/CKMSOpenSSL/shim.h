@@ -92,24 +92,31 @@ static inline int kms_public_pool_ready(void) {
     kms_public_pool_state *pool = kms_public_pool();
     return pool->left > 0 && kms_pool_fresh(pool->generation);
 }
+// Hands out `n` bytes of a pool of `size` bytes, refilling it from the generator first when
+// it has fewer left or was filled before the last fork; zeroes them in the pool.
+static inline int kms_pool_take(unsigned char *bytes, size_t size, size_t *left, unsigned long *generation,
+                                unsigned char *out, size_t n) {
+    if (*left < n || *left > size || !kms_pool_fresh(*generation)) {
+        unsigned long now = __atomic_load_n(kms_fork_generation(), __ATOMIC_RELAXED);
+        OPENSSL_cleanse(bytes, size);
+        *left = 0;
+        if (RAND_bytes(bytes, (int)size) != 1) return 0;
+        *left = size;
+        *generation = now;
+    }
+    unsigned char *p = bytes + (size - *left);
+    memcpy(out, p, n);
+    OPENSSL_cleanse(p, n);
+    *left -= n;
+    return 1;
+}
+
 static inline int kms_public_random_bytes(unsigned char *out, size_t n) {
     if (n == 0) return 1;
     if (n > 256) return RAND_bytes(out, (int)n);
     kms_fork_note_once();
     kms_public_pool_state *pool = kms_public_pool();
-    if (pool->left < n || !kms_pool_fresh(pool->generation)) {
-        unsigned long now = __atomic_load_n(kms_fork_generation(), __ATOMIC_RELAXED);
-        OPENSSL_cleanse(pool->bytes, sizeof pool->bytes);
-        pool->left = 0;
-        if (RAND_bytes(pool->bytes, (int)sizeof pool->bytes) != 1) return 0;
-        pool->left = sizeof pool->bytes;
-        pool->generation = now;
-    }
-    unsigned char *p = pool->bytes + (sizeof pool->bytes - pool->left);
-    memcpy(out, p, n);
-    OPENSSL_cleanse(p, n);
-    pool->left -= n;
-    return 1;
+    return kms_pool_take(pool->bytes, sizeof pool->bytes, &pool->left, &pool->generation, out, n);
 }
 
 // Random bytes for secrets (data keys) from a per-thread pool in its own page, locked
@@ -154,19 +161,7 @@ static inline int kms_secret_random_bytes(unsigned char *out, size_t n) {
         *kms_secret_pool_page() = pool;
         pthread_setspecific(*kms_secret_pool_key(), p);
     }
-    if (pool->left < n || pool->left > sizeof pool->bytes || !kms_pool_fresh(pool->generation)) {
-        unsigned long now = __atomic_load_n(kms_fork_generation(), __ATOMIC_RELAXED);
-        OPENSSL_cleanse(pool->bytes, sizeof pool->bytes);
-        pool->left = 0;
-        if (RAND_bytes(pool->bytes, (int)sizeof pool->bytes) != 1) return 0;
-        pool->left = sizeof pool->bytes;
-        pool->generation = now;
-    }
-    unsigned char *p = pool->bytes + (sizeof pool->bytes - pool->left);
-    memcpy(out, p, n);
-    OPENSSL_cleanse(p, n);
-    pool->left -= n;
-    return 1;
+    return kms_pool_take(pool->bytes, sizeof pool->bytes, &pool->left, &pool->generation, out, n);
 }
 
 static inline EVP_MD *kms_fetched_sha256(void) { KMS_CACHED_FETCH(EVP_MD, EVP_MD_fetch(NULL, "SHA256", NULL), EVP_MD_free) }
