@@ -20,7 +20,7 @@ enum CryptoBench {
         var hkdfGCMPerSecond: Double { hkdfGCMMicroseconds > 0 ? 1e6 / hkdfGCMMicroseconds : 0 }
     }
 
-    static func measure(seconds: Double = 1) throws -> Result {
+    static func measure(seconds: Double = 2) throws -> Result {
         let versionKey = try SecureBytes.random(count: 32)
         let plaintext = [UInt8](repeating: 0x5a, count: 64)
         let salt = try SecureRandom.bytes(32), nonce = try SecureRandom.bytes(12)
@@ -63,17 +63,30 @@ enum CryptoBench {
         return Result(hkdfGCMMicroseconds: raw, kmsdHKDFGCMMicroseconds: ours, sealMicroseconds: seal)
     }
 
-    /// Microseconds per call of `body`, run for about `seconds` after a short warm-up.
+    /// Microseconds of this thread's CPU time per call of `body`: the least of five rounds of
+    /// about `seconds` / 5 each, after a short warm-up. CPU time, as kmsd's figures are (time
+    /// the virtual machine's host takes away is not counted against either), and the fastest
+    /// round, so that a moment of interference does not make the baseline, and so the targets,
+    /// easier.
     private static func time(_ seconds: Double, _ body: () throws -> Void) throws -> Double {
         for _ in 0..<1000 { try body() }
-        var calls = 0
-        let start = monotonicNanos(), end = start + UInt64(seconds * 1e9)
-        var now = start
-        while now < end {
-            for _ in 0..<256 { try body() }
-            calls += 256
-            now = monotonicNanos()
+        var best = Double.infinity
+        for _ in 0..<5 {
+            var calls = 0
+            let wallEnd = monotonicNanos() + UInt64(seconds / 5 * 1e9)
+            let start = threadCPUNanos()
+            while monotonicNanos() < wallEnd {
+                for _ in 0..<256 { try body() }
+                calls += 256
+            }
+            best = min(best, Double(threadCPUNanos() - start) / 1000 / Double(calls))
         }
-        return Double(now - start) / 1000 / Double(calls)
+        return best
+    }
+
+    static func threadCPUNanos() -> UInt64 {
+        var t = timespec()
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)
+        return UInt64(t.tv_sec) * 1_000_000_000 + UInt64(t.tv_nsec)
     }
 }
