@@ -82,12 +82,12 @@ typedef struct {
     unsigned char bytes[4096];
 } kms_public_pool_state;
 static inline kms_public_pool_state *kms_public_pool(void) { static __thread kms_public_pool_state pool; return &pool; }
-// Whether this thread's pool would hand out bytes without refilling (for the fork test: a
-// forked child's must not).
 // A pool is fresh when filled since the process's last fork.
 static inline int kms_pool_fresh(unsigned long generation) {
     return generation == __atomic_load_n(kms_fork_generation(), __ATOMIC_RELAXED);
 }
+// Whether this thread's pool would hand out bytes without refilling (for the fork test: a
+// forked child's must not).
 static inline int kms_public_pool_ready(void) {
     kms_public_pool_state *pool = kms_public_pool();
     return pool->left > 0 && kms_pool_fresh(pool->generation);
@@ -307,7 +307,7 @@ static inline int kms_v1_seal(const unsigned char *vkey, size_t vkeylen,
                               unsigned char *blob, unsigned char mk[32]) {
     kms_v1_message_key(vkey, vkeylen, label, labellen, blob, mk);
     EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
-    if (c == NULL) return 0;
+    if (c == NULL) { OPENSSL_cleanse(mk, 32); return 0; }
     int n = 0;
     unsigned char scratch[16];
     int ok = EVP_EncryptInit_ex(c, kms_gcm256(), NULL, mk, blob + 54)
@@ -331,7 +331,7 @@ static inline int kms_v1_open(const unsigned char *vkey, size_t vkeylen,
     size_t ctlen = bloblen - 66 - 16;
     kms_v1_message_key(vkey, vkeylen, label, labellen, blob, mk);
     EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
-    if (c == NULL) return 0;
+    if (c == NULL) { OPENSSL_cleanse(mk, 32); return 0; }
     int n = 0;
     unsigned char scratch[16], tag[16];
     memcpy(tag, blob + 66 + ctlen, 16);
