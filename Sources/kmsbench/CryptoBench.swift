@@ -11,8 +11,8 @@ enum CryptoBench {
         /// 100-byte AAD, straight through OpenSSL's EVP calls (EVP_KDF "HKDF", EVP AES-GCM):
         /// the C cost issue 10 names ("about 4 µs"), and the baseline of its targets.
         let hkdfGCMMicroseconds: Double
-        /// The same with kmsd's HKDF (HMACs on OpenSSL's SHA-256, `KMSCrypto.HKDF`), which
-        /// costs a quarter of EVP_KDF's: the crypto floor of kmsd's own requests.
+        /// The same with kmsd's HKDF (HMACs on SHA-256's block functions, `KMSCrypto.HKDF`), a
+        /// fraction of EVP_KDF's cost: the crypto floor of kmsd's own requests.
         let kmsdHKDFGCMMicroseconds: Double
         /// kmsd's whole sealing step (`SymmetricCiphertext.seal`: fresh salt and nonce, header,
         /// context, HKDF, GCM, the blob).
