@@ -197,7 +197,7 @@ struct BenchReport: Codable, Sendable {
         let e = environment
         var lines: [String] = []
         lines.append("kmsbench \(e.date) · \(e.cpuModel) · nproc \(e.processors) · Linux \(e.kernel) · "
-            + "\(Self.number(e.durationSeconds)) s measured after \(Self.number(e.warmupSeconds)) s warm-up per run, in \(e.rounds) rounds, the fastest reported · "
+            + "\(Self.number(e.durationSeconds)) s measured after \(Self.number(e.warmupSeconds)) s warm-up per run, in \(e.rounds) rounds interleaved across the runs of a scenario (echo and kmsd), the fastest reported · "
             + "\(e.plaintextBytes)-byte plaintexts, one context pair (Encrypt request frame \(e.requestFrameBytes) bytes; echo frames identical)")
         lines.append("")
         lines.append(String(format: "Baselines: HKDF-SHA256 + AES-256-GCM of 64 B in process through OpenSSL's EVP_KDF and EVP AES-GCM %.2f µs of CPU, the fastest of five rounds (%.0f/s on one core; the targets' baseline); the same with kmsd's HKDF %.2f µs; kmsd's whole seal step %.2f µs. journald ingests %.0f records/s like kmsd's (%d sent, %d stored in %.1f s).",

@@ -36,7 +36,7 @@ struct KMSBench: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Unmeasured seconds before each measurement.", valueName: "seconds"))
     var warmup: Double = 1
 
-    @Option(name: .customLong("rounds"), help: ArgumentHelp("Split each run's measured time into this many rounds and report the fastest (kmsd and echo server alike). Default 3.", valueName: "n"))
+    @Option(name: .customLong("rounds"), help: ArgumentHelp("Split each run's measured time into this many rounds and report the fastest (kmsd and echo server alike); in make bench's main table the rounds of a scenario's runs are interleaved. Default 3.", valueName: "n"))
     var rounds: Int = 3
 
     @Flag(name: .customLong("policy-only"), help: "Only measure the access decision in process (no kmsd, no echo server).")
@@ -90,6 +90,9 @@ struct KMSBench: ParsableCommand {
 
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
+        // Line by line, so the report's lines and the progress lines on stderr keep their order
+        // when both go to one file.
+        setvbuf(stdout, nil, _IOLBF, 0)
         do {
             try benchmark()
         } catch {
@@ -195,25 +198,44 @@ struct KMSBench: ParsableCommand {
         try echo.start()
         defer { echo.stop() }
         let echoTarget = EchoTarget(socketPath: echo.path, payloadFrame: sampleFrame)
-        var echoResults: [EchoResult] = []
-        for scenario in Scenario.all {
-            let pid = echo.pid
-            echoResults.append(EchoResult(scenario: scenario.name, echo: TargetFigures(try measure(echoTarget, scenario) { LoadDriver.processCPUNanos(pid: pid) })))
-        }
 
+        // Every scenario's runs side by side: the echo server, then each operation against each
+        // daemon; their rounds are interleaved (round 1 of all, then round 2 of all, ...), so a
+        // slow moment of the machine falls on a round of each, not on one target's whole run,
+        // and the figures compared (kmsd against echo, Decrypt against Encrypt) come from
+        // rounds measured seconds apart.
+        var slots: [Slot] = []
+        for scenario in Scenario.all {
+            let echoPID = echo.pid
+            slots.append(Slot(label: echoTarget.name, scenario: scenario) { warmup, duration in
+                try LoadDriver.run(target: echoTarget, scenario: scenario, warmup: warmup, duration: duration) { LoadDriver.processCPUNanos(pid: echoPID) }
+            })
+            for d in daemons {
+                for op in BenchOperation.allCases {
+                    let t = try d.target(op, plaintext: Self.plaintext)
+                    let pid = d.process.pid, process = d.process
+                    slots.append(Slot(label: "kmsd audit \(d.audit ? "on" : "off") \(op.rawValue)", scenario: scenario) { warmup, duration in
+                        do {
+                            return try LoadDriver.run(target: t, scenario: scenario, warmup: warmup, duration: duration) { LoadDriver.processCPUNanos(pid: pid) }
+                        } catch {
+                            throw BenchError("\(error)\n\(process.logExcerpt())")
+                        }
+                    })
+                }
+            }
+        }
+        let measured = try measureInterleaved(slots)
+        var echoResults: [EchoResult] = []
         var results: [KMSDResult] = []
-        for d in daemons {
-            for op in BenchOperation.allCases {
-                let t = try d.target(op, plaintext: Self.plaintext)
-                for (i, scenario) in Scenario.all.enumerated() {
-                    let pid = d.process.pid
-                    let r: LoadResult
-                    do {
-                        r = try measure(t, scenario, label: "kmsd audit \(d.audit ? "on" : "off") \(op.rawValue)") { LoadDriver.processCPUNanos(pid: pid) }
-                    } catch {
-                        throw BenchError("\(error)\n\(d.process.logExcerpt())")
-                    }
-                    results.append(KMSDResult(scenario: scenario, operation: op, audit: d.audit, kmsd: r, echo: echoResults[i].echo))
+        var next = 0
+        for scenario in Scenario.all {
+            let echoFigures = TargetFigures(measured[next])
+            echoResults.append(EchoResult(scenario: scenario.name, echo: echoFigures))
+            next += 1
+            for d in daemons {
+                for op in BenchOperation.allCases {
+                    results.append(KMSDResult(scenario: scenario, operation: op, audit: d.audit, kmsd: measured[next], echo: echoFigures))
+                    next += 1
                 }
             }
         }
@@ -273,8 +295,35 @@ struct KMSBench: ParsableCommand {
         return best!
     }
 
+    /// One target in one scenario: `run(warmup, duration)` measures one round of it.
+    struct Slot {
+        let label: String
+        let scenario: Scenario
+        let run: (_ warmup: Double, _ duration: Double) throws -> LoadResult
+    }
+
+    /// Measures every slot in `--rounds` rounds of duration / rounds each, interleaved: round 1
+    /// of every slot, then round 2 of every slot, and so on. Each slot's fastest round (the most
+    /// operations per second) gives all its figures. The first round of each follows the full
+    /// warm-up; later ones, after another target's traffic, a shorter one.
+    private func measureInterleaved(_ slots: [Slot]) throws -> [LoadResult] {
+        let rounds = max(1, self.rounds)
+        let each = duration / Double(rounds)
+        var best = [LoadResult?](repeating: nil, count: slots.count)
+        for round in 0..<rounds {
+            let warm = round == 0 ? warmup : min(warmup, 0.5)
+            for (i, slot) in slots.enumerated() {
+                let r = try slot.run(warm, each)
+                progress("\(slot.label): \(slot.scenario.name), round \(round + 1) of \(rounds) (\(Self.seconds(warm)) s warm-up + \(Self.seconds(each)) s): "
+                         + String(format: "%.0f ops/s, p50 %.1f µs, p99 %.1f µs", r.opsPerSecond, Double(r.p50Nanos) / 1000, Double(r.p99Nanos) / 1000))
+                if best[i] == nil || r.opsPerSecond > best[i]!.opsPerSecond { best[i] = r }
+            }
+        }
+        return best.map { $0! }
+    }
+
     private static func seconds(_ value: Double) -> String {
-        value == value.rounded() ? String(Int(value)) : String(value)
+        value == value.rounded() ? String(Int(value)) : String(format: "%.2f", value)
     }
 
     /// `kmsd` in the directory of this executable.
