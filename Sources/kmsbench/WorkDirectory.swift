@@ -34,5 +34,7 @@ struct WorkDirectory {
 
 /// Progress goes to stderr; stdout carries only the results.
 func progress(_ message: String) {
+    // What the report printed so far goes first, so the two keep their order in one file.
+    fflush(nil)
     FileHandle.standardError.write(Data((message + "\n").utf8))
 }

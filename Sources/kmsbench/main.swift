@@ -90,9 +90,6 @@ struct KMSBench: ParsableCommand {
 
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
-        // Line by line, so the report's lines and the progress lines on stderr keep their order
-        // when both go to one file.
-        setvbuf(stdout, nil, _IOLBF, 0)
         do {
             try benchmark()
         } catch {
