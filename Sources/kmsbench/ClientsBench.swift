@@ -139,10 +139,12 @@ enum ClientsBench {
         // made at once are admitted in the order their resolutions finish, not quite the order
         // of connect(2): whichever one is over the limit gets the error frame. So every
         // connection is watched, and the limit holds when exactly one is refused.
-        let over = connectFailed ? (refused: 0, codes: [String]()) : refusals(held)
-        let refusal = connectFailed ? "connect failed"
-            : over.refused == 0 ? "none of them refused"
-            : "\(over.refused) of them refused, with \(Set(over.codes).sorted().joined(separator: ", "))"
+        var refusal = "connect failed"
+        if !connectFailed {
+            let over = refusals(held)
+            refusal = over.refused == 0 ? "none of them refused"
+                : "\(over.refused) of them refused, with \(Set(over.codes).sorted().joined(separator: ", "))"
+        }
         return Result(active: active, activeRequestsPerSecond: rate, stalled: stalled, unloaded: TargetFigures(unloaded),
                       loaded: TargetFigures(loaded), stalledDroppedAfterTimeout: dropped, frameTimeoutSeconds: frameTimeout,
                       perUIDLimit: perUID, refusedOverLimit: refusal)

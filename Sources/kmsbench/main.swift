@@ -211,7 +211,8 @@ struct KMSBench: ParsableCommand {
                 for op in BenchOperation.allCases {
                     let t = try d.target(op, plaintext: Self.plaintext)
                     let pid = d.process.pid, process = d.process
-                    slots.append(Slot(label: "kmsd audit \(d.audit ? "on" : "off") \(op.rawValue)", scenario: scenario) { warmup, duration in
+                    slots.append(Slot(label: "kmsd audit \(d.audit ? "on" : "off") \(op.rawValue)", scenario: scenario,
+                                      kmsd: (d.audit, op)) { warmup, duration in
                         do {
                             return try LoadDriver.run(target: t, scenario: scenario, warmup: warmup, duration: duration) { LoadDriver.processCPUNanos(pid: pid) }
                         } catch {
@@ -221,20 +222,11 @@ struct KMSBench: ParsableCommand {
                 }
             }
         }
-        let measured = try measureInterleaved(slots)
-        var echoResults: [EchoResult] = []
-        var results: [KMSDResult] = []
-        var next = 0
-        for scenario in Scenario.all {
-            let echoFigures = TargetFigures(measured[next])
-            echoResults.append(EchoResult(scenario: scenario.name, echo: echoFigures))
-            next += 1
-            for d in daemons {
-                for op in BenchOperation.allCases {
-                    results.append(KMSDResult(scenario: scenario, operation: op, audit: d.audit, kmsd: measured[next], echo: echoFigures))
-                    next += 1
-                }
-            }
+        let measured = zip(slots, try measureInterleaved(slots))
+        let echoResults = measured.filter { $0.0.kmsd == nil }.map { EchoResult(scenario: $0.0.scenario.name, echo: TargetFigures($0.1)) }
+        let echoFigures = Dictionary(uniqueKeysWithValues: echoResults.map { ($0.scenario, $0.echo) })
+        let results = measured.compactMap { slot, r in
+            slot.kmsd.map { KMSDResult(scenario: slot.scenario, operation: $0.operation, audit: $0.audit, kmsd: r, echo: echoFigures[slot.scenario.name]!) }
         }
 
         progress("journald's ingest rate for records like kmsd's (\(Self.seconds(duration)) s)")
@@ -273,42 +265,36 @@ struct KMSBench: ParsableCommand {
         }
     }
 
+    /// One target in one scenario, in `--rounds` rounds back to back (the fastest gives every
+    /// figure, for kmsd and the echo server alike: on a virtual machine whose speed comes and
+    /// goes, one slow moment would otherwise decide a figure).
     private func measure<Target: BenchTarget>(_ target: Target, _ scenario: Scenario, label: String? = nil,
                                               cpuNanos: (@Sendable () -> UInt64?)? = nil) throws -> LoadResult {
-        // Rounds of duration / rounds each, the first after the warm-up; the round with the most
-        // operations per second gives every figure (its latencies and CPU too). The same for
-        // kmsd and the echo server: on a virtual machine whose speed comes and goes, one slow
-        // moment would otherwise decide a figure.
-        let rounds = max(1, self.rounds)
-        progress("\(label ?? target.name): \(scenario.name) (\(Self.seconds(warmup)) s warm-up + \(rounds) × \(Self.seconds(duration / Double(rounds))) s)")
-        var best: LoadResult? = nil
-        for round in 0..<rounds {
-            let r = try LoadDriver.run(target: target, scenario: scenario, warmup: round == 0 ? warmup : 0.2,
-                                       duration: duration / Double(rounds), cpuNanos: cpuNanos)
-            progress(String(format: "  round %d: %.0f ops/s, p50 %.1f µs, p99 %.1f µs",
-                            round + 1, r.opsPerSecond, Double(r.p50Nanos) / 1000, Double(r.p99Nanos) / 1000))
-            if best == nil || r.opsPerSecond > best!.opsPerSecond { best = r }
-        }
-        return best!
+        try measureInterleaved([Slot(label: label ?? target.name, scenario: scenario) { warmup, duration in
+            try LoadDriver.run(target: target, scenario: scenario, warmup: warmup, duration: duration, cpuNanos: cpuNanos)
+        }])[0]
     }
 
-    /// One target in one scenario: `run(warmup, duration)` measures one round of it.
+    /// One target in one scenario: `run(warmup, duration)` measures one round of it. `kmsd`
+    /// names the daemon and operation of a kmsd run (nil: the echo server, or a run of its own).
     struct Slot {
         let label: String
         let scenario: Scenario
+        var kmsd: (audit: Bool, operation: BenchOperation)? = nil
         let run: (_ warmup: Double, _ duration: Double) throws -> LoadResult
     }
 
     /// Measures every slot in `--rounds` rounds of duration / rounds each, interleaved: round 1
     /// of every slot, then round 2 of every slot, and so on. Each slot's fastest round (the most
     /// operations per second) gives all its figures. The first round of each follows the full
-    /// warm-up; later ones, after another target's traffic, a shorter one.
+    /// warm-up; later ones a short one (longer after another target's traffic than after a
+    /// round of the same target).
     private func measureInterleaved(_ slots: [Slot]) throws -> [LoadResult] {
         let rounds = max(1, self.rounds)
         let each = duration / Double(rounds)
         var best = [LoadResult?](repeating: nil, count: slots.count)
         for round in 0..<rounds {
-            let warm = round == 0 ? warmup : min(warmup, 0.5)
+            let warm = round == 0 ? warmup : min(warmup, slots.count == 1 ? 0.2 : 0.5)
             for (i, slot) in slots.enumerated() {
                 let r = try slot.run(warm, each)
                 progress("\(slot.label): \(slot.scenario.name), round \(round + 1) of \(rounds) (\(Self.seconds(warm)) s warm-up + \(Self.seconds(each)) s): "
