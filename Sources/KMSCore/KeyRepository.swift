@@ -23,6 +23,12 @@ public final class KeyRepository: Sendable {
     let indexKey: SecureBytes
     /// The keystore's write counter and the digest of the row index, moved on by every write.
     private let integrity: Mutex<IntegrityState>
+    /// Counts completed changes to what an access decision reads: key records, versions,
+    /// grants and aliases (each method that writes them counts once it is done, its cache
+    /// updated), and, through `KeyService`, the identity policies, the administrators and the
+    /// grant cache. A decision made after reading the count stays valid while the count is
+    /// unchanged (the per-connection `DecisionMemo` of kmsd's hot path relies on this).
+    private let changes = Atomic<UInt64>(0)
     /// Row-index buckets whose entries did not match their authenticated digest when kmsd
     /// started (or in an earlier start): rows in them last written at or before the generation
     /// given are refused.
@@ -136,6 +142,12 @@ public final class KeyRepository: Sendable {
     public func keyCountsByState() -> [String: Int] { (try? storage.keyCountsByState()) ?? [:] }
     public var cacheCapacity: Int { cache.withLock { $0.capacity } }
 
+    /// The count of completed changes (see `changes`).
+    public var changeCount: UInt64 { changes.load(ordering: .acquiring) }
+
+    /// Counts one more completed change; call after the change is visible everywhere.
+    public func noteChange() { changes.wrappingAdd(1, ordering: .releasing) }
+
     /// The audit chain's checkpoint (kept in the keystore so the next start links to it).
     public func auditCheckpoint() -> [UInt8]? { try? storage.meta("audit_chain") }
     public func setAuditCheckpoint(_ bytes: [UInt8]) throws { try storage.setMeta("audit_chain", bytes) }
@@ -149,6 +161,7 @@ public final class KeyRepository: Sendable {
     /// Stores a new key with version 1 holding `material` (none: an EXTERNAL key awaiting
     /// imported material). Durable when it returns.
     public func create(_ record: KeyRecord, material: SecureBytes?) throws {
+        defer { noteChange() }  // after the cache has followed: see `changes`
         let id = record.keyID.description
         try commit { gen in
             var version: (number: UInt32, row: StoredRow)? = nil
@@ -168,6 +181,7 @@ public final class KeyRepository: Sendable {
     /// Replaces a key's record (state, description, deletion date), durably, in one
     /// transaction; the cache follows.
     public func update(_ record: KeyRecord) throws {
+        defer { noteChange() }  // after the cache has followed: see `changes`
         let id = record.keyID.description
         try commit { gen in
             let row = try seal(record, table: "keys", rowKey: id, generation: gen)
@@ -195,6 +209,7 @@ public final class KeyRepository: Sendable {
     /// Adds version `record.currentVersion` holding `material` and stores `record`, in one
     /// transaction; the cache then encrypts under the new version.
     public func rotate(_ record: KeyRecord, material: SecureBytes, rotationType: String?, at time: Date) throws {
+        defer { noteChange() }  // after the cache has followed: see `changes`
         let number = record.currentVersion, id = record.keyID.description
         let version = KeyVersionRecord(keyID: record.keyID, version: number, keySpec: record.keySpec, createdAt: time,
                                        wrappedMaterial: try wrap(material, keyID: record.keyID, version: number, spec: record.keySpec),
@@ -226,6 +241,7 @@ public final class KeyRepository: Sendable {
     /// Removes every version's material (imported material deleted or expired) and stores
     /// `record`, in one transaction; cached material is zeroed.
     public func removeMaterial(_ record: KeyRecord) throws {
+        defer { noteChange() }  // after the cache has followed: see `changes`
         let id = record.keyID.description
         try commit { gen in
             let gone = try self.storage.versions(id: id).map { RowIndex.Touch("key_versions", "\(id)/\($0.number)", live: false) }
@@ -278,6 +294,7 @@ public final class KeyRepository: Sendable {
     /// transaction with its tombstone; its cached material is zeroed.
     /// Returns false (and changes nothing) when the key is no longer due at `time`.
     public func destroy(_ id: KeyID, at time: Date) throws -> Bool {
+        defer { noteChange() }  // after the cache has followed: see `changes`
         let key = id.description
         let destroyed = try commit { gen in
             let tombstone = try seal(KeyTombstone(keyID: id, deletedAt: time), table: "deleted_keys", rowKey: key, generation: gen)
@@ -307,6 +324,7 @@ public final class KeyRepository: Sendable {
     // MARK: - Grants
 
     public func createGrant(_ grant: GrantRecord) throws {
+        defer { noteChange() }  // after the cache has followed: see `changes`
         try commit { gen in
             let row = try seal(grant, table: "grants", rowKey: grant.grantID, generation: gen)
             return ([.init("grants", grant.grantID, live: true)], {
@@ -318,7 +336,8 @@ public final class KeyRepository: Sendable {
 
     /// Deletes a grant; false when it was not there.
     public func deleteGrant(_ id: String) throws -> Bool {
-        try commit { _ in ([.init("grants", id, live: false)], { try self.storage.deleteGrant(id: id, integrity: $0) }) }
+        defer { noteChange() }  // after the cache has followed: see `changes`
+        return try commit { _ in ([.init("grants", id, live: false)], { try self.storage.deleteGrant(id: id, integrity: $0) }) }
     }
 
     public func grant(_ id: String) throws(KMSError) -> GrantRecord? {
@@ -371,6 +390,7 @@ public final class KeyRepository: Sendable {
 
     /// Stores a new alias; AlreadyExistsException when the name is taken.
     public func createAlias(_ alias: AliasRecord) throws(KMSError) {
+        defer { noteChange() }  // after the cache has followed: see `changes`
         do {
             try commit { gen in
                 let row = try seal(alias, table: "aliases", rowKey: alias.aliasName, generation: gen)
@@ -388,6 +408,7 @@ public final class KeyRepository: Sendable {
     }
 
     public func updateAlias(_ alias: AliasRecord) throws {
+        defer { noteChange() }  // after the cache has followed: see `changes`
         try commit { gen in
             let row = try seal(alias, table: "aliases", rowKey: alias.aliasName, generation: gen)
             return ([.init("aliases", alias.aliasName, live: true)], {
@@ -398,6 +419,7 @@ public final class KeyRepository: Sendable {
     }
 
     public func deleteAlias(_ name: String) throws {
+        defer { noteChange() }  // after the cache has followed: see `changes`
         try commit { _ in ([.init("aliases", name, live: false)], { try self.storage.deleteAlias(name: name, integrity: $0); return true }) }
     }
 
@@ -434,6 +456,7 @@ public final class KeyRepository: Sendable {
     /// Removes a key and every version, from storage and the cache (whose material is zeroed).
     /// Used to undo a CreateKey whose audit record could not be written.
     public func delete(_ id: KeyID) throws {
+        defer { noteChange() }  // after the cache has followed: see `changes`
         cache.withLock { $0.remove(id); $0.mutations &+= 1 }
         let key = id.description
         try commit { _ in
@@ -586,7 +609,7 @@ public final class KeyRepository: Sendable {
     /// write at, seals its rows with it, and names every row it writes or deletes (each once);
     /// its `apply` runs the storage write with those rows' index entries and the index's new
     /// digest, in one transaction. The in-memory digest moves on only once that committed
-    /// (and `apply` returned true).
+    /// (and `apply` returned true). Every caller counts a change when it is done (`noteChange`).
     @discardableResult
     func commit(_ plan: (UInt64) throws -> (rows: [RowIndex.Touch], apply: (IntegrityWrite) throws -> Bool)) throws -> Bool {
         try integrity.withLock { state in

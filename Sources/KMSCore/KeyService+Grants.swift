@@ -131,6 +131,7 @@ extension KeyService {
             cache.entries[id] = nil
             cache.changes &+= 1
         }
+        repository.noteChange()
     }
 
     public struct GrantInput: Sendable {

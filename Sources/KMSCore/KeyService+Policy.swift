@@ -104,6 +104,7 @@ extension KeyService {
     /// Replaces the identity policies in force.
     public func setIdentityPolicies(_ set: IdentityPolicySet) {
         identityPolicySet.withLock { $0 = set }
+        repository.noteChange()
     }
 
     public var identityPolicies: IdentityPolicySet { identityPolicySet.withLock { $0 } }

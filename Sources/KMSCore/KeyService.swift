@@ -55,7 +55,10 @@ public final class KeyService: Sendable {
 
     public func isAdministrator(_ p: Principal) -> Bool { administratorSet.withLock { $0.contains(p) } }
 
-    public func setAdministrators(_ a: Administrators) { administratorSet.withLock { $0 = a } }
+    public func setAdministrators(_ a: Administrators) {
+        administratorSet.withLock { $0 = a }
+        repository.noteChange()
+    }
 
     // MARK: - Management
 

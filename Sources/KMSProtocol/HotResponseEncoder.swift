@@ -62,29 +62,59 @@ public enum HotResponseEncoder {
         return Plan(id: response.id, operation: operation, values: values, inner: inner, size: size)
     }
 
-    /// Writes the frame body `plan` describes.
+    /// Writes the frame body `plan` describes, in one pass over the buffer's memory.
     public static func write(_ plan: Plan, into buffer: inout ByteBuffer) {
-        if plan.id != 0 {
-            buffer.writeInteger(UInt8(1 << 3 | 0))
-            writeVarint(plan.id, into: &buffer)
-        }
-        writeVarint(UInt64(plan.operation << 3 | 2), into: &buffer)
-        writeVarint(UInt64(plan.inner), into: &buffer)
-        for (i, value) in plan.values.enumerated() where value.size > 0 {
-            let field = UInt8(i + 1)
-            switch value {
-            case .bytes(let d):
-                buffer.writeInteger(field << 3 | 2)
-                writeVarint(UInt64(d.count), into: &buffer)
-                d.withUnsafeBytes { _ = buffer.writeBytes($0) }
-            case .string(let s):
-                buffer.writeInteger(field << 3 | 2)
-                writeVarint(UInt64(s.utf8.count), into: &buffer)
-                buffer.writeString(s)
-            case .varint(let v):
-                buffer.writeInteger(field << 3 | 0)
-                writeVarint(v, into: &buffer)
+        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: plan.size) { out in
+            var c = Cursor(out: out)
+            if plan.id != 0 {
+                c.byte(1 << 3 | 0)
+                c.varint(plan.id)
             }
+            c.varint(UInt64(plan.operation << 3 | 2))
+            c.varint(UInt64(plan.inner))
+            for (i, value) in plan.values.enumerated() where value.size > 0 {
+                let field = UInt8(i + 1)
+                switch value {
+                case .bytes(let d):
+                    c.byte(field << 3 | 2)
+                    c.varint(UInt64(d.count))
+                    d.withUnsafeBytes { c.bytes($0) }
+                case .string(var s):
+                    c.byte(field << 3 | 2)
+                    c.varint(UInt64(s.utf8.count))
+                    s.withUTF8 { c.bytes(UnsafeRawBufferPointer($0)) }
+                case .varint(let v):
+                    c.byte(field << 3 | 0)
+                    c.varint(v)
+                }
+            }
+            precondition(c.at == plan.size, "a response plan's size and its bytes disagree")
+            return c.at
+        }
+    }
+
+    /// Writes into memory reserved for exactly the plan's bytes; never past its end.
+    struct Cursor {
+        let out: UnsafeMutableRawBufferPointer
+        var at = 0
+
+        mutating func byte(_ b: UInt8) {
+            precondition(at < out.count)
+            out.storeBytes(of: b, toByteOffset: at, as: UInt8.self)
+            at += 1
+        }
+
+        mutating func varint(_ v: UInt64) {
+            var v = v
+            while v >= 0x80 { byte(UInt8(truncatingIfNeeded: v) | 0x80); v >>= 7 }
+            byte(UInt8(v))
+        }
+
+        mutating func bytes(_ p: UnsafeRawBufferPointer) {
+            guard let source = p.baseAddress, p.count > 0 else { return }
+            precondition(p.count <= out.count - at)
+            (out.baseAddress! + at).copyMemory(from: source, byteCount: p.count)
+            at += p.count
         }
     }
 
@@ -92,11 +122,5 @@ public enum HotResponseEncoder {
         var v = v, n = 1
         while v >= 0x80 { v >>= 7; n += 1 }
         return n
-    }
-
-    static func writeVarint(_ v: UInt64, into buffer: inout ByteBuffer) {
-        var v = v
-        while v >= 0x80 { buffer.writeInteger(UInt8(truncatingIfNeeded: v) | 0x80); v >>= 7 }
-        buffer.writeInteger(UInt8(v))
     }
 }

@@ -22,6 +22,9 @@ struct Authorizer {
     struct Decided: Sendable {
         var record: KeyRecord? = nil
         var context: [WirePair]? = nil
+        /// The context validated and its audit text, when a `DecisionMemo` entry has them.
+        var encryptionContext: EncryptionContext? = nil
+        var contextText: String? = nil
     }
 
     /// Decides `op`; on return the key identifiers in it are key ids, and `d` names the key(s)
@@ -61,8 +64,17 @@ struct Authorizer {
             return try a.sealing(r.keyID, "GenerateDataKeyWithoutPlaintext", &d,
                                  context: ctx.context(operation: 34, field: 4, decoded: r.encryptionContext))
         case .decrypt(var r):
-            let context = try ctx.contextPairs(operation: 31, field: 2, decoded: r.encryptionContext)
+            let sent = r.keyID
+            let wire = try ctx.context(operation: 31, field: 2, decoded: r.encryptionContext)
             let alias = KeyService.aliasName(r.keyID)
+            let memo = alias == nil ? ctx.memo : nil
+            let changeCount = a.service.repository.changeCount
+            let blobKey = memo == nil ? nil : SymmetricCiphertext.keyReference(of: r.ciphertextBlob)?.keyID
+            if let memo, let blobKey, let hit = memo.lookup(action: "Decrypt", keyText: sent, blobKey: blobKey, context: wire, changeCount: changeCount) {
+                if let named = try a.named(r.keyID) { r.keyID = named.description; op = .decrypt(r) }
+                return a.reuse(hit, &d, context: wire)
+            }
+            let context = Self.strings(wire)
             if alias != nil {
                 // An alias of a key the caller may not decrypt with looks missing, as everywhere.
                 r.keyID = try a.key(r.keyID, "Decrypt", &d, aliases: true, context: context)
@@ -70,8 +82,12 @@ struct Authorizer {
                 r.keyID = named.description
             }
             if let alias { d.alias = alias }
-            try a.blobKey(r.ciphertextBlob, "Decrypt", &d, context: context, alias: alias)
+            let record = try a.blobKey(r.ciphertextBlob, "Decrypt", &d, context: context, alias: alias)
             op = .decrypt(r)
+            if let memo, let blobKey, let record, record.keyID == blobKey {
+                return a.remember(in: memo, action: "Decrypt", keyText: sent, blobKey: blobKey, context: wire,
+                                  record: record, changeCount: changeCount, &d)
+            }
         case .reEncrypt(var r):
             // Both contexts are read first: an ambiguous one is refused before any decision.
             let source = try ctx.contextPairs(operation: 32, field: 2, decoded: r.sourceEncryptionContext)
@@ -204,9 +220,43 @@ struct Authorizer {
     /// Decides `action` on the key an Encrypt or GenerateDataKey names, for the handler to
     /// seal under.
     func sealing(_ text: String, _ action: String, _ d: inout AuditDetails, context: [WirePair]) throws(KMSError) -> Decided {
-        let pairs: ContextPairs = context.map { (key: String(decoding: $0.key, as: UTF8.self), value: String(decoding: $0.value, as: UTF8.self)) }
-        let record = try keyRecord(text, action, &d, aliases: true, context: pairs)
-        return Decided(record: record, context: context)
+        let changeCount = service.repository.changeCount
+        if let memo = ctx.memo, let hit = memo.lookup(action: action, keyText: text, blobKey: nil, context: context, changeCount: changeCount) {
+            return reuse(hit, &d, context: context)
+        }
+        let record = try keyRecord(text, action, &d, aliases: true, context: Self.strings(context))
+        guard let memo = ctx.memo, KeyService.aliasName(text) == nil else { return Decided(record: record, context: context) }
+        return remember(in: memo, action: action, keyText: text, blobKey: nil, context: context, record: record, changeCount: changeCount, &d)
+    }
+
+    static func strings(_ context: [WirePair]) -> ContextPairs {
+        context.map { (key: String(decoding: $0.key, as: UTF8.self), value: String(decoding: $0.value, as: UTF8.self)) }
+    }
+
+    /// An allowed decision made just now, kept in the connection's memo (with the context's
+    /// canonical form and audit text, when the context is valid) and handed to the handler.
+    func remember(in memo: DecisionMemo, action: String, keyText: String, blobKey: KeyID?, context: [WirePair],
+                  record: KeyRecord, changeCount: UInt64, _ d: inout AuditDetails) -> Decided {
+        var decided = Decided(record: record, context: context)
+        // An invalid context is the handler's to refuse, as always.
+        guard let validated = try? EncryptionContext(pairs: context) else { return decided }
+        let text = EncryptionContext.auditText(context, values: d.contextValues)
+        memo.store(.init(changeCount: changeCount, action: action, keyText: keyText, blobKey: blobKey, context: context, record: record,
+                         keyIDText: d.keyID, keyState: d.keyState, decidedBy: d.decidedBy, contextValues: d.contextValues,
+                         encryptionContext: validated, contextText: text))
+        decided.encryptionContext = validated
+        decided.contextText = text
+        return decided
+    }
+
+    /// A remembered decision: the audit details it noted, and what it hands the handler.
+    func reuse(_ hit: DecisionMemo.Entry, _ d: inout AuditDetails, context: [WirePair]) -> Decided {
+        d.keyID = hit.keyIDText
+        d.keyState = hit.keyState
+        d.decidedBy = hit.decidedBy
+        d.contextValues = hit.contextValues
+        ctx.metrics?.decisionsReused.add(1, ordering: .relaxed)
+        return Decided(record: hit.record, context: context, encryptionContext: hit.encryptionContext, contextText: hit.contextText)
     }
 
     /// Decides `action` on the key `text` names and returns its key id. `aliases`: whether the
@@ -245,16 +295,18 @@ struct Authorizer {
     /// Decides `action` on the key a ciphertext blob names. A blob that does not parse, or that
     /// names a key that never existed here, protects nothing: the handler answers it
     /// (InvalidCiphertextException) without a decision.
-    func blobKey(_ blob: Data, _ action: String, _ d: inout AuditDetails, context: ContextPairs, alias: String?) throws(KMSError) {
+    @discardableResult
+    func blobKey(_ blob: Data, _ action: String, _ d: inout AuditDetails, context: ContextPairs, alias: String?) throws(KMSError) -> KeyRecord? {
         // No key decides these: no context values in their records either.
-        guard let named = SymmetricCiphertext.keyReference(of: blob) else { d.decidedBy = "none: not a ciphertext"; d.contextValues = false; return }
+        guard let named = SymmetricCiphertext.keyReference(of: blob) else { d.decidedBy = "none: not a ciphertext"; d.contextValues = false; return nil }
         guard let record = try service.repository.record(named.keyID) else {
             d.decidedBy = "none: no such key"
             d.contextValues = false
-            return
+            return nil
         }
         if action == "Decrypt" { d.keyID = record.keyID.description } else { d.sourceKeyID = record.keyID.description }
         try decide(action, record, &d, context: context, alias: alias)
+        return record
     }
 
     /// The key id a request's optional key identifier names (resolving an alias), or nil.

@@ -36,6 +36,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private let turns: TurnScheduler
 
     private var inFlight = 0
+    /// Access decisions of this connection's requests handled on the event loop (never those
+    /// handed to the worker pool), used again while nothing they read has changed.
+    private let memo = DecisionMemo()
     /// A request read but not started: its frame, or (when it was put back at the end of a
     /// turn) what decoding it gave.
     enum Waiting {
@@ -153,7 +156,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
         let principal = self.principal
         // Requests whose keys are all cached are handled right here: a thread hop there and back
         // costs more than the work. Anything that may touch storage goes to the worker pool.
-        if decoded.allSatisfy({ (try? $0.get()).map { dispatcher.runsWithoutStorage($0.message) } ?? true }) {
+        if decoded.allSatisfy({ (try? $0.get()).map { dispatcher.runsWithoutStorage($0.message, memo: memo) } ?? true }) {
             // One at a time within the turn's time budget; what is left goes back to the front
             // of the queue for the next round.
             var responses: [Outgoing] = []
@@ -167,7 +170,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
                     tracker.pending.subtract(left, ordering: .relaxed)
                     break
                 }
-                responses.append(dispatcher.handle(request, principal: principal))
+                responses.append(dispatcher.handle(request, principal: principal, memo: memo))
             }
             write(responses, context: context, flush: false)
             return

@@ -64,32 +64,31 @@ extension AuditDetails {
 /// handler, used on one thread only; passing it costs one reference, not a copy of every field.
 final class HandlerContext: @unchecked Sendable {
     let principal: Principal
-    let service: KeyService
-    let settings: ServerSettings
+    /// The server's parts (key service, audit log, metrics, ...): one reference per request
+    /// rather than one per part.
+    let dispatcher: Dispatcher
     let contexts: WireContexts?
-    /// The audit log (VerifyAuditRecords checks its chain) and the request metrics (Status).
-    let audit: AuditLog?
-    let metrics: Metrics?
-    let alarms: Alarms?
-    /// Backup files (CreateBackup, GetBackupChunk); nil where kmsd keeps none.
-    let backups: BackupStore?
-    /// This kmsd's replication identity; nil where it has none.
-    let identity: ReplicationIdentity?
     /// What the access decision found (the key record, the context as read), for the handler.
     var decided = Authorizer.Decided()
+    /// The connection's remembered decisions, for a request handled on its event loop.
+    let memo: DecisionMemo?
 
-    init(principal: Principal, service: KeyService, settings: ServerSettings, contexts: WireContexts? = nil,
-         audit: AuditLog? = nil, metrics: Metrics? = nil, alarms: Alarms? = nil, backups: BackupStore? = nil,
-         identity: ReplicationIdentity? = nil) {
+    var service: KeyService { dispatcher.service }
+    var settings: ServerSettings { dispatcher.settings }
+    /// The audit log (VerifyAuditRecords checks its chain) and the request metrics (Status).
+    var audit: AuditLog? { dispatcher.audit }
+    var metrics: Metrics? { dispatcher.metrics }
+    var alarms: Alarms? { dispatcher.alarms }
+    /// Backup files (CreateBackup, GetBackupChunk); nil where kmsd keeps none.
+    var backups: BackupStore? { dispatcher.backups }
+    /// This kmsd's replication identity; nil where it has none.
+    var identity: ReplicationIdentity? { dispatcher.identity }
+
+    init(principal: Principal, dispatcher: Dispatcher, contexts: WireContexts? = nil, memo: DecisionMemo? = nil) {
         self.principal = principal
-        self.service = service
-        self.settings = settings
+        self.dispatcher = dispatcher
         self.contexts = contexts
-        self.audit = audit
-        self.metrics = metrics
-        self.alarms = alarms
-        self.backups = backups
-        self.identity = identity
+        self.memo = memo
     }
 
     /// Refuses (AuditUnavailableException) a change that cannot be undone when its audit record
@@ -111,6 +110,17 @@ final class HandlerContext: @unchecked Sendable {
     func decidedContext(operation: Int, field: Int, decoded: [String: String]) throws(KMSError) -> [WirePair] {
         if let pairs = decided.context { return pairs }
         return try context(operation: operation, field: field, decoded: decoded)
+    }
+
+    /// The context validated, as the decision's memo entry has it, else validated now.
+    func decidedEncryptionContext(_ pairs: [WirePair]) throws(KMSError) -> EncryptionContext {
+        if let validated = decided.encryptionContext { return validated }
+        return try EncryptionContext(pairs: pairs)
+    }
+
+    /// The context's audit text, as the decision's memo entry has it, else made now.
+    func decidedAuditText(_ pairs: [WirePair], values: Bool) -> String {
+        decided.contextText ?? EncryptionContext.auditText(pairs, values: values)
     }
 
     /// The pairs of one context field as sent (duplicates and byte-distinct spellings kept);
@@ -276,12 +286,20 @@ final class Dispatcher: Sendable {
     /// True when handling `request` needs no storage access (every key it names is cached), so
     /// it may run on the event loop instead of hopping to a worker thread and back. Its audit
     /// record is still handed to journald before the response is sent.
-    func runsWithoutStorage(_ request: KMSRequest) -> Bool {
+    /// `memo`: the connection's, whose last parsed key identifier saves parsing it again.
+    func runsWithoutStorage(_ request: KMSRequest, memo: DecisionMemo? = nil) -> Bool {
         let repository = service.repository, service = self.service
         // The key's record and material, and its grants (the decision may consult them).
         func cached(_ keyID: String) -> Bool {
-            if KeyService.aliasName(keyID) != nil { return false }  // resolving an alias reads storage
-            guard let id = try? KeyID(parsing: keyID) else { return true }  // fails without I/O
+            let id: KeyID
+            if let parsed = memo?.parsedKeyID(keyID) {
+                id = parsed
+            } else {
+                if KeyService.aliasName(keyID) != nil { return false }  // resolving an alias reads storage
+                guard let parsed = try? KeyID(parsing: keyID) else { return true }  // fails without I/O
+                memo?.noteParsed(keyID, parsed)
+                id = parsed
+            }
             return repository.isCached(id) && service.grantsCached(id)
         }
         func cached(blob: Data) -> Bool {
@@ -308,9 +326,9 @@ final class Dispatcher: Sendable {
 
     /// Handles one decoded frame; an undecodable one is audited and answered with id 0 (the
     /// framing is intact, so the connection stays).
-    func handle(_ decoded: Result<IncomingRequest, KMSError>, principal: Principal) -> Outgoing {
+    func handle(_ decoded: Result<IncomingRequest, KMSError>, principal: Principal, memo: DecisionMemo? = nil) -> Outgoing {
         switch decoded {
-        case .success(let request): return handle(request.message, contexts: request.contexts, principal: principal)
+        case .success(let request): return handle(request.message, contexts: request.contexts, principal: principal, memo: memo)
         case .failure(let error):
             guard rateLimiter.allow(uid: principal.uid) else {
                 return throttled(id: KMSProtocolConstants.connectionErrorRequestID, action: "Unknown", principal: principal)
@@ -406,8 +424,19 @@ final class Dispatcher: Sendable {
         "UpdatePrimaryRegion": "PrimaryRegionUpdated",
     ]
 
+    /// The operations that use keys without changing anything (none has a management event).
+    static func usesKeys(_ operation: KMSRequest.OneOf_Operation?) -> Bool {
+        switch operation {
+        case .encrypt?, .decrypt?, .generateDataKey?, .generateDataKeyWithoutPlaintext?, .reEncrypt?, .generateRandom?: true
+        default: false
+        }
+    }
+
     /// Handles one request end to end; the audit record is written before this returns.
-    func handle(_ request: KMSRequest, contexts: WireContexts? = nil, principal: Principal, extraAuditFields: [String] = []) -> Outgoing {
+    /// `memo`: the connection's remembered decisions, only where the request is handled on the
+    /// connection's event loop (never shared between threads).
+    func handle(_ request: KMSRequest, contexts: WireContexts? = nil, principal: Principal, extraAuditFields: [String] = [],
+                memo: DecisionMemo? = nil) -> Outgoing {
         // The operation read out of the request once (each read copies it, payload and all).
         let operation = request.operation
         defer { Self.zeroSecrets(of: operation) }
@@ -422,8 +451,7 @@ final class Dispatcher: Sendable {
         }
         if var op = operation {
             do {
-                let ctx = HandlerContext(principal: principal, service: service, settings: settings, contexts: contexts, audit: audit, metrics: metrics, alarms: alarms,
-                                         backups: backups, identity: identity)
+                let ctx = HandlerContext(principal: principal, dispatcher: self, contexts: contexts, memo: memo)
                 // One access decision, then the handler, which checks no access itself.
                 do throws(KMSError) {
                     ctx.decided = try Authorizer.authorize(&op, ctx, &details)
@@ -459,7 +487,7 @@ final class Dispatcher: Sendable {
         case .success(let r): response.result = r
         case .failure(let e): return Outgoing(response: .failure(id: request.id, e))
         }
-        if let event = Self.managementEvents[action] {
+        if !Self.usesKeys(operation), let event = Self.managementEvents[action] {
             // A change to a key, its policy, grants or aliases: also a NOTICE event of its own.
             var change = AuditRecord(action: event, requestID: request.id, principal: principal, result: .allowed, details: details)
             change.eventMessage = "\(event): \(action) by uid \(principal.uid) (\(principal.userName))"

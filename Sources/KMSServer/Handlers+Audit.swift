@@ -61,6 +61,7 @@ extension AuditHandlers {
                 s.auditSequence = audit.lastSequence
             }
             s.identityPolicies = UInt64(ctx.service.identityPolicies.policies.count)
+            s.accessDecisionsReused = metrics.decisionsReused.load(ordering: .relaxed)
             s.alarms = ctx.alarms?.counts ?? [:]
         }
     }

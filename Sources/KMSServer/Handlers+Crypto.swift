@@ -21,10 +21,10 @@ enum CryptoHandlers {
         // The key and context the access decision was made on (Authorizer.sealing).
         let record = try ctx.decidedRecord()
         let pairs = try ctx.decidedContext(operation: 30, field: 3, decoded: r.encryptionContext)
-        d.contextKeys = EncryptionContext.auditText(pairs, values: d.contextValues)
+        d.contextKeys = ctx.decidedAuditText(pairs, values: d.contextValues)
         try checkAlgorithm(r.encryptionAlgorithm)
         // The request's plaintext is used where SwiftProtobuf put it (Dispatcher zeroes it).
-        let context = try EncryptionContext(pairs: pairs)
+        let context = try ctx.decidedEncryptionContext(pairs)
         let sealed: KeyService.Sealed
         do {
             sealed = try r.plaintext.withUnsafeBytes { p in
@@ -46,10 +46,10 @@ enum CryptoHandlers {
                         _ secret: inout ResponseSecret?) throws(KMSError) -> Kmsd_V1_DecryptResponse {
         noteBlob(r.ciphertextBlob, into: &d)
         if case let a = AuditDetails.alias(requested: r.keyID), !a.isEmpty { d.alias = a }
-        let pairs = try ctx.context(operation: 31, field: 2, decoded: r.encryptionContext)
-        d.contextKeys = EncryptionContext.auditText(pairs, values: d.contextValues)
+        let pairs = try ctx.decidedContext(operation: 31, field: 2, decoded: r.encryptionContext)
+        d.contextKeys = ctx.decidedAuditText(pairs, values: d.contextValues)
         try checkAlgorithm(r.encryptionAlgorithm)
-        let opened = try ctx.service.decrypt(blob: Array(r.ciphertextBlob), context: EncryptionContext(pairs: pairs), keyID: r.keyID, caller: ctx.principal)
+        let opened = try ctx.service.decrypt(blob: Array(r.ciphertextBlob), context: ctx.decidedEncryptionContext(pairs), keyID: r.keyID, caller: ctx.principal)
         // The plaintext travels from locked memory straight into the frame (ResponseSecret).
         secret = ResponseSecret(operationField: 31, field: 2, bytes: opened.plaintext)
         return .with {
@@ -89,10 +89,11 @@ enum CryptoHandlers {
         // The key and context the access decision was made on (Authorizer.sealing).
         let record = try ctx.decidedRecord()
         let pairs = try ctx.decidedContext(operation: operation, field: 4, decoded: decoded)
-        d.contextKeys = EncryptionContext.auditText(pairs, values: d.contextValues)
+        d.contextKeys = ctx.decidedAuditText(pairs, values: d.contextValues)
         let result = try ctx.service.generateDataKey(record: record, keySpec: keySpec, numberOfBytes: numberOfBytes,
-                                                     context: EncryptionContext(pairs: pairs))
-        d.keyID = result.sealed.keyID.description
+                                                     context: ctx.decidedEncryptionContext(pairs))
+        // The decision noted the sealing key's id already (the record sealed under is the one decided on).
+        if d.keyID.isEmpty { d.keyID = result.sealed.keyID.description }
         d.keyVersion = result.sealed.keyVersion
         return result
     }

@@ -19,6 +19,8 @@ final class Metrics: Sendable {
     private let stats = Mutex<[String: ActionStats]>([:])
     /// Open connections, kept by the server.
     let connections = Atomic<Int>(0)
+    /// Requests whose access decision came from their connection's `DecisionMemo`.
+    let decisionsReused = Atomic<UInt64>(0)
 
     func record(action: String, result: String, micros: UInt64) {
         let bucket = Self.bucketsMicros.firstIndex { micros <= $0 } ?? Self.bucketsMicros.count

@@ -20,6 +20,7 @@ struct Status: AsyncParsableCommand {
                 "KeyCacheEntries": Int(s.keyCacheEntries), "KeyCacheCapacity": Int(s.keyCacheCapacity),
                 "Connections": Int(s.connections), "AuditRunId": s.auditRunID, "AuditSequence": Int(s.auditSequence),
                 "IdentityPolicies": Int(s.identityPolicies), "Alarms": s.alarms.mapValues { Int($0) },
+                "AccessDecisionsReused": Int(s.accessDecisionsReused),
             ])
             return
         }
@@ -31,6 +32,7 @@ struct Status: AsyncParsableCommand {
             ("KeyCache", "\(s.keyCacheEntries) of \(s.keyCacheCapacity)"), ("Connections", String(s.connections)),
             ("Audit", "run \(s.auditRunID), \(s.auditSequence) records"), ("IdentityPolicies", String(s.identityPolicies)),
             ("Alarms", s.alarms.isEmpty ? "none" : s.alarms.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")),
+            ("AccessDecisionsReused", String(s.accessDecisionsReused)),
         ])
         if !s.requests.isEmpty {
             writeStdout("\n")
@@ -111,6 +113,8 @@ struct Metrics: AsyncParsableCommand {
         }
         family("kmsd_identity_policies", "gauge", "Identity policies in force.")
         out += "kmsd_identity_policies \(s.identityPolicies)\n"
+        family("kmsd_access_decisions_reused_total", "counter", "Requests answered with an access decision their connection remembered.")
+        out += "kmsd_access_decisions_reused_total \(s.accessDecisionsReused)\n"
         return out
     }
 }

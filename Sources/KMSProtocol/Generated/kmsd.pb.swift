@@ -512,429 +512,435 @@ public nonisolated struct Kmsd_V1_Request: Sendable {
 }
 
 /// One response: `error` or the result of the request's operation (same field number).
-public nonisolated struct Kmsd_V1_Response: Sendable {
+public nonisolated struct Kmsd_V1_Response: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var id: UInt64 = 0
+  public var id: UInt64 {
+    get {_storage._id}
+    set {_uniqueStorage()._id = newValue}
+  }
 
-  public var result: Kmsd_V1_Response.OneOf_Result? = nil
+  public var result: OneOf_Result? {
+    get {return _storage._result}
+    set {_uniqueStorage()._result = newValue}
+  }
 
   public var error: Kmsd_V1_Error {
     get {
-      if case .error(let v)? = result {return v}
+      if case .error(let v)? = _storage._result {return v}
       return Kmsd_V1_Error()
     }
-    set {result = .error(newValue)}
+    set {_uniqueStorage()._result = .error(newValue)}
   }
 
   public var hello: Kmsd_V1_HelloResponse {
     get {
-      if case .hello(let v)? = result {return v}
+      if case .hello(let v)? = _storage._result {return v}
       return Kmsd_V1_HelloResponse()
     }
-    set {result = .hello(newValue)}
+    set {_uniqueStorage()._result = .hello(newValue)}
   }
 
   public var whoAmI: Kmsd_V1_WhoAmIResponse {
     get {
-      if case .whoAmI(let v)? = result {return v}
+      if case .whoAmI(let v)? = _storage._result {return v}
       return Kmsd_V1_WhoAmIResponse()
     }
-    set {result = .whoAmI(newValue)}
+    set {_uniqueStorage()._result = .whoAmI(newValue)}
   }
 
   public var createKey: Kmsd_V1_CreateKeyResponse {
     get {
-      if case .createKey(let v)? = result {return v}
+      if case .createKey(let v)? = _storage._result {return v}
       return Kmsd_V1_CreateKeyResponse()
     }
-    set {result = .createKey(newValue)}
+    set {_uniqueStorage()._result = .createKey(newValue)}
   }
 
   public var describeKey: Kmsd_V1_DescribeKeyResponse {
     get {
-      if case .describeKey(let v)? = result {return v}
+      if case .describeKey(let v)? = _storage._result {return v}
       return Kmsd_V1_DescribeKeyResponse()
     }
-    set {result = .describeKey(newValue)}
+    set {_uniqueStorage()._result = .describeKey(newValue)}
   }
 
   public var listKeys: Kmsd_V1_ListKeysResponse {
     get {
-      if case .listKeys(let v)? = result {return v}
+      if case .listKeys(let v)? = _storage._result {return v}
       return Kmsd_V1_ListKeysResponse()
     }
-    set {result = .listKeys(newValue)}
+    set {_uniqueStorage()._result = .listKeys(newValue)}
   }
 
   public var enableKey: Kmsd_V1_EnableKeyResponse {
     get {
-      if case .enableKey(let v)? = result {return v}
+      if case .enableKey(let v)? = _storage._result {return v}
       return Kmsd_V1_EnableKeyResponse()
     }
-    set {result = .enableKey(newValue)}
+    set {_uniqueStorage()._result = .enableKey(newValue)}
   }
 
   public var disableKey: Kmsd_V1_DisableKeyResponse {
     get {
-      if case .disableKey(let v)? = result {return v}
+      if case .disableKey(let v)? = _storage._result {return v}
       return Kmsd_V1_DisableKeyResponse()
     }
-    set {result = .disableKey(newValue)}
+    set {_uniqueStorage()._result = .disableKey(newValue)}
   }
 
   public var scheduleKeyDeletion: Kmsd_V1_ScheduleKeyDeletionResponse {
     get {
-      if case .scheduleKeyDeletion(let v)? = result {return v}
+      if case .scheduleKeyDeletion(let v)? = _storage._result {return v}
       return Kmsd_V1_ScheduleKeyDeletionResponse()
     }
-    set {result = .scheduleKeyDeletion(newValue)}
+    set {_uniqueStorage()._result = .scheduleKeyDeletion(newValue)}
   }
 
   public var cancelKeyDeletion: Kmsd_V1_CancelKeyDeletionResponse {
     get {
-      if case .cancelKeyDeletion(let v)? = result {return v}
+      if case .cancelKeyDeletion(let v)? = _storage._result {return v}
       return Kmsd_V1_CancelKeyDeletionResponse()
     }
-    set {result = .cancelKeyDeletion(newValue)}
+    set {_uniqueStorage()._result = .cancelKeyDeletion(newValue)}
   }
 
   public var updateKeyDescription: Kmsd_V1_UpdateKeyDescriptionResponse {
     get {
-      if case .updateKeyDescription(let v)? = result {return v}
+      if case .updateKeyDescription(let v)? = _storage._result {return v}
       return Kmsd_V1_UpdateKeyDescriptionResponse()
     }
-    set {result = .updateKeyDescription(newValue)}
+    set {_uniqueStorage()._result = .updateKeyDescription(newValue)}
   }
 
   public var encrypt: Kmsd_V1_EncryptResponse {
     get {
-      if case .encrypt(let v)? = result {return v}
+      if case .encrypt(let v)? = _storage._result {return v}
       return Kmsd_V1_EncryptResponse()
     }
-    set {result = .encrypt(newValue)}
+    set {_uniqueStorage()._result = .encrypt(newValue)}
   }
 
   public var decrypt: Kmsd_V1_DecryptResponse {
     get {
-      if case .decrypt(let v)? = result {return v}
+      if case .decrypt(let v)? = _storage._result {return v}
       return Kmsd_V1_DecryptResponse()
     }
-    set {result = .decrypt(newValue)}
+    set {_uniqueStorage()._result = .decrypt(newValue)}
   }
 
   public var reEncrypt: Kmsd_V1_ReEncryptResponse {
     get {
-      if case .reEncrypt(let v)? = result {return v}
+      if case .reEncrypt(let v)? = _storage._result {return v}
       return Kmsd_V1_ReEncryptResponse()
     }
-    set {result = .reEncrypt(newValue)}
+    set {_uniqueStorage()._result = .reEncrypt(newValue)}
   }
 
   public var generateDataKey: Kmsd_V1_GenerateDataKeyResponse {
     get {
-      if case .generateDataKey(let v)? = result {return v}
+      if case .generateDataKey(let v)? = _storage._result {return v}
       return Kmsd_V1_GenerateDataKeyResponse()
     }
-    set {result = .generateDataKey(newValue)}
+    set {_uniqueStorage()._result = .generateDataKey(newValue)}
   }
 
   public var generateDataKeyWithoutPlaintext: Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse {
     get {
-      if case .generateDataKeyWithoutPlaintext(let v)? = result {return v}
+      if case .generateDataKeyWithoutPlaintext(let v)? = _storage._result {return v}
       return Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse()
     }
-    set {result = .generateDataKeyWithoutPlaintext(newValue)}
+    set {_uniqueStorage()._result = .generateDataKeyWithoutPlaintext(newValue)}
   }
 
   public var generateRandom: Kmsd_V1_GenerateRandomResponse {
     get {
-      if case .generateRandom(let v)? = result {return v}
+      if case .generateRandom(let v)? = _storage._result {return v}
       return Kmsd_V1_GenerateRandomResponse()
     }
-    set {result = .generateRandom(newValue)}
+    set {_uniqueStorage()._result = .generateRandom(newValue)}
   }
 
   public var createAlias: Kmsd_V1_CreateAliasResponse {
     get {
-      if case .createAlias(let v)? = result {return v}
+      if case .createAlias(let v)? = _storage._result {return v}
       return Kmsd_V1_CreateAliasResponse()
     }
-    set {result = .createAlias(newValue)}
+    set {_uniqueStorage()._result = .createAlias(newValue)}
   }
 
   public var updateAlias: Kmsd_V1_UpdateAliasResponse {
     get {
-      if case .updateAlias(let v)? = result {return v}
+      if case .updateAlias(let v)? = _storage._result {return v}
       return Kmsd_V1_UpdateAliasResponse()
     }
-    set {result = .updateAlias(newValue)}
+    set {_uniqueStorage()._result = .updateAlias(newValue)}
   }
 
   public var deleteAlias: Kmsd_V1_DeleteAliasResponse {
     get {
-      if case .deleteAlias(let v)? = result {return v}
+      if case .deleteAlias(let v)? = _storage._result {return v}
       return Kmsd_V1_DeleteAliasResponse()
     }
-    set {result = .deleteAlias(newValue)}
+    set {_uniqueStorage()._result = .deleteAlias(newValue)}
   }
 
   public var listAliases: Kmsd_V1_ListAliasesResponse {
     get {
-      if case .listAliases(let v)? = result {return v}
+      if case .listAliases(let v)? = _storage._result {return v}
       return Kmsd_V1_ListAliasesResponse()
     }
-    set {result = .listAliases(newValue)}
+    set {_uniqueStorage()._result = .listAliases(newValue)}
   }
 
   public var tagResource: Kmsd_V1_TagResourceResponse {
     get {
-      if case .tagResource(let v)? = result {return v}
+      if case .tagResource(let v)? = _storage._result {return v}
       return Kmsd_V1_TagResourceResponse()
     }
-    set {result = .tagResource(newValue)}
+    set {_uniqueStorage()._result = .tagResource(newValue)}
   }
 
   public var untagResource: Kmsd_V1_UntagResourceResponse {
     get {
-      if case .untagResource(let v)? = result {return v}
+      if case .untagResource(let v)? = _storage._result {return v}
       return Kmsd_V1_UntagResourceResponse()
     }
-    set {result = .untagResource(newValue)}
+    set {_uniqueStorage()._result = .untagResource(newValue)}
   }
 
   public var listResourceTags: Kmsd_V1_ListResourceTagsResponse {
     get {
-      if case .listResourceTags(let v)? = result {return v}
+      if case .listResourceTags(let v)? = _storage._result {return v}
       return Kmsd_V1_ListResourceTagsResponse()
     }
-    set {result = .listResourceTags(newValue)}
+    set {_uniqueStorage()._result = .listResourceTags(newValue)}
   }
 
   public var enableKeyRotation: Kmsd_V1_EnableKeyRotationResponse {
     get {
-      if case .enableKeyRotation(let v)? = result {return v}
+      if case .enableKeyRotation(let v)? = _storage._result {return v}
       return Kmsd_V1_EnableKeyRotationResponse()
     }
-    set {result = .enableKeyRotation(newValue)}
+    set {_uniqueStorage()._result = .enableKeyRotation(newValue)}
   }
 
   public var disableKeyRotation: Kmsd_V1_DisableKeyRotationResponse {
     get {
-      if case .disableKeyRotation(let v)? = result {return v}
+      if case .disableKeyRotation(let v)? = _storage._result {return v}
       return Kmsd_V1_DisableKeyRotationResponse()
     }
-    set {result = .disableKeyRotation(newValue)}
+    set {_uniqueStorage()._result = .disableKeyRotation(newValue)}
   }
 
   public var getKeyRotationStatus: Kmsd_V1_GetKeyRotationStatusResponse {
     get {
-      if case .getKeyRotationStatus(let v)? = result {return v}
+      if case .getKeyRotationStatus(let v)? = _storage._result {return v}
       return Kmsd_V1_GetKeyRotationStatusResponse()
     }
-    set {result = .getKeyRotationStatus(newValue)}
+    set {_uniqueStorage()._result = .getKeyRotationStatus(newValue)}
   }
 
   public var rotateKeyOnDemand: Kmsd_V1_RotateKeyOnDemandResponse {
     get {
-      if case .rotateKeyOnDemand(let v)? = result {return v}
+      if case .rotateKeyOnDemand(let v)? = _storage._result {return v}
       return Kmsd_V1_RotateKeyOnDemandResponse()
     }
-    set {result = .rotateKeyOnDemand(newValue)}
+    set {_uniqueStorage()._result = .rotateKeyOnDemand(newValue)}
   }
 
   public var listKeyRotations: Kmsd_V1_ListKeyRotationsResponse {
     get {
-      if case .listKeyRotations(let v)? = result {return v}
+      if case .listKeyRotations(let v)? = _storage._result {return v}
       return Kmsd_V1_ListKeyRotationsResponse()
     }
-    set {result = .listKeyRotations(newValue)}
+    set {_uniqueStorage()._result = .listKeyRotations(newValue)}
   }
 
   public var setMinimumDecryptionVersion: Kmsd_V1_SetMinimumDecryptionVersionResponse {
     get {
-      if case .setMinimumDecryptionVersion(let v)? = result {return v}
+      if case .setMinimumDecryptionVersion(let v)? = _storage._result {return v}
       return Kmsd_V1_SetMinimumDecryptionVersionResponse()
     }
-    set {result = .setMinimumDecryptionVersion(newValue)}
+    set {_uniqueStorage()._result = .setMinimumDecryptionVersion(newValue)}
   }
 
   public var getParametersForImport: Kmsd_V1_GetParametersForImportResponse {
     get {
-      if case .getParametersForImport(let v)? = result {return v}
+      if case .getParametersForImport(let v)? = _storage._result {return v}
       return Kmsd_V1_GetParametersForImportResponse()
     }
-    set {result = .getParametersForImport(newValue)}
+    set {_uniqueStorage()._result = .getParametersForImport(newValue)}
   }
 
   public var importKeyMaterial: Kmsd_V1_ImportKeyMaterialResponse {
     get {
-      if case .importKeyMaterial(let v)? = result {return v}
+      if case .importKeyMaterial(let v)? = _storage._result {return v}
       return Kmsd_V1_ImportKeyMaterialResponse()
     }
-    set {result = .importKeyMaterial(newValue)}
+    set {_uniqueStorage()._result = .importKeyMaterial(newValue)}
   }
 
   public var deleteImportedKeyMaterial: Kmsd_V1_DeleteImportedKeyMaterialResponse {
     get {
-      if case .deleteImportedKeyMaterial(let v)? = result {return v}
+      if case .deleteImportedKeyMaterial(let v)? = _storage._result {return v}
       return Kmsd_V1_DeleteImportedKeyMaterialResponse()
     }
-    set {result = .deleteImportedKeyMaterial(newValue)}
+    set {_uniqueStorage()._result = .deleteImportedKeyMaterial(newValue)}
   }
 
   public var getKeyPolicy: Kmsd_V1_GetKeyPolicyResponse {
     get {
-      if case .getKeyPolicy(let v)? = result {return v}
+      if case .getKeyPolicy(let v)? = _storage._result {return v}
       return Kmsd_V1_GetKeyPolicyResponse()
     }
-    set {result = .getKeyPolicy(newValue)}
+    set {_uniqueStorage()._result = .getKeyPolicy(newValue)}
   }
 
   public var putKeyPolicy: Kmsd_V1_PutKeyPolicyResponse {
     get {
-      if case .putKeyPolicy(let v)? = result {return v}
+      if case .putKeyPolicy(let v)? = _storage._result {return v}
       return Kmsd_V1_PutKeyPolicyResponse()
     }
-    set {result = .putKeyPolicy(newValue)}
+    set {_uniqueStorage()._result = .putKeyPolicy(newValue)}
   }
 
   public var listKeyPolicies: Kmsd_V1_ListKeyPoliciesResponse {
     get {
-      if case .listKeyPolicies(let v)? = result {return v}
+      if case .listKeyPolicies(let v)? = _storage._result {return v}
       return Kmsd_V1_ListKeyPoliciesResponse()
     }
-    set {result = .listKeyPolicies(newValue)}
+    set {_uniqueStorage()._result = .listKeyPolicies(newValue)}
   }
 
   public var simulatePolicy: Kmsd_V1_SimulatePolicyResponse {
     get {
-      if case .simulatePolicy(let v)? = result {return v}
+      if case .simulatePolicy(let v)? = _storage._result {return v}
       return Kmsd_V1_SimulatePolicyResponse()
     }
-    set {result = .simulatePolicy(newValue)}
+    set {_uniqueStorage()._result = .simulatePolicy(newValue)}
   }
 
   public var createGrant: Kmsd_V1_CreateGrantResponse {
     get {
-      if case .createGrant(let v)? = result {return v}
+      if case .createGrant(let v)? = _storage._result {return v}
       return Kmsd_V1_CreateGrantResponse()
     }
-    set {result = .createGrant(newValue)}
+    set {_uniqueStorage()._result = .createGrant(newValue)}
   }
 
   public var listGrants: Kmsd_V1_ListGrantsResponse {
     get {
-      if case .listGrants(let v)? = result {return v}
+      if case .listGrants(let v)? = _storage._result {return v}
       return Kmsd_V1_ListGrantsResponse()
     }
-    set {result = .listGrants(newValue)}
+    set {_uniqueStorage()._result = .listGrants(newValue)}
   }
 
   public var listRetirableGrants: Kmsd_V1_ListRetirableGrantsResponse {
     get {
-      if case .listRetirableGrants(let v)? = result {return v}
+      if case .listRetirableGrants(let v)? = _storage._result {return v}
       return Kmsd_V1_ListRetirableGrantsResponse()
     }
-    set {result = .listRetirableGrants(newValue)}
+    set {_uniqueStorage()._result = .listRetirableGrants(newValue)}
   }
 
   public var retireGrant: Kmsd_V1_RetireGrantResponse {
     get {
-      if case .retireGrant(let v)? = result {return v}
+      if case .retireGrant(let v)? = _storage._result {return v}
       return Kmsd_V1_RetireGrantResponse()
     }
-    set {result = .retireGrant(newValue)}
+    set {_uniqueStorage()._result = .retireGrant(newValue)}
   }
 
   public var revokeGrant: Kmsd_V1_RevokeGrantResponse {
     get {
-      if case .revokeGrant(let v)? = result {return v}
+      if case .revokeGrant(let v)? = _storage._result {return v}
       return Kmsd_V1_RevokeGrantResponse()
     }
-    set {result = .revokeGrant(newValue)}
+    set {_uniqueStorage()._result = .revokeGrant(newValue)}
   }
 
   public var reviewAccess: Kmsd_V1_ReviewAccessResponse {
     get {
-      if case .reviewAccess(let v)? = result {return v}
+      if case .reviewAccess(let v)? = _storage._result {return v}
       return Kmsd_V1_ReviewAccessResponse()
     }
-    set {result = .reviewAccess(newValue)}
+    set {_uniqueStorage()._result = .reviewAccess(newValue)}
   }
 
   public var verifyAuditRecords: Kmsd_V1_VerifyAuditRecordsResponse {
     get {
-      if case .verifyAuditRecords(let v)? = result {return v}
+      if case .verifyAuditRecords(let v)? = _storage._result {return v}
       return Kmsd_V1_VerifyAuditRecordsResponse()
     }
-    set {result = .verifyAuditRecords(newValue)}
+    set {_uniqueStorage()._result = .verifyAuditRecords(newValue)}
   }
 
   public var status: Kmsd_V1_StatusResponse {
     get {
-      if case .status(let v)? = result {return v}
+      if case .status(let v)? = _storage._result {return v}
       return Kmsd_V1_StatusResponse()
     }
-    set {result = .status(newValue)}
+    set {_uniqueStorage()._result = .status(newValue)}
   }
 
   public var createBackup: Kmsd_V1_CreateBackupResponse {
     get {
-      if case .createBackup(let v)? = result {return v}
+      if case .createBackup(let v)? = _storage._result {return v}
       return Kmsd_V1_CreateBackupResponse()
     }
-    set {result = .createBackup(newValue)}
+    set {_uniqueStorage()._result = .createBackup(newValue)}
   }
 
   public var getBackupChunk: Kmsd_V1_GetBackupChunkResponse {
     get {
-      if case .getBackupChunk(let v)? = result {return v}
+      if case .getBackupChunk(let v)? = _storage._result {return v}
       return Kmsd_V1_GetBackupChunkResponse()
     }
-    set {result = .getBackupChunk(newValue)}
+    set {_uniqueStorage()._result = .getBackupChunk(newValue)}
   }
 
   public var getReplicationIdentity: Kmsd_V1_GetReplicationIdentityResponse {
     get {
-      if case .getReplicationIdentity(let v)? = result {return v}
+      if case .getReplicationIdentity(let v)? = _storage._result {return v}
       return Kmsd_V1_GetReplicationIdentityResponse()
     }
-    set {result = .getReplicationIdentity(newValue)}
+    set {_uniqueStorage()._result = .getReplicationIdentity(newValue)}
   }
 
   public var pinReplicationIdentity: Kmsd_V1_PinReplicationIdentityResponse {
     get {
-      if case .pinReplicationIdentity(let v)? = result {return v}
+      if case .pinReplicationIdentity(let v)? = _storage._result {return v}
       return Kmsd_V1_PinReplicationIdentityResponse()
     }
-    set {result = .pinReplicationIdentity(newValue)}
+    set {_uniqueStorage()._result = .pinReplicationIdentity(newValue)}
   }
 
   public var replicateKey: Kmsd_V1_ReplicateKeyResponse {
     get {
-      if case .replicateKey(let v)? = result {return v}
+      if case .replicateKey(let v)? = _storage._result {return v}
       return Kmsd_V1_ReplicateKeyResponse()
     }
-    set {result = .replicateKey(newValue)}
+    set {_uniqueStorage()._result = .replicateKey(newValue)}
   }
 
   public var importReplica: Kmsd_V1_ImportReplicaResponse {
     get {
-      if case .importReplica(let v)? = result {return v}
+      if case .importReplica(let v)? = _storage._result {return v}
       return Kmsd_V1_ImportReplicaResponse()
     }
-    set {result = .importReplica(newValue)}
+    set {_uniqueStorage()._result = .importReplica(newValue)}
   }
 
   public var updatePrimaryRegion: Kmsd_V1_UpdatePrimaryRegionResponse {
     get {
-      if case .updatePrimaryRegion(let v)? = result {return v}
+      if case .updatePrimaryRegion(let v)? = _storage._result {return v}
       return Kmsd_V1_UpdatePrimaryRegionResponse()
     }
-    set {result = .updatePrimaryRegion(newValue)}
+    set {_uniqueStorage()._result = .updatePrimaryRegion(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -996,6 +1002,8 @@ public nonisolated struct Kmsd_V1_Response: Sendable {
   }
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// A failed request. `code` is stable (an AWS KMS exception name, listed in PROTOCOL.md);
@@ -2875,6 +2883,9 @@ public nonisolated struct Kmsd_V1_StatusResponse: Sendable {
   /// alarms fired since start, by rule
   public var alarms: Dictionary<String,UInt64> = [:]
 
+  /// requests whose access decision was remembered
+  public var accessDecisionsReused: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -4191,919 +4202,957 @@ nonisolated extension Kmsd_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._Me
   public static let protoMessageName: String = _protobuf_package + ".Response"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}error\0\u{2}\u{8}hello\0\u{3}who_am_i\0\u{4}\u{9}create_key\0\u{3}describe_key\0\u{3}list_keys\0\u{3}enable_key\0\u{3}disable_key\0\u{3}schedule_key_deletion\0\u{3}cancel_key_deletion\0\u{3}update_key_description\0\u{2}\u{3}encrypt\0\u{1}decrypt\0\u{3}re_encrypt\0\u{3}generate_data_key\0\u{3}generate_data_key_without_plaintext\0\u{3}generate_random\0\u{4}\u{5}create_alias\0\u{3}update_alias\0\u{3}delete_alias\0\u{3}list_aliases\0\u{3}tag_resource\0\u{3}untag_resource\0\u{3}list_resource_tags\0\u{4}\u{4}enable_key_rotation\0\u{3}disable_key_rotation\0\u{3}get_key_rotation_status\0\u{3}rotate_key_on_demand\0\u{3}list_key_rotations\0\u{3}set_minimum_decryption_version\0\u{4}\u{5}get_parameters_for_import\0\u{3}import_key_material\0\u{3}delete_imported_key_material\0\u{4}\u{8}get_key_policy\0\u{3}put_key_policy\0\u{3}list_key_policies\0\u{3}simulate_policy\0\u{3}create_grant\0\u{3}list_grants\0\u{3}list_retirable_grants\0\u{3}retire_grant\0\u{3}revoke_grant\0\u{3}review_access\0\u{3}verify_audit_records\0\u{1}status\0\u{3}create_backup\0\u{3}get_backup_chunk\0\u{3}get_replication_identity\0\u{3}pin_replication_identity\0\u{3}replicate_key\0\u{3}import_replica\0\u{3}update_primary_region\0")
 
+  fileprivate class _StorageClass {
+    var _id: UInt64 = 0
+    var _result: Kmsd_V1_Response.OneOf_Result?
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _id = source._id
+      _result = source._result
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.id) }()
-      case 2: try {
-        var v: Kmsd_V1_Error?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .error(let m) = current {v = m}
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularUInt64Field(value: &_storage._id) }()
+        case 2: try {
+          var v: Kmsd_V1_Error?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .error(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .error(v)
+          }
+        }()
+        case 10: try {
+          var v: Kmsd_V1_HelloResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .hello(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .hello(v)
+          }
+        }()
+        case 11: try {
+          var v: Kmsd_V1_WhoAmIResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .whoAmI(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .whoAmI(v)
+          }
+        }()
+        case 20: try {
+          var v: Kmsd_V1_CreateKeyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .createKey(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .createKey(v)
+          }
+        }()
+        case 21: try {
+          var v: Kmsd_V1_DescribeKeyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .describeKey(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .describeKey(v)
+          }
+        }()
+        case 22: try {
+          var v: Kmsd_V1_ListKeysResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .listKeys(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .listKeys(v)
+          }
+        }()
+        case 23: try {
+          var v: Kmsd_V1_EnableKeyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .enableKey(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .enableKey(v)
+          }
+        }()
+        case 24: try {
+          var v: Kmsd_V1_DisableKeyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .disableKey(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .disableKey(v)
+          }
+        }()
+        case 25: try {
+          var v: Kmsd_V1_ScheduleKeyDeletionResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .scheduleKeyDeletion(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .scheduleKeyDeletion(v)
+          }
+        }()
+        case 26: try {
+          var v: Kmsd_V1_CancelKeyDeletionResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .cancelKeyDeletion(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .cancelKeyDeletion(v)
+          }
+        }()
+        case 27: try {
+          var v: Kmsd_V1_UpdateKeyDescriptionResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .updateKeyDescription(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .updateKeyDescription(v)
+          }
+        }()
+        case 30: try {
+          var v: Kmsd_V1_EncryptResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .encrypt(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .encrypt(v)
+          }
+        }()
+        case 31: try {
+          var v: Kmsd_V1_DecryptResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .decrypt(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .decrypt(v)
+          }
+        }()
+        case 32: try {
+          var v: Kmsd_V1_ReEncryptResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .reEncrypt(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .reEncrypt(v)
+          }
+        }()
+        case 33: try {
+          var v: Kmsd_V1_GenerateDataKeyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .generateDataKey(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .generateDataKey(v)
+          }
+        }()
+        case 34: try {
+          var v: Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .generateDataKeyWithoutPlaintext(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .generateDataKeyWithoutPlaintext(v)
+          }
+        }()
+        case 35: try {
+          var v: Kmsd_V1_GenerateRandomResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .generateRandom(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .generateRandom(v)
+          }
+        }()
+        case 40: try {
+          var v: Kmsd_V1_CreateAliasResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .createAlias(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .createAlias(v)
+          }
+        }()
+        case 41: try {
+          var v: Kmsd_V1_UpdateAliasResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .updateAlias(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .updateAlias(v)
+          }
+        }()
+        case 42: try {
+          var v: Kmsd_V1_DeleteAliasResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .deleteAlias(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .deleteAlias(v)
+          }
+        }()
+        case 43: try {
+          var v: Kmsd_V1_ListAliasesResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .listAliases(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .listAliases(v)
+          }
+        }()
+        case 44: try {
+          var v: Kmsd_V1_TagResourceResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .tagResource(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .tagResource(v)
+          }
+        }()
+        case 45: try {
+          var v: Kmsd_V1_UntagResourceResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .untagResource(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .untagResource(v)
+          }
+        }()
+        case 46: try {
+          var v: Kmsd_V1_ListResourceTagsResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .listResourceTags(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .listResourceTags(v)
+          }
+        }()
+        case 50: try {
+          var v: Kmsd_V1_EnableKeyRotationResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .enableKeyRotation(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .enableKeyRotation(v)
+          }
+        }()
+        case 51: try {
+          var v: Kmsd_V1_DisableKeyRotationResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .disableKeyRotation(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .disableKeyRotation(v)
+          }
+        }()
+        case 52: try {
+          var v: Kmsd_V1_GetKeyRotationStatusResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .getKeyRotationStatus(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .getKeyRotationStatus(v)
+          }
+        }()
+        case 53: try {
+          var v: Kmsd_V1_RotateKeyOnDemandResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .rotateKeyOnDemand(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .rotateKeyOnDemand(v)
+          }
+        }()
+        case 54: try {
+          var v: Kmsd_V1_ListKeyRotationsResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .listKeyRotations(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .listKeyRotations(v)
+          }
+        }()
+        case 55: try {
+          var v: Kmsd_V1_SetMinimumDecryptionVersionResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .setMinimumDecryptionVersion(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .setMinimumDecryptionVersion(v)
+          }
+        }()
+        case 60: try {
+          var v: Kmsd_V1_GetParametersForImportResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .getParametersForImport(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .getParametersForImport(v)
+          }
+        }()
+        case 61: try {
+          var v: Kmsd_V1_ImportKeyMaterialResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .importKeyMaterial(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .importKeyMaterial(v)
+          }
+        }()
+        case 62: try {
+          var v: Kmsd_V1_DeleteImportedKeyMaterialResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .deleteImportedKeyMaterial(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .deleteImportedKeyMaterial(v)
+          }
+        }()
+        case 70: try {
+          var v: Kmsd_V1_GetKeyPolicyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .getKeyPolicy(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .getKeyPolicy(v)
+          }
+        }()
+        case 71: try {
+          var v: Kmsd_V1_PutKeyPolicyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .putKeyPolicy(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .putKeyPolicy(v)
+          }
+        }()
+        case 72: try {
+          var v: Kmsd_V1_ListKeyPoliciesResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .listKeyPolicies(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .listKeyPolicies(v)
+          }
+        }()
+        case 73: try {
+          var v: Kmsd_V1_SimulatePolicyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .simulatePolicy(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .simulatePolicy(v)
+          }
+        }()
+        case 74: try {
+          var v: Kmsd_V1_CreateGrantResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .createGrant(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .createGrant(v)
+          }
+        }()
+        case 75: try {
+          var v: Kmsd_V1_ListGrantsResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .listGrants(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .listGrants(v)
+          }
+        }()
+        case 76: try {
+          var v: Kmsd_V1_ListRetirableGrantsResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .listRetirableGrants(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .listRetirableGrants(v)
+          }
+        }()
+        case 77: try {
+          var v: Kmsd_V1_RetireGrantResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .retireGrant(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .retireGrant(v)
+          }
+        }()
+        case 78: try {
+          var v: Kmsd_V1_RevokeGrantResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .revokeGrant(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .revokeGrant(v)
+          }
+        }()
+        case 79: try {
+          var v: Kmsd_V1_ReviewAccessResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .reviewAccess(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .reviewAccess(v)
+          }
+        }()
+        case 80: try {
+          var v: Kmsd_V1_VerifyAuditRecordsResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .verifyAuditRecords(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .verifyAuditRecords(v)
+          }
+        }()
+        case 81: try {
+          var v: Kmsd_V1_StatusResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .status(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .status(v)
+          }
+        }()
+        case 82: try {
+          var v: Kmsd_V1_CreateBackupResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .createBackup(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .createBackup(v)
+          }
+        }()
+        case 83: try {
+          var v: Kmsd_V1_GetBackupChunkResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .getBackupChunk(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .getBackupChunk(v)
+          }
+        }()
+        case 84: try {
+          var v: Kmsd_V1_GetReplicationIdentityResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .getReplicationIdentity(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .getReplicationIdentity(v)
+          }
+        }()
+        case 85: try {
+          var v: Kmsd_V1_PinReplicationIdentityResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .pinReplicationIdentity(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .pinReplicationIdentity(v)
+          }
+        }()
+        case 86: try {
+          var v: Kmsd_V1_ReplicateKeyResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .replicateKey(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .replicateKey(v)
+          }
+        }()
+        case 87: try {
+          var v: Kmsd_V1_ImportReplicaResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .importReplica(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .importReplica(v)
+          }
+        }()
+        case 88: try {
+          var v: Kmsd_V1_UpdatePrimaryRegionResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .updatePrimaryRegion(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .updatePrimaryRegion(v)
+          }
+        }()
+        default: break
         }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .error(v)
-        }
-      }()
-      case 10: try {
-        var v: Kmsd_V1_HelloResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .hello(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .hello(v)
-        }
-      }()
-      case 11: try {
-        var v: Kmsd_V1_WhoAmIResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .whoAmI(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .whoAmI(v)
-        }
-      }()
-      case 20: try {
-        var v: Kmsd_V1_CreateKeyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .createKey(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .createKey(v)
-        }
-      }()
-      case 21: try {
-        var v: Kmsd_V1_DescribeKeyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .describeKey(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .describeKey(v)
-        }
-      }()
-      case 22: try {
-        var v: Kmsd_V1_ListKeysResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .listKeys(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .listKeys(v)
-        }
-      }()
-      case 23: try {
-        var v: Kmsd_V1_EnableKeyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .enableKey(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .enableKey(v)
-        }
-      }()
-      case 24: try {
-        var v: Kmsd_V1_DisableKeyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .disableKey(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .disableKey(v)
-        }
-      }()
-      case 25: try {
-        var v: Kmsd_V1_ScheduleKeyDeletionResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .scheduleKeyDeletion(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .scheduleKeyDeletion(v)
-        }
-      }()
-      case 26: try {
-        var v: Kmsd_V1_CancelKeyDeletionResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .cancelKeyDeletion(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .cancelKeyDeletion(v)
-        }
-      }()
-      case 27: try {
-        var v: Kmsd_V1_UpdateKeyDescriptionResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .updateKeyDescription(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .updateKeyDescription(v)
-        }
-      }()
-      case 30: try {
-        var v: Kmsd_V1_EncryptResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .encrypt(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .encrypt(v)
-        }
-      }()
-      case 31: try {
-        var v: Kmsd_V1_DecryptResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .decrypt(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .decrypt(v)
-        }
-      }()
-      case 32: try {
-        var v: Kmsd_V1_ReEncryptResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .reEncrypt(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .reEncrypt(v)
-        }
-      }()
-      case 33: try {
-        var v: Kmsd_V1_GenerateDataKeyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .generateDataKey(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .generateDataKey(v)
-        }
-      }()
-      case 34: try {
-        var v: Kmsd_V1_GenerateDataKeyWithoutPlaintextResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .generateDataKeyWithoutPlaintext(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .generateDataKeyWithoutPlaintext(v)
-        }
-      }()
-      case 35: try {
-        var v: Kmsd_V1_GenerateRandomResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .generateRandom(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .generateRandom(v)
-        }
-      }()
-      case 40: try {
-        var v: Kmsd_V1_CreateAliasResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .createAlias(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .createAlias(v)
-        }
-      }()
-      case 41: try {
-        var v: Kmsd_V1_UpdateAliasResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .updateAlias(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .updateAlias(v)
-        }
-      }()
-      case 42: try {
-        var v: Kmsd_V1_DeleteAliasResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .deleteAlias(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .deleteAlias(v)
-        }
-      }()
-      case 43: try {
-        var v: Kmsd_V1_ListAliasesResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .listAliases(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .listAliases(v)
-        }
-      }()
-      case 44: try {
-        var v: Kmsd_V1_TagResourceResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .tagResource(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .tagResource(v)
-        }
-      }()
-      case 45: try {
-        var v: Kmsd_V1_UntagResourceResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .untagResource(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .untagResource(v)
-        }
-      }()
-      case 46: try {
-        var v: Kmsd_V1_ListResourceTagsResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .listResourceTags(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .listResourceTags(v)
-        }
-      }()
-      case 50: try {
-        var v: Kmsd_V1_EnableKeyRotationResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .enableKeyRotation(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .enableKeyRotation(v)
-        }
-      }()
-      case 51: try {
-        var v: Kmsd_V1_DisableKeyRotationResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .disableKeyRotation(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .disableKeyRotation(v)
-        }
-      }()
-      case 52: try {
-        var v: Kmsd_V1_GetKeyRotationStatusResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .getKeyRotationStatus(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .getKeyRotationStatus(v)
-        }
-      }()
-      case 53: try {
-        var v: Kmsd_V1_RotateKeyOnDemandResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .rotateKeyOnDemand(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .rotateKeyOnDemand(v)
-        }
-      }()
-      case 54: try {
-        var v: Kmsd_V1_ListKeyRotationsResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .listKeyRotations(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .listKeyRotations(v)
-        }
-      }()
-      case 55: try {
-        var v: Kmsd_V1_SetMinimumDecryptionVersionResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .setMinimumDecryptionVersion(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .setMinimumDecryptionVersion(v)
-        }
-      }()
-      case 60: try {
-        var v: Kmsd_V1_GetParametersForImportResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .getParametersForImport(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .getParametersForImport(v)
-        }
-      }()
-      case 61: try {
-        var v: Kmsd_V1_ImportKeyMaterialResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .importKeyMaterial(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .importKeyMaterial(v)
-        }
-      }()
-      case 62: try {
-        var v: Kmsd_V1_DeleteImportedKeyMaterialResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .deleteImportedKeyMaterial(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .deleteImportedKeyMaterial(v)
-        }
-      }()
-      case 70: try {
-        var v: Kmsd_V1_GetKeyPolicyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .getKeyPolicy(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .getKeyPolicy(v)
-        }
-      }()
-      case 71: try {
-        var v: Kmsd_V1_PutKeyPolicyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .putKeyPolicy(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .putKeyPolicy(v)
-        }
-      }()
-      case 72: try {
-        var v: Kmsd_V1_ListKeyPoliciesResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .listKeyPolicies(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .listKeyPolicies(v)
-        }
-      }()
-      case 73: try {
-        var v: Kmsd_V1_SimulatePolicyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .simulatePolicy(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .simulatePolicy(v)
-        }
-      }()
-      case 74: try {
-        var v: Kmsd_V1_CreateGrantResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .createGrant(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .createGrant(v)
-        }
-      }()
-      case 75: try {
-        var v: Kmsd_V1_ListGrantsResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .listGrants(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .listGrants(v)
-        }
-      }()
-      case 76: try {
-        var v: Kmsd_V1_ListRetirableGrantsResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .listRetirableGrants(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .listRetirableGrants(v)
-        }
-      }()
-      case 77: try {
-        var v: Kmsd_V1_RetireGrantResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .retireGrant(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .retireGrant(v)
-        }
-      }()
-      case 78: try {
-        var v: Kmsd_V1_RevokeGrantResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .revokeGrant(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .revokeGrant(v)
-        }
-      }()
-      case 79: try {
-        var v: Kmsd_V1_ReviewAccessResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .reviewAccess(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .reviewAccess(v)
-        }
-      }()
-      case 80: try {
-        var v: Kmsd_V1_VerifyAuditRecordsResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .verifyAuditRecords(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .verifyAuditRecords(v)
-        }
-      }()
-      case 81: try {
-        var v: Kmsd_V1_StatusResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .status(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .status(v)
-        }
-      }()
-      case 82: try {
-        var v: Kmsd_V1_CreateBackupResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .createBackup(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .createBackup(v)
-        }
-      }()
-      case 83: try {
-        var v: Kmsd_V1_GetBackupChunkResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .getBackupChunk(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .getBackupChunk(v)
-        }
-      }()
-      case 84: try {
-        var v: Kmsd_V1_GetReplicationIdentityResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .getReplicationIdentity(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .getReplicationIdentity(v)
-        }
-      }()
-      case 85: try {
-        var v: Kmsd_V1_PinReplicationIdentityResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .pinReplicationIdentity(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .pinReplicationIdentity(v)
-        }
-      }()
-      case 86: try {
-        var v: Kmsd_V1_ReplicateKeyResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .replicateKey(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .replicateKey(v)
-        }
-      }()
-      case 87: try {
-        var v: Kmsd_V1_ImportReplicaResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .importReplica(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .importReplica(v)
-        }
-      }()
-      case 88: try {
-        var v: Kmsd_V1_UpdatePrimaryRegionResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .updatePrimaryRegion(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .updatePrimaryRegion(v)
-        }
-      }()
-      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    if self.id != 0 {
-      try visitor.visitSingularUInt64Field(value: self.id, fieldNumber: 1)
-    }
-    switch self.result {
-    case .error?: try {
-      guard case .error(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
-    }()
-    case .hello?: try {
-      guard case .hello(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-    }()
-    case .whoAmI?: try {
-      guard case .whoAmI(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-    }()
-    case .createKey?: try {
-      guard case .createKey(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
-    }()
-    case .describeKey?: try {
-      guard case .describeKey(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
-    }()
-    case .listKeys?: try {
-      guard case .listKeys(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
-    }()
-    case .enableKey?: try {
-      guard case .enableKey(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
-    }()
-    case .disableKey?: try {
-      guard case .disableKey(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
-    }()
-    case .scheduleKeyDeletion?: try {
-      guard case .scheduleKeyDeletion(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
-    }()
-    case .cancelKeyDeletion?: try {
-      guard case .cancelKeyDeletion(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 26)
-    }()
-    case .updateKeyDescription?: try {
-      guard case .updateKeyDescription(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 27)
-    }()
-    case .encrypt?: try {
-      guard case .encrypt(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 30)
-    }()
-    case .decrypt?: try {
-      guard case .decrypt(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 31)
-    }()
-    case .reEncrypt?: try {
-      guard case .reEncrypt(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 32)
-    }()
-    case .generateDataKey?: try {
-      guard case .generateDataKey(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 33)
-    }()
-    case .generateDataKeyWithoutPlaintext?: try {
-      guard case .generateDataKeyWithoutPlaintext(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 34)
-    }()
-    case .generateRandom?: try {
-      guard case .generateRandom(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 35)
-    }()
-    case .createAlias?: try {
-      guard case .createAlias(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 40)
-    }()
-    case .updateAlias?: try {
-      guard case .updateAlias(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 41)
-    }()
-    case .deleteAlias?: try {
-      guard case .deleteAlias(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 42)
-    }()
-    case .listAliases?: try {
-      guard case .listAliases(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 43)
-    }()
-    case .tagResource?: try {
-      guard case .tagResource(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 44)
-    }()
-    case .untagResource?: try {
-      guard case .untagResource(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 45)
-    }()
-    case .listResourceTags?: try {
-      guard case .listResourceTags(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 46)
-    }()
-    case .enableKeyRotation?: try {
-      guard case .enableKeyRotation(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 50)
-    }()
-    case .disableKeyRotation?: try {
-      guard case .disableKeyRotation(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 51)
-    }()
-    case .getKeyRotationStatus?: try {
-      guard case .getKeyRotationStatus(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 52)
-    }()
-    case .rotateKeyOnDemand?: try {
-      guard case .rotateKeyOnDemand(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 53)
-    }()
-    case .listKeyRotations?: try {
-      guard case .listKeyRotations(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 54)
-    }()
-    case .setMinimumDecryptionVersion?: try {
-      guard case .setMinimumDecryptionVersion(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 55)
-    }()
-    case .getParametersForImport?: try {
-      guard case .getParametersForImport(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
-    }()
-    case .importKeyMaterial?: try {
-      guard case .importKeyMaterial(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
-    }()
-    case .deleteImportedKeyMaterial?: try {
-      guard case .deleteImportedKeyMaterial(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
-    }()
-    case .getKeyPolicy?: try {
-      guard case .getKeyPolicy(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 70)
-    }()
-    case .putKeyPolicy?: try {
-      guard case .putKeyPolicy(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 71)
-    }()
-    case .listKeyPolicies?: try {
-      guard case .listKeyPolicies(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 72)
-    }()
-    case .simulatePolicy?: try {
-      guard case .simulatePolicy(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 73)
-    }()
-    case .createGrant?: try {
-      guard case .createGrant(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 74)
-    }()
-    case .listGrants?: try {
-      guard case .listGrants(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 75)
-    }()
-    case .listRetirableGrants?: try {
-      guard case .listRetirableGrants(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 76)
-    }()
-    case .retireGrant?: try {
-      guard case .retireGrant(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 77)
-    }()
-    case .revokeGrant?: try {
-      guard case .revokeGrant(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 78)
-    }()
-    case .reviewAccess?: try {
-      guard case .reviewAccess(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 79)
-    }()
-    case .verifyAuditRecords?: try {
-      guard case .verifyAuditRecords(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 80)
-    }()
-    case .status?: try {
-      guard case .status(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 81)
-    }()
-    case .createBackup?: try {
-      guard case .createBackup(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 82)
-    }()
-    case .getBackupChunk?: try {
-      guard case .getBackupChunk(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 83)
-    }()
-    case .getReplicationIdentity?: try {
-      guard case .getReplicationIdentity(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 84)
-    }()
-    case .pinReplicationIdentity?: try {
-      guard case .pinReplicationIdentity(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 85)
-    }()
-    case .replicateKey?: try {
-      guard case .replicateKey(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 86)
-    }()
-    case .importReplica?: try {
-      guard case .importReplica(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 87)
-    }()
-    case .updatePrimaryRegion?: try {
-      guard case .updatePrimaryRegion(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 88)
-    }()
-    case nil: break
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if _storage._id != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._id, fieldNumber: 1)
+      }
+      switch _storage._result {
+      case .error?: try {
+        guard case .error(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+      }()
+      case .hello?: try {
+        guard case .hello(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+      }()
+      case .whoAmI?: try {
+        guard case .whoAmI(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+      }()
+      case .createKey?: try {
+        guard case .createKey(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+      }()
+      case .describeKey?: try {
+        guard case .describeKey(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+      }()
+      case .listKeys?: try {
+        guard case .listKeys(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
+      }()
+      case .enableKey?: try {
+        guard case .enableKey(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
+      }()
+      case .disableKey?: try {
+        guard case .disableKey(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
+      }()
+      case .scheduleKeyDeletion?: try {
+        guard case .scheduleKeyDeletion(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
+      }()
+      case .cancelKeyDeletion?: try {
+        guard case .cancelKeyDeletion(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 26)
+      }()
+      case .updateKeyDescription?: try {
+        guard case .updateKeyDescription(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 27)
+      }()
+      case .encrypt?: try {
+        guard case .encrypt(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 30)
+      }()
+      case .decrypt?: try {
+        guard case .decrypt(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 31)
+      }()
+      case .reEncrypt?: try {
+        guard case .reEncrypt(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 32)
+      }()
+      case .generateDataKey?: try {
+        guard case .generateDataKey(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 33)
+      }()
+      case .generateDataKeyWithoutPlaintext?: try {
+        guard case .generateDataKeyWithoutPlaintext(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 34)
+      }()
+      case .generateRandom?: try {
+        guard case .generateRandom(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 35)
+      }()
+      case .createAlias?: try {
+        guard case .createAlias(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 40)
+      }()
+      case .updateAlias?: try {
+        guard case .updateAlias(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 41)
+      }()
+      case .deleteAlias?: try {
+        guard case .deleteAlias(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 42)
+      }()
+      case .listAliases?: try {
+        guard case .listAliases(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 43)
+      }()
+      case .tagResource?: try {
+        guard case .tagResource(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 44)
+      }()
+      case .untagResource?: try {
+        guard case .untagResource(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 45)
+      }()
+      case .listResourceTags?: try {
+        guard case .listResourceTags(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 46)
+      }()
+      case .enableKeyRotation?: try {
+        guard case .enableKeyRotation(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 50)
+      }()
+      case .disableKeyRotation?: try {
+        guard case .disableKeyRotation(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 51)
+      }()
+      case .getKeyRotationStatus?: try {
+        guard case .getKeyRotationStatus(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 52)
+      }()
+      case .rotateKeyOnDemand?: try {
+        guard case .rotateKeyOnDemand(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 53)
+      }()
+      case .listKeyRotations?: try {
+        guard case .listKeyRotations(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 54)
+      }()
+      case .setMinimumDecryptionVersion?: try {
+        guard case .setMinimumDecryptionVersion(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 55)
+      }()
+      case .getParametersForImport?: try {
+        guard case .getParametersForImport(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
+      }()
+      case .importKeyMaterial?: try {
+        guard case .importKeyMaterial(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
+      }()
+      case .deleteImportedKeyMaterial?: try {
+        guard case .deleteImportedKeyMaterial(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
+      }()
+      case .getKeyPolicy?: try {
+        guard case .getKeyPolicy(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 70)
+      }()
+      case .putKeyPolicy?: try {
+        guard case .putKeyPolicy(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 71)
+      }()
+      case .listKeyPolicies?: try {
+        guard case .listKeyPolicies(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 72)
+      }()
+      case .simulatePolicy?: try {
+        guard case .simulatePolicy(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 73)
+      }()
+      case .createGrant?: try {
+        guard case .createGrant(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 74)
+      }()
+      case .listGrants?: try {
+        guard case .listGrants(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 75)
+      }()
+      case .listRetirableGrants?: try {
+        guard case .listRetirableGrants(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 76)
+      }()
+      case .retireGrant?: try {
+        guard case .retireGrant(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 77)
+      }()
+      case .revokeGrant?: try {
+        guard case .revokeGrant(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 78)
+      }()
+      case .reviewAccess?: try {
+        guard case .reviewAccess(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 79)
+      }()
+      case .verifyAuditRecords?: try {
+        guard case .verifyAuditRecords(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 80)
+      }()
+      case .status?: try {
+        guard case .status(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 81)
+      }()
+      case .createBackup?: try {
+        guard case .createBackup(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 82)
+      }()
+      case .getBackupChunk?: try {
+        guard case .getBackupChunk(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 83)
+      }()
+      case .getReplicationIdentity?: try {
+        guard case .getReplicationIdentity(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 84)
+      }()
+      case .pinReplicationIdentity?: try {
+        guard case .pinReplicationIdentity(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 85)
+      }()
+      case .replicateKey?: try {
+        guard case .replicateKey(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 86)
+      }()
+      case .importReplica?: try {
+        guard case .importReplica(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 87)
+      }()
+      case .updatePrimaryRegion?: try {
+        guard case .updatePrimaryRegion(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 88)
+      }()
+      case nil: break
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Kmsd_V1_Response, rhs: Kmsd_V1_Response) -> Bool {
-    if lhs.id != rhs.id {return false}
-    if lhs.result != rhs.result {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._id != rhs_storage._id {return false}
+        if _storage._result != rhs_storage._result {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -9090,7 +9139,7 @@ nonisolated extension Kmsd_V1_LatencyHistogram: SwiftProtobuf.Message, SwiftProt
 
 nonisolated extension Kmsd_V1_StatusResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".StatusResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}server_version\0\u{3}started_at\0\u{3}uptime_seconds\0\u{3}keys_by_state\0\u{1}requests\0\u{1}latencies\0\u{3}latency_p50_micros\0\u{3}latency_p99_micros\0\u{3}key_cache_entries\0\u{3}key_cache_capacity\0\u{1}connections\0\u{3}audit_run_id\0\u{3}audit_sequence\0\u{3}identity_policies\0\u{1}alarms\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}server_version\0\u{3}started_at\0\u{3}uptime_seconds\0\u{3}keys_by_state\0\u{1}requests\0\u{1}latencies\0\u{3}latency_p50_micros\0\u{3}latency_p99_micros\0\u{3}key_cache_entries\0\u{3}key_cache_capacity\0\u{1}connections\0\u{3}audit_run_id\0\u{3}audit_sequence\0\u{3}identity_policies\0\u{1}alarms\0\u{3}access_decisions_reused\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -9113,6 +9162,7 @@ nonisolated extension Kmsd_V1_StatusResponse: SwiftProtobuf.Message, SwiftProtob
       case 13: try { try decoder.decodeSingularUInt64Field(value: &self.auditSequence) }()
       case 14: try { try decoder.decodeSingularUInt64Field(value: &self.identityPolicies) }()
       case 15: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufUInt64>.self, value: &self.alarms) }()
+      case 16: try { try decoder.decodeSingularUInt64Field(value: &self.accessDecisionsReused) }()
       default: break
       }
     }
@@ -9164,6 +9214,9 @@ nonisolated extension Kmsd_V1_StatusResponse: SwiftProtobuf.Message, SwiftProtob
     if !self.alarms.isEmpty {
       try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufUInt64>.self, value: self.alarms, fieldNumber: 15)
     }
+    if self.accessDecisionsReused != 0 {
+      try visitor.visitSingularUInt64Field(value: self.accessDecisionsReused, fieldNumber: 16)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -9183,6 +9236,7 @@ nonisolated extension Kmsd_V1_StatusResponse: SwiftProtobuf.Message, SwiftProtob
     if lhs.auditSequence != rhs.auditSequence {return false}
     if lhs.identityPolicies != rhs.identityPolicies {return false}
     if lhs.alarms != rhs.alarms {return false}
+    if lhs.accessDecisionsReused != rhs.accessDecisionsReused {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
