@@ -26,7 +26,8 @@ public final class KeyRepository: Sendable {
     /// Counts completed changes to what an access decision reads: key records, versions,
     /// grants and aliases (each method that writes them counts once it is done, its cache
     /// updated), and, through `KeyService`, the identity policies, the administrators and the
-    /// grant cache. A decision made after reading the count stays valid while the count is
+    /// grant cache; also keys leaving the cache (evicted, removed), so what was cached when the
+    /// count was read is cached while it is unchanged. A decision made after reading the count stays valid while the count is
     /// unchanged (the per-connection `DecisionMemo` of kmsd's hot path relies on this).
     private let changes = Atomic<UInt64>(0)
     /// Row-index buckets whose entries did not match their authenticated digest when kmsd
@@ -488,9 +489,11 @@ public final class KeyRepository: Sendable {
             throw KMSError(.keyUnavailable, "key \(id) was deleted, yet its record is back in the keystore: an older copy was restored over it. The key is refused; restore the keystore from its latest backup")
         }
         if caching {
-            cache.withLock { cache in
-                if cache.mutations == seen, cache.peek(id) == nil { cache.put(id, CachedKey(record: record, versions: [:])) }
+            let evicted = cache.withLock { cache in
+                cache.mutations == seen && cache.peek(id) == nil && cache.put(id, CachedKey(record: record, versions: [:]))
             }
+            // Keys that were cached are not any more: counted as a change (`changes`).
+            if evicted { noteChange() }
         }
         return record
     }
@@ -707,21 +710,27 @@ struct LRUCache {
     func peek(_ id: KeyID) -> CachedKey? { entries[id]?.value }
 
     mutating func get(_ id: KeyID) -> CachedKey? {
-        guard let e = entries[id] else { return nil }
+        // One hash lookup; the entry's use is noted in place.
+        guard let i = entries.index(forKey: id) else { return nil }
         tick += 1
-        entries[id] = (e.value, tick)
-        return e.value
+        entries.values[i].tick = tick
+        return entries.values[i].value
     }
 
     mutating func remove(_ id: KeyID) { entries[id] = nil }
 
-    mutating func put(_ id: KeyID, _ value: CachedKey) {
+    /// True when it evicted other keys to make room.
+    @discardableResult
+    mutating func put(_ id: KeyID, _ value: CachedKey) -> Bool {
         tick += 1
+        var evicted = false
         if entries[id] == nil, entries.count >= capacity {
             // Evict the least recently used eighth at once, so eviction stays cheap per insert.
             let victims = entries.sorted { $0.value.tick < $1.value.tick }.prefix(max(1, capacity / 8))
             for v in victims { entries[v.key] = nil }
+            evicted = true
         }
         entries[id] = (value, tick)
+        return evicted
     }
 }

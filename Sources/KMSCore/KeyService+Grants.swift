@@ -113,13 +113,17 @@ extension KeyService {
         if let hit { return hit }
         // A grant row that fails its integrity check allows nothing (the others still do).
         let grants = repository.intactGrants(of: id).map(CompiledGrant.init)
-        grantCache.withLock { cache in
+        let emptied = grantCache.withLock { cache in
             // A grant changed while this read ran (a revocation, say): what was read may be
             // stale, so it is used for this request only, never cached.
-            guard cache.changes == seen else { return }
-            if cache.entries.count >= derivedCacheLimit { cache.entries.removeAll(keepingCapacity: true) }
+            guard cache.changes == seen else { return false }
+            let full = cache.entries.count >= derivedCacheLimit
+            if full { cache.entries.removeAll(keepingCapacity: true) }
             cache.entries[id] = grants
+            return full
         }
+        // Keys whose grants were cached are not any more (KeyRepository.changes).
+        if emptied { repository.noteChange() }
         return grants
     }
 

@@ -69,7 +69,8 @@ struct Authorizer {
             let alias = KeyService.aliasName(r.keyID)
             let memo = alias == nil ? ctx.memo : nil
             let changeCount = a.service.repository.changeCount
-            let blobKey = memo == nil ? nil : SymmetricCiphertext.keyReference(of: r.ciphertextBlob)?.keyID
+            let reference = memo == nil ? nil : SymmetricCiphertext.keyReference(of: r.ciphertextBlob)
+            let blobKey = reference?.keyID
             if let memo, let blobKey, let hit = memo.lookup(action: "Decrypt", keyText: sent, blobKey: blobKey, context: wire, changeCount: changeCount) {
                 if let named = try a.named(r.keyID) { r.keyID = named.description; op = .decrypt(r) }
                 return a.reuse(hit, &d, context: wire)
@@ -86,7 +87,7 @@ struct Authorizer {
             op = .decrypt(r)
             if let memo, let blobKey, let record, record.keyID == blobKey {
                 return a.remember(in: memo, action: "Decrypt", keyText: sent, blobKey: blobKey, context: wire,
-                                  record: record, changeCount: changeCount, &d)
+                                  record: record, version: reference?.keyVersion ?? record.currentVersion, changeCount: changeCount, &d)
             }
         case .reEncrypt(var r):
             // Both contexts are read first: an ambiguous one is refused before any decision.
@@ -226,7 +227,8 @@ struct Authorizer {
         }
         let record = try keyRecord(text, action, &d, aliases: true, context: Self.strings(context))
         guard let memo = ctx.memo, KeyService.aliasName(text) == nil else { return Decided(record: record, context: context) }
-        return remember(in: memo, action: action, keyText: text, blobKey: nil, context: context, record: record, changeCount: changeCount, &d)
+        return remember(in: memo, action: action, keyText: text, blobKey: nil, context: context, record: record,
+                        version: record.currentVersion, changeCount: changeCount, &d)
     }
 
     static func strings(_ context: [WirePair]) -> ContextPairs {
@@ -235,15 +237,18 @@ struct Authorizer {
 
     /// An allowed decision made just now, kept in the connection's memo (with the context's
     /// canonical form and audit text, when the context is valid) and handed to the handler.
+    /// `version`: the key version the request uses; whether it, the record and the grants are
+    /// cached is noted now, after `changeCount` was read (see `DecisionMemo.Entry`).
     func remember(in memo: DecisionMemo, action: String, keyText: String, blobKey: KeyID?, context: [WirePair],
-                  record: KeyRecord, changeCount: UInt64, _ d: inout AuditDetails) -> Decided {
+                  record: KeyRecord, version: UInt32, changeCount: UInt64, _ d: inout AuditDetails) -> Decided {
         var decided = Decided(record: record, context: context)
         // An invalid context is the handler's to refuse, as always.
         guard let validated = try? EncryptionContext(pairs: context) else { return decided }
         let text = EncryptionContext.auditText(context, values: d.contextValues)
+        let cached = service.repository.isCached(record.keyID, version: version) && service.grantsCached(record.keyID)
         memo.store(.init(changeCount: changeCount, action: action, keyText: keyText, blobKey: blobKey, context: context, record: record,
                          keyIDText: d.keyID, keyState: d.keyState, decidedBy: d.decidedBy, contextValues: d.contextValues,
-                         encryptionContext: validated, contextText: text))
+                         encryptionContext: validated, contextText: text, storageFreeVersion: cached ? version : nil))
         decided.encryptionContext = validated
         decided.contextText = text
         return decided

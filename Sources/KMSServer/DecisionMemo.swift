@@ -39,10 +39,14 @@ final class DecisionMemo: @unchecked Sendable {
         let contextValues: Bool
         let encryptionContext: EncryptionContext
         let contextText: String
+        /// The key version whose material, with the key's record and grants, was cached when
+        /// the entry was made (nil: not all of it was). `KeyRepository.changeCount` also moves
+        /// when keys leave the cache, so while the entry is valid they are still cached.
+        let storageFreeVersion: UInt32?
 
         init(changeCount: UInt64, action: String, keyText: String, blobKey: KeyID?, context: [WirePair], record: KeyRecord,
              keyIDText: String, keyState: String, decidedBy: String, contextValues: Bool,
-             encryptionContext: EncryptionContext, contextText: String) {
+             encryptionContext: EncryptionContext, contextText: String, storageFreeVersion: UInt32?) {
             self.changeCount = changeCount
             self.action = action
             self.keyText = keyText
@@ -55,6 +59,7 @@ final class DecisionMemo: @unchecked Sendable {
             self.contextValues = contextValues
             self.encryptionContext = encryptionContext
             self.contextText = contextText
+            self.storageFreeVersion = storageFreeVersion
         }
     }
 
@@ -86,6 +91,17 @@ final class DecisionMemo: @unchecked Sendable {
             return e
         }
         return nil
+    }
+
+    /// Whether a valid entry shows that using the key named by `keyText` (Encrypt,
+    /// GenerateDataKey) needs no storage: its record, current material and grants are cached.
+    func storageFree(keyText: String, changeCount: UInt64) -> Bool {
+        entries.contains { $0.changeCount == changeCount && $0.blobKey == nil && $0.storageFreeVersion != nil && $0.keyText == keyText }
+    }
+
+    /// The same for a ciphertext of `version` of key `blobKey` (Decrypt).
+    func storageFree(blobKey: KeyID, version: UInt32, changeCount: UInt64) -> Bool {
+        entries.contains { $0.changeCount == changeCount && $0.storageFreeVersion == version && $0.blobKey == blobKey }
     }
 
     func store(_ entry: Entry) {

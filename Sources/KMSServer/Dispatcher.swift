@@ -286,11 +286,15 @@ final class Dispatcher: Sendable {
     /// True when handling `request` needs no storage access (every key it names is cached), so
     /// it may run on the event loop instead of hopping to a worker thread and back. Its audit
     /// record is still handed to journald before the response is sent.
-    /// `memo`: the connection's, whose last parsed key identifier saves parsing it again.
+    /// `memo`: the connection's; its valid entries and its last parsed key identifier save
+    /// looking into the caches and parsing again.
     func runsWithoutStorage(_ request: KMSRequest, memo: DecisionMemo? = nil) -> Bool {
         let repository = service.repository, service = self.service
         // The key's record and material, and its grants (the decision may consult them).
+        // A remembered decision shows it without a look at the caches (DecisionMemo.Entry).
+        let changeCount = memo == nil ? 0 : repository.changeCount
         func cached(_ keyID: String) -> Bool {
+            if let memo, memo.storageFree(keyText: keyID, changeCount: changeCount) { return true }
             let id: KeyID
             if let parsed = memo?.parsedKeyID(keyID) {
                 id = parsed
@@ -304,6 +308,7 @@ final class Dispatcher: Sendable {
         }
         func cached(blob: Data) -> Bool {
             guard let named = SymmetricCiphertext.keyReference(of: blob) else { return true }
+            if let memo, memo.storageFree(blobKey: named.keyID, version: named.keyVersion, changeCount: changeCount) { return true }
             return repository.isCached(named.keyID, version: named.keyVersion) && service.grantsCached(named.keyID)
         }
         switch request.operation {
@@ -470,14 +475,14 @@ final class Dispatcher: Sendable {
             record.error = e.code
         }
         record.durationMicros = (DispatchTime.now().uptimeNanoseconds - start) / 1000
-        metrics.record(action: action, result: record.result.rawValue, micros: record.durationMicros)
+        metrics.record(action: action, result: record.result, micros: record.durationMicros)
         let audited = write(record)
         var response = KMSResponse()
         response.id = request.id
         switch outcome {
         case _ where !audited && audit.failClosed:
             var message = "the audit record could not be handed to journald, so the request was refused"
-            if case .success = outcome, let undo = details.undo {
+            if case .success = outcome, let undo = record.details.undo {
                 do { try undo(); message += " and nothing was changed" } catch {
                     message += "; undoing its effect failed too (\(error)), so it may have taken effect"
                     StandardError.write("kmsd: ERROR: \(action) could not be audited nor undone: \(error)\n")
@@ -489,6 +494,8 @@ final class Dispatcher: Sendable {
         }
         if !Self.usesKeys(operation), let event = Self.managementEvents[action] {
             // A change to a key, its policy, grants or aliases: also a NOTICE event of its own.
+            // (`record.details`, not `details`: the record took the details over, uncopied.)
+            let details = record.details
             var change = AuditRecord(action: event, requestID: request.id, principal: principal, result: .allowed, details: details)
             change.eventMessage = "\(event): \(action) by uid \(principal.uid) (\(principal.userName))"
                 + (details.keyID.isEmpty ? "" : " on key \(details.keyID)") + (details.alias.isEmpty ? "" : " (\(details.alias))")

@@ -8,7 +8,16 @@ final class Metrics: Sendable {
     static let bucketsMicros: [UInt64] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000]
 
     struct ActionStats: Sendable {
-        var results: [String: UInt64] = [:]
+        /// Requests by result (`AuditRecord.Result`): allowed, denied, failed.
+        var counts: (UInt64, UInt64, UInt64) = (0, 0, 0)
+        /// The counts by result name, results never seen left out.
+        var results: [String: UInt64] {
+            var r: [String: UInt64] = [:]
+            if counts.0 > 0 { r[AuditRecord.Result.allowed.rawValue] = counts.0 }
+            if counts.1 > 0 { r[AuditRecord.Result.denied.rawValue] = counts.1 }
+            if counts.2 > 0 { r[AuditRecord.Result.failed.rawValue] = counts.2 }
+            return r
+        }
         /// Count per bucket (not cumulative); the last one is +Inf.
         var buckets = [UInt64](repeating: 0, count: Metrics.bucketsMicros.count + 1)
         var sumMicros: UInt64 = 0
@@ -22,14 +31,18 @@ final class Metrics: Sendable {
     /// Requests whose access decision came from their connection's `DecisionMemo`.
     let decisionsReused = Atomic<UInt64>(0)
 
-    func record(action: String, result: String, micros: UInt64) {
+    func record(action: String, result: AuditRecord.Result, micros: UInt64) {
         let bucket = Self.bucketsMicros.firstIndex { micros <= $0 } ?? Self.bucketsMicros.count
         stats.withLock { all in Self.bump(&all[action, default: ActionStats()], result: result, bucket: bucket, micros: micros) }
     }
 
     /// In place: one look-up of the action, no copy of its entry.
-    private static func bump(_ s: inout ActionStats, result: String, bucket: Int, micros: UInt64) {
-        s.results[result, default: 0] += 1
+    private static func bump(_ s: inout ActionStats, result: AuditRecord.Result, bucket: Int, micros: UInt64) {
+        switch result {
+        case .allowed: s.counts.0 += 1
+        case .denied: s.counts.1 += 1
+        case .failed: s.counts.2 += 1
+        }
         s.buckets[bucket] += 1
         s.sumMicros &+= micros
         s.count += 1
