@@ -19,12 +19,12 @@ struct Authorizer {
     /// decided on and the encryption context as read off the wire (Encrypt and
     /// GenerateDataKey(WithoutPlaintext), the hottest paths; ReplicateKey and
     /// UpdatePrimaryRegion the record only).
-    struct Decided: Sendable {
+    struct Decided: @unchecked Sendable {
         var record: KeyRecord? = nil
         var context: [WirePair]? = nil
-        /// The context validated and its audit text, when a `DecisionMemo` entry has them.
-        var encryptionContext: EncryptionContext? = nil
-        var contextText: String? = nil
+        /// The connection's memo entry of this decision (made or reused): the record and the
+        /// context as above, also validated and as audit text. One reference instead of copies.
+        var remembered: DecisionMemo.Entry? = nil
     }
 
     /// Decides `op`; on return the key identifiers in it are key ids, and `d` names the key(s)
@@ -73,7 +73,7 @@ struct Authorizer {
             let blobKey = reference?.keyID
             if let memo, let blobKey, let hit = memo.lookup(action: "Decrypt", keyText: sent, blobKey: blobKey, context: wire, changeCount: changeCount) {
                 if let named = try a.named(r.keyID) { r.keyID = named.description; op = .decrypt(r) }
-                return a.reuse(hit, &d, context: wire)
+                return a.reuse(hit, &d)
             }
             let context = Self.strings(wire)
             if alias != nil {
@@ -223,7 +223,7 @@ struct Authorizer {
     func sealing(_ text: String, _ action: String, _ d: inout AuditDetails, context: [WirePair]) throws(KMSError) -> Decided {
         let changeCount = service.repository.changeCount
         if let memo = ctx.memo, let hit = memo.lookup(action: action, keyText: text, blobKey: nil, context: context, changeCount: changeCount) {
-            return reuse(hit, &d, context: context)
+            return reuse(hit, &d)
         }
         let record = try keyRecord(text, action, &d, aliases: true, context: Self.strings(context))
         guard let memo = ctx.memo, KeyService.aliasName(text) == nil else { return Decided(record: record, context: context) }
@@ -241,27 +241,26 @@ struct Authorizer {
     /// cached is noted now, after `changeCount` was read (see `DecisionMemo.Entry`).
     func remember(in memo: DecisionMemo, action: String, keyText: String, blobKey: KeyID?, context: [WirePair],
                   record: KeyRecord, version: UInt32, changeCount: UInt64, _ d: inout AuditDetails) -> Decided {
-        var decided = Decided(record: record, context: context)
         // An invalid context is the handler's to refuse, as always.
-        guard let validated = try? EncryptionContext(pairs: context) else { return decided }
+        guard let validated = try? EncryptionContext(pairs: context) else { return Decided(record: record, context: context) }
         let text = EncryptionContext.auditText(context, values: d.contextValues)
         let cached = service.repository.isCached(record.keyID, version: version) && service.grantsCached(record.keyID)
-        memo.store(.init(changeCount: changeCount, action: action, keyText: keyText, blobKey: blobKey, context: context, record: record,
-                         keyIDText: d.keyID, keyState: d.keyState, decidedBy: d.decidedBy, contextValues: d.contextValues,
-                         encryptionContext: validated, contextText: text, storageFreeVersion: cached ? version : nil))
-        decided.encryptionContext = validated
-        decided.contextText = text
-        return decided
+        let entry = DecisionMemo.Entry(changeCount: changeCount, action: action, keyText: keyText, blobKey: blobKey, context: context,
+                                       record: record, keyIDText: d.keyID, keyState: d.keyState, decidedBy: d.decidedBy,
+                                       contextValues: d.contextValues, encryptionContext: validated, contextText: text,
+                                       storageFreeVersion: cached ? version : nil)
+        memo.store(entry)
+        return Decided(remembered: entry)
     }
 
     /// A remembered decision: the audit details it noted, and what it hands the handler.
-    func reuse(_ hit: DecisionMemo.Entry, _ d: inout AuditDetails, context: [WirePair]) -> Decided {
+    func reuse(_ hit: DecisionMemo.Entry, _ d: inout AuditDetails) -> Decided {
         d.keyID = hit.keyIDText
         d.keyState = hit.keyState
         d.decidedBy = hit.decidedBy
         d.contextValues = hit.contextValues
         ctx.metrics?.decisionsReused.add(1, ordering: .relaxed)
-        return Decided(record: hit.record, context: context, encryptionContext: hit.encryptionContext, contextText: hit.contextText)
+        return Decided(remembered: hit)
     }
 
     /// Decides `action` on the key `text` names and returns its key id. `aliases`: whether the

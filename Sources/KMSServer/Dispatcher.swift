@@ -102,25 +102,26 @@ final class HandlerContext: @unchecked Sendable {
     /// The key record the access decision was made on; every operation that seals under a key
     /// has one (an internal error otherwise, never a silent second lookup).
     func decidedRecord() throws(KMSError) -> KeyRecord {
-        guard let record = decided.record else { throw KMSError(.internalError, "no access decision was made for this request") }
+        guard let record = decided.remembered?.record ?? decided.record else { throw KMSError(.internalError, "no access decision was made for this request") }
         return record
     }
 
     /// The encryption context the access decision read, else read now.
     func decidedContext(operation: Int, field: Int, decoded: [String: String]) throws(KMSError) -> [WirePair] {
-        if let pairs = decided.context { return pairs }
+        // A memo entry's context is byte for byte this request's (that is how it was found).
+        if let pairs = decided.remembered?.context ?? decided.context { return pairs }
         return try context(operation: operation, field: field, decoded: decoded)
     }
 
     /// The context validated, as the decision's memo entry has it, else validated now.
     func decidedEncryptionContext(_ pairs: [WirePair]) throws(KMSError) -> EncryptionContext {
-        if let validated = decided.encryptionContext { return validated }
+        if let validated = decided.remembered?.encryptionContext { return validated }
         return try EncryptionContext(pairs: pairs)
     }
 
     /// The context's audit text, as the decision's memo entry has it, else made now.
     func decidedAuditText(_ pairs: [WirePair], values: Bool) -> String {
-        decided.contextText ?? EncryptionContext.auditText(pairs, values: values)
+        decided.remembered?.contextText ?? EncryptionContext.auditText(pairs, values: values)
     }
 
     /// The pairs of one context field as sent (duplicates and byte-distinct spellings kept);
