@@ -60,13 +60,15 @@ public enum FuzzTargets {
     public static func requestAnswer(_ data: UnsafeRawBufferPointer) -> String {
         guard let first = data.first else { return "none" }
         let body = UnsafeRawBufferPointer(rebasing: data[1...])
-        let dispatcher = FuzzState.shared.dispatcher()
+        let (dispatcher, memos) = FuzzState.shared.dispatcher()
         let principal = first & 1 == 0 ? FuzzState.administrator : FuzzState.user
+        // Each principal's requests share a decision memo, as one connection's do in kmsd.
+        let memo = first & 1 == 0 ? memos.administrator : memos.user
         precondition(HotRequestDecoder.agreesWithSwiftProtobuf(body), "the request shortcut and SwiftProtobuf read a frame differently")
         var buffer = ByteBufferAllocator().buffer(capacity: body.count)
         buffer.writeBytes(body)
         let decoded = Result { () throws(KMSError) in try IncomingRequest(frameBody: buffer) }
-        let outgoing = dispatcher.handle(decoded, principal: principal)
+        let outgoing = dispatcher.handle(decoded, principal: principal, memo: memo)
         _ = try? ConnectionHandler.frame(outgoing, allocator: ByteBufferAllocator())
         switch outgoing.response.result {
         case .error?: return "error"
@@ -146,7 +148,9 @@ private final class FuzzState: Sendable {
     static let administrator = Principal(uid: 0, gid: 0, pid: 1, userName: "root", groups: [], executable: "/usr/bin/kmsctl")
     static let user = Principal(uid: 1000, gid: 1000, pid: 2, userName: "user", groups: [100], executable: "/usr/bin/app")
 
-    private let state = Mutex<(dispatcher: Dispatcher?, uses: Int, generation: Int)>((nil, 0, 0))
+    typealias Memos = (administrator: DecisionMemo, user: DecisionMemo)
+    /// The memos belong to their dispatcher's keystore (its change count): new ones with each.
+    private let state = Mutex<(dispatcher: Dispatcher?, memos: Memos?, uses: Int, generation: Int)>((nil, nil, 0, 0))
 
     /// The keystore file of one generation: on /dev/shm when there is one (a tmpfs: fsync is
     /// free), else the temporary directory. A file, not ":memory:": every SQLite connection to
@@ -160,14 +164,15 @@ private final class FuzzState: Sendable {
         for suffix in ["", "-wal", "-shm"] { unlink(path + suffix) }
     }
 
-    func dispatcher() -> Dispatcher {
+    func dispatcher() -> (Dispatcher, Memos) {
         state.withLock { s in
-            if let d = s.dispatcher, s.uses < 20_000 {
+            if let d = s.dispatcher, let memos = s.memos, s.uses < 20_000 {
                 s.uses += 1
-                return d
+                return (d, memos)
             }
             do {
                 s.dispatcher = nil
+                s.memos = nil
                 Self.remove(Self.keystorePath(s.generation))
                 s.generation += 1
                 let path = Self.keystorePath(s.generation)
@@ -177,9 +182,11 @@ private final class FuzzState: Sendable {
                 let service = KeyService(repository: repository, administrators: Administrators(uids: [0]))
                 let d = Dispatcher(service: service, audit: AuditLog(failClosed: false, disabled: true),
                                    settings: ServerSettings(maxFrameBytes: 65_536, maxInFlight: 64))
+                let memos = (administrator: DecisionMemo(), user: DecisionMemo())
                 s.dispatcher = d
+                s.memos = memos
                 s.uses = 1
-                return d
+                return (d, memos)
             } catch {
                 fatalError("kmsfuzz: cannot open an in-memory keystore: \(error)")
             }
