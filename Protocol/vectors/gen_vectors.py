@@ -1366,6 +1366,9 @@ def build_status_example(run_id):
         "audit_sequence": 1 + 102 + 1,
         "identity_policies": 1,
         "alarms": {"AccessDeniedRate": 1},
+        # Allowed Encrypts and Decrypts that reused their connection's remembered decision: at
+        # most the allowed ones, less each connection's first of each kind.
+        "access_decisions_reused": 70,
     }
 
 
@@ -1942,6 +1945,9 @@ def check_status_frames(built):
         denied = sum(r["count"] for r in requests if r["result"] == "Denied")
         assert s["alarms"] == {"AccessDeniedRate": 1} and denied > 20
         assert s["audit_sequence"] == 1 + sum(r["count"] for r in requests) + sum(s["alarms"].values())
+        reusable = ("Encrypt", "Decrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext")
+        assert s.get("access_decisions_reused", 0) <= sum(
+            r["count"] for r in requests if r["action"] in reusable and r["result"] == "Allowed")
         checked += 1
     return checked
 
