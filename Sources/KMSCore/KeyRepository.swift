@@ -26,9 +26,9 @@ public final class KeyRepository: Sendable {
     /// Counts completed changes to what an access decision reads: key records, versions,
     /// grants and aliases (each method that writes them counts once it is done, its cache
     /// updated), and, through `KeyService`, the identity policies, the administrators and the
-    /// grant cache; also keys leaving the cache (evicted, removed), so what was cached when the
-    /// count was read is cached while it is unchanged. A decision made after reading the count stays valid while the count is
-    /// unchanged (the per-connection `DecisionMemo` of kmsd's hot path relies on this).
+    /// grant cache; also keys leaving the cache (evicted, removed). So a decision made after
+    /// reading the count, and what was cached then, stay valid while the count is unchanged
+    /// (the per-connection `DecisionMemo` of kmsd's request path relies on this).
     private let changes = Atomic<UInt64>(0)
     /// Row-index buckets whose entries did not match their authenticated digest when kmsd
     /// started (or in an earlier start): rows in them last written at or before the generation
@@ -459,6 +459,7 @@ public final class KeyRepository: Sendable {
     public func delete(_ id: KeyID) throws {
         defer { noteChange() }  // after the cache has followed: see `changes`
         cache.withLock { $0.remove(id); $0.mutations &+= 1 }
+        noteChange()  // out of the cache already
         let key = id.description
         try commit { _ in
             let rows: [RowIndex.Touch] = try self.storage.versions(id: key).map { .init("key_versions", "\(key)/\($0.number)", live: false) }
