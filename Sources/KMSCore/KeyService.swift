@@ -715,7 +715,10 @@ public final class KeyService: Sendable {
     }
 
     /// Decrypts a blob; `keyID`, when given, must name the blob's key.
-    public func decrypt(blob: [UInt8], context ctx: EncryptionContext, keyID: String, caller: Principal) throws(KMSError) -> Opened {
+    /// `decided`: the key's record as the request's access decision read it (when it is the
+    /// key the blob names, it is used instead of reading the record again).
+    public func decrypt(blob: [UInt8], context ctx: EncryptionContext, keyID: String, caller: Principal,
+                        decided: KeyRecord? = nil) throws(KMSError) -> Opened {
         guard (1...KMSLimits.maxCiphertextBlobBytes).contains(blob.count) else {
             throw KMSError(.validation, "CiphertextBlob must be 1...\(KMSLimits.maxCiphertextBlobBytes) bytes")
         }
@@ -726,7 +729,9 @@ public final class KeyService: Sendable {
                 throw KMSError(.incorrectKey, "the ciphertext was encrypted under another key than \(expected); omit KeyId or pass the right one")
             }
         }
-        guard let record = try repository.record(parsed.keyID) else {
+        var found = decided.flatMap { $0.keyID == parsed.keyID ? $0 : nil }
+        if found == nil { found = try repository.record(parsed.keyID) }
+        guard let record = found else {
             // A deleted key is named as such; a key id that never existed means a forged blob.
             if let gone = try repository.tombstone(parsed.keyID) { throw Self.deleted(gone) }
             throw SymmetricCiphertext.invalid

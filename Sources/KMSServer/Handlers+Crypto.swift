@@ -44,16 +44,20 @@ enum CryptoHandlers {
 
     static func decrypt(_ r: Kmsd_V1_DecryptRequest, _ ctx: HandlerContext, _ d: inout AuditDetails,
                         _ secret: inout ResponseSecret?) throws(KMSError) -> Kmsd_V1_DecryptResponse {
-        noteBlob(r.ciphertextBlob, into: &d)
+        // A memo entry of Decrypt is one decided on the blob's key, whose id it noted.
+        noteBlob(r.ciphertextBlob, into: &d, keyIDNoted: ctx.decided.remembered != nil)
         if case let a = AuditDetails.alias(requested: r.keyID), !a.isEmpty { d.alias = a }
         let pairs = try ctx.decidedContext(operation: 31, field: 2, decoded: r.encryptionContext)
         d.contextKeys = ctx.decidedAuditText(pairs, values: d.contextValues)
         try checkAlgorithm(r.encryptionAlgorithm)
-        let opened = try ctx.service.decrypt(blob: Array(r.ciphertextBlob), context: ctx.decidedEncryptionContext(pairs), keyID: r.keyID, caller: ctx.principal)
+        let opened = try ctx.service.decrypt(blob: Array(r.ciphertextBlob), context: ctx.decidedEncryptionContext(pairs), keyID: r.keyID,
+                                             caller: ctx.principal, decided: ctx.decided.remembered?.record)
         // The plaintext travels from locked memory straight into the frame (ResponseSecret).
         secret = ResponseSecret(operationField: 31, field: 2, bytes: opened.plaintext)
+        // noteBlob wrote the blob's key id, the key that opened it, as text already.
+        let keyID = d.keyID.isEmpty ? opened.keyID.description : d.keyID
         return .with {
-            $0.keyID = opened.keyID.description
+            $0.keyID = keyID
             $0.encryptionAlgorithm = algorithm
             $0.keyVersion = opened.keyVersion
         }
@@ -125,11 +129,14 @@ enum CryptoHandlers {
     }
 
     /// Records the key id and version a blob names, for the audit record, when it parses.
-    static func noteBlob(_ blob: Data, into d: inout AuditDetails) {
+    /// `keyIDNoted`: the decision was made on the blob's key and noted its id already.
+    static func noteBlob(_ blob: Data, into d: inout AuditDetails, keyIDNoted: Bool = false) {
         if let named = SymmetricCiphertext.keyReference(of: blob) {
-            // Usually the decision has named this key already (the same text, not made again).
-            let id = named.keyID.description
-            if d.keyID != id { d.keyID = id }
+            if !keyIDNoted {
+                // Usually the decision has named this key already (the same text, not made again).
+                let id = named.keyID.description
+                if d.keyID != id { d.keyID = id }
+            }
             d.keyVersion = named.keyVersion
         }
     }

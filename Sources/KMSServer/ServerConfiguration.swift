@@ -22,14 +22,23 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var development = false
     public var allowUnlockedMemory = false
     public var workerThreads = 4
-    /// Event-loop threads serving connections; 0 = half the cores (`effectiveEventLoops`).
+    /// Event-loop threads serving connections; 0 = half the cores, at least two where there are
+    /// two (`effectiveEventLoops`).
     public var eventLoops = 0
 
-    /// The event-loop threads kmsd runs: `eventLoops`, or when 0 half the cores (at least one).
-    /// kmsd's clients are local processes and every request needs a core on their side too; on
-    /// two cores, two loops spent 26 µs of kmsd's CPU per Encrypt (8 connections) against 20 µs
-    /// with one, for the same throughput (the difference is cross-core wake-ups).
-    public var effectiveEventLoops: Int { eventLoops > 0 ? eventLoops : max(1, System.coreCount / 2) }
+    /// The event-loop threads kmsd runs: `eventLoops`, or when 0 half the cores, but two on a
+    /// machine of two or three (one on one). kmsd's clients are local processes and every
+    /// request needs a core on their side too, hence not every core. On two cores one loop
+    /// serving every connection became the limit once a request cost kmsd about 5 µs: with 8
+    /// connections two loops gave 65% of the echo server's round trips at 9.4 µs of kmsd's CPU
+    /// per Encrypt, one loop 42% at 11.3 µs (2-core AMD EPYC, README "Benchmark"). (With the
+    /// request path of an earlier round, at 20 µs per Encrypt, two loops had cost more CPU on
+    /// a 2-core Intel machine for the same throughput.)
+    public var effectiveEventLoops: Int {
+        if eventLoops > 0 { return eventLoops }
+        let cores = System.coreCount
+        return max(min(2, cores), cores / 2)
+    }
     /// Development only: seconds in a "day" of a key deletion window, so tests can watch a
     /// deletion happen. nil = 86400.
     public var developmentDaySeconds: Int? = nil

@@ -99,7 +99,7 @@ struct KMSD: ParsableCommand {
     @Option(name: .customLong("dev-clock-file"), help: ArgumentHelp("Development only: a file holding seconds to add to kmsd's clock (rotations and deletions), read as it changes.", valueName: "file"))
     var devClockFile: String?
 
-    @Option(name: .customLong("event-loops"), help: ArgumentHelp("Event-loop threads serving connections. Default: half the cores, at least one.", valueName: "n"))
+    @Option(name: .customLong("event-loops"), help: ArgumentHelp("Event-loop threads serving connections. Default: half the cores; two on two or three cores, one on one.", valueName: "n"))
     var eventLoops: Int?
 
     @Option(name: .customLong("alarm-access-denied-per-minute"), help: ArgumentHelp("Alarm when one uid is denied more than this many times in a minute (0: off). Default 20.", valueName: "n"))
