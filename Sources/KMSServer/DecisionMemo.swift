@@ -106,8 +106,10 @@ final class DecisionMemo: @unchecked Sendable {
 
     func store(_ entry: Entry) {
         guard entry.encryptionContext.canonicalBytes.count <= Self.maxContextBytes else { return }
-        // Entries of an older count can never be used again.
-        entries.removeAll { $0.changeCount != entry.changeCount }
+        // A newer entry means this decision straddled a change: it could never be used. Entries
+        // of an older count can never be used again.
+        if entries.contains(where: { $0.changeCount > entry.changeCount }) { return }
+        entries.removeAll { $0.changeCount < entry.changeCount }
         if entries.count < Self.capacity {
             entries.append(entry)
         } else {
