@@ -259,7 +259,7 @@ struct Authorizer {
         d.keyState = hit.keyState
         d.decidedBy = hit.decidedBy
         d.contextValues = hit.contextValues
-        ctx.metrics?.decisionsReused.add(1, ordering: .relaxed)
+        ctx.metrics.decisionsReused.add(1, ordering: .relaxed)
         return Decided(remembered: hit)
     }
 

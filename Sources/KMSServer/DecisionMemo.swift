@@ -69,21 +69,6 @@ final class DecisionMemo: @unchecked Sendable {
 
     private var entries: [Entry] = []
     private var nextSlot = 0
-    /// The last key identifier parsed as a key id (or ARN), and its key id: parsing is a pure
-    /// function of the text, so this needs no invalidation.
-    private var parsedText = ""
-    private var parsedID: KeyID? = nil
-
-    func parsedKeyID(_ text: String) -> KeyID? {
-        guard let parsedID, text == parsedText else { return nil }
-        return parsedID
-    }
-
-    func noteParsed(_ text: String, _ id: KeyID) {
-        guard text.utf8.count <= 256 else { return }
-        parsedText = text
-        parsedID = id
-    }
 
     func lookup(action: String, keyText: String, blobKey: KeyID?, context: [WirePair], changeCount: UInt64) -> Entry? {
         for e in entries where e.changeCount == changeCount && e.blobKey == blobKey && e.keyText == keyText

@@ -76,9 +76,9 @@ final class HandlerContext: @unchecked Sendable {
     var service: KeyService { dispatcher.service }
     var settings: ServerSettings { dispatcher.settings }
     /// The audit log (VerifyAuditRecords checks its chain) and the request metrics (Status).
-    var audit: AuditLog? { dispatcher.audit }
-    var metrics: Metrics? { dispatcher.metrics }
-    var alarms: Alarms? { dispatcher.alarms }
+    var audit: AuditLog { dispatcher.audit }
+    var metrics: Metrics { dispatcher.metrics }
+    var alarms: Alarms { dispatcher.alarms }
     /// Backup files (CreateBackup, GetBackupChunk); nil where kmsd keeps none.
     var backups: BackupStore? { dispatcher.backups }
     /// This kmsd's replication identity; nil where it has none.
@@ -94,7 +94,7 @@ final class HandlerContext: @unchecked Sendable {
     /// Refuses (AuditUnavailableException) a change that cannot be undone when its audit record
     /// is refused, while journald is known not to take records (AuditLog.unableToRecord).
     func requireAuditable(_ what: String) throws(KMSError) {
-        if let why = audit?.unableToRecord() {
+        if let why = audit.unableToRecord() {
             throw KMSError(.auditUnavailable, "cannot \(what) while its audit record cannot be written (\(why)); nothing was changed")
         }
     }
@@ -287,8 +287,7 @@ final class Dispatcher: Sendable {
     /// True when handling `request` needs no storage access (every key it names is cached), so
     /// it may run on the event loop instead of hopping to a worker thread and back. Its audit
     /// record is still handed to journald before the response is sent.
-    /// `memo`: the connection's; its valid entries and its last parsed key identifier save
-    /// looking into the caches and parsing again.
+    /// `memo`: the connection's; a valid entry for the key saves looking into the caches.
     func runsWithoutStorage(_ request: KMSRequest, memo: DecisionMemo? = nil) -> Bool {
         let repository = service.repository, service = self.service
         // The key's record and material, and its grants (the decision may consult them).
@@ -296,15 +295,8 @@ final class Dispatcher: Sendable {
         let changeCount = memo == nil ? 0 : repository.changeCount
         func cached(_ keyID: String) -> Bool {
             if let memo, memo.storageFree(keyText: keyID, changeCount: changeCount) { return true }
-            let id: KeyID
-            if let parsed = memo?.parsedKeyID(keyID) {
-                id = parsed
-            } else {
-                if KeyService.aliasName(keyID) != nil { return false }  // resolving an alias reads storage
-                guard let parsed = try? KeyID(parsing: keyID) else { return true }  // fails without I/O
-                memo?.noteParsed(keyID, parsed)
-                id = parsed
-            }
+            if KeyService.aliasName(keyID) != nil { return false }  // resolving an alias reads storage
+            guard let id = try? KeyID(parsing: keyID) else { return true }  // fails without I/O
             return repository.isCached(id) && service.grantsCached(id)
         }
         func cached(blob: Data) -> Bool {
@@ -417,24 +409,32 @@ final class Dispatcher: Sendable {
 
     /// Successful requests that change something an auditor follows, and the event each also
     /// records (MESSAGE_ID of events, PRIORITY notice).
-    static let managementEvents: [String: String] = [
-        "CreateKey": "KeyCreated", "EnableKey": "KeyEnabled", "DisableKey": "KeyDisabled",
-        "ScheduleKeyDeletion": "KeyDeletionScheduled", "CancelKeyDeletion": "KeyDeletionCancelled",
-        "RotateKeyOnDemand": "KeyRotated", "EnableKeyRotation": "KeyRotationEnabled", "DisableKeyRotation": "KeyRotationDisabled",
-        "SetMinimumDecryptionVersion": "KeyMinimumDecryptionVersionSet", "PutKeyPolicy": "KeyPolicyChanged",
-        "CreateGrant": "GrantCreated", "RetireGrant": "GrantRetired", "RevokeGrant": "GrantRevoked",
-        "ImportKeyMaterial": "KeyMaterialImported", "DeleteImportedKeyMaterial": "KeyMaterialDeleted",
-        "CreateAlias": "AliasCreated", "UpdateAlias": "AliasUpdated", "DeleteAlias": "AliasDeleted",
-        "CreateBackup": "BackupCreated", "PinReplicationIdentity": "ReplicationIdentityPinned",
-        "ReplicateKey": "KeyReplicated", "ImportReplica": "ReplicaImported",
-        "UpdatePrimaryRegion": "PrimaryRegionUpdated",
-    ]
-
-    /// The operations that use keys without changing anything (none has a management event).
-    static func usesKeys(_ operation: KMSRequest.OneOf_Operation?) -> Bool {
+    static func managementEvent(_ operation: KMSRequest.OneOf_Operation?) -> String? {
         switch operation {
-        case .encrypt?, .decrypt?, .generateDataKey?, .generateDataKeyWithoutPlaintext?, .reEncrypt?, .generateRandom?: true
-        default: false
+        case .createKey?: "KeyCreated"
+        case .enableKey?: "KeyEnabled"
+        case .disableKey?: "KeyDisabled"
+        case .scheduleKeyDeletion?: "KeyDeletionScheduled"
+        case .cancelKeyDeletion?: "KeyDeletionCancelled"
+        case .rotateKeyOnDemand?: "KeyRotated"
+        case .enableKeyRotation?: "KeyRotationEnabled"
+        case .disableKeyRotation?: "KeyRotationDisabled"
+        case .setMinimumDecryptionVersion?: "KeyMinimumDecryptionVersionSet"
+        case .putKeyPolicy?: "KeyPolicyChanged"
+        case .createGrant?: "GrantCreated"
+        case .retireGrant?: "GrantRetired"
+        case .revokeGrant?: "GrantRevoked"
+        case .importKeyMaterial?: "KeyMaterialImported"
+        case .deleteImportedKeyMaterial?: "KeyMaterialDeleted"
+        case .createAlias?: "AliasCreated"
+        case .updateAlias?: "AliasUpdated"
+        case .deleteAlias?: "AliasDeleted"
+        case .createBackup?: "BackupCreated"
+        case .pinReplicationIdentity?: "ReplicationIdentityPinned"
+        case .replicateKey?: "KeyReplicated"
+        case .importReplica?: "ReplicaImported"
+        case .updatePrimaryRegion?: "PrimaryRegionUpdated"
+        default: nil
         }
     }
 
@@ -493,7 +493,7 @@ final class Dispatcher: Sendable {
         case .success(let r): response.result = r
         case .failure(let e): return Outgoing(response: .failure(id: request.id, e))
         }
-        if !Self.usesKeys(operation), let event = Self.managementEvents[action] {
+        if let event = Self.managementEvent(operation) {
             // A change to a key, its policy, grants or aliases: also a NOTICE event of its own.
             // (`record.details`, not `details`: the record took the details over, uncopied.)
             let details = record.details

@@ -8,7 +8,7 @@ enum AuditHandlers {
     static let maxRecords = 1000
 
     static func verifyAuditRecords(_ r: Kmsd_V1_VerifyAuditRecordsRequest, _ ctx: HandlerContext) throws(KMSError) -> Kmsd_V1_VerifyAuditRecordsResponse {
-        guard let audit = ctx.audit else { throw KMSError(.unsupportedOperation, "this server keeps no audit chain") }
+        let audit = ctx.audit
         guard r.records.count <= maxRecords else { throw KMSError(.validation, "at most \(maxRecords) records per request") }
         var valid: [Bool] = []
         valid.reserveCapacity(r.records.count)
@@ -31,7 +31,7 @@ enum AuditHandlers {
 extension AuditHandlers {
     /// Status (beyond AWS): health and use since kmsd started.
     static func status(_ ctx: HandlerContext) throws(KMSError) -> Kmsd_V1_StatusResponse {
-        guard let metrics = ctx.metrics else { throw KMSError(.unsupportedOperation, "this server keeps no metrics") }
+        let metrics = ctx.metrics
         let snapshot = metrics.snapshot
         let repository = ctx.service.repository
         return .with { s in
@@ -56,13 +56,11 @@ extension AuditHandlers {
             s.keyCacheEntries = UInt64(repository.cachedKeys)
             s.keyCacheCapacity = UInt64(repository.cacheCapacity)
             s.connections = UInt64(max(0, metrics.connections.load(ordering: .relaxed)))
-            if let audit = ctx.audit {
-                s.auditRunID = audit.runID
-                s.auditSequence = audit.lastSequence
-            }
+            s.auditRunID = ctx.audit.runID
+            s.auditSequence = ctx.audit.lastSequence
             s.identityPolicies = UInt64(ctx.service.identityPolicies.policies.count)
             s.accessDecisionsReused = metrics.decisionsReused.load(ordering: .relaxed)
-            s.alarms = ctx.alarms?.counts ?? [:]
+            s.alarms = ctx.alarms.counts
         }
     }
 }

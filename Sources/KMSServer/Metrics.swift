@@ -8,15 +8,12 @@ final class Metrics: Sendable {
     static let bucketsMicros: [UInt64] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000]
 
     struct ActionStats: Sendable {
-        /// Requests by result (`AuditRecord.Result`): allowed, denied, failed.
-        var counts: (UInt64, UInt64, UInt64) = (0, 0, 0)
+        /// Requests by result (`AuditRecord.Result`).
+        var allowed: UInt64 = 0, denied: UInt64 = 0, failed: UInt64 = 0
         /// The counts by result name, results never seen left out.
         var results: [String: UInt64] {
-            var r: [String: UInt64] = [:]
-            if counts.0 > 0 { r[AuditRecord.Result.allowed.rawValue] = counts.0 }
-            if counts.1 > 0 { r[AuditRecord.Result.denied.rawValue] = counts.1 }
-            if counts.2 > 0 { r[AuditRecord.Result.failed.rawValue] = counts.2 }
-            return r
+            let all: [(AuditRecord.Result, UInt64)] = [(.allowed, allowed), (.denied, denied), (.failed, failed)]
+            return Dictionary(uniqueKeysWithValues: all.filter { $0.1 > 0 }.map { ($0.0.rawValue, $0.1) })
         }
         /// Count per bucket (not cumulative); the last one is +Inf.
         var buckets = [UInt64](repeating: 0, count: Metrics.bucketsMicros.count + 1)
@@ -39,9 +36,9 @@ final class Metrics: Sendable {
     /// In place: one look-up of the action, no copy of its entry.
     private static func bump(_ s: inout ActionStats, result: AuditRecord.Result, bucket: Int, micros: UInt64) {
         switch result {
-        case .allowed: s.counts.0 += 1
-        case .denied: s.counts.1 += 1
-        case .failed: s.counts.2 += 1
+        case .allowed: s.allowed += 1
+        case .denied: s.denied += 1
+        case .failed: s.failed += 1
         }
         s.buckets[bucket] += 1
         s.sumMicros &+= micros

@@ -11,7 +11,7 @@ import Testing
 /// decision before that change is acknowledged, so the very next request sees it.
 /// Status's `access_decisions_reused` shows the memo was in use, so no test here passes just
 /// because nothing was remembered.
-@Suite(.serialized)
+@Suite(.serialized, .enabled(if: isRoot, "needs root to start a private journald and to read kmsd's audit records back"))
 final class DecisionMemoTests {
     let daemon: Daemon
     /// The connection whose decisions are remembered, and the one that changes things.
